@@ -1,0 +1,2 @@
+//! flotilla-cli
+fn main() {}

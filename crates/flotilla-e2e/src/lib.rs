@@ -1,0 +1,1 @@
+//! flotilla-e2e

@@ -1,0 +1,2 @@
+//! flotilla-guest-agent
+fn main() {}
