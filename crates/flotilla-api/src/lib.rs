@@ -1,1 +1,21 @@
-//! flotilla-api
+//! Flotilla's REST resource types: the JSON bodies that the host agent serves
+//! and the CLI (and later the control plane) sends and reads.
+//!
+//! This crate is the one place that defines the wire shape of a VM, an image,
+//! an exec request and an error. It has no logic beyond defaults and
+//! validation of field syntax, so every front end can share it.
+
+pub mod error;
+pub mod exec;
+pub mod host;
+pub mod image;
+pub mod vm;
+
+pub use error::{ErrorBody, ErrorCode, ErrorDetail};
+pub use exec::{ExecEvent, ExecRequest, ExecResult};
+pub use host::{HostInfo, Resources};
+pub use image::{ImageInfo, RegisterImageRequest};
+pub use vm::{CreateVmRequest, DiskInfo, DiskSpec, NicInfo, StopVmRequest, VmInfo, VmState};
+
+/// Version prefix of every REST path.
+pub const API_PREFIX: &str = "/v1";

@@ -1,1 +1,45 @@
-//! flotilla-qemu
+//! flotilla-qemu: runs Linux microVMs on QEMU's `microvm` machine.
+//!
+//! - [`config`]: a VM's [`QemuConfig`], validated and turned into QEMU
+//!   arguments (the only place that knows QEMU's command line).
+//! - [`process`]: starting QEMU detached from the agent, adopting a QEMU left
+//!   by an earlier agent, waiting for and killing it; [`identity`] guards
+//!   against pid reuse.
+//! - [`qmp`]: the QMP client (the only place that speaks QMP JSON).
+//! - [`accel`]: KVM/TCG choice, proving KVM by booting a probe guest.
+//!
+//! ```no_run
+//! # async fn demo(config: flotilla_qemu::QemuConfig) -> Result<(), Box<dyn std::error::Error>> {
+//! use std::path::Path;
+//! use std::time::Duration;
+//! use flotilla_qemu::{QemuProcess, QmpClient};
+//!
+//! let qemu = Path::new("/usr/bin/qemu-system-x86_64");
+//! let process = QemuProcess::spawn(qemu, &config, Path::new("/run/vm/qemu.log")).await?;
+//! let qmp = QmpClient::connect_retry(&config.qmp_socket, Duration::from_secs(5)).await?;
+//! println!("{:?}", qmp.query_status().await?);
+//! qmp.quit().await?;
+//! process.wait_exit().await;
+//! # Ok(()) }
+//! ```
+
+pub mod accel;
+pub mod config;
+pub mod error;
+pub mod identity;
+pub mod process;
+pub mod qmp;
+
+pub use accel::{
+    check_kvm_device, detect_accel, detect_accel_with_device, run_probe, AccelDecision, AccelProbe,
+    ProbeOutcome, DEFAULT_PROBE_TIMEOUT, PROBE_CMDLINE, PROBE_MARKER,
+};
+pub use config::{Accel, AccelChoice, DriveConfig, NicConfig, QemuConfig};
+pub use error::{QemuError, QmpError};
+pub use identity::ProcessIdentity;
+pub use nix::sys::signal::Signal;
+pub use process::{ExitInfo, QemuProcess, DEFAULT_STARTUP_TIMEOUT};
+pub use qmp::{
+    next_event, QemuVersion, QmpClient, QmpEvent, QmpGreeting, QmpTimestamp, StatusInfo,
+    DEFAULT_COMMAND_TIMEOUT,
+};

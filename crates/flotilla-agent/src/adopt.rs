@@ -1,0 +1,138 @@
+//! Bringing a restarted agent back in charge: load every VM record, re-adopt
+//! the QEMU processes that kept running, mark the ones that died as crashed,
+//! and kill QEMU processes of this agent that no record claims.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use flotilla_api::VmState;
+use flotilla_qemu::{QemuProcess, QmpClient};
+
+use crate::error::{AgentError, AgentResult};
+use crate::manager::{VmEntry, VmManager};
+use crate::network;
+use crate::record;
+use crate::runtime::Readiness;
+
+const QMP_ADOPT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl VmManager {
+    /// Loads the records and takes over the VMs they describe.
+    pub async fn adopt_all(&self) -> AgentResult<()> {
+        let vms_dir = self.config().vms_dir();
+        let (records, errors) = record::load_all(&vms_dir)
+            .map_err(|e| AgentError::io(format!("reading {}", vms_dir.display()), e))?;
+        for e in errors {
+            tracing::error!(error = %e, "skipping a VM record that cannot be read; its files are kept");
+        }
+        let mut adopted_pids = HashSet::new();
+        for record in records {
+            let name = record.name.clone();
+            let entry = VmEntry::new(record);
+            self.vms().insert(name.clone(), entry.clone());
+            if let Some(pid) = self.adopt_one(&entry).await {
+                adopted_pids.insert(pid);
+            }
+        }
+        kill_orphans(&self.config().sockets_dir(), &adopted_pids);
+        Ok(())
+    }
+
+    /// Re-adopts one VM; returns the QEMU pid if it still runs.
+    async fn adopt_one(&self, entry: &Arc<VmEntry>) -> Option<i32> {
+        let (state, identity, name) = {
+            let s = entry.lock();
+            (s.record.state, s.record.process, s.record.name.clone())
+        };
+        if !state.has_process() {
+            if state == VmState::Creating {
+                // A create interrupted after its directory was placed: it never ran.
+                let mut s = entry.lock();
+                s.record.state = VmState::Stopped;
+                let _ = self.save(&s);
+            }
+            return None;
+        }
+        let alive = identity.filter(|p| p.is_alive());
+        let Some(identity) = alive else {
+            let mut s = entry.lock();
+            let (next, why) = if state == VmState::Stopping {
+                (VmState::Stopped, None)
+            } else {
+                (VmState::Crashed, Some("QEMU exited while the agent was down".to_string()))
+            };
+            tracing::warn!(vm = %name, "QEMU is gone; marking the VM {next}");
+            self.settle_exited(entry, &mut s, next, why);
+            return None;
+        };
+        let process = match QemuProcess::adopt(identity) {
+            Ok(p) => Arc::new(p),
+            Err(e) => {
+                tracing::error!(vm = %name, error = %e, "cannot adopt QEMU");
+                return None;
+            }
+        };
+        let qmp_socket = self.config().sockets_dir().join(format!("{}.qmp", entry.lock().record.id));
+        let qmp = match QmpClient::connect_retry(&qmp_socket, QMP_ADOPT_DEADLINE).await {
+            Ok(q) => Some(q),
+            Err(e) => {
+                tracing::error!(vm = %name, error = %e, "QEMU runs but its QMP socket does not answer");
+                None
+            }
+        };
+        let generation = {
+            let mut s = entry.lock();
+            // Make sure the NICs are still on the bridge (they survive an
+            // agent restart, but the bridge may have been recreated).
+            for nic in &s.record.nics {
+                if let Err(e) = network::ensure_tap(&nic.tap, &self.config().bridge) {
+                    tracing::warn!(vm = %name, tap = %nic.tap, error = %e, "cannot reattach tap");
+                }
+            }
+            if s.record.state != VmState::Running {
+                // Starting or Stopping when the agent died: QEMU runs, so it is running.
+                s.record.state = VmState::Running;
+            }
+            s.runtime.process = Some(process.clone());
+            s.runtime.qmp = qmp;
+            s.runtime.stopping = false;
+            s.runtime.generation += 1;
+            entry.readiness.set(Readiness::Waiting);
+            let _ = self.save(&s);
+            s.runtime.generation
+        };
+        tracing::info!(vm = %name, pid = identity.pid, "re-adopted running VM");
+        self.spawn_monitor(entry.clone(), process, generation);
+        self.spawn_readiness(entry.clone(), generation, None);
+        Some(identity.pid)
+    }
+}
+
+/// Kills QEMU processes whose command line points into this agent's socket
+/// directory but that no VM record claims (left by a crash mid-create).
+fn kill_orphans(sockets_dir: &Path, adopted: &HashSet<i32>) {
+    let marker = format!("{}/", sockets_dir.display());
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if adopted.contains(&pid) {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if cmdline.contains("qemu-system") && cmdline.contains(&marker) {
+            tracing::warn!(pid, "killing an orphaned QEMU process of this agent");
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! The host agent's configuration: where it keeps its state, how it reaches
+//! QEMU, its network and its capacity.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use flotilla_api::Resources;
+use flotilla_qemu::AccelChoice;
+
+use crate::network::Subnet;
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// VM records, disks, sockets and images live under here.
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub qemu_binary: PathBuf,
+    pub accel: AccelChoice,
+    /// The host bridge every VM NIC joins.
+    pub bridge: String,
+    /// The VM subnet; the bridge takes its first host address.
+    pub subnet: Subnet,
+    pub capacity: Resources,
+    /// How long a start waits for the guest agent when asked to wait.
+    pub ready_timeout: Duration,
+    /// Default grace period of a graceful stop before QEMU is killed.
+    pub stop_timeout: Duration,
+}
+
+impl AgentConfig {
+    /// Defaults for a single host: data under `data_dir`, API on loopback.
+    pub fn with_defaults(data_dir: PathBuf) -> Self {
+        AgentConfig {
+            data_dir,
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 7777)),
+            qemu_binary: PathBuf::from("qemu-system-x86_64"),
+            accel: AccelChoice::Auto,
+            bridge: "flbr0".to_string(),
+            subnet: Subnet::new(Ipv4Addr::new(10, 77, 0, 0), 24),
+            capacity: default_capacity(),
+            ready_timeout: Duration::from_secs(120),
+            stop_timeout: Duration::from_secs(10),
+        }
+    }
+
+    pub fn vms_dir(&self) -> PathBuf {
+        self.data_dir.join("vms")
+    }
+
+    /// Short paths for QEMU's unix sockets (a socket path is limited to 108 bytes).
+    pub fn sockets_dir(&self) -> PathBuf {
+        self.data_dir.join("sock")
+    }
+
+    pub fn images_dir(&self) -> PathBuf {
+        self.data_dir.join("images")
+    }
+}
+
+/// vCPUs overcommitted on host CPUs by this factor by default: microVMs are
+/// mostly idle, and a vCPU is only a thread.
+pub const DEFAULT_VCPU_OVERCOMMIT: u32 = 16;
+
+/// Host CPUs times [`DEFAULT_VCPU_OVERCOMMIT`], and host memory less 1 GiB
+/// for the host itself (memory is not overcommitted).
+pub fn default_capacity() -> Resources {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+    let vcpus = cpus * DEFAULT_VCPU_OVERCOMMIT;
+    let memory_mib = host_memory_mib().saturating_sub(1024).max(256);
+    Resources { vcpus, memory_mib }
+}
+
+fn host_memory_mib() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib / 1024)
+        .unwrap_or(1024)
+}

@@ -1,0 +1,35 @@
+//! The agent's HTTP/JSON API. Handlers only parse, validate and call the
+//! [`VmManager`](crate::VmManager); errors become responses in one place
+//! ([`error::ApiError`]).
+
+mod error;
+mod host;
+mod images;
+mod openapi;
+mod vms;
+
+use axum::routing::{get, post};
+use axum::Router;
+
+use crate::VmManager;
+
+pub use error::ApiError;
+pub use images::image_info;
+pub use openapi::openapi_document;
+
+/// The API's routes, ready to be served or called in tests without a socket.
+pub fn router(manager: VmManager) -> Router {
+    Router::new()
+        .route("/healthz", get(host::healthz))
+        .route("/v1/host", get(host::host_info))
+        .route("/v1/openapi.json", get(openapi::serve))
+        .route("/v1/images", get(images::list).post(images::register))
+        .route("/v1/images/{name}", get(images::get).delete(images::remove))
+        .route("/v1/vms", get(vms::list).post(vms::create))
+        .route("/v1/vms/{name}", get(vms::inspect).delete(vms::remove))
+        .route("/v1/vms/{name}/start", post(vms::start))
+        .route("/v1/vms/{name}/stop", post(vms::stop))
+        .route("/v1/vms/{name}/exec", post(vms::exec))
+        .route("/v1/vms/{name}/logs", get(vms::logs))
+        .with_state(manager)
+}

@@ -1,0 +1,226 @@
+//! The VM manager: the typed core behind the agent's API. Every operation on
+//! a VM goes through here.
+//!
+//! Locking: a short-held `std` mutex guards the map of VMs and each VM's
+//! shared state (reads never wait for a boot); a per-VM async `op_lock`
+//! serialises lifecycle operations on one VM; the manager-wide `admission`
+//! lock makes the capacity check and the resource reservation one step.
+
+mod create;
+mod exec;
+mod lifecycle;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use flotilla_api::{HostInfo, Resources, VmInfo, VmState};
+use flotilla_image::ImageStore;
+use flotilla_qemu::AccelDecision;
+
+use crate::config::AgentConfig;
+use crate::error::{AgentError, AgentResult};
+use crate::record::VmRecord;
+use crate::runtime::{ReadinessChannel, VmRuntime};
+
+pub use exec::ExecOutcome;
+
+/// One VM known to the agent.
+pub(crate) struct VmEntry {
+    pub shared: Mutex<VmShared>,
+    pub readiness: ReadinessChannel,
+    pub op_lock: tokio::sync::Mutex<()>,
+}
+
+pub(crate) struct VmShared {
+    pub record: VmRecord,
+    pub runtime: VmRuntime,
+}
+
+impl VmEntry {
+    pub fn new(record: VmRecord) -> Arc<VmEntry> {
+        Arc::new(VmEntry {
+            shared: Mutex::new(VmShared {
+                record,
+                runtime: VmRuntime::default(),
+            }),
+            readiness: ReadinessChannel::default(),
+            op_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Locks the shared state; a poisoned lock (a panic elsewhere) still gives
+    /// the data, which stays consistent because every writer saves whole records.
+    pub fn lock(&self) -> MutexGuard<'_, VmShared> {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+pub(crate) struct Inner {
+    pub config: AgentConfig,
+    pub accel: AccelDecision,
+    pub qemu_version: String,
+    pub images: ImageStore,
+    pub vms: Mutex<BTreeMap<String, Arc<VmEntry>>>,
+    pub admission: tokio::sync::Mutex<()>,
+}
+
+/// Cheap to clone; all clones share one host's state.
+#[derive(Clone)]
+pub struct VmManager {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl VmManager {
+    pub(crate) fn new(
+        config: AgentConfig,
+        accel: AccelDecision,
+        qemu_version: String,
+        images: ImageStore,
+    ) -> Self {
+        VmManager {
+            inner: Arc::new(Inner {
+                config,
+                accel,
+                qemu_version,
+                images,
+                vms: Mutex::new(BTreeMap::new()),
+                admission: tokio::sync::Mutex::new(()),
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &AgentConfig {
+        &self.inner.config
+    }
+
+    pub fn images(&self) -> &ImageStore {
+        &self.inner.images
+    }
+
+    pub(crate) fn vms(&self) -> MutexGuard<'_, BTreeMap<String, Arc<VmEntry>>> {
+        self.inner.vms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn entry(&self, name: &str) -> AgentResult<Arc<VmEntry>> {
+        self.vms()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| AgentError::VmNotFound {
+                name: name.to_string(),
+            })
+    }
+
+    pub(crate) fn vm_dir(&self, name: &str) -> PathBuf {
+        self.inner.config.vms_dir().join(name)
+    }
+
+    /// Saves the record of a VM whose shared state the caller holds.
+    pub(crate) fn save(&self, shared: &VmShared) -> AgentResult<()> {
+        shared.record.save(&self.vm_dir(&shared.record.name))?;
+        Ok(())
+    }
+
+    /// Moves a VM to `next`, refusing transitions the state machine forbids.
+    pub(crate) fn transition(&self, shared: &mut VmShared, next: VmState) -> AgentResult<()> {
+        let current = shared.record.state;
+        if !current.can_transition_to(next) {
+            return Err(AgentError::conflict(
+                format!("VM {:?} is {current}; it cannot become {next}", shared.record.name),
+                None,
+            ));
+        }
+        tracing::info!(vm = %shared.record.name, from = %current, to = %next, "state change");
+        shared.record.state = next;
+        Ok(())
+    }
+
+    /// Resources held by VMs in states that hold them.
+    pub fn allocated(&self) -> Resources {
+        self.allocated_where(|_| true)
+    }
+
+    /// Resources held by every VM but `entry`. Call without holding any VM's lock.
+    pub(crate) fn allocated_excluding(&self, entry: &Arc<VmEntry>) -> Resources {
+        self.allocated_where(|e| !Arc::ptr_eq(e, entry))
+    }
+
+    fn allocated_where(&self, keep: impl Fn(&Arc<VmEntry>) -> bool) -> Resources {
+        let entries: Vec<_> = self.vms().values().filter(|e| keep(e)).cloned().collect();
+        crate::capacity::allocated(entries.iter().filter_map(|e| {
+            let s = e.lock();
+            s.record.state.holds_resources().then_some(Resources {
+                vcpus: s.record.vcpus,
+                memory_mib: s.record.memory_mib,
+            })
+        }))
+    }
+
+    pub fn list(&self) -> Vec<VmInfo> {
+        let entries: Vec<_> = self.vms().values().cloned().collect();
+        entries.iter().map(|e| self.info_of(e)).collect()
+    }
+
+    pub(crate) fn info_of(&self, entry: &VmEntry) -> VmInfo {
+        let ready = entry.readiness.get() == crate::runtime::Readiness::Ready;
+        let s = entry.lock();
+        s.record.to_info(None, ready)
+    }
+
+    /// A VM's description, with QEMU's own status asked over QMP.
+    pub async fn inspect(&self, name: &str) -> AgentResult<VmInfo> {
+        let entry = self.entry(name)?;
+        let qmp = entry.lock().runtime.qmp.clone();
+        let mut info = self.info_of(&entry);
+        if let Some(qmp) = qmp {
+            match qmp.query_status().await {
+                Ok(st) => info.qemu_status = Some(st.status),
+                Err(e) => tracing::debug!(vm = name, error = %e, "query-status failed"),
+            }
+        }
+        Ok(info)
+    }
+
+    pub fn host_info(&self) -> HostInfo {
+        let cfg = &self.inner.config;
+        HostInfo {
+            hostname: nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            qemu_version: self.inner.qemu_version.clone(),
+            accel: self.inner.accel.accel.to_string(),
+            accel_reason: self.inner.accel.reason.clone(),
+            capacity: cfg.capacity,
+            allocated: self.allocated(),
+            bridge: cfg.bridge.clone(),
+            subnet: cfg.subnet.to_string(),
+            vm_count: self.vms().len(),
+            data_dir: cfg.data_dir.display().to_string(),
+        }
+    }
+
+    /// Console output of a VM: its serial log from `offset`, or its last
+    /// `tail_bytes`, with the log's full size.
+    pub fn logs(
+        &self,
+        name: &str,
+        tail_bytes: Option<u64>,
+        offset: Option<u64>,
+    ) -> AgentResult<(Vec<u8>, u64)> {
+        self.entry(name)?;
+        let path = self.vm_dir(name).join(lifecycle::CONSOLE_LOG);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(AgentError::io(format!("reading {}", path.display()), e)),
+        };
+        let len = bytes.len();
+        let start = match (offset, tail_bytes) {
+            (Some(o), _) => (o as usize).min(len),
+            (None, Some(n)) => len.saturating_sub(n as usize),
+            (None, None) => 0,
+        };
+        Ok((bytes[start..].to_vec(), len as u64))
+    }
+}

@@ -1,0 +1,165 @@
+//! Running commands in a guest through its agent.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use flotilla_api::{ExecEvent, ExecRequest, ExecResult, VmState};
+use flotilla_guest_protocol::client::{ExecEvent as GuestEvent, GuestClient, GuestClientError};
+use flotilla_guest_protocol::{ErrorKind, ExecRequest as GuestExecRequest};
+use tokio::sync::mpsc;
+
+use super::{VmEntry, VmManager};
+use crate::error::{AgentError, AgentResult};
+use crate::runtime::Readiness;
+
+/// How long an exec on a VM that is still booting waits for its guest agent.
+const EXEC_READY_WAIT: Duration = Duration::from_secs(60);
+/// Extra time the host allows beyond the command's own timeout.
+const EXEC_SLACK: Duration = Duration::from_secs(10);
+/// A command without a timeout is still bounded by this.
+const EXEC_MAX: Duration = Duration::from_secs(24 * 3600);
+
+pub type ExecOutcome = ExecResult;
+
+fn b64() -> base64::engine::GeneralPurpose {
+    base64::engine::general_purpose::STANDARD
+}
+
+fn to_guest_request(req: &ExecRequest, stream: bool) -> AgentResult<GuestExecRequest> {
+    if req.argv.is_empty() || req.argv[0].is_empty() {
+        return Err(AgentError::InvalidArgument(
+            "argv must name a program: give at least one non-empty argument".into(),
+        ));
+    }
+    let stdin = match &req.stdin_b64 {
+        Some(s) => Some(b64().decode(s).map_err(|e| {
+            AgentError::InvalidArgument(format!("stdin_b64 is not valid base64: {e}"))
+        })?),
+        None => None,
+    };
+    Ok(GuestExecRequest {
+        argv: req.argv.clone(),
+        env: req.env.clone().into_iter().collect(),
+        cwd: req.cwd.clone(),
+        stdin,
+        timeout_ms: req.timeout_ms,
+        stream,
+    })
+}
+
+fn guest_error(vm: &str, e: GuestClientError) -> AgentError {
+    match e {
+        GuestClientError::Guest { kind, message } => AgentError::Guest {
+            not_found: matches!(kind, ErrorKind::CommandNotFound),
+            message,
+        },
+        GuestClientError::Timeout => {
+            AgentError::Timeout(format!("the guest agent of VM {vm:?} did not answer"))
+        }
+        other => AgentError::Guest {
+            message: format!("VM {vm:?}: {other}"),
+            not_found: false,
+        },
+    }
+}
+
+impl VmManager {
+    /// The VM's guest agent client, waiting for the guest to come up and
+    /// reconnecting if the connection dropped.
+    async fn guest_client(&self, entry: &VmEntry) -> AgentResult<Arc<GuestClient>> {
+        let (name, state) = {
+            let s = entry.lock();
+            (s.record.name.clone(), s.record.state)
+        };
+        if !matches!(state, VmState::Running | VmState::Starting) {
+            return Err(AgentError::conflict(
+                format!("VM {name:?} is {state}: commands run only in a running VM"),
+                Some(format!("start it with `flotilla vm start {name}`")),
+            ));
+        }
+        if entry.readiness.get() == Readiness::Waiting {
+            self.wait_ready(entry, EXEC_READY_WAIT).await?;
+        }
+        let (client, socket) = {
+            let s = entry.lock();
+            (s.runtime.guest.clone(), self.agent_socket(&s.record))
+        };
+        match client {
+            Some(c) if c.is_connected() => Ok(c),
+            _ => {
+                let (c, _) = GuestClient::wait_ready(&socket, Duration::from_secs(5))
+                    .await
+                    .map_err(|e| guest_error(&name, e))?;
+                let c = Arc::new(c);
+                entry.lock().runtime.guest = Some(c.clone());
+                entry.readiness.set(Readiness::Ready);
+                Ok(c)
+            }
+        }
+    }
+
+    /// Runs a command to completion and returns its output.
+    pub async fn exec(&self, name: &str, req: ExecRequest) -> AgentResult<ExecResult> {
+        let entry = self.entry(name)?;
+        let guest_req = to_guest_request(&req, false)?;
+        let client = self.guest_client(&entry).await?;
+        let limit = req
+            .timeout_ms
+            .map(|ms| Duration::from_millis(ms) + EXEC_SLACK)
+            .unwrap_or(EXEC_MAX);
+        let exit = client
+            .exec_collect(guest_req, limit)
+            .await
+            .map_err(|e| guest_error(name, e))?;
+        Ok(ExecResult {
+            exit_code: exit.code,
+            signal: exit.signal,
+            timed_out: exit.timed_out,
+            duration_ms: exit.duration_ms,
+            stdout: String::from_utf8_lossy(&exit.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&exit.stderr).into_owned(),
+            stdout_b64: b64().encode(&exit.stdout),
+            stderr_b64: b64().encode(&exit.stderr),
+        })
+    }
+
+    /// Runs a command and streams its output as it comes. Errors before the
+    /// command started are returned; later ones arrive as an `Error` event.
+    pub async fn exec_stream(
+        &self,
+        name: &str,
+        req: ExecRequest,
+    ) -> AgentResult<mpsc::Receiver<ExecEvent>> {
+        let entry = self.entry(name)?;
+        let guest_req = to_guest_request(&req, true)?;
+        let client = self.guest_client(&entry).await?;
+        let mut stream = client
+            .exec(guest_req)
+            .await
+            .map_err(|e| guest_error(name, e))?;
+        let (tx, rx) = mpsc::channel(64);
+        let vm = name.to_string();
+        tokio::spawn(async move {
+            loop {
+                let event = match stream.next().await {
+                    Some(Ok(GuestEvent::Stdout(d))) => ExecEvent::Stdout { data_b64: b64().encode(d) },
+                    Some(Ok(GuestEvent::Stderr(d))) => ExecEvent::Stderr { data_b64: b64().encode(d) },
+                    Some(Ok(GuestEvent::Exit(x))) => ExecEvent::Exit {
+                        exit_code: x.code,
+                        signal: x.signal,
+                        timed_out: x.timed_out,
+                        duration_ms: x.duration_ms,
+                    },
+                    Some(Err(e)) => ExecEvent::Error { error: guest_error(&vm, e).to_detail() },
+                    None => break,
+                };
+                let last = matches!(event, ExecEvent::Exit { .. } | ExecEvent::Error { .. });
+                if tx.send(event).await.is_err() || last {
+                    break;
+                }
+            }
+        });
+        Ok(rx)
+    }
+}

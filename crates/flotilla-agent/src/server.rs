@@ -1,0 +1,152 @@
+//! Running the agent: check the host, take the data directory, detect the
+//! accelerator, set up the bridge, re-adopt VMs, then serve the API until
+//! asked to stop.
+
+use std::future::Future;
+use std::os::fd::AsRawFd;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use flotilla_image::{ImageStore, DEFAULT_IMAGE};
+use flotilla_qemu::{detect_accel, AccelProbe};
+
+use crate::config::AgentConfig;
+use crate::{http, network, VmManager};
+
+/// What to do with running VMs when the agent stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnExit {
+    /// Leave them running, to be re-adopted by the next agent (daemon restarts).
+    KeepVms,
+    /// Stop them gracefully and remove the bridge (`flotilla up`).
+    StopVms,
+}
+
+/// A started agent, for callers that need its manager or address.
+pub struct AgentHandle {
+    pub manager: VmManager,
+    pub local_addr: std::net::SocketAddr,
+}
+
+/// Keeps the data directory to one agent at a time.
+struct DataDirLock(#[allow(dead_code)] std::fs::File);
+
+fn lock_data_dir(config: &AgentConfig) -> anyhow::Result<DataDirLock> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    let path = config.data_dir.join("agent.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        bail!(
+            "another agent is already using {} (lock {} is held)",
+            config.data_dir.display(),
+            path.display()
+        );
+    }
+    Ok(DataDirLock(file))
+}
+
+fn qemu_version(binary: &std::path::Path) -> anyhow::Result<String> {
+    let out = Command::new(binary).arg("--version").output().with_context(|| {
+        format!(
+            "cannot run {}: install QEMU 10 (scripts/install-deps does it)",
+            binary.display()
+        )
+    })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let first = text.lines().next().unwrap_or_default().to_string();
+    Ok(first
+        .split("version ")
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next())
+        .unwrap_or(&first)
+        .to_string())
+}
+
+/// Starts the agent and serves until `shutdown` resolves.
+pub async fn run_agent(
+    config: AgentConfig,
+    on_exit: OnExit,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    on_ready: impl FnOnce(&AgentHandle) + Send,
+) -> anyhow::Result<()> {
+    let _lock = lock_data_dir(&config)?;
+    let qemu_version = qemu_version(&config.qemu_binary)?;
+    let images = ImageStore::open(&config.images_dir())
+        .with_context(|| format!("opening image store {}", config.images_dir().display()))?;
+
+    let probe = images.get(DEFAULT_IMAGE).ok().map(|img| AccelProbe {
+        qemu_binary: config.qemu_binary.clone(),
+        kernel: img.kernel.clone(),
+        initrd: img.initrd.clone(),
+        timeout: Duration::from_secs(2),
+    });
+    let accel = match &probe {
+        Some(p) => detect_accel(config.accel, p).await?,
+        None => detect_accel(
+            config.accel,
+            &AccelProbe {
+                qemu_binary: config.qemu_binary.clone(),
+                kernel: std::path::PathBuf::new(),
+                initrd: None,
+                timeout: Duration::from_secs(2),
+            },
+        )
+        .await?,
+    };
+    tracing::info!(accel = %accel.accel, reason = %accel.reason, qemu = %qemu_version, "accelerator chosen");
+
+    network::ensure_bridge(&config.bridge, &config.subnet)
+        .with_context(|| format!("setting up bridge {}", config.bridge))?;
+
+    let manager = VmManager::new(config.clone(), accel, qemu_version, images);
+    manager.adopt_all().await.context("re-adopting VMs")?;
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    let handle = AgentHandle {
+        manager: manager.clone(),
+        local_addr: listener.local_addr()?,
+    };
+    tracing::info!(addr = %handle.local_addr, data_dir = %config.data_dir.display(), "agent serving");
+    on_ready(&handle);
+
+    axum::serve(listener, http::router(manager.clone()))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("serving the API")?;
+
+    if on_exit == OnExit::StopVms {
+        stop_everything(&manager).await;
+        if let Err(e) = network::delete_bridge(&config.bridge) {
+            tracing::warn!(error = %e, "could not remove the bridge");
+        }
+    }
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+async fn stop_everything(manager: &VmManager) {
+    let running: Vec<String> = manager
+        .list()
+        .into_iter()
+        .filter(|vm| vm.state.has_process())
+        .map(|vm| vm.name)
+        .collect();
+    let stops = running.iter().map(|name| async move {
+        tracing::info!(vm = %name, "stopping");
+        if let Err(e) = manager.stop(name, false, None).await {
+            tracing::error!(vm = %name, error = %e, "stop failed");
+        }
+    });
+    futures::future::join_all(stops).await;
+}

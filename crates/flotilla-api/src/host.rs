@@ -1,0 +1,29 @@
+//! What a host agent reports about its host.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Resources {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HostInfo {
+    pub hostname: String,
+    pub agent_version: String,
+    pub qemu_version: String,
+    /// `kvm` or `tcg`.
+    pub accel: String,
+    /// Why that accelerator was chosen.
+    pub accel_reason: String,
+    pub capacity: Resources,
+    /// Held by VMs that are running or starting.
+    pub allocated: Resources,
+    pub bridge: String,
+    /// The host's VM subnet in CIDR form; the bridge holds its first address.
+    pub subnet: String,
+    pub vm_count: usize,
+    pub data_dir: String,
+}

@@ -1,0 +1,229 @@
+//! Virtual machines: the create request, the VM's description and its states.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+pub const DEFAULT_VCPUS: u32 = 1;
+pub const DEFAULT_MEMORY_MIB: u64 = 256;
+pub const MIN_MEMORY_MIB: u64 = 64;
+pub const MAX_VCPUS: u32 = 64;
+
+/// The life of a VM on a host.
+///
+/// `Crashed` means QEMU went away without being asked to; the VM's disk and
+/// record are kept so it can be started again or removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    Creating,
+    Starting,
+    Running,
+    Stopping,
+    Stopped,
+    Crashed,
+}
+
+impl VmState {
+    /// Every state, for exhaustive tests and docs.
+    pub const ALL: [VmState; 6] = [
+        VmState::Creating,
+        VmState::Starting,
+        VmState::Running,
+        VmState::Stopping,
+        VmState::Stopped,
+        VmState::Crashed,
+    ];
+
+    /// Whether a VM may move from `self` to `next`. Every state change on a
+    /// host goes through this check.
+    pub fn can_transition_to(self, next: VmState) -> bool {
+        use VmState::*;
+        matches!(
+            (self, next),
+            (Creating, Starting)
+                | (Creating, Stopped)
+                | (Starting, Running)
+                | (Starting, Stopping)
+                | (Starting, Crashed)
+                | (Starting, Stopped)
+                | (Running, Stopping)
+                | (Running, Crashed)
+                | (Stopping, Stopped)
+                | (Stopping, Crashed)
+                | (Stopped, Starting)
+                | (Crashed, Starting)
+                | (Crashed, Stopped)
+        )
+    }
+
+    /// A VM in this state holds its vCPUs and memory on the host.
+    pub fn holds_resources(self) -> bool {
+        matches!(
+            self,
+            VmState::Creating | VmState::Starting | VmState::Running | VmState::Stopping
+        )
+    }
+
+    /// QEMU may be running for a VM in this state.
+    pub fn has_process(self) -> bool {
+        matches!(
+            self,
+            VmState::Starting | VmState::Running | VmState::Stopping
+        )
+    }
+}
+
+impl fmt::Display for VmState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            VmState::Creating => "creating",
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Stopping => "stopping",
+            VmState::Stopped => "stopped",
+            VmState::Crashed => "crashed",
+        };
+        f.write_str(s)
+    }
+}
+
+/// An extra, empty data disk.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    /// A short name, unique within the VM (`[a-z0-9-]`, up to 16 characters).
+    pub name: String,
+    pub size_mib: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVmRequest {
+    /// Unique on the host: `[a-z0-9][a-z0-9-]{0,62}`.
+    pub name: String,
+    /// Image name; the host's default image when absent.
+    #[serde(default)]
+    pub image: Option<String>,
+    #[serde(default)]
+    pub vcpus: Option<u32>,
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+    /// Appended to the kernel command line.
+    #[serde(default)]
+    pub cmdline_extra: Option<String>,
+    #[serde(default)]
+    pub disks: Vec<DiskSpec>,
+    /// Number of NICs on the host bridge (default 1, at most 4).
+    #[serde(default)]
+    pub nics: Option<u32>,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// Start the VM right away (default true).
+    #[serde(default)]
+    pub start: Option<bool>,
+    /// Answer only once the guest agent is ready (default false).
+    #[serde(default)]
+    pub wait_ready: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StopVmRequest {
+    /// How long to wait for the guest to shut down before killing QEMU.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// Kill QEMU at once.
+    #[serde(default)]
+    pub force: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct NicInfo {
+    pub mac: String,
+    pub ip: String,
+    pub prefix_len: u8,
+    pub gateway: String,
+    pub tap: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct DiskInfo {
+    pub name: String,
+    pub path: String,
+    pub format: String,
+    pub virtual_size_mib: u64,
+    /// The read-only image this disk is an overlay of.
+    pub backing: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VmInfo {
+    pub name: String,
+    pub id: String,
+    pub state: VmState,
+    pub image: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub tags: BTreeMap<String, String>,
+    pub nics: Vec<NicInfo>,
+    pub disks: Vec<DiskInfo>,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    /// QEMU's process id while it runs.
+    pub pid: Option<i32>,
+    /// QEMU's own run state (`running`, `paused`, ...), asked over QMP.
+    pub qemu_status: Option<String>,
+    /// `kvm` or `tcg`, for the current or last run.
+    pub accel: Option<String>,
+    /// Whether the guest agent answered since the last start.
+    pub guest_ready: bool,
+    /// Guest uptime when its agent became ready (the guest's boot time).
+    pub guest_boot_ms: Option<u64>,
+    /// From the start request to the guest agent's first answer, seen by the host.
+    pub ready_ms: Option<u64>,
+    /// Why the VM last failed or crashed.
+    pub last_error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_transition_is_decided_and_no_state_loops_to_itself() {
+        for a in VmState::ALL {
+            assert!(!a.can_transition_to(a), "{a} -> {a}");
+        }
+        assert!(VmState::Running.can_transition_to(VmState::Crashed));
+        assert!(!VmState::Stopped.can_transition_to(VmState::Running));
+        assert!(!VmState::Crashed.can_transition_to(VmState::Running));
+    }
+
+    #[test]
+    fn every_state_can_reach_stopped() {
+        for s in VmState::ALL {
+            let mut seen = vec![s];
+            let mut frontier = vec![s];
+            while let Some(x) = frontier.pop() {
+                for y in VmState::ALL {
+                    if x.can_transition_to(y) && !seen.contains(&y) {
+                        seen.push(y);
+                        frontier.push(y);
+                    }
+                }
+            }
+            assert!(seen.contains(&VmState::Stopped), "{s} cannot reach stopped");
+        }
+    }
+
+    #[test]
+    fn create_request_rejects_unknown_fields() {
+        let err = serde_json::from_str::<CreateVmRequest>(r#"{"name":"a","memroy_mib":5}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("memroy_mib"), "{err}");
+    }
+}

@@ -1,0 +1,135 @@
+//! Boot benchmark (issue 2): create-to-ready latency over 20 boots, QEMU RSS
+//! of an idle VM, and 10 VMs started at once, against a bare
+//! `qemu-system-x86_64` booting the same kernel and initramfs in the same run.
+//!
+//! Run with `cargo bench -p flotilla-cli --bench boot` (as root; needs the
+//! image that scripts/setup builds). Prints a Markdown table for BENCHMARKS.md.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flotilla_guest_protocol::client::GuestClient;
+use flotilla_testkit::{HostOptions, TestHost};
+use serde_json::json;
+
+const BOOTS: usize = 20;
+const MEMORY_MIB: u64 = 256;
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn flotilla_boot(host: &TestHost, name: &str) -> (f64, i32) {
+    let t = Instant::now();
+    let (status, body) = host.api(
+        "POST",
+        "/v1/vms",
+        Some(json!({ "name": name, "memory_mib": MEMORY_MIB, "vcpus": 1, "wait_ready": true })),
+    );
+    let secs = t.elapsed().as_secs_f64();
+    assert_eq!(status, 201, "{body}");
+    (secs, body["pid"].as_i64().unwrap_or(0) as i32)
+}
+
+/// A bare QEMU with the same kernel, initramfs, memory and agent channel,
+/// no disk and no NIC; ready when the guest agent answers a Hello.
+struct BareQemu {
+    child: Child,
+}
+
+impl Drop for BareQemu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn bare_boot(kernel: &Path, initrd: &Path, dir: &Path, i: usize) -> (f64, BareQemu) {
+    let sock = dir.join(format!("bare{i}.sock"));
+    let _ = std::fs::remove_file(&sock);
+    let t = Instant::now();
+    let child = Command::new("qemu-system-x86_64")
+        .args(["-M", "microvm,acpi=off", "-accel", "tcg", "-cpu", "max", "-m", &MEMORY_MIB.to_string()])
+        .args(["-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-serial", "null"])
+        .arg("-kernel").arg(kernel).arg("-initrd").arg(initrd)
+        .args(["-append", "console=ttyS0 quiet panic=-1"])
+        .args(["-device", "virtio-serial-device"])
+        .arg("-chardev").arg(format!("socket,id=agent,path={},server=on,wait=off", sock.display()))
+        .args(["-device", "virtserialport,chardev=agent,name=org.flotilla.agent.0"])
+        .stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-system-x86_64");
+    let bare = BareQemu { child };
+    GuestClient::wait_ready(&sock, Duration::from_secs(60)).await.expect("bare guest ready");
+    (t.elapsed().as_secs_f64(), bare)
+}
+
+fn main() {
+    let host = TestHost::start_with(HostOptions::default()).expect("test host");
+    let (_, image) = host.api("GET", "/v1/images/default", None);
+    let kernel = PathBuf::from(image["kernel"].as_str().expect("kernel"));
+    let initrd = PathBuf::from(image["initrd"].as_str().expect("initrd"));
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+
+    // Interleave the two kinds of boot so machine noise hits both alike.
+    let mut flotilla = Vec::new();
+    let mut bare = Vec::new();
+    let mut flotilla_rss = 0;
+    let mut bare_rss = 0;
+    for i in 0..BOOTS {
+        let (secs, pid) = flotilla_boot(&host, &format!("bench-{i}"));
+        flotilla.push(secs);
+        if i == 0 {
+            std::thread::sleep(Duration::from_secs(3));
+            flotilla_rss = rss_kib(pid);
+        }
+        host.api("DELETE", &format!("/v1/vms/bench-{i}?force=true"), None);
+
+        let (secs, q) = rt.block_on(bare_boot(&kernel, &initrd, host.data_path(), i));
+        bare.push(secs);
+        if i == 0 {
+            std::thread::sleep(Duration::from_secs(3));
+            bare_rss = rss_kib(q.child.id() as i32);
+        }
+        drop(q);
+    }
+    flotilla.sort_by(f64::total_cmp);
+    bare.sort_by(f64::total_cmp);
+
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for i in 0..10 {
+            let host = &host;
+            s.spawn(move || flotilla_boot(host, &format!("burst-{i}")));
+        }
+    });
+    let burst = t.elapsed().as_secs_f64();
+    for i in 0..10 {
+        host.api("DELETE", &format!("/v1/vms/burst-{i}?force=true"), None);
+    }
+
+    let (p50f, p95f) = (percentile(&flotilla, 0.5), percentile(&flotilla, 0.95));
+    let (p50b, p95b) = (percentile(&bare, 0.5), percentile(&bare, 0.95));
+    println!("| metric | Flotilla | bare QEMU | ratio |");
+    println!("| --- | --- | --- | --- |");
+    println!("| ready p50 ({BOOTS} boots) | {p50f:.3} s | {p50b:.3} s | {:.2}x |", p50f / p50b);
+    println!("| ready p95 | {p95f:.3} s | {p95b:.3} s | {:.2}x |", p95f / p95b);
+    println!(
+        "| QEMU RSS, idle VM | {} MiB | {} MiB | {:.2}x |",
+        flotilla_rss / 1024,
+        bare_rss / 1024,
+        flotilla_rss as f64 / bare_rss.max(1) as f64
+    );
+    println!("| 10 VMs at once, all ready | {burst:.2} s | | |");
+}

@@ -1,0 +1,223 @@
+//! The command line, declared with clap. Verbs and flags here are a stable
+//! interface: scripts and docs rely on them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::units::{parse_disk, parse_key_value, parse_mib};
+
+pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:7777";
+
+#[derive(Debug, Parser)]
+#[command(name = "flotilla", version, about = "Run fleets of Linux microVMs", propagate_version = true)]
+pub struct Cli {
+    /// The agent's API address.
+    #[arg(long, global = true, env = "FLOTILLA_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
+    pub endpoint: String,
+    /// Print JSON instead of tables, for scripts.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a single-host Flotilla in the foreground with embedded defaults
+    /// (builds the default image if needed). Ctrl-C stops the VMs and exits.
+    Up(UpArgs),
+    /// Run the host agent daemon. VMs keep running when it exits and are
+    /// re-adopted by the next agent on the same data directory.
+    Agent(AgentArgs),
+    /// Guest images.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Virtual machines.
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// What the agent reports about its host.
+    Host,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct AgentArgs {
+    /// VM records, disks and images live here.
+    #[arg(long, env = "FLOTILLA_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address of the HTTP API.
+    #[arg(long, default_value = "127.0.0.1:7777")]
+    pub listen: SocketAddr,
+    /// Accelerator: auto (prove KVM works, else TCG), kvm or tcg.
+    #[arg(long, default_value = "auto", env = "FLOTILLA_ACCEL")]
+    pub accel: String,
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    pub qemu: PathBuf,
+    /// Host bridge for VM NICs.
+    #[arg(long, default_value = "flbr0")]
+    pub bridge: String,
+    /// VM subnet; the bridge takes its first address.
+    #[arg(long, default_value = "10.77.0.0/24")]
+    pub subnet: String,
+    /// vCPUs VMs may hold in all (default: 16 per host CPU).
+    #[arg(long)]
+    pub capacity_vcpus: Option<u32>,
+    /// Memory VMs may hold in all, e.g. 8G (default: host memory less 1 GiB).
+    #[arg(long, value_parser = parse_mib)]
+    pub capacity_memory: Option<u64>,
+    /// Seconds a start waits for the guest agent when asked to wait.
+    #[arg(long, default_value_t = 120)]
+    pub ready_timeout: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub agent: AgentArgs,
+    /// Leave VMs running on exit (the next `up` re-adopts them).
+    #[arg(long)]
+    pub keep_vms: bool,
+    /// The static guest agent binary to put in the image (when building it).
+    #[arg(long, env = "FLOTILLA_GUEST_AGENT")]
+    pub guest_agent: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// List images.
+    Ls,
+    /// Build the default image (kernel from linux-source, busybox, guest agent),
+    /// cached by its inputs, and register it on the local data directory.
+    Build(ImageBuildArgs),
+    /// Register your own kernel (and initramfs / root disk) as a named image.
+    Register(ImageRegisterArgs),
+    /// Remove an image no VM uses.
+    Rm { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct ImageBuildArgs {
+    #[arg(long, env = "FLOTILLA_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    #[arg(long, env = "FLOTILLA_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    #[arg(long, env = "FLOTILLA_GUEST_AGENT")]
+    pub guest_agent: Option<PathBuf>,
+    /// Parallel jobs for the kernel build (default: CPUs).
+    #[arg(long)]
+    pub jobs: Option<usize>,
+    /// Only fill the cache; do not register the image.
+    #[arg(long)]
+    pub cache_only: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ImageRegisterArgs {
+    pub name: String,
+    #[arg(long)]
+    pub kernel: PathBuf,
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    #[arg(long)]
+    pub rootfs: Option<PathBuf>,
+    /// Replace an image of the same name.
+    #[arg(long)]
+    pub replace: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Create and start a VM.
+    Run(VmRunArgs),
+    /// List VMs.
+    Ls,
+    /// Show one VM in full.
+    Inspect { name: String },
+    /// Run a command in a VM: `flotilla vm exec NAME -- CMD ARGS...`.
+    /// Exits with the command's exit code.
+    Exec(VmExecArgs),
+    /// Print a VM's serial console.
+    Logs {
+        name: String,
+        /// Only the last N bytes.
+        #[arg(long)]
+        tail: Option<u64>,
+        /// Keep printing new output.
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Stop a VM: the guest shuts down, QEMU is killed after --timeout.
+    Stop {
+        name: String,
+        /// Kill QEMU at once.
+        #[arg(long)]
+        force: bool,
+        /// Seconds to wait for a graceful shutdown.
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    /// Start a stopped VM.
+    Start {
+        name: String,
+        /// Return once the guest agent is ready.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Remove a stopped VM and its disks.
+    Rm {
+        name: String,
+        /// Stop it first if it runs.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct VmRunArgs {
+    pub name: String,
+    #[arg(long)]
+    pub image: Option<String>,
+    /// Memory, e.g. 256M or 1G.
+    #[arg(long, value_parser = parse_mib)]
+    pub memory: Option<u64>,
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    /// Extra empty disk NAME:SIZE (repeatable), e.g. data:1G.
+    #[arg(long = "disk", value_parser = parse_disk)]
+    pub disks: Vec<(String, u64)>,
+    /// Number of NICs on the host bridge.
+    #[arg(long)]
+    pub nics: Option<u32>,
+    /// Extra kernel command line.
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// KEY=VALUE (repeatable).
+    #[arg(long = "tag", value_parser = parse_key_value)]
+    pub tags: Vec<(String, String)>,
+    /// Return once the guest agent is ready.
+    #[arg(long)]
+    pub wait: bool,
+    /// Create only; start later with `flotilla vm start`.
+    #[arg(long)]
+    pub no_start: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct VmExecArgs {
+    pub name: String,
+    /// KEY=VALUE (repeatable).
+    #[arg(long = "env", short = 'e', value_parser = parse_key_value)]
+    pub env: Vec<(String, String)>,
+    #[arg(long)]
+    pub cwd: Option<String>,
+    /// Seconds before the command is killed.
+    #[arg(long)]
+    pub timeout: Option<u64>,
+    /// Send this process's standard input to the command.
+    #[arg(long, short = 'i')]
+    pub stdin: bool,
+    /// The command and its arguments (after `--`).
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}

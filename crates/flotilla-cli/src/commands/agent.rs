@@ -1,0 +1,79 @@
+//! `flotilla up` and `flotilla agent`: run the host agent in this process.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use flotilla_agent::config::AgentConfig;
+use flotilla_agent::server::{run_agent, OnExit};
+use flotilla_api::Resources;
+use flotilla_image::{ImageStore, DEFAULT_IMAGE};
+
+use super::default_data_dir;
+use crate::args::{AgentArgs, UpArgs};
+
+fn config_from(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
+    let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+    let mut c = AgentConfig::with_defaults(data_dir);
+    c.listen = args.listen;
+    c.qemu_binary = args.qemu.clone();
+    c.accel = args.accel.parse().map_err(|e| anyhow::anyhow!("--accel: {e}"))?;
+    c.bridge = args.bridge.clone();
+    if c.bridge.is_empty() || c.bridge.len() > 15 {
+        anyhow::bail!("--bridge: {:?} is not a valid interface name (1 to 15 characters)", c.bridge);
+    }
+    c.subnet = args.subnet.parse().map_err(|e| anyhow::anyhow!("--subnet: {e}"))?;
+    let d = c.capacity;
+    c.capacity = Resources {
+        vcpus: args.capacity_vcpus.unwrap_or(d.vcpus),
+        memory_mib: args.capacity_memory.unwrap_or(d.memory_mib),
+    };
+    c.ready_timeout = Duration::from_secs(args.ready_timeout);
+    Ok(c)
+}
+
+async fn ctrl_c_or_term() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}
+
+pub async fn agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
+    let config = config_from(&args)?;
+    run_agent(config, OnExit::KeepVms, ctrl_c_or_term(), |_| {}).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
+    let config = config_from(&args.agent)?;
+    let store = ImageStore::open(&config.images_dir())
+        .with_context(|| format!("opening image store {}", config.images_dir().display()))?;
+    if store.get(DEFAULT_IMAGE).is_err() {
+        eprintln!("No default image yet: building it (cached after the first time).");
+        let data_dir = config.data_dir.clone();
+        let guest_agent = args.guest_agent.clone();
+        tokio::task::spawn_blocking(move || {
+            super::image::build_and_register(&data_dir, None, guest_agent, None, false)
+        })
+        .await??;
+    }
+    let on_exit = if args.keep_vms { OnExit::KeepVms } else { OnExit::StopVms };
+    run_agent(config, on_exit, ctrl_c_or_term(), |h| {
+        eprintln!(
+            "Flotilla is up: agent on http://{}. In another terminal:\n  flotilla vm run demo --wait\n  flotilla vm exec demo -- uname -a\nCtrl-C stops the VMs and exits{}.",
+            h.local_addr,
+            if args.keep_vms { " (VMs kept running)" } else { "" }
+        );
+    })
+    .await?;
+    Ok(ExitCode::SUCCESS)
+}

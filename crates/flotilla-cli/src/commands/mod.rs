@@ -1,0 +1,53 @@
+//! One module per verb group; each parses its arguments into API calls.
+
+mod agent;
+mod image;
+mod vm;
+
+use std::process::ExitCode;
+
+use flotilla_api::HostInfo;
+
+use crate::args::{Cli, Command};
+use crate::client::Client;
+use crate::output;
+
+pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Up(args) => agent::up(args).await,
+        Command::Agent(args) => agent::agent(args).await,
+        Command::Image(cmd) => image::run(&cli.endpoint, cli.json, cmd).await,
+        Command::Vm(cmd) => vm::run(&Client::new(&cli.endpoint)?, cli.json, cmd).await,
+        Command::Host => {
+            let host: HostInfo = Client::new(&cli.endpoint)?.get("/v1/host").await?;
+            if cli.json {
+                output::json(&host)?;
+            } else {
+                println!("hostname:   {}", host.hostname);
+                println!("agent:      {}", host.agent_version);
+                println!("qemu:       {}", host.qemu_version);
+                println!("accel:      {} ({})", host.accel, host.accel_reason);
+                println!(
+                    "capacity:   {} vCPUs, {} MiB ({} vCPUs, {} MiB allocated)",
+                    host.capacity.vcpus, host.capacity.memory_mib, host.allocated.vcpus, host.allocated.memory_mib
+                );
+                println!("network:    bridge {} on {}", host.bridge, host.subnet);
+                println!("vms:        {}", host.vm_count);
+                println!("data dir:   {}", host.data_dir);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Where local state lives when no --data-dir is given.
+pub fn default_data_dir() -> std::path::PathBuf {
+    if nix::unistd::Uid::effective().is_root() {
+        return "/var/lib/flotilla".into();
+    }
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| "/tmp".into());
+    base.join("flotilla")
+}

@@ -1,0 +1,112 @@
+//! Bad input: each gets a clear 4xx error and leaves nothing behind.
+
+use flotilla_testkit::{HostOptions, TestHost};
+use serde_json::json;
+
+use crate::{assert_clean, run_vm, stderr_of};
+
+fn error_of(body: &serde_json::Value) -> String {
+    body["error"]["message"].as_str().unwrap_or_default().to_string()
+}
+
+#[test]
+fn bad_create_requests_are_refused_and_leave_nothing() {
+    let host = TestHost::start_with(HostOptions {
+        capacity_vcpus: 4,
+        capacity_memory_mib: 1024,
+        ..HostOptions::default()
+    })
+    .expect("test host");
+
+    let (s, b) = host.api("POST", "/v1/vms", Some(json!({ "name": "z", "memory_mib": 0 })));
+    assert_eq!(s, 400);
+    assert!(error_of(&b).contains("memory_mib") && error_of(&b).contains("at least"), "{b}");
+
+    let (s, b) = host.api("POST", "/v1/vms", Some(json!({ "name": "big", "memory_mib": 4096 })));
+    assert_eq!(s, 409, "{b}");
+    assert!(error_of(&b).contains("not enough capacity"), "{b}");
+
+    let (s, b) = host.api("POST", "/v1/vms", Some(json!({ "name": "x", "image": "nope" })));
+    assert_eq!(s, 404, "{b}");
+    assert!(error_of(&b).contains("nope"), "{b}");
+
+    let (s, b) = host.api("POST", "/v1/vms", Some(json!({ "name": "Bad_Name" })));
+    assert_eq!(s, 400, "{b}");
+
+    let (s, b) = host.api("POST", "/v1/vms", Some(json!({ "name": "x", "memroy": 5 })));
+    assert_eq!(s, 400, "{b}");
+    assert!(error_of(&b).contains("memroy"), "{b}");
+
+    let (s, _) = host.api("POST", "/v1/vms", Some(json!({ "name": "x", "vcpus": 0 })));
+    assert_eq!(s, 400);
+
+    // The CLI shows one line and a hint.
+    let out = host.cli(&["vm", "run", "y", "--image", "nope"]);
+    assert!(!out.status.success());
+    let err = stderr_of(&out);
+    assert!(err.starts_with("error: ") && err.contains("\nhint: "), "{err}");
+
+    let out = host.cli(&["vm", "run", "y", "--memory", "lots"]);
+    assert!(!out.status.success());
+    assert!(stderr_of(&out).contains("256M"), "{}", stderr_of(&out));
+
+    assert_clean(&host);
+
+    // A duplicate name is refused; the first VM is untouched.
+    run_vm(&host, "dup");
+    let (s, b) = host.api("POST", "/v1/vms", Some(json!({ "name": "dup" })));
+    assert_eq!(s, 409, "{b}");
+    assert!(error_of(&b).contains("already exists"), "{b}");
+    assert_eq!(host.qemu_pids().len(), 1);
+
+    // Capacity counts running VMs: 1024 MiB holds 4 of 256, not 5.
+    for i in 0..3 {
+        host.cli_json::<serde_json::Value>(&["vm", "run", &format!("fill-{i}")]);
+    }
+    let (s, b) = host.api("POST", "/v1/vms", Some(json!({ "name": "one-too-many" })));
+    assert_eq!(s, 409, "{b}");
+    assert_eq!(host.qemu_pids().len(), 4);
+    let (s, _) = host.api("GET", "/v1/vms/one-too-many", None);
+    assert_eq!(s, 404);
+    for name in ["dup", "fill-0", "fill-1", "fill-2"] {
+        host.cli_json::<serde_json::Value>(&["vm", "rm", "--force", name]);
+    }
+    assert_clean(&host);
+}
+
+#[test]
+fn exec_on_a_stopped_vm_is_a_conflict() {
+    let host = TestHost::start().expect("test host");
+    host.cli_json::<serde_json::Value>(&["vm", "run", "idle", "--no-start"]);
+    let (s, b) = host.api("POST", "/v1/vms/idle/exec", Some(json!({ "argv": ["true"] })));
+    assert_eq!(s, 409, "{b}");
+    assert!(error_of(&b).contains("stopped"), "{b}");
+    assert!(b["error"]["hint"].as_str().unwrap_or("").contains("flotilla vm start idle"), "{b}");
+
+    let (s, _) = host.api("POST", "/v1/vms/ghost/exec", Some(json!({ "argv": ["true"] })));
+    assert_eq!(s, 404);
+    let (s, _) = host.api("POST", "/v1/vms/idle/exec", Some(json!({ "argv": [] })));
+    assert_eq!(s, 400);
+}
+
+#[test]
+fn a_kernel_that_is_not_a_kernel_is_refused() {
+    let host = TestHost::start().expect("test host");
+    let fake = host.data_path().join("not-a-kernel");
+    std::fs::write(&fake, b"#!/bin/sh\necho I am a shell script\n").expect("write");
+    let (s, b) = host.api(
+        "POST",
+        "/v1/images",
+        Some(json!({ "name": "fake", "kernel": fake.display().to_string() })),
+    );
+    assert_eq!(s, 400, "{b}");
+    assert!(error_of(&b).contains("not a kernel") || error_of(&b).contains("not-a-kernel"), "{b}");
+    let (s, _) = host.api("GET", "/v1/images/fake", None);
+    assert_eq!(s, 404);
+    assert!(!host.data_path().join("images/fake").exists());
+
+    // The CLI says the same in one line.
+    let out = host.cli(&["image", "register", "fake", "--kernel", &fake.display().to_string()]);
+    assert!(!out.status.success());
+    assert!(stderr_of(&out).starts_with("error: "), "{}", stderr_of(&out));
+}

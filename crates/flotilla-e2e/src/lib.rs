@@ -1,1 +1,0 @@
-//! flotilla-e2e

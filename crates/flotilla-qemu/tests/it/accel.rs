@@ -1,0 +1,176 @@
+//! Accelerator detection: explicit choices, unusable KVM, and probe boots
+//! with a stub guest under real QEMU.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use flotilla_qemu::{
+    detect_accel, detect_accel_with_device, run_probe, Accel, AccelChoice, AccelProbe,
+    ProbeOutcome, QemuError, PROBE_MARKER,
+};
+
+use crate::common::{self, StubEnd};
+
+fn probe(kernel: PathBuf, timeout: Duration) -> AccelProbe {
+    AccelProbe {
+        qemu_binary: common::qemu_binary(),
+        kernel,
+        initrd: None,
+        timeout,
+    }
+}
+
+/// A path that exists but is no KVM device.
+fn fake_kvm(dir: &Path) -> PathBuf {
+    let path = dir.join("kvm");
+    std::fs::write(&path, b"").expect("fake kvm");
+    path
+}
+
+#[tokio::test]
+async fn explicit_tcg_needs_no_probe() {
+    let missing = AccelProbe::new("/nonexistent/qemu", "/nonexistent/vmlinux");
+    let decision = detect_accel(AccelChoice::Tcg, &missing).await.expect("tcg");
+    assert_eq!(decision.accel, Accel::Tcg);
+    assert!(decision.reason.contains("explicitly"));
+}
+
+#[tokio::test]
+async fn explicit_kvm_fails_clearly_without_a_usable_device() {
+    let dir = common::temp_dir();
+    let p = AccelProbe::new("/nonexistent/qemu", "/nonexistent/vmlinux");
+    for device in [dir.path().join("absent"), fake_kvm(dir.path())] {
+        let err = detect_accel_with_device(AccelChoice::Kvm, &p, &device)
+            .await
+            .expect_err("unusable KVM");
+        let text = err.to_string();
+        assert!(matches!(err, QemuError::KvmUnavailable { .. }), "{text}");
+        assert!(text.contains(&device.display().to_string()), "{text}");
+        assert!(text.contains("tcg"), "{text}");
+    }
+}
+
+#[tokio::test]
+async fn auto_without_usable_kvm_is_tcg_at_once() {
+    let dir = common::temp_dir();
+    // A missing binary proves no probe is attempted.
+    let p = AccelProbe::new("/nonexistent/qemu", "/nonexistent/vmlinux");
+    let started = Instant::now();
+    let decision = detect_accel_with_device(AccelChoice::Auto, &p, &fake_kvm(dir.path()))
+        .await
+        .expect("auto");
+    assert_eq!(decision.accel, Accel::Tcg);
+    assert!(
+        decision.reason.contains("not a KVM device"),
+        "{}",
+        decision.reason
+    );
+    assert!(started.elapsed() < Duration::from_millis(500));
+}
+
+#[tokio::test]
+async fn auto_without_a_probe_kernel_is_tcg() {
+    let p = AccelProbe::new(common::qemu_binary(), "/nonexistent/vmlinux");
+    let decision = detect_accel(AccelChoice::Auto, &p).await.expect("auto");
+    assert_eq!(decision.accel, Accel::Tcg);
+    // The agent passes an empty path when it has no guest image yet.
+    let p = AccelProbe::new(common::qemu_binary(), "");
+    let decision = detect_accel(AccelChoice::Auto, &p).await.expect("auto");
+    assert_eq!(decision.accel, Accel::Tcg);
+}
+
+/// On this machine KVM is paravirtual and cannot run guests; without
+/// VMX/SVM, `auto` must settle on TCG, and on any host within the timeout.
+#[tokio::test]
+async fn auto_on_this_host_decides_within_the_timeout() {
+    let dir = common::temp_dir();
+    let kernel = dir.path().join("vmlinux");
+    common::write_pvh_stub(
+        &kernel,
+        &format!("{PROBE_MARKER}\r\n"),
+        StubEnd::TripleFault,
+    );
+    let p = probe(kernel, Duration::from_secs(2));
+    let started = Instant::now();
+    let decision = detect_accel(AccelChoice::Auto, &p).await.expect("auto");
+    let elapsed = started.elapsed();
+    println!(
+        "auto chose {} in {elapsed:?}: {}",
+        decision.accel, decision.reason
+    );
+    assert!(elapsed < Duration::from_secs(4), "took {elapsed:?}");
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").expect("cpuinfo");
+    let hw_virt = cpuinfo
+        .split_whitespace()
+        .any(|flag| flag == "vmx" || flag == "svm");
+    if !hw_virt {
+        assert_eq!(decision.accel, Accel::Tcg, "{}", decision.reason);
+    }
+}
+
+#[tokio::test]
+async fn probe_sees_the_marker_of_a_guest_that_runs() {
+    let dir = common::temp_dir();
+    let kernel = dir.path().join("vmlinux");
+    common::write_pvh_stub(
+        &kernel,
+        &format!("booting\r\n{PROBE_MARKER}\r\n"),
+        StubEnd::TripleFault,
+    );
+    let outcome = run_probe(&probe(kernel, Duration::from_secs(10)), Accel::Tcg)
+        .await
+        .expect("probe");
+    assert!(
+        matches!(outcome, ProbeOutcome::MarkerSeen { .. }),
+        "{outcome:?}"
+    );
+}
+
+/// True if some process has `needle` in its command line.
+fn process_mentions(needle: &str) -> bool {
+    std::fs::read_dir("/proc")
+        .expect("read /proc")
+        .filter_map(Result::ok)
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .any(|cmdline| String::from_utf8_lossy(&cmdline).contains(needle))
+}
+
+#[tokio::test]
+async fn probe_times_out_on_a_silent_guest_and_kills_qemu() {
+    let dir = common::temp_dir();
+    let kernel = dir.path().join("vmlinux");
+    common::write_pvh_stub(&kernel, "no marker here\r\n", StubEnd::Halt);
+    let started = Instant::now();
+    let outcome = run_probe(
+        &probe(kernel.clone(), Duration::from_millis(1500)),
+        Accel::Tcg,
+    )
+    .await
+    .expect("probe");
+    assert!(
+        matches!(outcome, ProbeOutcome::TimedOut { .. }),
+        "{outcome:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(4));
+    assert!(
+        !process_mentions(&kernel.display().to_string()),
+        "the probe QEMU is still around"
+    );
+}
+
+#[tokio::test]
+async fn probe_reports_why_qemu_exited() {
+    let dir = common::temp_dir();
+    let kernel = dir.path().join("vmlinux");
+    std::fs::copy("/bin/true", &kernel).expect("copy /bin/true");
+    let outcome = run_probe(&probe(kernel, Duration::from_secs(10)), Accel::Tcg)
+        .await
+        .expect("probe");
+    match outcome {
+        ProbeOutcome::Exited { exit, stderr_tail } => {
+            assert_eq!(exit, "exit code 1");
+            assert!(stderr_tail.contains("PVH ELF Note"), "{stderr_tail}");
+        }
+        other => panic!("expected Exited, got {other:?}"),
+    }
+}

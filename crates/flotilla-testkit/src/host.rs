@@ -1,0 +1,233 @@
+//! One test host: a namespace, a data directory and an agent process.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::netns::NetNs;
+use crate::procs::{kill, process_alive, qemu_pids_under};
+use crate::{flotilla_bin, guest_agent_bin};
+
+const AGENT_PORT: u16 = 7777;
+
+#[derive(Debug, Clone)]
+pub struct HostOptions {
+    pub capacity_vcpus: u32,
+    pub capacity_memory_mib: u64,
+    /// Register the default image in the host's data directory.
+    pub with_default_image: bool,
+}
+
+impl Default for HostOptions {
+    fn default() -> Self {
+        HostOptions {
+            capacity_vcpus: 64,
+            capacity_memory_mib: 8192,
+            with_default_image: true,
+        }
+    }
+}
+
+pub struct TestHost {
+    pub netns: NetNs,
+    pub data_dir: tempfile::TempDir,
+    pub endpoint: String,
+    options: HostOptions,
+    agent: Option<Child>,
+    http: reqwest::blocking::Client,
+}
+
+impl TestHost {
+    pub fn start() -> anyhow::Result<TestHost> {
+        Self::start_with(HostOptions::default())
+    }
+
+    pub fn start_with(options: HostOptions) -> anyhow::Result<TestHost> {
+        let bin = flotilla_bin();
+        if !bin.is_file() {
+            bail!("{} is missing: build the workspace first", bin.display());
+        }
+        let netns = NetNs::create().context("creating the host's network namespace")?;
+        let data_dir = tempfile::Builder::new().prefix("flotilla-test-").tempdir()?;
+        let endpoint = format!("http://{}:{AGENT_PORT}", netns.ns_ip);
+        let mut host = TestHost {
+            netns,
+            data_dir,
+            endpoint,
+            options,
+            agent: None,
+            http: reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(300))
+                .build()?,
+        };
+        if host.options.with_default_image {
+            host.register_default_image()?;
+        }
+        host.start_agent()?;
+        Ok(host)
+    }
+
+    pub fn data_path(&self) -> &Path {
+        self.data_dir.path()
+    }
+
+    fn register_default_image(&self) -> anyhow::Result<()> {
+        let agent = guest_agent_bin();
+        if !agent.is_file() {
+            bail!(
+                "{} is missing: run scripts/build-guest-agent (scripts/test does)",
+                agent.display()
+            );
+        }
+        let out = Command::new(flotilla_bin())
+            .args(["image", "build", "--data-dir"])
+            .arg(self.data_path())
+            .arg("--guest-agent")
+            .arg(&agent)
+            .stdin(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            bail!("flotilla image build failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    /// Starts the agent and waits until its API answers.
+    pub fn start_agent(&mut self) -> anyhow::Result<()> {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.data_path().join("agent.log"))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.netns.name])
+            .arg(flotilla_bin())
+            .args(["agent", "--accel", "auto", "--data-dir"])
+            .arg(self.data_path())
+            .args(["--listen", &format!("{}:{AGENT_PORT}", self.netns.ns_ip)])
+            .args(["--capacity-vcpus", &self.options.capacity_vcpus.to_string()])
+            .args(["--capacity-memory", &format!("{}M", self.options.capacity_memory_mib)])
+            .env("FLOTILLA_LOG", "info,flotilla_agent=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting the agent")?;
+        self.agent = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = self.http.get(format!("{}/healthz", self.endpoint)).send() {
+                if r.status().is_success() {
+                    return Ok(());
+                }
+            }
+            if let Some(child) = self.agent.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!("the agent exited ({status}): {}", self.agent_log_tail());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("the agent did not answer within 30 s: {}", self.agent_log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills the agent with `signal` and reaps it; its VMs keep running.
+    pub fn kill_agent(&mut self, signal: nix::sys::signal::Signal) {
+        if let Some(mut child) = self.agent.take() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal);
+            let _ = child.wait();
+        }
+    }
+
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(|c| c.id())
+    }
+
+    pub fn agent_log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.data_path().join("agent.log")).unwrap_or_default();
+        let start = log.len().saturating_sub(4000);
+        log[log.floor_char_boundary(start)..].to_string()
+    }
+
+    /// Runs the CLI against this host.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(flotilla_bin())
+            .arg("--endpoint")
+            .arg(&self.endpoint)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("running flotilla {args:?}: {e}"))
+    }
+
+    /// Runs the CLI with `--json`, expecting success, and parses its output.
+    pub fn cli_json<T: DeserializeOwned>(&self, args: &[&str]) -> T {
+        let mut full = vec!["--json"];
+        full.extend_from_slice(args);
+        let out = self.cli(&full);
+        assert!(
+            out.status.success(),
+            "flotilla {args:?} failed: {}\n--- agent log ---\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.agent_log_tail()
+        );
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("flotilla {args:?} printed no valid JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    }
+
+    /// A raw API call: (status, JSON body or null).
+    pub fn api(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("valid method");
+        let mut req = self.http.request(method, format!("{}{}", self.endpoint, path));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().expect("the agent answers");
+        let status = resp.status().as_u16();
+        let text = resp.text().unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// QEMU processes started by this host's agent.
+    pub fn qemu_pids(&self) -> Vec<i32> {
+        qemu_pids_under(self.data_path())
+    }
+
+    /// Taps in the host's namespace (Flotilla names them `fl...`).
+    pub fn taps(&self) -> Vec<String> {
+        self.netns
+            .links()
+            .into_iter()
+            .filter(|l| l.starts_with("fl") && !l.starts_with("flbr"))
+            .collect()
+    }
+
+    /// Files left in the data directory's `vms/` (one directory per VM).
+    pub fn vm_dirs(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.data_path().join("vms"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for TestHost {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- agent log of {} ---\n{}", self.netns.name, self.agent_log_tail());
+        }
+        self.kill_agent(nix::sys::signal::Signal::SIGKILL);
+        for pid in self.qemu_pids() {
+            kill(pid);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.qemu_pids().iter().any(|p| process_alive(*p)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! A network namespace joined to the caller's by a veth pair with a /30.
+
+use std::process::Command;
+
+use anyhow::{bail, Context};
+
+pub struct NetNs {
+    pub name: String,
+    pub host_veth: String,
+    /// The namespace's address, reachable from the caller.
+    pub ns_ip: String,
+    pub host_ip: String,
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("ip").args(args).output().context("running ip")?;
+    if !out.status.success() {
+        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+impl NetNs {
+    /// Creates `flt-<hex>` with a veth to the caller's namespace on a random
+    /// /30 of 100.64.0.0/10 (shared address space, not routed on the internet).
+    pub fn create() -> anyhow::Result<NetNs> {
+        let tag: u32 = rand::random::<u32>() & 0xff_ffff;
+        let name = format!("flt-{tag:06x}");
+        let host_veth = format!("fv{tag:06x}h");
+        let ns_veth = format!("fv{tag:06x}n");
+        let slot = rand::random::<u32>() & 0xf_ffff; // 2^20 /30s in a /10
+        let base = u32::from(std::net::Ipv4Addr::new(100, 64, 0, 0)) + slot * 4;
+        let host_ip = std::net::Ipv4Addr::from(base + 1).to_string();
+        let ns_ip = std::net::Ipv4Addr::from(base + 2).to_string();
+        ip(&["netns", "add", &name])?;
+        let ns = NetNs {
+            name: name.clone(),
+            host_veth: host_veth.clone(),
+            ns_ip: ns_ip.clone(),
+            host_ip: host_ip.clone(),
+        };
+        ip(&["link", "add", &host_veth, "type", "veth", "peer", "name", &ns_veth])?;
+        ip(&["link", "set", &ns_veth, "netns", &name])?;
+        ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &host_veth])?;
+        ip(&["link", "set", &host_veth, "up"])?;
+        ns.exec_ip(&["addr", "add", &format!("{ns_ip}/30"), "dev", &ns_veth])?;
+        ns.exec_ip(&["link", "set", &ns_veth, "up"])?;
+        ns.exec_ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Runs `ip ARGS` inside the namespace.
+    pub fn exec_ip(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        ip(&full)
+    }
+
+    /// Names of the links in the namespace.
+    pub fn links(&self) -> Vec<String> {
+        self.exec_ip(&["-o", "link", "show"])
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .collect()
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        // Deleting the namespace removes its bridge, taps and the veth peer.
+        let _ = ip(&["netns", "del", &self.name]);
+        let _ = ip(&["link", "del", &self.host_veth]);
+    }
+}
