@@ -60,7 +60,10 @@ impl VmManager {
             let (next, why) = if state == VmState::Stopping {
                 (VmState::Stopped, None)
             } else {
-                (VmState::Crashed, Some("QEMU exited while the agent was down".to_string()))
+                (
+                    VmState::Crashed,
+                    Some("QEMU exited while the agent was down".to_string()),
+                )
             };
             tracing::warn!(vm = %name, "QEMU is gone; marking the VM {next}");
             self.settle_exited(entry, &mut s, next, why);
@@ -73,7 +76,10 @@ impl VmManager {
                 return None;
             }
         };
-        let qmp_socket = self.config().sockets_dir().join(format!("{}.qmp", entry.lock().record.id));
+        let qmp_socket = self
+            .config()
+            .sockets_dir()
+            .join(format!("{}.qmp", entry.lock().record.id));
         let qmp = match QmpClient::connect_retry(&qmp_socket, QMP_ADOPT_DEADLINE).await {
             Ok(q) => Some(q),
             Err(e) => {

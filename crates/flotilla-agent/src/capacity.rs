@@ -18,10 +18,11 @@ pub struct CapacityError {
 
 /// Sums what `held` VMs hold.
 pub fn allocated<I: IntoIterator<Item = Resources>>(held: I) -> Resources {
-    held.into_iter().fold(Resources::default(), |acc, r| Resources {
-        vcpus: acc.vcpus + r.vcpus,
-        memory_mib: acc.memory_mib + r.memory_mib,
-    })
+    held.into_iter()
+        .fold(Resources::default(), |acc, r| Resources {
+            vcpus: acc.vcpus + r.vcpus,
+            memory_mib: acc.memory_mib + r.memory_mib,
+        })
 }
 
 /// Whether `needed` fits next to `allocated` within `capacity`.

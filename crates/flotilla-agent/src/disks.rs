@@ -35,10 +35,12 @@ pub fn inspect(path: &Path) -> Result<(String, u64), DiskError> {
         reason: e.to_string(),
     })?;
     let format = v["format"].as_str().unwrap_or("raw").to_string();
-    let size = v["virtual-size"].as_u64().ok_or_else(|| DiskError::BadInfo {
-        path: path.to_path_buf(),
-        reason: "no virtual-size".into(),
-    })?;
+    let size = v["virtual-size"]
+        .as_u64()
+        .ok_or_else(|| DiskError::BadInfo {
+            path: path.to_path_buf(),
+            reason: "no virtual-size".into(),
+        })?;
     Ok((format, size / (1024 * 1024)))
 }
 

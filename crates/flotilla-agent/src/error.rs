@@ -19,7 +19,10 @@ pub enum AgentError {
     #[error("a VM named {name:?} already exists on this host")]
     VmExists { name: String },
     #[error("{message}")]
-    Conflict { message: String, hint: Option<String> },
+    Conflict {
+        message: String,
+        hint: Option<String>,
+    },
     #[error(transparent)]
     Capacity(#[from] CapacityError),
     #[error(transparent)]
@@ -78,12 +81,12 @@ impl AgentError {
                 I::NotAKernel { .. }
                 | I::NotAnInitrd { .. }
                 | I::InvalidDisk { .. }
-                | I::InvalidName { .. } => {
-                    ErrorCode::InvalidArgument
-                }
+                | I::InvalidName { .. } => ErrorCode::InvalidArgument,
                 _ => ErrorCode::Internal,
             },
-            AgentError::Guest { not_found: true, .. } => ErrorCode::InvalidArgument,
+            AgentError::Guest {
+                not_found: true, ..
+            } => ErrorCode::InvalidArgument,
             AgentError::Guest { .. } => ErrorCode::GuestError,
             AgentError::Timeout(_) => ErrorCode::Timeout,
             AgentError::Qemu(_)
@@ -134,7 +137,10 @@ mod tests {
             AgentError::VmExists { name: "x".into() },
             AgentError::conflict("vm x is stopped", None),
             AgentError::InvalidArgument("bad".into()),
-            AgentError::Guest { message: "nope: command not found".into(), not_found: true },
+            AgentError::Guest {
+                message: "nope: command not found".into(),
+                not_found: true,
+            },
         ];
         for e in cases {
             let s = e.code().http_status();

@@ -126,7 +126,10 @@ impl VmManager {
         let current = shared.record.state;
         if !current.can_transition_to(next) {
             return Err(AgentError::conflict(
-                format!("VM {:?} is {current}; it cannot become {next}", shared.record.name),
+                format!(
+                    "VM {:?} is {current}; it cannot become {next}",
+                    shared.record.name
+                ),
                 None,
             ));
         }

@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
-    #[error("invalid subnet {input:?}: {reason} (expected CIDR like 10.77.0.0/24, prefix 16..=29)")]
+    #[error(
+        "invalid subnet {input:?}: {reason} (expected CIDR like 10.77.0.0/24, prefix 16..=29)"
+    )]
     InvalidSubnet { input: String, reason: String },
     #[error("no free address left in subnet {subnet}")]
     SubnetExhausted { subnet: Subnet },

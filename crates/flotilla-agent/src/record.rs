@@ -34,7 +34,9 @@ pub enum RecordError {
         path: PathBuf,
         source: serde_json::Error,
     },
-    #[error("VM record {path} has format version {found}, this agent reads {RECORD_FORMAT_VERSION}")]
+    #[error(
+        "VM record {path} has format version {found}, this agent reads {RECORD_FORMAT_VERSION}"
+    )]
     Version { path: PathBuf, found: u32 },
     #[error("cannot write VM record {path}: {source}")]
     Write {

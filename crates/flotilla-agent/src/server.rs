@@ -55,12 +55,15 @@ fn lock_data_dir(config: &AgentConfig) -> anyhow::Result<DataDirLock> {
 }
 
 fn qemu_version(binary: &std::path::Path) -> anyhow::Result<String> {
-    let out = Command::new(binary).arg("--version").output().with_context(|| {
-        format!(
-            "cannot run {}: install QEMU 10 (scripts/install-deps does it)",
-            binary.display()
-        )
-    })?;
+    let out = Command::new(binary)
+        .arg("--version")
+        .output()
+        .with_context(|| {
+            format!(
+                "cannot run {}: install QEMU 10 (scripts/install-deps does it)",
+                binary.display()
+            )
+        })?;
     let text = String::from_utf8_lossy(&out.stdout);
     let first = text.lines().next().unwrap_or_default().to_string();
     Ok(first
@@ -91,16 +94,18 @@ pub async fn run_agent(
     });
     let accel = match &probe {
         Some(p) => detect_accel(config.accel, p).await?,
-        None => detect_accel(
-            config.accel,
-            &AccelProbe {
-                qemu_binary: config.qemu_binary.clone(),
-                kernel: std::path::PathBuf::new(),
-                initrd: None,
-                timeout: Duration::from_secs(2),
-            },
-        )
-        .await?,
+        None => {
+            detect_accel(
+                config.accel,
+                &AccelProbe {
+                    qemu_binary: config.qemu_binary.clone(),
+                    kernel: std::path::PathBuf::new(),
+                    initrd: None,
+                    timeout: Duration::from_secs(2),
+                },
+            )
+            .await?
+        }
     };
     tracing::info!(accel = %accel.accel, reason = %accel.reason, qemu = %qemu_version, "accelerator chosen");
 

@@ -81,8 +81,7 @@ impl VmSpec {
             ));
         }
         let cmdline_extra = req.cmdline_extra.unwrap_or_default();
-        if cmdline_extra.len() > MAX_CMDLINE_EXTRA
-            || cmdline_extra.chars().any(|c| c.is_control())
+        if cmdline_extra.len() > MAX_CMDLINE_EXTRA || cmdline_extra.chars().any(|c| c.is_control())
         {
             return Err(invalid(
                 "cmdline_extra",
@@ -110,7 +109,10 @@ impl VmSpec {
             if d.name == "root" || disk_names.contains(&d.name) {
                 return Err(invalid(
                     &format!("disks[{i}].name"),
-                    format!("{:?} is taken: disk names must be unique and not \"root\"", d.name),
+                    format!(
+                        "{:?} is taken: disk names must be unique and not \"root\"",
+                        d.name
+                    ),
                 ));
             }
             disk_names.push(d.name.clone());
@@ -129,10 +131,15 @@ impl VmSpec {
             ));
         }
         for key in req.tags.keys() {
-            if key.is_empty() || key.len() > 63 || key.chars().any(|c| c.is_whitespace() || c == '=') {
+            if key.is_empty()
+                || key.len() > 63
+                || key.chars().any(|c| c.is_whitespace() || c == '=')
+            {
                 return Err(invalid(
                     "tags",
-                    format!("tag key {key:?} is not accepted: 1 to 63 characters without spaces or '='"),
+                    format!(
+                        "tag key {key:?} is not accepted: 1 to 63 characters without spaces or '='"
+                    ),
                 ));
             }
         }
@@ -190,12 +197,21 @@ mod tests {
     fn duplicate_and_reserved_disk_names_are_refused() {
         let mut r = req("a");
         r.disks = vec![
-            DiskSpec { name: "data".into(), size_mib: 10 },
-            DiskSpec { name: "data".into(), size_mib: 10 },
+            DiskSpec {
+                name: "data".into(),
+                size_mib: 10,
+            },
+            DiskSpec {
+                name: "data".into(),
+                size_mib: 10,
+            },
         ];
         assert_eq!(VmSpec::from_request(r).unwrap_err().field, "disks[1].name");
         let mut r = req("a");
-        r.disks = vec![DiskSpec { name: "root".into(), size_mib: 10 }];
+        r.disks = vec![DiskSpec {
+            name: "root".into(),
+            size_mib: 10,
+        }];
         assert!(VmSpec::from_request(r).is_err());
     }
 

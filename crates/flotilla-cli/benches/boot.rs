@@ -60,18 +60,49 @@ async fn bare_boot(kernel: &Path, initrd: &Path, dir: &Path, i: usize) -> (f64, 
     let _ = std::fs::remove_file(&sock);
     let t = Instant::now();
     let child = Command::new("qemu-system-x86_64")
-        .args(["-M", "microvm,acpi=off", "-accel", "tcg", "-cpu", "max", "-m", &MEMORY_MIB.to_string()])
-        .args(["-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-serial", "null"])
-        .arg("-kernel").arg(kernel).arg("-initrd").arg(initrd)
+        .args([
+            "-M",
+            "microvm,acpi=off",
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max",
+            "-m",
+            &MEMORY_MIB.to_string(),
+        ])
+        .args([
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-serial",
+            "null",
+        ])
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
         .args(["-append", "console=ttyS0 quiet panic=-1"])
         .args(["-device", "virtio-serial-device"])
-        .arg("-chardev").arg(format!("socket,id=agent,path={},server=on,wait=off", sock.display()))
-        .args(["-device", "virtserialport,chardev=agent,name=org.flotilla.agent.0"])
-        .stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null())
+        .arg("-chardev")
+        .arg(format!(
+            "socket,id=agent,path={},server=on,wait=off",
+            sock.display()
+        ))
+        .args([
+            "-device",
+            "virtserialport,chardev=agent,name=org.flotilla.agent.0",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .spawn()
         .expect("qemu-system-x86_64");
     let bare = BareQemu { child };
-    GuestClient::wait_ready(&sock, Duration::from_secs(60)).await.expect("bare guest ready");
+    GuestClient::wait_ready(&sock, Duration::from_secs(60))
+        .await
+        .expect("bare guest ready");
     (t.elapsed().as_secs_f64(), bare)
 }
 
@@ -123,8 +154,14 @@ fn main() {
     let (p50b, p95b) = (percentile(&bare, 0.5), percentile(&bare, 0.95));
     println!("| metric | Flotilla | bare QEMU | ratio |");
     println!("| --- | --- | --- | --- |");
-    println!("| ready p50 ({BOOTS} boots) | {p50f:.3} s | {p50b:.3} s | {:.2}x |", p50f / p50b);
-    println!("| ready p95 | {p95f:.3} s | {p95b:.3} s | {:.2}x |", p95f / p95b);
+    println!(
+        "| ready p50 ({BOOTS} boots) | {p50f:.3} s | {p50b:.3} s | {:.2}x |",
+        p50f / p50b
+    );
+    println!(
+        "| ready p95 | {p95f:.3} s | {p95b:.3} s | {:.2}x |",
+        p95f / p95b
+    );
     println!(
         "| QEMU RSS, idle VM | {} MiB | {} MiB | {:.2}x |",
         flotilla_rss / 1024,

@@ -11,7 +11,12 @@ use crate::units::{parse_disk, parse_key_value, parse_mib};
 pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:7777";
 
 #[derive(Debug, Parser)]
-#[command(name = "flotilla", version, about = "Run fleets of Linux microVMs", propagate_version = true)]
+#[command(
+    name = "flotilla",
+    version,
+    about = "Run fleets of Linux microVMs",
+    propagate_version = true
+)]
 pub struct Cli {
     /// The agent's API address.
     #[arg(long, global = true, env = "FLOTILLA_ENDPOINT", default_value = DEFAULT_ENDPOINT)]

@@ -54,15 +54,23 @@ impl Client {
     }
 
     pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
-        self.http.request(method, format!("{}{}", self.endpoint, path))
+        self.http
+            .request(method, format!("{}{}", self.endpoint, path))
     }
 
     /// Sends the request and checks the status; an error body becomes a [`CliError`].
     pub async fn send(&self, req: RequestBuilder) -> anyhow::Result<Response> {
         let resp = req.send().await.map_err(|e| {
             CliError::new(
-                format!("cannot reach the agent at {}: {}", self.endpoint, root_cause(&e)),
-                Some("start it with `flotilla up`, or point --endpoint / FLOTILLA_ENDPOINT at it".into()),
+                format!(
+                    "cannot reach the agent at {}: {}",
+                    self.endpoint,
+                    root_cause(&e)
+                ),
+                Some(
+                    "start it with `flotilla up`, or point --endpoint / FLOTILLA_ENDPOINT at it"
+                        .into(),
+                ),
             )
         })?;
         if resp.status().is_success() {
@@ -72,7 +80,10 @@ impl Client {
         let text = resp.text().await.unwrap_or_default();
         Err(match serde_json::from_str::<ErrorBody>(&text) {
             Ok(body) => CliError::new(body.error.message, body.error.hint),
-            Err(_) => CliError::new(format!("the agent answered {status}: {}", text.trim()), None),
+            Err(_) => CliError::new(
+                format!("the agent answered {status}: {}", text.trim()),
+                None,
+            ),
         }
         .into())
     }
@@ -82,8 +93,14 @@ impl Client {
         Ok(resp.json().await?)
     }
 
-    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
-        let resp = self.send(self.request(Method::POST, path).json(body)).await?;
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        let resp = self
+            .send(self.request(Method::POST, path).json(body))
+            .await?;
         Ok(resp.json().await?)
     }
 

@@ -30,5 +30,7 @@ pub fn json<T: Serialize>(value: &T) -> anyhow::Result<()> {
 }
 
 pub fn opt<T: ToString>(v: &Option<T>) -> String {
-    v.as_ref().map(|x| x.to_string()).unwrap_or_else(|| "-".into())
+    v.as_ref()
+        .map(|x| x.to_string())
+        .unwrap_or_else(|| "-".into())
 }

@@ -15,7 +15,9 @@ pub fn parse_mib(s: &str) -> Result<u64, String> {
         .parse::<u64>()
         .ok()
         .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("{s:?} is not a size: use MiB as a number, or a suffix M or G (e.g. 256M, 1G)"))
+        .ok_or_else(|| {
+            format!("{s:?} is not a size: use MiB as a number, or a suffix M or G (e.g. 256M, 1G)")
+        })
 }
 
 /// `NAME:SIZE` for an extra disk, e.g. `data:1G`.

@@ -50,8 +50,7 @@ fn handle(body: RequestBody, reply: &Reply, context: &AgentContext) {
         }
         RequestBody::Shutdown { reboot } => {
             crate::log!("shutdown requested (reboot: {reboot})");
-            // Act even if the ack could not be sent: the host asked for it.
-            let _ = reply.send(ResponseBody::ShutdownAck);
+            power::acknowledge(reply);
             power::carry_out(context.shutdown);
         }
         RequestBody::Ping => {

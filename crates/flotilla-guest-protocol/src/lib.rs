@@ -35,6 +35,9 @@ mod response;
 #[cfg(feature = "client")]
 pub mod client;
 
+#[cfg(test)]
+mod wire_tests;
+
 pub use decoder::FrameDecoder;
 pub use frame::{decode_message, encode_frame, encode_message, FrameError, HEADER_LEN, MAGIC};
 pub use request::{ExecRequest, Request, RequestBody};

@@ -53,7 +53,9 @@ impl TestHost {
             bail!("{} is missing: build the workspace first", bin.display());
         }
         let netns = NetNs::create().context("creating the host's network namespace")?;
-        let data_dir = tempfile::Builder::new().prefix("flotilla-test-").tempdir()?;
+        let data_dir = tempfile::Builder::new()
+            .prefix("flotilla-test-")
+            .tempdir()?;
         let endpoint = format!("http://{}:{AGENT_PORT}", netns.ns_ip);
         let mut host = TestHost {
             netns,
@@ -92,7 +94,10 @@ impl TestHost {
             .stdin(Stdio::null())
             .output()?;
         if !out.status.success() {
-            bail!("flotilla image build failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "flotilla image build failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(())
     }
@@ -110,7 +115,10 @@ impl TestHost {
             .arg(self.data_path())
             .args(["--listen", &format!("{}:{AGENT_PORT}", self.netns.ns_ip)])
             .args(["--capacity-vcpus", &self.options.capacity_vcpus.to_string()])
-            .args(["--capacity-memory", &format!("{}M", self.options.capacity_memory_mib)])
+            .args([
+                "--capacity-memory",
+                &format!("{}M", self.options.capacity_memory_mib),
+            ])
             .env("FLOTILLA_LOG", "info,flotilla_agent=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -131,7 +139,10 @@ impl TestHost {
                 }
             }
             if Instant::now() > deadline {
-                bail!("the agent did not answer within 30 s: {}", self.agent_log_tail());
+                bail!(
+                    "the agent did not answer within 30 s: {}",
+                    self.agent_log_tail()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -177,14 +188,20 @@ impl TestHost {
             String::from_utf8_lossy(&out.stderr),
             self.agent_log_tail()
         );
-        serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("flotilla {args:?} printed no valid JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "flotilla {args:?} printed no valid JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
     }
 
     /// A raw API call: (status, JSON body or null).
     pub fn api(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
         let method = reqwest::Method::from_bytes(method.as_bytes()).expect("valid method");
-        let mut req = self.http.request(method, format!("{}{}", self.endpoint, path));
+        let mut req = self
+            .http
+            .request(method, format!("{}{}", self.endpoint, path));
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -219,7 +236,11 @@ impl TestHost {
 impl Drop for TestHost {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("--- agent log of {} ---\n{}", self.netns.name, self.agent_log_tail());
+            eprintln!(
+                "--- agent log of {} ---\n{}",
+                self.netns.name,
+                self.agent_log_tail()
+            );
         }
         self.kill_agent(nix::sys::signal::Signal::SIGKILL);
         for pid in self.qemu_pids() {

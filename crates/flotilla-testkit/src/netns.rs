@@ -13,9 +13,16 @@ pub struct NetNs {
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new("ip").args(args).output().context("running ip")?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip")?;
     if !out.status.success() {
-        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -39,7 +46,9 @@ impl NetNs {
             ns_ip: ns_ip.clone(),
             host_ip: host_ip.clone(),
         };
-        ip(&["link", "add", &host_veth, "type", "veth", "peer", "name", &ns_veth])?;
+        ip(&[
+            "link", "add", &host_veth, "type", "veth", "peer", "name", &ns_veth,
+        ])?;
         ip(&["link", "set", &ns_veth, "netns", &name])?;
         ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &host_veth])?;
         ip(&["link", "set", &host_veth, "up"])?;

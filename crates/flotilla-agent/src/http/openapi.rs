@@ -6,20 +6,43 @@ use utoipa::OpenApi;
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Flotilla host agent API", description = "VMs of one host: lifecycle, exec, console, images."),
+    info(
+        title = "Flotilla host agent API",
+        description = "VMs of one host: lifecycle, exec, console, images."
+    ),
     paths(
         super::host::host_info,
-        super::images::list, super::images::get, super::images::register, super::images::remove,
-        super::vms::list, super::vms::create, super::vms::inspect, super::vms::remove,
-        super::vms::start, super::vms::stop, super::vms::exec, super::vms::logs,
+        super::images::list,
+        super::images::get,
+        super::images::register,
+        super::images::remove,
+        super::vms::list,
+        super::vms::create,
+        super::vms::inspect,
+        super::vms::remove,
+        super::vms::start,
+        super::vms::stop,
+        super::vms::exec,
+        super::vms::logs,
     ),
     components(schemas(
-        flotilla_api::VmInfo, flotilla_api::VmState, flotilla_api::CreateVmRequest, flotilla_api::DiskSpec,
-        flotilla_api::NicInfo, flotilla_api::DiskInfo, flotilla_api::StopVmRequest,
-        flotilla_api::ExecRequest, flotilla_api::ExecResult, flotilla_api::ExecEvent,
-        flotilla_api::ImageInfo, flotilla_api::RegisterImageRequest,
-        flotilla_api::HostInfo, flotilla_api::Resources,
-        flotilla_api::ErrorBody, flotilla_api::ErrorDetail, flotilla_api::ErrorCode,
+        flotilla_api::VmInfo,
+        flotilla_api::VmState,
+        flotilla_api::CreateVmRequest,
+        flotilla_api::DiskSpec,
+        flotilla_api::NicInfo,
+        flotilla_api::DiskInfo,
+        flotilla_api::StopVmRequest,
+        flotilla_api::ExecRequest,
+        flotilla_api::ExecResult,
+        flotilla_api::ExecEvent,
+        flotilla_api::ImageInfo,
+        flotilla_api::RegisterImageRequest,
+        flotilla_api::HostInfo,
+        flotilla_api::Resources,
+        flotilla_api::ErrorBody,
+        flotilla_api::ErrorDetail,
+        flotilla_api::ErrorCode,
     ))
 )]
 struct ApiDoc;
@@ -37,7 +60,13 @@ mod tests {
     #[test]
     fn document_lists_every_vm_route() {
         let doc = serde_json::to_value(super::openapi_document()).unwrap();
-        for p in ["/v1/vms", "/v1/vms/{name}", "/v1/vms/{name}/exec", "/v1/vms/{name}/logs", "/v1/images"] {
+        for p in [
+            "/v1/vms",
+            "/v1/vms/{name}",
+            "/v1/vms/{name}/exec",
+            "/v1/vms/{name}/logs",
+            "/v1/images",
+        ] {
             assert!(doc["paths"].get(p).is_some(), "missing {p}");
         }
     }

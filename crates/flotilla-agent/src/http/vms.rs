@@ -140,8 +140,14 @@ pub async fn logs(
     let (bytes, size) = m.logs(&name, q.tail_bytes, q.offset)?;
     Ok((
         [
-            (header::CONTENT_TYPE, "text/plain; charset=utf-8".to_string()),
-            (header::HeaderName::from_static(LOG_SIZE_HEADER), size.to_string()),
+            (
+                header::CONTENT_TYPE,
+                "text/plain; charset=utf-8".to_string(),
+            ),
+            (
+                header::HeaderName::from_static(LOG_SIZE_HEADER),
+                size.to_string(),
+            ),
         ],
         bytes,
     )

@@ -19,6 +19,20 @@ use crate::spec::VmSpec;
 
 /// Root disk file inside a VM's directory.
 pub const ROOT_DISK: &str = "root.qcow2";
+/// The image's root disk, pinned into the VM's directory: the read-only base
+/// of `ROOT_DISK`. Pinning (a hard link, so no copy) keeps the VM's files
+/// when the image is replaced or removed later.
+pub const BASE_DISK: &str = "base.qcow2";
+pub const KERNEL: &str = "vmlinux";
+pub const INITRD: &str = "initrd";
+
+/// Hard-links `src` to `dst`, copying when they are on different file systems.
+fn pin(src: &std::path::Path, dst: &std::path::Path) -> std::io::Result<()> {
+    match fs::hard_link(src, dst) {
+        Ok(()) => Ok(()),
+        Err(_) => fs::copy(src, dst).map(|_| ()),
+    }
+}
 
 fn new_vm_id() -> String {
     let b: [u8; 8] = rand::random();
@@ -29,7 +43,10 @@ impl VmManager {
     /// Creates a VM and, unless asked not to, starts it.
     pub async fn create(&self, req: CreateVmRequest) -> AgentResult<VmInfo> {
         let spec = VmSpec::from_request(req)?;
-        let image_name = spec.image.clone().unwrap_or_else(|| DEFAULT_IMAGE.to_string());
+        let image_name = spec
+            .image
+            .clone()
+            .unwrap_or_else(|| DEFAULT_IMAGE.to_string());
         let image = self.inner.images.get(&image_name)?;
         if spec.start {
             // Refuse early what could never start; start() checks again under the lock.
@@ -117,7 +134,7 @@ impl VmManager {
                 path: dir.join(ROOT_DISK),
                 format: "qcow2".into(),
                 size_mib,
-                backing: Some(rootfs.clone()),
+                backing: Some(dir.join(BASE_DISK)),
             });
         }
         for d in &spec.disks {
@@ -134,8 +151,8 @@ impl VmManager {
             id,
             name: spec.name.clone(),
             image: image_name.to_string(),
-            kernel: image.kernel.clone(),
-            initrd: image.initrd.clone(),
+            kernel: dir.join(KERNEL),
+            initrd: image.initrd.as_ref().map(|_| dir.join(INITRD)),
             vcpus: spec.vcpus,
             memory_mib: spec.memory_mib,
             cmdline_extra: spec.cmdline_extra.clone(),
@@ -161,12 +178,26 @@ impl VmManager {
         let tmp = vms_dir.join(format!("{CREATING_PREFIX}{}", record.id));
         let result = (|| -> AgentResult<()> {
             fs::create_dir_all(&tmp).map_err(|e| AgentError::io("creating VM directory", e))?;
+            let pin_into = |src: &std::path::Path, name: &str| {
+                pin(src, &tmp.join(name)).map_err(|e| {
+                    AgentError::io(format!("pinning {} into the VM", src.display()), e)
+                })
+            };
+            pin_into(&image.kernel, KERNEL)?;
+            if let Some(initrd) = &image.initrd {
+                pin_into(initrd, INITRD)?;
+            }
+            if let Some(rootfs) = &image.rootfs {
+                pin_into(rootfs, BASE_DISK)?;
+            }
             for d in &record.disks {
                 let at = tmp.join(d.path.file_name().unwrap_or_default());
                 match &d.backing {
-                    Some(base) => {
+                    // Relative, so the overlay keeps working after the
+                    // directory is renamed into place.
+                    Some(_) => {
                         let fmt = image.rootfs_format.as_deref().unwrap_or("qcow2");
-                        disks::create_overlay(&at, base, fmt)?
+                        disks::create_overlay(&at, std::path::Path::new(BASE_DISK), fmt)?
                     }
                     None => disks::create_blank(&at, d.size_mib)?,
                 }

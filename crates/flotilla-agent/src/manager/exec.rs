@@ -143,15 +143,21 @@ impl VmManager {
         tokio::spawn(async move {
             loop {
                 let event = match stream.next().await {
-                    Some(Ok(GuestEvent::Stdout(d))) => ExecEvent::Stdout { data_b64: b64().encode(d) },
-                    Some(Ok(GuestEvent::Stderr(d))) => ExecEvent::Stderr { data_b64: b64().encode(d) },
+                    Some(Ok(GuestEvent::Stdout(d))) => ExecEvent::Stdout {
+                        data_b64: b64().encode(d),
+                    },
+                    Some(Ok(GuestEvent::Stderr(d))) => ExecEvent::Stderr {
+                        data_b64: b64().encode(d),
+                    },
                     Some(Ok(GuestEvent::Exit(x))) => ExecEvent::Exit {
                         exit_code: x.code,
                         signal: x.signal,
                         timed_out: x.timed_out,
                         duration_ms: x.duration_ms,
                     },
-                    Some(Err(e)) => ExecEvent::Error { error: guest_error(&vm, e).to_detail() },
+                    Some(Err(e)) => ExecEvent::Error {
+                        error: guest_error(&vm, e).to_detail(),
+                    },
                     None => break,
                 };
                 let last = matches!(event, ExecEvent::Exit { .. } | ExecEvent::Error { .. });

@@ -27,7 +27,11 @@ impl VmManager {
         Ok(self.info_of(&entry))
     }
 
-    pub(crate) async fn start_entry(&self, entry: &Arc<VmEntry>, wait_ready: bool) -> AgentResult<()> {
+    pub(crate) async fn start_entry(
+        &self,
+        entry: &Arc<VmEntry>,
+        wait_ready: bool,
+    ) -> AgentResult<()> {
         let started = Instant::now();
         let op = entry.op_lock.lock().await;
         let admission = self.inner.admission.lock().await;
@@ -100,7 +104,8 @@ impl VmManager {
 
     async fn wait_ready_if(&self, entry: &VmEntry, wait: bool) -> AgentResult<()> {
         if wait {
-            self.wait_ready(entry, self.inner.config.ready_timeout).await?;
+            self.wait_ready(entry, self.inner.config.ready_timeout)
+                .await?;
         }
         Ok(())
     }
@@ -116,7 +121,9 @@ impl VmManager {
                     Readiness::Ready => return Ok(()),
                     Readiness::Failed(why) => {
                         return Err(AgentError::Guest {
-                            message: format!("the guest agent of VM {name:?} is not available: {why}"),
+                            message: format!(
+                                "the guest agent of VM {name:?} is not available: {why}"
+                            ),
                             not_found: false,
                         })
                     }
@@ -154,8 +161,9 @@ impl VmManager {
         qemu_config.validate()?;
         let dir = self.vm_dir(&record.name);
         self.remove_sockets(&record.id);
-        let process =
-            Arc::new(QemuProcess::spawn(&cfg.qemu_binary, &qemu_config, &dir.join(QEMU_LOG)).await?);
+        let process = Arc::new(
+            QemuProcess::spawn(&cfg.qemu_binary, &qemu_config, &dir.join(QEMU_LOG)).await?,
+        );
         match QmpClient::connect_retry(&qemu_config.qmp_socket, QMP_CONNECT_DEADLINE).await {
             Ok(qmp) => Ok((process, qmp)),
             Err(e) => {
@@ -229,11 +237,19 @@ impl VmManager {
     }
 
     /// Connects to the guest agent in the background and marks the VM ready.
-    pub(crate) fn spawn_readiness(&self, entry: Arc<VmEntry>, generation: u64, since: Option<Instant>) {
+    pub(crate) fn spawn_readiness(
+        &self,
+        entry: Arc<VmEntry>,
+        generation: u64,
+        since: Option<Instant>,
+    ) {
         let manager = self.clone();
         let (socket, timeout) = {
             let s = entry.lock();
-            (self.agent_socket(&s.record), self.inner.config.ready_timeout)
+            (
+                self.agent_socket(&s.record),
+                self.inner.config.ready_timeout,
+            )
         };
         tokio::spawn(async move {
             let result = GuestClient::wait_ready(&socket, timeout).await;
@@ -263,7 +279,12 @@ impl VmManager {
     }
 
     /// Waits for QEMU to exit; an exit nobody asked for marks the VM crashed.
-    pub(crate) fn spawn_monitor(&self, entry: Arc<VmEntry>, process: Arc<QemuProcess>, generation: u64) {
+    pub(crate) fn spawn_monitor(
+        &self,
+        entry: Arc<VmEntry>,
+        process: Arc<QemuProcess>,
+        generation: u64,
+    ) {
         let manager = self.clone();
         tokio::spawn(async move {
             let exit = process.wait_exit().await;
@@ -276,7 +297,12 @@ impl VmManager {
                 return;
             }
             tracing::warn!(vm = %s.record.name, exit = ?exit, "QEMU exited unexpectedly");
-            manager.settle_exited(&entry, &mut s, VmState::Crashed, Some(format!("QEMU exited unexpectedly ({exit:?})")));
+            manager.settle_exited(
+                &entry,
+                &mut s,
+                VmState::Crashed,
+                Some(format!("QEMU exited unexpectedly ({exit:?})")),
+            );
         });
     }
 
@@ -317,7 +343,12 @@ impl VmManager {
 
     /// Stops a VM: the guest shuts down within `timeout`, else QEMU is told
     /// to quit, else killed. `force` kills at once. Stopping a stopped VM is a no-op.
-    pub async fn stop(&self, name: &str, force: bool, timeout: Option<Duration>) -> AgentResult<VmInfo> {
+    pub async fn stop(
+        &self,
+        name: &str,
+        force: bool,
+        timeout: Option<Duration>,
+    ) -> AgentResult<VmInfo> {
         let entry = self.entry(name)?;
         let _op = entry.op_lock.lock().await;
         let (process, qmp, guest) = {
@@ -333,7 +364,11 @@ impl VmManager {
             self.transition(&mut s, VmState::Stopping)?;
             s.runtime.stopping = true;
             self.save(&s)?;
-            (s.runtime.process.clone(), s.runtime.qmp.clone(), s.runtime.guest.clone())
+            (
+                s.runtime.process.clone(),
+                s.runtime.qmp.clone(),
+                s.runtime.guest.clone(),
+            )
         };
         let timeout = timeout.unwrap_or(self.inner.config.stop_timeout);
         if let Some(process) = &process {
@@ -342,15 +377,21 @@ impl VmManager {
                 if let Some(guest) = &guest {
                     match guest.shutdown(true, Duration::from_secs(2)).await {
                         Ok(_) => {
-                            exited = tokio::time::timeout(timeout, process.wait_exit()).await.is_ok();
+                            exited = tokio::time::timeout(timeout, process.wait_exit())
+                                .await
+                                .is_ok();
                         }
-                        Err(e) => tracing::info!(vm = name, error = %e, "guest shutdown request failed"),
+                        Err(e) => {
+                            tracing::info!(vm = name, error = %e, "guest shutdown request failed")
+                        }
                     }
                 }
                 if !exited {
                     if let Some(qmp) = &qmp {
                         let _ = qmp.quit().await;
-                        exited = tokio::time::timeout(QUIT_GRACE, process.wait_exit()).await.is_ok();
+                        exited = tokio::time::timeout(QUIT_GRACE, process.wait_exit())
+                            .await
+                            .is_ok();
                     }
                 }
             }

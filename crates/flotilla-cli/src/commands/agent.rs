@@ -17,12 +17,21 @@ fn config_from(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
     let mut c = AgentConfig::with_defaults(data_dir);
     c.listen = args.listen;
     c.qemu_binary = args.qemu.clone();
-    c.accel = args.accel.parse().map_err(|e| anyhow::anyhow!("--accel: {e}"))?;
+    c.accel = args
+        .accel
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--accel: {e}"))?;
     c.bridge = args.bridge.clone();
     if c.bridge.is_empty() || c.bridge.len() > 15 {
-        anyhow::bail!("--bridge: {:?} is not a valid interface name (1 to 15 characters)", c.bridge);
+        anyhow::bail!(
+            "--bridge: {:?} is not a valid interface name (1 to 15 characters)",
+            c.bridge
+        );
     }
-    c.subnet = args.subnet.parse().map_err(|e| anyhow::anyhow!("--subnet: {e}"))?;
+    c.subnet = args
+        .subnet
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--subnet: {e}"))?;
     let d = c.capacity;
     c.capacity = Resources {
         vcpus: args.capacity_vcpus.unwrap_or(d.vcpus),
@@ -66,7 +75,11 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         })
         .await??;
     }
-    let on_exit = if args.keep_vms { OnExit::KeepVms } else { OnExit::StopVms };
+    let on_exit = if args.keep_vms {
+        OnExit::KeepVms
+    } else {
+        OnExit::StopVms
+    };
     run_agent(config, on_exit, ctrl_c_or_term(), |h| {
         eprintln!(
             "Flotilla is up: agent on http://{}. In another terminal:\n  flotilla vm run demo --wait\n  flotilla vm exec demo -- uname -a\nCtrl-C stops the VMs and exits{}.",

@@ -9,7 +9,7 @@ use flotilla_image::{BuildOptions, ImageStore, RegisterImage, DEFAULT_IMAGE};
 
 use super::default_data_dir;
 use crate::args::ImageCommand;
-use crate::client::{Client, CliError};
+use crate::client::{CliError, Client};
 use crate::output;
 
 pub async fn run(endpoint: &str, json: bool, cmd: ImageCommand) -> anyhow::Result<ExitCode> {
@@ -32,7 +32,17 @@ pub async fn run(endpoint: &str, json: bool, cmd: ImageCommand) -> anyhow::Resul
                         ]
                     })
                     .collect::<Vec<_>>();
-                output::table(&["NAME", "KERNEL", "ROOT DISK", "SIZE MiB", "SOURCE", "CREATED"], &rows);
+                output::table(
+                    &[
+                        "NAME",
+                        "KERNEL",
+                        "ROOT DISK",
+                        "SIZE MiB",
+                        "SOURCE",
+                        "CREATED",
+                    ],
+                    &rows,
+                );
             }
         }
         ImageCommand::Build(a) => {
@@ -67,7 +77,9 @@ pub async fn run(endpoint: &str, json: bool, cmd: ImageCommand) -> anyhow::Resul
             }
         }
         ImageCommand::Rm { name } => {
-            Client::new(endpoint)?.delete(&format!("/v1/images/{name}")).await?;
+            Client::new(endpoint)?
+                .delete(&format!("/v1/images/{name}"))
+                .await?;
             if !json {
                 println!("removed image {name}");
             }
@@ -83,7 +95,9 @@ fn find_guest_agent(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
         if p.is_file() {
             return Ok(p);
         }
-        return Err(CliError::new(format!("guest agent {} does not exist", p.display()), None).into());
+        return Err(
+            CliError::new(format!("guest agent {} does not exist", p.display()), None).into(),
+        );
     }
     let exe = std::env::current_exe().context("locating this program")?;
     let dir = exe.parent().unwrap_or(Path::new("."));
@@ -113,12 +127,19 @@ pub fn build_and_register(
         cache_dir: cache_dir.unwrap_or_else(flotilla_image::default_cache_dir),
         guest_agent: find_guest_agent(guest_agent)?,
         progress: true,
-        jobs: jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+        jobs: jobs.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        }),
         rootfs_size_mib: 512,
     };
     let built = flotilla_image::build_default(&opts).context("building the default image")?;
     if cache_only {
-        eprintln!("image built in {}", built.rootfs.parent().unwrap_or(Path::new("")).display());
+        eprintln!(
+            "image built in {}",
+            built.rootfs.parent().unwrap_or(Path::new("")).display()
+        );
         return Ok(None);
     }
     let store = ImageStore::open(&data_dir.join("images"))?;
@@ -130,6 +151,10 @@ pub fn build_and_register(
         builtin: true,
         replace: true,
     })?;
-    eprintln!("image {} ready in {}", image.name, data_dir.join("images").display());
+    eprintln!(
+        "image {} ready in {}",
+        image.name,
+        data_dir.join("images").display()
+    );
     Ok(Some(flotilla_agent::http::image_info(&image)))
 }

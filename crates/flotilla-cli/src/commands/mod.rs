@@ -29,7 +29,10 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("accel:      {} ({})", host.accel, host.accel_reason);
                 println!(
                     "capacity:   {} vCPUs, {} MiB ({} vCPUs, {} MiB allocated)",
-                    host.capacity.vcpus, host.capacity.memory_mib, host.allocated.vcpus, host.allocated.memory_mib
+                    host.capacity.vcpus,
+                    host.capacity.memory_mib,
+                    host.allocated.vcpus,
+                    host.allocated.memory_mib
                 );
                 println!("network:    bridge {} on {}", host.bridge, host.subnet);
                 println!("vms:        {}", host.vm_count);
@@ -47,7 +50,9 @@ pub fn default_data_dir() -> std::path::PathBuf {
     }
     let base = std::env::var_os("XDG_DATA_HOME")
         .map(std::path::PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".local/share")))
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".local/share"))
+        })
         .unwrap_or_else(|| "/tmp".into());
     base.join("flotilla")
 }

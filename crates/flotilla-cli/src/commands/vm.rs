@@ -5,9 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use base64::Engine;
-use flotilla_api::{
-    CreateVmRequest, DiskSpec, ExecEvent, ExecRequest, StopVmRequest, VmInfo,
-};
+use flotilla_api::{CreateVmRequest, DiskSpec, ExecEvent, ExecRequest, StopVmRequest, VmInfo};
 use futures::StreamExt;
 use reqwest::Method;
 
@@ -35,13 +33,21 @@ pub async fn run(client: &Client, json: bool, cmd: VmCommand) -> anyhow::Result<
                             v.image.clone(),
                             v.vcpus.to_string(),
                             v.memory_mib.to_string(),
-                            v.nics.first().map(|n| n.ip.clone()).unwrap_or_else(|| "-".into()),
+                            v.nics
+                                .first()
+                                .map(|n| n.ip.clone())
+                                .unwrap_or_else(|| "-".into()),
                             opt(&v.pid),
                             if v.guest_ready { "yes" } else { "no" }.into(),
                         ]
                     })
                     .collect::<Vec<_>>();
-                output::table(&["NAME", "STATE", "IMAGE", "VCPUS", "MEM MiB", "IP", "PID", "READY"], &rows);
+                output::table(
+                    &[
+                        "NAME", "STATE", "IMAGE", "VCPUS", "MEM MiB", "IP", "PID", "READY",
+                    ],
+                    &rows,
+                );
             }
         }
         VmCommand::Inspect { name } => {
@@ -54,7 +60,11 @@ pub async fn run(client: &Client, json: bool, cmd: VmCommand) -> anyhow::Result<
         }
         VmCommand::Exec(a) => return exec(client, json, a).await,
         VmCommand::Logs { name, tail, follow } => logs(client, &name, tail, follow).await?,
-        VmCommand::Stop { name, force, timeout } => {
+        VmCommand::Stop {
+            name,
+            force,
+            timeout,
+        } => {
             let body = StopVmRequest {
                 timeout_ms: timeout.map(|s| s * 1000),
                 force,
@@ -68,7 +78,9 @@ pub async fn run(client: &Client, json: bool, cmd: VmCommand) -> anyhow::Result<
             show_vm(json, &vm, "started")?;
         }
         VmCommand::Rm { name, force } => {
-            client.delete(&format!("/v1/vms/{name}?force={force}")).await?;
+            client
+                .delete(&format!("/v1/vms/{name}?force={force}"))
+                .await?;
             if json {
                 output::json(&serde_json::json!({ "removed": name }))?;
             } else {
@@ -102,7 +114,11 @@ fn show_vm(json: bool, vm: &VmInfo, verb: &str) -> anyhow::Result<()> {
     if json {
         return output::json(vm);
     }
-    let ip = vm.nics.first().map(|n| format!(" at {}", n.ip)).unwrap_or_default();
+    let ip = vm
+        .nics
+        .first()
+        .map(|n| format!(" at {}", n.ip))
+        .unwrap_or_default();
     let ready = match (vm.guest_ready, vm.ready_ms) {
         (true, Some(ms)) => format!(", guest ready in {:.2} s", ms as f64 / 1000.0),
         _ => String::new(),
@@ -126,15 +142,31 @@ fn print_inspect(vm: &VmInfo) {
     println!("vcpus:       {}", vm.vcpus);
     println!("memory:      {} MiB", vm.memory_mib);
     println!("guest ready: {}", if vm.guest_ready { "yes" } else { "no" });
-    println!("boot time:   {}", vm.guest_boot_ms.map(|m| format!("{m} ms (guest uptime at agent ready)")).unwrap_or("-".into()));
-    println!("ready in:    {}", vm.ready_ms.map(|m| format!("{m} ms (from start request)")).unwrap_or("-".into()));
+    println!(
+        "boot time:   {}",
+        vm.guest_boot_ms
+            .map(|m| format!("{m} ms (guest uptime at agent ready)"))
+            .unwrap_or("-".into())
+    );
+    println!(
+        "ready in:    {}",
+        vm.ready_ms
+            .map(|m| format!("{m} ms (from start request)"))
+            .unwrap_or("-".into())
+    );
     println!("created:     {}", vm.created_at);
     println!("started:     {}", opt(&vm.started_at));
     for (i, n) in vm.nics.iter().enumerate() {
-        println!("nic{i}:        {}/{} mac {} tap {} gw {}", n.ip, n.prefix_len, n.mac, n.tap, n.gateway);
+        println!(
+            "nic{i}:        {}/{} mac {} tap {} gw {}",
+            n.ip, n.prefix_len, n.mac, n.tap, n.gateway
+        );
     }
     for d in &vm.disks {
-        println!("disk {:<6}  {} MiB {} {}", d.name, d.virtual_size_mib, d.format, d.path);
+        println!(
+            "disk {:<6}  {} MiB {} {}",
+            d.name, d.virtual_size_mib, d.format, d.path
+        );
     }
     for (k, v) in &vm.tags {
         println!("tag:         {k}={v}");
@@ -161,13 +193,21 @@ async fn exec(client: &Client, json: bool, a: VmExecArgs) -> anyhow::Result<Exit
         timeout_ms: a.timeout.map(|s| s * 1000),
     };
     if json {
-        let result: flotilla_api::ExecResult =
-            client.post(&format!("/v1/vms/{}/exec", a.name), &req).await?;
+        let result: flotilla_api::ExecResult = client
+            .post(&format!("/v1/vms/{}/exec", a.name), &req)
+            .await?;
         output::json(&result)?;
         return Ok(exit_code(result.exit_code, result.signal, result.timed_out));
     }
     let resp = client
-        .send(client.request(Method::POST, &format!("/v1/vms/{}/exec?stream=true", a.name)).json(&req))
+        .send(
+            client
+                .request(
+                    Method::POST,
+                    &format!("/v1/vms/{}/exec?stream=true", a.name),
+                )
+                .json(&req),
+        )
         .await?;
     let mut body = resp.bytes_stream();
     let mut buf: Vec<u8> = Vec::new();
@@ -186,7 +226,12 @@ async fn exec(client: &Client, json: bool, a: VmExecArgs) -> anyhow::Result<Exit
                     err.write_all(&b64.decode(data_b64)?)?;
                     err.flush()?;
                 }
-                ExecEvent::Exit { exit_code: code, signal, timed_out, .. } => {
+                ExecEvent::Exit {
+                    exit_code: code,
+                    signal,
+                    timed_out,
+                    ..
+                } => {
                     if timed_out {
                         eprintln!("flotilla: the command timed out and was killed");
                     }
@@ -198,7 +243,11 @@ async fn exec(client: &Client, json: bool, a: VmExecArgs) -> anyhow::Result<Exit
             }
         }
     }
-    Err(CliError::new("the agent closed the exec stream before the command ended", None).into())
+    Err(CliError::new(
+        "the agent closed the exec stream before the command ended",
+        None,
+    )
+    .into())
 }
 
 /// The guest's exit code; 128+signal for a killed command, 124 for a timeout (like timeout(1)).
@@ -216,7 +265,9 @@ async fn logs(client: &Client, name: &str, tail: Option<u64>, follow: bool) -> a
         Some(n) => format!("/v1/vms/{name}/logs?tail_bytes={n}"),
         None => format!("/v1/vms/{name}/logs"),
     };
-    let resp = client.send(client.request(Method::GET, &first_path)).await?;
+    let resp = client
+        .send(client.request(Method::GET, &first_path))
+        .await?;
     let mut size = log_size(&resp);
     std::io::stdout().write_all(&resp.bytes().await?)?;
     if !follow {

@@ -6,7 +6,10 @@ use serde_json::json;
 use crate::{assert_clean, run_vm, stderr_of};
 
 fn error_of(body: &serde_json::Value) -> String {
-    body["error"]["message"].as_str().unwrap_or_default().to_string()
+    body["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 #[test]
@@ -18,15 +21,30 @@ fn bad_create_requests_are_refused_and_leave_nothing() {
     })
     .expect("test host");
 
-    let (s, b) = host.api("POST", "/v1/vms", Some(json!({ "name": "z", "memory_mib": 0 })));
+    let (s, b) = host.api(
+        "POST",
+        "/v1/vms",
+        Some(json!({ "name": "z", "memory_mib": 0 })),
+    );
     assert_eq!(s, 400);
-    assert!(error_of(&b).contains("memory_mib") && error_of(&b).contains("at least"), "{b}");
+    assert!(
+        error_of(&b).contains("memory_mib") && error_of(&b).contains("at least"),
+        "{b}"
+    );
 
-    let (s, b) = host.api("POST", "/v1/vms", Some(json!({ "name": "big", "memory_mib": 4096 })));
+    let (s, b) = host.api(
+        "POST",
+        "/v1/vms",
+        Some(json!({ "name": "big", "memory_mib": 4096 })),
+    );
     assert_eq!(s, 409, "{b}");
     assert!(error_of(&b).contains("not enough capacity"), "{b}");
 
-    let (s, b) = host.api("POST", "/v1/vms", Some(json!({ "name": "x", "image": "nope" })));
+    let (s, b) = host.api(
+        "POST",
+        "/v1/vms",
+        Some(json!({ "name": "x", "image": "nope" })),
+    );
     assert_eq!(s, 404, "{b}");
     assert!(error_of(&b).contains("nope"), "{b}");
 
@@ -44,7 +62,10 @@ fn bad_create_requests_are_refused_and_leave_nothing() {
     let out = host.cli(&["vm", "run", "y", "--image", "nope"]);
     assert!(!out.status.success());
     let err = stderr_of(&out);
-    assert!(err.starts_with("error: ") && err.contains("\nhint: "), "{err}");
+    assert!(
+        err.starts_with("error: ") && err.contains("\nhint: "),
+        "{err}"
+    );
 
     let out = host.cli(&["vm", "run", "y", "--memory", "lots"]);
     assert!(!out.status.success());
@@ -78,12 +99,26 @@ fn bad_create_requests_are_refused_and_leave_nothing() {
 fn exec_on_a_stopped_vm_is_a_conflict() {
     let host = TestHost::start().expect("test host");
     host.cli_json::<serde_json::Value>(&["vm", "run", "idle", "--no-start"]);
-    let (s, b) = host.api("POST", "/v1/vms/idle/exec", Some(json!({ "argv": ["true"] })));
+    let (s, b) = host.api(
+        "POST",
+        "/v1/vms/idle/exec",
+        Some(json!({ "argv": ["true"] })),
+    );
     assert_eq!(s, 409, "{b}");
     assert!(error_of(&b).contains("stopped"), "{b}");
-    assert!(b["error"]["hint"].as_str().unwrap_or("").contains("flotilla vm start idle"), "{b}");
+    assert!(
+        b["error"]["hint"]
+            .as_str()
+            .unwrap_or("")
+            .contains("flotilla vm start idle"),
+        "{b}"
+    );
 
-    let (s, _) = host.api("POST", "/v1/vms/ghost/exec", Some(json!({ "argv": ["true"] })));
+    let (s, _) = host.api(
+        "POST",
+        "/v1/vms/ghost/exec",
+        Some(json!({ "argv": ["true"] })),
+    );
     assert_eq!(s, 404);
     let (s, _) = host.api("POST", "/v1/vms/idle/exec", Some(json!({ "argv": [] })));
     assert_eq!(s, 400);
@@ -100,13 +135,26 @@ fn a_kernel_that_is_not_a_kernel_is_refused() {
         Some(json!({ "name": "fake", "kernel": fake.display().to_string() })),
     );
     assert_eq!(s, 400, "{b}");
-    assert!(error_of(&b).contains("not a kernel") || error_of(&b).contains("not-a-kernel"), "{b}");
+    assert!(
+        error_of(&b).contains("not a kernel") || error_of(&b).contains("not-a-kernel"),
+        "{b}"
+    );
     let (s, _) = host.api("GET", "/v1/images/fake", None);
     assert_eq!(s, 404);
     assert!(!host.data_path().join("images/fake").exists());
 
     // The CLI says the same in one line.
-    let out = host.cli(&["image", "register", "fake", "--kernel", &fake.display().to_string()]);
+    let out = host.cli(&[
+        "image",
+        "register",
+        "fake",
+        "--kernel",
+        &fake.display().to_string(),
+    ]);
     assert!(!out.status.success());
-    assert!(stderr_of(&out).starts_with("error: "), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).starts_with("error: "),
+        "{}",
+        stderr_of(&out)
+    );
 }

@@ -15,8 +15,18 @@ fn exec_passes_env_cwd_stdin_and_exit_codes() {
     run_vm(&host, "ex");
 
     let out = host.cli(&[
-        "--json", "vm", "exec", "ex", "--env", "GREETING=hi there", "--cwd", "/tmp", "--",
-        "sh", "-c", "echo \"$GREETING\" from $(pwd); echo oops >&2; exit 3",
+        "--json",
+        "vm",
+        "exec",
+        "ex",
+        "--env",
+        "GREETING=hi there",
+        "--cwd",
+        "/tmp",
+        "--",
+        "sh",
+        "-c",
+        "echo \"$GREETING\" from $(pwd); echo oops >&2; exit 3",
     ]);
     // --json still exits with the command's code.
     assert_eq!(out.status.code(), Some(3), "{}", stderr_of(&out));
@@ -36,30 +46,71 @@ fn exec_passes_env_cwd_stdin_and_exit_codes() {
 
     // stdin through the CLI.
     let mut child = Command::new(flotilla_bin())
-        .args(["--endpoint", &host.endpoint, "vm", "exec", "ex", "-i", "--", "tr", "a-z", "A-Z"])
+        .args([
+            "--endpoint",
+            &host.endpoint,
+            "vm",
+            "exec",
+            "ex",
+            "-i",
+            "--",
+            "tr",
+            "a-z",
+            "A-Z",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .expect("spawn");
-    child.stdin.take().expect("stdin").write_all(b"shout\n").expect("write");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"shout\n")
+        .expect("write");
     let out = child.wait_with_output().expect("wait");
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout), "SHOUT\n");
 
     // The CLI exits with the guest command's code and streams its output.
-    let out = host.cli(&["vm", "exec", "ex", "--", "sh", "-c", "for i in 1 2 3; do echo line $i; done; exit 7"]);
+    let out = host.cli(&[
+        "vm",
+        "exec",
+        "ex",
+        "--",
+        "sh",
+        "-c",
+        "for i in 1 2 3; do echo line $i; done; exit 7",
+    ]);
     assert_eq!(out.status.code(), Some(7));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "line 1\nline 2\nline 3\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "line 1\nline 2\nline 3\n"
+    );
 
     // A timeout kills the command.
-    let out = host.cli(&["--json", "vm", "exec", "ex", "--timeout", "1", "--", "sleep", "30"]);
+    let out = host.cli(&[
+        "--json",
+        "vm",
+        "exec",
+        "ex",
+        "--timeout",
+        "1",
+        "--",
+        "sleep",
+        "30",
+    ]);
     assert_eq!(out.status.code(), Some(124));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["timed_out"], true);
     assert!(v["duration_ms"].as_u64().unwrap_or(0) < 10_000);
 
     // Large output arrives whole (more than one frame's worth).
-    let (code, out, _) = exec(&host, "ex", &["sh", "-c", "head -c 3000000 /dev/zero | tr '\\0' x"]);
+    let (code, out, _) = exec(
+        &host,
+        "ex",
+        &["sh", "-c", "head -c 3000000 /dev/zero | tr '\\0' x"],
+    );
     assert_eq!(code, 0);
     assert_eq!(out.len(), 3_000_000);
     assert!(out.bytes().all(|b| b == b'x'));
@@ -80,11 +131,18 @@ fn command_missing_in_guest_is_a_clear_error() {
     );
     assert_eq!(status, 400, "{body}");
     let msg = body["error"]["message"].as_str().unwrap_or("");
-    assert!(msg.contains("no-such-program") && msg.contains("not found"), "{msg}");
+    assert!(
+        msg.contains("no-such-program") && msg.contains("not found"),
+        "{msg}"
+    );
 
     let out = host.cli(&["vm", "exec", "nocmd", "--", "no-such-program"]);
     assert!(!out.status.success());
-    assert!(stderr_of(&out).starts_with("error: "), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).starts_with("error: "),
+        "{}",
+        stderr_of(&out)
+    );
 
     // The guest agent is unharmed.
     assert_eq!(exec(&host, "nocmd", &["true"]).0, 0);

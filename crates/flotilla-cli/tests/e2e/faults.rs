@@ -14,11 +14,26 @@ fn qemu_killed_from_outside_shows_crashed() {
     let pid = vm["pid"].as_i64().expect("pid") as i32;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).expect("kill");
 
-    let v = wait_for(&host, "victim", Duration::from_secs(10), |v| v["state"] == "crashed");
+    let v = wait_for(&host, "victim", Duration::from_secs(10), |v| {
+        v["state"] == "crashed"
+    });
     assert!(v["pid"].is_null());
-    assert!(v["last_error"].as_str().unwrap_or("").contains("unexpectedly"), "{v:#}");
-    assert!(host.taps().is_empty(), "tap left after crash: {:?}", host.taps());
-    assert!(!flotilla_testkit::process_alive(pid), "QEMU left as a zombie");
+    assert!(
+        v["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("unexpectedly"),
+        "{v:#}"
+    );
+    assert!(
+        host.taps().is_empty(),
+        "tap left after crash: {:?}",
+        host.taps()
+    );
+    assert!(
+        !flotilla_testkit::process_alive(pid),
+        "QEMU left as a zombie"
+    );
 
     // A crashed VM starts again.
     host.cli_json::<serde_json::Value>(&["vm", "start", "victim", "--wait"]);
@@ -39,10 +54,16 @@ fn agent_killed_with_sigkill_readopts_running_vms() {
     host.cli_json::<serde_json::Value>(&["vm", "stop", "stopped-one"]);
 
     host.kill_agent(Signal::SIGKILL);
-    assert_eq!(host.qemu_pids(), vec![pid as i32], "QEMU must outlive the agent");
+    assert_eq!(
+        host.qemu_pids(),
+        vec![pid as i32],
+        "QEMU must outlive the agent"
+    );
 
     host.start_agent().expect("agent restarts");
-    let v = wait_for(&host, "survivor", Duration::from_secs(30), |v| v["guest_ready"] == true);
+    let v = wait_for(&host, "survivor", Duration::from_secs(30), |v| {
+        v["guest_ready"] == true
+    });
     assert_eq!(v["state"], "running");
     assert_eq!(v["pid"].as_i64(), Some(pid), "the same QEMU, not a new one");
     let (code, out, _) = exec(&host, "survivor", &["cat", "/tmp/mark"]);

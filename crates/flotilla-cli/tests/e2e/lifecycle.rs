@@ -21,7 +21,10 @@ fn boots_a_guest_and_runs_uname() {
     assert_eq!(info["qemu_status"], "running");
     assert!(info["pid"].as_i64().unwrap_or(0) > 0);
     assert!(info["guest_boot_ms"].as_u64().is_some(), "{info:#}");
-    assert!(info["nics"][0]["ip"].as_str().unwrap_or("").starts_with("10.77.0."));
+    assert!(info["nics"][0]["ip"]
+        .as_str()
+        .unwrap_or("")
+        .starts_with("10.77.0."));
 
     // The console log shows the guest booting.
     let logs = host.cli(&["vm", "logs", "hello"]);
@@ -31,7 +34,10 @@ fn boots_a_guest_and_runs_uname() {
     // The human table lists it.
     let ls = host.cli(&["vm", "ls"]);
     let table = String::from_utf8_lossy(&ls.stdout);
-    assert!(table.contains("NAME") && table.contains("hello") && table.contains("running"), "{table}");
+    assert!(
+        table.contains("NAME") && table.contains("hello") && table.contains("running"),
+        "{table}"
+    );
 
     host.cli_json::<serde_json::Value>(&["vm", "rm", "--force", "hello"]);
     assert_clean(&host);
@@ -42,14 +48,22 @@ fn stop_start_and_remove() {
     let host = TestHost::start().expect("test host");
     run_vm(&host, "cycle");
     // Written to the root disk: survives a stop and start.
-    let (code, _, err) = exec(&host, "cycle", &["sh", "-c", "echo kept > /root/marker && sync"]);
+    let (code, _, err) = exec(
+        &host,
+        "cycle",
+        &["sh", "-c", "echo kept > /root/marker && sync"],
+    );
     assert_eq!(code, 0, "{err}");
 
     let stopped: serde_json::Value = host.cli_json(&["vm", "stop", "cycle"]);
     assert_eq!(stopped["state"], "stopped");
     assert!(stopped["pid"].is_null());
     assert!(host.qemu_pids().is_empty());
-    assert!(host.taps().is_empty(), "tap left after stop: {:?}", host.taps());
+    assert!(
+        host.taps().is_empty(),
+        "tap left after stop: {:?}",
+        host.taps()
+    );
 
     let started: serde_json::Value = host.cli_json(&["vm", "start", "cycle", "--wait"]);
     assert_eq!(started["state"], "running");
@@ -59,7 +73,11 @@ fn stop_start_and_remove() {
     // A running VM is not removed without --force.
     let rm = host.cli(&["vm", "rm", "cycle"]);
     assert!(!rm.status.success());
-    assert!(crate::stderr_of(&rm).contains("running"), "{}", crate::stderr_of(&rm));
+    assert!(
+        crate::stderr_of(&rm).contains("running"),
+        "{}",
+        crate::stderr_of(&rm)
+    );
 
     host.cli_json::<serde_json::Value>(&["vm", "stop", "cycle", "--force"]);
     host.cli_json::<serde_json::Value>(&["vm", "rm", "cycle"]);
@@ -82,7 +100,10 @@ fn ten_vms_at_once() {
     });
     let vms: Vec<serde_json::Value> = host.cli_json(&["vm", "ls"]);
     assert_eq!(vms.len(), 10);
-    let mut ips: Vec<String> = vms.iter().map(|v| v["nics"][0]["ip"].as_str().unwrap_or("").to_string()).collect();
+    let mut ips: Vec<String> = vms
+        .iter()
+        .map(|v| v["nics"][0]["ip"].as_str().unwrap_or("").to_string())
+        .collect();
     ips.sort();
     ips.dedup();
     assert_eq!(ips.len(), 10, "addresses must be unique");
@@ -103,11 +124,14 @@ fn ten_vms_at_once() {
 #[test]
 fn create_without_start_then_start() {
     let host = TestHost::start().expect("test host");
-    let vm: serde_json::Value = host.cli_json(&["vm", "run", "later", "--no-start", "--disk", "data:64M"]);
+    let vm: serde_json::Value =
+        host.cli_json(&["vm", "run", "later", "--no-start", "--disk", "data:64M"]);
     assert_eq!(vm["state"], "stopped");
     assert!(host.qemu_pids().is_empty());
     host.cli_json::<serde_json::Value>(&["vm", "start", "later"]);
-    let v = wait_for(&host, "later", Duration::from_secs(60), |v| v["guest_ready"] == true);
+    let v = wait_for(&host, "later", Duration::from_secs(60), |v| {
+        v["guest_ready"] == true
+    });
     assert_eq!(v["disks"].as_array().map(|d| d.len()), Some(2));
     // The extra disk is a block device in the guest.
     let (code, out, _) = exec(&host, "later", &["cat", "/sys/block/vdb/size"]);

@@ -35,14 +35,22 @@ pub fn inspect(host: &TestHost, name: &str) -> Value {
 }
 
 /// Polls `inspect` until `pred` holds, or panics after `timeout`.
-pub fn wait_for(host: &TestHost, name: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+pub fn wait_for(
+    host: &TestHost,
+    name: &str,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = Instant::now() + timeout;
     loop {
         let v = inspect(host, name);
         if pred(&v) {
             return v;
         }
-        assert!(Instant::now() < deadline, "condition not met within {timeout:?}: {v:#}");
+        assert!(
+            Instant::now() < deadline,
+            "condition not met within {timeout:?}: {v:#}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -53,9 +61,17 @@ pub fn assert_clean(host: &TestHost) {
     while !host.qemu_pids().is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(host.qemu_pids().is_empty(), "stray QEMU: {:?}", host.qemu_pids());
+    assert!(
+        host.qemu_pids().is_empty(),
+        "stray QEMU: {:?}",
+        host.qemu_pids()
+    );
     assert!(host.taps().is_empty(), "stray taps: {:?}", host.taps());
-    assert!(host.vm_dirs().is_empty(), "stray VM dirs: {:?}", host.vm_dirs());
+    assert!(
+        host.vm_dirs().is_empty(),
+        "stray VM dirs: {:?}",
+        host.vm_dirs()
+    );
 }
 
 pub fn stderr_of(out: &std::process::Output) -> String {

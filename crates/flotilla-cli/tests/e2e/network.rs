@@ -9,7 +9,10 @@ fn vms_reach_the_host_and_each_other() {
     let host = TestHost::start().expect("test host");
     let a = run_vm(&host, "net-a");
     let b = run_vm(&host, "net-b");
-    let gw = a["nics"][0]["gateway"].as_str().expect("gateway").to_string();
+    let gw = a["nics"][0]["gateway"]
+        .as_str()
+        .expect("gateway")
+        .to_string();
     let b_ip = b["nics"][0]["ip"].as_str().expect("ip").to_string();
 
     let (code, out, err) = exec(&host, "net-a", &["ping", "-c", "1", "-W", "5", &gw]);
@@ -19,10 +22,24 @@ fn vms_reach_the_host_and_each_other() {
 
     // The host reaches the guest too (from inside the host's namespace).
     let ping = std::process::Command::new("ip")
-        .args(["netns", "exec", &host.netns.name, "ping", "-c", "1", "-W", "5", &b_ip])
+        .args([
+            "netns",
+            "exec",
+            &host.netns.name,
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "5",
+            &b_ip,
+        ])
         .output()
         .expect("ping");
-    assert!(ping.status.success(), "{}", String::from_utf8_lossy(&ping.stdout));
+    assert!(
+        ping.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
 
     // The guest's own view of its address matches the record.
     let (_, addrs, _) = exec(&host, "net-b", &["ip", "-4", "-o", "addr", "show", "eth0"]);

@@ -189,3 +189,13 @@ async fn shutdown_is_acknowledged_and_ends_the_agent() {
         Err(GuestClientError::Disconnected)
     ));
 }
+
+#[tokio::test]
+async fn shutdown_goes_ahead_when_the_host_leaves_at_once() {
+    let mut agent = Agent::start();
+    let mut raw = Raw::connect(&agent);
+    raw.send(&Raw::request(1, RequestBody::Shutdown { reboot: true }));
+    drop(raw);
+    let status = agent.wait_exit(WAIT).expect("agent still running");
+    assert!(status.success());
+}

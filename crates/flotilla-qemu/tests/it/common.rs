@@ -128,7 +128,7 @@ fn pvh_stub(message: &str, end: StubEnd) -> Vec<u8> {
         StubEnd::Halt => None,
     };
     code.extend([0xFA, 0xF4, 0xEB, 0xFD]); // cli; hlt; jmp hlt
-    while code.len() % 8 != 0 {
+    while !code.len().is_multiple_of(8) {
         code.push(0x90);
     }
     let idt = code.len();
