@@ -72,7 +72,16 @@ impl VmManager {
         let process = match QemuProcess::adopt(identity) {
             Ok(p) => Arc::new(p),
             Err(e) => {
-                tracing::error!(vm = %name, error = %e, "cannot adopt QEMU");
+                // Most likely it exited a moment ago; make sure, then settle.
+                tracing::error!(vm = %name, error = %e, "cannot adopt QEMU; killing it");
+                let _ = identity.signal(flotilla_qemu::Signal::SIGKILL);
+                let mut s = entry.lock();
+                self.settle_exited(
+                    entry,
+                    &mut s,
+                    VmState::Crashed,
+                    Some(format!("could not re-adopt QEMU: {e}")),
+                );
                 return None;
             }
         };
@@ -96,8 +105,8 @@ impl VmManager {
                     tracing::warn!(vm = %name, tap = %nic.tap, error = %e, "cannot reattach tap");
                 }
             }
-            if s.record.state != VmState::Running {
-                // Starting or Stopping when the agent died: QEMU runs, so it is running.
+            if s.record.state == VmState::Starting {
+                // The agent died between spawning QEMU and seeing it up.
                 s.record.state = VmState::Running;
             }
             s.runtime.process = Some(process.clone());
@@ -111,14 +120,27 @@ impl VmManager {
         tracing::info!(vm = %name, pid = identity.pid, "re-adopted running VM");
         self.spawn_monitor(entry.clone(), process, generation);
         self.spawn_readiness(entry.clone(), generation, None);
+        if state == VmState::Stopping {
+            // The user asked for a stop that the agent's death interrupted: finish it.
+            let manager = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = manager.stop(&name, false, None).await {
+                    tracing::error!(vm = %name, error = %e, "finishing an interrupted stop failed");
+                }
+            });
+        }
         Some(identity.pid)
     }
 }
 
-/// Kills QEMU processes whose command line points into this agent's socket
-/// directory but that no VM record claims (left by a crash mid-create).
+/// Kills QEMU processes that point into this agent's socket directory (an
+/// argument starting with `<sockets_dir>/`) but that no VM record claims:
+/// left by a crash between spawning QEMU and saving the record.
 fn kill_orphans(sockets_dir: &Path, adopted: &HashSet<i32>) {
-    let marker = format!("{}/", sockets_dir.display());
+    let Ok(dir) = sockets_dir.canonicalize() else {
+        return;
+    };
+    let marker = format!("{}/", dir.display());
     let Ok(procs) = std::fs::read_dir("/proc") else {
         return;
     };
@@ -132,8 +154,20 @@ fn kill_orphans(sockets_dir: &Path, adopted: &HashSet<i32>) {
         let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
             continue;
         };
-        let cmdline = String::from_utf8_lossy(&cmdline);
-        if cmdline.contains("qemu-system") && cmdline.contains(&marker) {
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let is_qemu = args
+            .first()
+            .is_some_and(|a| a.rsplit('/').next().unwrap_or(a).starts_with("qemu-system"));
+        // Our QEMU arguments embed socket paths in option strings
+        // ("socket,id=qmp,path=/.../sock/ID.qmp,..."), so look for
+        // `path=<marker>` or an argument that starts with the marker.
+        let ours = args
+            .iter()
+            .any(|a| a.starts_with(&marker) || a.contains(&format!("path={marker}")));
+        if is_qemu && ours {
             tracing::warn!(pid, "killing an orphaned QEMU process of this agent");
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),

@@ -31,8 +31,13 @@ pub enum AgentError {
     Qemu(#[from] flotilla_qemu::QemuError),
     #[error("QMP: {0}")]
     Qmp(#[from] flotilla_qemu::QmpError),
+    /// From the guest agent; `caller_mistake` for a request the guest
+    /// refused (no such program, permission denied, a bad working directory).
     #[error("guest: {message}")]
-    Guest { message: String, not_found: bool },
+    Guest {
+        message: String,
+        caller_mistake: bool,
+    },
     #[error("timed out: {0}")]
     Timeout(String),
     #[error(transparent)]
@@ -85,10 +90,14 @@ impl AgentError {
                 _ => ErrorCode::Internal,
             },
             AgentError::Guest {
-                not_found: true, ..
+                caller_mistake: true,
+                ..
             } => ErrorCode::InvalidArgument,
             AgentError::Guest { .. } => ErrorCode::GuestError,
             AgentError::Timeout(_) => ErrorCode::Timeout,
+            AgentError::Network(NetworkError::SubnetExhausted { .. }) => {
+                ErrorCode::InsufficientCapacity
+            }
             AgentError::Qemu(_)
             | AgentError::Qmp(_)
             | AgentError::Network(_)
@@ -107,6 +116,9 @@ impl AgentError {
             AgentError::Conflict { hint, .. } => hint.clone(),
             AgentError::Capacity(_) => {
                 Some("stop or remove VMs, or ask for fewer vCPUs or less memory".into())
+            }
+            AgentError::Network(NetworkError::SubnetExhausted { .. }) => {
+                Some("remove VMs, or give the agent a larger --subnet".into())
             }
             AgentError::Image(flotilla_image::ImageError::NotFound { .. }) => {
                 Some("list images with `flotilla image ls`; build the default with `flotilla image build`".into())
@@ -139,7 +151,7 @@ mod tests {
             AgentError::InvalidArgument("bad".into()),
             AgentError::Guest {
                 message: "nope: command not found".into(),
-                not_found: true,
+                caller_mistake: true,
             },
         ];
         for e in cases {

@@ -31,5 +31,7 @@ pub fn router(manager: VmManager) -> Router {
         .route("/v1/vms/{name}/stop", post(vms::stop))
         .route("/v1/vms/{name}/exec", post(vms::exec))
         .route("/v1/vms/{name}/logs", get(vms::logs))
+        .fallback(error::no_such_route)
+        .method_not_allowed_fallback(error::method_not_allowed)
         .with_state(manager)
 }

@@ -204,26 +204,38 @@ impl VmManager {
     }
 
     /// Console output of a VM: its serial log from `offset`, or its last
-    /// `tail_bytes`, with the log's full size.
+    /// `tail_bytes`, at most [`MAX_LOG_READ`] bytes (the newest), with the
+    /// log's full size.
     pub fn logs(
         &self,
         name: &str,
         tail_bytes: Option<u64>,
         offset: Option<u64>,
     ) -> AgentResult<(Vec<u8>, u64)> {
+        use std::io::{Read, Seek, SeekFrom};
         self.entry(name)?;
         let path = self.vm_dir(name).join(lifecycle::CONSOLE_LOG);
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        let mut file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
             Err(e) => return Err(AgentError::io(format!("reading {}", path.display()), e)),
         };
-        let len = bytes.len();
-        let start = match (offset, tail_bytes) {
-            (Some(o), _) => (o as usize).min(len),
-            (None, Some(n)) => len.saturating_sub(n as usize),
+        let read_err = |e| AgentError::io(format!("reading {}", path.display()), e);
+        let len = file.metadata().map_err(read_err)?.len();
+        let mut start = match (offset, tail_bytes) {
+            (Some(o), _) => o.min(len),
+            (None, Some(n)) => len.saturating_sub(n),
             (None, None) => 0,
         };
-        Ok((bytes[start..].to_vec(), len as u64))
+        start = start.max(len.saturating_sub(MAX_LOG_READ));
+        file.seek(SeekFrom::Start(start)).map_err(read_err)?;
+        let mut bytes = Vec::with_capacity((len - start) as usize);
+        file.take(len - start)
+            .read_to_end(&mut bytes)
+            .map_err(read_err)?;
+        Ok((bytes, len))
     }
 }
+
+/// The most console log one request returns.
+pub const MAX_LOG_READ: u64 = 4 * 1024 * 1024;

@@ -14,6 +14,9 @@ use flotilla_qemu::{detect_accel, AccelProbe};
 use crate::config::AgentConfig;
 use crate::{http, network, VmManager};
 
+/// How long requests in flight may run on after a shutdown signal.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 /// What to do with running VMs when the agent stops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnExit {
@@ -82,6 +85,24 @@ pub async fn run_agent(
     on_ready: impl FnOnce(&AgentHandle) + Send,
 ) -> anyhow::Result<()> {
     let _lock = lock_data_dir(&config)?;
+    // Absolute, so socket paths (and the orphan sweep that matches them) are
+    // the same whatever directory the agent was started from.
+    let mut config = config;
+    config.data_dir = config
+        .data_dir
+        .canonicalize()
+        .with_context(|| format!("resolving {}", config.data_dir.display()))?;
+    let sock_len = config
+        .sockets_dir()
+        .join("0123456789abcdef.agent")
+        .as_os_str()
+        .len();
+    if sock_len > 107 {
+        bail!(
+            "data directory {} is too long: QEMU's socket paths under it would exceed 107 bytes",
+            config.data_dir.display()
+        );
+    }
     let qemu_version = qemu_version(&config.qemu_binary)?;
     let images = ImageStore::open(&config.images_dir())
         .with_context(|| format!("opening image store {}", config.images_dir().display()))?;
@@ -125,10 +146,28 @@ pub async fn run_agent(
     tracing::info!(addr = %handle.local_addr, data_dir = %config.data_dir.display(), "agent serving");
     on_ready(&handle);
 
-    axum::serve(listener, http::router(manager.clone()))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("serving the API")?;
+    // Requests in flight get a short grace period after the shutdown signal;
+    // a long exec or --wait must not keep the agent from stopping.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let serve = axum::serve(listener, http::router(manager.clone())).with_graceful_shutdown({
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    });
+    let signal = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+        tracing::warn!(
+            "requests still running after {} s; closing them",
+            SHUTDOWN_GRACE.as_secs()
+        );
+    };
+    tokio::select! {
+        r = serve => r.context("serving the API")?,
+        _ = signal => {}
+    }
 
     if on_exit == OnExit::StopVms {
         stop_everything(&manager).await;

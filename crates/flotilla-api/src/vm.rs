@@ -51,6 +51,7 @@ impl VmState {
                 | (Starting, Stopped)
                 | (Running, Stopping)
                 | (Running, Crashed)
+                | (Running, Stopped)
                 | (Stopping, Stopped)
                 | (Stopping, Crashed)
                 | (Stopped, Starting)

@@ -11,6 +11,8 @@ use serde::Serialize;
 /// An error to show the user as is.
 #[derive(Debug)]
 pub struct CliError {
+    /// The API's error code (`not_found`, `conflict`, ...) when the agent sent one.
+    pub code: Option<String>,
     pub message: String,
     pub hint: Option<String>,
 }
@@ -18,6 +20,7 @@ pub struct CliError {
 impl CliError {
     pub fn new(message: impl Into<String>, hint: Option<String>) -> Self {
         CliError {
+            code: None,
             message: message.into(),
             hint,
         }
@@ -79,7 +82,13 @@ impl Client {
         let status = resp.status();
         let text = resp.text().await.unwrap_or_default();
         Err(match serde_json::from_str::<ErrorBody>(&text) {
-            Ok(body) => CliError::new(body.error.message, body.error.hint),
+            Ok(body) => CliError {
+                code: serde_json::to_value(body.error.code)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string)),
+                message: body.error.message,
+                hint: body.error.hint,
+            },
             Err(_) => CliError::new(
                 format!("the agent answered {status}: {}", text.trim()),
                 None,

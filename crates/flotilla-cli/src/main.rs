@@ -25,10 +25,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let json = cli.json;
     match runtime.block_on(commands::dispatch(cli)) {
         Ok(code) => code,
         Err(e) => {
-            report(&e);
+            report(&e, json);
             ExitCode::FAILURE
         }
     }
@@ -47,8 +48,18 @@ fn init_tracing(cli: &Cli) {
         .init();
 }
 
-/// One clear line, then a hint when there is one.
-fn report(e: &anyhow::Error) {
+/// One clear line, then a hint when there is one; with `--json`, also the
+/// error body on standard output for scripts.
+fn report(e: &anyhow::Error, json: bool) {
+    if json {
+        let (code, message, hint) = match e.downcast_ref::<CliError>() {
+            Some(c) => (c.code.clone(), c.message.clone(), c.hint.clone()),
+            None => (None, format!("{e:#}"), None),
+        };
+        let body =
+            serde_json::json!({ "error": { "code": code, "message": message, "hint": hint } });
+        println!("{body}");
+    }
     if let Some(cli) = e.downcast_ref::<CliError>() {
         eprintln!("error: {}", cli.message);
         if let Some(h) = &cli.hint {

@@ -9,10 +9,11 @@
 //! namespace and the data directory, also when a test fails.
 
 mod host;
-mod netns;
+pub mod netns;
 mod procs;
 
 pub use host::{HostOptions, TestHost};
+pub use netns::NetNs;
 pub use procs::{process_alive, qemu_pids_under};
 
 use std::path::PathBuf;

@@ -48,3 +48,25 @@ impl IntoResponse for ApiError {
         (status, Json(ErrorBody { error: self.0 })).into_response()
     }
 }
+
+/// Unknown paths answer with the same error body as everything else.
+pub async fn no_such_route(uri: axum::http::Uri) -> ApiError {
+    ApiError(ErrorDetail {
+        code: ErrorCode::NotFound,
+        message: format!("no such API path: {}", uri.path()),
+        hint: Some("see /v1/openapi.json for the API's paths".into()),
+    })
+}
+
+pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let detail = ErrorDetail {
+        code: ErrorCode::InvalidArgument,
+        message: format!("{method} is not allowed on {}", uri.path()),
+        hint: Some("see /v1/openapi.json for the methods each path takes".into()),
+    };
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        Json(ErrorBody { error: detail }),
+    )
+        .into_response()
+}

@@ -49,6 +49,22 @@ pub async fn register(
     body: Result<Json<RegisterImageRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<ImageInfo>), ApiError> {
     let Json(req) = body?;
+    for (field, path) in [
+        ("kernel", Some(&req.kernel)),
+        ("initrd", req.initrd.as_ref()),
+        ("rootfs", req.rootfs.as_ref()),
+    ] {
+        if let Some(p) = path {
+            let p = std::path::Path::new(p);
+            if !p.is_absolute() || !p.is_file() {
+                return Err(AgentError::InvalidArgument(format!(
+                    "{field}: {} is not an existing file (give an absolute path on the agent's host)",
+                    p.display()
+                ))
+                .into());
+            }
+        }
+    }
     let store = m.images().clone();
     let image = tokio::task::spawn_blocking(move || {
         store.register(RegisterImage {

@@ -30,7 +30,8 @@ pub async fn create(
     body: JsonBody<CreateVmRequest>,
 ) -> Result<(StatusCode, Json<VmInfo>), ApiError> {
     let Json(req) = body?;
-    Ok((StatusCode::CREATED, Json(m.create(req).await?)))
+    let vm = detached(async move { m.create(req).await }).await?;
+    Ok((StatusCode::CREATED, Json(vm)))
 }
 
 #[utoipa::path(get, path = "/v1/vms/{name}", responses((status = 200, body = VmInfo), (status = 404, body = ErrorBody)))]
@@ -56,7 +57,7 @@ pub async fn remove(
     query: Result<Query<RemoveQuery>, QueryRejection>,
 ) -> Result<StatusCode, ApiError> {
     let Query(q) = query?;
-    m.delete(&name, q.force).await?;
+    detached(async move { m.delete(&name, q.force).await }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -75,7 +76,9 @@ pub async fn start(
     query: Result<Query<StartQuery>, QueryRejection>,
 ) -> Result<Json<VmInfo>, ApiError> {
     let Query(q) = query?;
-    Ok(Json(m.start(&name, q.wait).await?))
+    Ok(Json(
+        detached(async move { m.start(&name, q.wait).await }).await?,
+    ))
 }
 
 #[utoipa::path(post, path = "/v1/vms/{name}/stop", request_body(content = Option<StopVmRequest>),
@@ -83,11 +86,13 @@ pub async fn start(
 pub async fn stop(
     State(m): State<VmManager>,
     Path(name): Path<String>,
-    body: Option<Json<StopVmRequest>>,
+    body: Result<Option<Json<StopVmRequest>>, JsonRejection>,
 ) -> Result<Json<VmInfo>, ApiError> {
-    let req = body.map(|Json(b)| b).unwrap_or_default();
+    let req = body?.map(|Json(b)| b).unwrap_or_default();
     let timeout = req.timeout_ms.map(Duration::from_millis);
-    Ok(Json(m.stop(&name, req.force, timeout).await?))
+    Ok(Json(
+        detached(async move { m.stop(&name, req.force, timeout).await }).await?,
+    ))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -152,6 +157,18 @@ pub async fn logs(
         bytes,
     )
         .into_response())
+}
+
+/// Runs a lifecycle operation to its end even if the client goes away: hyper
+/// drops a handler's future on disconnect, and a stop or start cut in the
+/// middle would leave the VM half way.
+async fn detached<T: Send + 'static>(
+    op: impl std::future::Future<Output = Result<T, crate::AgentError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::spawn(op).await {
+        Ok(r) => r.map_err(ApiError::from),
+        Err(e) => Err(crate::AgentError::io("lifecycle task", std::io::Error::other(e)).into()),
+    }
 }
 
 /// Turns a channel of exec events into a stream of JSON lines.

@@ -48,6 +48,13 @@ impl VmManager {
             .clone()
             .unwrap_or_else(|| DEFAULT_IMAGE.to_string());
         let image = self.inner.images.get(&image_name)?;
+        let cap = self.inner.config.capacity;
+        if spec.memory_mib > cap.memory_mib || spec.vcpus > cap.vcpus {
+            return Err(AgentError::InvalidArgument(format!(
+                "the VM asks for {} vCPUs and {} MiB, more than this host has in all ({} vCPUs, {} MiB)",
+                spec.vcpus, spec.memory_mib, cap.vcpus, cap.memory_mib
+            )));
+        }
         if spec.start {
             // Refuse early what could never start; start() checks again under the lock.
             let cap = self.inner.config.capacity;
@@ -65,7 +72,11 @@ impl VmManager {
             if self.vms().contains_key(&spec.name) {
                 return Err(AgentError::VmExists { name: spec.name });
             }
-            let record = self.build_record(&spec, &image_name, &image)?;
+            let mut record = self.build_record(&spec, &image_name, &image)?;
+            if !spec.start {
+                // Settled before anyone else can see the VM.
+                record.state = VmState::Stopped;
+            }
             self.materialize(&record, &image)?;
             let entry = VmEntry::new(record);
             self.vms().insert(spec.name.clone(), entry.clone());
@@ -73,19 +84,22 @@ impl VmManager {
         };
         tracing::info!(vm = %spec.name, image = %image_name, "created");
         if spec.start {
-            if let Err(e) = self.start_entry(&entry, spec.wait_ready).await {
-                // `run` is one operation: a VM that could not start is removed
-                // again rather than left behind half made.
+            if let Err(e) = self.start_entry(&entry, false).await {
+                // `run` is one operation: a VM that could not be started is
+                // removed again rather than left behind half made.
                 tracing::warn!(vm = %spec.name, error = %e, "start failed; removing the new VM");
                 if let Err(cleanup) = self.delete(&spec.name, true).await {
                     tracing::error!(vm = %spec.name, error = %cleanup, "could not remove the VM after a failed start");
                 }
                 return Err(e);
             }
-        } else {
-            let mut s = entry.lock();
-            self.transition(&mut s, VmState::Stopped)?;
-            self.save(&s)?;
+            if spec.wait_ready {
+                // QEMU runs: a guest that does not come up is kept, with its
+                // console log, for the user to look at.
+                self.wait_ready(&entry, self.inner.config.ready_timeout)
+                    .await
+                    .map_err(|e| self.with_console_tail(&spec.name, e))?;
+            }
         }
         Ok(self.info_of(&entry))
     }

@@ -19,6 +19,11 @@ const EXEC_READY_WAIT: Duration = Duration::from_secs(60);
 const EXEC_SLACK: Duration = Duration::from_secs(10);
 /// A command without a timeout is still bounded by this.
 const EXEC_MAX: Duration = Duration::from_secs(24 * 3600);
+/// Output a non-streamed exec may collect (stdout and stderr each); more
+/// must be streamed, so one guest cannot exhaust the agent's memory.
+pub const MAX_COLLECTED_OUTPUT: usize = 32 * 1024 * 1024;
+/// Standard input must fit in one protocol frame with room to spare.
+pub const MAX_STDIN: usize = 512 * 1024;
 
 pub type ExecOutcome = ExecResult;
 
@@ -32,12 +37,30 @@ fn to_guest_request(req: &ExecRequest, stream: bool) -> AgentResult<GuestExecReq
             "argv must name a program: give at least one non-empty argument".into(),
         ));
     }
+    if req.argv.iter().any(|a| a.contains('\0')) {
+        return Err(AgentError::InvalidArgument(
+            "argv: arguments cannot contain NUL bytes".into(),
+        ));
+    }
+    for (k, v) in &req.env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+            return Err(AgentError::InvalidArgument(format!(
+                "env: {k:?} is not accepted: names are non-empty without '=' or NUL, values without NUL"
+            )));
+        }
+    }
     let stdin = match &req.stdin_b64 {
         Some(s) => Some(b64().decode(s).map_err(|e| {
             AgentError::InvalidArgument(format!("stdin_b64 is not valid base64: {e}"))
         })?),
         None => None,
     };
+    if stdin.as_ref().is_some_and(|d| d.len() > MAX_STDIN) {
+        return Err(AgentError::InvalidArgument(format!(
+            "stdin: at most {} KiB is accepted",
+            MAX_STDIN / 1024
+        )));
+    }
     Ok(GuestExecRequest {
         argv: req.argv.clone(),
         env: req.env.clone().into_iter().collect(),
@@ -51,7 +74,12 @@ fn to_guest_request(req: &ExecRequest, stream: bool) -> AgentResult<GuestExecReq
 fn guest_error(vm: &str, e: GuestClientError) -> AgentError {
     match e {
         GuestClientError::Guest { kind, message } => AgentError::Guest {
-            not_found: matches!(kind, ErrorKind::CommandNotFound),
+            caller_mistake: matches!(
+                kind,
+                ErrorKind::CommandNotFound
+                    | ErrorKind::PermissionDenied
+                    | ErrorKind::InvalidRequest
+            ),
             message,
         },
         GuestClientError::Timeout => {
@@ -59,7 +87,7 @@ fn guest_error(vm: &str, e: GuestClientError) -> AgentError {
         }
         other => AgentError::Guest {
             message: format!("VM {vm:?}: {other}"),
-            not_found: false,
+            caller_mistake: false,
         },
     }
 }
@@ -99,28 +127,51 @@ impl VmManager {
         }
     }
 
-    /// Runs a command to completion and returns its output.
+    /// Runs a command to completion and returns its output (at most
+    /// [`MAX_COLLECTED_OUTPUT`] of each stream).
     pub async fn exec(&self, name: &str, req: ExecRequest) -> AgentResult<ExecResult> {
         let entry = self.entry(name)?;
-        let guest_req = to_guest_request(&req, false)?;
+        let guest_req = to_guest_request(&req, true)?;
         let client = self.guest_client(&entry).await?;
         let limit = req
             .timeout_ms
             .map(|ms| Duration::from_millis(ms) + EXEC_SLACK)
             .unwrap_or(EXEC_MAX);
-        let exit = client
-            .exec_collect(guest_req, limit)
-            .await
-            .map_err(|e| guest_error(name, e))?;
+        let collect = async {
+            let mut stream = client
+                .exec(guest_req)
+                .await
+                .map_err(|e| guest_error(name, e))?;
+            let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+            while let Some(event) = stream.next().await {
+                let (buf, data) = match event.map_err(|e| guest_error(name, e))? {
+                    GuestEvent::Stdout(d) => (&mut stdout, d),
+                    GuestEvent::Stderr(d) => (&mut stderr, d),
+                    GuestEvent::Exit(exit) => return Ok((exit, stdout, stderr)),
+                };
+                if buf.len() + data.len() > MAX_COLLECTED_OUTPUT {
+                    return Err(AgentError::InvalidArgument(format!(
+                        "the command's output is over {} MiB: stream it instead (`?stream=true`, as `flotilla vm exec` without --json does)",
+                        MAX_COLLECTED_OUTPUT / (1024 * 1024)
+                    )));
+                }
+                buf.extend_from_slice(&data);
+            }
+            Err(guest_error(name, GuestClientError::Disconnected))
+        };
+        let (exit, stdout, stderr) =
+            tokio::time::timeout(limit, collect).await.map_err(|_| {
+                AgentError::Timeout(format!("the command in VM {name:?} did not end in time"))
+            })??;
         Ok(ExecResult {
             exit_code: exit.code,
             signal: exit.signal,
             timed_out: exit.timed_out,
             duration_ms: exit.duration_ms,
-            stdout: String::from_utf8_lossy(&exit.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&exit.stderr).into_owned(),
-            stdout_b64: b64().encode(&exit.stdout),
-            stderr_b64: b64().encode(&exit.stderr),
+            stdout: String::from_utf8_lossy(&stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&stderr).into_owned(),
+            stdout_b64: b64().encode(&stdout),
+            stderr_b64: b64().encode(&stderr),
         })
     }
 

@@ -48,16 +48,17 @@ impl VmManager {
 
         match self.launch(&record).await {
             Ok((process, qmp)) => {
+                // Watched first, so QEMU is never left running unobserved,
+                // even if saving the record fails below.
+                self.spawn_monitor(entry.clone(), process.clone(), generation);
+                self.spawn_readiness(entry.clone(), generation, Some(started));
                 let mut s = entry.lock();
                 s.record.process = Some(process.identity);
                 s.record.started_at = Some(now_rfc3339());
                 self.transition(&mut s, VmState::Running)?;
-                s.runtime.process = Some(process.clone());
+                s.runtime.process = Some(process);
                 s.runtime.qmp = Some(qmp);
                 self.save(&s)?;
-                drop(s);
-                self.spawn_monitor(entry.clone(), process, generation);
-                self.spawn_readiness(entry.clone(), generation, Some(started));
             }
             Err(e) => {
                 let mut s = entry.lock();
@@ -102,10 +103,29 @@ impl VmManager {
         Ok(Some((s.record.clone(), s.runtime.generation)))
     }
 
+    /// Points a failed wait for the guest at its console log.
+    pub(crate) fn with_console_tail(&self, name: &str, e: AgentError) -> AgentError {
+        match e {
+            AgentError::Timeout(msg) => {
+                AgentError::Timeout(format!("{msg}; its console: `flotilla vm logs {name}`"))
+            }
+            AgentError::Guest {
+                message,
+                caller_mistake,
+            } => AgentError::Guest {
+                message: format!("{message}; its console: `flotilla vm logs {name}`"),
+                caller_mistake,
+            },
+            other => other,
+        }
+    }
+
     async fn wait_ready_if(&self, entry: &VmEntry, wait: bool) -> AgentResult<()> {
         if wait {
+            let name = entry.lock().record.name.clone();
             self.wait_ready(entry, self.inner.config.ready_timeout)
-                .await?;
+                .await
+                .map_err(|e| self.with_console_tail(&name, e))?;
         }
         Ok(())
     }
@@ -124,7 +144,7 @@ impl VmManager {
                             message: format!(
                                 "the guest agent of VM {name:?} is not available: {why}"
                             ),
-                            not_found: false,
+                            caller_mistake: false,
                         })
                     }
                     Readiness::Gone => {
@@ -182,9 +202,13 @@ impl VmManager {
             "panic=-1".into(),
             format!("flotilla.hostname={}", record.name),
         ];
-        if let Some(nic) = record.nics.first() {
-            cmdline.push(format!("flotilla.ip={}/{}", nic.ip, nic.prefix_len));
-            cmdline.push(format!("flotilla.gw={}", nic.gateway));
+        for (i, nic) in record.nics.iter().enumerate() {
+            if i == 0 {
+                cmdline.push(format!("flotilla.ip={}/{}", nic.ip, nic.prefix_len));
+                cmdline.push(format!("flotilla.gw={}", nic.gateway));
+            } else {
+                cmdline.push(format!("flotilla.ip{i}={}/{}", nic.ip, nic.prefix_len));
+            }
         }
         if record.disks.first().is_some_and(|d| d.name == "root") {
             cmdline.push("flotilla.root=/dev/vda".into());
@@ -296,12 +320,24 @@ impl VmManager {
             {
                 return;
             }
-            tracing::warn!(vm = %s.record.name, exit = ?exit, "QEMU exited unexpectedly");
+            if process.is_child() && exit.code == Some(0) {
+                // QEMU runs with -no-reboot: a clean exit is the guest
+                // shutting down or rebooting itself.
+                tracing::info!(vm = %s.record.name, "the guest shut down");
+                manager.settle_exited(
+                    &entry,
+                    &mut s,
+                    VmState::Stopped,
+                    Some("the guest shut itself down".into()),
+                );
+                return;
+            }
+            tracing::warn!(vm = %s.record.name, exit = %exit, "QEMU exited unexpectedly");
             manager.settle_exited(
                 &entry,
                 &mut s,
                 VmState::Crashed,
-                Some(format!("QEMU exited unexpectedly ({exit:?})")),
+                Some(format!("QEMU exited unexpectedly ({exit})")),
             );
         });
     }
@@ -359,9 +395,11 @@ impl VmManager {
                     self.settle_exited(&entry, &mut s, VmState::Stopped, None);
                     return Ok(s.record.to_info(None, false));
                 }
-                _ => {}
+                // A stop that was interrupted (its caller cancelled, or an
+                // error): we hold the op lock, so nobody else is stopping it.
+                VmState::Stopping => {}
+                _ => self.transition(&mut s, VmState::Stopping)?,
             }
-            self.transition(&mut s, VmState::Stopping)?;
             s.runtime.stopping = true;
             self.save(&s)?;
             (

@@ -52,7 +52,10 @@ pub async fn run(endpoint: &str, json: bool, cmd: ImageCommand) -> anyhow::Resul
             })
             .await??;
             if json {
-                output::json(&image)?;
+                match image {
+                    Some(i) => output::json(&i)?,
+                    None => output::json(&serde_json::json!({ "cached": true }))?,
+                }
             }
         }
         ImageCommand::Register(a) => {

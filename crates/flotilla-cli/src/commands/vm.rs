@@ -66,7 +66,7 @@ pub async fn run(client: &Client, json: bool, cmd: VmCommand) -> anyhow::Result<
             timeout,
         } => {
             let body = StopVmRequest {
-                timeout_ms: timeout.map(|s| s * 1000),
+                timeout_ms: timeout.map(|s| s.saturating_mul(1000)),
                 force,
             };
             let vm: VmInfo = client.post(&format!("/v1/vms/{name}/stop"), &body).await?;
@@ -190,7 +190,7 @@ async fn exec(client: &Client, json: bool, a: VmExecArgs) -> anyhow::Result<Exit
         env: a.env.into_iter().collect(),
         cwd: a.cwd,
         stdin_b64,
-        timeout_ms: a.timeout.map(|s| s * 1000),
+        timeout_ms: a.timeout.map(|s| s.saturating_mul(1000)),
     };
     if json {
         let result: flotilla_api::ExecResult = client

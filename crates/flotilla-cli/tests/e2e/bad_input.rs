@@ -37,8 +37,9 @@ fn bad_create_requests_are_refused_and_leave_nothing() {
         "/v1/vms",
         Some(json!({ "name": "big", "memory_mib": 4096 })),
     );
-    assert_eq!(s, 409, "{b}");
-    assert!(error_of(&b).contains("not enough capacity"), "{b}");
+    // More than the whole host can ever give: refused as bad input.
+    assert_eq!(s, 400, "{b}");
+    assert!(error_of(&b).contains("more than this host has"), "{b}");
 
     let (s, b) = host.api(
         "POST",
@@ -86,6 +87,8 @@ fn bad_create_requests_are_refused_and_leave_nothing() {
     }
     let (s, b) = host.api("POST", "/v1/vms", Some(json!({ "name": "one-too-many" })));
     assert_eq!(s, 409, "{b}");
+    assert!(error_of(&b).contains("not enough capacity"), "{b}");
+    assert!(b["error"]["hint"].as_str().is_some(), "{b}");
     assert_eq!(host.qemu_pids().len(), 4);
     let (s, _) = host.api("GET", "/v1/vms/one-too-many", None);
     assert_eq!(s, 404);
@@ -157,4 +160,34 @@ fn a_kernel_that_is_not_a_kernel_is_refused() {
         "{}",
         stderr_of(&out)
     );
+}
+
+#[test]
+fn unknown_paths_and_bad_bodies_get_json_errors() {
+    let host = TestHost::start_with(HostOptions {
+        with_default_image: false,
+        ..HostOptions::default()
+    })
+    .expect("test host");
+    let (s, b) = host.api("GET", "/v1/nothing-here", None);
+    assert_eq!(s, 404);
+    assert!(error_of(&b).contains("/v1/nothing-here"), "{b}");
+    let (s, b) = host.api("PUT", "/v1/vms", None);
+    assert_eq!(s, 405);
+    assert!(error_of(&b).contains("PUT"), "{b}");
+    let (s, b) = host.api("POST", "/v1/vms/x/stop", Some(json!({ "forc": true })));
+    assert_eq!(s, 400, "{b}");
+    let (s, b) = host.api(
+        "POST",
+        "/v1/images",
+        Some(json!({ "name": "k", "kernel": "/does/not/exist" })),
+    );
+    assert_eq!(s, 400, "{b}");
+    assert!(error_of(&b).contains("/does/not/exist"), "{b}");
+
+    // --json turns a failure into a JSON error body on stdout.
+    let out = host.cli(&["--json", "vm", "inspect", "ghost"]);
+    assert!(!out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json error");
+    assert_eq!(v["error"]["code"], "not_found");
 }

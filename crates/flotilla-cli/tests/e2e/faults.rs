@@ -88,3 +88,18 @@ fn agent_killed_with_sigkill_readopts_running_vms() {
     }
     assert_clean(&host);
 }
+
+#[test]
+fn a_guest_that_shuts_itself_down_is_stopped_not_crashed() {
+    let host = TestHost::start().expect("test host");
+    run_vm(&host, "quitter");
+    // The command may not get its answer out before the guest goes down.
+    let _ = host.cli(&["vm", "exec", "quitter", "--", "reboot", "-f"]);
+    let v = wait_for(&host, "quitter", Duration::from_secs(20), |v| {
+        v["state"] != "running"
+    });
+    assert_eq!(v["state"], "stopped", "{v:#}");
+    assert!(host.taps().is_empty());
+    host.cli_json::<serde_json::Value>(&["vm", "rm", "quitter"]);
+    assert_clean(&host);
+}

@@ -7,6 +7,7 @@ mod exec;
 mod faults;
 mod lifecycle;
 mod network;
+mod up;
 
 use std::time::{Duration, Instant};
 

@@ -1,0 +1,84 @@
+//! `flotilla up`: the single-host default in the foreground; Ctrl-C stops
+//! its VMs and exits cleanly.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flotilla_testkit::{flotilla_bin, guest_agent_bin, qemu_pids_under, NetNs};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+#[test]
+fn up_serves_and_ctrl_c_stops_everything() {
+    let ns = NetNs::create().expect("namespace");
+    let data = tempfile::Builder::new()
+        .prefix("flotilla-up-")
+        .tempdir()
+        .expect("tempdir");
+    let endpoint = format!("http://{}:7777", ns.ns_ip);
+    let log = std::fs::File::create(data.path().join("up.log")).expect("log");
+    let mut up = Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .arg(flotilla_bin())
+        .args(["up", "--data-dir"])
+        .arg(data.path())
+        .args(["--listen", &format!("{}:7777", ns.ns_ip)])
+        .arg("--guest-agent")
+        .arg(guest_agent_bin())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("flotilla up");
+    let cli = |args: &[&str]| {
+        Command::new(flotilla_bin())
+            .args(["--endpoint", &endpoint])
+            .args(args)
+            .output()
+            .expect("flotilla")
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !cli(&["host"]).status.success() {
+        assert!(
+            Instant::now() < deadline,
+            "up did not start: {}",
+            std::fs::read_to_string(data.path().join("up.log")).unwrap_or_default()
+        );
+        assert!(
+            up.try_wait().expect("wait").is_none(),
+            "up exited: {}",
+            std::fs::read_to_string(data.path().join("up.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // `up` built and registered the default image by itself.
+    let out = cli(&["vm", "run", "demo", "--wait"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(&["vm", "exec", "demo", "--", "uname", "-a"]);
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("Linux demo"));
+    assert_eq!(qemu_pids_under(data.path()).len(), 1);
+
+    kill(Pid::from_raw(up.id() as i32), Signal::SIGINT).expect("SIGINT");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = up.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "up did not stop within 30 s");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "up exited with {status}");
+    assert!(qemu_pids_under(data.path()).is_empty(), "VMs left running");
+    let links = ns.links();
+    assert!(
+        !links.iter().any(|l| l.starts_with("fl")),
+        "links left: {links:?}"
+    );
+    // The VM is kept, stopped, for the next `up`.
+    let record = std::fs::read_to_string(data.path().join("vms/demo/vm.json")).expect("record");
+    assert!(record.contains("\"state\": \"stopped\""), "{record}");
+}
