@@ -15,13 +15,13 @@ use crate::store::RegisterImage;
 use crate::validate::validate_guest_agent;
 
 /// Bump when the rootfs recipe changes in a way the inputs do not show.
-pub const IMAGE_BUILDER_VERSION: u32 = 1;
+pub const IMAGE_BUILDER_VERSION: u32 = 2;
 
 /// Default size of the root disk's ext4 filesystem.
 pub const DEFAULT_ROOTFS_SIZE_MIB: u64 = 512;
 
 /// File names inside an image cache entry.
-const INITRD_NAME: &str = "initrd.gz";
+const INITRD_NAME: &str = "initrd.cpio";
 const ROOTFS_NAME: &str = "rootfs.qcow2";
 const MANIFEST_NAME: &str = "build.json";
 
@@ -74,7 +74,7 @@ pub fn default_jobs() -> usize {
 pub struct BuiltImage {
     /// PVH ELF `vmlinux`.
     pub kernel: PathBuf,
-    /// gzip'd newc cpio.
+    /// Uncompressed newc cpio.
     pub initrd: PathBuf,
     /// qcow2 base disk with an ext4 filesystem (same tree as the initrd).
     pub rootfs: PathBuf,

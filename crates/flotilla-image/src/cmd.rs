@@ -2,7 +2,7 @@
 //! that name the command and quote the tail of what it printed.
 
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::thread;
@@ -123,64 +123,6 @@ pub(crate) fn run_streaming(
     })
 }
 
-/// Runs `cmd` with `input` fed to its stdin from a thread, returning stdout.
-pub(crate) fn run_with_input(
-    cmd: &mut Command,
-    input: impl Read + Send + 'static,
-) -> Result<Vec<u8>, ImageError> {
-    let command = describe(cmd);
-    die_with_parent(cmd);
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| ImageError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
-    let stdin = child.stdin.take();
-    let feeder = thread::spawn(move || -> std::io::Result<u64> {
-        let mut input = input;
-        match stdin {
-            Some(mut stdin) => std::io::copy(&mut input, &mut stdin),
-            None => Ok(0),
-        }
-    });
-    let out = child
-        .wait_with_output()
-        .map_err(|source| ImageError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
-    let fed = feeder.join();
-    if !out.status.success() {
-        let text = String::from_utf8_lossy(&out.stderr);
-        let mut tail = VecDeque::new();
-        for line in text.lines() {
-            push_tail(&mut tail, line.to_string());
-        }
-        return Err(ImageError::Command {
-            command,
-            status: out.status.to_string(),
-            stderr_tail: join_tail(&tail),
-        });
-    }
-    match fed {
-        Ok(Ok(_)) => Ok(out.stdout),
-        Ok(Err(e)) => Err(ImageError::Command {
-            command,
-            status: "input not fully written".to_string(),
-            stderr_tail: e.to_string(),
-        }),
-        Err(_) => Err(ImageError::Command {
-            command,
-            status: "input writer panicked".to_string(),
-            stderr_tail: String::new(),
-        }),
-    }
-}
-
 fn push_tail(tail: &mut VecDeque<String>, line: String) {
     if tail.len() == TAIL_LINES {
         tail.pop_front();
@@ -223,15 +165,5 @@ mod tests {
         })
         .unwrap();
         assert_eq!(seen, ["a", "b"]);
-    }
-
-    #[test]
-    fn input_is_piped_through() {
-        let out = run_with_input(
-            &mut Command::new("cat"),
-            std::io::Cursor::new(b"xyz".to_vec()),
-        )
-        .unwrap();
-        assert_eq!(out, b"xyz");
     }
 }

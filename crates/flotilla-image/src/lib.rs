@@ -31,7 +31,7 @@
 //! # }
 //! ```
 //!
-//! Host tools used: `tar`, `make` and a C toolchain (kernel), `gzip`,
+//! Host tools used: `tar`, `make` and a C toolchain (kernel),
 //! `mkfs.ext4`, `qemu-img`, `cp`, and Debian's `busybox-static` and
 //! `linux-source-6.1` packages; `scripts/install-deps` installs them.
 

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use flotilla_api::{Resources, VmInfo, VmState};
 use flotilla_guest_protocol::client::GuestClient;
-use flotilla_qemu::{DriveConfig, NicConfig, QemuConfig, QemuProcess, QmpClient};
+use flotilla_qemu::{Accel, DriveConfig, NicConfig, QemuConfig, QemuProcess, QmpClient};
 
 use super::{VmEntry, VmManager, VmShared};
 use crate::error::{AgentError, AgentResult};
@@ -209,6 +209,12 @@ impl VmManager {
             } else {
                 cmdline.push(format!("flotilla.ip{i}={}/{}", nic.ip, nic.prefix_len));
             }
+        }
+        if self.inner.accel.accel == Accel::Tcg && record.vcpus == 1 {
+            // Under TCG the local APIC timer is calibrated against the PIT
+            // for ~0.25 s of boot; one vCPU runs as well on the PIT alone.
+            // (KVM guests have the TSC deadline timer and skip calibration.)
+            cmdline.push("nolapic_timer".into());
         }
         if record.disks.first().is_some_and(|d| d.name == "root") {
             cmdline.push("flotilla.root=/dev/vda".into());
