@@ -49,7 +49,7 @@ impl VmManager {
             if state == VmState::Creating {
                 // A create interrupted after its directory was placed: it never ran.
                 let mut s = entry.lock();
-                s.record.state = VmState::Stopped;
+                let _ = self.transition(&mut s, VmState::Stopped);
                 let _ = self.save(&s);
             }
             return None;
@@ -107,7 +107,7 @@ impl VmManager {
             }
             if s.record.state == VmState::Starting {
                 // The agent died between spawning QEMU and seeing it up.
-                s.record.state = VmState::Running;
+                let _ = self.transition(&mut s, VmState::Running);
             }
             s.runtime.process = Some(process.clone());
             s.runtime.qmp = qmp;

@@ -83,7 +83,9 @@ pub async fn run(endpoint: &str, json: bool, cmd: ImageCommand) -> anyhow::Resul
             Client::new(endpoint)?
                 .delete(&format!("/v1/images/{name}"))
                 .await?;
-            if !json {
+            if json {
+                output::json(&serde_json::json!({ "removed": name }))?;
+            } else {
                 println!("removed image {name}");
             }
         }

@@ -5,6 +5,7 @@
 mod bad_input;
 mod exec;
 mod faults;
+mod images;
 mod lifecycle;
 mod network;
 mod up;
