@@ -173,12 +173,36 @@ impl VmManager {
     /// A VM's description, with QEMU's own status asked over QMP.
     pub async fn inspect(&self, name: &str) -> AgentResult<VmInfo> {
         let entry = self.entry(name)?;
-        let qmp = entry.lock().runtime.qmp.clone();
+        let (qmp, guest) = {
+            let s = entry.lock();
+            (s.runtime.qmp.clone(), s.runtime.guest.clone())
+        };
         let mut info = self.info_of(&entry);
         if let Some(qmp) = qmp {
             match qmp.query_status().await {
                 Ok(st) => info.qemu_status = Some(st.status),
                 Err(e) => tracing::debug!(vm = name, error = %e, "query-status failed"),
+            }
+        }
+        if let Some(guest) = guest.filter(|g| g.is_connected()) {
+            match guest.info(GUEST_INFO_TIMEOUT).await {
+                Ok(g) => {
+                    info.guest = Some(flotilla_api::GuestInfo {
+                        kernel_release: g.kernel_release,
+                        kernel_version: g.kernel_version,
+                        hostname: g.hostname,
+                        uptime_ms: g.uptime_ms,
+                        mem_total_kib: g.mem_total_kib,
+                        mem_available_kib: g.mem_available_kib,
+                        addresses: g
+                            .addresses
+                            .iter()
+                            .map(|a| format!("{} {}/{}", a.interface, a.address, a.prefix_len))
+                            .collect(),
+                        machine_id: g.machine_id,
+                    })
+                }
+                Err(e) => tracing::debug!(vm = name, error = %e, "guest info failed"),
             }
         }
         Ok(info)
@@ -236,6 +260,9 @@ impl VmManager {
         Ok((bytes, len))
     }
 }
+
+/// How long `inspect` waits for the guest agent's own report.
+const GUEST_INFO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The most console log one request returns.
 pub const MAX_LOG_READ: u64 = 4 * 1024 * 1024;

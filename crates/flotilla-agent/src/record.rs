@@ -171,6 +171,7 @@ impl VmRecord {
             guest_boot_ms: self.guest_boot_ms,
             ready_ms: self.ready_ms,
             last_error: self.last_error.clone(),
+            guest: None,
         }
     }
 }

@@ -15,7 +15,9 @@ pub use error::{ErrorBody, ErrorCode, ErrorDetail};
 pub use exec::{ExecEvent, ExecRequest, ExecResult};
 pub use host::{HostInfo, Resources};
 pub use image::{ImageInfo, RegisterImageRequest};
-pub use vm::{CreateVmRequest, DiskInfo, DiskSpec, NicInfo, StopVmRequest, VmInfo, VmState};
+pub use vm::{
+    CreateVmRequest, DiskInfo, DiskSpec, GuestInfo, NicInfo, StopVmRequest, VmInfo, VmState,
+};
 
 /// Version prefix of every REST path.
 pub const API_PREFIX: &str = "/v1";

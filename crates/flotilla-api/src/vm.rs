@@ -187,6 +187,24 @@ pub struct VmInfo {
     pub ready_ms: Option<u64>,
     /// Why the VM last failed or crashed.
     pub last_error: Option<String>,
+    /// What the guest agent reports, asked live by `inspect` (absent in lists
+    /// and while the guest is not ready).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<GuestInfo>,
+}
+
+/// The guest's own view of itself, from its agent.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct GuestInfo {
+    pub kernel_release: String,
+    pub kernel_version: String,
+    pub hostname: String,
+    pub uptime_ms: u64,
+    pub mem_total_kib: u64,
+    pub mem_available_kib: u64,
+    /// `interface address/prefix`, e.g. `eth0 10.77.0.2/24`.
+    pub addresses: Vec<String>,
+    pub machine_id: Option<String>,
 }
 
 #[cfg(test)]

@@ -32,6 +32,7 @@ use utoipa::OpenApi;
         flotilla_api::DiskSpec,
         flotilla_api::NicInfo,
         flotilla_api::DiskInfo,
+        flotilla_api::GuestInfo,
         flotilla_api::StopVmRequest,
         flotilla_api::ExecRequest,
         flotilla_api::ExecResult,
@@ -57,6 +58,23 @@ pub async fn serve() -> Json<utoipa::openapi::OpenApi> {
 
 #[cfg(test)]
 mod tests {
+    /// The committed `docs/agent-openapi.json` must match the code; run with
+    /// `FLOTILLA_UPDATE_OPENAPI=1` to rewrite it after an API change.
+    #[test]
+    fn committed_document_matches_the_code() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/agent-openapi.json");
+        let generated = serde_json::to_string_pretty(&super::openapi_document()).unwrap() + "\n";
+        if std::env::var_os("FLOTILLA_UPDATE_OPENAPI").is_some() {
+            std::fs::write(&path, &generated).unwrap();
+        }
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == generated,
+            "docs/agent-openapi.json is out of date: run FLOTILLA_UPDATE_OPENAPI=1 cargo test -p flotilla-agent openapi"
+        );
+    }
+
     #[test]
     fn document_lists_every_vm_route() {
         let doc = serde_json::to_value(super::openapi_document()).unwrap();

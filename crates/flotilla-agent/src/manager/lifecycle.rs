@@ -41,6 +41,13 @@ impl VmManager {
         let (record, generation) = match admitted? {
             Some(x) => x,
             None => {
+                // Already running. If its guest agent failed to answer
+                // earlier, a new start is the user asking to try again.
+                if matches!(entry.readiness.get(), Readiness::Failed(_)) {
+                    let generation = entry.lock().runtime.generation;
+                    entry.readiness.set(Readiness::Waiting);
+                    self.spawn_readiness(entry.clone(), generation, None);
+                }
                 drop(op);
                 return self.wait_ready_if(entry, wait_ready).await;
             }

@@ -174,6 +174,22 @@ fn print_inspect(vm: &VmInfo) {
     if let Some(e) = &vm.last_error {
         println!("last error:  {e}");
     }
+    if let Some(g) = &vm.guest {
+        println!(
+            "guest:       {} (kernel {}), up {:.1} s",
+            g.hostname,
+            g.kernel_release,
+            g.uptime_ms as f64 / 1000.0
+        );
+        println!(
+            "guest mem:   {} MiB available of {} MiB",
+            g.mem_available_kib / 1024,
+            g.mem_total_kib / 1024
+        );
+        for a in &g.addresses {
+            println!("guest addr:  {a}");
+        }
+    }
 }
 
 async fn exec(client: &Client, json: bool, a: VmExecArgs) -> anyhow::Result<ExitCode> {

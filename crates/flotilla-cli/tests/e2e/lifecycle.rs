@@ -22,6 +22,15 @@ fn boots_a_guest_and_runs_uname() {
     assert_eq!(info["qemu_status"], "running");
     assert!(info["pid"].as_i64().unwrap_or(0) > 0);
     assert!(info["guest_boot_ms"].as_u64().is_some(), "{info:#}");
+    // The guest's own report, through its agent.
+    let ip = info["nics"][0]["ip"].as_str().unwrap_or("").to_string();
+    assert_eq!(info["guest"]["hostname"], "hello");
+    assert!(
+        info["guest"]["mem_total_kib"].as_u64().unwrap_or(0) > 100_000,
+        "{info:#}"
+    );
+    let addrs = info["guest"]["addresses"].to_string();
+    assert!(addrs.contains(&format!("eth0 {ip}/24")), "{addrs}");
     assert!(info["nics"][0]["ip"]
         .as_str()
         .unwrap_or("")
