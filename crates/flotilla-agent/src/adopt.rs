@@ -34,6 +34,8 @@ impl VmManager {
             if let Some(pid) = self.adopt_one(&entry).await {
                 adopted_pids.insert(pid);
             }
+            let head = entry.lock().record.snapshot_head.clone();
+            self.release_stray_refs(&name, head.as_deref());
         }
         kill_orphans(&self.config().sockets_dir(), &adopted_pids);
         Ok(())
@@ -54,16 +56,38 @@ impl VmManager {
             }
             return None;
         }
-        let alive = identity.filter(|p| p.is_alive());
+        let mut alive = identity.filter(|p| p.is_alive());
+        if let (VmState::Resuming, Some(p)) = (state, alive) {
+            // A resume cut short: its snapshot is intact, so start over from it.
+            tracing::warn!(vm = %name, "a resume was interrupted; back to suspended");
+            let _ = p.signal(flotilla_qemu::Signal::SIGKILL);
+            alive = None;
+        }
         let Some(identity) = alive else {
+            let pending = entry.lock().record.pending_snapshot.clone();
+            if state == VmState::Suspending {
+                if let Some(layer) = pending.map(flotilla_snapshot::LayerId) {
+                    if self.inner.snapshots.get(&layer).is_ok() {
+                        // The layer was complete before QEMU ended: finish.
+                        tracing::info!(vm = %name, %layer, "completing an interrupted suspend");
+                        if let Err(e) = self.finish_suspend(entry, &layer) {
+                            tracing::error!(vm = %name, error = %e, "completing the suspend");
+                        }
+                        return None;
+                    }
+                }
+            }
             let mut s = entry.lock();
-            let (next, why) = if state == VmState::Stopping {
-                (VmState::Stopped, None)
-            } else {
-                (
+            let (next, why) = match state {
+                VmState::Stopping => (VmState::Stopped, None),
+                VmState::Resuming => (
+                    VmState::Suspended,
+                    Some("the agent stopped during a resume; resume again".to_string()),
+                ),
+                _ => (
                     VmState::Crashed,
                     Some("QEMU exited while the agent was down".to_string()),
-                )
+                ),
             };
             tracing::warn!(vm = %name, "QEMU is gone; marking the VM {next}");
             self.settle_exited(entry, &mut s, next, why);
@@ -96,6 +120,7 @@ impl VmManager {
                 None
             }
         };
+        let mut rollback = false;
         let generation = {
             let mut s = entry.lock();
             // Make sure the NICs are still on the bridge (they survive an
@@ -109,6 +134,13 @@ impl VmManager {
                 // The agent died between spawning QEMU and seeing it up.
                 let _ = self.transition(&mut s, VmState::Running);
             }
+            if s.record.state == VmState::Suspending {
+                // QEMU still runs (paused): the suspend never finished, so
+                // it is undone below and the VM runs on where it was.
+                let _ = self.transition(&mut s, VmState::Running);
+                s.record.pending_snapshot = None;
+                rollback = true;
+            }
             s.runtime.process = Some(process.clone());
             s.runtime.qmp = qmp;
             s.runtime.stopping = false;
@@ -117,6 +149,17 @@ impl VmManager {
             let _ = self.save(&s);
             s.runtime.generation
         };
+        if rollback {
+            if let Some(qmp) = entry.lock().runtime.qmp.clone() {
+                tracing::warn!(vm = %name, "undoing an interrupted suspend");
+                let _ = qmp.cont().await;
+                let nics = entry.lock().record.nics.len();
+                for i in 0..nics {
+                    let _ =
+                        flotilla_qemu::migration::set_link(&qmp, &format!("net{i}"), true).await;
+                }
+            }
+        }
         tracing::info!(vm = %name, pid = identity.pid, "re-adopted running VM");
         self.spawn_monitor(entry.clone(), process, generation);
         self.spawn_readiness(entry.clone(), generation, None);
@@ -130,6 +173,25 @@ impl VmManager {
             });
         }
         Some(identity.pid)
+    }
+}
+
+impl VmManager {
+    /// Drops the VM's references to layers other than its head: left by a
+    /// suspend that was interrupted and rolled back.
+    fn release_stray_refs(&self, vm: &str, head: Option<&str>) {
+        let store = &self.inner.snapshots;
+        let holder = crate::manager::suspend::holder(vm);
+        let Ok(layers) = store.list() else { return };
+        for layer in layers {
+            if Some(layer.id.as_str()) == head {
+                continue;
+            }
+            if store.refs(&layer.id).is_ok_and(|r| r.contains(&holder)) {
+                tracing::info!(vm, layer = %layer.id, "releasing a layer left by an interrupted suspend");
+                let _ = store.remove_ref(&layer.id, &holder);
+            }
+        }
     }
 }
 

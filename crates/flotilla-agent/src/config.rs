@@ -56,6 +56,10 @@ impl AgentConfig {
     pub fn images_dir(&self) -> PathBuf {
         self.data_dir.join("images")
     }
+
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.data_dir.join("snapshots")
+    }
 }
 
 /// vCPUs overcommitted on host CPUs by this factor by default: microVMs are

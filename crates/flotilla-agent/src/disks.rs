@@ -60,6 +60,23 @@ pub fn create_overlay(path: &Path, base: &Path, base_format: &str) -> Result<(),
     Ok(())
 }
 
+/// Points `path`'s backing file at `backing` without touching data (the
+/// same contents under another path).
+pub fn rebase_unsafe(path: &Path, backing: &Path, backing_format: &str) -> Result<(), DiskError> {
+    qemu_img(&[
+        "rebase",
+        "-u",
+        "-f",
+        "qcow2",
+        "-F",
+        backing_format,
+        "-b",
+        &backing.to_string_lossy(),
+        &path.to_string_lossy(),
+    ])?;
+    Ok(())
+}
+
 /// Creates an empty qcow2 disk of `size_mib`.
 pub fn create_blank(path: &Path, size_mib: u64) -> Result<(), DiskError> {
     qemu_img(&[

@@ -40,6 +40,10 @@ pub enum AgentError {
     },
     #[error("timed out: {0}")]
     Timeout(String),
+    #[error("snapshot: {0}")]
+    Snapshot(String),
+    #[error(transparent)]
+    SnapshotStore(#[from] flotilla_snapshot::SnapshotError),
     #[error(transparent)]
     Network(#[from] NetworkError),
     #[error(transparent)]
@@ -95,6 +99,13 @@ impl AgentError {
             } => ErrorCode::InvalidArgument,
             AgentError::Guest { .. } => ErrorCode::GuestError,
             AgentError::Timeout(_) => ErrorCode::Timeout,
+            AgentError::SnapshotStore(e) => match e {
+                flotilla_snapshot::SnapshotError::NotFound { .. } => ErrorCode::NotFound,
+                flotilla_snapshot::SnapshotError::Io { .. } => ErrorCode::Internal,
+                // Corrupt or missing layers, layers in use: refused, not lost.
+                _ => ErrorCode::Conflict,
+            },
+            AgentError::Snapshot(_) => ErrorCode::Internal,
             AgentError::Network(NetworkError::SubnetExhausted { .. }) => {
                 ErrorCode::InsufficientCapacity
             }

@@ -9,6 +9,7 @@
 mod create;
 mod exec;
 mod lifecycle;
+pub mod suspend;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -61,6 +62,7 @@ pub(crate) struct Inner {
     pub accel: AccelDecision,
     pub qemu_version: String,
     pub images: ImageStore,
+    pub snapshots: flotilla_snapshot::SnapshotStore,
     pub vms: Mutex<BTreeMap<String, Arc<VmEntry>>>,
     pub admission: tokio::sync::Mutex<()>,
 }
@@ -77,6 +79,7 @@ impl VmManager {
         accel: AccelDecision,
         qemu_version: String,
         images: ImageStore,
+        snapshots: flotilla_snapshot::SnapshotStore,
     ) -> Self {
         VmManager {
             inner: Arc::new(Inner {
@@ -84,6 +87,7 @@ impl VmManager {
                 accel,
                 qemu_version,
                 images,
+                snapshots,
                 vms: Mutex::new(BTreeMap::new()),
                 admission: tokio::sync::Mutex::new(()),
             }),

@@ -89,6 +89,13 @@ pub struct VmRecord {
     pub guest_boot_ms: Option<u64>,
     pub ready_ms: Option<u64>,
     pub last_error: Option<String>,
+    /// Head of the VM's snapshot chain: the layer it was last suspended to.
+    #[serde(default)]
+    pub snapshot_head: Option<String>,
+    /// A layer written by a suspend that has not finished yet: if the agent
+    /// dies after QEMU quit, this complete layer is where the VM now lives.
+    #[serde(default)]
+    pub pending_snapshot: Option<String>,
 }
 
 impl VmRecord {
@@ -171,6 +178,7 @@ impl VmRecord {
             guest_boot_ms: self.guest_boot_ms,
             ready_ms: self.ready_ms,
             last_error: self.last_error.clone(),
+            snapshot: self.snapshot_head.clone(),
             guest: None,
         }
     }

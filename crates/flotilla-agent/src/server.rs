@@ -133,7 +133,14 @@ pub async fn run_agent(
     network::ensure_bridge(&config.bridge, &config.subnet)
         .with_context(|| format!("setting up bridge {}", config.bridge))?;
 
-    let manager = VmManager::new(config.clone(), accel, qemu_version, images);
+    let snapshots =
+        flotilla_snapshot::SnapshotStore::open(&config.snapshots_dir()).with_context(|| {
+            format!(
+                "opening snapshot store {}",
+                config.snapshots_dir().display()
+            )
+        })?;
+    let manager = VmManager::new(config.clone(), accel, qemu_version, images, snapshots);
     manager.adopt_all().await.context("re-adopting VMs")?;
 
     let listener = tokio::net::TcpListener::bind(config.listen)

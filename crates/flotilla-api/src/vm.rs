@@ -24,17 +24,26 @@ pub enum VmState {
     Stopping,
     Stopped,
     Crashed,
+    /// Its state is being written to a snapshot; it takes no new work.
+    Suspending,
+    /// Its memory and disk are in a snapshot; no QEMU runs.
+    Suspended,
+    /// Being brought back from its snapshot.
+    Resuming,
 }
 
 impl VmState {
     /// Every state, for exhaustive tests and docs.
-    pub const ALL: [VmState; 6] = [
+    pub const ALL: [VmState; 9] = [
         VmState::Creating,
         VmState::Starting,
         VmState::Running,
         VmState::Stopping,
         VmState::Stopped,
         VmState::Crashed,
+        VmState::Suspending,
+        VmState::Suspended,
+        VmState::Resuming,
     ];
 
     /// Whether a VM may move from `self` to `next`. Every state change on a
@@ -57,6 +66,14 @@ impl VmState {
                 | (Stopped, Starting)
                 | (Crashed, Starting)
                 | (Crashed, Stopped)
+                | (Running, Suspending)
+                // Done, rolled back, or QEMU died half way.
+                | (Suspending, Suspended)
+                | (Suspending, Running)
+                | (Suspending, Crashed)
+                | (Suspended, Resuming)
+                | (Resuming, Running)
+                | (Resuming, Suspended)
         )
     }
 
@@ -64,7 +81,12 @@ impl VmState {
     pub fn holds_resources(self) -> bool {
         matches!(
             self,
-            VmState::Creating | VmState::Starting | VmState::Running | VmState::Stopping
+            VmState::Creating
+                | VmState::Starting
+                | VmState::Running
+                | VmState::Stopping
+                | VmState::Suspending
+                | VmState::Resuming
         )
     }
 
@@ -72,7 +94,11 @@ impl VmState {
     pub fn has_process(self) -> bool {
         matches!(
             self,
-            VmState::Starting | VmState::Running | VmState::Stopping
+            VmState::Starting
+                | VmState::Running
+                | VmState::Stopping
+                | VmState::Suspending
+                | VmState::Resuming
         )
     }
 }
@@ -86,6 +112,9 @@ impl fmt::Display for VmState {
             VmState::Stopping => "stopping",
             VmState::Stopped => "stopped",
             VmState::Crashed => "crashed",
+            VmState::Suspending => "suspending",
+            VmState::Suspended => "suspended",
+            VmState::Resuming => "resuming",
         };
         f.write_str(s)
     }
@@ -187,6 +216,9 @@ pub struct VmInfo {
     pub ready_ms: Option<u64>,
     /// Why the VM last failed or crashed.
     pub last_error: Option<String>,
+    /// The snapshot layer the VM was last suspended to (the head of its chain).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
     /// What the guest agent reports, asked live by `inspect` (absent in lists
     /// and while the guest is not ready).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -222,6 +254,21 @@ mod tests {
     }
 
     #[test]
+    fn a_suspended_vm_holds_no_process_and_comes_back_only_by_resuming() {
+        let s = VmState::Suspended;
+        assert!(!s.has_process() && !s.holds_resources());
+        let next: Vec<_> = VmState::ALL
+            .into_iter()
+            .filter(|n| s.can_transition_to(*n))
+            .collect();
+        assert_eq!(next, vec![VmState::Resuming]);
+        assert!(
+            VmState::Suspending.can_transition_to(VmState::Running),
+            "rollback"
+        );
+    }
+
+    #[test]
     fn every_state_can_reach_stopped() {
         for s in VmState::ALL {
             let mut seen = vec![s];
@@ -234,7 +281,11 @@ mod tests {
                     }
                 }
             }
-            assert!(seen.contains(&VmState::Stopped), "{s} cannot reach stopped");
+            // A suspended VM leaves that state by being resumed or removed.
+            assert!(
+                seen.contains(&VmState::Stopped) || seen.contains(&VmState::Suspended),
+                "{s} cannot reach stopped"
+            );
         }
     }
 

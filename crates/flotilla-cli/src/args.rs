@@ -169,6 +169,16 @@ pub enum VmCommand {
         #[arg(long)]
         wait: bool,
     },
+    /// Suspend a running VM: its memory and root disk go into a snapshot
+    /// layer (only what changed since its last one) and its QEMU ends.
+    Suspend { name: String },
+    /// Bring a suspended VM back exactly where it was.
+    Resume {
+        name: String,
+        /// Return once the guest agent answers.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Remove a stopped VM and its disks.
     Rm {
         name: String,

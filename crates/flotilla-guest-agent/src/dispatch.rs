@@ -5,7 +5,7 @@ use std::sync::Arc;
 use flotilla_guest_protocol::{ErrorKind, HelloReply, RequestBody, ResponseBody, PROTOCOL_VERSION};
 
 use crate::writer::Reply;
-use crate::{exec, info, power, AgentContext};
+use crate::{clock, exec, info, power, AgentContext};
 
 /// Handles a request on a new thread so a long exec never blocks the reader.
 pub(crate) fn spawn(body: RequestBody, reply: Reply, context: &Arc<AgentContext>) {
@@ -55,6 +55,15 @@ fn handle(body: RequestBody, reply: &Reply, context: &AgentContext) {
         }
         RequestBody::Ping => {
             let _ = reply.send(ResponseBody::Pong);
+        }
+        RequestBody::SetClock { unix_nanos } => {
+            let _ = reply.send(match clock::set_realtime(unix_nanos) {
+                Ok(adjusted_by_ms) => ResponseBody::ClockSet { adjusted_by_ms },
+                Err(e) => ResponseBody::Error(flotilla_guest_protocol::GuestErrorReply {
+                    kind: flotilla_guest_protocol::ErrorKind::PermissionDenied,
+                    message: format!("cannot set the clock: {e}"),
+                }),
+            });
         }
     }
 }

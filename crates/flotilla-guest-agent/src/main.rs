@@ -7,6 +7,7 @@
 //! Built static (`-C target-feature=+crt-static`) with std threads only, to stay small.
 
 mod args;
+mod clock;
 mod dispatch;
 mod exec;
 mod info;

@@ -37,6 +37,12 @@ pub enum RequestBody {
     },
     /// Liveness check.
     Ping,
+    /// Set the guest's wall clock (after a resume, the guest's clock still
+    /// shows the time it was suspended at).
+    SetClock {
+        /// Nanoseconds since the Unix epoch, UTC.
+        unix_nanos: u64,
+    },
 }
 
 /// A command to run in the guest.

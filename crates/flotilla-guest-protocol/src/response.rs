@@ -36,6 +36,11 @@ pub enum ResponseBody {
     Pong,
     /// Answer to `Shutdown`, sent before the guest goes down.
     ShutdownAck,
+    /// Answer to `SetClock`: how far the guest's clock moved, in milliseconds.
+    ClockSet {
+        /// New time minus old time (negative when the clock went back).
+        adjusted_by_ms: i64,
+    },
 }
 
 /// The guest's side of the handshake.

@@ -27,6 +27,7 @@ pub mod accel;
 pub mod config;
 pub mod error;
 pub mod identity;
+pub mod migration;
 pub mod process;
 pub mod qmp;
 

@@ -23,6 +23,8 @@ use utoipa::OpenApi;
         super::vms::start,
         super::vms::stop,
         super::vms::exec,
+        super::vms::suspend,
+        super::vms::resume,
         super::vms::logs,
     ),
     components(schemas(

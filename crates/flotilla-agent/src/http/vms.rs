@@ -95,6 +95,28 @@ pub async fn stop(
     ))
 }
 
+#[utoipa::path(post, path = "/v1/vms/{name}/suspend",
+    responses((status = 200, body = VmInfo), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn suspend(
+    State(m): State<VmManager>,
+    Path(name): Path<String>,
+) -> Result<Json<VmInfo>, ApiError> {
+    Ok(Json(detached(async move { m.suspend(&name).await }).await?))
+}
+
+#[utoipa::path(post, path = "/v1/vms/{name}/resume", params(("wait" = Option<bool>, Query, description = "answer once the guest agent is ready")),
+    responses((status = 200, body = VmInfo), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn resume(
+    State(m): State<VmManager>,
+    Path(name): Path<String>,
+    query: Result<Query<StartQuery>, QueryRejection>,
+) -> Result<Json<VmInfo>, ApiError> {
+    let Query(q) = query?;
+    Ok(Json(
+        detached(async move { m.resume(&name, q.wait).await }).await?,
+    ))
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExecQuery {

@@ -181,6 +181,8 @@ impl VmManager {
             guest_boot_ms: None,
             ready_ms: None,
             last_error: None,
+            snapshot_head: None,
+            pending_snapshot: None,
         })
     }
 
@@ -254,8 +256,9 @@ impl VmManager {
             for n in &s.record.nics {
                 crate::network::delete_tap(&n.tap)?;
             }
-            s.record.id.clone()
+            (s.record.id.clone(), s.record.snapshot_head.clone())
         };
+        let (id, snapshot_head) = id;
         let vms_dir = self.inner.config.vms_dir();
         let doomed = vms_dir.join(format!("{DELETING_PREFIX}{id}"));
         fs::rename(self.vm_dir(name), &doomed)
@@ -264,6 +267,23 @@ impl VmManager {
         let _ = sync_dir(&vms_dir);
         self.remove_sockets(&id);
         fs::remove_dir_all(&doomed).map_err(|e| AgentError::io("removing VM directory", e))?;
+        if let Some(head) = snapshot_head {
+            // Its snapshot chain goes too, unless something else holds it.
+            let store = &self.inner.snapshots;
+            let head = flotilla_snapshot::LayerId(head);
+            if let Err(e) = store.remove_ref(&head, &super::suspend::holder(name)) {
+                tracing::warn!(vm = name, error = %e, "releasing the snapshot chain");
+            }
+            match store.gc() {
+                Ok(r) => tracing::info!(
+                    vm = name,
+                    layers = r.removed.len(),
+                    bytes = r.bytes_freed,
+                    "snapshot layers freed"
+                ),
+                Err(e) => tracing::warn!(vm = name, error = %e, "snapshot garbage collection"),
+            }
+        }
         tracing::info!(vm = name, "removed");
         Ok(())
     }

@@ -103,7 +103,13 @@ impl VmManager {
         if !matches!(state, VmState::Running | VmState::Starting) {
             return Err(AgentError::conflict(
                 format!("VM {name:?} is {state}: commands run only in a running VM"),
-                Some(format!("start it with `flotilla vm start {name}`")),
+                Some(match state {
+                    VmState::Suspended => format!("resume it with `flotilla vm resume {name}`"),
+                    VmState::Suspending | VmState::Resuming | VmState::Stopping => {
+                        "try again when the operation in progress has finished".to_string()
+                    }
+                    _ => format!("start it with `flotilla vm start {name}`"),
+                }),
             ));
         }
         if entry.readiness.get() == Readiness::Waiting {

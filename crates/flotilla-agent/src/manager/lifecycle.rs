@@ -93,6 +93,13 @@ impl VmManager {
         if s.record.state == VmState::Running {
             return Ok(None);
         }
+        if s.record.state == VmState::Suspended {
+            let name = &s.record.name;
+            return Err(AgentError::conflict(
+                format!("VM {name:?} is suspended"),
+                Some(format!("resume it with `flotilla vm resume {name}`")),
+            ));
+        }
         let needed = Resources {
             vcpus: s.record.vcpus,
             memory_mib: s.record.memory_mib,
@@ -178,13 +185,23 @@ impl VmManager {
 
     /// Taps, QEMU and the QMP connection for one run of a VM.
     async fn launch(&self, record: &VmRecord) -> AgentResult<(Arc<QemuProcess>, QmpClient)> {
+        let config = self.qemu_config(record);
+        self.launch_with(record, config).await
+    }
+
+    /// [`launch`](Self::launch) with a given QEMU configuration (e.g. one
+    /// that waits for incoming state).
+    pub(crate) async fn launch_with(
+        &self,
+        record: &VmRecord,
+        qemu_config: QemuConfig,
+    ) -> AgentResult<(Arc<QemuProcess>, QmpClient)> {
         let cfg = &self.inner.config;
         for nic in &record.nics {
             network::ensure_tap(&nic.tap, &cfg.bridge)?;
         }
         std::fs::create_dir_all(cfg.sockets_dir())
             .map_err(|e| AgentError::io("creating the sockets directory", e))?;
-        let qemu_config = self.qemu_config(record);
         qemu_config.validate()?;
         let dir = self.vm_dir(&record.name);
         self.remove_sockets(&record.id);
@@ -404,6 +421,14 @@ impl VmManager {
             let mut s = entry.lock();
             match s.record.state {
                 VmState::Stopped => return Ok(s.record.to_info(None, false)),
+                VmState::Suspended => {
+                    return Err(AgentError::conflict(
+                        format!("VM {name:?} is suspended"),
+                        Some(format!(
+                            "resume it (`flotilla vm resume {name}`) or remove it (`flotilla vm rm {name}`)"
+                        )),
+                    ))
+                }
                 VmState::Crashed => {
                     self.settle_exited(&entry, &mut s, VmState::Stopped, None);
                     return Ok(s.record.to_info(None, false));

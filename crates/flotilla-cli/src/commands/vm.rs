@@ -77,6 +77,21 @@ pub async fn run(client: &Client, json: bool, cmd: VmCommand) -> anyhow::Result<
             let vm: VmInfo = client.post(&path, &serde_json::json!({})).await?;
             show_vm(json, &vm, "started")?;
         }
+        VmCommand::Suspend { name } => {
+            let vm: VmInfo = client
+                .post(&format!("/v1/vms/{name}/suspend"), &serde_json::json!({}))
+                .await?;
+            if json {
+                output::json(&vm)?;
+            } else {
+                println!("{} suspended (snapshot {})", vm.name, opt(&vm.snapshot));
+            }
+        }
+        VmCommand::Resume { name, wait } => {
+            let path = format!("/v1/vms/{name}/resume?wait={wait}");
+            let vm: VmInfo = client.post(&path, &serde_json::json!({})).await?;
+            show_vm(json, &vm, "resumed")?;
+        }
         VmCommand::Rm { name, force } => {
             client
                 .delete(&format!("/v1/vms/{name}?force={force}"))
@@ -170,6 +185,9 @@ fn print_inspect(vm: &VmInfo) {
     }
     for (k, v) in &vm.tags {
         println!("tag:         {k}={v}");
+    }
+    if let Some(id) = &vm.snapshot {
+        println!("snapshot:    {id}");
     }
     if let Some(e) = &vm.last_error {
         println!("last error:  {e}");

@@ -8,6 +8,7 @@ mod faults;
 mod images;
 mod lifecycle;
 mod network;
+mod suspend;
 mod up;
 
 use std::time::{Duration, Instant};

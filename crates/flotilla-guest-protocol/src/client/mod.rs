@@ -217,6 +217,22 @@ impl GuestClient {
         }
     }
 
+    /// Sets the guest's wall clock to `now` (nanoseconds since the epoch);
+    /// returns how far it moved, in milliseconds.
+    pub async fn set_clock(
+        &self,
+        unix_nanos: u64,
+        wait: Duration,
+    ) -> Result<i64, GuestClientError> {
+        match self
+            .call(RequestBody::SetClock { unix_nanos }, wait)
+            .await?
+        {
+            ResponseBody::ClockSet { adjusted_by_ms } => Ok(adjusted_by_ms),
+            other => Err(unexpected("set_clock", &other)),
+        }
+    }
+
     /// Asks the guest to go down; returns once it acknowledged (it then syncs and reboots,
     /// which ends a `-no-reboot` QEMU).
     pub async fn shutdown(&self, reboot: bool, wait: Duration) -> Result<(), GuestClientError> {

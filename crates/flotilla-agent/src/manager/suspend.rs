@@ -1,0 +1,411 @@
+//! Suspend and resume: a VM's memory and root disk go into a snapshot layer
+//! (a diff against its previous one) and its QEMU ends; resume rebuilds the
+//! memory image from the layer chain and loads it into a fresh QEMU.
+//!
+//! Failure rules: until the new layer is complete and recorded as pending,
+//! any failure rolls the VM back to running where it was; after that the
+//! suspend completes even across an agent crash (`adopt`). A failed resume
+//! leaves the VM suspended, its snapshot untouched.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flotilla_api::{Resources, VmInfo, VmState};
+use flotilla_qemu::migration::{load_from_file, save_to_file, set_link};
+use flotilla_qemu::{QemuProcess, QmpClient};
+use flotilla_snapshot::{LayerId, LayerManifest, NewLayer};
+
+use super::{VmEntry, VmManager};
+use crate::disks;
+use crate::error::{AgentError, AgentResult};
+use crate::record::VmRecord;
+use crate::runtime::Readiness;
+
+/// The head layer's memory image, kept next to the VM: what QEMU loads on
+/// resume, and the parent the next suspend is diffed against.
+pub const MEMORY_IMAGE: &str = "memory.img";
+/// Names the layer `MEMORY_IMAGE` holds; absent while that is unknown (it is
+/// removed before the image is replaced and written after), so a stale
+/// image is never taken for the parent of a diff.
+const MEMORY_IMAGE_LAYER: &str = "memory.img.layer";
+const MEMORY_TMP: &str = ".suspend-memory.tmp";
+const DISK_TMP: &str = ".suspend-disk.tmp";
+const RESUME_MEMORY_TMP: &str = ".resume-memory.tmp";
+const SAVE_TIMEOUT: Duration = Duration::from_secs(120);
+const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
+const QUIT_WAIT: Duration = Duration::from_secs(5);
+
+/// The holder name under which a VM pins its snapshot chain.
+pub fn holder(vm: &str) -> String {
+    format!("vm:{vm}")
+}
+
+fn nic_ids(record: &VmRecord) -> Vec<String> {
+    (0..record.nics.len()).map(|i| format!("net{i}")).collect()
+}
+
+fn root_disk(record: &VmRecord) -> Option<&crate::record::DiskRecord> {
+    record.disks.first().filter(|d| d.name == "root")
+}
+
+async fn blocking<T: Send + 'static>(
+    what: &'static str,
+    f: impl FnOnce() -> AgentResult<T> + Send + 'static,
+) -> AgentResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AgentError::io(what, std::io::Error::other(e)))?
+}
+
+impl VmManager {
+    /// Suspends a running VM into a new snapshot layer; reports the pause.
+    pub async fn suspend(&self, name: &str) -> AgentResult<VmInfo> {
+        let entry = self.entry(name)?;
+        let _op = entry.op_lock.lock().await;
+        let started = Instant::now();
+        let (record, qmp, process) = {
+            let mut s = entry.lock();
+            if s.record.state != VmState::Running {
+                return Err(AgentError::conflict(
+                    format!(
+                        "VM {name:?} is {}: only a running VM can be suspended",
+                        s.record.state
+                    ),
+                    None,
+                ));
+            }
+            let (Some(qmp), Some(process)) = (s.runtime.qmp.clone(), s.runtime.process.clone())
+            else {
+                return Err(AgentError::conflict(
+                    format!("VM {name:?} has no QMP connection to its QEMU"),
+                    Some("stop and start it, then try again".into()),
+                ));
+            };
+            self.transition(&mut s, VmState::Suspending)?;
+            self.save(&s)?;
+            (s.record.clone(), qmp, process)
+        };
+
+        let layer = match self.capture(&record, &qmp).await {
+            Ok(layer) => layer,
+            Err(e) => {
+                tracing::warn!(vm = name, error = %e, "suspend failed; resuming the VM where it was");
+                self.roll_back_suspend(&entry, &record, &qmp).await;
+                return Err(e);
+            }
+        };
+        // The layer is complete: from here the suspend finishes, even if
+        // the agent dies (adopt completes it from `pending_snapshot`).
+        {
+            let mut s = entry.lock();
+            s.record.pending_snapshot = Some(layer.id.to_string());
+            s.runtime.stopping = true;
+            self.save(&s)?;
+        }
+        let _ = qmp.quit().await;
+        if tokio::time::timeout(QUIT_WAIT, process.wait_exit())
+            .await
+            .is_err()
+        {
+            process.kill().await?;
+        }
+        self.finish_suspend(&entry, &layer.id)?;
+        tracing::info!(
+            vm = name,
+            layer = %layer.id,
+            stored_bytes = layer.stored_bytes,
+            ms = started.elapsed().as_millis() as u64,
+            "suspended"
+        );
+        Ok(self.info_of(&entry))
+    }
+
+    /// Pauses the VM, cuts its network input, and writes a layer with its
+    /// memory (diffed against the previous layer) and root disk.
+    async fn capture(&self, record: &VmRecord, qmp: &QmpClient) -> AgentResult<LayerManifest> {
+        let dir = self.vm_dir(&record.name);
+        for id in nic_ids(record) {
+            set_link(qmp, &id, false).await?;
+        }
+        qmp.stop().await?;
+        let memory = dir.join(MEMORY_TMP);
+        let _ = std::fs::remove_file(&memory);
+        save_to_file(qmp, &memory, SAVE_TIMEOUT)
+            .await
+            .map_err(|e| AgentError::Snapshot(format!("saving the VM's memory: {e}")))?;
+
+        // Paused, QEMU has flushed the root disk: copy the overlay (only this
+        // VM's changes) and give it an absolute backing path for the store.
+        let disk = match root_disk(record) {
+            Some(root) => {
+                let tmp = dir.join(DISK_TMP);
+                let (src, backing) = (root.path.clone(), root.backing.clone());
+                blocking("copying the root disk", move || {
+                    std::fs::copy(&src, &tmp)
+                        .map_err(|e| AgentError::io("copying the root disk", e))?;
+                    if let Some(b) = backing {
+                        disks::rebase_unsafe(&tmp, &b, "qcow2")?;
+                    }
+                    Ok(Some(tmp))
+                })
+                .await?
+            }
+            None => None,
+        };
+        let parent = record.snapshot_head.clone().map(LayerId);
+        let parent_memory = parent
+            .as_ref()
+            .filter(|p| memory_image_layer(&dir).as_deref() == Some(p.0.as_str()))
+            .map(|_| dir.join(MEMORY_IMAGE));
+        let store = self.inner.snapshots.clone();
+        let vm_holder = holder(&record.name);
+        let mut labels = std::collections::BTreeMap::new();
+        labels.insert("vm".to_string(), record.name.clone());
+        labels.insert("image".to_string(), record.image.clone());
+        let layer = blocking("writing the snapshot layer", move || {
+            // Referenced from the start, so a concurrent collection of
+            // another VM's layers cannot take it.
+            let layer = store
+                .create_layer_with_ref(
+                    NewLayer {
+                        parent: parent.as_ref(),
+                        memory: &memory,
+                        parent_memory: parent_memory.as_deref(),
+                        disk: disk.as_deref(),
+                        labels,
+                    },
+                    &vm_holder,
+                )
+                .map_err(AgentError::from)?;
+            // The new image is the next suspend's parent.
+            replace_memory_image(&memory, &layer.id)?;
+            Ok(layer)
+        })
+        .await;
+        if layer.is_err() {
+            let _ = std::fs::remove_file(dir.join(MEMORY_TMP));
+            let _ = std::fs::remove_file(dir.join(DISK_TMP));
+        }
+        layer
+    }
+
+    async fn roll_back_suspend(&self, entry: &VmEntry, record: &VmRecord, qmp: &QmpClient) {
+        let _ = qmp.cont().await;
+        for id in nic_ids(record) {
+            let _ = set_link(qmp, &id, true).await;
+        }
+        let dir = self.vm_dir(&record.name);
+        let _ = std::fs::remove_file(dir.join(MEMORY_TMP));
+        let _ = std::fs::remove_file(dir.join(DISK_TMP));
+        let mut s = entry.lock();
+        if let Err(e) = self.transition(&mut s, VmState::Running) {
+            tracing::error!(vm = %record.name, error = %e, "rollback");
+        }
+        if let Err(e) = self.save(&s) {
+            tracing::error!(vm = %record.name, error = %e, "saving the record failed");
+        }
+    }
+
+    /// QEMU is gone and the layer complete: the layer becomes the head.
+    pub(crate) fn finish_suspend(&self, entry: &VmEntry, layer: &LayerId) -> AgentResult<()> {
+        let mut s = entry.lock();
+        let name = s.record.name.clone();
+        let store = &self.inner.snapshots;
+        store.add_ref(layer, &holder(&name))?;
+        if let Some(old) = s.record.snapshot_head.take() {
+            if let Err(e) = store.remove_ref(&LayerId(old), &holder(&name)) {
+                tracing::warn!(vm = %name, error = %e, "releasing the previous layer");
+            }
+        }
+        s.record.snapshot_head = Some(layer.to_string());
+        s.record.pending_snapshot = None;
+        if let Some(root) = root_disk(&s.record) {
+            // Its contents now live in the layer.
+            let _ = std::fs::remove_file(&root.path);
+        }
+        self.settle_exited(entry, &mut s, VmState::Suspended, None);
+        Ok(())
+    }
+
+    /// Brings a suspended VM back from its snapshot.
+    pub async fn resume(&self, name: &str, wait_ready: bool) -> AgentResult<VmInfo> {
+        let entry = self.entry(name)?;
+        let op = entry.op_lock.lock().await;
+        let started = Instant::now();
+        let (record, generation) = {
+            let _admission = self.inner.admission.lock().await;
+            let others = self.allocated_excluding(&entry);
+            let mut s = entry.lock();
+            if s.record.state != VmState::Suspended {
+                return Err(AgentError::conflict(
+                    format!(
+                        "VM {name:?} is {}: only a suspended VM can be resumed",
+                        s.record.state
+                    ),
+                    None,
+                ));
+            }
+            let needed = Resources {
+                vcpus: s.record.vcpus,
+                memory_mib: s.record.memory_mib,
+            };
+            crate::capacity::check_fits(self.inner.config.capacity, others, needed)?;
+            self.transition(&mut s, VmState::Resuming)?;
+            s.record.last_error = None;
+            s.runtime.stopping = false;
+            s.runtime.generation += 1;
+            entry.readiness.set(Readiness::Waiting);
+            self.save(&s)?;
+            (s.record.clone(), s.runtime.generation)
+        };
+        match self.restore(&record).await {
+            Ok((process, qmp, root_backing)) => {
+                self.spawn_monitor(entry.clone(), process.clone(), generation);
+                self.spawn_readiness_with_clock(entry.clone(), generation);
+                let mut s = entry.lock();
+                s.record.process = Some(process.identity);
+                if let (Some(root), Some(b)) = (s.record.disks.first_mut(), root_backing) {
+                    root.backing = Some(b);
+                }
+                self.transition(&mut s, VmState::Running)?;
+                s.runtime.process = Some(process);
+                s.runtime.qmp = Some(qmp);
+                self.save(&s)?;
+            }
+            Err(e) => {
+                let mut s = entry.lock();
+                self.cleanup_taps(&s.record);
+                if let Some(root) = root_disk(&s.record) {
+                    let _ = std::fs::remove_file(&root.path);
+                }
+                self.transition(&mut s, VmState::Suspended)?;
+                s.record.last_error = Some(e.to_string());
+                entry.readiness.set(Readiness::Gone);
+                self.save(&s)?;
+                return Err(e);
+            }
+        }
+        tracing::info!(
+            vm = name,
+            ms = started.elapsed().as_millis() as u64,
+            "resumed"
+        );
+        drop(op);
+        if wait_ready {
+            self.wait_ready(&entry, self.inner.config.ready_timeout)
+                .await
+                .map_err(|e| self.with_console_tail(name, e))?;
+        }
+        Ok(self.info_of(&entry))
+    }
+
+    /// Memory image from the chain (checksums verified), a fresh overlay on
+    /// the head's disk, taps, then QEMU loading the image.
+    async fn restore(
+        &self,
+        record: &VmRecord,
+    ) -> AgentResult<(Arc<QemuProcess>, QmpClient, Option<PathBuf>)> {
+        let head = record.snapshot_head.clone().map(LayerId).ok_or_else(|| {
+            AgentError::conflict(
+                format!("VM {:?} has no snapshot to resume from", record.name),
+                None,
+            )
+        })?;
+        let dir = self.vm_dir(&record.name);
+        let store = self.inner.snapshots.clone();
+        let memory = dir.join(MEMORY_IMAGE);
+        {
+            let (store, head, memory) = (store.clone(), head.clone(), memory.clone());
+            blocking("rebuilding the memory image", move || {
+                let tmp = memory.with_file_name(RESUME_MEMORY_TMP);
+                store
+                    .materialize_memory(&head, &tmp)
+                    .map_err(AgentError::from)?;
+                replace_memory_image(&tmp, &head)
+            })
+            .await?;
+        }
+        let mut root_backing = None;
+        if let Some(root) = root_disk(record) {
+            let base = store.disk_path(&head).ok_or_else(|| {
+                AgentError::Snapshot(format!("snapshot layer {head} has no root disk"))
+            })?;
+            let _ = std::fs::remove_file(&root.path);
+            disks::create_overlay(&root.path, &base, "qcow2")?;
+            root_backing = Some(base);
+        }
+        let mut config = self.qemu_config(record);
+        config.incoming = Some("defer".into());
+        let (process, qmp) = self.launch_with(record, config).await?;
+        let loaded = async {
+            load_from_file(&qmp, &memory, LOAD_TIMEOUT)
+                .await
+                .map_err(|e| AgentError::Snapshot(format!("loading the VM's memory: {e}")))?;
+            qmp.cont().await?;
+            for id in nic_ids(record) {
+                set_link(&qmp, &id, true).await?;
+            }
+            Ok::<_, AgentError>(())
+        }
+        .await;
+        if let Err(e) = loaded {
+            let _ = process.kill().await;
+            return Err(e);
+        }
+        Ok((process, qmp, root_backing))
+    }
+
+    /// Readiness, then the guest's clock set to the host's: after a resume
+    /// it still shows the moment of the suspend.
+    fn spawn_readiness_with_clock(&self, entry: Arc<VmEntry>, generation: u64) {
+        self.spawn_readiness(entry.clone(), generation, None);
+        tokio::spawn(async move {
+            let mut rx = entry.readiness.subscribe();
+            if rx.wait_for(|r| *r != Readiness::Waiting).await.is_err() {
+                return;
+            }
+            let client = entry.lock().runtime.guest.clone();
+            let Some(client) = client else { return };
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+            match client.set_clock(now, Duration::from_secs(5)).await {
+                Ok(ms) => tracing::info!(adjusted_by_ms = ms, "guest clock corrected after resume"),
+                Err(e) => tracing::warn!(error = %e, "could not correct the guest clock"),
+            }
+        });
+    }
+}
+
+/// The layer the VM directory's memory image holds, if known.
+fn memory_image_layer(dir: &Path) -> Option<String> {
+    std::fs::read_to_string(dir.join(MEMORY_IMAGE_LAYER))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// Moves `new` into place as the memory image of `layer`.
+fn replace_memory_image(new: &Path, layer: &LayerId) -> AgentResult<()> {
+    let dir = new.parent().unwrap_or(Path::new("."));
+    let marker = dir.join(MEMORY_IMAGE_LAYER);
+    match std::fs::remove_file(&marker) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(AgentError::io("updating the memory image", e)),
+    }
+    std::fs::rename(new, dir.join(MEMORY_IMAGE))
+        .map_err(|e| AgentError::io("placing the memory image", e))?;
+    crate::fsutil::write_atomic(&marker, layer.0.as_bytes())
+        .map_err(|e| AgentError::io("updating the memory image", e))
+}
+
+/// Files a suspend or resume may leave in a VM directory when interrupted.
+pub fn leftovers(dir: &Path) -> [PathBuf; 3] {
+    [
+        dir.join(MEMORY_TMP),
+        dir.join(DISK_TMP),
+        dir.join(RESUME_MEMORY_TMP),
+    ]
+}

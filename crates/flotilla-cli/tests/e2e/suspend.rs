@@ -1,0 +1,175 @@
+//! Suspend and resume (issue 3): memory, processes, disk, addresses and
+//! clock come back; layers are diffs; corruption is detected.
+
+use std::time::Duration;
+
+use flotilla_testkit::TestHost;
+
+use crate::{assert_clean, exec, inspect, run_vm};
+
+fn layer_dir(host: &TestHost, id: &str) -> std::path::PathBuf {
+    host.data_path().join("snapshots/layers").join(id)
+}
+
+fn stored_bytes(host: &TestHost, id: &str) -> u64 {
+    std::fs::metadata(layer_dir(host, id).join("memory.data"))
+        .map(|m| m.len())
+        .unwrap_or(0)
+}
+
+fn checksums(host: &TestHost, vm: &str) -> String {
+    exec(
+        host,
+        vm,
+        &["sh", "-c", "md5sum /tmp/mem.bin /root/disk.bin"],
+    )
+    .1
+}
+
+#[test]
+fn suspend_and_resume_bring_back_memory_processes_disk_and_clock() {
+    let host = TestHost::start().expect("test host");
+    let vm = run_vm(&host, "sleeper");
+    let ip = vm["nics"][0]["ip"].clone();
+    let (code, _, err) = exec(
+        &host,
+        "sleeper",
+        &["sh", "-c", "head -c 8000000 /dev/urandom > /tmp/mem.bin && head -c 4000000 /dev/urandom > /root/disk.bin && sync"],
+    );
+    assert_eq!(code, 0, "{err}");
+    // A process that keeps counting in the background.
+    let (code, _, _) = exec(
+        &host,
+        "sleeper",
+        &["sh", "-c", "setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.1; done' >/dev/null 2>&1 &"],
+    );
+    assert_eq!(code, 0);
+    std::thread::sleep(Duration::from_millis(500));
+    let before = checksums(&host, "sleeper");
+    let counter_before: u64 = exec(&host, "sleeper", &["cat", "/tmp/counter"])
+        .1
+        .trim()
+        .parse()
+        .expect("counter");
+
+    let s: serde_json::Value = host.cli_json(&["vm", "suspend", "sleeper"]);
+    assert_eq!(s["state"], "suspended", "{s:#}");
+    let layer = s["snapshot"].as_str().expect("snapshot id").to_string();
+    assert!(host.qemu_pids().is_empty(), "QEMU must be gone");
+    assert!(host.taps().is_empty(), "taps must be gone");
+    // A suspended VM takes no commands and cannot be stopped, only resumed or removed.
+    let out = host.cli(&["vm", "exec", "sleeper", "--", "true"]);
+    assert!(!out.status.success());
+    let (st, b) = host.api("POST", "/v1/vms/sleeper/stop", None);
+    assert_eq!(st, 409, "{b}");
+    assert!(
+        b["error"]["hint"].as_str().unwrap_or("").contains("resume"),
+        "{b}"
+    );
+
+    std::thread::sleep(Duration::from_secs(2));
+    let r: serde_json::Value = host.cli_json(&["vm", "resume", "sleeper", "--wait"]);
+    assert_eq!(r["state"], "running");
+    assert_eq!(r["nics"][0]["ip"], ip, "same address");
+    assert_eq!(
+        checksums(&host, "sleeper"),
+        before,
+        "memory and disk contents"
+    );
+    // The counting process lives on from where it was.
+    std::thread::sleep(Duration::from_millis(500));
+    let counter_after: u64 = exec(&host, "sleeper", &["cat", "/tmp/counter"])
+        .1
+        .trim()
+        .parse()
+        .expect("counter");
+    assert!(
+        counter_after > counter_before,
+        "{counter_after} > {counter_before}"
+    );
+    // The guest clock was corrected: within 2 s of the host's.
+    let guest: f64 = exec(&host, "sleeper", &["date", "+%s"])
+        .1
+        .trim()
+        .parse()
+        .expect("date");
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("time")
+        .as_secs_f64();
+    assert!(
+        (guest - host_now).abs() < 2.0,
+        "guest clock {guest} vs host {host_now}"
+    );
+    assert_eq!(exec(&host, "sleeper", &["hostname"]).1.trim(), "sleeper");
+    // The network is reattached: the guest reaches its gateway.
+    let gw = r["nics"][0]["gateway"].as_str().expect("gw").to_string();
+    assert_eq!(
+        exec(&host, "sleeper", &["ping", "-c", "1", "-W", "5", &gw]).0,
+        0
+    );
+
+    // Remove: the VM and its snapshot layers go.
+    assert!(layer_dir(&host, &layer).exists());
+    host.cli_json::<serde_json::Value>(&["vm", "rm", "--force", "sleeper"]);
+    assert!(
+        !layer_dir(&host, &layer).exists(),
+        "layers of a removed VM are collected"
+    );
+    assert_clean(&host);
+}
+
+#[test]
+fn a_chain_of_snapshots_stores_only_changes_and_detects_corruption() {
+    let host = TestHost::start().expect("test host");
+    run_vm(&host, "chain");
+    let mut layers = Vec::new();
+    for step in 0..3 {
+        let cmd = format!("head -c 1000000 /dev/urandom > /tmp/step{step}; md5sum /tmp/step*");
+        let want = exec(&host, "chain", &["sh", "-c", &cmd]).1;
+        let s: serde_json::Value = host.cli_json(&["vm", "suspend", "chain"]);
+        let id = s["snapshot"].as_str().expect("snapshot").to_string();
+        layers.push(id);
+        host.cli_json::<serde_json::Value>(&["vm", "resume", "chain", "--wait"]);
+        assert_eq!(
+            exec(&host, "chain", &["sh", "-c", "md5sum /tmp/step*"]).1,
+            want,
+            "step {step}"
+        );
+    }
+    let sizes: Vec<u64> = layers.iter().map(|l| stored_bytes(&host, l)).collect();
+    assert!(sizes[0] > 0, "{sizes:?}");
+    // Later layers hold only what changed: far less than the first, full one.
+    assert!(
+        sizes[1] * 2 < sizes[0] && sizes[2] * 2 < sizes[0],
+        "{sizes:?}"
+    );
+
+    // Corrupt one byte of the head layer: the resume is refused, naming it.
+    host.cli_json::<serde_json::Value>(&["vm", "suspend", "chain"]);
+    let head = inspect(&host, "chain")["snapshot"]
+        .as_str()
+        .expect("snapshot")
+        .to_string();
+    let data = layer_dir(&host, &head).join("memory.data");
+    let mut bytes = std::fs::read(&data).expect("layer data");
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0xff;
+    std::fs::write(&data, &bytes).expect("corrupt");
+    let (st, b) = host.api("POST", "/v1/vms/chain/resume", None);
+    assert_eq!(st, 409, "{b}");
+    assert!(
+        b["error"]["message"].as_str().unwrap_or("").contains(&head),
+        "{b}"
+    );
+    assert_eq!(inspect(&host, "chain")["state"], "suspended");
+    assert!(host.qemu_pids().is_empty());
+    assert!(host.taps().is_empty());
+    // Repaired, it resumes.
+    bytes[at] ^= 0xff;
+    std::fs::write(&data, &bytes).expect("repair");
+    host.cli_json::<serde_json::Value>(&["vm", "resume", "chain", "--wait"]);
+    assert_eq!(exec(&host, "chain", &["cat", "/tmp/step2"]).0, 0);
+    host.cli_json::<serde_json::Value>(&["vm", "rm", "--force", "chain"]);
+    assert_clean(&host);
+}

@@ -1,0 +1,125 @@
+//! Saving a paused VM's state to a file and loading it into a fresh QEMU,
+//! with QEMU's `mapped-ram` format: RAM pages at fixed offsets of a sparse
+//! file, so two saves of the same VM can be compared page by page.
+//!
+//! The source must be paused (`stop`); the destination QEMU must have been
+//! started with `-incoming defer` and the same memory backend id (`mem`).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::error::QmpError;
+use crate::qmp::QmpClient;
+
+/// How often a migration's progress is polled.
+const POLL: Duration = Duration::from_millis(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    #[error("migration {status}: {reason}")]
+    Failed { status: String, reason: String },
+    #[error("migration did not finish within {0:?}")]
+    Timeout(Duration),
+}
+
+#[derive(Debug, Deserialize)]
+struct MigrateInfo {
+    status: Option<String>,
+    #[serde(rename = "error-desc")]
+    error_desc: Option<String>,
+    #[serde(rename = "total-time")]
+    total_time: Option<u64>,
+    ram: Option<RamInfo>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RamInfo {
+    transferred: Option<u64>,
+}
+
+/// What a finished save or load reports.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MigrationStats {
+    pub total_ms: u64,
+    pub transferred_bytes: u64,
+}
+
+async fn set_mapped_ram(qmp: &QmpClient) -> Result<(), QmpError> {
+    qmp.execute::<serde_json::Value>(
+        "migrate-set-capabilities",
+        Some(json!({ "capabilities": [{ "capability": "mapped-ram", "state": true }] })),
+    )
+    .await?;
+    Ok(())
+}
+
+fn file_uri(path: &Path) -> String {
+    format!("file:{}", path.display())
+}
+
+async fn wait_done(qmp: &QmpClient, timeout: Duration) -> Result<MigrationStats, MigrationError> {
+    let started = Instant::now();
+    loop {
+        let info: MigrateInfo = qmp.execute("query-migrate", None).await?;
+        match info.status.as_deref() {
+            Some("completed") => {
+                return Ok(MigrationStats {
+                    total_ms: info.total_time.unwrap_or(0),
+                    transferred_bytes: info.ram.and_then(|r| r.transferred).unwrap_or(0),
+                })
+            }
+            Some(s @ ("failed" | "cancelled")) => {
+                return Err(MigrationError::Failed {
+                    status: s.to_string(),
+                    reason: info.error_desc.unwrap_or_else(|| "no reason given".into()),
+                })
+            }
+            _ => {}
+        }
+        if started.elapsed() > timeout {
+            let _ = qmp
+                .execute::<serde_json::Value>("migrate_cancel", None)
+                .await;
+            return Err(MigrationError::Timeout(timeout));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Writes the paused VM's RAM and device state to `path` (mapped-ram).
+pub async fn save_to_file(
+    qmp: &QmpClient,
+    path: &Path,
+    timeout: Duration,
+) -> Result<MigrationStats, MigrationError> {
+    set_mapped_ram(qmp).await?;
+    qmp.execute::<serde_json::Value>("migrate", Some(json!({ "uri": file_uri(path) })))
+        .await?;
+    wait_done(qmp, timeout).await
+}
+
+/// Loads state saved by [`save_to_file`] into a QEMU started with
+/// `-incoming defer`; the VM stays paused (call `cont`).
+pub async fn load_from_file(
+    qmp: &QmpClient,
+    path: &Path,
+    timeout: Duration,
+) -> Result<MigrationStats, MigrationError> {
+    set_mapped_ram(qmp).await?;
+    qmp.execute::<serde_json::Value>("migrate-incoming", Some(json!({ "uri": file_uri(path) })))
+        .await?;
+    wait_done(qmp, timeout).await
+}
+
+/// Connects or disconnects a NIC's link (`set_link`): a VM whose link is down
+/// takes no network input.
+pub async fn set_link(qmp: &QmpClient, nic_id: &str, up: bool) -> Result<(), QmpError> {
+    qmp.execute::<serde_json::Value>("set_link", Some(json!({ "name": nic_id, "up": up })))
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,443 @@
+//! [`SnapshotStore`]: creating, reading, checking, referencing and removing
+//! layers. Storage goes through [`Backend`]; this module holds the rules.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::backend::Backend;
+use crate::diff::write_diff;
+use crate::error::{IoContext, SnapshotError};
+use crate::fsutil::hash_file;
+use crate::gc::{children_of, removal_order, scan, GcReport};
+use crate::id::LayerId;
+use crate::local::LocalDir;
+use crate::lock::StoreLock;
+use crate::manifest::LayerManifest;
+use crate::materialize::{materialize_chain, Output};
+use crate::reader::for_each_verified_extent;
+use crate::refs::{check_holder, Refs};
+use crate::time::now_rfc3339;
+use crate::LAYER_FORMAT_VERSION;
+
+/// A directory of layers: `<root>/layers/<id>/`, `<root>/refs/<id>/<holder>`.
+/// Cheap to clone; clones (and other processes) may use the store at the same
+/// time.
+#[derive(Clone, Debug)]
+pub struct SnapshotStore {
+    root: PathBuf,
+    backend: Arc<dyn Backend>,
+    refs: Refs,
+}
+
+/// A request to store a layer.
+#[derive(Clone, Debug)]
+pub struct NewLayer<'a> {
+    /// The layer `memory` is a diff against; `None` for a full layer.
+    pub parent: Option<&'a LayerId>,
+    /// The new memory image (a QEMU `mapped-ram` file, or any file).
+    pub memory: &'a Path,
+    /// The parent's materialized memory image, if the caller has it; rebuilt
+    /// from the chain otherwise.
+    pub parent_memory: Option<&'a Path>,
+    /// A disk file moved into the layer as `disk.qcow2`.
+    pub disk: Option<&'a Path>,
+    /// Free-form labels (e.g. `vm`, `image`).
+    pub labels: BTreeMap<String, String>,
+}
+
+impl<'a> NewLayer<'a> {
+    /// A full layer of `memory`.
+    pub fn full(memory: &'a Path) -> Self {
+        NewLayer {
+            parent: None,
+            memory,
+            parent_memory: None,
+            disk: None,
+            labels: BTreeMap::new(),
+        }
+    }
+
+    /// A diff of `memory` against `parent`.
+    pub fn diff(parent: &'a LayerId, memory: &'a Path, parent_memory: Option<&'a Path>) -> Self {
+        NewLayer {
+            parent: Some(parent),
+            parent_memory,
+            ..NewLayer::full(memory)
+        }
+    }
+
+    pub fn with_disk(mut self, disk: &'a Path) -> Self {
+        self.disk = Some(disk);
+        self
+    }
+
+    pub fn with_label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.labels.insert(key.into(), value.into());
+        self
+    }
+}
+
+impl SnapshotStore {
+    /// Opens (creating if needed) the store at `root` and removes what
+    /// interrupted work left there.
+    pub fn open(root: &Path) -> Result<SnapshotStore, SnapshotError> {
+        fs::create_dir_all(root).ctx("create directory", root)?;
+        let store = SnapshotStore {
+            root: root.to_path_buf(),
+            backend: Arc::new(LocalDir::open(root.join("layers"))?),
+            refs: Refs::open(root.join("refs"))?,
+        };
+        {
+            // Under the lock, every work directory in use is already locked
+            // by its owner (see `create`), so only true leftovers go.
+            let _lock = store.lock()?;
+            store.backend.clean_leftovers()?;
+        }
+        Ok(store)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Stores a new layer. `memory` is the new memory image; `parent` is the
+    /// layer it is a diff against (None = a full layer), and `parent_memory`
+    /// the parent's materialized memory image (the caller keeps one, so the
+    /// diff needs no rebuild; when None and parent is Some, it is materialized
+    /// into a temporary file first). `disk` (optional) is moved (renamed;
+    /// copied if on another filesystem) into the layer as `disk.qcow2`; if the
+    /// layer cannot be stored, a renamed disk is moved back.
+    pub fn create_layer(&self, req: NewLayer<'_>) -> Result<LayerManifest, SnapshotError> {
+        self.create(req, None)
+    }
+
+    /// [`create_layer`](Self::create_layer), with `holder` referencing the
+    /// new layer from the moment it appears, so a concurrent [`gc`](Self::gc)
+    /// cannot take it first.
+    pub fn create_layer_with_ref(
+        &self,
+        req: NewLayer<'_>,
+        holder: &str,
+    ) -> Result<LayerManifest, SnapshotError> {
+        check_holder(holder)?;
+        self.create(req, Some(holder))
+    }
+
+    fn create(
+        &self,
+        req: NewLayer<'_>,
+        holder: Option<&str>,
+    ) -> Result<LayerManifest, SnapshotError> {
+        let started = Instant::now();
+        check_memory_file(req.memory)?;
+        let id = LayerId::generate();
+        let parent_chain = match req.parent {
+            Some(parent) => {
+                parent.check()?;
+                Some(self.chain(parent).map_err(|e| match e {
+                    SnapshotError::NotFound { id: missing } if &missing == parent => {
+                        SnapshotError::ParentMissing {
+                            id: id.clone(),
+                            parent: missing,
+                        }
+                    }
+                    e => e,
+                })?)
+            }
+            None if req.parent_memory.is_some() => {
+                return Err(SnapshotError::InvalidInput {
+                    path: req.parent_memory.unwrap_or(req.memory).to_path_buf(),
+                    reason: "a parent memory image was given for a full layer (no parent)".into(),
+                })
+            }
+            None => None,
+        };
+
+        let mut staging = {
+            let _lock = self.lock()?;
+            self.backend.begin(&id)?
+        };
+        let parent_image = match (&parent_chain, req.parent_memory) {
+            (None, _) => None,
+            (Some(chain), Some(path)) => {
+                check_parent_image(chain, path)?;
+                Some(path.to_path_buf())
+            }
+            (Some(chain), None) => {
+                let path = staging.scratch_path("parent-memory")?;
+                materialize_chain(self.backend.as_ref(), chain, &path, Output::Scratch)?;
+                Some(path)
+            }
+        };
+        let diff = write_diff(req.memory, parent_image.as_deref(), |bytes| {
+            staging.write_data(bytes)
+        })?;
+        let disk = req.disk.map(|d| staging.put_disk(d)).transpose()?;
+
+        let mut manifest = LayerManifest {
+            id,
+            parent: req.parent.cloned(),
+            format_version: LAYER_FORMAT_VERSION,
+            created_at: now_rfc3339(),
+            labels: req.labels,
+            memory_size: diff.memory_size,
+            stored_bytes: diff.stored_bytes,
+            pages_stored: diff.pages_stored,
+            pages_zeroed: diff.pages_zeroed,
+            extents: diff.extents,
+            disk,
+            data_sha256: diff.data_sha256,
+            manifest_sha256: String::new(),
+        };
+        manifest.seal();
+        {
+            let _lock = self.lock()?;
+            // The parent may have been removed while we worked.
+            if let Some(parent) = &manifest.parent {
+                if !self.backend.exists(parent) {
+                    return Err(SnapshotError::ParentMissing {
+                        id: manifest.id,
+                        parent: parent.clone(),
+                    });
+                }
+            }
+            staging.commit(&manifest.to_json())?;
+            if let Some(holder) = holder {
+                self.refs.add(&manifest.id, holder)?;
+            }
+        }
+        tracing::info!(
+            id = %manifest.id,
+            parent = ?manifest.parent.as_ref().map(LayerId::as_str),
+            memory_size = manifest.memory_size,
+            stored_bytes = manifest.stored_bytes,
+            pages_stored = manifest.pages_stored,
+            pages_zeroed = manifest.pages_zeroed,
+            disk = manifest.disk.is_some(),
+            ms = started.elapsed().as_millis() as u64,
+            "stored snapshot layer"
+        );
+        Ok(manifest)
+    }
+
+    /// Rebuilds the full memory image of layer `id` (applying the chain from
+    /// its root) into `out` (sparse: zero pages are holes), verifying every
+    /// checksum on the way; a corrupt or truncated layer or a missing parent
+    /// is an error naming the layer, and leaves `out` untouched.
+    pub fn materialize_memory(&self, id: &LayerId, out: &Path) -> Result<(), SnapshotError> {
+        let chain = self.chain(id)?;
+        materialize_chain(self.backend.as_ref(), &chain, out, Output::Durable)
+    }
+
+    /// The manifest of `id`, checked against its own checksum.
+    pub fn get(&self, id: &LayerId) -> Result<LayerManifest, SnapshotError> {
+        id.check()?;
+        let bytes = self.backend.read_manifest(id)?;
+        LayerManifest::decode(id, &bytes)
+    }
+
+    /// Every readable layer, oldest first. Layers whose manifest cannot be
+    /// read are left out (with a warning); `get` or `verify` says why.
+    pub fn list(&self) -> Result<Vec<LayerManifest>, SnapshotError> {
+        let mut layers = Vec::new();
+        for id in self.backend.ids()? {
+            match self.get(&id) {
+                Ok(m) => layers.push(m),
+                Err(SnapshotError::NotFound { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(id = %id, error = %e, "skipping unreadable snapshot layer")
+                }
+            }
+        }
+        layers.sort_by(|a, b| (&a.created_at, &a.id).cmp(&(&b.created_at, &b.id)));
+        Ok(layers)
+    }
+
+    /// The manifests from the root of `id`'s chain down to `id`.
+    pub fn chain(&self, id: &LayerId) -> Result<Vec<LayerManifest>, SnapshotError> {
+        let mut chain = vec![self.get(id)?];
+        while let Some(layer) = chain.last() {
+            let Some(parent) = layer.parent.clone() else {
+                break;
+            };
+            if chain.iter().any(|m| m.id == parent) {
+                return Err(SnapshotError::corrupt(
+                    &layer.id,
+                    "its chain of parents loops",
+                ));
+            }
+            match self.get(&parent) {
+                Ok(m) => chain.push(m),
+                Err(SnapshotError::NotFound { .. }) => {
+                    return Err(SnapshotError::ParentMissing {
+                        id: layer.id.clone(),
+                        parent,
+                    })
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        chain.reverse();
+        Ok(chain)
+    }
+
+    /// Checks the whole chain of `id`: manifests, page data and disk files
+    /// against their checksums.
+    pub fn verify(&self, id: &LayerId) -> Result<(), SnapshotError> {
+        for layer in self.chain(id)? {
+            for_each_verified_extent(self.backend.as_ref(), &layer, |_, _| Ok(()))?;
+            if let Some(disk) = &layer.disk {
+                let path = self
+                    .backend
+                    .disk_path(&layer.id)
+                    .ok_or_else(|| SnapshotError::corrupt(&layer.id, "disk.qcow2 is missing"))?;
+                let (size, sha256) = hash_file(&path)?;
+                if size != disk.size {
+                    return Err(SnapshotError::corrupt(
+                        &layer.id,
+                        format!(
+                            "disk.qcow2 is {size} bytes, the manifest records {}",
+                            disk.size
+                        ),
+                    ));
+                }
+                if sha256 != disk.sha256 {
+                    return Err(SnapshotError::corrupt(
+                        &layer.id,
+                        "disk.qcow2 fails its checksum",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The layer's `disk.qcow2`, if it has one.
+    pub fn disk_path(&self, id: &LayerId) -> Option<PathBuf> {
+        if !id.is_valid() {
+            return None;
+        }
+        self.backend.disk_path(id)
+    }
+
+    /// `holder` (e.g. `vm:NAME`) pins layer `id` and so its ancestors.
+    /// Adding a reference twice is the same as once.
+    pub fn add_ref(&self, id: &LayerId, holder: &str) -> Result<(), SnapshotError> {
+        id.check()?;
+        check_holder(holder)?;
+        let _lock = self.lock()?;
+        if !self.backend.exists(id) {
+            return Err(SnapshotError::NotFound { id: id.clone() });
+        }
+        self.refs.add(id, holder)
+    }
+
+    /// Drops `holder`'s reference to `id`; nothing to do if there is none.
+    pub fn remove_ref(&self, id: &LayerId, holder: &str) -> Result<(), SnapshotError> {
+        id.check()?;
+        check_holder(holder)?;
+        let _lock = self.lock()?;
+        self.refs.remove(id, holder)
+    }
+
+    /// The holders referencing `id`, sorted.
+    pub fn refs(&self, id: &LayerId) -> Result<Vec<String>, SnapshotError> {
+        id.check()?;
+        self.refs.holders(id)
+    }
+
+    /// The layers whose parent is `id`.
+    pub fn children(&self, id: &LayerId) -> Result<Vec<LayerId>, SnapshotError> {
+        id.check()?;
+        Ok(children_of(&scan(self.backend.as_ref())?, id))
+    }
+
+    /// Removes layer `id`. Refused ([`SnapshotError::InUse`]) while the
+    /// layer has holders or children.
+    pub fn remove(&self, id: &LayerId) -> Result<(), SnapshotError> {
+        id.check()?;
+        let _lock = self.lock()?;
+        if !self.backend.exists(id) {
+            return Err(SnapshotError::NotFound { id: id.clone() });
+        }
+        let mut by = self.refs.holders(id)?;
+        let children = children_of(&scan(self.backend.as_ref())?, id);
+        by.extend(children.iter().map(|c| format!("layer:{c}")));
+        if !by.is_empty() {
+            return Err(SnapshotError::InUse { id: id.clone(), by });
+        }
+        self.refs.clear(id)?;
+        let freed = self.backend.delete(id)?;
+        tracing::info!(id = %id, bytes_freed = freed, "removed snapshot layer");
+        Ok(())
+    }
+
+    /// Removes the layers nothing refers to: no holder, and no descendant
+    /// with a holder. Children go before their parents.
+    pub fn gc(&self) -> Result<GcReport, SnapshotError> {
+        let _lock = self.lock()?;
+        let links = scan(self.backend.as_ref())?;
+        let refs = self.refs.all()?;
+        let held: BTreeSet<LayerId> = refs
+            .iter()
+            .filter(|(_, holders)| !holders.is_empty())
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut report = GcReport::default();
+        for id in removal_order(&links, &held)? {
+            self.refs.clear(&id)?;
+            report.bytes_freed += self.backend.delete(&id)?;
+            report.removed.push(id);
+        }
+        // References to layers that no longer exist protect nothing.
+        for id in refs.keys().filter(|id| !links.contains_key(*id)) {
+            self.refs.clear(id)?;
+        }
+        tracing::info!(
+            removed = report.removed.len(),
+            bytes_freed = report.bytes_freed,
+            "snapshot gc"
+        );
+        Ok(report)
+    }
+
+    fn lock(&self) -> Result<StoreLock, SnapshotError> {
+        StoreLock::acquire(&self.root.join("lock"))
+    }
+}
+
+fn check_memory_file(path: &Path) -> Result<(), SnapshotError> {
+    let meta = fs::metadata(path).ctx("stat", path)?;
+    let reason = if !meta.is_file() {
+        "the memory image is not a regular file"
+    } else if meta.len() == 0 {
+        "the memory image is empty"
+    } else {
+        return Ok(());
+    };
+    Err(SnapshotError::InvalidInput {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    })
+}
+
+/// A caller-supplied parent image must at least be the parent's size: a wrong
+/// file would make a diff that rebuilds into garbage.
+fn check_parent_image(chain: &[LayerManifest], path: &Path) -> Result<(), SnapshotError> {
+    let Some(parent) = chain.last() else {
+        return Ok(());
+    };
+    let actual = fs::metadata(path).ctx("stat", path)?.len();
+    if actual != parent.memory_size {
+        return Err(SnapshotError::SizeMismatch {
+            id: parent.id.clone(),
+            path: path.to_path_buf(),
+            expected: parent.memory_size,
+            actual,
+        });
+    }
+    Ok(())
+}
