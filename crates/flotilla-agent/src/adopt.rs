@@ -150,7 +150,8 @@ impl VmManager {
             s.runtime.generation
         };
         if rollback {
-            if let Some(qmp) = entry.lock().runtime.qmp.clone() {
+            let qmp = entry.lock().runtime.qmp.clone();
+            if let Some(qmp) = qmp {
                 tracing::warn!(vm = %name, "undoing an interrupted suspend");
                 let _ = qmp.cont().await;
                 let nics = entry.lock().record.nics.len();
