@@ -315,17 +315,6 @@ impl VmManager {
         let dir = self.vm_dir(&record.name);
         let store = self.inner.snapshots.clone();
         let memory = dir.join(MEMORY_IMAGE);
-        {
-            let (store, head, memory) = (store.clone(), head.clone(), memory.clone());
-            blocking("rebuilding the memory image", move || {
-                let tmp = memory.with_file_name(RESUME_MEMORY_TMP);
-                store
-                    .materialize_memory(&head, &tmp)
-                    .map_err(AgentError::from)?;
-                replace_memory_image(&tmp, &head)
-            })
-            .await?;
-        }
         let mut root_backing = None;
         if let Some(root) = root_disk(record) {
             let base = store.disk_path(&head).ok_or_else(|| {
@@ -337,7 +326,27 @@ impl VmManager {
         }
         let mut config = self.qemu_config(record);
         config.incoming = Some("defer".into());
-        let (process, qmp) = self.launch_with(record, config).await?;
+        // QEMU starts (and waits for its state) while the memory image is
+        // rebuilt and verified: the two take about as long as each other.
+        let rebuild = {
+            let (store, head, memory) = (store.clone(), head.clone(), memory.clone());
+            blocking("rebuilding the memory image", move || {
+                let tmp = memory.with_file_name(RESUME_MEMORY_TMP);
+                store
+                    .materialize_memory(&head, &tmp)
+                    .map_err(AgentError::from)?;
+                replace_memory_image(&tmp, &head)
+            })
+        };
+        let (rebuilt, launched) = tokio::join!(rebuild, self.launch_with(record, config));
+        let (process, qmp) = match (rebuilt, launched) {
+            (Ok(()), Ok(pq)) => pq,
+            (Err(e), Ok((process, _))) => {
+                let _ = process.kill().await;
+                return Err(e);
+            }
+            (_, Err(e)) => return Err(e),
+        };
         let loaded = async {
             load_from_file(&qmp, &memory, LOAD_TIMEOUT)
                 .await

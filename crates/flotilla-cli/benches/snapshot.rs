@@ -1,0 +1,264 @@
+//! Snapshot benchmark (issue 3): suspend and resume of a 256 MiB guest, and
+//! the bytes stored for a second snapshot of a VM that changed little,
+//! against QEMU's own full save and restore of the same guest (`migrate` to a
+//! file without diffs, then a fresh QEMU with `-incoming`) in the same run.
+//!
+//! Run with `cargo bench -p flotilla-cli --bench snapshot` (as root, after
+//! `./scripts/setup`). Prints a Markdown table for BENCHMARKS.md.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flotilla_guest_protocol::client::GuestClient;
+use flotilla_guest_protocol::ExecRequest;
+use flotilla_qemu::QmpClient;
+use flotilla_testkit::TestHost;
+use serde_json::{json, Value};
+
+const MEMORY_MIB: u64 = 256;
+/// What the guest does between its two snapshots: a little change.
+const SMALL_CHANGE: &str = "head -c 1000000 /dev/urandom > /tmp/change";
+/// What the guest holds before the first snapshot.
+const WORKLOAD: &str = "head -c 20000000 /dev/urandom > /tmp/state";
+
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| allocated(&e.path())).sum())
+        .unwrap_or(0)
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1024.0 * 1024.0)
+}
+
+fn api_ok(host: &TestHost, method: &str, path: &str, body: Option<Value>) -> Value {
+    let (s, b) = host.api(method, path, body);
+    assert!((200..300).contains(&s), "{method} {path}: {s} {b}");
+    b
+}
+
+fn flotilla_exec(host: &TestHost, vm: &str, cmd: &str) {
+    api_ok(
+        host,
+        "POST",
+        &format!("/v1/vms/{vm}/exec"),
+        Some(json!({ "argv": ["sh", "-c", cmd] })),
+    );
+}
+
+struct Qemu(Child);
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_bare(kernel: &Path, initrd: &Path, dir: &Path, incoming: Option<&Path>) -> Qemu {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-M",
+        "microvm,acpi=off",
+        "-accel",
+        "tcg",
+        "-cpu",
+        "max",
+        "-m",
+        &MEMORY_MIB.to_string(),
+    ])
+    .args([
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-serial",
+        "null",
+    ])
+    .arg("-kernel")
+    .arg(kernel)
+    .arg("-initrd")
+    .arg(initrd)
+    .args(["-append", "console=ttyS0 quiet panic=-1 nolapic_timer"])
+    .args(["-device", "virtio-serial-device"])
+    .arg("-chardev")
+    .arg(format!(
+        "socket,id=agent,path={},server=on,wait=off",
+        dir.join("agent.sock").display()
+    ))
+    .args([
+        "-device",
+        "virtserialport,chardev=agent,name=org.flotilla.agent.0",
+    ])
+    .arg("-qmp")
+    .arg(format!(
+        "unix:{},server=on,wait=off",
+        dir.join("qmp.sock").display()
+    ));
+    if let Some(f) = incoming {
+        cmd.arg("-incoming").arg(format!("file:{}", f.display()));
+    }
+    let _ = std::fs::remove_file(dir.join("agent.sock"));
+    let _ = std::fs::remove_file(dir.join("qmp.sock"));
+    Qemu(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("qemu"),
+    )
+}
+
+/// Waits until the incoming state is loaded and the VM runs: a guest channel
+/// connected while QEMU is still loading loses its "host connected" signal
+/// to the loaded device state.
+async fn wait_running(dir: &Path) {
+    let qmp = QmpClient::connect_retry(&dir.join("qmp.sock"), Duration::from_secs(10))
+        .await
+        .expect("qmp");
+    loop {
+        let st = qmp.query_status().await.expect("status");
+        if st.running {
+            return;
+        }
+        // The state was saved paused, and QEMU restores the run state too.
+        if st.status == "paused" {
+            qmp.cont().await.expect("cont");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn guest_exec(dir: &Path, cmd: &str) {
+    let (client, _) = GuestClient::wait_ready(&dir.join("agent.sock"), Duration::from_secs(60))
+        .await
+        .expect("guest");
+    let exit = client
+        .exec_collect(ExecRequest::new(["sh", "-c", cmd]), Duration::from_secs(60))
+        .await
+        .expect("exec");
+    assert_eq!(exit.code, Some(0));
+}
+
+/// QEMU's own full save: stop, `migrate` to a plain file, quit.
+async fn bare_save(dir: &Path, file: &Path) -> f64 {
+    let qmp = QmpClient::connect_retry(&dir.join("qmp.sock"), Duration::from_secs(10))
+        .await
+        .expect("qmp");
+    let t = Instant::now();
+    qmp.stop().await.expect("stop");
+    qmp.execute::<Value>(
+        "migrate",
+        Some(json!({ "uri": format!("file:{}", file.display()) })),
+    )
+    .await
+    .expect("migrate");
+    loop {
+        let info: Value = qmp.execute("query-migrate", None).await.expect("query");
+        match info["status"].as_str() {
+            Some("completed") => break,
+            Some("failed") => panic!("baseline save failed: {info}"),
+            _ => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let _ = qmp.quit().await;
+    secs
+}
+
+fn main() {
+    let host = TestHost::start().expect("test host");
+    let image = api_ok(&host, "GET", "/v1/images/default", None);
+    let kernel = PathBuf::from(image["kernel"].as_str().expect("kernel"));
+    let initrd = PathBuf::from(image["initrd"].as_str().expect("initrd"));
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+
+    // Flotilla: two suspends with a small change between them.
+    api_ok(
+        &host,
+        "POST",
+        "/v1/vms",
+        Some(json!({ "name": "snap", "memory_mib": MEMORY_MIB, "wait_ready": true })),
+    );
+    flotilla_exec(&host, "snap", WORKLOAD);
+    let t = Instant::now();
+    let first = api_ok(&host, "POST", "/v1/vms/snap/suspend", None);
+    let suspend1 = t.elapsed().as_secs_f64();
+    let layer1 = first["snapshot"].as_str().expect("layer").to_string();
+    let t = Instant::now();
+    api_ok(&host, "POST", "/v1/vms/snap/resume?wait=true", None);
+    flotilla_exec(&host, "snap", "true");
+    let resume1 = t.elapsed().as_secs_f64();
+    flotilla_exec(&host, "snap", SMALL_CHANGE);
+    let t = Instant::now();
+    let second = api_ok(&host, "POST", "/v1/vms/snap/suspend", None);
+    let suspend2 = t.elapsed().as_secs_f64();
+    let layer2 = second["snapshot"].as_str().expect("layer").to_string();
+    let t = Instant::now();
+    api_ok(&host, "POST", "/v1/vms/snap/resume?wait=true", None);
+    flotilla_exec(&host, "snap", "true");
+    let resume2 = t.elapsed().as_secs_f64();
+    let layers = host.data_path().join("snapshots/layers");
+    let (bytes1, bytes2) = (
+        dir_bytes(&layers.join(&layer1)),
+        dir_bytes(&layers.join(&layer2)),
+    );
+
+    // Baseline: the same guest under a bare QEMU, same workload, full saves.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (base1, base2) = (dir.path().join("full1.bin"), dir.path().join("full2.bin"));
+    let (save1, save2, restore2) = rt.block_on(async {
+        let q = spawn_bare(&kernel, &initrd, dir.path(), None);
+        guest_exec(dir.path(), WORKLOAD).await;
+        let save1 = bare_save(dir.path(), &base1).await;
+        drop(q);
+        let q = spawn_bare(&kernel, &initrd, dir.path(), Some(&base1));
+        wait_running(dir.path()).await;
+        guest_exec(dir.path(), SMALL_CHANGE).await;
+        let save2 = bare_save(dir.path(), &base2).await;
+        drop(q);
+        let t = Instant::now();
+        let q = spawn_bare(&kernel, &initrd, dir.path(), Some(&base2));
+        wait_running(dir.path()).await;
+        guest_exec(dir.path(), "true").await;
+        let restore2 = t.elapsed().as_secs_f64();
+        drop(q);
+        (save1, save2, restore2)
+    });
+    let (full1, full2) = (allocated(&base1), allocated(&base2));
+
+    println!("256 MiB guest, 1 vCPU, TCG; workload: 20 MB random in tmpfs, then 1 MB more before the second snapshot");
+    println!();
+    println!("| metric | Flotilla | QEMU full save/restore | ratio |");
+    println!("| --- | --- | --- | --- |");
+    println!(
+        "| first snapshot: time | {suspend1:.3} s | {save1:.3} s | {:.2}x |",
+        suspend1 / save1
+    );
+    println!(
+        "| first snapshot: bytes stored | {:.1} MiB | {:.1} MiB | {:.2}x |",
+        mib(bytes1),
+        mib(full1),
+        bytes1 as f64 / full1 as f64
+    );
+    println!(
+        "| second snapshot: time | {suspend2:.3} s | {save2:.3} s | {:.2}x |",
+        suspend2 / save2
+    );
+    println!(
+        "| second snapshot: bytes stored | {:.1} MiB | {:.1} MiB | {:.1}% |",
+        mib(bytes2),
+        mib(full2),
+        100.0 * bytes2 as f64 / full2 as f64
+    );
+    println!("| resume until exec answers (after the second) | {resume2:.3} s | {restore2:.3} s | {:.2}x |", resume2 / restore2);
+    println!("| resume until exec answers (after the first) | {resume1:.3} s | | |");
+    api_ok(&host, "DELETE", "/v1/vms/snap?force=true", None);
+}
