@@ -15,7 +15,9 @@ use crate::network;
 use crate::record;
 use crate::runtime::Readiness;
 
-const QMP_ADOPT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+use std::time::Duration;
+
+const QMP_ADOPT_DEADLINE: Duration = Duration::from_secs(5);
 
 impl VmManager {
     /// Loads the records and takes over the VMs they describe.
@@ -153,6 +155,12 @@ impl VmManager {
             let qmp = entry.lock().runtime.qmp.clone();
             if let Some(qmp) = qmp {
                 tracing::warn!(vm = %name, "undoing an interrupted suspend");
+                // QEMU may still be writing the state the dead agent asked for.
+                if let Err(e) =
+                    flotilla_qemu::migration::cancel_outgoing(&qmp, Duration::from_secs(30)).await
+                {
+                    tracing::error!(vm = %name, error = %e, "cancelling the interrupted save");
+                }
                 let _ = qmp.cont().await;
                 let nics = entry.lock().record.nics.len();
                 for i in 0..nics {

@@ -116,6 +116,25 @@ pub async fn load_from_file(
     wait_done(qmp, timeout).await
 }
 
+/// Cancels an outgoing migration that may still be running (one an agent
+/// started before it died) and waits until QEMU is done with it, so the VM
+/// can be continued. A migration that already completed leaves QEMU in
+/// `postmigrate`, from which `cont` also resumes.
+pub async fn cancel_outgoing(qmp: &QmpClient, timeout: Duration) -> Result<(), MigrationError> {
+    let _ = qmp
+        .execute::<serde_json::Value>("migrate_cancel", None)
+        .await;
+    let started = Instant::now();
+    loop {
+        let info: MigrateInfo = qmp.execute("query-migrate", None).await?;
+        match info.status.as_deref() {
+            None | Some("completed" | "failed" | "cancelled" | "none") => return Ok(()),
+            _ if started.elapsed() > timeout => return Err(MigrationError::Timeout(timeout)),
+            _ => tokio::time::sleep(POLL).await,
+        }
+    }
+}
+
 /// Connects or disconnects a NIC's link (`set_link`): a VM whose link is down
 /// takes no network input.
 pub async fn set_link(qmp: &QmpClient, nic_id: &str, up: bool) -> Result<(), QmpError> {

@@ -21,6 +21,8 @@ pub struct HostOptions {
     pub capacity_memory_mib: u64,
     /// Register the default image in the host's data directory.
     pub with_default_image: bool,
+    /// Put the data directory on a tmpfs of this size, to test a full disk.
+    pub data_dir_size_mib: Option<u64>,
 }
 
 impl Default for HostOptions {
@@ -29,6 +31,7 @@ impl Default for HostOptions {
             capacity_vcpus: 64,
             capacity_memory_mib: 8192,
             with_default_image: true,
+            data_dir_size_mib: None,
         }
     }
 }
@@ -56,6 +59,15 @@ impl TestHost {
         let data_dir = tempfile::Builder::new()
             .prefix("flotilla-test-")
             .tempdir()?;
+        if let Some(mib) = options.data_dir_size_mib {
+            let out = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+                .arg(data_dir.path())
+                .output()?;
+            if !out.status.success() {
+                bail!("mounting a tmpfs: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
         let endpoint = format!("http://{}:{AGENT_PORT}", netns.ns_ip);
         let mut host = TestHost {
             netns,
@@ -249,6 +261,9 @@ impl Drop for TestHost {
         let deadline = Instant::now() + Duration::from_secs(5);
         while self.qemu_pids().iter().any(|p| process_alive(*p)) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
+        }
+        if self.options.data_dir_size_mib.is_some() {
+            let _ = Command::new("umount").arg(self.data_dir.path()).output();
         }
     }
 }

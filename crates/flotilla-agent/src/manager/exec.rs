@@ -112,6 +112,18 @@ impl VmManager {
                 }),
             ));
         }
+        // A paused QEMU would leave the command hanging: say so instead.
+        let qmp = entry.lock().runtime.qmp.clone();
+        if let Some(qmp) = qmp {
+            if let Ok(st) = qmp.query_status().await {
+                if !st.running && st.status != "inmigrate" {
+                    return Err(AgentError::conflict(
+                        format!("VM {name:?} is paused in QEMU ({}); it cannot run commands", st.status),
+                        Some(format!("stop and start it: `flotilla vm stop {name} && flotilla vm start {name}`")),
+                    ));
+                }
+            }
+        }
         if entry.readiness.get() == Readiness::Waiting {
             self.wait_ready(entry, EXEC_READY_WAIT).await?;
         }

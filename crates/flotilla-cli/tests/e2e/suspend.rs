@@ -173,3 +173,92 @@ fn a_chain_of_snapshots_stores_only_changes_and_detects_corruption() {
     host.cli_json::<serde_json::Value>(&["vm", "rm", "--force", "chain"]);
     assert_clean(&host);
 }
+
+#[test]
+fn agent_killed_mid_suspend_leaves_the_vm_running_or_completely_suspended() {
+    let mut host = TestHost::start().expect("test host");
+    run_vm(&host, "victim");
+    // Enough memory to write that the suspend takes a while.
+    let (code, _, _) = exec(
+        &host,
+        "victim",
+        &[
+            "sh",
+            "-c",
+            "head -c 60000000 /dev/urandom > /tmp/mem.bin; : > /root/disk.bin",
+        ],
+    );
+    assert_eq!(code, 0);
+    let want = checksums(&host, "victim");
+    for delay_ms in [150u64, 400] {
+        std::thread::scope(|s| {
+            let endpoint = host.endpoint.clone();
+            s.spawn(move || {
+                // Cut off when the agent dies; the outcome is checked below.
+                let _ = reqwest::blocking::Client::new()
+                    .post(format!("{endpoint}/v1/vms/victim/suspend"))
+                    .send();
+            });
+            std::thread::sleep(Duration::from_millis(delay_ms));
+            host.kill_agent(nix::sys::signal::Signal::SIGKILL);
+        });
+        host.start_agent().expect("agent restarts");
+        let state = inspect(&host, "victim")["state"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        match state.as_str() {
+            "running" => {}
+            "suspended" => {
+                host.cli_json::<serde_json::Value>(&["vm", "resume", "victim", "--wait"]);
+            }
+            other => panic!("after a kill {delay_ms} ms into a suspend the VM is {other}"),
+        }
+        crate::wait_for(&host, "victim", Duration::from_secs(30), |v| {
+            v["guest_ready"] == true
+        });
+        assert_eq!(
+            checksums(&host, "victim"),
+            want,
+            "after a kill {delay_ms} ms in ({state})"
+        );
+        assert_eq!(host.qemu_pids().len(), 1);
+    }
+    host.cli_json::<serde_json::Value>(&["vm", "rm", "--force", "victim"]);
+    assert_clean(&host);
+}
+
+#[test]
+fn a_suspend_on_a_full_disk_fails_cleanly_and_the_vm_runs_on() {
+    let host = TestHost::start_with(flotilla_testkit::HostOptions {
+        data_dir_size_mib: Some(160),
+        ..flotilla_testkit::HostOptions::default()
+    })
+    .expect("test host");
+    run_vm(&host, "full");
+    // More memory to save than the data directory has room for, twice over.
+    let (code, _, _) = exec(
+        &host,
+        "full",
+        &[
+            "sh",
+            "-c",
+            "head -c 100000000 /dev/urandom > /tmp/mem.bin; : > /root/disk.bin",
+        ],
+    );
+    assert_eq!(code, 0);
+    let want = checksums(&host, "full");
+    let (st, b) = host.api("POST", "/v1/vms/full/suspend", None);
+    assert!(st >= 400, "{st} {b}");
+    let v = inspect(&host, "full");
+    assert_eq!(v["state"], "running", "{v:#}");
+    assert!(v["snapshot"].is_null(), "{v:#}");
+    assert_eq!(checksums(&host, "full"), want);
+    // No half-written layer is left to be taken for complete.
+    let layers: Vec<_> = std::fs::read_dir(host.data_path().join("snapshots/layers"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(layers.is_empty(), "{layers:?}");
+    host.cli_json::<serde_json::Value>(&["vm", "rm", "--force", "full"]);
+    assert_clean(&host);
+}
