@@ -100,21 +100,35 @@ impl VmManager {
                 Some(format!("resume it with `flotilla vm resume {name}`")),
             ));
         }
+        s.record.guest_boot_ms = None;
+        s.record.ready_ms = None;
+        s.record.accel = Some(self.inner.accel.accel);
+        self.reserve_and_enter(entry, &mut s, others, VmState::Starting)
+            .map(Some)
+    }
+
+    /// Checks that the VM fits next to `others`, moves it to `next` (a state
+    /// that holds resources) for a new run, and saves the record. The caller
+    /// holds the admission lock, so the check and the reservation are one step.
+    pub(crate) fn reserve_and_enter(
+        &self,
+        entry: &VmEntry,
+        s: &mut VmShared,
+        others: Resources,
+        next: VmState,
+    ) -> AgentResult<(VmRecord, u64)> {
         let needed = Resources {
             vcpus: s.record.vcpus,
             memory_mib: s.record.memory_mib,
         };
         crate::capacity::check_fits(self.inner.config.capacity, others, needed)?;
-        self.transition(&mut s, VmState::Starting)?;
+        self.transition(s, next)?;
         s.record.last_error = None;
-        s.record.guest_boot_ms = None;
-        s.record.ready_ms = None;
-        s.record.accel = Some(self.inner.accel.accel);
         s.runtime.stopping = false;
         s.runtime.generation += 1;
         entry.readiness.set(Readiness::Waiting);
-        self.save(&s)?;
-        Ok(Some((s.record.clone(), s.runtime.generation)))
+        self.save(s)?;
+        Ok((s.record.clone(), s.runtime.generation))
     }
 
     /// Points a failed wait for the guest at its console log.

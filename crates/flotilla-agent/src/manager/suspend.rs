@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flotilla_api::{Resources, VmInfo, VmState};
+use flotilla_api::{VmInfo, VmState};
 use flotilla_qemu::migration::{load_from_file, save_to_file, set_link};
 use flotilla_qemu::{QemuProcess, QmpClient};
 use flotilla_snapshot::{LayerId, LayerManifest, NewLayer};
@@ -246,18 +246,7 @@ impl VmManager {
                     None,
                 ));
             }
-            let needed = Resources {
-                vcpus: s.record.vcpus,
-                memory_mib: s.record.memory_mib,
-            };
-            crate::capacity::check_fits(self.inner.config.capacity, others, needed)?;
-            self.transition(&mut s, VmState::Resuming)?;
-            s.record.last_error = None;
-            s.runtime.stopping = false;
-            s.runtime.generation += 1;
-            entry.readiness.set(Readiness::Waiting);
-            self.save(&s)?;
-            (s.record.clone(), s.runtime.generation)
+            self.reserve_and_enter(&entry, &mut s, others, VmState::Resuming)?
         };
         match self.restore(&record).await {
             Ok((process, qmp, root_backing)) => {
