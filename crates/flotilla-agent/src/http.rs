@@ -30,6 +30,8 @@ pub fn router(manager: VmManager) -> Router {
         .route("/v1/vms/{name}/start", post(vms::start))
         .route("/v1/vms/{name}/stop", post(vms::stop))
         .route("/v1/vms/{name}/exec", post(vms::exec))
+        .route("/v1/fleet/suspend", post(vms::fleet_suspend))
+        .route("/v1/fleet/resume", post(vms::fleet_resume))
         .route("/v1/vms/{name}/suspend", post(vms::suspend))
         .route("/v1/vms/{name}/resume", post(vms::resume))
         .route("/v1/vms/{name}/logs", get(vms::logs))

@@ -8,6 +8,7 @@
 
 mod create;
 mod exec;
+pub mod fleet;
 mod lifecycle;
 pub mod suspend;
 

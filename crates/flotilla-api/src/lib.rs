@@ -7,12 +7,14 @@
 
 pub mod error;
 pub mod exec;
+pub mod fleet;
 pub mod host;
 pub mod image;
 pub mod vm;
 
 pub use error::{ErrorBody, ErrorCode, ErrorDetail};
 pub use exec::{ExecEvent, ExecRequest, ExecResult};
+pub use fleet::{FleetItem, FleetRequest, FleetResult};
 pub use host::{HostInfo, Resources};
 pub use image::{ImageInfo, RegisterImageRequest};
 pub use vm::{

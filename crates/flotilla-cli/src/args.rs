@@ -42,6 +42,9 @@ pub enum Command {
     /// Virtual machines.
     #[command(subcommand)]
     Vm(VmCommand),
+    /// Operations on many VMs at once, by name or tag.
+    #[command(subcommand)]
+    Fleet(FleetCommand),
     /// What the agent reports about its host.
     Host,
 }
@@ -186,6 +189,26 @@ pub enum VmCommand {
         #[arg(long)]
         force: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FleetCommand {
+    /// Suspend the selected VMs; one that fails keeps running.
+    Suspend(FleetArgs),
+    /// Resume the selected VMs.
+    Resume(FleetArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FleetArgs {
+    /// VMs by name.
+    pub names: Vec<String>,
+    /// VMs with this tag, KEY=VALUE.
+    #[arg(long)]
+    pub tag: Option<String>,
+    /// How many VMs at once.
+    #[arg(long, default_value_t = 4)]
+    pub parallel: u32,
 }
 
 #[derive(Debug, Args)]

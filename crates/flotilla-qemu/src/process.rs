@@ -28,7 +28,9 @@ use crate::identity::ProcessIdentity;
 use crate::qmp::QmpClient;
 
 /// How long [`QemuProcess::spawn`] waits for QEMU to answer on QMP.
-pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Generous: on a loaded host (many VMs booting at once under TCG) QEMU can
+/// take many seconds to open its monitor.
+pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How much of the stderr log goes into startup errors.
 const STDERR_TAIL_BYTES: u64 = 4096;

@@ -8,11 +8,15 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use flotilla_api::{CreateVmRequest, ErrorBody, ExecRequest, ExecResult, StopVmRequest, VmInfo};
+use flotilla_api::{
+    CreateVmRequest, ErrorBody, ExecRequest, ExecResult, FleetRequest, FleetResult, StopVmRequest,
+    VmInfo,
+};
 use serde::Deserialize;
 use tokio_stream_shim::ReceiverLines;
 
 use super::ApiError;
+use crate::manager::fleet::FleetOp;
 use crate::VmManager;
 
 type JsonBody<T> = Result<Json<T>, JsonRejection>;
@@ -92,6 +96,30 @@ pub async fn stop(
     let timeout = req.timeout_ms.map(Duration::from_millis);
     Ok(Json(
         detached(async move { m.stop(&name, req.force, timeout).await }).await?,
+    ))
+}
+
+#[utoipa::path(post, path = "/v1/fleet/suspend", request_body = FleetRequest,
+    responses((status = 200, body = FleetResult), (status = 400, body = ErrorBody)))]
+pub async fn fleet_suspend(
+    State(m): State<VmManager>,
+    body: JsonBody<FleetRequest>,
+) -> Result<Json<FleetResult>, ApiError> {
+    let Json(req) = body?;
+    Ok(Json(
+        detached(async move { m.fleet(FleetOp::Suspend, req).await }).await?,
+    ))
+}
+
+#[utoipa::path(post, path = "/v1/fleet/resume", request_body = FleetRequest,
+    responses((status = 200, body = FleetResult), (status = 400, body = ErrorBody)))]
+pub async fn fleet_resume(
+    State(m): State<VmManager>,
+    body: JsonBody<FleetRequest>,
+) -> Result<Json<FleetResult>, ApiError> {
+    let Json(req) = body?;
+    Ok(Json(
+        detached(async move { m.fleet(FleetOp::Resume, req).await }).await?,
     ))
 }
 

@@ -16,7 +16,7 @@ use crate::runtime::Readiness;
 pub const CONSOLE_LOG: &str = "console.log";
 pub const QEMU_LOG: &str = "qemu.log";
 pub const PIDFILE: &str = "qemu.pid";
-const QMP_CONNECT_DEADLINE: Duration = Duration::from_secs(10);
+const QMP_CONNECT_DEADLINE: Duration = Duration::from_secs(30);
 /// After a graceful stop times out, QEMU gets this long to quit before SIGKILL.
 const QUIT_GRACE: Duration = Duration::from_secs(3);
 

@@ -262,3 +262,63 @@ fn a_suspend_on_a_full_disk_fails_cleanly_and_the_vm_runs_on() {
     host.cli_json::<serde_json::Value>(&["vm", "rm", "--force", "full"]);
     assert_clean(&host);
 }
+
+#[test]
+fn a_fleet_of_twenty_is_suspended_and_resumed_by_tag() {
+    let host = TestHost::start().expect("test host");
+    let names: Vec<String> = (0..20).map(|i| format!("fleet-{i}")).collect();
+    std::thread::scope(|s| {
+        for name in &names {
+            let host = &host;
+            s.spawn(move || {
+                host.cli_json::<serde_json::Value>(&[
+                    "vm", "run", name, "--tag", "pool=a", "--wait",
+                ])
+            });
+        }
+    });
+    for name in &names {
+        exec(
+            &host,
+            name,
+            &["sh", "-c", &format!("echo {name} > /tmp/who")],
+        );
+    }
+    // One name that does not exist fails alone; the others go on.
+    let out = host.cli(&[
+        "--json",
+        "fleet",
+        "suspend",
+        "--tag",
+        "pool=a",
+        "--parallel",
+        "6",
+        "ghost",
+    ]);
+    assert!(
+        !out.status.success(),
+        "a failed VM makes the exit code non-zero"
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(r["succeeded"], 20, "{r:#}");
+    assert_eq!(r["failed"], 1, "{r:#}");
+    assert!(host.qemu_pids().is_empty());
+    let r: serde_json::Value =
+        host.cli_json(&["fleet", "resume", "--tag", "pool=a", "--parallel", "6"]);
+    assert_eq!(r["succeeded"], 20, "{r:#}");
+    for name in &names {
+        assert_eq!(
+            exec(&host, name, &["cat", "/tmp/who"]).1.trim(),
+            name.as_str()
+        );
+    }
+    let (s, b) = host.api("POST", "/v1/fleet/suspend", Some(serde_json::json!({})));
+    assert_eq!(s, 400, "{b}");
+    std::thread::scope(|s| {
+        for name in &names {
+            let host = &host;
+            s.spawn(move || host.cli_json::<serde_json::Value>(&["vm", "rm", "--force", name]));
+        }
+    });
+    assert_clean(&host);
+}
