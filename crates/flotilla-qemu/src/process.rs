@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
 use crate::config::QemuConfig;
-use crate::error::QemuError;
+use crate::error::{QemuError, QmpError};
 use crate::identity::ProcessIdentity;
 use crate::qmp::QmpClient;
 
@@ -354,7 +354,22 @@ impl QemuProcess {
 
         let remaining = deadline.saturating_duration_since(Instant::now());
         let handshake = async {
-            let client = QmpClient::connect(qmp_socket, remaining).await?;
+            // QEMU binds the socket before it listens: a connect in between
+            // is refused. Retry that (a loaded host widens the window), but
+            // stop at once if QEMU exits.
+            let client = loop {
+                match QmpClient::connect(qmp_socket, remaining).await {
+                    Ok(c) => break c,
+                    Err(QmpError::Io(e))
+                        if e.kind() == io::ErrorKind::ConnectionRefused
+                            && self.exit_info().is_none()
+                            && Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
             client.query_status().await
         };
         let failure = match tokio::time::timeout(remaining, handshake).await {
