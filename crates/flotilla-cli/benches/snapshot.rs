@@ -261,4 +261,47 @@ fn main() {
     println!("| resume until exec answers (after the second) | {resume2:.3} s | {restore2:.3} s | {:.2}x |", resume2 / restore2);
     println!("| resume until exec answers (after the first) | {resume1:.3} s | | |");
     api_ok(&host, "DELETE", "/v1/vms/snap?force=true", None);
+
+    // A fleet of 20, each with a little state of its own, suspended and
+    // resumed by tag, four at a time.
+    std::thread::scope(|s| {
+        for i in 0..FLEET {
+            let host = &host;
+            s.spawn(move || {
+                let name = format!("fleet-{i}");
+                api_ok(host, "POST", "/v1/vms", Some(json!({ "name": name, "memory_mib": MEMORY_MIB, "tags": { "pool": "bench" }, "wait_ready": true })));
+                flotilla_exec(host, &name, SMALL_CHANGE);
+            });
+        }
+    });
+    let t = Instant::now();
+    let r = api_ok(
+        &host,
+        "POST",
+        "/v1/fleet/suspend",
+        Some(json!({ "tag": "pool=bench", "parallelism": 4 })),
+    );
+    let fleet_suspend = t.elapsed().as_secs_f64();
+    assert_eq!(r["succeeded"], FLEET, "{r}");
+    let t = Instant::now();
+    let r = api_ok(
+        &host,
+        "POST",
+        "/v1/fleet/resume",
+        Some(json!({ "tag": "pool=bench", "parallelism": 4 })),
+    );
+    let fleet_resume = t.elapsed().as_secs_f64();
+    assert_eq!(r["succeeded"], FLEET, "{r}");
+    println!("| fleet of {FLEET}: suspend, 4 at a time | {fleet_suspend:.2} s | | |");
+    println!("| fleet of {FLEET}: resume until every guest agent answers, 4 at a time | {fleet_resume:.2} s | | |");
+    for i in 0..FLEET {
+        api_ok(
+            &host,
+            "DELETE",
+            &format!("/v1/vms/fleet-{i}?force=true"),
+            None,
+        );
+    }
 }
+
+const FLEET: usize = 20;
