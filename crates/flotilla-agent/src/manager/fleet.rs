@@ -30,7 +30,12 @@ impl VmManager {
                 "name the VMs, or give a tag (KEY=VALUE) that selects them".into(),
             ));
         }
-        let mut names = req.names.clone();
+        let mut names: Vec<String> = Vec::new();
+        for n in &req.names {
+            if !names.contains(n) {
+                names.push(n.clone());
+            }
+        }
         if let Some((k, v)) = tag {
             for vm in self.list() {
                 if vm.tags.get(k).is_some_and(|x| x == v) && !names.contains(&vm.name) {
