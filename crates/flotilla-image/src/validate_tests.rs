@@ -97,18 +97,20 @@ fn bzimage_header_is_accepted() {
     assert_eq!(validate_kernel(&p).unwrap(), KernelFormat::BzImage);
 }
 
-/// Validates the real kernel from the build cache, when one has been built
-/// (the image pipeline's own tests do not build a kernel: that takes minutes).
+/// Validates the real kernels in the build cache (`scripts/setup`, which
+/// `scripts/test` runs first, builds one; the image pipeline's own tests do
+/// not, as that takes minutes).
 #[test]
-fn real_vmlinux_when_present() {
+fn real_vmlinux_from_the_cache() {
     let kernels = crate::cache::default_cache_dir().join("kernel");
-    let Ok(entries) = fs::read_dir(&kernels) else {
-        eprintln!("no kernel cache at {}; skipping", kernels.display());
-        return;
-    };
+    let entries = fs::read_dir(&kernels).unwrap_or_else(|e| {
+        panic!("no kernel cache at {} ({e}): run scripts/setup first", kernels.display())
+    });
+    let mut checked = 0;
     for entry in entries.flatten() {
         let vmlinux = entry.path().join("vmlinux");
         if vmlinux.is_file() {
+            checked += 1;
             assert_eq!(validate_kernel(&vmlinux).unwrap(), KernelFormat::ElfPvh);
             // Its first MiB alone is a truncated ELF, not a kernel.
             let dir = tempfile::tempdir().unwrap();
@@ -117,6 +119,7 @@ fn real_vmlinux_when_present() {
             assert!(kernel_err(&p).contains("truncated ELF"));
         }
     }
+    assert!(checked > 0, "no built kernel under {}: run scripts/setup first", kernels.display());
 }
 
 #[test]
