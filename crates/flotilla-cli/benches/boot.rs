@@ -6,11 +6,10 @@
 //! image that scripts/setup builds). Prints a Markdown table for BENCHMARKS.md.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flotilla_guest_protocol::client::GuestClient;
-use flotilla_testkit::{HostOptions, TestHost};
+use flotilla_testkit::{bare_qemu_command, BareQemu, HostOptions, TestHost};
 use serde_json::json;
 
 const BOOTS: usize = 20;
@@ -44,17 +43,6 @@ fn flotilla_boot(host: &TestHost, name: &str) -> (f64, i32) {
 
 /// A bare QEMU with the same kernel, initramfs, memory and agent channel,
 /// no disk and no NIC; ready when the guest agent answers a Hello.
-struct BareQemu {
-    child: Child,
-}
-
-impl Drop for BareQemu {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 async fn bare_boot(
     kernel: &Path,
     initrd: &Path,
@@ -63,49 +51,9 @@ async fn bare_boot(
     cmdline: &str,
 ) -> (f64, BareQemu) {
     let sock = dir.join(format!("bare{i}.sock"));
-    let _ = std::fs::remove_file(&sock);
     let t = Instant::now();
-    let child = Command::new("qemu-system-x86_64")
-        .args([
-            "-M",
-            "microvm,acpi=off",
-            "-accel",
-            "tcg",
-            "-cpu",
-            "max",
-            "-m",
-            &MEMORY_MIB.to_string(),
-        ])
-        .args([
-            "-smp",
-            "1",
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-serial",
-            "null",
-        ])
-        .arg("-kernel")
-        .arg(kernel)
-        .arg("-initrd")
-        .arg(initrd)
-        .args(["-append", cmdline])
-        .args(["-device", "virtio-serial-device"])
-        .arg("-chardev")
-        .arg(format!(
-            "socket,id=agent,path={},server=on,wait=off",
-            sock.display()
-        ))
-        .args([
-            "-device",
-            "virtserialport,chardev=agent,name=org.flotilla.agent.0",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-system-x86_64");
-    let bare = BareQemu { child };
+    let cmd = bare_qemu_command(kernel, initrd, MEMORY_MIB, cmdline, &sock);
+    let bare = BareQemu::spawn(cmd).expect("qemu-system-x86_64");
     GuestClient::wait_ready(&sock, Duration::from_secs(60))
         .await
         .expect("bare guest ready");
@@ -148,7 +96,7 @@ fn main() {
         bare.push(secs);
         if i == 0 {
             std::thread::sleep(Duration::from_secs(3));
-            bare_rss = rss_kib(q.child.id() as i32);
+            bare_rss = rss_kib(q.pid());
         }
         drop(q);
         let (secs, q) = rt.block_on(bare_boot(&kernel, &initrd, dir, i, BARE_TUNED_CMDLINE));

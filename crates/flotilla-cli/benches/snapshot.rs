@@ -7,13 +7,12 @@
 //! `./scripts/setup`). Prints a Markdown table for BENCHMARKS.md.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flotilla_guest_protocol::client::GuestClient;
 use flotilla_guest_protocol::ExecRequest;
 use flotilla_qemu::QmpClient;
-use flotilla_testkit::TestHost;
+use flotilla_testkit::{bare_qemu_command, BareQemu, TestHost};
 use serde_json::{json, Value};
 
 const MEMORY_MIB: u64 = 256;
@@ -54,66 +53,17 @@ fn flotilla_exec(host: &TestHost, vm: &str, cmd: &str) {
     );
 }
 
-struct Qemu(Child);
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_bare(kernel: &Path, initrd: &Path, dir: &Path, incoming: Option<&Path>) -> Qemu {
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args([
-        "-M",
-        "microvm,acpi=off",
-        "-accel",
-        "tcg",
-        "-cpu",
-        "max",
-        "-m",
-        &MEMORY_MIB.to_string(),
-    ])
-    .args([
-        "-smp",
-        "1",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-serial",
-        "null",
-    ])
-    .arg("-kernel")
-    .arg(kernel)
-    .arg("-initrd")
-    .arg(initrd)
-    .args(["-append", "console=ttyS0 quiet panic=-1 nolapic_timer"])
-    .args(["-device", "virtio-serial-device"])
-    .arg("-chardev")
-    .arg(format!(
-        "socket,id=agent,path={},server=on,wait=off",
-        dir.join("agent.sock").display()
-    ))
-    .args([
-        "-device",
-        "virtserialport,chardev=agent,name=org.flotilla.agent.0",
-    ])
-    .arg("-qmp")
-    .arg(format!(
-        "unix:{},server=on,wait=off",
-        dir.join("qmp.sock").display()
-    ));
+fn spawn_bare(kernel: &Path, initrd: &Path, dir: &Path, incoming: Option<&Path>) -> BareQemu {
+    let cmdline = "console=ttyS0 quiet panic=-1 nolapic_timer";
+    let mut cmd = bare_qemu_command(kernel, initrd, MEMORY_MIB, cmdline, &dir.join("agent.sock"));
+    let qmp = dir.join("qmp.sock");
+    let _ = std::fs::remove_file(&qmp);
+    cmd.arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()));
     if let Some(f) = incoming {
         cmd.arg("-incoming").arg(format!("file:{}", f.display()));
     }
-    let _ = std::fs::remove_file(dir.join("agent.sock"));
-    let _ = std::fs::remove_file(dir.join("qmp.sock"));
-    Qemu(
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("qemu"),
-    )
+    BareQemu::spawn(cmd).expect("qemu")
 }
 
 /// Waits until the incoming state is loaded and the VM runs: a guest channel

@@ -104,7 +104,10 @@ fn bzimage_header_is_accepted() {
 fn real_vmlinux_from_the_cache() {
     let kernels = crate::cache::default_cache_dir().join("kernel");
     let entries = fs::read_dir(&kernels).unwrap_or_else(|e| {
-        panic!("no kernel cache at {} ({e}): run scripts/setup first", kernels.display())
+        panic!(
+            "no kernel cache at {} ({e}): run scripts/setup first",
+            kernels.display()
+        )
     });
     let mut checked = 0;
     for entry in entries.flatten() {
@@ -119,7 +122,11 @@ fn real_vmlinux_from_the_cache() {
             assert!(kernel_err(&p).contains("truncated ELF"));
         }
     }
-    assert!(checked > 0, "no built kernel under {}: run scripts/setup first", kernels.display());
+    assert!(
+        checked > 0,
+        "no built kernel under {}: run scripts/setup first",
+        kernels.display()
+    );
 }
 
 #[test]

@@ -8,10 +8,12 @@
 //! Dropping a `TestHost` kills everything it started and removes the
 //! namespace and the data directory, also when a test fails.
 
+mod bare;
 mod host;
 pub mod netns;
 mod procs;
 
+pub use bare::{bare_qemu_command, BareQemu};
 pub use host::{HostOptions, TestHost};
 pub use netns::NetNs;
 pub use procs::{process_alive, qemu_pids_under};

@@ -55,26 +55,13 @@ impl VmManager {
 
         match self.launch(&record).await {
             Ok((process, qmp)) => {
-                // Watched first, so QEMU is never left running unobserved,
-                // even if saving the record fails below.
-                self.spawn_monitor(entry.clone(), process.clone(), generation);
+                self.enter_running(entry, process, qmp, generation, |r| {
+                    r.started_at = Some(now_rfc3339());
+                })?;
                 self.spawn_readiness(entry.clone(), generation, Some(started));
-                let mut s = entry.lock();
-                s.record.process = Some(process.identity);
-                s.record.started_at = Some(now_rfc3339());
-                self.transition(&mut s, VmState::Running)?;
-                s.runtime.process = Some(process);
-                s.runtime.qmp = Some(qmp);
-                self.save(&s)?;
             }
             Err(e) => {
-                let mut s = entry.lock();
-                self.cleanup_taps(&s.record);
-                self.transition(&mut s, VmState::Stopped)?;
-                s.record.process = None;
-                s.record.last_error = Some(e.to_string());
-                entry.readiness.set(Readiness::Gone);
-                self.save(&s)?;
+                self.launch_failed(entry, VmState::Stopped, &e)?;
                 return Err(e);
             }
         }
@@ -105,6 +92,44 @@ impl VmManager {
         s.record.accel = Some(self.inner.accel.accel);
         self.reserve_and_enter(entry, &mut s, others, VmState::Starting)
             .map(Some)
+    }
+
+    /// QEMU is up for a new run: it is watched (first, so it is never left
+    /// running unobserved, even if saving the record fails), recorded, and
+    /// the VM is running. `update` adds what else the run changed.
+    pub(crate) fn enter_running(
+        &self,
+        entry: &Arc<VmEntry>,
+        process: Arc<QemuProcess>,
+        qmp: QmpClient,
+        generation: u64,
+        update: impl FnOnce(&mut VmRecord),
+    ) -> AgentResult<()> {
+        self.spawn_monitor(entry.clone(), process.clone(), generation);
+        let mut s = entry.lock();
+        s.record.process = Some(process.identity);
+        update(&mut s.record);
+        self.transition(&mut s, VmState::Running)?;
+        s.runtime.process = Some(process);
+        s.runtime.qmp = Some(qmp);
+        self.save(&s)
+    }
+
+    /// A run that could not be brought up: its taps go, the VM returns to
+    /// `back_to`, and the error is kept for `inspect`.
+    pub(crate) fn launch_failed(
+        &self,
+        entry: &VmEntry,
+        back_to: VmState,
+        error: &AgentError,
+    ) -> AgentResult<()> {
+        let mut s = entry.lock();
+        self.cleanup_taps(&s.record);
+        self.transition(&mut s, back_to)?;
+        s.record.process = None;
+        s.record.last_error = Some(error.to_string());
+        entry.readiness.set(Readiness::Gone);
+        self.save(&s)
     }
 
     /// Checks that the VM fits next to `others`, moves it to `next` (a state

@@ -250,28 +250,18 @@ impl VmManager {
         };
         match self.restore(&record).await {
             Ok((process, qmp, root_backing)) => {
-                self.spawn_monitor(entry.clone(), process.clone(), generation);
+                self.enter_running(&entry, process, qmp, generation, |r| {
+                    if let (Some(root), Some(b)) = (r.disks.first_mut(), root_backing) {
+                        root.backing = Some(b);
+                    }
+                })?;
                 self.spawn_readiness_with_clock(entry.clone(), generation);
-                let mut s = entry.lock();
-                s.record.process = Some(process.identity);
-                if let (Some(root), Some(b)) = (s.record.disks.first_mut(), root_backing) {
-                    root.backing = Some(b);
-                }
-                self.transition(&mut s, VmState::Running)?;
-                s.runtime.process = Some(process);
-                s.runtime.qmp = Some(qmp);
-                self.save(&s)?;
             }
             Err(e) => {
-                let mut s = entry.lock();
-                self.cleanup_taps(&s.record);
-                if let Some(root) = root_disk(&s.record) {
+                if let Some(root) = root_disk(&entry.lock().record) {
                     let _ = std::fs::remove_file(&root.path);
                 }
-                self.transition(&mut s, VmState::Suspended)?;
-                s.record.last_error = Some(e.to_string());
-                entry.readiness.set(Readiness::Gone);
-                self.save(&s)?;
+                self.launch_failed(&entry, VmState::Suspended, &e)?;
                 return Err(e);
             }
         }
