@@ -38,6 +38,13 @@ impl VmManager {
             }
             let head = entry.lock().record.snapshot_head.clone();
             self.release_stray_refs(&name, head.as_deref());
+            let dir = self.vm_dir(&name);
+            for leftover in crate::manager::suspend::leftovers(&dir)
+                .into_iter()
+                .chain(crate::manager::capture_leftovers(&dir))
+            {
+                let _ = std::fs::remove_file(leftover);
+            }
         }
         kill_orphans(&self.config().sockets_dir(), &adopted_pids);
         Ok(())
@@ -151,8 +158,23 @@ impl VmManager {
             let _ = self.save(&s);
             s.runtime.generation
         };
+        let qmp = entry.lock().runtime.qmp.clone();
+        if let (false, Some(qmp)) = (rollback, &qmp) {
+            // A snapshot or clone of the running VM cut short leaves it
+            // paused: it runs on.
+            if let Ok(status) = qmp.query_status().await {
+                if matches!(
+                    status.status.as_str(),
+                    "paused" | "postmigrate" | "finish-migrate"
+                ) {
+                    tracing::warn!(vm = %name, status = %status.status, "resuming a VM left paused by an interrupted capture");
+                    let _ = flotilla_qemu::migration::cancel_outgoing(qmp, Duration::from_secs(30))
+                        .await;
+                    let _ = qmp.cont().await;
+                }
+            }
+        }
         if rollback {
-            let qmp = entry.lock().runtime.qmp.clone();
             if let Some(qmp) = qmp {
                 tracing::warn!(vm = %name, "undoing an interrupted suspend");
                 // QEMU may still be writing the state the dead agent asked for.

@@ -18,6 +18,8 @@ pub enum AgentError {
     VmNotFound { name: String },
     #[error("a VM named {name:?} already exists on this host")]
     VmExists { name: String },
+    #[error("no snapshot named {name:?} (nor a layer with that id) on this host")]
+    SnapshotNotFound { name: String },
     #[error("{message}")]
     Conflict {
         message: String,
@@ -80,7 +82,9 @@ impl AgentError {
             AgentError::InvalidSpec(_) | AgentError::InvalidArgument(_) => {
                 ErrorCode::InvalidArgument
             }
-            AgentError::VmNotFound { .. } => ErrorCode::NotFound,
+            AgentError::VmNotFound { .. } | AgentError::SnapshotNotFound { .. } => {
+                ErrorCode::NotFound
+            }
             AgentError::VmExists { .. } => ErrorCode::AlreadyExists,
             AgentError::Conflict { .. } => ErrorCode::Conflict,
             AgentError::Capacity(_) => ErrorCode::InsufficientCapacity,
@@ -121,6 +125,9 @@ impl AgentError {
     pub fn hint(&self) -> Option<String> {
         match self {
             AgentError::VmNotFound { .. } => Some("list VMs with `flotilla vm ls`".into()),
+            AgentError::SnapshotNotFound { .. } => {
+                Some("list snapshots with `flotilla snapshot ls`".into())
+            }
             AgentError::VmExists { .. } => {
                 Some("pick another name, or remove the VM with `flotilla vm rm NAME`".into())
             }

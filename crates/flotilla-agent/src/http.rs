@@ -6,6 +6,7 @@ mod error;
 mod host;
 mod images;
 mod openapi;
+mod snapshots;
 mod vms;
 
 use axum::routing::{get, post};
@@ -35,6 +36,15 @@ pub fn router(manager: VmManager) -> Router {
         .route("/v1/vms/{name}/suspend", post(vms::suspend))
         .route("/v1/vms/{name}/resume", post(vms::resume))
         .route("/v1/vms/{name}/logs", get(vms::logs))
+        .route("/v1/vms/{name}/clone", post(snapshots::clone_vm))
+        .route(
+            "/v1/snapshots",
+            get(snapshots::list).post(snapshots::create),
+        )
+        .route(
+            "/v1/snapshots/{name}",
+            get(snapshots::inspect).delete(snapshots::remove),
+        )
         .fallback(error::no_such_route)
         .method_not_allowed_fallback(error::method_not_allowed)
         .with_state(manager)

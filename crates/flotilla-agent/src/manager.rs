@@ -6,10 +6,14 @@
 //! serialises lifecycle operations on one VM; the manager-wide `admission`
 //! lock makes the capacity check and the resource reservation one step.
 
+mod bases;
+mod clone;
 mod create;
 mod exec;
 pub mod fleet;
+mod layers;
 mod lifecycle;
+mod snapshots;
 pub mod suspend;
 
 use std::collections::BTreeMap;
@@ -25,6 +29,7 @@ use crate::error::{AgentError, AgentResult};
 use crate::record::VmRecord;
 use crate::runtime::{ReadinessChannel, VmRuntime};
 
+pub use clone::capture_leftovers;
 pub use exec::ExecOutcome;
 
 /// One VM known to the agent.
@@ -66,6 +71,8 @@ pub(crate) struct Inner {
     pub snapshots: flotilla_snapshot::SnapshotStore,
     pub vms: Mutex<BTreeMap<String, Arc<VmEntry>>>,
     pub admission: tokio::sync::Mutex<()>,
+    /// One base snapshot is made at a time.
+    pub bases_lock: tokio::sync::Mutex<()>,
 }
 
 /// Cheap to clone; all clones share one host's state.
@@ -91,6 +98,7 @@ impl VmManager {
                 snapshots,
                 vms: Mutex::new(BTreeMap::new()),
                 admission: tokio::sync::Mutex::new(()),
+                bases_lock: tokio::sync::Mutex::new(()),
             }),
         }
     }

@@ -52,6 +52,9 @@ pub struct DiskRecord {
     pub format: String,
     pub size_mib: u64,
     pub backing: Option<PathBuf>,
+    /// Attached read-only (a clone sharing its source's volume).
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -96,6 +99,14 @@ pub struct VmRecord {
     /// dies after QEMU quit, this complete layer is where the VM now lives.
     #[serde(default)]
     pub pending_snapshot: Option<String>,
+    /// `/etc/machine-id` of the guest: 32 hex digits, this VM's own.
+    #[serde(default)]
+    pub machine_id: Option<String>,
+    /// The VM's memory comes from another VM's snapshot (a clone, a start
+    /// from a snapshot): its MAC, IP, hostname, machine-id and RNG are still
+    /// the other VM's until the guest agent has applied this VM's own.
+    #[serde(default)]
+    pub identity_pending: bool,
 }
 
 impl VmRecord {

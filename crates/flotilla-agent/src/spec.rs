@@ -40,6 +40,11 @@ pub struct VmSpec {
     pub tags: BTreeMap<String, String>,
     pub start: bool,
     pub wait_ready: bool,
+    /// `base` or a snapshot's name or id.
+    pub from_snapshot: Option<String>,
+    /// The shape fields the request gave explicitly (a VM from a named
+    /// snapshot takes the snapshot's shape; a different one is refused).
+    pub explicit_shape: (Option<u32>, Option<u64>, Option<u32>),
 }
 
 /// `[a-z0-9][a-z0-9-]{0,62}`: usable as a hostname and a directory name.
@@ -148,7 +153,23 @@ impl VmSpec {
                 return Err(invalid("image", "must not be empty when given"));
             }
         }
+        if let Some(from) = &req.from_snapshot {
+            if from.is_empty() {
+                return Err(invalid(
+                    "from_snapshot",
+                    "must not be empty when given: use \"base\" or a snapshot's name or id",
+                ));
+            }
+            if !req.disks.is_empty() {
+                return Err(invalid(
+                    "disks",
+                    "a VM started from a snapshot has the snapshot's disks; extra disks are not accepted",
+                ));
+            }
+        }
         Ok(VmSpec {
+            from_snapshot: req.from_snapshot,
+            explicit_shape: (req.vcpus, req.memory_mib, req.nics),
             name: req.name,
             image: req.image,
             vcpus,

@@ -10,6 +10,7 @@ pub mod exec;
 pub mod fleet;
 pub mod host;
 pub mod image;
+pub mod snapshot;
 pub mod vm;
 
 pub use error::{ErrorBody, ErrorCode, ErrorDetail};
@@ -17,6 +18,10 @@ pub use exec::{ExecEvent, ExecRequest, ExecResult};
 pub use fleet::{FleetItem, FleetRequest, FleetResult};
 pub use host::{HostInfo, Resources};
 pub use image::{ImageInfo, RegisterImageRequest};
+pub use snapshot::{
+    CloneDisk, CloneResult, CloneVmRequest, CreateSnapshotRequest, SnapshotCreated, SnapshotInfo,
+    SnapshotKind,
+};
 pub use vm::{
     CreateVmRequest, DiskInfo, DiskSpec, GuestInfo, NicInfo, StopVmRequest, VmInfo, VmState,
 };

@@ -157,6 +157,12 @@ pub struct CreateVmRequest {
     /// Answer only once the guest agent is ready (default false).
     #[serde(default)]
     pub wait_ready: Option<bool>,
+    /// Start from a snapshot instead of booting: `base` for the image's base
+    /// snapshot (made on first use for this image and shape), or the name
+    /// or id of a snapshot. The VM gets its own identity (MAC, IP,
+    /// hostname, machine-id, a reseeded RNG).
+    #[serde(default)]
+    pub from_snapshot: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]

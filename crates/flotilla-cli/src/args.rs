@@ -45,6 +45,9 @@ pub enum Command {
     /// Operations on many VMs at once, by name or tag.
     #[command(subcommand)]
     Fleet(FleetCommand),
+    /// Snapshots: layers of VMs' memory and disk.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// What the agent reports about its host.
     Host,
 }
@@ -182,6 +185,20 @@ pub enum VmCommand {
         #[arg(long)]
         wait: bool,
     },
+    /// Clone a VM: a new VM from a snapshot of SOURCE (paused only for
+    /// the capture when it runs), with its own MAC, IP, hostname,
+    /// machine-id and RNG state.
+    Clone {
+        source: String,
+        name: String,
+        /// Root disk: `cow` (its own copy-on-write volume) or `read-only`
+        /// (attached read-only to the source's volume as it was).
+        #[arg(long, default_value = "cow", value_parser = parse_clone_disk)]
+        disk: flotilla_api::CloneDisk,
+        /// KEY=VALUE (repeatable); the source's tags when none are given.
+        #[arg(long = "tag", value_parser = parse_key_value)]
+        tags: Vec<(String, String)>,
+    },
     /// Remove a stopped VM and its disks.
     Rm {
         name: String,
@@ -189,6 +206,19 @@ pub enum VmCommand {
         #[arg(long)]
         force: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Snapshot a VM under a name: a running VM is paused only for the
+    /// capture and runs on; a suspended VM's snapshot gets the name.
+    Create { vm: String, name: String },
+    /// List snapshot layers (named ones, suspended VMs', image bases).
+    Ls,
+    /// Show one snapshot, by name or layer id.
+    Inspect { name: String },
+    /// Remove a snapshot; refused while a VM or later snapshot depends on it.
+    Rm { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -239,6 +269,18 @@ pub struct VmRunArgs {
     /// Create only; start later with `flotilla vm start`.
     #[arg(long)]
     pub no_start: bool,
+    /// Start from a snapshot instead of booting: the image's base snapshot
+    /// (made on first use for this image and shape) when no NAME is given.
+    #[arg(long, value_name = "NAME", num_args = 0..=1, default_missing_value = "base")]
+    pub from_snapshot: Option<String>,
+}
+
+fn parse_clone_disk(s: &str) -> Result<flotilla_api::CloneDisk, String> {
+    match s {
+        "cow" => Ok(flotilla_api::CloneDisk::Cow),
+        "read-only" | "readonly" => Ok(flotilla_api::CloneDisk::ReadOnly),
+        _ => Err(format!("{s:?} is not a disk mode: use cow or read-only")),
+    }
 }
 
 #[derive(Debug, Args)]

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use flotilla_guest_protocol::{ErrorKind, HelloReply, RequestBody, ResponseBody, PROTOCOL_VERSION};
 
 use crate::writer::Reply;
-use crate::{clock, exec, info, power, AgentContext};
+use crate::{clock, exec, identity, info, power, AgentContext};
 
 /// Handles a request on a new thread so a long exec never blocks the reader.
 pub(crate) fn spawn(body: RequestBody, reply: Reply, context: &Arc<AgentContext>) {
@@ -65,5 +65,69 @@ fn handle(body: RequestBody, reply: &Reply, context: &AgentContext) {
                 }),
             });
         }
+        RequestBody::SetIdentity(request) => match identity::set(&request) {
+            Ok(applied_ms) => {
+                let _ = reply.send(ResponseBody::IdentitySet { applied_ms });
+            }
+            Err(error) => {
+                crate::log!("cannot set identity: {error}");
+                reply.error(error.kind(), format!("cannot set identity: {error}"));
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests fail loudly by design.
+mod tests {
+    use std::io::{self, Write};
+    use std::sync::{Mutex, OnceLock};
+
+    use flotilla_guest_protocol::{FrameDecoder, IdentityRequest, Response};
+
+    use super::*;
+    use crate::power::ShutdownAction;
+    use crate::writer::FrameWriter;
+
+    /// A writer whose bytes the test reads back.
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Sink {
+        fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn answer(body: RequestBody) -> Response {
+        let sink = Sink::default();
+        let reply = FrameWriter::new(sink.clone()).reply_to(21);
+        let context = AgentContext {
+            boot_ms: OnceLock::new(),
+            shutdown: ShutdownAction::Ignore,
+        };
+        handle(body, &reply, &context);
+        let mut decoder = FrameDecoder::new();
+        decoder.feed(&sink.0.lock().unwrap());
+        decoder.next_message().unwrap().unwrap()
+    }
+
+    /// Safe to run anywhere: validation fails before the agent touches this machine.
+    #[test]
+    fn invalid_identity_is_refused_naming_the_field() {
+        let response = answer(RequestBody::SetIdentity(IdentityRequest {
+            hostname: "Not_A_Hostname".into(),
+            ..IdentityRequest::default()
+        }));
+        assert_eq!(response.id, 21);
+        let ResponseBody::Error(error) = response.body else {
+            panic!("expected an error, got {response:?}");
+        };
+        assert_eq!(error.kind, ErrorKind::InvalidRequest);
+        assert!(error.message.contains("invalid hostname"), "{error:?}");
     }
 }

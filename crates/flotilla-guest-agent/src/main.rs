@@ -2,7 +2,8 @@
 //!
 //! Started (and restarted when it exits) by the guest's `/init`. It finds the virtio-serial port
 //! named [`AGENT_PORT_NAME`] and answers framed requests from the host agent: handshake, exec,
-//! info, shutdown. `--listen-unix PATH` serves a unix socket instead, for tests without a VM.
+//! info, shutdown, clock and identity changes. `--listen-unix PATH` serves a unix socket
+//! instead, for tests without a VM.
 //!
 //! Built static (`-C target-feature=+crt-static`) with std threads only, to stay small.
 
@@ -10,6 +11,7 @@ mod args;
 mod clock;
 mod dispatch;
 mod exec;
+mod identity;
 mod info;
 mod output;
 mod port;

@@ -40,7 +40,7 @@ mod wire_tests;
 
 pub use decoder::FrameDecoder;
 pub use frame::{decode_message, encode_frame, encode_message, FrameError, HEADER_LEN, MAGIC};
-pub use request::{ExecRequest, Request, RequestBody};
+pub use request::{ExecRequest, IdentityRequest, InterfaceIdentity, Request, RequestBody};
 pub use response::{
     ErrorKind, ExecExit, GuestAddress, GuestErrorReply, GuestInfo, HelloReply, OutputStream,
     Response, ResponseBody,

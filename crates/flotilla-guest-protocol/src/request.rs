@@ -43,6 +43,9 @@ pub enum RequestBody {
         /// Nanoseconds since the Unix epoch, UTC.
         unix_nanos: u64,
     },
+    /// Give the guest a new identity (hostname, machine id, MAC and addresses, fresh RNG
+    /// state) after it was restored from a snapshot or cloned from another running VM.
+    SetIdentity(IdentityRequest),
 }
 
 /// A command to run in the guest.
@@ -81,4 +84,63 @@ impl ExecRequest {
             ..Self::default()
         }
     }
+}
+
+/// A new identity for a guest restored from a snapshot or cloned from a running VM.
+///
+/// The guest checks every field before changing anything, then reseeds its RNG first so its
+/// random output diverges from the source VM's at once.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityRequest {
+    /// New hostname: `[a-z0-9][a-z0-9-]{0,62}`.
+    pub hostname: String,
+    /// New `/etc/machine-id`: 32 lowercase hex characters, not all zero.
+    pub machine_id: String,
+    /// Interfaces to readdress, in order; the first one's first address is what the hostname
+    /// resolves to in `/etc/hosts`. Interfaces not listed are left alone.
+    #[serde(default)]
+    pub interfaces: Vec<InterfaceIdentity>,
+    /// Fresh entropy mixed into the guest kernel's RNG, which is then reseeded;
+    /// [`RNG_SEED_MIN_LEN`](Self::RNG_SEED_MIN_LEN) to [`RNG_SEED_MAX_LEN`](Self::RNG_SEED_MAX_LEN)
+    /// bytes from a cryptographic source.
+    #[serde(with = "crate::b64")]
+    pub rng_seed: Vec<u8>,
+}
+
+impl IdentityRequest {
+    /// Fewest seed bytes the guest accepts (256 bits: enough to seed a kernel RNG on its own).
+    pub const RNG_SEED_MIN_LEN: usize = 32;
+    /// Most seed bytes the guest accepts.
+    pub const RNG_SEED_MAX_LEN: usize = 4096;
+}
+
+/// The seed is RNG input: keep it out of logs.
+impl std::fmt::Debug for IdentityRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdentityRequest")
+            .field("hostname", &self.hostname)
+            .field("machine_id", &self.machine_id)
+            .field("interfaces", &self.interfaces)
+            .field("rng_seed", &format_args!("<{} bytes>", self.rng_seed.len()))
+            .finish()
+    }
+}
+
+/// The new identity of one network interface. The interface is taken down, given `mac`, its
+/// addresses replaced by `addresses`, brought up, and given a default route via `gateway`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterfaceIdentity {
+    /// Interface name in the guest, e.g. `eth0`.
+    pub name: String,
+    /// Unicast MAC address, e.g. `52:54:00:12:34:56`.
+    pub mac: String,
+    /// Addresses in CIDR form, e.g. `10.77.0.5/24`; may be empty.
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// Default route via this address, which must be reachable through `addresses` (or, for
+    /// IPv6, be link-local).
+    #[serde(default)]
+    pub gateway: Option<String>,
 }

@@ -41,6 +41,11 @@ pub enum ResponseBody {
         /// New time minus old time (negative when the clock went back).
         adjusted_by_ms: i64,
     },
+    /// Answer to `SetIdentity`: the whole identity was applied.
+    IdentitySet {
+        /// How long applying it took in the guest, in milliseconds.
+        applied_ms: u64,
+    },
 }
 
 /// The guest's side of the handshake.

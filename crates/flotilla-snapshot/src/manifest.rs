@@ -37,6 +37,10 @@ pub struct LayerManifest {
     /// Runs of consecutive changed pages, in page order.
     pub extents: Vec<Extent>,
     pub disk: Option<DiskEntry>,
+    /// Files outside the layer it needs, pinned in the store's `pinned/`
+    /// while the layer exists: role (e.g. `kernel`, `disk-base`) to file name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pinned: BTreeMap<String, String>,
     /// SHA-256 of `memory.data`.
     pub data_sha256: String,
     /// SHA-256 of this manifest's compact JSON with this field empty.
@@ -264,6 +268,7 @@ mod tests {
                 },
             ],
             disk: None,
+            pinned: Default::default(),
             data_sha256: sha,
             manifest_sha256: String::new(),
         };

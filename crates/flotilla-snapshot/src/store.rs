@@ -22,6 +22,9 @@ use crate::refs::{check_holder, Refs};
 use crate::time::now_rfc3339;
 use crate::LAYER_FORMAT_VERSION;
 
+/// Files layers need from elsewhere (see [`SnapshotStore::pin_path_for`]).
+const PINNED_DIR: &str = "pinned";
+
 /// A directory of layers: `<root>/layers/<id>/`, `<root>/refs/<id>/<holder>`.
 /// Cheap to clone; clones (and other processes) may use the store at the same
 /// time.
@@ -44,6 +47,12 @@ pub struct NewLayer<'a> {
     pub parent_memory: Option<&'a Path>,
     /// A disk file moved into the layer as `disk.qcow2`.
     pub disk: Option<&'a Path>,
+    /// Files the layer needs that live elsewhere (the kernel, the file at
+    /// the bottom of `disk`'s backing chain), by role: pinned into the store
+    /// as [`SnapshotStore::pin_path_for`] names them (the caller points the
+    /// disk's backing there), so the layer outlives the VM and image it
+    /// came from.
+    pub pins: BTreeMap<String, &'a Path>,
     /// Free-form labels (e.g. `vm`, `image`).
     pub labels: BTreeMap<String, String>,
 }
@@ -56,6 +65,7 @@ impl<'a> NewLayer<'a> {
             memory,
             parent_memory: None,
             disk: None,
+            pins: BTreeMap::new(),
             labels: BTreeMap::new(),
         }
     }
@@ -176,6 +186,10 @@ impl SnapshotStore {
             staging.write_data(bytes)
         })?;
         let disk = req.disk.map(|d| staging.put_disk(d)).transpose()?;
+        let mut pinned = BTreeMap::new();
+        for (role, file) in &req.pins {
+            pinned.insert(role.clone(), file_name(&self.pin_path_for(file)?));
+        }
 
         let mut manifest = LayerManifest {
             id,
@@ -189,6 +203,7 @@ impl SnapshotStore {
             pages_zeroed: diff.pages_zeroed,
             extents: diff.extents,
             disk,
+            pinned,
             data_sha256: diff.data_sha256,
             manifest_sha256: String::new(),
         };
@@ -203,6 +218,11 @@ impl SnapshotStore {
                         parent: parent.clone(),
                     });
                 }
+            }
+            // Pinned under the lock, so a concurrent gc cannot take the base
+            // before the layer that needs it exists.
+            for file in req.pins.values() {
+                self.pin(file)?;
             }
             staging.commit(&manifest.to_json())?;
             if let Some(holder) = holder {
@@ -315,6 +335,77 @@ impl SnapshotStore {
         Ok(())
     }
 
+    /// Where the store keeps `file` (e.g. the bottom of a layer disk's
+    /// backing chain, an image's root disk) once a layer pins it. The name
+    /// follows the file's identity (device, inode, size, mtime), so hard
+    /// links of one file share one pinned copy.
+    pub fn pin_path_for(&self, file: &Path) -> Result<PathBuf, SnapshotError> {
+        use sha2::{Digest, Sha256};
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::metadata(file).ctx("stat", file)?;
+        let identity = format!("{}:{}:{}:{}", m.dev(), m.ino(), m.size(), m.mtime());
+        let digest = Sha256::digest(identity.as_bytes());
+        let name: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+        let ext = file.extension().map(|e| e.to_string_lossy().into_owned());
+        let name = match ext {
+            Some(ext) => format!("{name}.{ext}"),
+            None => name,
+        };
+        Ok(self.root.join(PINNED_DIR).join(name))
+    }
+
+    /// A file layer `layer` pinned under `role`.
+    pub fn pinned_path(&self, layer: &LayerManifest, role: &str) -> Option<PathBuf> {
+        let name = layer.pinned.get(role)?;
+        (!name.contains('/') && !name.starts_with('.'))
+            .then(|| self.root.join(PINNED_DIR).join(name))
+    }
+
+    /// Hard-links (or copies) `file` into `pinned/`. Call under the lock.
+    fn pin(&self, file: &Path) -> Result<(), SnapshotError> {
+        let dest = self.pin_path_for(file)?;
+        let dir = self.root.join(PINNED_DIR);
+        fs::create_dir_all(&dir).ctx("create directory", &dir)?;
+        if !dest.exists() {
+            if fs::hard_link(file, &dest).is_err() {
+                let tmp = dir.join(".tmp-copy");
+                fs::copy(file, &tmp).ctx("copy", file)?;
+                fs::rename(&tmp, &dest).ctx("rename", &dest)?;
+            }
+            crate::fsutil::fsync_path(&dir)?;
+        }
+        Ok(())
+    }
+
+    /// Removes the pinned files no remaining layer needs. Keeps everything
+    /// if a manifest cannot be read: what it needs is then unknown.
+    fn gc_pinned(&self) -> Result<u64, SnapshotError> {
+        let dir = self.root.join(PINNED_DIR);
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return Ok(0);
+        };
+        let mut used = BTreeSet::new();
+        for id in self.backend.ids()? {
+            match self.get(&id) {
+                Ok(m) => used.extend(m.pinned.into_values()),
+                Err(SnapshotError::NotFound { .. }) => {}
+                Err(_) => return Ok(0),
+            }
+        }
+        let mut freed = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if used.contains(&name) {
+                continue;
+            }
+            let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
+            if fs::remove_file(entry.path()).is_ok() {
+                freed += size;
+            }
+        }
+        Ok(freed)
+    }
+
     /// The layer's `disk.qcow2`, if it has one.
     pub fn disk_path(&self, id: &LayerId) -> Option<PathBuf> {
         if !id.is_valid() {
@@ -392,6 +483,7 @@ impl SnapshotStore {
             report.bytes_freed += self.backend.delete(&id)?;
             report.removed.push(id);
         }
+        report.bytes_freed += self.gc_pinned()?;
         // References to layers that no longer exist protect nothing.
         for id in refs.keys().filter(|id| !links.contains_key(*id)) {
             self.refs.clear(id)?;
@@ -407,6 +499,12 @@ impl SnapshotStore {
     fn lock(&self) -> Result<StoreLock, SnapshotError> {
         StoreLock::acquire(&self.root.join("lock"))
     }
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 fn check_memory_file(path: &Path) -> Result<(), SnapshotError> {

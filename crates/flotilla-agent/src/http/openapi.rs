@@ -28,6 +28,11 @@ use utoipa::OpenApi;
         super::vms::fleet_resume,
         super::vms::resume,
         super::vms::logs,
+        super::snapshots::clone_vm,
+        super::snapshots::list,
+        super::snapshots::create,
+        super::snapshots::inspect,
+        super::snapshots::remove,
     ),
     components(schemas(
         flotilla_api::VmInfo,
@@ -51,6 +56,13 @@ use utoipa::OpenApi;
         flotilla_api::ErrorBody,
         flotilla_api::ErrorDetail,
         flotilla_api::ErrorCode,
+        flotilla_api::SnapshotInfo,
+        flotilla_api::SnapshotKind,
+        flotilla_api::CreateSnapshotRequest,
+        flotilla_api::SnapshotCreated,
+        flotilla_api::CloneVmRequest,
+        flotilla_api::CloneDisk,
+        flotilla_api::CloneResult,
     ))
 )]
 struct ApiDoc;

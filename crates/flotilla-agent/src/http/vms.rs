@@ -19,7 +19,7 @@ use super::ApiError;
 use crate::manager::fleet::FleetOp;
 use crate::VmManager;
 
-type JsonBody<T> = Result<Json<T>, JsonRejection>;
+pub(super) type JsonBody<T> = Result<Json<T>, JsonRejection>;
 
 #[utoipa::path(get, path = "/v1/vms", responses((status = 200, body = Vec<VmInfo>)))]
 pub async fn list(State(m): State<VmManager>) -> Json<Vec<VmInfo>> {
@@ -212,7 +212,7 @@ pub async fn logs(
 /// Runs a lifecycle operation to its end even if the client goes away: hyper
 /// drops a handler's future on disconnect, and a stop or start cut in the
 /// middle would leave the VM half way.
-async fn detached<T: Send + 'static>(
+pub(super) async fn detached<T: Send + 'static>(
     op: impl std::future::Future<Output = Result<T, crate::AgentError>> + Send + 'static,
 ) -> Result<T, ApiError> {
     match tokio::spawn(op).await {

@@ -6,6 +6,7 @@ use std::fs;
 use flotilla_api::{CreateVmRequest, Resources, VmInfo, VmState};
 use flotilla_image::DEFAULT_IMAGE;
 
+use super::bases::BASE_VM_PREFIX;
 use super::{VmEntry, VmManager};
 use crate::disks;
 use crate::error::{AgentError, AgentResult};
@@ -27,22 +28,43 @@ pub const KERNEL: &str = "vmlinux";
 pub const INITRD: &str = "initrd";
 
 /// Hard-links `src` to `dst`, copying when they are on different file systems.
-fn pin(src: &std::path::Path, dst: &std::path::Path) -> std::io::Result<()> {
+pub(crate) fn pin(src: &std::path::Path, dst: &std::path::Path) -> std::io::Result<()> {
     match fs::hard_link(src, dst) {
         Ok(()) => Ok(()),
         Err(_) => fs::copy(src, dst).map(|_| ()),
     }
 }
 
-fn new_vm_id() -> String {
+pub(crate) fn new_vm_id() -> String {
     let b: [u8; 8] = rand::random();
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// A random machine-id, as systemd writes them: 128 bits in hex.
+pub(crate) fn new_machine_id() -> String {
+    let b: [u8; 16] = rand::random();
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 impl VmManager {
-    /// Creates a VM and, unless asked not to, starts it.
+    /// Creates a VM and, unless asked not to, starts it (booting, or from
+    /// a snapshot).
     pub async fn create(&self, req: CreateVmRequest) -> AgentResult<VmInfo> {
+        if req.name.starts_with(BASE_VM_PREFIX) {
+            return Err(AgentError::InvalidArgument(format!(
+                "name: {:?} is not accepted: names starting with {BASE_VM_PREFIX:?} are reserved for the agent's base snapshots",
+                req.name
+            )));
+        }
+        self.create_unchecked(req).await
+    }
+
+    /// [`create`](Self::create) without the reserved-name check.
+    pub(crate) async fn create_unchecked(&self, req: CreateVmRequest) -> AgentResult<VmInfo> {
         let spec = VmSpec::from_request(req)?;
+        if let Some(from) = spec.from_snapshot.clone() {
+            return self.create_from_snapshot(spec, &from).await;
+        }
         let image_name = spec
             .image
             .clone()
@@ -110,35 +132,8 @@ impl VmManager {
         image_name: &str,
         image: &flotilla_image::Image,
     ) -> AgentResult<VmRecord> {
-        let cfg = &self.inner.config;
         let id = new_vm_id();
-        let (used_ips, used_macs) = {
-            let mut ips = HashSet::new();
-            let mut macs = HashSet::new();
-            for e in self.vms().values() {
-                for n in &e.lock().record.nics {
-                    ips.insert(n.ip);
-                    macs.insert(n.mac.clone());
-                }
-            }
-            (ips, macs)
-        };
-        let mut used_ips = used_ips;
-        let mut used_macs = used_macs;
-        let mut nics = Vec::new();
-        for i in 0..spec.nics as usize {
-            let ip = allocate_ip(&cfg.subnet, &used_ips)?;
-            used_ips.insert(ip);
-            let mac = allocate_mac(&used_macs);
-            used_macs.insert(mac.clone());
-            nics.push(NicRecord {
-                mac,
-                ip,
-                prefix_len: cfg.subnet.prefix_len(),
-                gateway: cfg.subnet.gateway(),
-                tap: tap_name(&id, i),
-            });
-        }
+        let nics = self.allocate_nics(&id, spec.nics as usize)?;
         let dir = self.vm_dir(&spec.name);
         let mut disks = Vec::new();
         if let Some(rootfs) = &image.rootfs {
@@ -149,6 +144,7 @@ impl VmManager {
                 format: "qcow2".into(),
                 size_mib,
                 backing: Some(dir.join(BASE_DISK)),
+                read_only: false,
             });
         }
         for d in &spec.disks {
@@ -158,6 +154,7 @@ impl VmManager {
                 format: "qcow2".into(),
                 size_mib: d.size_mib,
                 backing: None,
+                read_only: false,
             });
         }
         Ok(VmRecord {
@@ -183,7 +180,38 @@ impl VmManager {
             last_error: None,
             snapshot_head: None,
             pending_snapshot: None,
+            machine_id: Some(new_machine_id()),
+            identity_pending: false,
         })
+    }
+
+    /// Addresses and MACs no other VM has, for a new VM `id`. Call under
+    /// the admission lock, so two creates never get the same ones.
+    pub(crate) fn allocate_nics(&self, id: &str, count: usize) -> AgentResult<Vec<NicRecord>> {
+        let cfg = &self.inner.config;
+        let mut used_ips = HashSet::new();
+        let mut used_macs = HashSet::new();
+        for e in self.vms().values() {
+            for n in &e.lock().record.nics {
+                used_ips.insert(n.ip);
+                used_macs.insert(n.mac.clone());
+            }
+        }
+        let mut nics = Vec::new();
+        for i in 0..count {
+            let ip = allocate_ip(&cfg.subnet, &used_ips)?;
+            used_ips.insert(ip);
+            let mac = allocate_mac(&used_macs);
+            used_macs.insert(mac.clone());
+            nics.push(NicRecord {
+                mac,
+                ip,
+                prefix_len: cfg.subnet.prefix_len(),
+                gateway: cfg.subnet.gateway(),
+                tap: tap_name(id, i),
+            });
+        }
+        Ok(nics)
     }
 
     /// Writes the VM's directory under a temporary name, then renames it into

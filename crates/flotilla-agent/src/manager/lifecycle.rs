@@ -265,6 +265,9 @@ impl VmManager {
             "panic=-1".into(),
             format!("flotilla.hostname={}", record.name),
         ];
+        if let Some(id) = &record.machine_id {
+            cmdline.push(format!("flotilla.machine_id={id}"));
+        }
         for (i, nic) in record.nics.iter().enumerate() {
             if i == 0 {
                 cmdline.push(format!("flotilla.ip={}/{}", nic.ip, nic.prefix_len));
@@ -300,7 +303,7 @@ impl VmManager {
                     id: format!("disk-{}", d.name),
                     path: d.path.clone(),
                     format: d.format.clone(),
-                    read_only: false,
+                    read_only: d.read_only,
                 })
                 .collect(),
             nics: record

@@ -12,10 +12,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flotilla_api::{VmInfo, VmState};
+use flotilla_guest_protocol::GuestClient;
 use flotilla_qemu::migration::{load_from_file, save_to_file, set_link};
 use flotilla_qemu::{QemuProcess, QmpClient};
-use flotilla_snapshot::{LayerId, LayerManifest, NewLayer};
+use flotilla_snapshot::{LayerId, LayerManifest};
 
+use super::layers::{root_disk, store_layer, Capture};
 use super::{VmEntry, VmManager};
 use crate::disks;
 use crate::error::{AgentError, AgentResult};
@@ -28,7 +30,7 @@ pub const MEMORY_IMAGE: &str = "memory.img";
 /// Names the layer `MEMORY_IMAGE` holds; absent while that is unknown (it is
 /// removed before the image is replaced and written after), so a stale
 /// image is never taken for the parent of a diff.
-const MEMORY_IMAGE_LAYER: &str = "memory.img.layer";
+pub(crate) const MEMORY_IMAGE_LAYER: &str = "memory.img.layer";
 const MEMORY_TMP: &str = ".suspend-memory.tmp";
 const DISK_TMP: &str = ".suspend-disk.tmp";
 const RESUME_MEMORY_TMP: &str = ".resume-memory.tmp";
@@ -45,11 +47,7 @@ fn nic_ids(record: &VmRecord) -> Vec<String> {
     (0..record.nics.len()).map(|i| format!("net{i}")).collect()
 }
 
-fn root_disk(record: &VmRecord) -> Option<&crate::record::DiskRecord> {
-    record.disks.first().filter(|d| d.name == "root")
-}
-
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     what: &'static str,
     f: impl FnOnce() -> AgentResult<T> + Send + 'static,
 ) -> AgentResult<T> {
@@ -135,51 +133,33 @@ impl VmManager {
             .await
             .map_err(|e| AgentError::Snapshot(format!("saving the VM's memory: {e}")))?;
 
-        // Paused, QEMU has flushed the root disk: copy the overlay (only this
-        // VM's changes) and give it an absolute backing path for the store.
-        let disk = match root_disk(record) {
-            Some(root) => {
-                let tmp = dir.join(DISK_TMP);
-                let (src, backing) = (root.path.clone(), root.backing.clone());
-                blocking("copying the root disk", move || {
-                    std::fs::copy(&src, &tmp)
-                        .map_err(|e| AgentError::io("copying the root disk", e))?;
-                    if let Some(b) = backing {
-                        disks::rebase_unsafe(&tmp, &b, "qcow2")?;
-                    }
-                    Ok(Some(tmp))
-                })
-                .await?
-            }
-            None => None,
+        // Paused, QEMU has flushed the root disk: copy its changes.
+        let disk_tmp = dir.join(DISK_TMP);
+        let has_root = root_disk(record).is_some();
+        let pins = {
+            let (manager, record, tmp) = (self.clone(), record.clone(), disk_tmp.clone());
+            blocking("copying the root disk", move || {
+                manager.copy_root_for_layer(&record, &tmp)
+            })
+            .await?
         };
-        let parent = record.snapshot_head.clone().map(LayerId);
-        let parent_memory = parent
-            .as_ref()
-            .filter(|p| memory_image_layer(&dir).as_deref() == Some(p.0.as_str()))
-            .map(|_| dir.join(MEMORY_IMAGE));
+        let (parent, parent_memory) = self.diff_parent(record);
+        let capture = Capture {
+            memory: memory.clone(),
+            disk: has_root.then_some(disk_tmp),
+            pins,
+            parent,
+            parent_memory,
+            labels: self.layer_labels(record, "suspend"),
+        };
         let store = self.inner.snapshots.clone();
         let vm_holder = holder(&record.name);
-        let mut labels = std::collections::BTreeMap::new();
-        labels.insert("vm".to_string(), record.name.clone());
-        labels.insert("image".to_string(), record.image.clone());
         let layer = blocking("writing the snapshot layer", move || {
             // Referenced from the start, so a concurrent collection of
             // another VM's layers cannot take it.
-            let layer = store
-                .create_layer_with_ref(
-                    NewLayer {
-                        parent: parent.as_ref(),
-                        memory: &memory,
-                        parent_memory: parent_memory.as_deref(),
-                        disk: disk.as_deref(),
-                        labels,
-                    },
-                    &vm_holder,
-                )
-                .map_err(AgentError::from)?;
+            let layer = store_layer(&store, &capture, &vm_holder)?;
             // The new image is the next suspend's parent.
-            replace_memory_image(&memory, &layer.id)?;
+            replace_memory_image(&capture.memory, &layer.id)?;
             Ok(layer)
         })
         .await;
@@ -249,13 +229,23 @@ impl VmManager {
             self.reserve_and_enter(&entry, &mut s, others, VmState::Resuming)?
         };
         match self.restore(&record).await {
-            Ok((process, qmp, root_backing)) => {
+            Ok((process, qmp, root_backing, guest)) => {
                 self.enter_running(&entry, process, qmp, generation, |r| {
                     if let (Some(root), Some(b)) = (r.disks.first_mut(), root_backing) {
                         root.backing = Some(b);
                     }
+                    if guest.is_some() {
+                        r.identity_pending = false;
+                    }
                 })?;
-                self.spawn_readiness_with_clock(entry.clone(), generation);
+                match guest {
+                    // Identity and clock are set: the guest agent answered.
+                    Some(client) => {
+                        entry.lock().runtime.guest = Some(client);
+                        entry.readiness.set(Readiness::Ready);
+                    }
+                    None => self.spawn_readiness_with_clock(entry.clone(), generation),
+                }
             }
             Err(e) => {
                 if let Some(root) = root_disk(&entry.lock().record) {
@@ -281,10 +271,7 @@ impl VmManager {
 
     /// Memory image from the chain (checksums verified), a fresh overlay on
     /// the head's disk, taps, then QEMU loading the image.
-    async fn restore(
-        &self,
-        record: &VmRecord,
-    ) -> AgentResult<(Arc<QemuProcess>, QmpClient, Option<PathBuf>)> {
+    async fn restore(&self, record: &VmRecord) -> AgentResult<Restored> {
         let head = record.snapshot_head.clone().map(LayerId).ok_or_else(|| {
             AgentError::conflict(
                 format!("VM {:?} has no snapshot to resume from", record.name),
@@ -307,9 +294,14 @@ impl VmManager {
         config.incoming = Some("defer".into());
         // QEMU starts (and waits for its state) while the memory image is
         // rebuilt and verified: the two take about as long as each other.
+        // The image kept from the suspend is reused once the chain checks out.
+        let reuse = memory_image_layer(&dir).as_deref() == Some(head.as_str());
         let rebuild = {
             let (store, head, memory) = (store.clone(), head.clone(), memory.clone());
             blocking("rebuilding the memory image", move || {
+                if reuse {
+                    return store.verify(&head).map_err(AgentError::from);
+                }
                 let tmp = memory.with_file_name(RESUME_MEMORY_TMP);
                 store
                     .materialize_memory(&head, &tmp)
@@ -331,17 +323,25 @@ impl VmManager {
                 .await
                 .map_err(|e| AgentError::Snapshot(format!("loading the VM's memory: {e}")))?;
             qmp.cont().await?;
+            // A VM from another VM's snapshot takes its own identity before
+            // its network comes up, so it is never seen with the other's.
+            let guest = match record.identity_pending {
+                true => Some(self.apply_identity(record).await?),
+                false => None,
+            };
             for id in nic_ids(record) {
                 set_link(&qmp, &id, true).await?;
             }
-            Ok::<_, AgentError>(())
+            Ok::<_, AgentError>(guest)
         }
         .await;
-        if let Err(e) = loaded {
-            let _ = process.kill().await;
-            return Err(e);
+        match loaded {
+            Ok(guest) => Ok((process, qmp, root_backing, guest)),
+            Err(e) => {
+                let _ = process.kill().await;
+                Err(e)
+            }
         }
-        Ok((process, qmp, root_backing))
     }
 
     /// Readiness, then the guest's clock set to the host's: after a resume
@@ -367,15 +367,24 @@ impl VmManager {
     }
 }
 
+/// What a restore brings up: QEMU, its QMP connection, the root disk's new
+/// backing, and the guest agent if the restore already talked to it.
+type Restored = (
+    Arc<QemuProcess>,
+    QmpClient,
+    Option<PathBuf>,
+    Option<Arc<GuestClient>>,
+);
+
 /// The layer the VM directory's memory image holds, if known.
-fn memory_image_layer(dir: &Path) -> Option<String> {
+pub(crate) fn memory_image_layer(dir: &Path) -> Option<String> {
     std::fs::read_to_string(dir.join(MEMORY_IMAGE_LAYER))
         .ok()
         .map(|s| s.trim().to_string())
 }
 
 /// Moves `new` into place as the memory image of `layer`.
-fn replace_memory_image(new: &Path, layer: &LayerId) -> AgentResult<()> {
+pub(crate) fn replace_memory_image(new: &Path, layer: &LayerId) -> AgentResult<()> {
     let dir = new.parent().unwrap_or(Path::new("."));
     let marker = dir.join(MEMORY_IMAGE_LAYER);
     match std::fs::remove_file(&marker) {

@@ -3,6 +3,7 @@
 mod agent;
 mod fleet;
 mod image;
+mod snapshot;
 mod vm;
 
 use std::process::ExitCode;
@@ -20,6 +21,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Image(cmd) => image::run(&cli.endpoint, cli.json, cmd).await,
         Command::Vm(cmd) => vm::run(&Client::new(&cli.endpoint)?, cli.json, cmd).await,
         Command::Fleet(cmd) => fleet::run(&Client::new(&cli.endpoint)?, cli.json, cmd).await,
+        Command::Snapshot(cmd) => snapshot::run(&Client::new(&cli.endpoint)?, cli.json, cmd).await,
         Command::Host => {
             let host: HostInfo = Client::new(&cli.endpoint)?.get("/v1/host").await?;
             if cli.json {

@@ -5,7 +5,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use base64::Engine;
-use flotilla_api::{CreateVmRequest, DiskSpec, ExecEvent, ExecRequest, StopVmRequest, VmInfo};
+use flotilla_api::{
+    CloneResult, CloneVmRequest, CreateVmRequest, DiskSpec, ExecEvent, ExecRequest, StopVmRequest,
+    VmInfo,
+};
 use futures::StreamExt;
 use reqwest::Method;
 
@@ -92,6 +95,34 @@ pub async fn run(client: &Client, json: bool, cmd: VmCommand) -> anyhow::Result<
             let vm: VmInfo = client.post(&path, &serde_json::json!({})).await?;
             show_vm(json, &vm, "resumed")?;
         }
+        VmCommand::Clone {
+            source,
+            name,
+            disk,
+            tags,
+        } => {
+            let req = CloneVmRequest {
+                name,
+                disk,
+                tags: (!tags.is_empty()).then(|| tags.into_iter().collect()),
+            };
+            let made: CloneResult = client
+                .post(&format!("/v1/vms/{source}/clone"), &req)
+                .await?;
+            if json {
+                output::json(&made)?;
+            } else {
+                let ip = made.vm.nics.first().map(|n| n.ip.clone());
+                println!(
+                    "{} cloned from {source} in {:.2} s ({} paused {} ms); ip {}",
+                    made.vm.name,
+                    made.total_ms as f64 / 1000.0,
+                    source,
+                    made.source_pause_ms,
+                    opt(&ip)
+                );
+            }
+        }
         VmCommand::Rm { name, force } => {
             client
                 .delete(&format!("/v1/vms/{name}?force={force}"))
@@ -122,6 +153,7 @@ fn create_request(a: VmRunArgs) -> CreateVmRequest {
         tags: a.tags.into_iter().collect(),
         start: Some(!a.no_start),
         wait_ready: Some(a.wait),
+        from_snapshot: a.from_snapshot,
     }
 }
 

@@ -3,6 +3,7 @@
 //! through `TestHost`'s Drop, also when it fails.
 
 mod bad_input;
+mod clone;
 mod exec;
 mod faults;
 mod images;

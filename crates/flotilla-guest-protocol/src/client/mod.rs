@@ -27,7 +27,7 @@ use conn::{Pending, Route};
 
 use crate::{
     encode_message, ErrorKind, ExecExit, ExecRequest, GuestErrorReply, GuestInfo, HelloReply,
-    Request, RequestBody, ResponseBody, PROTOCOL_VERSION,
+    IdentityRequest, Request, RequestBody, ResponseBody, PROTOCOL_VERSION,
 };
 
 /// How often `hello` re-sends while unanswered (a guest agent restarted mid-read loses it).
@@ -230,6 +230,24 @@ impl GuestClient {
         {
             ResponseBody::ClockSet { adjusted_by_ms } => Ok(adjusted_by_ms),
             other => Err(unexpected("set_clock", &other)),
+        }
+    }
+
+    /// Gives the guest a new identity (after a restore from a snapshot, or on a clone of a
+    /// running VM); returns how long the guest took to apply it, in milliseconds.
+    ///
+    /// A guest that rejects a field answers [`ErrorKind::InvalidRequest`] having changed
+    /// nothing; an agent too old to know the request answers the same kind. Any other guest
+    /// error names the step that failed, and the steps before it stay applied (the RNG is
+    /// reseeded first).
+    pub async fn set_identity(
+        &self,
+        identity: IdentityRequest,
+        wait: Duration,
+    ) -> Result<u64, GuestClientError> {
+        match self.call(RequestBody::SetIdentity(identity), wait).await? {
+            ResponseBody::IdentitySet { applied_ms } => Ok(applied_ms),
+            other => Err(unexpected("set_identity", &other)),
         }
     }
 

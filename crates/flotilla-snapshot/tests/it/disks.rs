@@ -110,3 +110,38 @@ fn a_disk_on_another_filesystem_is_copied_then_removed() {
     );
     fx.store.verify(&m.id).unwrap();
 }
+
+#[test]
+fn a_disk_base_is_pinned_while_a_layer_sits_on_it() {
+    let fx = Fixture::new();
+    let mem = memory(&fx);
+    let image_root = fx.path("image-root.qcow2");
+    fs::write(&image_root, b"QFI\xfb the image's root disk").unwrap();
+    let pinned = fx.store.pin_path_for(&image_root).unwrap();
+    assert!(pinned.starts_with(fx.store.root()));
+    // A hard link of the same file maps to the same pinned base.
+    let link = fx.path("vm-base.qcow2");
+    fs::hard_link(&image_root, &link).unwrap();
+    assert_eq!(fx.store.pin_path_for(&link).unwrap(), pinned);
+
+    let disk = fx.path("overlay.qcow2");
+    fs::write(&disk, b"overlay").unwrap();
+    let mut req = NewLayer::full(&mem).with_disk(&disk);
+    req.pins.insert("disk-base".into(), &link);
+    let m = fx.store.create_layer(req).unwrap();
+    assert_eq!(fx.store.pinned_path(&m, "disk-base"), Some(pinned.clone()));
+    assert_eq!(
+        fs::metadata(&pinned).unwrap().ino(),
+        fs::metadata(&image_root).unwrap().ino()
+    );
+
+    // The VM and the image go; the layer's base stays, until the layer goes.
+    fs::remove_file(&image_root).unwrap();
+    fs::remove_file(&link).unwrap();
+    fx.store.add_ref(&m.id, "vm:a").unwrap();
+    fx.store.gc().unwrap();
+    assert!(pinned.exists());
+    fx.store.remove_ref(&m.id, "vm:a").unwrap();
+    fx.store.gc().unwrap();
+    assert!(!pinned.exists(), "no layer needs the base any more");
+}

@@ -1,0 +1,413 @@
+//! Snapshots of running VMs, clones, and new VMs started from a snapshot.
+//!
+//! A live capture pauses the VM only to save its memory and copy its root
+//! disk's changes; it runs on while the layer is written. A VM started from
+//! a layer is created suspended at that layer with `identity_pending`, then
+//! resumed: the guest agent gives it its own MAC, IP, hostname, machine-id
+//! and RNG state before its network link comes up.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flotilla_api::{CloneDisk, CloneResult, CloneVmRequest, VmState};
+use flotilla_qemu::migration::save_to_file;
+use flotilla_snapshot::{LayerId, LayerManifest};
+
+use super::create::{new_machine_id, INITRD, KERNEL, ROOT_DISK};
+use super::layers::{
+    label, root_disk, store_layer, Capture, LABEL_CMDLINE_EXTRA, LABEL_IMAGE, LABEL_MEMORY_MIB,
+    LABEL_NICS, LABEL_VCPUS, PIN_INITRD, PIN_KERNEL,
+};
+use super::suspend::{blocking, holder, replace_memory_image};
+use super::{VmEntry, VmManager};
+use crate::error::{AgentError, AgentResult};
+use crate::fsutil::sync_dir;
+use crate::record::{now_rfc3339, DiskRecord, VmRecord, CREATING_PREFIX, RECORD_FORMAT_VERSION};
+
+const CAPTURE_MEMORY_TMP: &str = ".capture-memory.tmp";
+const CAPTURE_DISK_TMP: &str = ".capture-disk.tmp";
+const SAVE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A layer written from a running VM.
+pub(crate) struct LiveCapture {
+    pub layer: LayerManifest,
+    /// How long the VM was paused.
+    pub pause: Duration,
+}
+
+/// Files a live capture may leave in a VM directory when interrupted.
+pub fn capture_leftovers(dir: &Path) -> [std::path::PathBuf; 2] {
+    [dir.join(CAPTURE_MEMORY_TMP), dir.join(CAPTURE_DISK_TMP)]
+}
+
+/// How a VM started from a layer is set up.
+pub(crate) struct FromLayer<'a> {
+    pub name: &'a str,
+    pub layer: &'a LayerManifest,
+    pub tags: BTreeMap<String, String>,
+    pub read_only_root: bool,
+    /// The layer's memory image, if the caller has it: moved into the VM.
+    pub memory: Option<&'a Path>,
+    pub start: bool,
+}
+
+impl VmManager {
+    /// Writes a layer of a running VM, held by `layer_holder`; the VM runs
+    /// on. The caller holds the VM's `op_lock`. With `keep_memory`, the
+    /// layer's memory image is left there (for a clone to start from).
+    pub(crate) async fn capture_live(
+        &self,
+        entry: &Arc<VmEntry>,
+        kind: &str,
+        layer_holder: &str,
+        keep_memory: Option<&Path>,
+    ) -> AgentResult<LiveCapture> {
+        let (record, qmp) = {
+            let s = entry.lock();
+            let name = &s.record.name;
+            if s.record.state != VmState::Running {
+                return Err(AgentError::conflict(
+                    format!("VM {name:?} is {}: it must be running", s.record.state),
+                    None,
+                ));
+            }
+            if s.record.disks.iter().any(|d| d.name != "root") {
+                return Err(AgentError::conflict(
+                    format!("VM {name:?} has data disks, which snapshots do not capture yet"),
+                    Some("suspend and resume keep data disks in place; clones and named snapshots need a VM without them".into()),
+                ));
+            }
+            let Some(qmp) = s.runtime.qmp.clone() else {
+                return Err(AgentError::conflict(
+                    format!("VM {name:?} has no QMP connection to its QEMU"),
+                    Some("stop and start it, then try again".into()),
+                ));
+            };
+            (s.record.clone(), qmp)
+        };
+        let dir = self.vm_dir(&record.name);
+        let (memory, disk) = (dir.join(CAPTURE_MEMORY_TMP), dir.join(CAPTURE_DISK_TMP));
+        let cleanup = || {
+            let _ = std::fs::remove_file(&memory);
+            let _ = std::fs::remove_file(&disk);
+        };
+        cleanup();
+
+        qmp.stop().await?;
+        let paused = Instant::now();
+        let saved = async {
+            save_to_file(&qmp, &memory, SAVE_TIMEOUT)
+                .await
+                .map_err(|e| AgentError::Snapshot(format!("saving the VM's memory: {e}")))?;
+            let (manager, record, disk) = (self.clone(), record.clone(), disk.clone());
+            blocking("copying the root disk", move || {
+                manager.copy_root_for_layer(&record, &disk)
+            })
+            .await
+        }
+        .await;
+        // The VM runs on whatever happened.
+        let resumed = qmp.cont().await;
+        let pause = paused.elapsed();
+        let pins = match (saved, resumed) {
+            (Ok(pins), Ok(())) => pins,
+            (Err(e), _) => {
+                cleanup();
+                return Err(e);
+            }
+            (Ok(_), Err(e)) => {
+                cleanup();
+                return Err(e.into());
+            }
+        };
+        tracing::info!(vm = %record.name, pause_ms = pause.as_millis() as u64, "captured a running VM");
+
+        let (parent, parent_memory) = self.diff_parent(&record);
+        let capture = Capture {
+            memory: memory.clone(),
+            disk: root_disk(&record).is_some().then(|| disk.clone()),
+            pins,
+            parent,
+            parent_memory,
+            labels: self.layer_labels(&record, kind),
+        };
+        let store = self.inner.snapshots.clone();
+        let (layer_holder, keep) = (layer_holder.to_string(), keep_memory.map(Path::to_path_buf));
+        let stored = blocking("writing the snapshot layer", move || {
+            let layer = store_layer(&store, &capture, &layer_holder)?;
+            if let Some(keep) = keep {
+                std::fs::rename(&capture.memory, &keep)
+                    .map_err(|e| AgentError::io("keeping the captured memory image", e))?;
+            }
+            Ok(layer)
+        })
+        .await;
+        cleanup();
+        Ok(LiveCapture {
+            layer: stored?,
+            pause,
+        })
+    }
+
+    /// Clones VM `source`: a new VM from a snapshot of it, with its own
+    /// identity. A running source is paused only for the capture.
+    pub async fn clone_vm(&self, source: &str, req: CloneVmRequest) -> AgentResult<CloneResult> {
+        let started = Instant::now();
+        crate::spec::validate_name("name", &req.name, 63).map_err(AgentError::from)?;
+        self.check_name_free(&req.name)?;
+        let src = self.entry(source)?;
+        let new_holder = holder(&req.name);
+        let staging = self
+            .inner
+            .config
+            .vms_dir()
+            .join(format!(".clone-memory-{}", req.name));
+        let (layer, pause, memory, tags) = {
+            let _op = src.op_lock.lock().await;
+            let (state, head, tags) = {
+                let s = src.lock();
+                (
+                    s.record.state,
+                    s.record.snapshot_head.clone(),
+                    s.record.tags.clone(),
+                )
+            };
+            let tags = req.tags.clone().unwrap_or(tags);
+            match (state, head) {
+                (VmState::Running, _) => {
+                    let c = self
+                        .capture_live(&src, "clone", &new_holder, Some(&staging))
+                        .await?;
+                    (c.layer, c.pause, Some(staging.as_path()), tags)
+                }
+                (VmState::Suspended, Some(head)) => {
+                    let layer = self.inner.snapshots.get(&LayerId(head))?;
+                    self.inner.snapshots.add_ref(&layer.id, &new_holder)?;
+                    (layer, Duration::ZERO, None, tags)
+                }
+                (state, _) => {
+                    return Err(AgentError::conflict(
+                        format!(
+                        "VM {source:?} is {state}: only a running or suspended VM can be cloned"
+                    ),
+                        None,
+                    ))
+                }
+            }
+        };
+        let made = self
+            .create_from_layer(FromLayer {
+                name: &req.name,
+                layer: &layer,
+                tags,
+                read_only_root: req.disk == CloneDisk::ReadOnly,
+                memory,
+                start: true,
+            })
+            .await;
+        let _ = std::fs::remove_file(&staging);
+        // The clone's own reference (taken when the layer was made) now
+        // lives in its record; without a clone it goes.
+        if made.is_err() {
+            let _ = self.inner.snapshots.remove_ref(&layer.id, &new_holder);
+            let _ = self.inner.snapshots.gc();
+        }
+        let vm = made?;
+        tracing::info!(source, clone = %req.name, pause_ms = pause.as_millis() as u64, "cloned");
+        Ok(CloneResult {
+            vm,
+            snapshot: layer.id.0.clone(),
+            source_pause_ms: pause.as_millis() as u64,
+            total_ms: started.elapsed().as_millis() as u64,
+        })
+    }
+
+    pub(crate) fn check_name_free(&self, name: &str) -> AgentResult<()> {
+        if self.vms().contains_key(name) {
+            return Err(AgentError::VmExists {
+                name: name.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Creates VM `from.name` suspended at `from.layer` with a new identity
+    /// and, if asked, resumes it until its guest agent answers. The VM holds
+    /// the layer as `vm:NAME`. A VM that cannot be brought up is removed.
+    pub(crate) async fn create_from_layer(
+        &self,
+        from: FromLayer<'_>,
+    ) -> AgentResult<flotilla_api::VmInfo> {
+        let layer = from.layer;
+        let vcpus: u32 = label(layer, LABEL_VCPUS)?;
+        let memory_mib: u64 = label(layer, LABEL_MEMORY_MIB)?;
+        let nic_count: usize = label(layer, LABEL_NICS)?;
+        let image: String = label(layer, LABEL_IMAGE)?;
+        let store = &self.inner.snapshots;
+        let kernel = store.pinned_path(layer, PIN_KERNEL).ok_or_else(|| {
+            AgentError::Snapshot(format!("snapshot layer {} has no pinned kernel", layer.id))
+        })?;
+        let initrd = store.pinned_path(layer, PIN_INITRD);
+        let layer_disk = store.disk_path(&layer.id);
+        let entry = {
+            let _admission = self.inner.admission.lock().await;
+            self.check_name_free(from.name)?;
+            let id = super::create::new_vm_id();
+            let dir = self.vm_dir(from.name);
+            let disks = layer_disk
+                .iter()
+                .map(|disk| DiskRecord {
+                    name: "root".into(),
+                    path: dir.join(ROOT_DISK),
+                    format: "qcow2".into(),
+                    size_mib: crate::disks::inspect(disk).map(|(_, s)| s).unwrap_or(0),
+                    backing: Some(disk.clone()),
+                    read_only: from.read_only_root,
+                })
+                .collect();
+            let record = VmRecord {
+                format_version: RECORD_FORMAT_VERSION,
+                nics: self.allocate_nics(&id, nic_count)?,
+                id,
+                name: from.name.to_string(),
+                image,
+                kernel: dir.join(KERNEL),
+                initrd: initrd.as_ref().map(|_| dir.join(INITRD)),
+                vcpus,
+                memory_mib,
+                cmdline_extra: layer
+                    .labels
+                    .get(LABEL_CMDLINE_EXTRA)
+                    .cloned()
+                    .unwrap_or_default(),
+                tags: from.tags.clone(),
+                disks,
+                state: VmState::Suspended,
+                created_at: now_rfc3339(),
+                started_at: None,
+                process: None,
+                accel: None,
+                guest_boot_ms: None,
+                ready_ms: None,
+                last_error: None,
+                snapshot_head: Some(layer.id.0.clone()),
+                pending_snapshot: None,
+                machine_id: Some(new_machine_id()),
+                identity_pending: true,
+            };
+            store.add_ref(&layer.id, &holder(from.name))?;
+            let placed =
+                self.place_from_layer(&record, &kernel, initrd.as_deref(), from.memory, &layer.id);
+            if let Err(e) = placed {
+                let _ = store.remove_ref(&layer.id, &holder(from.name));
+                return Err(e);
+            }
+            let entry = VmEntry::new(record);
+            self.vms().insert(from.name.to_string(), entry.clone());
+            entry
+        };
+        tracing::info!(vm = from.name, layer = %layer.id, "created from a snapshot");
+        if from.start {
+            if let Err(e) = self.resume(from.name, true).await {
+                tracing::warn!(vm = from.name, error = %e, "could not start from the snapshot; removing the new VM");
+                if let Err(cleanup) = self.delete(from.name, true).await {
+                    tracing::error!(vm = from.name, error = %cleanup, "could not remove the VM");
+                }
+                return Err(e);
+            }
+        }
+        Ok(self.info_of(&entry))
+    }
+
+    /// Writes the directory of a VM made from a layer: kernel and initrd
+    /// pinned, the layer's memory image if given, the record; renamed into
+    /// place once complete.
+    fn place_from_layer(
+        &self,
+        record: &VmRecord,
+        kernel: &Path,
+        initrd: Option<&Path>,
+        memory: Option<&Path>,
+        layer: &LayerId,
+    ) -> AgentResult<()> {
+        let vms_dir = self.inner.config.vms_dir();
+        let tmp = vms_dir.join(format!("{CREATING_PREFIX}{}", record.id));
+        let result = (|| -> AgentResult<()> {
+            std::fs::create_dir_all(&tmp)
+                .map_err(|e| AgentError::io("creating VM directory", e))?;
+            super::create::pin(kernel, &tmp.join(KERNEL))
+                .map_err(|e| AgentError::io("pinning the kernel into the VM", e))?;
+            if let Some(initrd) = initrd {
+                super::create::pin(initrd, &tmp.join(INITRD))
+                    .map_err(|e| AgentError::io("pinning the initramfs into the VM", e))?;
+            }
+            if let Some(memory) = memory {
+                let placed = tmp.join(".memory.tmp");
+                std::fs::rename(memory, &placed)
+                    .map_err(|e| AgentError::io("placing the memory image", e))?;
+                replace_memory_image(&placed, layer)?;
+            }
+            record.save(&tmp)?;
+            let dest = vms_dir.join(&record.name);
+            std::fs::rename(&tmp, &dest).map_err(|e| AgentError::io("placing VM directory", e))?;
+            sync_dir(&vms_dir).map_err(|e| AgentError::io("syncing VM directory", e))?;
+            Ok(())
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        result
+    }
+}
+
+impl VmManager {
+    /// Gives a VM restored from another VM's snapshot its own identity and
+    /// the current time, through its guest agent; returns the connection.
+    pub(crate) async fn apply_identity(
+        &self,
+        record: &VmRecord,
+    ) -> AgentResult<Arc<flotilla_guest_protocol::GuestClient>> {
+        use flotilla_guest_protocol::{GuestClient, IdentityRequest, InterfaceIdentity};
+        let socket = self.agent_socket(record);
+        let timeout = self.inner.config.ready_timeout;
+        let (client, _) = GuestClient::wait_ready(&socket, timeout)
+            .await
+            .map_err(|e| {
+                AgentError::Snapshot(format!("the restored guest's agent does not answer: {e}"))
+            })?;
+        let machine_id = record.machine_id.clone().unwrap_or_else(new_machine_id);
+        let identity = IdentityRequest {
+            hostname: record.name.clone(),
+            machine_id,
+            interfaces: record
+                .nics
+                .iter()
+                .enumerate()
+                .map(|(i, n)| InterfaceIdentity {
+                    name: format!("eth{i}"),
+                    mac: n.mac.clone(),
+                    addresses: vec![format!("{}/{}", n.ip, n.prefix_len)],
+                    gateway: (i == 0).then(|| n.gateway.to_string()),
+                })
+                .collect(),
+            rng_seed: [rand::random::<[u8; 32]>(), rand::random::<[u8; 32]>()].concat(),
+        };
+        let applied_ms = client
+            .set_identity(identity, IDENTITY_TIMEOUT)
+            .await
+            .map_err(|e| AgentError::Snapshot(format!("giving the guest its identity: {e}")))?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        if let Err(e) = client.set_clock(now, IDENTITY_TIMEOUT).await {
+            tracing::warn!(vm = %record.name, error = %e, "could not correct the guest clock");
+        }
+        tracing::info!(vm = %record.name, applied_ms, "guest took its own identity");
+        Ok(Arc::new(client))
+    }
+}
+
+const IDENTITY_TIMEOUT: Duration = Duration::from_secs(10);

@@ -1,0 +1,147 @@
+//! Writing a VM's state into a snapshot layer: shared by suspend, named
+//! snapshots, clones and image bases.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use flotilla_snapshot::{LayerId, LayerManifest, NewLayer, SnapshotStore};
+
+use super::suspend::{memory_image_layer, MEMORY_IMAGE};
+use super::VmManager;
+use crate::disks;
+use crate::error::{AgentError, AgentResult};
+use crate::record::VmRecord;
+
+/// Label keys on layers: what the agent needs to start a VM from a layer
+/// whose VM may be gone.
+pub const LABEL_KIND: &str = "kind";
+pub const LABEL_VM: &str = "vm";
+pub const LABEL_IMAGE: &str = "image";
+pub const LABEL_VCPUS: &str = "vcpus";
+pub const LABEL_MEMORY_MIB: &str = "memory_mib";
+pub const LABEL_NICS: &str = "nics";
+pub const LABEL_CMDLINE_EXTRA: &str = "cmdline_extra";
+/// Pinned-file roles.
+pub const PIN_KERNEL: &str = "kernel";
+pub const PIN_INITRD: &str = "initrd";
+pub const PIN_DISK_BASE: &str = "disk-base";
+
+/// A layer about to be written: files the caller captured, and what the
+/// layer is.
+pub(crate) struct Capture {
+    pub memory: PathBuf,
+    pub disk: Option<PathBuf>,
+    pub pins: BTreeMap<String, PathBuf>,
+    pub parent: Option<LayerId>,
+    pub parent_memory: Option<PathBuf>,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl VmManager {
+    /// Copies the VM's root overlay (only its changes) to `tmp`, backed by
+    /// what it will sit on inside the store: its head layer's disk, or for
+    /// a first layer the VM's base disk pinned into the store. QEMU must be
+    /// paused (its disk flushed). Returns the files the layer must pin.
+    pub(crate) fn copy_root_for_layer(
+        &self,
+        record: &VmRecord,
+        tmp: &Path,
+    ) -> AgentResult<BTreeMap<String, PathBuf>> {
+        let store = &self.inner.snapshots;
+        let mut pins = BTreeMap::new();
+        pins.insert(PIN_KERNEL.to_string(), record.kernel.clone());
+        if let Some(initrd) = &record.initrd {
+            pins.insert(PIN_INITRD.to_string(), initrd.clone());
+        }
+        let Some(root) = root_disk(record) else {
+            return Ok(pins);
+        };
+        std::fs::copy(&root.path, tmp).map_err(|e| AgentError::io("copying the root disk", e))?;
+        if let Some(backing) = &root.backing {
+            let target = if backing.starts_with(store.root()) {
+                backing.clone()
+            } else {
+                pins.insert(PIN_DISK_BASE.to_string(), backing.clone());
+                store.pin_path_for(backing)?
+            };
+            disks::rebase_unsafe(tmp, &target, "qcow2")?;
+        }
+        Ok(pins)
+    }
+
+    /// What a new layer of this VM is a diff against: its head (with the
+    /// memory image kept next to it, when that is the head's), or for a
+    /// first layer its image's base snapshot, or nothing.
+    pub(crate) fn diff_parent(&self, record: &VmRecord) -> (Option<LayerId>, Option<PathBuf>) {
+        let dir = self.vm_dir(&record.name);
+        if let Some(head) = &record.snapshot_head {
+            let memory = (memory_image_layer(&dir).as_deref() == Some(head.as_str()))
+                .then(|| dir.join(MEMORY_IMAGE));
+            return (Some(LayerId(head.clone())), memory);
+        }
+        match self.find_base_for(record) {
+            Some((layer, memory)) => (Some(layer), Some(memory)),
+            None => (None, None),
+        }
+    }
+
+    /// Labels every layer of `record` carries.
+    pub(crate) fn layer_labels(&self, record: &VmRecord, kind: &str) -> BTreeMap<String, String> {
+        let mut labels = BTreeMap::new();
+        labels.insert(LABEL_KIND.into(), kind.into());
+        labels.insert(LABEL_VM.into(), record.name.clone());
+        labels.insert(LABEL_IMAGE.into(), record.image.clone());
+        labels.insert(LABEL_VCPUS.into(), record.vcpus.to_string());
+        labels.insert(LABEL_MEMORY_MIB.into(), record.memory_mib.to_string());
+        labels.insert(LABEL_NICS.into(), record.nics.len().to_string());
+        if !record.cmdline_extra.is_empty() {
+            labels.insert(LABEL_CMDLINE_EXTRA.into(), record.cmdline_extra.clone());
+        }
+        labels
+    }
+}
+
+/// Stores `capture` as a layer held by `holder` (blocking: run it off the
+/// async threads). The disk file is moved into the layer; the memory file
+/// is left to the caller.
+pub(crate) fn store_layer(
+    store: &SnapshotStore,
+    capture: &Capture,
+    holder: &str,
+) -> AgentResult<LayerManifest> {
+    let pins = capture
+        .pins
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_path()))
+        .collect();
+    let layer = store.create_layer_with_ref(
+        NewLayer {
+            parent: capture.parent.as_ref(),
+            memory: &capture.memory,
+            parent_memory: capture.parent_memory.as_deref(),
+            disk: capture.disk.as_deref(),
+            pins,
+            labels: capture.labels.clone(),
+        },
+        holder,
+    )?;
+    Ok(layer)
+}
+
+pub(crate) fn root_disk(record: &VmRecord) -> Option<&crate::record::DiskRecord> {
+    record.disks.first().filter(|d| d.name == "root")
+}
+
+/// A layer label parsed, for starting a VM from the layer.
+pub(crate) fn label<T: std::str::FromStr>(layer: &LayerManifest, key: &str) -> AgentResult<T> {
+    layer
+        .labels
+        .get(key)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| {
+            AgentError::Snapshot(format!(
+                "snapshot layer {} has no usable {key:?} label; it cannot start a VM",
+                layer.id
+            ))
+        })
+}

@@ -1,0 +1,315 @@
+//! Clones of running VMs, named snapshots, VMs started from snapshots and
+//! from an image's base snapshot (issue 3).
+
+use std::collections::HashSet;
+
+use flotilla_testkit::TestHost;
+use serde_json::Value;
+
+use crate::{assert_clean, exec, run_vm};
+
+/// What the guest itself says it is: hostname, machine-id, eth0 MAC and IPv4.
+fn guest_identity(host: &TestHost, vm: &str) -> [String; 4] {
+    let (code, out, err) = exec(
+        host,
+        vm,
+        &[
+            "sh",
+            "-c",
+            "hostname; cat /etc/machine-id; cat /sys/class/net/eth0/address; ip -o -4 addr show dev eth0 | awk '{print $4}'",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<String> = out.lines().map(str::to_string).collect();
+    assert_eq!(lines.len(), 4, "{out}");
+    [
+        lines[0].clone(),
+        lines[1].clone(),
+        lines[2].clone(),
+        lines[3].clone(),
+    ]
+}
+
+fn write(host: &TestHost, vm: &str, script: &str) {
+    let (code, _, err) = exec(host, vm, &["sh", "-c", script]);
+    assert_eq!(code, 0, "{script}: {err}");
+}
+
+fn read(host: &TestHost, vm: &str, path: &str) -> String {
+    exec(
+        host,
+        vm,
+        &[
+            "sh",
+            "-c",
+            &format!("cat {path} 2>/dev/null || echo missing"),
+        ],
+    )
+    .1
+    .trim()
+    .to_string()
+}
+
+fn snapshots(host: &TestHost) -> Vec<Value> {
+    host.cli_json::<Vec<Value>>(&["snapshot", "ls"])
+}
+
+#[test]
+fn clones_get_their_own_identity_and_their_own_writes() {
+    let host = TestHost::start().expect("test host");
+    run_vm(&host, "src");
+    write(
+        &host,
+        "src",
+        "echo before > /root/disk.txt && head -c 2000000 /dev/urandom > /tmp/mem.bin && md5sum /tmp/mem.bin > /root/mem.md5 && sync",
+    );
+
+    let c1: Value = host.cli_json(&["vm", "clone", "src", "c1"]);
+    assert_eq!(c1["vm"]["state"], "running", "{c1:#}");
+    let pause = c1["source_pause_ms"].as_u64().expect("pause");
+    assert!(pause > 0 && pause < 10_000, "source paused {pause} ms");
+    let c2: Value = host.cli_json(&["vm", "clone", "src", "c2"]);
+    assert_eq!(c2["vm"]["state"], "running", "{c2:#}");
+    let src: Value = host.cli_json(&["vm", "inspect", "src"]);
+    assert_eq!(src["state"], "running", "the source runs on");
+
+    // The clones start with the source's memory and disk as they were.
+    for vm in ["c1", "c2"] {
+        assert_eq!(read(&host, vm, "/root/disk.txt"), "before");
+        let (code, out, _) = exec(&host, vm, &["md5sum", "-c", "/root/mem.md5"]);
+        assert_eq!(code, 0, "{vm}: tmpfs contents: {out}");
+    }
+
+    // Writes stay where they were made.
+    write(&host, "c1", "echo from-c1 > /root/c1.txt && sync");
+    write(&host, "src", "echo from-src > /root/src.txt && sync");
+    assert_eq!(read(&host, "src", "/root/c1.txt"), "missing");
+    assert_eq!(read(&host, "c2", "/root/c1.txt"), "missing");
+    assert_eq!(read(&host, "c1", "/root/src.txt"), "missing");
+    assert_eq!(read(&host, "c1", "/root/c1.txt"), "from-c1");
+
+    // Every VM is its own: hostname, machine-id, MAC and IP all differ, and
+    // each matches what the agent reports.
+    let mut seen: [HashSet<String>; 4] = Default::default();
+    for vm in ["src", "c1", "c2"] {
+        let id = guest_identity(&host, vm);
+        let info: Value = host.cli_json(&["vm", "inspect", vm]);
+        assert_eq!(id[0], vm, "hostname");
+        assert_eq!(id[1].len(), 32, "machine-id {:?}", id[1]);
+        assert_eq!(id[2], info["nics"][0]["mac"].as_str().unwrap(), "{vm} MAC");
+        assert_eq!(
+            id[3],
+            format!(
+                "{}/{}",
+                info["nics"][0]["ip"].as_str().unwrap(),
+                info["nics"][0]["prefix_len"]
+            ),
+            "{vm} IP"
+        );
+        for (set, value) in seen.iter_mut().zip(id.iter()) {
+            assert!(
+                set.insert(value.clone()),
+                "{vm} shares {value} with another VM"
+            );
+        }
+    }
+    // And the network sees them as three hosts.
+    let ip_of = |vm: &str| {
+        host.cli_json::<Value>(&["vm", "inspect", vm])["nics"][0]["ip"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    for (from, to) in [("c1", "src"), ("c1", "c2"), ("src", "c2")] {
+        let (code, out, _) = exec(&host, from, &["ping", "-c", "1", "-W", "3", &ip_of(to)]);
+        assert_eq!(code, 0, "{from} -> {to}: {out}");
+    }
+
+    // The clone layer cannot go while the clones use it.
+    let layer = c1["snapshot"].as_str().unwrap().to_string();
+    let info = snapshots(&host)
+        .into_iter()
+        .find(|s| s["id"] == layer.as_str())
+        .expect("clone layer listed");
+    assert_eq!(info["kind"], "clone");
+    let (status, body) = host.api("DELETE", &format!("/v1/snapshots/{layer}"), None);
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("vm:c1"),
+        "{body}"
+    );
+
+    for vm in ["c1", "c2", "src"] {
+        let out = host.cli(&["vm", "rm", "--force", vm]);
+        assert!(out.status.success());
+    }
+    assert_clean(&host);
+    assert!(
+        snapshots(&host).is_empty(),
+        "layers left: {:?}",
+        snapshots(&host)
+    );
+}
+
+#[test]
+fn a_read_only_clone_reads_the_source_volume_and_never_writes_it() {
+    let host = TestHost::start().expect("test host");
+    run_vm(&host, "src");
+    write(&host, "src", "echo shared > /root/data.txt && sync");
+    let ro: Value = host.cli_json(&["vm", "clone", "src", "ro", "--disk", "read-only"]);
+    assert_eq!(ro["vm"]["state"], "running", "{ro:#}");
+    assert_eq!(read(&host, "ro", "/root/data.txt"), "shared");
+    // The guest may try; nothing reaches a disk.
+    let _ = exec(
+        &host,
+        "ro",
+        &[
+            "sh",
+            "-c",
+            "head -c 1000000 /dev/urandom > /root/new.bin; sync",
+        ],
+    );
+    let overlay = host.data_path().join("vms/ro/root.qcow2");
+    let map = std::process::Command::new("qemu-img")
+        .args(["map", "--output=json", "-U"])
+        .arg(&overlay)
+        .output()
+        .expect("qemu-img map");
+    let map: Vec<Value> = serde_json::from_slice(&map.stdout).expect("map json");
+    assert!(
+        !map.iter().any(|m| m["depth"] == 0 && m["data"] == true),
+        "the read-only clone wrote to its disk: {map:?}"
+    );
+    assert_eq!(read(&host, "src", "/root/new.bin"), "missing");
+    for vm in ["ro", "src"] {
+        assert!(host.cli(&["vm", "rm", "--force", vm]).status.success());
+    }
+    assert_clean(&host);
+}
+
+#[test]
+fn named_snapshots_start_vms_and_are_kept_while_used() {
+    let host = TestHost::start().expect("test host");
+    run_vm(&host, "src");
+    write(
+        &host,
+        "src",
+        "echo one > /root/step.txt && echo one > /tmp/step.txt && sync",
+    );
+    let made: Value = host.cli_json(&["snapshot", "create", "src", "one"]);
+    assert!(made["pause_ms"].as_u64().is_some(), "{made:#}");
+    assert_eq!(made["snapshot"]["name"], "one");
+    assert_eq!(made["snapshot"]["kind"], "named");
+    write(
+        &host,
+        "src",
+        "echo two > /root/step.txt && echo two > /tmp/step.txt && sync",
+    );
+
+    // Same name twice: refused.
+    let (status, body) = host.api(
+        "POST",
+        "/v1/snapshots",
+        Some(serde_json::json!({"vm": "src", "name": "one"})),
+    );
+    assert_eq!(status, 409, "{body}");
+
+    // A VM from the snapshot has the state of its moment, its own identity.
+    let vm: Value = host.cli_json(&["vm", "run", "again", "--from-snapshot", "one", "--wait"]);
+    assert_eq!(vm["state"], "running", "{vm:#}");
+    assert_eq!(read(&host, "again", "/root/step.txt"), "one");
+    assert_eq!(read(&host, "again", "/tmp/step.txt"), "one");
+    assert_eq!(read(&host, "src", "/tmp/step.txt"), "two");
+    assert_eq!(guest_identity(&host, "again")[0], "again");
+
+    let inspect: Value = host.cli_json(&["snapshot", "inspect", "one"]);
+    assert!(
+        inspect["used_by"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h == "vm:again"),
+        "{inspect:#}"
+    );
+    // In use by a running VM: refused, and kept.
+    let out = host.cli(&["snapshot", "rm", "one"]);
+    assert!(!out.status.success());
+    assert!(
+        crate::stderr_of(&out).contains("in use by"),
+        "{}",
+        crate::stderr_of(&out)
+    );
+    // A different shape from the snapshot's: refused with the reason.
+    let out = host.cli(&[
+        "vm",
+        "run",
+        "big",
+        "--from-snapshot",
+        "one",
+        "--memory",
+        "512M",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        crate::stderr_of(&out).contains("MiB"),
+        "{}",
+        crate::stderr_of(&out)
+    );
+    // Unknown snapshot: 404.
+    let (status, _) = host.api("GET", "/v1/snapshots/nope", None);
+    assert_eq!(status, 404);
+
+    assert!(host.cli(&["vm", "rm", "--force", "again"]).status.success());
+    let out = host.cli(&["snapshot", "rm", "one"]);
+    assert!(out.status.success(), "{}", crate::stderr_of(&out));
+    assert!(snapshots(&host).iter().all(|s| s["name"] != "one"));
+    assert!(host.cli(&["vm", "rm", "--force", "src"]).status.success());
+    assert_clean(&host);
+}
+
+#[test]
+fn vms_start_from_the_image_base_snapshot_and_diff_against_it() {
+    let host = TestHost::start().expect("test host");
+    // The reserved prefix is the agent's.
+    let out = host.cli(&["vm", "run", "flotilla-base-x"]);
+    assert!(!out.status.success());
+    assert!(
+        crate::stderr_of(&out).contains("reserved"),
+        "{}",
+        crate::stderr_of(&out)
+    );
+
+    let a: Value = host.cli_json(&["vm", "run", "a", "--from-snapshot", "--wait"]);
+    assert_eq!(a["state"], "running", "{a:#}");
+    let b: Value = host.cli_json(&["vm", "run", "b", "--from-snapshot", "--wait"]);
+    assert_eq!(b["state"], "running", "{b:#}");
+    let ids_a = guest_identity(&host, "a");
+    let ids_b = guest_identity(&host, "b");
+    for i in 0..4 {
+        assert_ne!(ids_a[i], ids_b[i], "a and b share {}", ids_a[i]);
+    }
+    let listed: Vec<Value> = host.cli_json(&["vm", "ls"]);
+    assert_eq!(listed.len(), 2, "the base VM is gone: {listed:?}");
+    let base = snapshots(&host)
+        .into_iter()
+        .find(|s| s["kind"] == "base")
+        .expect("a base snapshot");
+    let base_id = base["id"].as_str().unwrap().to_string();
+
+    // First snapshots diff against the base: of a VM started from it, and
+    // of a VM that booted.
+    run_vm(&host, "booted");
+    for vm in ["a", "booted"] {
+        let s: Value = host.cli_json(&["vm", "suspend", vm]);
+        let layer = s["snapshot"].as_str().unwrap();
+        let info: Value = host.cli_json(&["snapshot", "inspect", layer]);
+        assert_eq!(info["parent"], base_id.as_str(), "{vm}: {info:#}");
+        let r: Value = host.cli_json(&["vm", "resume", vm, "--wait"]);
+        assert_eq!(r["state"], "running");
+        assert_eq!(guest_identity(&host, vm)[0], vm);
+    }
+    for vm in ["a", "b", "booted"] {
+        assert!(host.cli(&["vm", "rm", "--force", vm]).status.success());
+    }
+    assert_clean(&host);
+}
