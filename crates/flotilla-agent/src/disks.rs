@@ -77,6 +77,48 @@ pub fn rebase_unsafe(path: &Path, backing: &Path, backing_format: &str) -> Resul
     Ok(())
 }
 
+/// The virtual size of a disk image, in bytes.
+pub fn virtual_size(path: &Path) -> Result<u64, DiskError> {
+    let out = qemu_img(&["info", "-U", "--output=json", &path.to_string_lossy()])?;
+    let info: serde_json::Value = serde_json::from_str(&out).map_err(|e| DiskError::BadInfo {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    info["virtual-size"]
+        .as_u64()
+        .ok_or_else(|| DiskError::BadInfo {
+            path: path.to_path_buf(),
+            reason: "no virtual-size".into(),
+        })
+}
+
+/// Creates an empty qcow2 disk of exactly `bytes`.
+pub fn create_blank_bytes(path: &Path, bytes: u64) -> Result<(), DiskError> {
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        &path.to_string_lossy(),
+        &bytes.to_string(),
+    ])?;
+    Ok(())
+}
+
+/// Copies what `src` shows (its whole backing chain) into a standalone
+/// qcow2 at `dst`.
+pub fn convert_flat(src: &Path, dst: &Path) -> Result<(), DiskError> {
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-O",
+        "qcow2",
+        &src.to_string_lossy(),
+        &dst.to_string_lossy(),
+    ])?;
+    Ok(())
+}
+
 /// Creates an empty qcow2 disk of `size_mib`.
 pub fn create_blank(path: &Path, size_mib: u64) -> Result<(), DiskError> {
     qemu_img(&[

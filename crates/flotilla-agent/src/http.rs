@@ -37,6 +37,7 @@ pub fn router(manager: VmManager) -> Router {
         .route("/v1/vms/{name}/resume", post(vms::resume))
         .route("/v1/vms/{name}/logs", get(vms::logs))
         .route("/v1/vms/{name}/clone", post(snapshots::clone_vm))
+        .route("/v1/vms/{name}/move-disk", post(snapshots::move_disk))
         .route(
             "/v1/snapshots",
             get(snapshots::list).post(snapshots::create),

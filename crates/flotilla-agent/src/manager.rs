@@ -13,6 +13,7 @@ mod exec;
 pub mod fleet;
 mod layers;
 mod lifecycle;
+mod move_disk;
 mod snapshots;
 pub mod suspend;
 

@@ -102,3 +102,12 @@ pub struct CloneResult {
     /// From the request until the clone's guest agent answered.
     pub total_ms: u64,
 }
+
+/// Moves a VM's root disk into a volume of its own.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MoveDiskRequest {
+    /// Volume (a directory in the agent's data dir): `default` when absent.
+    #[serde(default)]
+    pub volume: Option<String>,
+}

@@ -212,6 +212,80 @@ fn main() {
     println!("| resume until exec answers (after the first) | {resume1:.3} s | | |");
     api_ok(&host, "DELETE", "/v1/vms/snap?force=true", None);
 
+    // Clones of a running VM holding the same workload. QEMU's own way to
+    // the same result is a full save (the source paused throughout) and a
+    // restore into a new QEMU.
+    api_ok(
+        &host,
+        "POST",
+        "/v1/vms",
+        Some(json!({ "name": "origin", "memory_mib": MEMORY_MIB, "wait_ready": true })),
+    );
+    flotilla_exec(&host, "origin", WORKLOAD);
+    let (mut clone_times, mut pauses) = (Vec::new(), Vec::new());
+    for i in 0..REPEAT {
+        let name = format!("clone-{i}");
+        let t = Instant::now();
+        let r = api_ok(
+            &host,
+            "POST",
+            "/v1/vms/origin/clone",
+            Some(json!({ "name": name })),
+        );
+        flotilla_exec(&host, &name, "true");
+        clone_times.push(t.elapsed().as_secs_f64());
+        pauses.push(r["source_pause_ms"].as_f64().unwrap_or(f64::NAN) / 1000.0);
+        api_ok(&host, "DELETE", &format!("/v1/vms/{name}?force=true"), None);
+    }
+    api_ok(&host, "DELETE", "/v1/vms/origin?force=true", None);
+    let (clone_p50, pause_p50) = (median(&mut clone_times), median(&mut pauses));
+    println!(
+        "| clone of a running VM until the clone answers an exec (median of {REPEAT}) | {clone_p50:.3} s | {:.3} s | {:.2}x |",
+        save2 + restore2,
+        clone_p50 / (save2 + restore2)
+    );
+    println!(
+        "| source paused by a clone (median of {REPEAT}) | {pause_p50:.3} s | {save2:.3} s | {:.2}x |",
+        pause_p50 / save2
+    );
+
+    // Starting from the image's base snapshot against booting, in turn.
+    let base_request = |name: &str, from_base: bool| {
+        let mut body = json!({ "name": name, "memory_mib": MEMORY_MIB, "wait_ready": true });
+        if from_base {
+            body["from_snapshot"] = json!("base");
+        }
+        body
+    };
+    let t = Instant::now();
+    api_ok(&host, "POST", "/v1/vms", Some(base_request("warm", true)));
+    let base_made = t.elapsed().as_secs_f64();
+    api_ok(&host, "DELETE", "/v1/vms/warm?force=true", None);
+    let (mut boots, mut from_base) = (Vec::new(), Vec::new());
+    for i in 0..REPEAT {
+        for (times, snapshot) in [(&mut boots, false), (&mut from_base, true)] {
+            let name = format!("start-{i}");
+            let t = Instant::now();
+            api_ok(
+                &host,
+                "POST",
+                "/v1/vms",
+                Some(base_request(&name, snapshot)),
+            );
+            flotilla_exec(&host, &name, "true");
+            times.push(t.elapsed().as_secs_f64());
+            api_ok(&host, "DELETE", &format!("/v1/vms/{name}?force=true"), None);
+        }
+    }
+    let (boot_p50, base_p50) = (median(&mut boots), median(&mut from_base));
+    println!(
+        "| `vm run --from-snapshot` until exec answers vs a boot (median of {REPEAT}) | {base_p50:.3} s | boot: {boot_p50:.3} s | {:.2}x |",
+        base_p50 / boot_p50
+    );
+    println!(
+        "| making the image's base snapshot (once per image and shape) | {base_made:.2} s | | |"
+    );
+
     // A fleet of 20, each with a little state of its own, suspended and
     // resumed by tag, four at a time.
     std::thread::scope(|s| {
@@ -255,3 +329,9 @@ fn main() {
 }
 
 const FLEET: usize = 20;
+const REPEAT: usize = 5;
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}

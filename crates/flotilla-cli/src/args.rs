@@ -199,6 +199,14 @@ pub enum VmCommand {
         #[arg(long = "tag", value_parser = parse_key_value)]
         tags: Vec<(String, String)>,
     },
+    /// Move a VM's root disk into a volume of its own (live while it
+    /// runs): afterwards it depends on no snapshot or image.
+    MoveDisk {
+        name: String,
+        /// Volume name (a directory in the agent's data dir).
+        #[arg(long)]
+        volume: Option<String>,
+    },
     /// Remove a stopped VM and its disks.
     Rm {
         name: String,

@@ -24,6 +24,7 @@
 //! ```
 
 pub mod accel;
+pub mod block;
 pub mod config;
 pub mod error;
 pub mod identity;

@@ -29,6 +29,7 @@ use utoipa::OpenApi;
         super::vms::resume,
         super::vms::logs,
         super::snapshots::clone_vm,
+        super::snapshots::move_disk,
         super::snapshots::list,
         super::snapshots::create,
         super::snapshots::inspect,
@@ -63,6 +64,7 @@ use utoipa::OpenApi;
         flotilla_api::CloneVmRequest,
         flotilla_api::CloneDisk,
         flotilla_api::CloneResult,
+        flotilla_api::MoveDiskRequest,
     ))
 )]
 struct ApiDoc;

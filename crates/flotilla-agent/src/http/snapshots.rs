@@ -4,7 +4,8 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use flotilla_api::{
-    CloneResult, CloneVmRequest, CreateSnapshotRequest, ErrorBody, SnapshotCreated, SnapshotInfo,
+    CloneResult, CloneVmRequest, CreateSnapshotRequest, ErrorBody, MoveDiskRequest,
+    SnapshotCreated, SnapshotInfo, VmInfo,
 };
 
 use super::vms::{detached, JsonBody};
@@ -57,6 +58,20 @@ pub async fn clone_vm(
     let Json(req) = body?;
     let made = detached(async move { m.clone_vm(&name, req).await }).await?;
     Ok((StatusCode::CREATED, Json(made)))
+}
+
+#[utoipa::path(post, path = "/v1/vms/{name}/move-disk", request_body = MoveDiskRequest, responses(
+    (status = 200, body = VmInfo), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+    (status = 409, body = ErrorBody)))]
+pub async fn move_disk(
+    State(m): State<VmManager>,
+    Path(name): Path<String>,
+    body: JsonBody<MoveDiskRequest>,
+) -> Result<Json<VmInfo>, ApiError> {
+    let Json(req) = body?;
+    Ok(Json(
+        detached(async move { m.move_disk(&name, req.volume.as_deref()).await }).await?,
+    ))
 }
 
 /// Runs store work (file reads, removal) off the async threads.

@@ -287,6 +287,15 @@ impl VmManager {
             (s.record.id.clone(), s.record.snapshot_head.clone())
         };
         let (id, snapshot_head) = id;
+        // Disks moved into volumes live outside the VM's directory.
+        let outside: Vec<std::path::PathBuf> = entry
+            .lock()
+            .record
+            .disks
+            .iter()
+            .filter(|d| !d.path.starts_with(self.vm_dir(name)))
+            .map(|d| d.path.clone())
+            .collect();
         let vms_dir = self.inner.config.vms_dir();
         let doomed = vms_dir.join(format!("{DELETING_PREFIX}{id}"));
         fs::rename(self.vm_dir(name), &doomed)
@@ -295,6 +304,11 @@ impl VmManager {
         let _ = sync_dir(&vms_dir);
         self.remove_sockets(&id);
         fs::remove_dir_all(&doomed).map_err(|e| AgentError::io("removing VM directory", e))?;
+        for path in outside {
+            if let Err(e) = fs::remove_file(&path) {
+                tracing::warn!(vm = name, path = %path.display(), error = %e, "removing a disk in a volume");
+            }
+        }
         if let Some(head) = snapshot_head {
             // Its snapshot chain goes too, unless something else holds it.
             let store = &self.inner.snapshots;

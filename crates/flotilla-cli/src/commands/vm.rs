@@ -123,6 +123,20 @@ pub async fn run(client: &Client, json: bool, cmd: VmCommand) -> anyhow::Result<
                 );
             }
         }
+        VmCommand::MoveDisk { name, volume } => {
+            let vm: VmInfo = client
+                .post(
+                    &format!("/v1/vms/{name}/move-disk"),
+                    &flotilla_api::MoveDiskRequest { volume },
+                )
+                .await?;
+            if json {
+                output::json(&vm)?;
+            } else {
+                let path = vm.disks.first().map(|d| d.path.clone());
+                println!("{}: root disk moved to {}", vm.name, opt(&path));
+            }
+        }
         VmCommand::Rm { name, force } => {
             client
                 .delete(&format!("/v1/vms/{name}?force={force}"))

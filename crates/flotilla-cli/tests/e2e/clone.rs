@@ -313,3 +313,51 @@ fn vms_start_from_the_image_base_snapshot_and_diff_against_it() {
     }
     assert_clean(&host);
 }
+
+#[test]
+fn a_clones_disk_moves_to_its_own_volume_while_it_runs() {
+    let host = TestHost::start().expect("test host");
+    run_vm(&host, "src");
+    write(&host, "src", "echo from-src > /root/a.txt && sync");
+    let c: Value = host.cli_json(&["vm", "clone", "src", "c"]);
+    assert_eq!(c["vm"]["state"], "running", "{c:#}");
+    write(&host, "c", "echo from-c > /root/c.txt && sync");
+
+    let moved: Value = host.cli_json(&["vm", "move-disk", "c", "--volume", "fast"]);
+    let path = moved["disks"][0]["path"].as_str().unwrap().to_string();
+    assert!(path.contains("/volumes/fast/"), "{moved:#}");
+    assert!(moved["disks"][0]["backing"].is_null(), "{moved:#}");
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json", &path])
+        .output()
+        .expect("qemu-img info");
+    let info: Value = serde_json::from_slice(&info.stdout).expect("info json");
+    assert!(info["backing-filename"].is_null(), "standalone: {info:#}");
+    // The guest never noticed, and writes land in the new volume.
+    assert_eq!(read(&host, "c", "/root/a.txt"), "from-src");
+    write(&host, "c", "echo after-move > /root/after.txt && sync");
+
+    // The source goes; the clone boots from its own disk alone.
+    assert!(host.cli(&["vm", "rm", "--force", "src"]).status.success());
+    assert!(host.cli(&["vm", "stop", "c"]).status.success());
+    let started: Value = host.cli_json(&["vm", "start", "c", "--wait"]);
+    assert_eq!(started["state"], "running", "{started:#}");
+    assert_eq!(read(&host, "c", "/root/a.txt"), "from-src");
+    assert_eq!(read(&host, "c", "/root/c.txt"), "from-c");
+    assert_eq!(read(&host, "c", "/root/after.txt"), "after-move");
+    assert_eq!(guest_identity(&host, "c")[0], "c");
+
+    // A suspended VM's disk lives in its snapshot: refused with a hint.
+    let (status, body) = host.api(
+        "POST",
+        "/v1/vms/nope/move-disk",
+        Some(serde_json::json!({})),
+    );
+    assert_eq!(status, 404, "{body}");
+    assert!(host.cli(&["vm", "rm", "--force", "c"]).status.success());
+    assert!(
+        !std::path::Path::new(&path).exists(),
+        "the volume file goes with the VM"
+    );
+    assert_clean(&host);
+}

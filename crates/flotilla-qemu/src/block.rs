@@ -1,0 +1,187 @@
+//! Live block operations: moving a running VM's disk to a new file with
+//! QEMU's mirror job (every write during the copy is mirrored too), then
+//! switching the device over.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::{QmpClient, QmpError};
+
+const POLL: Duration = Duration::from_millis(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    #[error("no disk attached as device {0:?}")]
+    NoSuchDevice(String),
+    #[error("block job {job} failed: {reason}")]
+    JobFailed { job: String, reason: String },
+    #[error("block job did not finish within {0:?}")]
+    Timeout(Duration),
+}
+
+#[derive(Debug, Deserialize)]
+struct BlockInfo {
+    qdev: Option<String>,
+    inserted: Option<Inserted>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Inserted {
+    #[serde(rename = "node-name")]
+    node_name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct JobInfo {
+    device: String,
+    ready: bool,
+    len: u64,
+    offset: u64,
+    status: Option<String>,
+    error: Option<String>,
+}
+
+/// The node the device with qdev id `device` reads and writes.
+async fn device_node(qmp: &QmpClient, device: &str) -> Result<String, BlockError> {
+    let blocks: Vec<BlockInfo> = qmp.execute("query-block", None).await?;
+    blocks
+        .into_iter()
+        .filter(|b| {
+            b.qdev
+                .as_deref()
+                .is_some_and(|q| q == device || q.contains(&format!("/{device}/")))
+        })
+        .find_map(|b| b.inserted.and_then(|i| i.node_name))
+        .ok_or_else(|| BlockError::NoSuchDevice(device.to_string()))
+}
+
+/// Copies everything the device `device` sees (its whole backing chain)
+/// into `target`, an empty qcow2 of the same size that the caller created,
+/// then switches the device to it; the old chain is closed. `progress` is
+/// called with (bytes done, bytes total).
+pub async fn mirror_to_file(
+    qmp: &QmpClient,
+    device: &str,
+    target: &Path,
+    timeout: Duration,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<(), BlockError> {
+    let source = device_node(qmp, device).await?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    let node = format!("{device}-m{}", stamp % 1_000_000);
+    let job = format!("move-{node}");
+    qmp.execute::<Value>(
+        "blockdev-add",
+        Some(json!({
+            "driver": "qcow2",
+            "node-name": node,
+            "file": { "driver": "file", "filename": target.to_string_lossy() },
+        })),
+    )
+    .await?;
+    let result = run_mirror(qmp, &source, &node, &job, timeout, &mut progress).await;
+    if result.is_err() {
+        let _ = qmp
+            .execute::<Value>(
+                "block-job-cancel",
+                Some(json!({ "device": job, "force": true })),
+            )
+            .await;
+        wait_gone(qmp, &job, Duration::from_secs(10)).await.ok();
+        let _ = qmp
+            .execute::<Value>("blockdev-del", Some(json!({ "node-name": node })))
+            .await;
+        return result;
+    }
+    // The old chain is no longer used by anything: close its files.
+    if let Err(e) = qmp
+        .execute::<Value>("blockdev-del", Some(json!({ "node-name": source })))
+        .await
+    {
+        tracing::warn!(node = %source, error = %e, "closing the old disk chain");
+    }
+    Ok(())
+}
+
+async fn run_mirror(
+    qmp: &QmpClient,
+    source: &str,
+    node: &str,
+    job: &str,
+    timeout: Duration,
+    progress: &mut impl FnMut(u64, u64),
+) -> Result<(), BlockError> {
+    qmp.execute::<Value>(
+        "blockdev-mirror",
+        Some(json!({
+            "job-id": job,
+            "device": source,
+            "target": node,
+            "sync": "full",
+            "auto-dismiss": false,
+        })),
+    )
+    .await?;
+    let started = Instant::now();
+    let mut completing = false;
+    loop {
+        let jobs: Vec<JobInfo> = qmp.execute("query-block-jobs", None).await?;
+        let Some(info) = jobs.into_iter().find(|j| j.device == job) else {
+            return Err(BlockError::JobFailed {
+                job: job.to_string(),
+                reason: "the job vanished".into(),
+            });
+        };
+        progress(info.offset, info.len);
+        if info.status.as_deref() == Some("concluded") {
+            let _ = qmp
+                .execute::<Value>("job-dismiss", Some(json!({ "id": job })))
+                .await;
+            return match info.error {
+                Some(reason) => Err(BlockError::JobFailed {
+                    job: job.to_string(),
+                    reason,
+                }),
+                None if completing => Ok(()),
+                None => Err(BlockError::JobFailed {
+                    job: job.to_string(),
+                    reason: "it ended before switching over".into(),
+                }),
+            };
+        }
+        if info.ready && !completing {
+            qmp.execute::<Value>("block-job-complete", Some(json!({ "device": job })))
+                .await?;
+            completing = true;
+        }
+        if started.elapsed() > timeout {
+            return Err(BlockError::Timeout(timeout));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+async fn wait_gone(qmp: &QmpClient, job: &str, timeout: Duration) -> Result<(), BlockError> {
+    let started = Instant::now();
+    loop {
+        let jobs: Vec<JobInfo> = qmp.execute("query-block-jobs", None).await?;
+        match jobs.iter().find(|j| j.device == job) {
+            None => return Ok(()),
+            Some(j) if j.status.as_deref() == Some("concluded") => {
+                let _ = qmp
+                    .execute::<Value>("job-dismiss", Some(json!({ "id": job })))
+                    .await;
+            }
+            Some(_) if started.elapsed() > timeout => return Err(BlockError::Timeout(timeout)),
+            Some(_) => tokio::time::sleep(POLL).await,
+        }
+    }
+}
