@@ -280,6 +280,9 @@ impl VmManager {
         })?;
         let dir = self.vm_dir(&record.name);
         let store = self.inner.snapshots.clone();
+        // A chain with a missing or unreadable layer is refused up front,
+        // naming it, before anything is touched.
+        store.chain(&head)?;
         let memory = dir.join(MEMORY_IMAGE);
         let mut root_backing = None;
         if let Some(root) = root_disk(record) {

@@ -361,3 +361,62 @@ fn a_clones_disk_moves_to_its_own_volume_while_it_runs() {
     );
     assert_clean(&host);
 }
+
+#[test]
+fn bad_clone_requests_are_refused_and_a_killed_agent_leaves_the_source_running() {
+    let mut host = TestHost::start().expect("test host");
+    run_vm(&host, "src");
+    write(
+        &host,
+        "src",
+        "head -c 30000000 /dev/urandom > /tmp/big.bin && md5sum /tmp/big.bin > /root/sum",
+    );
+    for (path, body, want) in [
+        ("/v1/vms/src/clone", serde_json::json!({"name": "src"}), 409),
+        (
+            "/v1/vms/src/clone",
+            serde_json::json!({"name": "Bad_Name"}),
+            400,
+        ),
+        (
+            "/v1/vms/src/clone",
+            serde_json::json!({"name": "x", "disk": "floppy"}),
+            400,
+        ),
+        ("/v1/vms/nope/clone", serde_json::json!({"name": "x"}), 404),
+    ] {
+        let (status, b) = host.api("POST", path, Some(body.clone()));
+        assert_eq!(status, want, "{body} -> {b}");
+        assert!(b["error"]["message"].is_string(), "{b}");
+    }
+    assert_eq!(host.qemu_pids().len(), 1, "nothing started");
+
+    // The agent dies while it clones: the source runs on, whole.
+    for delay_ms in [100u64, 300] {
+        let name = format!("c{delay_ms}");
+        std::thread::scope(|s| {
+            let endpoint = host.endpoint.clone();
+            let name = name.clone();
+            s.spawn(move || {
+                let _ = reqwest::blocking::Client::new()
+                    .post(format!("{endpoint}/v1/vms/src/clone"))
+                    .json(&serde_json::json!({ "name": name }))
+                    .send();
+            });
+            std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+            host.kill_agent(nix::sys::signal::Signal::SIGKILL);
+        });
+        host.start_agent().expect("agent restarts");
+        let src = crate::wait_for(&host, "src", std::time::Duration::from_secs(30), |v| {
+            v["guest_ready"] == true
+        });
+        assert_eq!(src["state"], "running", "{src:#}");
+        assert_eq!(src["qemu_status"], "running", "not left paused: {src:#}");
+        let (code, out, _) = exec(&host, "src", &["md5sum", "-c", "/root/sum"]);
+        assert_eq!(code, 0, "after a kill {delay_ms} ms in: {out}");
+        // A clone that got far enough may exist; remove it like any VM.
+        let _ = host.cli(&["vm", "rm", "--force", &name]);
+    }
+    assert!(host.cli(&["vm", "rm", "--force", "src"]).status.success());
+    assert_clean(&host);
+}

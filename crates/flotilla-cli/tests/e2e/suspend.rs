@@ -170,6 +170,23 @@ fn a_chain_of_snapshots_stores_only_changes_and_detects_corruption() {
     std::fs::write(&data, &bytes).expect("repair");
     host.cli_json::<serde_json::Value>(&["vm", "resume", "chain", "--wait"]);
     assert_eq!(exec(&host, "chain", &["cat", "/tmp/step2"]).0, 0);
+
+    // A chain whose root layer is gone: refused, naming the missing parent.
+    host.cli_json::<serde_json::Value>(&["vm", "suspend", "chain"]);
+    let root = layer_dir(&host, &layers[0]);
+    let aside = root.with_file_name("moved-aside");
+    std::fs::rename(&root, &aside).expect("move the root layer aside");
+    let (st, b) = host.api("POST", "/v1/vms/chain/resume", None);
+    assert_eq!(st, 409, "{b}");
+    let message = b["error"]["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains(&layers[0]) && message.contains("missing"),
+        "{b}"
+    );
+    assert_eq!(inspect(&host, "chain")["state"], "suspended");
+    std::fs::rename(&aside, &root).expect("put it back");
+    host.cli_json::<serde_json::Value>(&["vm", "resume", "chain", "--wait"]);
+    assert_eq!(exec(&host, "chain", &["cat", "/tmp/step2"]).0, 0);
     host.cli_json::<serde_json::Value>(&["vm", "rm", "--force", "chain"]);
     assert_clean(&host);
 }
