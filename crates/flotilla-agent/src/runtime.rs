@@ -29,6 +29,11 @@ pub struct VmRuntime {
     pub stopping: bool,
     /// Bumped at every start or adoption; a monitor of an older run does nothing.
     pub generation: u64,
+    /// The VM's memory image was captured by this agent moments ago (a
+    /// clone, a start from a base): its next restore need not re-verify the
+    /// layer it was just stored as. Never persisted: after a restart the
+    /// layer is verified again.
+    pub memory_just_captured: bool,
 }
 
 /// The readiness channel of one VM: writers are the start and monitor tasks,

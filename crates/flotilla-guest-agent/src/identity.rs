@@ -4,11 +4,17 @@
 //! Every field is checked before anything changes ([`plan`]); then the steps run in a fixed order,
 //! RNG first so the clone's random output diverges from its source's before anything else runs.
 //! A step that fails ends the request with an error naming it; earlier steps stay applied.
+//!
+//! This runs on the critical path of a clone, in a guest whose emulator has just been restored
+//! with a cold translation cache, where each process started and each fsync costs tens of
+//! milliseconds. So the common network case (one IPv4 address per interface) is done with
+//! ioctls on a datagram socket ([`readdress_by_ioctl`]), and the files are not synced; anything
+//! else runs the `ip` commands of [`ip_commands`], which give the same result.
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
-use std::net::IpAddr;
-use std::os::fd::AsRawFd;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -29,6 +35,15 @@ const TOOL_DIRS: [&str; 4] = ["/sbin", "/bin", "/usr/sbin", "/usr/bin"];
 
 /// How long a background `arping` may run before it is killed.
 const ARPING_LIMIT: Duration = Duration::from_secs(3);
+
+/// The kernel's main IPv4 routing table, one route a line.
+const ROUTE_TABLE: &str = "/proc/net/route";
+
+/// Per-interface IPv6 settings (`all` plus one directory per interface).
+const IPV6_CONF: &str = "/proc/sys/net/ipv6/conf";
+
+/// `IFF_UP` in the width of `ifreq.ifr_flags`.
+const IFF_UP: libc::c_short = libc::IFF_UP as libc::c_short;
 
 /// One identity change at a time: two interleaved ones would leave a mix of both.
 static APPLYING: Mutex<()> = Mutex::new(());
@@ -138,7 +153,7 @@ impl Cidr {
         let bits = u32::from(self.prefix);
         match (self.ip, other) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - bits).unwrap_or(0);
+                let mask = u32::from(netmask(self.prefix));
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
@@ -148,6 +163,16 @@ impl Cidr {
             _ => false,
         }
     }
+}
+
+/// The IPv4 netmask of a prefix length: 24 is 255.255.255.0; 0 and anything above 32 are the
+/// extremes.
+fn netmask(prefix: u8) -> Ipv4Addr {
+    Ipv4Addr::from(
+        u32::MAX
+            .checked_shl(32 - u32::from(prefix.min(32)))
+            .unwrap_or(0),
+    )
 }
 
 impl std::fmt::Display for Cidr {
@@ -294,26 +319,23 @@ fn check_interface_name(name: &str) -> Result<(), String> {
 
 /// Six colon-separated hex octets, unicast and not all zero (what the kernel accepts).
 fn check_mac(mac: &str) -> Result<(), String> {
-    let octets: Option<Vec<u8>> = mac
-        .split(':')
-        .map(|part| {
-            (part.len() == 2)
-                .then(|| u8::from_str_radix(part, 16).ok())
-                .flatten()
-        })
-        .collect();
-    match octets.as_deref() {
-        Some(octets @ [first, ..]) if octets.len() == 6 => {
-            if first & 1 != 0 {
-                Err(format!("{mac} is a multicast address"))
-            } else if octets.iter().all(|&b| b == 0) {
-                Err(format!("{mac} is all zero"))
-            } else {
-                Ok(())
-            }
-        }
-        _ => Err(format!("{mac:?} is not like 52:54:00:12:34:56")),
+    match mac_octets(mac) {
+        Some(octets) if octets[0] & 1 != 0 => Err(format!("{mac} is a multicast address")),
+        Some(octets) if octets.iter().all(|&b| b == 0) => Err(format!("{mac} is all zero")),
+        Some(_) => Ok(()),
+        None => Err(format!("{mac:?} is not like 52:54:00:12:34:56")),
     }
+}
+
+/// The octets of a MAC written as six colon-separated pairs of hex digits.
+fn mac_octets(mac: &str) -> Option<[u8; 6]> {
+    let mut parts = mac.split(':');
+    let mut octets = [0u8; 6];
+    for octet in &mut octets {
+        let part = parts.next().filter(|part| part.len() == 2)?;
+        *octet = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(octets)
 }
 
 /// The gateway must be reachable without another route: inside one of the interface's subnets,
@@ -343,9 +365,11 @@ fn find_tool(name: &str) -> Option<PathBuf> {
 
 /// Carries out a checked plan, in order.
 fn apply(plan: &Plan<'_>, paths: &Paths, ip: Option<&Path>) -> Result<(), IdentityError> {
+    let mut clock = StepClock::new();
     reseed_rng(&plan.request.rng_seed)?;
     nix::unistd::sethostname(&plan.request.hostname)
         .map_err(|errno| io_step("set the hostname")(io::Error::from(errno)))?;
+    clock.step("rng+hostname");
     let hosts_ip = plan
         .interfaces
         .first()
@@ -357,16 +381,84 @@ fn apply(plan: &Plan<'_>, paths: &Paths, ip: Option<&Path>) -> Result<(), Identi
         hosts_ip,
         paths,
     )?;
-    let mut arpings = Vec::new();
+    clock.step("files");
+    readdress_all(plan, ip)?;
+    clock.step("network");
+    // Announcing the new addresses is best effort and off the reply's path.
+    announce_in_background(
+        plan.interfaces
+            .iter()
+            .map(|i| {
+                (
+                    i.name.to_string(),
+                    i.addresses.iter().map(|c| c.ip).collect(),
+                )
+            })
+            .collect(),
+    );
+    log!("identity steps (ms): {}", clock.report());
+    Ok(())
+}
+
+/// Gives every planned interface its MAC and addresses.
+fn readdress_all(plan: &Plan<'_>, ip: Option<&Path>) -> Result<(), IdentityError> {
+    let addresses = if plan.interfaces.is_empty() {
+        None
+    } else {
+        read_addresses()
+    };
+    let mut socket = None;
     for interface in &plan.interfaces {
         let ip = ip.ok_or(IdentityError::ToolMissing("ip"))?;
-        for args in ip_commands(interface) {
-            run_ip(ip, &args)?;
+        let current = addresses
+            .as_deref()
+            .map(|all| current_addresses(&interface.name, all));
+        match readdress(interface, current.as_ref(), || {
+            keeps_ipv6_on_down(&interface.name)
+        }) {
+            Readdress::Ioctls(change) => {
+                let socket = match &mut socket {
+                    Some(socket) => socket,
+                    empty @ None => empty.insert(inet_socket()?),
+                };
+                readdress_by_ioctl(socket, &interface.name, &change, ip)?;
+            }
+            Readdress::Ip => {
+                for args in ip_commands(interface) {
+                    run_ip(ip, &args)?;
+                }
+            }
         }
-        arpings.extend(announce(interface));
     }
-    reap_in_background(arpings);
     Ok(())
+}
+
+/// Time spent per step, for the log: this runs on a clone's critical path.
+struct StepClock {
+    last: Instant,
+    steps: Vec<(&'static str, u128)>,
+}
+
+impl StepClock {
+    fn new() -> Self {
+        StepClock {
+            last: Instant::now(),
+            steps: Vec::new(),
+        }
+    }
+
+    fn step(&mut self, name: &'static str) {
+        self.steps.push((name, self.last.elapsed().as_millis()));
+        self.last = Instant::now();
+    }
+
+    fn report(&self) -> String {
+        self.steps
+            .iter()
+            .map(|(name, ms)| format!("{name} {ms}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 /// Mixes `seed` into the kernel's input pool, crediting all its bits, then reseeds the CRNG
@@ -480,8 +572,9 @@ fn hosts_text(hostname: &str, address: Option<IpAddr>) -> String {
     )
 }
 
-/// Writes a sibling temporary file, syncs it and renames it over `path`, so readers see the old
-/// contents or the new, never a mix.
+/// Writes a sibling temporary file and renames it over `path`, so readers see the old contents
+/// or the new, never a mix. Not synced: guest/init rewrites these files from the kernel command
+/// line at every boot, so durability adds nothing, and a sync costs tens of milliseconds here.
 fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     let name = path
         .file_name()
@@ -501,7 +594,7 @@ fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
             .mode(mode)
             .open(&temp)?;
         file.write_all(contents)?;
-        file.sync_all()?;
+        drop(file);
         fs::rename(&temp, path)
     })();
     if written.is_err() {
@@ -551,37 +644,394 @@ fn run_ip(ip: &Path, args: &[String]) -> Result<(), IdentityError> {
     })
 }
 
-/// Starts a gratuitous ARP for each IPv4 address (if busybox `arping` exists), so neighbours
-/// forget the source VM's MAC; best effort.
-fn announce(interface: &InterfacePlan) -> Vec<Child> {
-    let Some(arping) = find_tool("arping") else {
-        return Vec::new();
-    };
-    interface
-        .addresses
-        .iter()
-        .filter(|cidr| cidr.ip.is_ipv4())
-        .filter_map(|cidr| {
-            Command::new(&arping)
-                .args(["-U", "-c", "1", "-I", &interface.name, &cidr.ip.to_string()])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .ok()
-        })
-        .collect()
+/// How one interface is readdressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Readdress {
+    /// The common case, one IPv4 address: ioctls on a datagram socket, no process started.
+    Ioctls(Ipv4Change),
+    /// Anything else: the commands of [`ip_commands`].
+    Ip,
 }
 
-/// Waits for the `arping`s off the request's path (killing any that outlive [`ARPING_LIMIT`]),
-/// so they neither delay the reply nor stay zombies.
-fn reap_in_background(mut children: Vec<Child>) {
-    if children.is_empty() {
+/// Everything [`readdress_by_ioctl`] sets on one interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Ipv4Change {
+    mac: [u8; 6],
+    address: Ipv4Addr,
+    prefix: u8,
+    gateway: Option<Ipv4Addr>,
+}
+
+/// What an interface has now, as far as choosing how to readdress it goes.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Current {
+    /// IPv4 addresses with their labels: the interface's name, or `eth0:1` for a labelled alias.
+    ipv4: Vec<(String, Ipv4Addr)>,
+    /// Whether it has an IPv6 address other than a link-local one.
+    routable_ipv6: bool,
+}
+
+/// Every address of every interface, as (name or label, address); `None` (logged) if they cannot
+/// be listed, which sends every interface down the `ip` path.
+fn read_addresses() -> Option<Vec<(String, IpAddr)>> {
+    match nix::ifaddrs::getifaddrs() {
+        Ok(entries) => Some(
+            entries
+                .filter_map(|entry| {
+                    let address = entry.address?;
+                    let ip = match (address.as_sockaddr_in(), address.as_sockaddr_in6()) {
+                        (Some(v4), _) => IpAddr::V4(v4.ip()),
+                        (_, Some(v6)) => IpAddr::V6(v6.ip()),
+                        _ => return None,
+                    };
+                    Some((entry.interface_name, ip))
+                })
+                .collect(),
+        ),
+        Err(errno) => {
+            log!("cannot list the interfaces' addresses ({errno}); readdressing with `ip`");
+            None
+        }
+    }
+}
+
+/// Picks `name`'s addresses out of [`read_addresses`]' list.
+fn current_addresses(name: &str, all: &[(String, IpAddr)]) -> Current {
+    let mut current = Current::default();
+    for (label, ip) in all {
+        let ours = label == name
+            || label
+                .strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(':'));
+        if !ours {
+            continue;
+        }
+        match ip {
+            IpAddr::V4(v4) => current.ipv4.push((label.clone(), *v4)),
+            IpAddr::V6(v6) => current.routable_ipv6 |= v6.segments()[0] & 0xffc0 != 0xfe80,
+        }
+    }
+    current
+}
+
+/// Whether the kernel keeps `name`'s IPv6 addresses when it goes down (`keep_addr_on_down`, where
+/// a non-zero `all` overrides the interface's own); unreadable counts as keeping.
+fn keeps_ipv6_on_down(name: &str) -> bool {
+    let read = |dir: &str| -> Option<i32> {
+        fs::read_to_string(format!("{IPV6_CONF}/{dir}/keep_addr_on_down"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    keeps_addresses(read("all"), read(name))
+}
+
+/// `addrconf_ifdown`'s rule: `all` unless it is 0, then the interface's own; above 0 keeps.
+fn keeps_addresses(all: Option<i32>, own: Option<i32>) -> bool {
+    match (all, own) {
+        (Some(all), _) if all != 0 => all > 0,
+        (Some(_), Some(own)) => own > 0,
+        _ => true,
+    }
+}
+
+/// Whether `interface` can be readdressed by ioctls with the same result as [`ip_commands`]:
+/// one IPv4 address asked for (and no IPv6 one), an IPv4 gateway or none, and nothing on the
+/// interface that only netlink can remove: at most one IPv4 address, labelled with the
+/// interface's own name (an ioctl replaces only that one), and no IPv6 address that survives
+/// taking the interface down. `current` is `None` when the addresses could not be listed.
+fn readdress(
+    interface: &InterfacePlan,
+    current: Option<&Current>,
+    keeps_ipv6: impl FnOnce() -> bool,
+) -> Readdress {
+    let [Cidr {
+        ip: IpAddr::V4(address),
+        prefix,
+    }] = interface.addresses[..]
+    else {
+        return Readdress::Ip;
+    };
+    // Addresses the kernel treats specially (127/8 gets host scope, 0/8 and 255.255.255.255
+    // no class) are rare here: left to `ip`.
+    if address.is_loopback() || address.is_broadcast() || address.octets()[0] == 0 {
+        return Readdress::Ip;
+    }
+    let gateway = match interface.gateway {
+        None => None,
+        Some(IpAddr::V4(gateway)) => Some(gateway),
+        Some(IpAddr::V6(_)) => return Readdress::Ip,
+    };
+    let (Some(mac), Some(current)) = (mac_octets(&interface.mac), current) else {
+        return Readdress::Ip;
+    };
+    match &current.ipv4[..] {
+        [] => {}
+        [(label, _)] if *label == interface.name => {}
+        _ => return Readdress::Ip,
+    }
+    if current.routable_ipv6 && keeps_ipv6() {
+        return Readdress::Ip;
+    }
+    Readdress::Ioctls(Ipv4Change {
+        mac,
+        address,
+        prefix,
+        gateway,
+    })
+}
+
+/// The ioctl equivalent of [`ip_commands`] for one IPv4 address, in the same order: down (which
+/// drops the interface's routes and IPv6 addresses, as `ip` does), MAC, address (replacing the
+/// only one), netmask, no broadcast address (as `ip addr add` without `brd` leaves it), up (a new
+/// IPv6 link-local address from the new MAC), default route. The MAC is set while down rather
+/// than live so the link-local address is regenerated, as with `ip`.
+///
+/// The default route is added only when the main table has none with metric 0, where adding
+/// and `ip route replace` are the same; otherwise (another interface's default route, or the
+/// table unreadable) `ip` replaces it.
+fn readdress_by_ioctl(
+    socket: &OwnedFd,
+    name: &str,
+    change: &Ipv4Change,
+    ip: &Path,
+) -> Result<(), IdentityError> {
+    let step = |what: &str, call: &str| io_step(format!("{what} {name} ({call})"));
+    let mut request = ifreq(name);
+    // SAFETY: SIOCGIFFLAGS fills `ifr_flags` of the `ifreq` it is given.
+    unsafe { ioctl(socket, libc::SIOCGIFFLAGS, &mut request) }
+        .map_err(step("read the flags of", "SIOCGIFFLAGS"))?;
+    // SAFETY: the kernel has set `ifr_flags` (and any value of a `c_short` is valid).
+    let flags = unsafe { request.ifr_ifru.ifru_flags };
+    if flags & IFF_UP != 0 {
+        let mut request = ifreq_flags(name, flags & !IFF_UP);
+        // SAFETY: SIOCSIFFLAGS reads `ifr_name` and `ifr_flags` of the `ifreq` it is given.
+        unsafe { ioctl(socket, libc::SIOCSIFFLAGS, &mut request) }
+            .map_err(step("take down", "SIOCSIFFLAGS"))?;
+    }
+    let mut request = ifreq(name);
+    request.ifr_ifru.ifru_hwaddr = hardware_address(change.mac);
+    // SAFETY: SIOCSIFHWADDR reads `ifr_name` and `ifr_hwaddr` of the `ifreq` it is given.
+    unsafe { ioctl(socket, libc::SIOCSIFHWADDR, &mut request) }
+        .map_err(step("set the MAC of", "SIOCSIFHWADDR"))?;
+    let addresses = [
+        (
+            libc::SIOCSIFADDR,
+            "SIOCSIFADDR",
+            change.address,
+            "set the address of",
+        ),
+        (
+            libc::SIOCSIFNETMASK,
+            "SIOCSIFNETMASK",
+            netmask(change.prefix),
+            "set the netmask of",
+        ),
+        (
+            libc::SIOCSIFBRDADDR,
+            "SIOCSIFBRDADDR",
+            Ipv4Addr::UNSPECIFIED,
+            "clear the broadcast address of",
+        ),
+    ];
+    for (command, call, address, what) in addresses {
+        let mut request = ifreq(name);
+        request.ifr_ifru.ifru_addr = inet_address(address);
+        // SAFETY: these three read `ifr_name` and an AF_INET `ifr_addr` of the `ifreq` given.
+        unsafe { ioctl(socket, command, &mut request) }.map_err(step(what, call))?;
+    }
+    let mut request = ifreq_flags(name, flags | IFF_UP);
+    // SAFETY: SIOCSIFFLAGS reads `ifr_name` and `ifr_flags` of the `ifreq` it is given.
+    unsafe { ioctl(socket, libc::SIOCSIFFLAGS, &mut request) }
+        .map_err(step("bring up", "SIOCSIFFLAGS"))?;
+    let Some(gateway) = change.gateway else {
+        return Ok(());
+    };
+    match fs::read_to_string(ROUTE_TABLE) {
+        Ok(routes) if !has_default_route(&routes) => add_default_route(socket, name, gateway)
+            .map_err(io_step(format!(
+                "add the default route via {gateway} dev {name} (SIOCADDRT)"
+            ))),
+        _ => run_ip(ip, &route_replace(name, gateway)),
+    }
+}
+
+/// The `ip` arguments that make `gateway` on `name` the default route.
+fn route_replace(name: &str, gateway: Ipv4Addr) -> Vec<String> {
+    [
+        "route",
+        "replace",
+        "default",
+        "via",
+        &gateway.to_string(),
+        "dev",
+        name,
+    ]
+    .map(str::to_string)
+    .to_vec()
+}
+
+/// Whether `/proc/net/route` (`Iface Destination Gateway Flags RefCnt Use Metric Mask ...`, hex
+/// addresses) lists a default route with metric 0, the one `ip route replace` would replace;
+/// a line it cannot read counts as one.
+fn has_default_route(table: &str) -> bool {
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let zero_hex = |at: usize| {
+            fields
+                .get(at)
+                .and_then(|field| u32::from_str_radix(field, 16).ok())
+                .map(|value| value == 0)
+        };
+        let metric = fields.get(6).and_then(|field| field.parse::<u32>().ok());
+        match (zero_hex(1), zero_hex(7), metric) {
+            (Some(destination), Some(mask), Some(metric)) => destination && mask && metric == 0,
+            _ => !line.trim().is_empty(),
+        }
+    })
+}
+
+/// Adds the default route via `gateway` on `name`; one that is already there is fine.
+fn add_default_route(socket: &OwnedFd, name: &str, gateway: Ipv4Addr) -> io::Result<()> {
+    // The kernel copies IFNAMSIZ - 1 bytes from `rt_dev` whatever the name's length, so it
+    // points to a whole NUL-padded name buffer, which lives until this function returns.
+    let mut device = interface_name(name);
+    let mut route = default_route(gateway);
+    route.rt_dev = device.as_mut_ptr();
+    // SAFETY: SIOCADDRT reads the `rtentry` it is given and IFNAMSIZ bytes at its `rt_dev`,
+    // which points to `device`, alive and unmoved for the call.
+    match unsafe { ioctl(socket, libc::SIOCADDRT, &mut route) } {
+        Err(error) if error.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        result => result,
+    }
+}
+
+/// A socket for interface and route ioctls.
+fn inet_socket() -> Result<OwnedFd, IdentityError> {
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|errno| io_step("open a socket for interface ioctls")(io::Error::from(errno)))
+}
+
+/// Runs an ioctl whose argument is `arg`.
+///
+/// # Safety
+///
+/// `T` must be the structure `request` reads or writes, and any pointers in it must be valid
+/// for what the kernel does with them.
+unsafe fn ioctl<T>(socket: &OwnedFd, request: libc::c_ulong, arg: &mut T) -> io::Result<()> {
+    // SAFETY: `socket` is open, `arg` is a live exclusive reference, and the caller vouches
+    // that it is what `request` expects.
+    let result = unsafe { libc::ioctl(socket.as_raw_fd(), request as _, std::ptr::from_mut(arg)) };
+    if result < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// An interface name as the kernel takes it: NUL-padded to IFNAMSIZ. Validation has kept it to
+/// at most 15 bytes with no NUL, so the last byte stays NUL.
+fn interface_name(name: &str) -> [libc::c_char; libc::IFNAMSIZ] {
+    let mut buffer = [0; libc::IFNAMSIZ];
+    for (slot, byte) in buffer[..libc::IFNAMSIZ - 1].iter_mut().zip(name.bytes()) {
+        *slot = byte as libc::c_char;
+    }
+    buffer
+}
+
+/// A zeroed `ifreq` naming `name`.
+fn ifreq(name: &str) -> libc::ifreq {
+    // SAFETY: `ifreq` is plain data (a name array and a union of integers, arrays, sockaddrs
+    // and a raw pointer), for which all-zero bytes are a valid value.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    request.ifr_name = interface_name(name);
+    request
+}
+
+/// An `ifreq` naming `name`, with `flags`.
+fn ifreq_flags(name: &str, flags: libc::c_short) -> libc::ifreq {
+    let mut request = ifreq(name);
+    request.ifr_ifru.ifru_flags = flags;
+    request
+}
+
+/// `struct sockaddr_in` for `address` (port 0) in a `struct sockaddr`: the port in `sa_data[0..2]`,
+/// the address in network order in `sa_data[2..6]`, zeros after.
+fn inet_address(address: Ipv4Addr) -> libc::sockaddr {
+    let mut data = [0; 14];
+    for (slot, byte) in data[2..6].iter_mut().zip(address.octets()) {
+        *slot = byte as libc::c_char;
+    }
+    libc::sockaddr {
+        sa_family: libc::AF_INET as libc::sa_family_t,
+        sa_data: data,
+    }
+}
+
+/// An Ethernet hardware address as SIOCSIFHWADDR takes it.
+fn hardware_address(mac: [u8; 6]) -> libc::sockaddr {
+    let mut data = [0; 14];
+    for (slot, byte) in data.iter_mut().zip(mac) {
+        *slot = byte as libc::c_char;
+    }
+    libc::sockaddr {
+        sa_family: libc::ARPHRD_ETHER,
+        sa_data: data,
+    }
+}
+
+/// The default route via `gateway` (0.0.0.0/0, up, via a gateway, metric 0), without its device.
+fn default_route(gateway: Ipv4Addr) -> libc::rtentry {
+    // SAFETY: `rtentry` is plain data (integers, sockaddrs and a raw pointer), for which all-zero
+    // bytes are a valid value, with a null `rt_dev`.
+    let mut route: libc::rtentry = unsafe { std::mem::zeroed() };
+    route.rt_dst = inet_address(Ipv4Addr::UNSPECIFIED);
+    route.rt_genmask = inet_address(Ipv4Addr::UNSPECIFIED);
+    route.rt_gateway = inet_address(gateway);
+    route.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+    route
+}
+
+/// Sends a gratuitous ARP for each new IPv4 address (busybox `arping`, if
+/// present) from a thread of its own, killing any that outlive
+/// [`ARPING_LIMIT`], so they neither delay the reply nor stay zombies.
+fn announce_in_background(interfaces: Vec<(String, Vec<IpAddr>)>) {
+    let Some(arping) = find_tool("arping") else {
+        return;
+    };
+    if interfaces
+        .iter()
+        .all(|(_, ips)| !ips.iter().any(IpAddr::is_ipv4))
+    {
         return;
     }
     let spawned = std::thread::Builder::new()
-        .name("arping-reaper".into())
+        .name("arping".into())
         .spawn(move || {
+            let mut children: Vec<Child> = interfaces
+                .iter()
+                .flat_map(|(name, ips)| {
+                    ips.iter()
+                        .filter(|ip| ip.is_ipv4())
+                        .map(move |ip| (name, ip))
+                })
+                .filter_map(|(name, ip)| {
+                    Command::new(&arping)
+                        .args(["-U", "-c", "1", "-I", name, &ip.to_string()])
+                        .stdin(Stdio::null())
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .spawn()
+                        .ok()
+                })
+                .collect();
             let until = Instant::now() + ARPING_LIMIT;
             while !children.is_empty() {
                 children.retain_mut(|child| matches!(child.try_wait(), Ok(None)));
@@ -596,254 +1046,11 @@ fn reap_in_background(mut children: Vec<Child>) {
             }
         });
     if let Err(error) = spawned {
-        log!("cannot start the arping reaper: {error}");
+        log!("cannot start arping: {error}");
     }
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // Tests fail loudly by design.
-mod tests {
-    use flotilla_guest_protocol::InterfaceIdentity;
-
-    use super::*;
-
-    /// Paths in a temporary directory with interfaces `eth0` and `eth1`.
-    fn sandbox() -> (tempfile::TempDir, Paths) {
-        let dir = tempfile::tempdir().unwrap();
-        let paths = Paths {
-            etc: dir.path().join("etc"),
-            sys_class_net: dir.path().join("net"),
-            run: dir.path().join("run"),
-        };
-        fs::create_dir_all(&paths.etc).unwrap();
-        for name in ["lo", "eth0", "eth1"] {
-            fs::create_dir_all(paths.sys_class_net.join(name)).unwrap();
-        }
-        (dir, paths)
-    }
-
-    fn request() -> IdentityRequest {
-        IdentityRequest {
-            hostname: "web-2".into(),
-            machine_id: "0123456789abcdef0123456789abcdef".into(),
-            interfaces: vec![InterfaceIdentity {
-                name: "eth0".into(),
-                mac: "52:54:00:12:34:56".into(),
-                addresses: vec!["10.77.0.5/24".into(), "fd00::5/64".into()],
-                gateway: Some("10.77.0.1".into()),
-            }],
-            rng_seed: vec![7; 32],
-        }
-    }
-
-    /// The field a rejection names, or a panic if it was accepted.
-    fn rejected(request: &IdentityRequest) -> String {
-        let (_dir, paths) = sandbox();
-        match plan(request, &paths) {
-            Err(IdentityError::Invalid { field, .. }) => field,
-            other => panic!("expected a rejection, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn a_good_request_is_planned() {
-        let (_dir, paths) = sandbox();
-        let request = request();
-        let plan = plan(&request, &paths).unwrap();
-        assert_eq!(
-            plan.interfaces,
-            vec![InterfacePlan {
-                name: "eth0".into(),
-                mac: "52:54:00:12:34:56".into(),
-                addresses: vec![
-                    Cidr::parse("10.77.0.5/24").unwrap(),
-                    Cidr::parse("fd00::5/64").unwrap()
-                ],
-                gateway: Some("10.77.0.1".parse().unwrap()),
-            }]
-        );
-    }
-
-    #[test]
-    fn each_bad_field_is_named() {
-        type Edit = fn(&mut IdentityRequest);
-        let cases: [(&str, Edit); 22] = [
-            ("hostname", |r| r.hostname = String::new()),
-            ("hostname", |r| r.hostname = "Web".into()),
-            ("hostname", |r| r.hostname = "-web".into()),
-            ("hostname", |r| r.hostname = "web.example".into()),
-            ("hostname", |r| r.hostname = "a".repeat(64)),
-            ("machine_id", |r| {
-                r.machine_id = "0123456789ABCDEF0123456789abcdef".into()
-            }),
-            ("machine_id", |r| r.machine_id = "0123".into()),
-            ("machine_id", |r| r.machine_id = "0".repeat(32)),
-            ("rng_seed", |r| r.rng_seed = vec![1; 31]),
-            ("rng_seed", |r| r.rng_seed = vec![1; 4097]),
-            ("interfaces[0].name", |r| {
-                r.interfaces[0].name = "eth9".into()
-            }),
-            ("interfaces[0].name", |r| {
-                r.interfaces[0].name = "../eth0".into()
-            }),
-            ("interfaces[0].name", |r| r.interfaces[0].name = "lo".into()),
-            ("interfaces[1].name", |r| {
-                r.interfaces.push(r.interfaces[0].clone())
-            }),
-            ("interfaces[0].mac", |r| {
-                r.interfaces[0].mac = "52:54:00:12:34".into()
-            }),
-            ("interfaces[0].mac", |r| {
-                r.interfaces[0].mac = "52-54-00-12-34-56".into()
-            }),
-            ("interfaces[0].mac", |r| {
-                r.interfaces[0].mac = "01:00:5e:00:00:01".into()
-            }),
-            ("interfaces[0].addresses[0]", |r| {
-                r.interfaces[0].addresses[0] = "10.77.0.5".into()
-            }),
-            ("interfaces[0].addresses[1]", |r| {
-                r.interfaces[0].addresses[1] = "10.77.0.6/33".into()
-            }),
-            ("interfaces[0].addresses[1]", |r| {
-                r.interfaces[0].addresses[1] = "10.77.0.5/16".into()
-            }),
-            ("interfaces[0].gateway", |r| {
-                r.interfaces[0].gateway = Some("10.78.0.1".into())
-            }),
-            ("interfaces[0].gateway", |r| {
-                r.interfaces[0].gateway = Some("gateway".into())
-            }),
-        ];
-        for (field, edit) in cases {
-            let mut request = request();
-            edit(&mut request);
-            assert_eq!(rejected(&request), field, "{request:?}");
-        }
-    }
-
-    #[test]
-    fn edge_values_are_accepted() {
-        let (_dir, paths) = sandbox();
-        let mut request = request();
-        request.hostname = format!("0{}", "-".repeat(62));
-        request.rng_seed = vec![0; IdentityRequest::RNG_SEED_MAX_LEN];
-        request.interfaces[0].mac = "AA:bb:00:00:00:01".into();
-        request.interfaces[0].gateway = Some("fe80::1".into());
-        request.interfaces.push(InterfaceIdentity {
-            name: "eth1".into(),
-            mac: "52:54:00:00:00:02".into(),
-            addresses: Vec::new(),
-            gateway: None,
-        });
-        assert!(plan(&request, &paths).is_ok());
-        request.interfaces[0].gateway = Some("fd00::ffff".into());
-        assert!(plan(&request, &paths).is_ok());
-    }
-
-    #[test]
-    fn subnets_contain_their_addresses_only() {
-        let net = Cidr::parse("10.77.0.5/24").unwrap();
-        assert!(net.contains("10.77.0.255".parse().unwrap()));
-        assert!(!net.contains("10.77.1.1".parse().unwrap()));
-        assert!(!net.contains("::1".parse().unwrap()));
-        assert!(Cidr::parse("10.0.0.1/0")
-            .unwrap()
-            .contains("192.0.2.1".parse().unwrap()));
-        let host = Cidr::parse("10.0.0.1/32").unwrap();
-        assert!(host.contains("10.0.0.1".parse().unwrap()));
-        assert!(!host.contains("10.0.0.2".parse().unwrap()));
-        assert!(Cidr::parse("0.0.0.0/8").is_err());
-        assert!(Cidr::parse("10.0.0.1/+8").is_err());
-    }
-
-    #[test]
-    fn hosts_text_matches_guest_init() {
-        assert_eq!(
-            hosts_text("web-2", Some("10.77.0.5".parse().unwrap())),
-            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n10.77.0.5\tweb-2\n"
-        );
-        assert!(hosts_text("web-2", None).ends_with("\n127.0.1.1\tweb-2\n"));
-    }
-
-    #[test]
-    fn files_are_replaced() {
-        let (_dir, paths) = sandbox();
-        fs::write(paths.etc.join("machine-id"), "old\n").unwrap();
-        write_files("web-2", &request().machine_id, None, &paths).unwrap();
-        let read = |name: &str| fs::read_to_string(paths.etc.join(name)).unwrap();
-        assert_eq!(read("hostname"), "web-2\n");
-        assert_eq!(read("machine-id"), "0123456789abcdef0123456789abcdef\n");
-        assert!(read("hosts").contains("127.0.1.1\tweb-2\n"));
-        // Read-only machine id, and no temporary files left behind.
-        let mode = fs::metadata(paths.etc.join("machine-id")).unwrap();
-        assert!(mode.permissions().readonly());
-        write_files("web-3", &request().machine_id, None, &paths).unwrap();
-        let mut names: Vec<_> = fs::read_dir(&paths.etc)
-            .unwrap()
-            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
-            .collect();
-        names.sort();
-        assert_eq!(names, ["hostname", "hosts", "machine-id"]);
-        assert_eq!(read("hostname"), "web-3\n");
-    }
-
-    #[test]
-    fn ip_commands_readdress_in_order() {
-        let (_dir, paths) = sandbox();
-        let mut request = request();
-        request.interfaces.push(InterfaceIdentity {
-            name: "eth1".into(),
-            mac: "52:54:00:00:00:02".into(),
-            addresses: vec!["fd00:1::2/64".into()],
-            gateway: Some("fe80::1".into()),
-        });
-        let plan = plan(&request, &paths).unwrap();
-        let lines = |at: usize| -> Vec<String> {
-            ip_commands(&plan.interfaces[at])
-                .iter()
-                .map(|args| args.join(" "))
-                .collect()
-        };
-        assert_eq!(
-            lines(0),
-            [
-                "link set dev eth0 down",
-                "link set dev eth0 address 52:54:00:12:34:56",
-                "addr flush dev eth0",
-                "addr add 10.77.0.5/24 dev eth0",
-                "addr add fd00::5/64 dev eth0",
-                "link set dev eth0 up",
-                "route replace default via 10.77.0.1 dev eth0",
-            ]
-        );
-        assert_eq!(
-            lines(1).last().unwrap(),
-            "-6 route replace default via fe80::1 dev eth1"
-        );
-    }
-
-    #[test]
-    fn pool_info_carries_the_seed_bytes_in_order() {
-        let info = rand_pool_info(&[1, 2, 3, 4, 5]);
-        assert_eq!(&info[..2], [40, 5]);
-        let bytes: Vec<u8> = info[2..].iter().flat_map(|w| w.to_ne_bytes()).collect();
-        assert_eq!(bytes, [1, 2, 3, 4, 5, 0, 0, 0]);
-        // _IOW('R', 0x03, int[2]) and _IO('R', 0x07) in the generic encoding.
-        let ioc =
-            |dir: u32, nr: u32, size: u32| (dir << 30) | (size << 16) | (u32::from(b'R') << 8) | nr;
-        assert_eq!(RNDADDENTROPY, ioc(1, 0x03, 8));
-        assert_eq!(RNDRESEEDCRNG, ioc(0, 0x07, 0));
-    }
-
-    #[test]
-    fn errors_map_to_kinds() {
-        assert_eq!(invalid("hostname", "x").kind(), ErrorKind::InvalidRequest);
-        assert_eq!(
-            IdentityError::ToolMissing("ip").kind(),
-            ErrorKind::CommandNotFound
-        );
-        let denied = io_step("x")(io::Error::from_raw_os_error(libc::EPERM));
-        assert_eq!(denied.kind(), ErrorKind::PermissionDenied);
-    }
-}
+#[path = "identity_tests.rs"]
+mod tests;

@@ -305,6 +305,7 @@ impl VmManager {
                 return Err(e);
             }
             let entry = VmEntry::new(record);
+            entry.lock().runtime.memory_just_captured = from.memory.is_some();
             self.vms().insert(from.name.to_string(), entry.clone());
             entry
         };
@@ -372,11 +373,13 @@ impl VmManager {
         use flotilla_guest_protocol::{GuestClient, IdentityRequest, InterfaceIdentity};
         let socket = self.agent_socket(record);
         let timeout = self.inner.config.ready_timeout;
+        let started = Instant::now();
         let (client, _) = GuestClient::wait_ready(&socket, timeout)
             .await
             .map_err(|e| {
                 AgentError::Snapshot(format!("the restored guest's agent does not answer: {e}"))
             })?;
+        let connected = started.elapsed();
         let machine_id = record.machine_id.clone().unwrap_or_else(new_machine_id);
         let identity = IdentityRequest {
             hostname: record.name.clone(),
@@ -405,7 +408,13 @@ impl VmManager {
         if let Err(e) = client.set_clock(now, IDENTITY_TIMEOUT).await {
             tracing::warn!(vm = %record.name, error = %e, "could not correct the guest clock");
         }
-        tracing::info!(vm = %record.name, applied_ms, "guest took its own identity");
+        tracing::info!(
+            vm = %record.name,
+            connect_ms = connected.as_millis() as u64,
+            applied_ms,
+            total_ms = started.elapsed().as_millis() as u64,
+            "guest took its own identity"
+        );
         Ok(Arc::new(client))
     }
 }

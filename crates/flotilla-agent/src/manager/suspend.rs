@@ -228,7 +228,8 @@ impl VmManager {
             }
             self.reserve_and_enter(&entry, &mut s, others, VmState::Resuming)?
         };
-        match self.restore(&record).await {
+        let trusted = std::mem::take(&mut entry.lock().runtime.memory_just_captured);
+        match self.restore(&record, trusted).await {
             Ok((process, qmp, root_backing, guest)) => {
                 self.enter_running(&entry, process, qmp, generation, |r| {
                     if let (Some(root), Some(b)) = (r.disks.first_mut(), root_backing) {
@@ -271,7 +272,11 @@ impl VmManager {
 
     /// Memory image from the chain (checksums verified), a fresh overlay on
     /// the head's disk, taps, then QEMU loading the image.
-    async fn restore(&self, record: &VmRecord) -> AgentResult<Restored> {
+    async fn restore(
+        &self,
+        record: &VmRecord,
+        memory_just_captured: bool,
+    ) -> AgentResult<Restored> {
         let head = record.snapshot_head.clone().map(LayerId).ok_or_else(|| {
             AgentError::conflict(
                 format!("VM {:?} has no snapshot to resume from", record.name),
@@ -302,6 +307,9 @@ impl VmManager {
         let rebuild = {
             let (store, head, memory) = (store.clone(), head.clone(), memory.clone());
             blocking("rebuilding the memory image", move || {
+                if reuse && memory_just_captured {
+                    return Ok(());
+                }
                 if reuse {
                     return store.verify(&head).map_err(AgentError::from);
                 }
@@ -312,7 +320,16 @@ impl VmManager {
                 replace_memory_image(&tmp, &head)
             })
         };
-        let (rebuilt, launched) = tokio::join!(rebuild, self.launch_with(record, config));
+        let phases = Instant::now();
+        let rebuild = async {
+            let r = rebuild.await;
+            (r, phases.elapsed())
+        };
+        let launch = async {
+            let r = self.launch_with(record, config).await;
+            (r, phases.elapsed())
+        };
+        let ((rebuilt, rebuild_time), (launched, launch_time)) = tokio::join!(rebuild, launch);
         let (process, qmp) = match (rebuilt, launched) {
             (Ok(()), Ok(pq)) => pq,
             (Err(e), Ok((process, _))) => {
@@ -326,6 +343,7 @@ impl VmManager {
                 .await
                 .map_err(|e| AgentError::Snapshot(format!("loading the VM's memory: {e}")))?;
             qmp.cont().await?;
+            let loaded_at = phases.elapsed();
             // A VM from another VM's snapshot takes its own identity before
             // its network comes up, so it is never seen with the other's.
             let guest = match record.identity_pending {
@@ -335,6 +353,15 @@ impl VmManager {
             for id in nic_ids(record) {
                 set_link(&qmp, &id, true).await?;
             }
+            tracing::info!(
+                vm = %record.name,
+                memory_ms = rebuild_time.as_millis() as u64,
+                qemu_ms = launch_time.as_millis() as u64,
+                loaded_ms = loaded_at.as_millis() as u64,
+                total_ms = phases.elapsed().as_millis() as u64,
+                reused_memory = reuse,
+                "restore phases"
+            );
             Ok::<_, AgentError>(guest)
         }
         .await;
