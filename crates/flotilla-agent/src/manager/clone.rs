@@ -344,6 +344,11 @@ impl VmManager {
                 super::create::pin(initrd, &tmp.join(INITRD))
                     .map_err(|e| AgentError::io("pinning the initramfs into the VM", e))?;
             }
+            if let Some(root) = root_disk(record) {
+                if let Some(backing) = &root.backing {
+                    crate::disks::create_overlay(&tmp.join(ROOT_DISK), backing, "qcow2")?;
+                }
+            }
             if let Some(memory) = memory {
                 let placed = tmp.join(".memory.tmp");
                 std::fs::rename(memory, &placed)

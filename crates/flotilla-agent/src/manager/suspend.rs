@@ -200,9 +200,17 @@ impl VmManager {
         }
         s.record.snapshot_head = Some(layer.to_string());
         s.record.pending_snapshot = None;
-        if let Some(root) = root_disk(&s.record) {
-            // Its contents now live in the layer.
+        // Its contents now live in the layer: the root disk starts over as
+        // an empty overlay on the layer's disk, ready for the resume.
+        let layer_disk = store.disk_path(layer);
+        if let (Some(root), Some(layer_disk)) =
+            (s.record.disks.first_mut().filter(|d| d.name == "root"), layer_disk)
+        {
             let _ = std::fs::remove_file(&root.path);
+            match disks::create_overlay(&root.path, &layer_disk, "qcow2") {
+                Ok(()) => root.backing = Some(layer_disk),
+                Err(e) => tracing::warn!(vm = %name, error = %e, "preparing the root disk for the resume"),
+            }
         }
         self.settle_exited(entry, &mut s, VmState::Suspended, None);
         Ok(())
@@ -294,54 +302,63 @@ impl VmManager {
             let base = store.disk_path(&head).ok_or_else(|| {
                 AgentError::Snapshot(format!("snapshot layer {head} has no root disk"))
             })?;
-            let _ = std::fs::remove_file(&root.path);
-            disks::create_overlay(&root.path, &base, "qcow2")?;
+            // Made at suspend time, so usually ready; made now otherwise.
+            if !(root.path.exists() && root.backing.as_deref() == Some(base.as_path())) {
+                let _ = std::fs::remove_file(&root.path);
+                disks::create_overlay(&root.path, &base, "qcow2")?;
+            }
             root_backing = Some(base);
         }
         let mut config = self.qemu_config(record);
         config.incoming = Some("defer".into());
-        // QEMU starts (and waits for its state) while the memory image is
-        // rebuilt and verified: the two take about as long as each other.
-        // The image kept from the suspend is reused once the chain checks out.
+        // The image kept from the suspend (its marker names the head) is
+        // loaded while the chain is verified, and the VM runs only once it
+        // checks out; otherwise the image is rebuilt from the chain (verified
+        // as it goes) while QEMU starts.
         let reuse = memory_image_layer(&dir).as_deref() == Some(head.as_str());
-        let rebuild = {
-            let (store, head, memory) = (store.clone(), head.clone(), memory.clone());
-            blocking("rebuilding the memory image", move || {
-                if reuse && memory_just_captured {
-                    return Ok(());
-                }
-                if reuse {
-                    return store.verify(&head).map_err(AgentError::from);
-                }
-                let tmp = memory.with_file_name(RESUME_MEMORY_TMP);
-                store
-                    .materialize_memory(&head, &tmp)
-                    .map_err(AgentError::from)?;
-                replace_memory_image(&tmp, &head)
-            })
-        };
         let phases = Instant::now();
-        let rebuild = async {
-            let r = rebuild.await;
-            (r, phases.elapsed())
+        let mut check = Some({
+            let (store, head, memory) = (store.clone(), head.clone(), memory.clone());
+            tokio::task::spawn_blocking(move || -> AgentResult<Duration> {
+                if reuse && !memory_just_captured {
+                    store.verify(&head)?;
+                } else if !reuse {
+                    let tmp = memory.with_file_name(RESUME_MEMORY_TMP);
+                    store.materialize_memory(&head, &tmp)?;
+                    replace_memory_image(&tmp, &head)?;
+                }
+                Ok(phases.elapsed())
+            })
+        });
+        let join_check = |handle: tokio::task::JoinHandle<AgentResult<Duration>>| async move {
+            handle
+                .await
+                .map_err(|e| AgentError::io("checking the snapshot", std::io::Error::other(e)))?
         };
-        let launch = async {
-            let r = self.launch_with(record, config).await;
-            (r, phases.elapsed())
-        };
-        let ((rebuilt, rebuild_time), (launched, launch_time)) = tokio::join!(rebuild, launch);
-        let (process, qmp) = match (rebuilt, launched) {
-            (Ok(()), Ok(pq)) => pq,
-            (Err(e), Ok((process, _))) => {
-                let _ = process.kill().await;
+        let launched = self.launch_with(record, config).await;
+        let launch_time = phases.elapsed();
+        let (process, qmp) = match launched {
+            Ok(pq) => pq,
+            Err(e) => {
+                if let Some(handle) = check.take() {
+                    let _ = join_check(handle).await;
+                }
                 return Err(e);
             }
-            (_, Err(e)) => return Err(e),
         };
+        let mut check_time = Duration::ZERO;
         let loaded = async {
+            if !reuse {
+                if let Some(handle) = check.take() {
+                    check_time = join_check(handle).await?;
+                }
+            }
             load_from_file(&qmp, &memory, LOAD_TIMEOUT)
                 .await
                 .map_err(|e| AgentError::Snapshot(format!("loading the VM's memory: {e}")))?;
+            if let Some(handle) = check.take() {
+                check_time = join_check(handle).await?;
+            }
             qmp.cont().await?;
             let loaded_at = phases.elapsed();
             // A VM from another VM's snapshot takes its own identity before
@@ -355,7 +372,7 @@ impl VmManager {
             }
             tracing::info!(
                 vm = %record.name,
-                memory_ms = rebuild_time.as_millis() as u64,
+                memory_ms = check_time.as_millis() as u64,
                 qemu_ms = launch_time.as_millis() as u64,
                 loaded_ms = loaded_at.as_millis() as u64,
                 total_ms = phases.elapsed().as_millis() as u64,
