@@ -35,8 +35,9 @@ pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Events buffered per subscriber before it starts missing some (`Lagged`).
 const EVENT_CAPACITY: usize = 256;
 
-/// Pause between attempts of [`QmpClient::connect_retry`].
-const RETRY_INTERVAL: Duration = Duration::from_millis(50);
+/// Pause between attempts of [`QmpClient::connect_retry`]: short, as a
+/// restore waits on the connection and an attempt costs one syscall.
+const RETRY_INTERVAL: Duration = Duration::from_millis(5);
 
 /// A QMP connection. Cheap to clone; the connection closes when the last
 /// clone is dropped.

@@ -203,13 +203,16 @@ impl VmManager {
         // Its contents now live in the layer: the root disk starts over as
         // an empty overlay on the layer's disk, ready for the resume.
         let layer_disk = store.disk_path(layer);
-        if let (Some(root), Some(layer_disk)) =
-            (s.record.disks.first_mut().filter(|d| d.name == "root"), layer_disk)
-        {
+        if let (Some(root), Some(layer_disk)) = (
+            s.record.disks.first_mut().filter(|d| d.name == "root"),
+            layer_disk,
+        ) {
             let _ = std::fs::remove_file(&root.path);
             match disks::create_overlay(&root.path, &layer_disk, "qcow2") {
                 Ok(()) => root.backing = Some(layer_disk),
-                Err(e) => tracing::warn!(vm = %name, error = %e, "preparing the root disk for the resume"),
+                Err(e) => {
+                    tracing::warn!(vm = %name, error = %e, "preparing the root disk for the resume")
+                }
             }
         }
         self.settle_exited(entry, &mut s, VmState::Suspended, None);

@@ -34,7 +34,7 @@ use crate::{
 const HELLO_RESEND: Duration = Duration::from_secs(1);
 
 /// Pause between connection attempts in [`GuestClient::wait_ready`].
-const CONNECT_RETRY: Duration = Duration::from_millis(50);
+const CONNECT_RETRY: Duration = Duration::from_millis(10);
 
 /// Frames queued for the writer task before senders wait.
 const WRITE_QUEUE: usize = 32;
