@@ -137,9 +137,11 @@ impl VmManager {
         let (layer_holder, keep) = (layer_holder.to_string(), keep_memory.map(Path::to_path_buf));
         let stored = blocking("writing the snapshot layer", move || {
             let layer = store_layer(&store, &capture, &layer_holder)?;
-            if let Some(keep) = keep {
-                std::fs::rename(&capture.memory, &keep)
-                    .map_err(|e| AgentError::io("keeping the captured memory image", e))?;
+            match keep {
+                Some(keep) => std::fs::rename(&capture.memory, &keep)
+                    .map_err(|e| AgentError::io("keeping the captured memory image", e))?,
+                // The VM keeps it: its next layer is a small diff against this one.
+                None => replace_memory_image(&capture.memory, &layer.id)?,
             }
             Ok(layer)
         })

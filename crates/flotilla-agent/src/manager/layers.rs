@@ -69,11 +69,17 @@ impl VmManager {
         Ok(pins)
     }
 
-    /// What a new layer of this VM is a diff against: its head (with the
-    /// memory image kept next to it, when that is the head's), or for a
-    /// first layer its image's base snapshot, or nothing.
+    /// What a new layer of this VM is a diff against: the VM's latest layer
+    /// whose memory image it keeps (its last suspend or named snapshot), else
+    /// its head (rebuilt from the chain), else its image's base snapshot,
+    /// else nothing.
     pub(crate) fn diff_parent(&self, record: &VmRecord) -> (Option<LayerId>, Option<PathBuf>) {
         let dir = self.vm_dir(&record.name);
+        if let Some(kept) = memory_image_layer(&dir).map(LayerId) {
+            if self.inner.snapshots.get(&kept).is_ok() {
+                return (Some(kept), Some(dir.join(MEMORY_IMAGE)));
+            }
+        }
         if let Some(head) = &record.snapshot_head {
             let memory = (memory_image_layer(&dir).as_deref() == Some(head.as_str()))
                 .then(|| dir.join(MEMORY_IMAGE));

@@ -420,3 +420,70 @@ fn bad_clone_requests_are_refused_and_a_killed_agent_leaves_the_source_running()
     assert!(host.cli(&["vm", "rm", "--force", "src"]).status.success());
     assert_clean(&host);
 }
+
+#[test]
+fn a_chain_of_three_snapshots_restores_each_step() {
+    let host = TestHost::start().expect("test host");
+    run_vm(&host, "src");
+    let mut snaps: Vec<Value> = Vec::new();
+    for step in 1..=3 {
+        write(
+            &host,
+            "src",
+            &format!(
+                "echo {step} > /root/step{step}.txt && head -c 500000 /dev/urandom > /tmp/m{step} && md5sum /tmp/m* /root/step*.txt > /root/sums{step} && sync"
+            ),
+        );
+        let made: Value = host.cli_json(&["snapshot", "create", "src", &format!("s{step}")]);
+        snaps.push(made["snapshot"].clone());
+    }
+    // Each is a diff against the one before, far smaller than the first.
+    assert!(snaps[0]["parent"].is_null(), "{:#}", snaps[0]);
+    for i in 1..3 {
+        assert_eq!(snaps[i]["parent"], snaps[i - 1]["id"], "{:#}", snaps[i]);
+        assert_eq!(snaps[i]["chain_length"], i + 1);
+        let (small, first) = (
+            snaps[i]["stored_bytes"].as_u64().unwrap(),
+            snaps[0]["stored_bytes"].as_u64().unwrap(),
+        );
+        assert!(small * 2 < first, "layer {i}: {small} bytes vs {first}");
+    }
+    // Every step comes back as it was: its memory and disk, nothing later.
+    for step in 1..=3 {
+        let vm: Value = host.cli_json(&[
+            "vm",
+            "run",
+            "back",
+            "--from-snapshot",
+            &format!("s{step}"),
+            "--wait",
+        ]);
+        assert_eq!(vm["state"], "running", "{vm:#}");
+        let (code, out, _) = exec(
+            &host,
+            "back",
+            &["md5sum", "-c", &format!("/root/sums{step}")],
+        );
+        assert_eq!(code, 0, "step {step}: {out}");
+        if step < 3 {
+            let later = format!("/root/step{}.txt", step + 1);
+            assert_eq!(read(&host, "back", &later), "missing", "step {step}");
+        }
+        assert!(host.cli(&["vm", "rm", "--force", "back"]).status.success());
+    }
+    // The first cannot go while the others are diffs against it.
+    let out = host.cli(&["snapshot", "rm", "s1"]);
+    assert!(!out.status.success());
+    assert!(
+        crate::stderr_of(&out).contains("later snapshot"),
+        "{}",
+        crate::stderr_of(&out)
+    );
+    for name in ["s3", "s2", "s1"] {
+        let out = host.cli(&["snapshot", "rm", name]);
+        assert!(out.status.success(), "{name}: {}", crate::stderr_of(&out));
+    }
+    assert!(host.cli(&["vm", "rm", "--force", "src"]).status.success());
+    assert_clean(&host);
+    assert!(snapshots(&host).is_empty(), "{:?}", snapshots(&host));
+}
