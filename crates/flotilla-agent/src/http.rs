@@ -26,6 +26,10 @@ pub fn router(manager: VmManager) -> Router {
         .route("/v1/openapi.json", get(openapi::serve))
         .route("/v1/images", get(images::list).post(images::register))
         .route("/v1/images/{name}", get(images::get).delete(images::remove))
+        .route(
+            "/v1/images/{name}/base-snapshot",
+            post(images::base_snapshot),
+        )
         .route("/v1/vms", get(vms::list).post(vms::create))
         .route("/v1/vms/{name}", get(vms::inspect).delete(vms::remove))
         .route("/v1/vms/{name}/start", post(vms::start))

@@ -19,8 +19,8 @@ pub use fleet::{FleetItem, FleetRequest, FleetResult};
 pub use host::{HostInfo, Resources};
 pub use image::{ImageInfo, RegisterImageRequest};
 pub use snapshot::{
-    CloneDisk, CloneResult, CloneVmRequest, CreateSnapshotRequest, MoveDiskRequest,
-    SnapshotCreated, SnapshotInfo, SnapshotKind,
+    BaseSnapshotRequest, CloneDisk, CloneResult, CloneVmRequest, CreateSnapshotRequest,
+    MoveDiskRequest, SnapshotCreated, SnapshotInfo, SnapshotKind,
 };
 pub use vm::{
     CreateVmRequest, DiskInfo, DiskSpec, GuestInfo, NicInfo, StopVmRequest, VmInfo, VmState,

@@ -111,3 +111,16 @@ pub struct MoveDiskRequest {
     #[serde(default)]
     pub volume: Option<String>,
 }
+
+/// The VM shape an image's base snapshot is made for; each field defaults
+/// as in a VM create.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BaseSnapshotRequest {
+    #[serde(default)]
+    pub vcpus: Option<u32>,
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+    #[serde(default)]
+    pub nics: Option<u32>,
+}

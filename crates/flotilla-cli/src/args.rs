@@ -105,6 +105,18 @@ pub enum ImageCommand {
     Register(ImageRegisterArgs),
     /// Remove an image no VM uses.
     Rm { name: String },
+    /// Make the image's base snapshot for a VM shape now (booted once to
+    /// ready and captured), rather than on the first `vm run --from-snapshot`.
+    BaseSnapshot {
+        name: String,
+        /// Memory, e.g. 256M or 1G.
+        #[arg(long, value_parser = parse_mib)]
+        memory: Option<u64>,
+        #[arg(long)]
+        vcpus: Option<u32>,
+        #[arg(long)]
+        nics: Option<u32>,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -101,5 +101,20 @@ pub async fn remove(
         .into());
     }
     m.images().remove(&name).map_err(AgentError::from)?;
+    m.drop_bases_of(&name);
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/v1/images/{name}/base-snapshot", request_body = flotilla_api::BaseSnapshotRequest,
+    responses((status = 200, body = flotilla_api::SnapshotInfo), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn base_snapshot(
+    State(m): State<VmManager>,
+    Path(name): Path<String>,
+    body: Result<Json<flotilla_api::BaseSnapshotRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<flotilla_api::SnapshotInfo>, ApiError> {
+    let Json(req) = body?;
+    let made = tokio::spawn(async move { m.image_base(&name, req).await })
+        .await
+        .map_err(|e| AgentError::io("base snapshot task", std::io::Error::other(e)))??;
+    Ok(Json(made))
 }

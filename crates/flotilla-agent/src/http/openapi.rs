@@ -16,6 +16,7 @@ use utoipa::OpenApi;
         super::images::get,
         super::images::register,
         super::images::remove,
+        super::images::base_snapshot,
         super::vms::list,
         super::vms::create,
         super::vms::inspect,
@@ -65,6 +66,7 @@ use utoipa::OpenApi;
         flotilla_api::CloneDisk,
         flotilla_api::CloneResult,
         flotilla_api::MoveDiskRequest,
+        flotilla_api::BaseSnapshotRequest,
     ))
 )]
 struct ApiDoc;

@@ -86,6 +86,36 @@ impl VmManager {
             .map(|(layer, memory)| (layer.id, memory))
     }
 
+    /// Lets the base snapshots of a removed image go (layers still used as
+    /// parents by VMs or snapshots stay until those go).
+    pub fn drop_bases_of(&self, image: &str) {
+        let Ok(entries) = std::fs::read_dir(self.bases_dir()) else {
+            return;
+        };
+        let store = &self.inner.snapshots;
+        for entry in entries.flatten() {
+            let key = entry.file_name().to_string_lossy().into_owned();
+            let Ok(id) = std::fs::read_to_string(entry.path().join(LAYER_FILE)) else {
+                continue;
+            };
+            let id = LayerId(id.trim().to_string());
+            let of_image = store
+                .get(&id)
+                .map(|l| l.labels.get("image").map(String::as_str) == Some(image))
+                .unwrap_or(true);
+            if !of_image {
+                continue;
+            }
+            if let Err(e) = store.remove_ref(&id, &format!("base:{key}")) {
+                tracing::warn!(image, key = %key, error = %e, "releasing a base snapshot");
+            }
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+        if let Err(e) = store.gc() {
+            tracing::warn!(image, error = %e, "snapshot garbage collection");
+        }
+    }
+
     /// The image's base snapshot for this shape, made now (a boot, about a
     /// second or two under TCG) if there is none.
     pub(crate) async fn ensure_base(

@@ -285,6 +285,40 @@ impl VmManager {
         made
     }
 
+    /// Makes (or finds) the base snapshot of image `image` for a VM shape.
+    pub async fn image_base(
+        &self,
+        image: &str,
+        req: flotilla_api::BaseSnapshotRequest,
+    ) -> AgentResult<SnapshotInfo> {
+        // The same defaults and checks as a create.
+        let spec = VmSpec::from_request(flotilla_api::CreateVmRequest {
+            name: "base".into(),
+            image: Some(image.to_string()),
+            vcpus: req.vcpus,
+            memory_mib: req.memory_mib,
+            cmdline_extra: None,
+            disks: Vec::new(),
+            nics: req.nics,
+            tags: Default::default(),
+            start: None,
+            wait_ready: None,
+            from_snapshot: None,
+        })?;
+        let found = self.inner.images.get(image)?;
+        let shape = BaseShape {
+            kernel: &found.kernel,
+            initrd: found.initrd.as_deref(),
+            rootfs: found.rootfs.as_deref(),
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            nics: spec.nics as usize,
+            cmdline_extra: "",
+        };
+        let layer = self.ensure_base(image, &shape).await?;
+        self.snapshot_info(&layer)
+    }
+
     fn base_memory(&self, layer: &LayerManifest) -> Option<std::path::PathBuf> {
         let dir = self.inner.config.data_dir.join("bases");
         for entry in std::fs::read_dir(&dir).ok()?.flatten() {

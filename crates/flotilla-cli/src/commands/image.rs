@@ -89,6 +89,31 @@ pub async fn run(endpoint: &str, json: bool, cmd: ImageCommand) -> anyhow::Resul
                 println!("removed image {name}");
             }
         }
+        ImageCommand::BaseSnapshot {
+            name,
+            memory,
+            vcpus,
+            nics,
+        } => {
+            let req = flotilla_api::BaseSnapshotRequest {
+                vcpus,
+                memory_mib: memory,
+                nics,
+            };
+            let s: flotilla_api::SnapshotInfo = Client::new(endpoint)?
+                .post(&format!("/v1/images/{name}/base-snapshot"), &req)
+                .await?;
+            if json {
+                output::json(&s)?;
+            } else {
+                println!(
+                    "base snapshot of {name} ({} vCPUs, {} MiB): layer {}",
+                    output::opt(&s.vcpus),
+                    output::opt(&s.memory_mib),
+                    s.id
+                );
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -295,6 +295,10 @@ fn vms_start_from_the_image_base_snapshot_and_diff_against_it() {
         .find(|s| s["kind"] == "base")
         .expect("a base snapshot");
     let base_id = base["id"].as_str().unwrap().to_string();
+    // Asked for explicitly, the same shape's base is the one made on first use.
+    let again: Value = host.cli_json(&["image", "base-snapshot", "default"]);
+    assert_eq!(again["id"], base_id.as_str(), "{again:#}");
+    assert_eq!(again["kind"], "base");
 
     // First snapshots diff against the base: of a VM started from it, and
     // of a VM that booted.
@@ -312,6 +316,15 @@ fn vms_start_from_the_image_base_snapshot_and_diff_against_it() {
         assert!(host.cli(&["vm", "rm", "--force", vm]).status.success());
     }
     assert_clean(&host);
+    // The base goes with its image.
+    assert!(!snapshots(&host).is_empty());
+    let out = host.cli(&["image", "rm", "default"]);
+    assert!(out.status.success(), "{}", crate::stderr_of(&out));
+    assert!(snapshots(&host).is_empty(), "{:?}", snapshots(&host));
+    let pinned = std::fs::read_dir(host.data_path().join("snapshots/pinned"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(pinned, 0, "pinned files left");
 }
 
 #[test]
