@@ -36,6 +36,7 @@ impl VmManager {
             if let Some(pid) = self.adopt_one(&entry).await {
                 adopted_pids.insert(pid);
             }
+            self.settle_interrupted_move(&entry).await;
             let head = entry.lock().record.snapshot_head.clone();
             self.release_stray_refs(&name, head.as_deref());
             let dir = self.vm_dir(&name);
@@ -47,7 +48,102 @@ impl VmManager {
             }
         }
         kill_orphans(&self.config().sockets_dir(), &adopted_pids);
+        // A base VM outlives its purpose when the agent died making the base.
+        let base_vms: Vec<String> = self
+            .vms()
+            .keys()
+            .filter(|n| n.starts_with(crate::manager::BASE_VM_PREFIX))
+            .cloned()
+            .collect();
+        for name in base_vms {
+            tracing::warn!(vm = %name, "removing a base VM left by an interrupted base snapshot");
+            if let Err(e) = self.delete(&name, true).await {
+                tracing::error!(vm = %name, error = %e, "removing the base VM");
+            }
+        }
+        self.sweep_snapshot_leftovers();
         Ok(())
+    }
+
+    /// A root-disk move the previous agent did not finish: the file QEMU
+    /// really uses decides (without QEMU, the record's switch point does).
+    async fn settle_interrupted_move(&self, entry: &Arc<VmEntry>) {
+        let (pending, qmp, current) = {
+            let s = entry.lock();
+            let current = s.record.disks.first().map(|d| d.path.clone());
+            (
+                s.record.pending_move.clone(),
+                s.runtime.qmp.clone(),
+                current,
+            )
+        };
+        let Some(pending) = pending else { return };
+        let done = match qmp {
+            Some(qmp) => {
+                let _ = flotilla_qemu::block::cancel_moves(&qmp).await;
+                flotilla_qemu::block::device_file(&qmp, "disk-root")
+                    .await
+                    .is_ok_and(|f| std::path::Path::new(&f) == pending.to)
+            }
+            None => current.as_deref() == Some(pending.to.as_path()),
+        };
+        tracing::warn!(path = %pending.to.display(), done, "settling an interrupted disk move");
+        if let Err(e) = self.finish_move(entry, &pending, done) {
+            tracing::error!(error = %e, "settling an interrupted disk move");
+        }
+    }
+
+    /// Drops what operations cut short by a crash left in the snapshot
+    /// store: references of VMs that have no record (a clone that was never
+    /// placed), of bases that are not the current ones, and staged memory
+    /// images; then collects what nothing holds.
+    fn sweep_snapshot_leftovers(&self) {
+        let store = &self.inner.snapshots;
+        let names: HashSet<String> = self.vms().keys().cloned().collect();
+        let bases_dir = self.config().data_dir.join("bases");
+        let current_base = |key: &str| {
+            std::fs::read_to_string(bases_dir.join(key).join("layer"))
+                .map(|s| s.trim().to_string())
+                .ok()
+        };
+        if let Ok(layers) = store.list() {
+            for layer in layers {
+                let Ok(holders) = store.refs(&layer.id) else {
+                    continue;
+                };
+                for holder in holders {
+                    let stale = match holder.split_once(':') {
+                        Some(("vm", name)) => !names.contains(name),
+                        Some(("base", key)) => {
+                            current_base(key).as_deref() != Some(layer.id.as_str())
+                        }
+                        _ => false,
+                    };
+                    if stale {
+                        tracing::info!(layer = %layer.id, holder = %holder, "releasing a reference left by an interrupted operation");
+                        let _ = store.remove_ref(&layer.id, &holder);
+                    }
+                }
+            }
+        }
+        let vms_dir = self.config().vms_dir();
+        for dir in [vms_dir.clone()].into_iter().chain(
+            std::fs::read_dir(&bases_dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path()),
+        ) {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with(crate::manager::STAGING_PREFIX) || name == ".memory.tmp" {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+        if let Err(e) = store.gc() {
+            tracing::warn!(error = %e, "snapshot garbage collection");
+        }
     }
 
     /// Re-adopts one VM; returns the QEMU pid if it still runs.
@@ -99,6 +195,9 @@ impl VmManager {
                 ),
             };
             tracing::warn!(vm = %name, "QEMU is gone; marking the VM {next}");
+            if state == VmState::Resuming {
+                discard_root_overlay(&s.record);
+            }
             self.settle_exited(entry, &mut s, next, why);
             return None;
         };
@@ -204,6 +303,14 @@ impl VmManager {
             });
         }
         Some(identity.pid)
+    }
+}
+
+/// The guest of a resume that was cut short may have written to its root
+/// overlay: the next resume must start from a fresh one.
+fn discard_root_overlay(record: &crate::record::VmRecord) {
+    if let Some(root) = record.disks.first().filter(|d| d.name == "root") {
+        let _ = std::fs::remove_file(&root.path);
     }
 }
 

@@ -30,7 +30,8 @@ use crate::error::{AgentError, AgentResult};
 use crate::record::VmRecord;
 use crate::runtime::{ReadinessChannel, VmRuntime};
 
-pub use clone::capture_leftovers;
+pub use bases::BASE_VM_PREFIX;
+pub use clone::{capture_leftovers, STAGING_PREFIX};
 pub use exec::ExecOutcome;
 
 /// One VM known to the agent.
@@ -74,6 +75,26 @@ pub(crate) struct Inner {
     pub admission: tokio::sync::Mutex<()>,
     /// One base snapshot is made at a time.
     pub bases_lock: tokio::sync::Mutex<()>,
+    /// Names taken by operations still making their VM or snapshot
+    /// (`vm:NAME`, `snapshot:NAME`), so two at once cannot both take one.
+    pub pending_names: Mutex<std::collections::HashSet<String>>,
+}
+
+/// A name held for an operation in flight; released when dropped.
+pub(crate) struct NameReservation {
+    manager: VmManager,
+    key: String,
+}
+
+impl Drop for NameReservation {
+    fn drop(&mut self) {
+        self.manager
+            .inner
+            .pending_names
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
 }
 
 /// Cheap to clone; all clones share one host's state.
@@ -100,6 +121,7 @@ impl VmManager {
                 vms: Mutex::new(BTreeMap::new()),
                 admission: tokio::sync::Mutex::new(()),
                 bases_lock: tokio::sync::Mutex::new(()),
+                pending_names: Mutex::new(Default::default()),
             }),
         }
     }
@@ -121,6 +143,34 @@ impl VmManager {
             .get(name)
             .cloned()
             .ok_or_else(|| AgentError::VmNotFound {
+                name: name.to_string(),
+            })
+    }
+
+    /// Holds `key` (`vm:NAME` or `snapshot:NAME`) for an operation in flight;
+    /// fails if another operation holds it.
+    pub(crate) fn reserve_name(&self, key: String) -> Option<NameReservation> {
+        let mut pending = self
+            .inner
+            .pending_names
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        pending.insert(key.clone()).then(|| NameReservation {
+            manager: self.clone(),
+            key,
+        })
+    }
+
+    /// A new VM's name: free now and held until the returned reservation
+    /// is dropped (the VM is in the map by then, or was never made).
+    pub(crate) fn reserve_vm_name(&self, name: &str) -> AgentResult<NameReservation> {
+        if self.vms().contains_key(name) {
+            return Err(AgentError::VmExists {
+                name: name.to_string(),
+            });
+        }
+        self.reserve_name(format!("vm:{name}"))
+            .ok_or_else(|| AgentError::VmExists {
                 name: name.to_string(),
             })
     }

@@ -107,6 +107,17 @@ pub struct VmRecord {
     /// the other VM's until the guest agent has applied this VM's own.
     #[serde(default)]
     pub identity_pending: bool,
+    /// A root-disk move in progress: if the agent dies, the next one sees
+    /// which file QEMU really uses and finishes or undoes the move.
+    #[serde(default)]
+    pub pending_move: Option<PendingMove>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PendingMove {
+    pub from: PathBuf,
+    pub from_backing: Option<PathBuf>,
+    pub to: PathBuf,
 }
 
 impl VmRecord {

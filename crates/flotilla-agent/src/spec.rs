@@ -68,6 +68,21 @@ pub fn validate_name(field: &str, name: &str, max: usize) -> Result<(), SpecErro
     }
 }
 
+/// Tag keys: 1 to 63 characters without spaces or '='.
+pub fn validate_tags(tags: &BTreeMap<String, String>) -> Result<(), SpecError> {
+    for key in tags.keys() {
+        if key.is_empty() || key.len() > 63 || key.chars().any(|c| c.is_whitespace() || c == '=') {
+            return Err(invalid(
+                "tags",
+                format!(
+                    "tag key {key:?} is not accepted: 1 to 63 characters without spaces or '='"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl VmSpec {
     pub fn from_request(req: CreateVmRequest) -> Result<VmSpec, SpecError> {
         validate_name("name", &req.name, 63)?;
@@ -135,19 +150,7 @@ impl VmSpec {
                 format!("{nics} is out of range: use 0 to {MAX_NICS}"),
             ));
         }
-        for key in req.tags.keys() {
-            if key.is_empty()
-                || key.len() > 63
-                || key.chars().any(|c| c.is_whitespace() || c == '=')
-            {
-                return Err(invalid(
-                    "tags",
-                    format!(
-                        "tag key {key:?} is not accepted: 1 to 63 characters without spaces or '='"
-                    ),
-                ));
-            }
-        }
+        validate_tags(&req.tags)?;
         if let Some(image) = &req.image {
             if image.is_empty() {
                 return Err(invalid("image", "must not be empty when given"));

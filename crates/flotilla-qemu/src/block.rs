@@ -46,6 +46,38 @@ struct JobInfo {
     error: Option<String>,
 }
 
+/// The file the device with qdev id `device` reads and writes (the top of
+/// its chain), as QEMU reports it.
+pub async fn device_file(qmp: &QmpClient, device: &str) -> Result<String, BlockError> {
+    let blocks: Vec<Value> = qmp.execute("query-block", None).await?;
+    blocks
+        .iter()
+        .filter(|b| {
+            b["qdev"]
+                .as_str()
+                .is_some_and(|q| q == device || q.contains(&format!("/{device}/")))
+        })
+        .find_map(|b| b["inserted"]["file"].as_str().map(str::to_string))
+        .ok_or_else(|| BlockError::NoSuchDevice(device.to_string()))
+}
+
+/// Cancels disk moves (`move-*` jobs) a dead agent left running.
+pub async fn cancel_moves(qmp: &QmpClient) -> Result<(), BlockError> {
+    let jobs: Vec<JobInfo> = qmp.execute("query-block-jobs", None).await?;
+    for job in jobs.iter().filter(|j| j.device.starts_with("move-")) {
+        let _ = qmp
+            .execute::<Value>(
+                "block-job-cancel",
+                Some(json!({ "device": job.device, "force": true })),
+            )
+            .await;
+        wait_gone(qmp, &job.device, Duration::from_secs(10))
+            .await
+            .ok();
+    }
+    Ok(())
+}
+
 /// The node the device with qdev id `device` reads and writes.
 async fn device_node(qmp: &QmpClient, device: &str) -> Result<String, BlockError> {
     let blocks: Vec<BlockInfo> = qmp.execute("query-block", None).await?;
@@ -63,13 +95,17 @@ async fn device_node(qmp: &QmpClient, device: &str) -> Result<String, BlockError
 /// Copies everything the device `device` sees (its whole backing chain)
 /// into `target`, an empty qcow2 of the same size that the caller created,
 /// then switches the device to it; the old chain is closed. `progress` is
-/// called with (bytes done, bytes total).
+/// called with (bytes done, bytes total); `switching` right after QEMU
+/// accepted the switch-over, from when on the target holds the disk's
+/// latest writes (record that before anything else). On an error the caller
+/// asks [`device_file`] which file the device uses.
 pub async fn mirror_to_file(
     qmp: &QmpClient,
     device: &str,
     target: &Path,
     timeout: Duration,
     mut progress: impl FnMut(u64, u64),
+    switching: impl FnOnce(),
 ) -> Result<(), BlockError> {
     let source = device_node(qmp, device).await?;
     let stamp = std::time::SystemTime::now()
@@ -87,7 +123,7 @@ pub async fn mirror_to_file(
         })),
     )
     .await?;
-    let result = run_mirror(qmp, &source, &node, &job, timeout, &mut progress).await;
+    let result = run_mirror(qmp, &source, &node, &job, timeout, &mut progress, switching).await;
     if result.is_err() {
         let _ = qmp
             .execute::<Value>(
@@ -118,7 +154,9 @@ async fn run_mirror(
     job: &str,
     timeout: Duration,
     progress: &mut impl FnMut(u64, u64),
+    switching: impl FnOnce(),
 ) -> Result<(), BlockError> {
+    let mut switching = Some(switching);
     qmp.execute::<Value>(
         "blockdev-mirror",
         Some(json!({
@@ -161,6 +199,9 @@ async fn run_mirror(
             qmp.execute::<Value>("block-job-complete", Some(json!({ "device": job })))
                 .await?;
             completing = true;
+            if let Some(switching) = switching.take() {
+                switching();
+            }
         }
         if started.elapsed() > timeout {
             return Err(BlockError::Timeout(timeout));

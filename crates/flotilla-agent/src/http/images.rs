@@ -101,7 +101,7 @@ pub async fn remove(
         .into());
     }
     m.images().remove(&name).map_err(AgentError::from)?;
-    m.drop_bases_of(&name);
+    m.drop_bases_of(&name).await;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -88,7 +88,13 @@ impl VmManager {
 
     /// Lets the base snapshots of a removed image go (layers still used as
     /// parents by VMs or snapshots stay until those go).
-    pub fn drop_bases_of(&self, image: &str) {
+    pub async fn drop_bases_of(&self, image: &str) {
+        let _making = self.inner.bases_lock.lock().await;
+        let (manager, image) = (self.clone(), image.to_string());
+        let _ = tokio::task::spawn_blocking(move || manager.drop_bases_now(&image)).await;
+    }
+
+    fn drop_bases_now(&self, image: &str) {
         let Ok(entries) = std::fs::read_dir(self.bases_dir()) else {
             return;
         };

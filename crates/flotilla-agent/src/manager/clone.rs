@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flotilla_api::{CloneDisk, CloneResult, CloneVmRequest, VmState};
-use flotilla_qemu::migration::save_to_file;
+use flotilla_qemu::migration::{cancel_outgoing, save_to_file};
 use flotilla_snapshot::{LayerId, LayerManifest};
 
 use super::create::{new_machine_id, INITRD, KERNEL, ROOT_DISK};
@@ -27,6 +27,19 @@ use crate::fsutil::sync_dir;
 use crate::record::{now_rfc3339, DiskRecord, VmRecord, CREATING_PREFIX, RECORD_FORMAT_VERSION};
 
 const CAPTURE_MEMORY_TMP: &str = ".capture-memory.tmp";
+/// Memory images on their way into a new VM's directory, in `vms/`.
+pub const STAGING_PREFIX: &str = ".staging-memory-";
+
+/// Names starting with the base VMs' prefix are the agent's.
+pub(crate) fn check_not_reserved(name: &str) -> AgentResult<()> {
+    if name.starts_with(super::bases::BASE_VM_PREFIX) {
+        return Err(AgentError::InvalidArgument(format!(
+            "name: {name:?} is not accepted: names starting with {:?} are reserved for the agent's base snapshots",
+            super::bases::BASE_VM_PREFIX
+        )));
+    }
+    Ok(())
+}
 const CAPTURE_DISK_TMP: &str = ".capture-disk.tmp";
 const SAVE_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -42,6 +55,35 @@ pub fn capture_leftovers(dir: &Path) -> [std::path::PathBuf; 2] {
     [dir.join(CAPTURE_MEMORY_TMP), dir.join(CAPTURE_DISK_TMP)]
 }
 
+/// Lets a VM paused for a capture run again. After a failed save QEMU may
+/// still be finishing the migration, which must be cancelled first, or
+/// `cont` is refused.
+async fn continue_after_capture(
+    qmp: &flotilla_qemu::QmpClient,
+    save_failed: bool,
+) -> AgentResult<()> {
+    if save_failed {
+        if let Err(e) = cancel_outgoing(qmp, Duration::from_secs(30)).await {
+            tracing::warn!(error = %e, "cancelling the failed save");
+        }
+    }
+    let mut last = None;
+    for attempt in 0..5u64 {
+        match qmp.cont().await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(attempt, error = %e, "continuing the VM after a capture");
+                last = Some(e);
+                tokio::time::sleep(Duration::from_millis(100 * (attempt + 1))).await;
+            }
+        }
+    }
+    Err(AgentError::Snapshot(format!(
+        "the VM stays paused: QEMU refused to continue it after the capture ({})",
+        last.map(|e| e.to_string()).unwrap_or_default()
+    )))
+}
+
 /// How a VM started from a layer is set up.
 pub(crate) struct FromLayer<'a> {
     pub name: &'a str,
@@ -50,6 +92,9 @@ pub(crate) struct FromLayer<'a> {
     pub read_only_root: bool,
     /// The layer's memory image, if the caller has it: moved into the VM.
     pub memory: Option<&'a Path>,
+    /// `memory` was captured moments ago by this agent (a clone), so the
+    /// first restore need not verify the layer it was just stored as.
+    pub memory_fresh: bool,
     pub start: bool,
 }
 
@@ -109,7 +154,7 @@ impl VmManager {
         }
         .await;
         // The VM runs on whatever happened.
-        let resumed = qmp.cont().await;
+        let resumed = continue_after_capture(&qmp, saved.is_err()).await;
         let pause = paused.elapsed();
         let pins = match (saved, resumed) {
             (Ok(pins), Ok(())) => pins,
@@ -119,7 +164,7 @@ impl VmManager {
             }
             (Ok(_), Err(e)) => {
                 cleanup();
-                return Err(e.into());
+                return Err(e);
             }
         };
         tracing::info!(vm = %record.name, pause_ms = pause.as_millis() as u64, "captured a running VM");
@@ -137,11 +182,16 @@ impl VmManager {
         let (layer_holder, keep) = (layer_holder.to_string(), keep_memory.map(Path::to_path_buf));
         let stored = blocking("writing the snapshot layer", move || {
             let layer = store_layer(&store, &capture, &layer_holder)?;
-            match keep {
+            let kept = match keep {
                 Some(keep) => std::fs::rename(&capture.memory, &keep)
-                    .map_err(|e| AgentError::io("keeping the captured memory image", e))?,
+                    .map_err(|e| AgentError::io("keeping the captured memory image", e)),
                 // The VM keeps it: its next layer is a small diff against this one.
-                None => replace_memory_image(&capture.memory, &layer.id)?,
+                None => replace_memory_image(&capture.memory, &layer.id),
+            };
+            if let Err(e) = kept {
+                // Nobody will use the layer: let it go.
+                let _ = store.remove_ref(&layer.id, &layer_holder);
+                return Err(e);
             }
             Ok(layer)
         })
@@ -158,14 +208,18 @@ impl VmManager {
     pub async fn clone_vm(&self, source: &str, req: CloneVmRequest) -> AgentResult<CloneResult> {
         let started = Instant::now();
         crate::spec::validate_name("name", &req.name, 63).map_err(AgentError::from)?;
-        self.check_name_free(&req.name)?;
+        check_not_reserved(&req.name)?;
+        if let Some(tags) = &req.tags {
+            crate::spec::validate_tags(tags).map_err(AgentError::from)?;
+        }
         let src = self.entry(source)?;
+        let _name = self.reserve_vm_name(&req.name)?;
         let new_holder = holder(&req.name);
         let staging = self
             .inner
             .config
             .vms_dir()
-            .join(format!(".clone-memory-{}", req.name));
+            .join(format!("{STAGING_PREFIX}{:016x}", rand::random::<u64>()));
         let (layer, pause, memory, tags) = {
             let _op = src.op_lock.lock().await;
             let (state, head, tags) = {
@@ -206,6 +260,7 @@ impl VmManager {
                 tags,
                 read_only_root: req.disk == CloneDisk::ReadOnly,
                 memory,
+                memory_fresh: true,
                 start: true,
             })
             .await;
@@ -248,10 +303,26 @@ impl VmManager {
         let nic_count: usize = label(layer, LABEL_NICS)?;
         let image: String = label(layer, LABEL_IMAGE)?;
         let store = &self.inner.snapshots;
-        let kernel = store.pinned_path(layer, PIN_KERNEL).ok_or_else(|| {
-            AgentError::Snapshot(format!("snapshot layer {} has no pinned kernel", layer.id))
-        })?;
+        let kernel = store
+            .pinned_path(layer, PIN_KERNEL)
+            .filter(|k| k.exists())
+            .ok_or_else(|| {
+                AgentError::conflict(
+                    format!(
+                        "snapshot layer {} has no pinned kernel (written by an older agent, or its pinned file is gone): it cannot start a new VM",
+                        layer.id
+                    ),
+                    Some("resume its VM and snapshot it again".into()),
+                )
+            })?;
         let initrd = store.pinned_path(layer, PIN_INITRD);
+        if let Some(missing) = initrd.as_ref().filter(|i| !i.exists()) {
+            return Err(AgentError::Snapshot(format!(
+                "snapshot layer {}: its pinned initramfs {} is missing",
+                layer.id,
+                missing.display()
+            )));
+        }
         let layer_disk = store.disk_path(&layer.id);
         let entry = {
             let _admission = self.inner.admission.lock().await;
@@ -298,6 +369,7 @@ impl VmManager {
                 pending_snapshot: None,
                 machine_id: Some(new_machine_id()),
                 identity_pending: true,
+                pending_move: None,
             };
             store.add_ref(&layer.id, &holder(from.name))?;
             let placed =
@@ -307,7 +379,7 @@ impl VmManager {
                 return Err(e);
             }
             let entry = VmEntry::new(record);
-            entry.lock().runtime.memory_just_captured = from.memory.is_some();
+            entry.lock().runtime.memory_just_captured = from.memory.is_some() && from.memory_fresh;
             self.vms().insert(from.name.to_string(), entry.clone());
             entry
         };

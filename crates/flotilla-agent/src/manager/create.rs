@@ -6,7 +6,6 @@ use std::fs;
 use flotilla_api::{CreateVmRequest, Resources, VmInfo, VmState};
 use flotilla_image::DEFAULT_IMAGE;
 
-use super::bases::BASE_VM_PREFIX;
 use super::{VmEntry, VmManager};
 use crate::disks;
 use crate::error::{AgentError, AgentResult};
@@ -50,12 +49,7 @@ impl VmManager {
     /// Creates a VM and, unless asked not to, starts it (booting, or from
     /// a snapshot).
     pub async fn create(&self, req: CreateVmRequest) -> AgentResult<VmInfo> {
-        if req.name.starts_with(BASE_VM_PREFIX) {
-            return Err(AgentError::InvalidArgument(format!(
-                "name: {:?} is not accepted: names starting with {BASE_VM_PREFIX:?} are reserved for the agent's base snapshots",
-                req.name
-            )));
-        }
+        super::clone::check_not_reserved(&req.name)?;
         self.create_unchecked(req).await
     }
 
@@ -91,9 +85,7 @@ impl VmManager {
             // Name, addresses and MACs are taken under the admission lock so
             // two concurrent creates never get the same ones.
             let _admission = self.inner.admission.lock().await;
-            if self.vms().contains_key(&spec.name) {
-                return Err(AgentError::VmExists { name: spec.name });
-            }
+            let _name = self.reserve_vm_name(&spec.name)?;
             let mut record = self.build_record(&spec, &image_name, &image)?;
             if !spec.start {
                 // Settled before anyone else can see the VM.
@@ -182,6 +174,7 @@ impl VmManager {
             pending_snapshot: None,
             machine_id: Some(new_machine_id()),
             identity_pending: false,
+            pending_move: None,
         })
     }
 

@@ -145,9 +145,12 @@ pub(crate) fn label<T: std::str::FromStr>(layer: &LayerManifest, key: &str) -> A
         .get(key)
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| {
-            AgentError::Snapshot(format!(
-                "snapshot layer {} has no usable {key:?} label; it cannot start a VM",
-                layer.id
-            ))
+            AgentError::conflict(
+                format!(
+                    "snapshot layer {} has no usable {key:?} label (it was written by an older agent): it cannot start a new VM",
+                    layer.id
+                ),
+                Some("resume its VM and snapshot it again".into()),
+            )
         })
 }

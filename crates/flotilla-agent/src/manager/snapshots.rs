@@ -35,14 +35,18 @@ impl VmManager {
             )));
         }
         let entry = self.entry(vm)?;
-        let _op = entry.op_lock.lock().await;
-        if self.find_named(name)?.is_some() {
-            return Err(AgentError::conflict(
+        let taken = || {
+            AgentError::conflict(
                 format!("a snapshot named {name:?} exists"),
                 Some(format!(
                     "pick another name, or remove it first (`flotilla snapshot rm {name}`)"
                 )),
-            ));
+            )
+        };
+        let _name = self.reserve_name(name_holder(name)).ok_or_else(taken)?;
+        let _op = entry.op_lock.lock().await;
+        if self.find_named(name)?.is_some() {
+            return Err(taken());
         }
         let (state, head) = {
             let s = entry.lock();
@@ -215,13 +219,12 @@ impl VmManager {
         spec: VmSpec,
         from: &str,
     ) -> AgentResult<VmInfo> {
-        self.check_name_free(&spec.name)?;
-        let staging = self
-            .inner
-            .config
-            .vms_dir()
-            .join(format!(".from-snapshot-memory-{}", spec.name));
-        let _ = std::fs::remove_file(&staging);
+        let _name = self.reserve_vm_name(&spec.name)?;
+        let staging = self.inner.config.vms_dir().join(format!(
+            "{}{:016x}",
+            super::clone::STAGING_PREFIX,
+            rand::random::<u64>()
+        ));
         let layer = if from == FROM_BASE {
             let image_name = spec
                 .image
@@ -253,6 +256,15 @@ impl VmManager {
                 ));
             }
             let layer = self.resolve_snapshot(from)?;
+            let taken_with = layer
+                .labels
+                .get(super::layers::LABEL_CMDLINE_EXTRA)
+                .map_or("", String::as_str);
+            if !spec.cmdline_extra.is_empty() && spec.cmdline_extra != taken_with {
+                return Err(AgentError::InvalidArgument(format!(
+                    "cmdline_extra: a VM from snapshot {from:?} runs the kernel it was taken with (command line {taken_with:?}); leave cmdline_extra out"
+                )));
+            }
             let (vcpus, memory_mib, nics) = spec.explicit_shape;
             let differs = |given: Option<u64>, key: &str| {
                 given.is_some_and(|g| label::<u64>(&layer, key).ok() != Some(g))
@@ -278,6 +290,7 @@ impl VmManager {
                 tags: spec.tags.clone(),
                 read_only_root: false,
                 memory,
+                memory_fresh: false,
                 start: spec.start,
             })
             .await;

@@ -362,6 +362,13 @@ impl VmManager {
             if let Some(handle) = check.take() {
                 check_time = join_check(handle).await?;
             }
+            if record.identity_pending {
+                // The loaded state has the links of the VM it was captured
+                // from up: down until this VM has its own identity.
+                for id in nic_ids(record) {
+                    set_link(&qmp, &id, false).await?;
+                }
+            }
             qmp.cont().await?;
             let loaded_at = phases.elapsed();
             // A VM from another VM's snapshot takes its own identity before
