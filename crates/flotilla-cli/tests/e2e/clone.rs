@@ -333,7 +333,7 @@ fn vms_start_from_the_image_base_snapshot_and_diff_against_it() {
 
 #[test]
 fn a_clones_disk_moves_to_its_own_volume_while_it_runs() {
-    let host = TestHost::start().expect("test host");
+    let mut host = TestHost::start().expect("test host");
     run_vm(&host, "src");
     write(&host, "src", "echo from-src > /root/a.txt && sync");
     let c: Value = host.cli_json(&["vm", "clone", "src", "c"]);
@@ -363,6 +363,54 @@ fn a_clones_disk_moves_to_its_own_volume_while_it_runs() {
     assert_eq!(read(&host, "c", "/root/c.txt"), "from-c");
     assert_eq!(read(&host, "c", "/root/after.txt"), "after-move");
     assert_eq!(guest_identity(&host, "c")[0], "c");
+
+    // The agent dies in the middle of a move: the VM runs on, on one disk
+    // or the other, and the other file is gone.
+    for delay_ms in [50u64, 300] {
+        let before: Value = host.cli_json(&["vm", "inspect", "c"]);
+        let old = before["disks"][0]["path"].as_str().unwrap().to_string();
+        std::thread::scope(|s| {
+            let endpoint = host.endpoint.clone();
+            s.spawn(move || {
+                let _ = reqwest::blocking::Client::new()
+                    .post(format!("{endpoint}/v1/vms/c/move-disk"))
+                    .json(&serde_json::json!({ "volume": "other" }))
+                    .send();
+            });
+            std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+            host.kill_agent(nix::sys::signal::Signal::SIGKILL);
+        });
+        host.start_agent().expect("agent restarts");
+        let after = crate::wait_for(&host, "c", std::time::Duration::from_secs(30), |v| {
+            v["guest_ready"] == true
+        });
+        assert_eq!(after["state"], "running", "{after:#}");
+        let now = after["disks"][0]["path"].as_str().unwrap().to_string();
+        let volume_files: Vec<_> = std::fs::read_dir(host.data_path().join("volumes/other"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        if now == old {
+            assert!(volume_files.is_empty(), "undone, yet left {volume_files:?}");
+        } else {
+            assert!(
+                !std::path::Path::new(&old).exists(),
+                "finished, yet {old} is left"
+            );
+        }
+        write(
+            &host,
+            "c",
+            &format!("echo {delay_ms} > /root/after-kill.txt && sync"),
+        );
+        assert_eq!(
+            read(&host, "c", "/root/after-kill.txt"),
+            delay_ms.to_string()
+        );
+    }
+    let path = host.cli_json::<Value>(&["vm", "inspect", "c"])["disks"][0]["path"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     // A suspended VM's disk lives in its snapshot: refused with a hint.
     let (status, body) = host.api(
@@ -401,12 +449,45 @@ fn bad_clone_requests_are_refused_and_a_killed_agent_leaves_the_source_running()
             400,
         ),
         ("/v1/vms/nope/clone", serde_json::json!({"name": "x"}), 404),
+        (
+            "/v1/vms/src/clone",
+            serde_json::json!({"name": "flotilla-base-x"}),
+            400,
+        ),
+        (
+            "/v1/vms/src/clone",
+            serde_json::json!({"name": "x", "tags": {"a b": "c"}}),
+            400,
+        ),
     ] {
         let (status, b) = host.api("POST", path, Some(body.clone()));
         assert_eq!(status, want, "{body} -> {b}");
         assert!(b["error"]["message"].is_string(), "{b}");
     }
     assert_eq!(host.qemu_pids().len(), 1, "nothing started");
+
+    // Two clones under one name at once: one is made, the other refused.
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let calls: Vec<_> = (0..2)
+            .map(|_| {
+                let endpoint = host.endpoint.clone();
+                s.spawn(move || {
+                    reqwest::blocking::Client::new()
+                        .post(format!("{endpoint}/v1/vms/src/clone"))
+                        .json(&serde_json::json!({ "name": "twin" }))
+                        .send()
+                        .map(|r| r.status().as_u16())
+                        .unwrap_or(0)
+                })
+            })
+            .collect();
+        calls.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    let mut sorted = statuses.clone();
+    sorted.sort();
+    assert_eq!(sorted, vec![201, 409], "{statuses:?}");
+    assert_ne!(read(&host, "twin", "/root/sum"), "missing");
+    assert!(host.cli(&["vm", "rm", "--force", "twin"]).status.success());
 
     // The agent dies while it clones: the source runs on, whole.
     for delay_ms in [100u64, 300] {
