@@ -40,12 +40,8 @@ impl VmManager {
             let head = entry.lock().record.snapshot_head.clone();
             self.release_stray_refs(&name, head.as_deref());
             let dir = self.vm_dir(&name);
-            for leftover in crate::manager::suspend::leftovers(&dir)
-                .into_iter()
-                .chain(crate::manager::capture_leftovers(&dir))
-            {
-                let _ = std::fs::remove_file(leftover);
-            }
+            crate::manager::suspend::remove_leftovers(&dir);
+            crate::manager::remove_capture_leftovers(&dir);
         }
         kill_orphans(&self.config().sockets_dir(), &adopted_pids);
         // A base VM outlives its purpose when the agent died making the base.
@@ -196,7 +192,7 @@ impl VmManager {
             };
             tracing::warn!(vm = %name, "QEMU is gone; marking the VM {next}");
             if state == VmState::Resuming {
-                discard_root_overlay(&s.record);
+                self.discard_layer_overlays(&s.record);
             }
             self.settle_exited(entry, &mut s, next, why);
             return None;
@@ -303,14 +299,6 @@ impl VmManager {
             });
         }
         Some(identity.pid)
-    }
-}
-
-/// The guest of a resume that was cut short may have written to its root
-/// overlay: the next resume must start from a fresh one.
-fn discard_root_overlay(record: &crate::record::VmRecord) {
-    if let Some(root) = record.disks.first().filter(|d| d.name == "root") {
-        let _ = std::fs::remove_file(&root.path);
     }
 }
 

@@ -31,7 +31,7 @@ use crate::record::VmRecord;
 use crate::runtime::{ReadinessChannel, VmRuntime};
 
 pub use bases::BASE_VM_PREFIX;
-pub use clone::{capture_leftovers, STAGING_PREFIX};
+pub use clone::{remove_capture_leftovers, STAGING_PREFIX};
 pub use exec::ExecOutcome;
 
 /// One VM known to the agent.

@@ -31,8 +31,9 @@ pub(crate) trait Backend: fmt::Debug + Send + Sync {
     /// The layer's page data, to be read sequentially.
     fn open_data(&self, id: &LayerId) -> Result<LayerData, SnapshotError>;
 
-    /// A local path of the layer's disk file, if it has one.
-    fn disk_path(&self, id: &LayerId) -> Option<PathBuf>;
+    /// A local path of the layer's disk file `file` (`disk.qcow2` or
+    /// `disk-<name>.qcow2`), if it has one.
+    fn disk_path(&self, id: &LayerId, file: &str) -> Option<PathBuf>;
 
     /// Starts a new layer; nothing of it is visible until `commit`.
     fn begin(&self, id: &LayerId) -> Result<Box<dyn Staging>, SnapshotError>;
@@ -53,7 +54,7 @@ pub(crate) trait Staging: Send {
 
     /// Takes `src` as the layer's disk: moved when possible, copied otherwise
     /// (the original is then removed on commit).
-    fn put_disk(&mut self, src: &Path) -> Result<DiskEntry, SnapshotError>;
+    fn put_disk(&mut self, src: &Path, file: &str) -> Result<DiskEntry, SnapshotError>;
 
     /// Makes the layer visible, complete, with this manifest.
     fn commit(self: Box<Self>, manifest_json: &[u8]) -> Result<(), SnapshotError>;

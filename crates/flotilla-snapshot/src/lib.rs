@@ -3,7 +3,7 @@
 //! The first layer of a VM holds its full memory image (only the non-zero
 //! pages); each later layer holds only the pages that changed against its
 //! parent, plus pages that became zero (recorded, without data). A layer may
-//! also carry the VM's disk as a qcow2 file, stored as given and checked by
+//! also carry the VM's disks as qcow2 files, stored as given and checked by
 //! checksum (the agent arranges qcow2 backing chains).
 //!
 //! Memory images are QEMU `mapped-ram` migration files, treated as opaque
@@ -15,7 +15,9 @@
 //!
 //! * `layers/<id>/manifest.json`: [`LayerManifest`], checksummed;
 //! * `layers/<id>/memory.data`: the page data of the layer's extents;
-//! * `layers/<id>/disk.qcow2`: optional;
+//! * `layers/<id>/disk.qcow2`: optional (a VM's root disk);
+//! * `layers/<id>/disk-<name>.qcow2`: optional (its data disks);
+//! * `pinned/`: files layers need from elsewhere (kernel, image disk);
 //! * `refs/<id>/<holder>`: one empty file per reference;
 //! * `lock`: taken while references or layers change.
 //!

@@ -18,7 +18,7 @@ use crate::backend::{Backend, LayerData, Staging};
 use crate::error::{IoContext, SnapshotError};
 use crate::fsutil::{allocated_bytes, copy_file_hashing, fsync_path, hash_file, IO_BUF};
 use crate::id::LayerId;
-use crate::manifest::{DiskEntry, DISK_FILE};
+use crate::manifest::DiskEntry;
 
 const TMP_PREFIX: &str = ".tmp-";
 const MANIFEST_FILE: &str = "manifest.json";
@@ -127,8 +127,11 @@ impl Backend for LocalDir {
         })
     }
 
-    fn disk_path(&self, id: &LayerId) -> Option<PathBuf> {
-        let path = self.dir(id).join(DISK_FILE);
+    fn disk_path(&self, id: &LayerId, file: &str) -> Option<PathBuf> {
+        if !crate::manifest::is_disk_file_name(file) {
+            return None;
+        }
+        let path = self.dir(id).join(file);
         path.is_file().then_some(path)
     }
 
@@ -152,7 +155,7 @@ impl Backend for LocalDir {
             final_dir: self.dir(id),
             layers: self.layers.clone(),
             data: None,
-            disk: None,
+            disks: Vec::new(),
             committed: false,
             _lock: lock,
             dir,
@@ -192,7 +195,7 @@ struct LocalStaging {
     final_dir: PathBuf,
     layers: PathBuf,
     data: Option<BufWriter<File>>,
-    disk: Option<TakenDisk>,
+    disks: Vec<TakenDisk>,
     committed: bool,
     /// Held until the staging is gone, so `clean_leftovers` leaves it alone.
     _lock: Flock<File>,
@@ -224,13 +227,17 @@ impl Staging for LocalStaging {
         Ok(scratch.join(name))
     }
 
-    fn put_disk(&mut self, src: &Path) -> Result<DiskEntry, SnapshotError> {
+    fn put_disk(&mut self, src: &Path, file: &str) -> Result<DiskEntry, SnapshotError> {
         let invalid = |reason: &str| SnapshotError::InvalidInput {
             path: src.to_path_buf(),
             reason: reason.to_string(),
         };
-        if self.disk.is_some() {
-            return Err(invalid("a layer holds one disk"));
+        if !crate::manifest::is_disk_file_name(file) {
+            return Err(invalid("not a layer disk file name"));
+        }
+        let dst = self.dir.join(file);
+        if self.disks.iter().any(|d| d.dst == dst) {
+            return Err(invalid("the layer already holds a disk of that name"));
         }
         let meta = fs::symlink_metadata(src).ctx("stat", src)?;
         if !meta.is_file() {
@@ -238,10 +245,9 @@ impl Staging for LocalStaging {
                 "the disk is not a regular file (pass the file itself, not a symlink)",
             ));
         }
-        let dst = self.dir.join(DISK_FILE);
         let (size, sha256) = match fs::rename(src, &dst) {
             Ok(()) => {
-                self.disk = Some(TakenDisk {
+                self.disks.push(TakenDisk {
                     src: src.to_path_buf(),
                     dst: dst.clone(),
                     moved: true,
@@ -250,7 +256,7 @@ impl Staging for LocalStaging {
                 hash_file(&dst)?
             }
             Err(e) if e.kind() == io::ErrorKind::CrossesDevices => {
-                self.disk = Some(TakenDisk {
+                self.disks.push(TakenDisk {
                     src: src.to_path_buf(),
                     dst: dst.clone(),
                     moved: false,
@@ -260,7 +266,7 @@ impl Staging for LocalStaging {
             Err(e) => return Err(SnapshotError::io("move disk into layer", src, e)),
         };
         Ok(DiskEntry {
-            file: DISK_FILE.to_string(),
+            file: file.to_string(),
             size,
             sha256,
         })
@@ -290,7 +296,7 @@ impl Staging for LocalStaging {
         if let Err(e) = fsync_path(&self.layers) {
             tracing::warn!(error = %e, "layer stored, but syncing its parent directory failed");
         }
-        if let Some(disk) = self.disk.as_ref().filter(|d| !d.moved) {
+        for disk in self.disks.iter().filter(|d| !d.moved) {
             if let Err(e) = fs::remove_file(&disk.src) {
                 tracing::warn!(path = %disk.src.display(), error = %e, "disk copied into layer; removing the original failed");
             }
@@ -304,13 +310,17 @@ impl Drop for LocalStaging {
         if self.committed {
             return;
         }
-        if let Some(disk) = self.disk.as_ref().filter(|d| d.moved) {
+        let mut kept = false;
+        for disk in self.disks.iter().filter(|d| d.moved) {
             // Give the caller its disk back.
             if let Err(e) = fs::rename(&disk.dst, &disk.src) {
                 tracing::error!(disk = %disk.src.display(), kept = %disk.dst.display(), error = %e,
                     "could not move the disk back after a failed snapshot");
-                return; // keep the directory: it holds the only copy of the disk
+                kept = true;
             }
+        }
+        if kept {
+            return; // keep the directory: it holds the only copy of a disk
         }
         if let Err(e) = fs::remove_dir_all(&self.dir) {
             tracing::warn!(path = %self.dir.display(), error = %e, "could not remove unfinished layer");
@@ -321,6 +331,7 @@ impl Drop for LocalStaging {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::manifest::DISK_FILE;
 
     fn setup() -> (tempfile::TempDir, LocalDir) {
         let dir = tempfile::tempdir().unwrap();
@@ -344,11 +355,19 @@ mod tests {
         fs::write(&disk, b"stand-in disk").unwrap();
         let mut staging = backend.begin(&LayerId::generate()).unwrap();
         staging.write_data(&[1; 4096]).unwrap();
-        let entry = staging.put_disk(&disk).unwrap();
+        let data = dir.path().join("data.qcow2");
+        fs::write(&data, b"data disk").unwrap();
+        let entry = staging.put_disk(&disk, DISK_FILE).unwrap();
         assert_eq!(entry.size, 13);
         assert!(!disk.exists(), "the disk is moved, not copied");
+        staging.put_disk(&data, "disk-data.qcow2").unwrap();
+        let twice = dir.path().join("again.qcow2");
+        fs::write(&twice, b"x").unwrap();
+        assert!(staging.put_disk(&twice, "disk-data.qcow2").is_err());
+        assert!(staging.put_disk(&twice, "../escape.qcow2").is_err());
         drop(staging);
         assert_eq!(fs::read(&disk).unwrap(), b"stand-in disk");
+        assert_eq!(fs::read(&data).unwrap(), b"data disk");
         assert!(entries(&dir.path().join("layers")).is_empty());
     }
 

@@ -37,6 +37,9 @@ pub struct LayerManifest {
     /// Runs of consecutive changed pages, in page order.
     pub extents: Vec<Extent>,
     pub disk: Option<DiskEntry>,
+    /// More disks (a VM's data disks), by name, in `disk-<name>.qcow2`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra_disks: BTreeMap<String, DiskEntry>,
     /// Files outside the layer it needs, pinned in the store's `pinned/`
     /// while the layer exists: role (e.g. `kernel`, `disk-base`) to file name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -73,6 +76,24 @@ pub struct DiskEntry {
 
 /// The file name of a layer's disk.
 pub const DISK_FILE: &str = "disk.qcow2";
+
+/// The file of the layer's extra disk `name` (`[a-z0-9-]` names only).
+pub fn extra_disk_file(name: &str) -> String {
+    format!("disk-{name}.qcow2")
+}
+
+/// `disk.qcow2` or `disk-<name>.qcow2` with a plain name: never a path.
+pub(crate) fn is_disk_file_name(file: &str) -> bool {
+    file == DISK_FILE
+        || file
+            .strip_prefix("disk-")
+            .and_then(|f| f.strip_suffix(".qcow2"))
+            .is_some_and(|n| {
+                !n.is_empty()
+                    && n.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            })
+}
 
 impl Extent {
     /// One past the last page.
@@ -209,6 +230,11 @@ impl LayerManifest {
                 return fail(format!("bad disk entry {:?}", disk.file));
             }
         }
+        for (name, disk) in &self.extra_disks {
+            if disk.file != extra_disk_file(name) || !is_sha256(&disk.sha256) {
+                return fail(format!("bad disk entry {:?}", disk.file));
+            }
+        }
         Ok(())
     }
 
@@ -268,6 +294,7 @@ mod tests {
                 },
             ],
             disk: None,
+            extra_disks: Default::default(),
             pinned: Default::default(),
             data_sha256: sha,
             manifest_sha256: String::new(),

@@ -121,6 +121,7 @@ mod tests {
                 })
                 .collect(),
             disk: None,
+            extra_disks: Default::default(),
             pinned: Default::default(),
             data_sha256: String::new(),
             manifest_sha256: String::new(),

@@ -15,7 +15,7 @@ use crate::gc::{children_of, removal_order, scan, GcReport};
 use crate::id::LayerId;
 use crate::local::LocalDir;
 use crate::lock::StoreLock;
-use crate::manifest::LayerManifest;
+use crate::manifest::{extra_disk_file, LayerManifest, DISK_FILE};
 use crate::materialize::{materialize_chain, Output};
 use crate::reader::for_each_verified_extent;
 use crate::refs::{check_holder, Refs};
@@ -47,6 +47,8 @@ pub struct NewLayer<'a> {
     pub parent_memory: Option<&'a Path>,
     /// A disk file moved into the layer as `disk.qcow2`.
     pub disk: Option<&'a Path>,
+    /// More disk files by name (`[a-z0-9-]`), moved in as `disk-<name>.qcow2`.
+    pub extra_disks: BTreeMap<String, &'a Path>,
     /// Files the layer needs that live elsewhere (the kernel, the file at
     /// the bottom of `disk`'s backing chain), by role: pinned into the store
     /// as [`SnapshotStore::pin_path_for`] names them (the caller points the
@@ -65,6 +67,7 @@ impl<'a> NewLayer<'a> {
             memory,
             parent_memory: None,
             disk: None,
+            extra_disks: BTreeMap::new(),
             pins: BTreeMap::new(),
             labels: BTreeMap::new(),
         }
@@ -185,7 +188,15 @@ impl SnapshotStore {
         let diff = write_diff(req.memory, parent_image.as_deref(), |bytes| {
             staging.write_data(bytes)
         })?;
-        let disk = req.disk.map(|d| staging.put_disk(d)).transpose()?;
+        let disk = req
+            .disk
+            .map(|d| staging.put_disk(d, DISK_FILE))
+            .transpose()?;
+        let mut extra_disks = BTreeMap::new();
+        for (name, file) in &req.extra_disks {
+            let entry = staging.put_disk(file, &extra_disk_file(name))?;
+            extra_disks.insert(name.clone(), entry);
+        }
         let mut pinned = BTreeMap::new();
         for (role, file) in &req.pins {
             pinned.insert(role.clone(), file_name(&self.pin_path_for(file)?));
@@ -203,6 +214,7 @@ impl SnapshotStore {
             pages_zeroed: diff.pages_zeroed,
             extents: diff.extents,
             disk,
+            extra_disks,
             pinned,
             data_sha256: diff.data_sha256,
             manifest_sha256: String::new(),
@@ -309,25 +321,22 @@ impl SnapshotStore {
     pub fn verify(&self, id: &LayerId) -> Result<(), SnapshotError> {
         for layer in self.chain(id)? {
             for_each_verified_extent(self.backend.as_ref(), &layer, |_, _| Ok(()))?;
-            if let Some(disk) = &layer.disk {
-                let path = self
-                    .backend
-                    .disk_path(&layer.id)
-                    .ok_or_else(|| SnapshotError::corrupt(&layer.id, "disk.qcow2 is missing"))?;
+            for disk in layer.disk.iter().chain(layer.extra_disks.values()) {
+                let file = &disk.file;
+                let path = self.backend.disk_path(&layer.id, file).ok_or_else(|| {
+                    SnapshotError::corrupt(&layer.id, format!("{file} is missing"))
+                })?;
                 let (size, sha256) = hash_file(&path)?;
                 if size != disk.size {
                     return Err(SnapshotError::corrupt(
                         &layer.id,
-                        format!(
-                            "disk.qcow2 is {size} bytes, the manifest records {}",
-                            disk.size
-                        ),
+                        format!("{file} is {size} bytes, the manifest records {}", disk.size),
                     ));
                 }
                 if sha256 != disk.sha256 {
                     return Err(SnapshotError::corrupt(
                         &layer.id,
-                        "disk.qcow2 fails its checksum",
+                        format!("{file} fails its checksum"),
                     ));
                 }
             }
@@ -407,11 +416,19 @@ impl SnapshotStore {
     }
 
     /// The layer's `disk.qcow2`, if it has one.
+    /// The layer's extra disk `name` (`disk-<name>.qcow2`), if it has one.
+    pub fn extra_disk_path(&self, id: &LayerId, name: &str) -> Option<PathBuf> {
+        if !id.is_valid() {
+            return None;
+        }
+        self.backend.disk_path(id, &extra_disk_file(name))
+    }
+
     pub fn disk_path(&self, id: &LayerId) -> Option<PathBuf> {
         if !id.is_valid() {
             return None;
         }
-        self.backend.disk_path(id)
+        self.backend.disk_path(id, DISK_FILE)
     }
 
     /// `holder` (e.g. `vm:NAME`) pins layer `id` and so its ancestors.

@@ -17,8 +17,8 @@ use flotilla_snapshot::{LayerId, LayerManifest};
 
 use super::create::{new_machine_id, INITRD, KERNEL, ROOT_DISK};
 use super::layers::{
-    label, root_disk, store_layer, Capture, LABEL_CMDLINE_EXTRA, LABEL_IMAGE, LABEL_MEMORY_MIB,
-    LABEL_NICS, LABEL_VCPUS, PIN_INITRD, PIN_KERNEL,
+    label, remove_tmp_disks, store_layer, Capture, LABEL_CMDLINE_EXTRA, LABEL_IMAGE,
+    LABEL_MEMORY_MIB, LABEL_NICS, LABEL_VCPUS, PIN_INITRD, PIN_KERNEL,
 };
 use super::suspend::{blocking, holder, replace_memory_image};
 use super::{VmEntry, VmManager};
@@ -40,7 +40,7 @@ pub(crate) fn check_not_reserved(name: &str) -> AgentResult<()> {
     }
     Ok(())
 }
-const CAPTURE_DISK_TMP: &str = ".capture-disk.tmp";
+const CAPTURE_DISK_TMP_PREFIX: &str = ".capture-disk";
 const SAVE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A layer written from a running VM.
@@ -50,9 +50,10 @@ pub(crate) struct LiveCapture {
     pub pause: Duration,
 }
 
-/// Files a live capture may leave in a VM directory when interrupted.
-pub fn capture_leftovers(dir: &Path) -> [std::path::PathBuf; 2] {
-    [dir.join(CAPTURE_MEMORY_TMP), dir.join(CAPTURE_DISK_TMP)]
+/// Removes what a live capture may leave in a VM directory when interrupted.
+pub fn remove_capture_leftovers(dir: &Path) {
+    let _ = std::fs::remove_file(dir.join(CAPTURE_MEMORY_TMP));
+    remove_tmp_disks(dir, CAPTURE_DISK_TMP_PREFIX);
 }
 
 /// Lets a VM paused for a capture run again. After a failed save QEMU may
@@ -118,12 +119,6 @@ impl VmManager {
                     None,
                 ));
             }
-            if s.record.disks.iter().any(|d| d.name != "root") {
-                return Err(AgentError::conflict(
-                    format!("VM {name:?} has data disks, which snapshots do not capture yet"),
-                    Some("suspend and resume keep data disks in place; clones and named snapshots need a VM without them".into()),
-                ));
-            }
             let Some(qmp) = s.runtime.qmp.clone() else {
                 return Err(AgentError::conflict(
                     format!("VM {name:?} has no QMP connection to its QEMU"),
@@ -133,11 +128,8 @@ impl VmManager {
             (s.record.clone(), qmp)
         };
         let dir = self.vm_dir(&record.name);
-        let (memory, disk) = (dir.join(CAPTURE_MEMORY_TMP), dir.join(CAPTURE_DISK_TMP));
-        let cleanup = || {
-            let _ = std::fs::remove_file(&memory);
-            let _ = std::fs::remove_file(&disk);
-        };
+        let memory = dir.join(CAPTURE_MEMORY_TMP);
+        let cleanup = || remove_capture_leftovers(&dir);
         cleanup();
 
         qmp.stop().await?;
@@ -146,9 +138,9 @@ impl VmManager {
             save_to_file(&qmp, &memory, SAVE_TIMEOUT)
                 .await
                 .map_err(|e| AgentError::Snapshot(format!("saving the VM's memory: {e}")))?;
-            let (manager, record, disk) = (self.clone(), record.clone(), disk.clone());
+            let (manager, record) = (self.clone(), record.clone());
             blocking("copying the root disk", move || {
-                manager.copy_root_for_layer(&record, &disk)
+                manager.copy_disks_for_layer(&record, CAPTURE_DISK_TMP_PREFIX)
             })
             .await
         }
@@ -156,8 +148,8 @@ impl VmManager {
         // The VM runs on whatever happened.
         let resumed = continue_after_capture(&qmp, saved.is_err()).await;
         let pause = paused.elapsed();
-        let pins = match (saved, resumed) {
-            (Ok(pins), Ok(())) => pins,
+        let disks = match (saved, resumed) {
+            (Ok(disks), Ok(())) => disks,
             (Err(e), _) => {
                 cleanup();
                 return Err(e);
@@ -172,8 +164,7 @@ impl VmManager {
         let (parent, parent_memory) = self.diff_parent(&record);
         let capture = Capture {
             memory: memory.clone(),
-            disk: root_disk(&record).is_some().then(|| disk.clone()),
-            pins,
+            disks,
             parent,
             parent_memory,
             labels: self.layer_labels(&record, kind),
@@ -329,14 +320,22 @@ impl VmManager {
             self.check_name_free(from.name)?;
             let id = super::create::new_vm_id();
             let dir = self.vm_dir(from.name);
-            let disks = layer_disk
+            // The root disk, then the data disks, as the layer has them.
+            let root = layer_disk
                 .iter()
-                .map(|disk| DiskRecord {
-                    name: "root".into(),
-                    path: dir.join(ROOT_DISK),
+                .map(|disk| ("root".to_string(), dir.join(ROOT_DISK), disk.clone()));
+            let data = layer.extra_disks.keys().filter_map(|name| {
+                let disk = store.extra_disk_path(&layer.id, name)?;
+                Some((name.clone(), dir.join(format!("disk-{name}.qcow2")), disk))
+            });
+            let disks = root
+                .chain(data)
+                .map(|(name, path, disk)| DiskRecord {
+                    name,
+                    path,
                     format: "qcow2".into(),
-                    size_mib: crate::disks::inspect(disk).map(|(_, s)| s).unwrap_or(0),
-                    backing: Some(disk.clone()),
+                    size_mib: crate::disks::inspect(&disk).map(|(_, s)| s).unwrap_or(0),
+                    backing: Some(disk),
                     read_only: from.read_only_root,
                 })
                 .collect();
@@ -418,9 +417,9 @@ impl VmManager {
                 super::create::pin(initrd, &tmp.join(INITRD))
                     .map_err(|e| AgentError::io("pinning the initramfs into the VM", e))?;
             }
-            if let Some(root) = root_disk(record) {
-                if let Some(backing) = &root.backing {
-                    crate::disks::create_overlay(&tmp.join(ROOT_DISK), backing, "qcow2")?;
+            for disk in &record.disks {
+                if let (Some(backing), Some(file)) = (&disk.backing, disk.path.file_name()) {
+                    crate::disks::create_overlay(&tmp.join(file), backing, "qcow2")?;
                 }
             }
             if let Some(memory) = memory {

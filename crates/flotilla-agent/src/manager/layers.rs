@@ -26,47 +26,83 @@ pub const PIN_KERNEL: &str = "kernel";
 pub const PIN_INITRD: &str = "initrd";
 pub const PIN_DISK_BASE: &str = "disk-base";
 
+/// Copies of a VM's disks on their way into a layer.
+#[derive(Default)]
+pub(crate) struct CopiedDisks {
+    pub root: Option<PathBuf>,
+    pub extra: BTreeMap<String, PathBuf>,
+    pub pins: BTreeMap<String, PathBuf>,
+}
+
+impl CopiedDisks {
+    /// Removes the copies the store did not take.
+    pub fn remove_files(&self) {
+        for path in self.root.iter().chain(self.extra.values()) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 /// A layer about to be written: files the caller captured, and what the
 /// layer is.
 pub(crate) struct Capture {
     pub memory: PathBuf,
-    pub disk: Option<PathBuf>,
-    pub pins: BTreeMap<String, PathBuf>,
+    pub disks: CopiedDisks,
     pub parent: Option<LayerId>,
     pub parent_memory: Option<PathBuf>,
     pub labels: BTreeMap<String, String>,
 }
 
 impl VmManager {
-    /// Copies the VM's root overlay (only its changes) to `tmp`, backed by
-    /// what it will sit on inside the store: its head layer's disk, or for
-    /// a first layer the VM's base disk pinned into the store. QEMU must be
-    /// paused (its disk flushed). Returns the files the layer must pin.
-    pub(crate) fn copy_root_for_layer(
+    /// Copies the VM's disks (only their changes, for overlays) next to it
+    /// as `<tmp_prefix>-<disk>.tmp`, the root backed by what it will sit on
+    /// inside the store: its head layer's disk, or for a first layer the
+    /// VM's base disk pinned into the store. Data disks are overlays of
+    /// layer disks already, or standalone. QEMU must be paused (its disks
+    /// flushed). Returns the copies and the files the layer must pin.
+    pub(crate) fn copy_disks_for_layer(
         &self,
         record: &VmRecord,
-        tmp: &Path,
-    ) -> AgentResult<BTreeMap<String, PathBuf>> {
+        tmp_prefix: &str,
+    ) -> AgentResult<CopiedDisks> {
         let store = &self.inner.snapshots;
-        let mut pins = BTreeMap::new();
-        pins.insert(PIN_KERNEL.to_string(), record.kernel.clone());
+        let dir = self.vm_dir(&record.name);
+        let mut copied = CopiedDisks::default();
+        copied
+            .pins
+            .insert(PIN_KERNEL.to_string(), record.kernel.clone());
         if let Some(initrd) = &record.initrd {
-            pins.insert(PIN_INITRD.to_string(), initrd.clone());
+            copied.pins.insert(PIN_INITRD.to_string(), initrd.clone());
         }
-        let Some(root) = root_disk(record) else {
-            return Ok(pins);
-        };
-        std::fs::copy(&root.path, tmp).map_err(|e| AgentError::io("copying the root disk", e))?;
-        if let Some(backing) = &root.backing {
-            let target = if backing.starts_with(store.root()) {
-                backing.clone()
-            } else {
-                pins.insert(PIN_DISK_BASE.to_string(), backing.clone());
-                store.pin_path_for(backing)?
-            };
-            disks::rebase_unsafe(tmp, &target, "qcow2")?;
+        let result = (|| {
+            for disk in &record.disks {
+                let tmp = dir.join(format!("{tmp_prefix}-{}.tmp", disk.name));
+                std::fs::copy(&disk.path, &tmp)
+                    .map_err(|e| AgentError::io(format!("copying disk {}", disk.name), e))?;
+                if disk.name == "root" {
+                    if let Some(backing) = &disk.backing {
+                        let target = if backing.starts_with(store.root()) {
+                            backing.clone()
+                        } else {
+                            copied
+                                .pins
+                                .insert(PIN_DISK_BASE.to_string(), backing.clone());
+                            store.pin_path_for(backing)?
+                        };
+                        disks::rebase_unsafe(&tmp, &target, "qcow2")?;
+                    }
+                    copied.root = Some(tmp);
+                } else {
+                    copied.extra.insert(disk.name.clone(), tmp);
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            copied.remove_files();
+            return Err(e);
         }
-        Ok(pins)
+        Ok(copied)
     }
 
     /// What a new layer of this VM is a diff against: the VM's latest layer
@@ -116,7 +152,14 @@ pub(crate) fn store_layer(
     holder: &str,
 ) -> AgentResult<LayerManifest> {
     let pins = capture
+        .disks
         .pins
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_path()))
+        .collect();
+    let extra_disks = capture
+        .disks
+        .extra
         .iter()
         .map(|(k, v)| (k.clone(), v.as_path()))
         .collect();
@@ -125,7 +168,8 @@ pub(crate) fn store_layer(
             parent: capture.parent.as_ref(),
             memory: &capture.memory,
             parent_memory: capture.parent_memory.as_deref(),
-            disk: capture.disk.as_deref(),
+            disk: capture.disks.root.as_deref(),
+            extra_disks,
             pins,
             labels: capture.labels.clone(),
         },
@@ -153,4 +197,25 @@ pub(crate) fn label<T: std::str::FromStr>(layer: &LayerManifest, key: &str) -> A
                 Some("resume its VM and snapshot it again".into()),
             )
         })
+}
+
+/// Removes the disk copies (`<prefix>-<disk>.tmp`) a capture left in `dir`.
+pub(crate) fn remove_tmp_disks(dir: &Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(prefix) && name.ends_with(".tmp") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// The layer's copy of the VM disk named `disk` (`root` or a data disk).
+pub(crate) fn layer_disk(store: &SnapshotStore, layer: &LayerId, disk: &str) -> Option<PathBuf> {
+    match disk {
+        "root" => store.disk_path(layer),
+        name => store.extra_disk_path(layer, name),
+    }
 }

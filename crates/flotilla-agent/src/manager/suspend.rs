@@ -7,6 +7,7 @@
 //! suspend completes even across an agent crash (`adopt`). A failed resume
 //! leaves the VM suspended, its snapshot untouched.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,7 +18,7 @@ use flotilla_qemu::migration::{load_from_file, save_to_file, set_link};
 use flotilla_qemu::{QemuProcess, QmpClient};
 use flotilla_snapshot::{LayerId, LayerManifest};
 
-use super::layers::{root_disk, store_layer, Capture};
+use super::layers::{layer_disk, remove_tmp_disks, store_layer, Capture};
 use super::{VmEntry, VmManager};
 use crate::disks;
 use crate::error::{AgentError, AgentResult};
@@ -32,7 +33,7 @@ pub const MEMORY_IMAGE: &str = "memory.img";
 /// image is never taken for the parent of a diff.
 pub(crate) const MEMORY_IMAGE_LAYER: &str = "memory.img.layer";
 const MEMORY_TMP: &str = ".suspend-memory.tmp";
-const DISK_TMP: &str = ".suspend-disk.tmp";
+const DISK_TMP_PREFIX: &str = ".suspend-disk";
 const RESUME_MEMORY_TMP: &str = ".resume-memory.tmp";
 const SAVE_TIMEOUT: Duration = Duration::from_secs(120);
 const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
@@ -134,20 +135,17 @@ impl VmManager {
             .map_err(|e| AgentError::Snapshot(format!("saving the VM's memory: {e}")))?;
 
         // Paused, QEMU has flushed the root disk: copy its changes.
-        let disk_tmp = dir.join(DISK_TMP);
-        let has_root = root_disk(record).is_some();
-        let pins = {
-            let (manager, record, tmp) = (self.clone(), record.clone(), disk_tmp.clone());
-            blocking("copying the root disk", move || {
-                manager.copy_root_for_layer(&record, &tmp)
+        let disks = {
+            let (manager, record) = (self.clone(), record.clone());
+            blocking("copying the disks", move || {
+                manager.copy_disks_for_layer(&record, DISK_TMP_PREFIX)
             })
             .await?
         };
         let (parent, parent_memory) = self.diff_parent(record);
         let capture = Capture {
             memory: memory.clone(),
-            disk: has_root.then_some(disk_tmp),
-            pins,
+            disks,
             parent,
             parent_memory,
             labels: self.layer_labels(record, "suspend"),
@@ -165,7 +163,7 @@ impl VmManager {
         .await;
         if layer.is_err() {
             let _ = std::fs::remove_file(dir.join(MEMORY_TMP));
-            let _ = std::fs::remove_file(dir.join(DISK_TMP));
+            remove_tmp_disks(&dir, DISK_TMP_PREFIX);
         }
         layer
     }
@@ -177,7 +175,7 @@ impl VmManager {
         }
         let dir = self.vm_dir(&record.name);
         let _ = std::fs::remove_file(dir.join(MEMORY_TMP));
-        let _ = std::fs::remove_file(dir.join(DISK_TMP));
+        remove_tmp_disks(&dir, DISK_TMP_PREFIX);
         let mut s = entry.lock();
         if let Err(e) = self.transition(&mut s, VmState::Running) {
             tracing::error!(vm = %record.name, error = %e, "rollback");
@@ -200,18 +198,17 @@ impl VmManager {
         }
         s.record.snapshot_head = Some(layer.to_string());
         s.record.pending_snapshot = None;
-        // Its contents now live in the layer: the root disk starts over as
-        // an empty overlay on the layer's disk, ready for the resume.
-        let layer_disk = store.disk_path(layer);
-        if let (Some(root), Some(layer_disk)) = (
-            s.record.disks.first_mut().filter(|d| d.name == "root"),
-            layer_disk,
-        ) {
-            let _ = std::fs::remove_file(&root.path);
-            match disks::create_overlay(&root.path, &layer_disk, "qcow2") {
-                Ok(()) => root.backing = Some(layer_disk),
+        // Their contents now live in the layer: each disk starts over as an
+        // empty overlay on the layer's copy, ready for the resume.
+        for disk in &mut s.record.disks {
+            let Some(copy) = layer_disk(store, layer, &disk.name) else {
+                continue;
+            };
+            let _ = std::fs::remove_file(&disk.path);
+            match disks::create_overlay(&disk.path, &copy, "qcow2") {
+                Ok(()) => disk.backing = Some(copy),
                 Err(e) => {
-                    tracing::warn!(vm = %name, error = %e, "preparing the root disk for the resume")
+                    tracing::warn!(vm = %name, disk = %disk.name, error = %e, "preparing a disk for the resume")
                 }
             }
         }
@@ -241,10 +238,12 @@ impl VmManager {
         };
         let trusted = std::mem::take(&mut entry.lock().runtime.memory_just_captured);
         match self.restore(&record, trusted).await {
-            Ok((process, qmp, root_backing, guest)) => {
+            Ok((process, qmp, mut backings, guest)) => {
                 self.enter_running(&entry, process, qmp, generation, |r| {
-                    if let (Some(root), Some(b)) = (r.disks.first_mut(), root_backing) {
-                        root.backing = Some(b);
+                    for disk in &mut r.disks {
+                        if let Some(b) = backings.remove(&disk.name) {
+                            disk.backing = Some(b);
+                        }
                     }
                     if guest.is_some() {
                         r.identity_pending = false;
@@ -260,9 +259,9 @@ impl VmManager {
                 }
             }
             Err(e) => {
-                if let Some(root) = root_disk(&entry.lock().record) {
-                    let _ = std::fs::remove_file(&root.path);
-                }
+                // The guest may have run and written: the next resume starts
+                // from fresh overlays.
+                self.discard_layer_overlays(&entry.lock().record);
                 self.launch_failed(&entry, VmState::Suspended, &e)?;
                 return Err(e);
             }
@@ -300,17 +299,24 @@ impl VmManager {
         // naming it, before anything is touched.
         store.chain(&head)?;
         let memory = dir.join(MEMORY_IMAGE);
-        let mut root_backing = None;
-        if let Some(root) = root_disk(record) {
-            let base = store.disk_path(&head).ok_or_else(|| {
-                AgentError::Snapshot(format!("snapshot layer {head} has no root disk"))
-            })?;
-            // Made at suspend time, so usually ready; made now otherwise.
-            if !(root.path.exists() && root.backing.as_deref() == Some(base.as_path())) {
-                let _ = std::fs::remove_file(&root.path);
-                disks::create_overlay(&root.path, &base, "qcow2")?;
+        // Each disk runs on an overlay of the layer's copy: made at suspend
+        // time, so usually ready; made now otherwise. (A data disk the layer
+        // has no copy of, from an older agent, stays as it is.)
+        let mut backings = BTreeMap::new();
+        for disk in &record.disks {
+            let Some(copy) = layer_disk(&store, &head, &disk.name) else {
+                if disk.name == "root" {
+                    return Err(AgentError::Snapshot(format!(
+                        "snapshot layer {head} has no root disk"
+                    )));
+                }
+                continue;
+            };
+            if !(disk.path.exists() && disk.backing.as_deref() == Some(copy.as_path())) {
+                let _ = std::fs::remove_file(&disk.path);
+                disks::create_overlay(&disk.path, &copy, "qcow2")?;
             }
-            root_backing = Some(base);
+            backings.insert(disk.name.clone(), copy);
         }
         let mut config = self.qemu_config(record);
         config.incoming = Some("defer".into());
@@ -393,7 +399,7 @@ impl VmManager {
         }
         .await;
         match loaded {
-            Ok(guest) => Ok((process, qmp, root_backing, guest)),
+            Ok(guest) => Ok((process, qmp, backings, guest)),
             Err(e) => {
                 let _ = process.kill().await;
                 Err(e)
@@ -424,12 +430,30 @@ impl VmManager {
     }
 }
 
-/// What a restore brings up: QEMU, its QMP connection, the root disk's new
-/// backing, and the guest agent if the restore already talked to it.
+impl VmManager {
+    /// Removes the disks of a suspended VM that are overlays of layer disks
+    /// (a data disk no layer holds, from an older agent, is real data).
+    pub(crate) fn discard_layer_overlays(&self, record: &VmRecord) {
+        let store_root = self.inner.snapshots.root();
+        for disk in &record.disks {
+            if disk
+                .backing
+                .as_deref()
+                .is_some_and(|b| b.starts_with(store_root))
+                || disk.name == "root"
+            {
+                let _ = std::fs::remove_file(&disk.path);
+            }
+        }
+    }
+}
+
+/// What a restore brings up: QEMU, its QMP connection, the disks' backings
+/// by disk name, and the guest agent if the restore already talked to it.
 type Restored = (
     Arc<QemuProcess>,
     QmpClient,
-    Option<PathBuf>,
+    BTreeMap<String, PathBuf>,
     Option<Arc<GuestClient>>,
 );
 
@@ -455,11 +479,11 @@ pub(crate) fn replace_memory_image(new: &Path, layer: &LayerId) -> AgentResult<(
         .map_err(|e| AgentError::io("updating the memory image", e))
 }
 
-/// Files a suspend or resume may leave in a VM directory when interrupted.
-pub fn leftovers(dir: &Path) -> [PathBuf; 3] {
-    [
-        dir.join(MEMORY_TMP),
-        dir.join(DISK_TMP),
-        dir.join(RESUME_MEMORY_TMP),
-    ]
+/// Removes what a suspend or resume may leave in a VM directory when
+/// interrupted.
+pub fn remove_leftovers(dir: &Path) {
+    for path in [dir.join(MEMORY_TMP), dir.join(RESUME_MEMORY_TMP)] {
+        let _ = std::fs::remove_file(path);
+    }
+    remove_tmp_disks(dir, DISK_TMP_PREFIX);
 }

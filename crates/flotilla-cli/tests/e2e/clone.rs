@@ -585,3 +585,73 @@ fn a_chain_of_three_snapshots_restores_each_step() {
     assert_clean(&host);
     assert!(snapshots(&host).is_empty(), "{:?}", snapshots(&host));
 }
+
+#[test]
+fn data_disks_travel_with_suspends_and_clones() {
+    let host = TestHost::start().expect("test host");
+    let vm: Value = host.cli_json(&["vm", "run", "src", "--disk", "data:64M", "--wait"]);
+    assert_eq!(vm["disks"].as_array().map(|d| d.len()), Some(2), "{vm:#}");
+    let sum = |vm: &str| {
+        exec(
+            &host,
+            vm,
+            &[
+                "sh",
+                "-c",
+                "dd if=/dev/vdb bs=1M count=2 2>/dev/null | md5sum",
+            ],
+        )
+        .1
+    };
+    write(&host, "src", "head -c 2097152 /dev/urandom > /tmp/blk && dd if=/tmp/blk of=/dev/vdb bs=1M conv=fsync 2>/dev/null");
+    let written = sum("src");
+
+    // Suspended and resumed: the data disk is in the layer and comes back.
+    let s: Value = host.cli_json(&["vm", "suspend", "src"]);
+    let layer = s["snapshot"].as_str().unwrap().to_string();
+    assert!(
+        host.data_path()
+            .join("snapshots/layers")
+            .join(&layer)
+            .join("disk-data.qcow2")
+            .exists(),
+        "the layer holds the data disk"
+    );
+    host.cli_json::<Value>(&["vm", "resume", "src", "--wait"]);
+    assert_eq!(sum("src"), written);
+
+    // A clone has its own copy-on-write data disk.
+    let c: Value = host.cli_json(&["vm", "clone", "src", "copy"]);
+    assert_eq!(
+        c["vm"]["disks"].as_array().map(|d| d.len()),
+        Some(2),
+        "{c:#}"
+    );
+    assert_eq!(sum("copy"), written);
+    write(
+        &host,
+        "copy",
+        "dd if=/dev/zero of=/dev/vdb bs=1M count=2 conv=fsync 2>/dev/null",
+    );
+    assert_ne!(sum("copy"), written);
+    assert_eq!(sum("src"), written, "the source's data disk is untouched");
+
+    // And from a named snapshot.
+    host.cli_json::<Value>(&["snapshot", "create", "src", "with-data"]);
+    host.cli_json::<Value>(&[
+        "vm",
+        "run",
+        "again",
+        "--from-snapshot",
+        "with-data",
+        "--wait",
+    ]);
+    assert_eq!(sum("again"), written);
+
+    for vm in ["again", "copy", "src"] {
+        assert!(host.cli(&["vm", "rm", "--force", vm]).status.success());
+    }
+    assert!(host.cli(&["snapshot", "rm", "with-data"]).status.success());
+    assert_clean(&host);
+    assert!(snapshots(&host).is_empty(), "{:?}", snapshots(&host));
+}
