@@ -178,8 +178,8 @@ pub fn ensure_tap(tap: &str, bridge: &str) -> Result<(), NetworkError> {
     if !link_exists(tap) {
         ip(&["tuntap", "add", "dev", tap, "mode", "tap"])?;
     }
-    ip(&["link", "set", "dev", tap, "master", bridge])?;
-    ip(&["link", "set", "dev", tap, "up"])?;
+    // One command for both: every `ip` costs a fork on a resume's path.
+    ip(&["link", "set", "dev", tap, "master", bridge, "up"])?;
     Ok(())
 }
 
