@@ -169,6 +169,10 @@ pub struct QemuConfig {
     /// Start with vCPUs stopped (`-S`).
     #[serde(default)]
     pub start_paused: bool,
+    /// Migration state in `mapped-ram` form (`-global migration.mapped-ram=on`),
+    /// so `incoming` can name such a file and QEMU loads it as it starts.
+    #[serde(default)]
+    pub mapped_ram: bool,
 }
 
 impl QemuConfig {
@@ -267,6 +271,9 @@ impl QemuConfig {
                 "-device",
                 format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME}"),
             );
+        }
+        if self.mapped_ram {
+            args.opt("-global", "migration.mapped-ram=on");
         }
         if let Some(incoming) = &self.incoming {
             args.opt("-incoming", incoming.as_str());

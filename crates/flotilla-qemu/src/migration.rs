@@ -116,6 +116,23 @@ pub async fn load_from_file(
     wait_done(qmp, timeout).await
 }
 
+/// Makes QEMU load `path` (written by [`save_to_file`]) as it starts,
+/// paused afterwards: no QMP round trips before the load begins. Wait for it
+/// with [`wait_incoming`].
+pub fn load_at_start(config: &mut crate::QemuConfig, path: &Path) {
+    config.incoming = Some(file_uri(path));
+    config.mapped_ram = true;
+    config.start_paused = true;
+}
+
+/// Waits until the state QEMU loads (see [`load_at_start`]) is in.
+pub async fn wait_incoming(
+    qmp: &QmpClient,
+    timeout: Duration,
+) -> Result<MigrationStats, MigrationError> {
+    wait_done(qmp, timeout).await
+}
+
 /// Cancels an outgoing migration that may still be running (one an agent
 /// started before it died) and waits until QEMU is done with it, so the VM
 /// can be continued. A migration that already completed leaves QEMU in

@@ -322,6 +322,7 @@ impl VmManager {
             pidfile: dir.join(PIDFILE),
             incoming: None,
             start_paused: false,
+            mapped_ram: false,
         }
     }
 

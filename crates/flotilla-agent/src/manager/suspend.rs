@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use flotilla_api::{VmInfo, VmState};
 use flotilla_guest_protocol::GuestClient;
-use flotilla_qemu::migration::{load_from_file, save_to_file, set_link};
+use flotilla_qemu::migration::{
+    load_at_start, load_from_file, save_to_file, set_link, wait_incoming,
+};
 use flotilla_qemu::{QemuProcess, QmpClient};
 use flotilla_snapshot::{LayerId, LayerManifest};
 
@@ -319,12 +321,17 @@ impl VmManager {
             backings.insert(disk.name.clone(), copy);
         }
         let mut config = self.qemu_config(record);
-        config.incoming = Some("defer".into());
         // The image kept from the suspend (its marker names the head) is
         // loaded while the chain is verified, and the VM runs only once it
         // checks out; otherwise the image is rebuilt from the chain (verified
         // as it goes) while QEMU starts.
         let reuse = memory_image_layer(&dir).as_deref() == Some(head.as_str());
+        if reuse {
+            // The image is there: QEMU loads it as it starts.
+            load_at_start(&mut config, &memory);
+        } else {
+            config.incoming = Some("defer".into());
+        }
         let phases = Instant::now();
         let mut check = Some({
             let (store, head, memory) = (store.clone(), head.clone(), memory.clone());
@@ -362,9 +369,11 @@ impl VmManager {
                     check_time = join_check(handle).await?;
                 }
             }
-            load_from_file(&qmp, &memory, LOAD_TIMEOUT)
-                .await
-                .map_err(|e| AgentError::Snapshot(format!("loading the VM's memory: {e}")))?;
+            let loaded = match reuse {
+                true => wait_incoming(&qmp, LOAD_TIMEOUT).await,
+                false => load_from_file(&qmp, &memory, LOAD_TIMEOUT).await,
+            };
+            loaded.map_err(|e| AgentError::Snapshot(format!("loading the VM's memory: {e}")))?;
             if let Some(handle) = check.take() {
                 check_time = join_check(handle).await?;
             }

@@ -49,6 +49,7 @@ fn fixture() -> Fixture {
         pidfile: p("qemu.pid"),
         incoming: None,
         start_paused: false,
+        mapped_ram: false,
     };
     Fixture { dir, config }
 }

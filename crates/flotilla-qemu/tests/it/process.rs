@@ -54,6 +54,7 @@ fn stub_config(dir: &Path) -> QemuConfig {
         pidfile: dir.join("qemu.pid"),
         incoming: None,
         start_paused: false,
+        mapped_ram: false,
     }
 }
 
