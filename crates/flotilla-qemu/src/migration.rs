@@ -49,10 +49,22 @@ pub struct MigrationStats {
     pub transferred_bytes: u64,
 }
 
+/// Threads QEMU saves and loads RAM with (multifd over the mapped-ram file:
+/// each writes or reads its own pages at their fixed offsets).
+pub const FILE_CHANNELS: u8 = 2;
+
 async fn set_mapped_ram(qmp: &QmpClient) -> Result<(), QmpError> {
     qmp.execute::<serde_json::Value>(
         "migrate-set-capabilities",
-        Some(json!({ "capabilities": [{ "capability": "mapped-ram", "state": true }] })),
+        Some(json!({ "capabilities": [
+            { "capability": "mapped-ram", "state": true },
+            { "capability": "multifd", "state": true },
+        ] })),
+    )
+    .await?;
+    qmp.execute::<serde_json::Value>(
+        "migrate-set-parameters",
+        Some(json!({ "multifd-channels": FILE_CHANNELS })),
     )
     .await?;
     Ok(())
