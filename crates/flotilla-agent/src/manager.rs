@@ -7,10 +7,12 @@
 //! lock makes the capacity check and the resource reservation one step.
 
 mod bases;
+mod capture;
 mod clone;
 mod create;
 mod exec;
 pub mod fleet;
+mod from_layer;
 mod layers;
 mod lifecycle;
 mod move_disk;
@@ -31,8 +33,9 @@ use crate::record::VmRecord;
 use crate::runtime::{ReadinessChannel, VmRuntime};
 
 pub use bases::BASE_VM_PREFIX;
-pub use clone::{remove_capture_leftovers, STAGING_PREFIX};
+pub use capture::remove_capture_leftovers;
 pub use exec::ExecOutcome;
+pub use from_layer::STAGING_PREFIX;
 
 /// One VM known to the agent.
 pub(crate) struct VmEntry {

@@ -49,7 +49,7 @@ impl VmManager {
     /// Creates a VM and, unless asked not to, starts it (booting, or from
     /// a snapshot).
     pub async fn create(&self, req: CreateVmRequest) -> AgentResult<VmInfo> {
-        super::clone::check_not_reserved(&req.name)?;
+        super::from_layer::check_not_reserved(&req.name)?;
         self.create_unchecked(req).await
     }
 

@@ -7,7 +7,7 @@ use flotilla_image::DEFAULT_IMAGE;
 use flotilla_snapshot::{LayerId, LayerManifest};
 
 use super::bases::BaseShape;
-use super::clone::FromLayer;
+use super::from_layer::FromLayer;
 use super::layers::{
     label, LABEL_IMAGE, LABEL_KIND, LABEL_MEMORY_MIB, LABEL_NICS, LABEL_VCPUS, LABEL_VM,
 };
@@ -222,7 +222,7 @@ impl VmManager {
         let _name = self.reserve_vm_name(&spec.name)?;
         let staging = self.inner.config.vms_dir().join(format!(
             "{}{:016x}",
-            super::clone::STAGING_PREFIX,
+            super::from_layer::STAGING_PREFIX,
             rand::random::<u64>()
         ));
         let layer = if from == FROM_BASE {
