@@ -352,7 +352,16 @@ impl SnapshotStore {
         use sha2::{Digest, Sha256};
         use std::os::unix::fs::MetadataExt;
         let m = fs::metadata(file).ctx("stat", file)?;
-        let identity = format!("{}:{}:{}:{}", m.dev(), m.ino(), m.size(), m.mtime());
+        // Nanoseconds too: a copied file's inode may be reused by another
+        // file of the same size within the same second.
+        let identity = format!(
+            "{}:{}:{}:{}.{}",
+            m.dev(),
+            m.ino(),
+            m.size(),
+            m.mtime(),
+            m.mtime_nsec()
+        );
         let digest = Sha256::digest(identity.as_bytes());
         let name: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
         let ext = file.extension().map(|e| e.to_string_lossy().into_owned());
