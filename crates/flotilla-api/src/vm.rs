@@ -160,7 +160,9 @@ pub struct CreateVmRequest {
     /// Start from a snapshot instead of booting: `base` for the image's base
     /// snapshot (made on first use for this image and shape), or the name
     /// or id of a snapshot. The VM gets its own identity (MAC, IP,
-    /// hostname, machine-id, a reseeded RNG).
+    /// hostname, machine-id, a reseeded RNG) from its guest agent, so the
+    /// answer always comes once the guest agent is ready (`wait_ready` is
+    /// implied); `start: false` leaves it suspended at the snapshot.
     #[serde(default)]
     pub from_snapshot: Option<String>,
 }
