@@ -57,6 +57,7 @@ impl VmManager {
                 tracing::error!(vm = %name, error = %e, "removing the base VM");
             }
         }
+        self.drop_stale_bases();
         self.sweep_snapshot_leftovers();
         Ok(())
     }

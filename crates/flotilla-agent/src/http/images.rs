@@ -79,6 +79,7 @@ pub async fn register(
     .await
     .map_err(|e| AgentError::io("registering image", std::io::Error::other(e)))?
     .map_err(AgentError::from)?;
+    m.forget_stale_bases().await;
     Ok((StatusCode::CREATED, Json(image_info(&image))))
 }
 

@@ -91,34 +91,66 @@ impl VmManager {
     pub async fn drop_bases_of(&self, image: &str) {
         let _making = self.inner.bases_lock.lock().await;
         let (manager, image) = (self.clone(), image.to_string());
-        let _ = tokio::task::spawn_blocking(move || manager.drop_bases_now(&image)).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            manager.drop_bases_where(|layer| {
+                layer.is_none_or(|l| l.labels.get("image") == Some(&image))
+            })
+        })
+        .await;
     }
 
-    fn drop_bases_now(&self, image: &str) {
+    /// [`drop_stale_bases`](Self::drop_stale_bases) while the agent serves
+    /// (after an image was replaced).
+    pub async fn forget_stale_bases(&self) {
+        let _making = self.inner.bases_lock.lock().await;
+        let manager = self.clone();
+        let _ = tokio::task::spawn_blocking(move || manager.drop_stale_bases()).await;
+    }
+
+    /// Drops the bases no VM could start from any more: of images that are
+    /// gone or whose kernel changed (rebuilt or replaced under the same
+    /// name). Run at start, before anything is served, and after a replace.
+    pub(crate) fn drop_stale_bases(&self) {
+        let store = &self.inner.snapshots;
+        self.drop_bases_where(|layer| {
+            let Some(layer) = layer else { return true };
+            let image = layer.labels.get("image").map(String::as_str).unwrap_or("");
+            let Ok(current) = self.inner.images.get(image) else {
+                return true;
+            };
+            let pinned = store.pinned_path(layer, super::layers::PIN_KERNEL);
+            let now = store.pin_path_for(&current.kernel).ok();
+            pinned.is_none() || pinned != now
+        });
+    }
+
+    /// Drops the bases whose layer (None: unreadable) `stale` says so.
+    fn drop_bases_where(&self, stale: impl Fn(Option<&LayerManifest>) -> bool) {
         let Ok(entries) = std::fs::read_dir(self.bases_dir()) else {
             return;
         };
         let store = &self.inner.snapshots;
+        let mut dropped = 0;
         for entry in entries.flatten() {
             let key = entry.file_name().to_string_lossy().into_owned();
             let Ok(id) = std::fs::read_to_string(entry.path().join(LAYER_FILE)) else {
                 continue;
             };
             let id = LayerId(id.trim().to_string());
-            let of_image = store
-                .get(&id)
-                .map(|l| l.labels.get("image").map(String::as_str) == Some(image))
-                .unwrap_or(true);
-            if !of_image {
+            if !stale(store.get(&id).ok().as_ref()) {
                 continue;
             }
             if let Err(e) = store.remove_ref(&id, &format!("base:{key}")) {
-                tracing::warn!(image, key = %key, error = %e, "releasing a base snapshot");
+                tracing::warn!(key = %key, error = %e, "releasing a base snapshot");
             }
             let _ = std::fs::remove_dir_all(entry.path());
+            dropped += 1;
         }
-        if let Err(e) = store.gc() {
-            tracing::warn!(image, error = %e, "snapshot garbage collection");
+        if dropped > 0 {
+            tracing::info!(dropped, "base snapshots dropped");
+            if let Err(e) = store.gc() {
+                tracing::warn!(error = %e, "snapshot garbage collection");
+            }
         }
     }
 

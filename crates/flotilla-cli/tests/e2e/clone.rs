@@ -655,3 +655,42 @@ fn data_disks_travel_with_suspends_and_clones() {
     assert_clean(&host);
     assert!(snapshots(&host).is_empty(), "{:?}", snapshots(&host));
 }
+
+#[test]
+fn replacing_an_image_drops_its_base_snapshots() {
+    let host = TestHost::start().expect("test host");
+    let images: Vec<Value> = host.cli_json(&["image", "ls"]);
+    let default = &images[0];
+    // The user's own copy of the default image's files.
+    let own = host.data_path().join("own");
+    std::fs::create_dir_all(&own).expect("dir");
+    let mut args = vec!["image".to_string(), "register".into(), "mine".into()];
+    for field in ["kernel", "initrd", "rootfs"] {
+        let copy = own.join(field);
+        std::fs::copy(default[field].as_str().expect(field), &copy).expect("copy");
+        args.push(format!("--{field}"));
+        args.push(copy.to_string_lossy().into_owned());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    host.cli_json::<Value>(&args);
+    let base: Value = host.cli_json(&["image", "base-snapshot", "mine"]);
+    assert_eq!(base["kind"], "base", "{base:#}");
+    assert_eq!(base["image"], "mine");
+
+    // Replaced by new files under the same name: no VM could start from
+    // the old base, so it goes, with what it pinned.
+    for field in ["kernel", "initrd", "rootfs"] {
+        let copy = own.join(field);
+        let bytes = std::fs::read(&copy).expect("read");
+        std::fs::remove_file(&copy).expect("remove");
+        std::fs::write(&copy, bytes).expect("rewrite");
+    }
+    let mut replace = args.clone();
+    replace.push("--replace");
+    host.cli_json::<Value>(&replace);
+    assert!(snapshots(&host).is_empty(), "{:?}", snapshots(&host));
+    // A new base is made for the new files on request.
+    let again: Value = host.cli_json(&["image", "base-snapshot", "mine"]);
+    assert_ne!(again["id"], base["id"]);
+    assert_clean(&host);
+}
