@@ -25,6 +25,7 @@ impl VmManager {
         let vms_dir = self.config().vms_dir();
         let (records, errors) = record::load_all(&vms_dir)
             .map_err(|e| AgentError::io(format!("reading {}", vms_dir.display()), e))?;
+        let unreadable = !errors.is_empty();
         for e in errors {
             tracing::error!(error = %e, "skipping a VM record that cannot be read; its files are kept");
         }
@@ -37,8 +38,16 @@ impl VmManager {
                 adopted_pids.insert(pid);
             }
             self.settle_interrupted_move(&entry).await;
-            let head = entry.lock().record.snapshot_head.clone();
-            self.release_stray_refs(&name, head.as_deref());
+            // The head, and a pending suspend's layer that could not be
+            // completed: disks may already sit on it.
+            let keep = {
+                let s = entry.lock();
+                [
+                    s.record.snapshot_head.clone(),
+                    s.record.pending_snapshot.clone(),
+                ]
+            };
+            self.release_stray_refs(&name, &keep);
             let dir = self.vm_dir(&name);
             crate::manager::suspend::remove_leftovers(&dir);
             crate::manager::remove_capture_leftovers(&dir);
@@ -58,7 +67,7 @@ impl VmManager {
             }
         }
         self.drop_stale_bases();
-        self.sweep_snapshot_leftovers();
+        self.sweep_snapshot_leftovers(unreadable);
         Ok(())
     }
 
@@ -78,9 +87,15 @@ impl VmManager {
         let done = match qmp {
             Some(qmp) => {
                 let _ = flotilla_qemu::block::cancel_moves(&qmp).await;
-                flotilla_qemu::block::device_file(&qmp, "disk-root")
-                    .await
-                    .is_ok_and(|f| std::path::Path::new(&f) == pending.to)
+                match flotilla_qemu::block::device_file(&qmp, "disk-root").await {
+                    Ok(file) => std::path::Path::new(&file) == pending.to,
+                    Err(e) => {
+                        // Unknown which file QEMU uses: keep both, and the
+                        // record, for the next agent start.
+                        tracing::error!(error = %e, "cannot tell which disk QEMU uses; leaving an interrupted move as it is");
+                        return;
+                    }
+                }
             }
             None => current.as_deref() == Some(pending.to.as_path()),
         };
@@ -94,9 +109,19 @@ impl VmManager {
     /// store: references of VMs that have no record (a clone that was never
     /// placed), of bases that are not the current ones, and staged memory
     /// images; then collects what nothing holds.
-    fn sweep_snapshot_leftovers(&self) {
+    /// With `unreadable` records around, nothing is collected: their layers
+    /// may hold the only copy of their disks.
+    fn sweep_snapshot_leftovers(&self, unreadable: bool) {
         let store = &self.inner.snapshots;
-        let names: HashSet<String> = self.vms().keys().cloned().collect();
+        // Every VM directory counts, readable record or not.
+        let mut names: HashSet<String> = self.vms().keys().cloned().collect();
+        let vms_dir = self.config().vms_dir();
+        for entry in std::fs::read_dir(&vms_dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.starts_with('.') {
+                names.insert(name);
+            }
+        }
         let bases_dir = self.config().data_dir.join("bases");
         let current_base = |key: &str| {
             std::fs::read_to_string(bases_dir.join(key).join("layer"))
@@ -137,6 +162,10 @@ impl VmManager {
                     let _ = std::fs::remove_file(entry.path());
                 }
             }
+        }
+        if unreadable {
+            tracing::warn!("not collecting snapshot layers while VM records cannot be read");
+            return;
         }
         if let Err(e) = store.gc() {
             tracing::warn!(error = %e, "snapshot garbage collection");
@@ -306,12 +335,12 @@ impl VmManager {
 impl VmManager {
     /// Drops the VM's references to layers other than its head: left by a
     /// suspend that was interrupted and rolled back.
-    fn release_stray_refs(&self, vm: &str, head: Option<&str>) {
+    fn release_stray_refs(&self, vm: &str, keep: &[Option<String>]) {
         let store = &self.inner.snapshots;
         let holder = crate::manager::suspend::holder(vm);
         let Ok(layers) = store.list() else { return };
         for layer in layers {
-            if Some(layer.id.as_str()) == head {
+            if keep.iter().flatten().any(|k| k == layer.id.as_str()) {
                 continue;
             }
             if store.refs(&layer.id).is_ok_and(|r| r.contains(&holder)) {

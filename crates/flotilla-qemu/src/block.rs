@@ -164,6 +164,9 @@ async fn run_mirror(
             "device": source,
             "target": node,
             "sync": "full",
+            // Once in sync, every guest write reaches both files before it
+            // completes: the target is current from then on.
+            "copy-mode": "write-blocking",
             "auto-dismiss": false,
         })),
     )

@@ -34,7 +34,7 @@ pub fn remove_capture_leftovers(dir: &Path) {
 /// Lets a VM paused for a capture run again. After a failed save QEMU may
 /// still be finishing the migration, which must be cancelled first, or
 /// `cont` is refused.
-async fn continue_after_capture(
+pub(crate) async fn continue_after_capture(
     qmp: &flotilla_qemu::QmpClient,
     save_failed: bool,
 ) -> AgentResult<()> {

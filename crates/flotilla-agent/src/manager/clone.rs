@@ -49,6 +49,7 @@ impl VmManager {
                 }
                 (VmState::Suspended, Some(head)) => {
                     let layer = self.inner.snapshots.get(&LayerId(head))?;
+                    super::layers::check_head_has_disks(&src.lock().record, &layer)?;
                     self.inner.snapshots.add_ref(&layer.id, &new_holder)?;
                     (layer, Duration::ZERO, None, tags)
                 }

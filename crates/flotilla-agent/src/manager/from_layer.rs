@@ -13,8 +13,8 @@ use flotilla_snapshot::{LayerId, LayerManifest};
 
 use super::create::{new_machine_id, INITRD, KERNEL, ROOT_DISK};
 use super::layers::{
-    label, LABEL_CMDLINE_EXTRA, LABEL_IMAGE, LABEL_MEMORY_MIB, LABEL_NICS, LABEL_VCPUS, PIN_INITRD,
-    PIN_KERNEL,
+    data_disk_order, label, LABEL_CMDLINE_EXTRA, LABEL_IMAGE, LABEL_MEMORY_MIB, LABEL_NICS,
+    LABEL_VCPUS, PIN_INITRD, PIN_KERNEL,
 };
 use super::suspend::{holder, replace_memory_image};
 use super::{VmEntry, VmManager};
@@ -86,13 +86,17 @@ impl VmManager {
             })?;
         let initrd = store.pinned_path(layer, PIN_INITRD);
         if let Some(missing) = initrd.as_ref().filter(|i| !i.exists()) {
-            return Err(AgentError::Snapshot(format!(
-                "snapshot layer {}: its pinned initramfs {} is missing",
-                layer.id,
-                missing.display()
-            )));
+            return Err(AgentError::conflict(
+                format!(
+                    "snapshot layer {}: its pinned initramfs {} is missing: it cannot start a new VM",
+                    layer.id,
+                    missing.display()
+                ),
+                None,
+            ));
         }
         let layer_disk = store.disk_path(&layer.id);
+        let data_disks = data_disk_order(store, layer)?;
         let entry = {
             let _admission = self.inner.admission.lock().await;
             self.check_name_free(from.name)?;
@@ -102,19 +106,19 @@ impl VmManager {
             let root = layer_disk
                 .iter()
                 .map(|disk| ("root".to_string(), dir.join(ROOT_DISK), disk.clone()));
-            let data = layer.extra_disks.keys().filter_map(|name| {
+            let data = data_disks.iter().filter_map(|name| {
                 let disk = store.extra_disk_path(&layer.id, name)?;
                 Some((name.clone(), dir.join(format!("disk-{name}.qcow2")), disk))
             });
             let disks = root
                 .chain(data)
                 .map(|(name, path, disk)| DiskRecord {
-                    name,
                     path,
                     format: "qcow2".into(),
                     size_mib: crate::disks::inspect(&disk).map(|(_, s)| s).unwrap_or(0),
+                    read_only: from.read_only_root && name == "root",
+                    name,
                     backing: Some(disk),
-                    read_only: from.read_only_root,
                 })
                 .collect();
             let record = VmRecord {

@@ -21,6 +21,8 @@ pub const LABEL_VCPUS: &str = "vcpus";
 pub const LABEL_MEMORY_MIB: &str = "memory_mib";
 pub const LABEL_NICS: &str = "nics";
 pub const LABEL_CMDLINE_EXTRA: &str = "cmdline_extra";
+/// The VM's data disks, comma-separated, in attachment order.
+pub const LABEL_DATA_DISKS: &str = "data_disks";
 /// Pinned-file roles.
 pub const PIN_KERNEL: &str = "kernel";
 pub const PIN_INITRD: &str = "initrd";
@@ -139,6 +141,15 @@ impl VmManager {
         if !record.cmdline_extra.is_empty() {
             labels.insert(LABEL_CMDLINE_EXTRA.into(), record.cmdline_extra.clone());
         }
+        // Data disks in the VM's order: QEMU attaches them to slots in that
+        // order, and the saved device state follows the slots.
+        let data: Vec<&str> = record
+            .disks
+            .iter()
+            .filter(|d| d.name != "root")
+            .map(|d| d.name.as_str())
+            .collect();
+        labels.insert(LABEL_DATA_DISKS.into(), data.join(","));
         labels
     }
 }
@@ -218,4 +229,57 @@ pub(crate) fn layer_disk(store: &SnapshotStore, layer: &LayerId, disk: &str) -> 
         "root" => store.disk_path(layer),
         name => store.extra_disk_path(layer, name),
     }
+}
+
+/// The layer's data disks in the VM's attachment order: from its label;
+/// a layer written before the label existed, with no data disk copies,
+/// has none. Refused when the layer lacks a listed disk's copy.
+pub(crate) fn data_disk_order(
+    store: &SnapshotStore,
+    layer: &LayerManifest,
+) -> AgentResult<Vec<String>> {
+    let names: Vec<String> = match layer.labels.get(LABEL_DATA_DISKS) {
+        Some(list) => list
+            .split(',')
+            .filter(|n| !n.is_empty())
+            .map(str::to_string)
+            .collect(),
+        None if layer.extra_disks.is_empty() => Vec::new(),
+        None => layer.extra_disks.keys().cloned().collect(),
+    };
+    for name in &names {
+        if store.extra_disk_path(&layer.id, name).is_none() {
+            return Err(AgentError::conflict(
+                format!(
+                    "snapshot layer {} has no copy of data disk {name:?}: it cannot start a new VM",
+                    layer.id
+                ),
+                Some("resume its VM and snapshot it again".into()),
+            ));
+        }
+    }
+    Ok(names)
+}
+
+/// A suspended VM's head can stand for the VM elsewhere (a clone, a named
+/// snapshot) only if it holds every data disk: an older agent left them
+/// in place instead.
+pub(crate) fn check_head_has_disks(record: &VmRecord, layer: &LayerManifest) -> AgentResult<()> {
+    let missing: Vec<&str> = record
+        .disks
+        .iter()
+        .filter(|d| d.name != "root" && !layer.extra_disks.contains_key(&d.name))
+        .map(|d| d.name.as_str())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(AgentError::conflict(
+        format!(
+            "VM {:?} was suspended without its data disks ({}) in its snapshot",
+            record.name,
+            missing.join(", ")
+        ),
+        Some("resume it, then clone or snapshot it again".into()),
+    ))
 }

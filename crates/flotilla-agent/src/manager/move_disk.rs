@@ -24,6 +24,13 @@ use crate::error::{AgentError, AgentResult};
 use crate::record::PendingMove;
 
 pub const DEFAULT_VOLUME: &str = "default";
+
+/// How a live move failed: undone (the VM is on its old disk), or with the
+/// outcome unknown (left recorded for the next agent start).
+enum MoveFailure {
+    Undo(AgentError),
+    Unknown(AgentError),
+}
 const MOVE_TIMEOUT: Duration = Duration::from_secs(1800);
 
 impl VmManager {
@@ -34,7 +41,7 @@ impl VmManager {
         entry: &VmEntry,
         qmp: &QmpClient,
         pending: &PendingMove,
-    ) -> AgentResult<()> {
+    ) -> Result<(), MoveFailure> {
         let name = entry.lock().record.name.clone();
         let mut last_logged = Instant::now();
         let mirrored = mirror_to_file(
@@ -56,18 +63,24 @@ impl VmManager {
             },
         )
         .await;
-        match mirrored {
-            Ok(()) => self.finish_move(entry, pending, true),
-            Err(e) => {
-                let on_target = device_file(qmp, "disk-root")
-                    .await
-                    .is_ok_and(|f| Path::new(&f) == pending.to);
-                if on_target {
-                    tracing::warn!(vm = %name, error = %e, "the move reported an error after switching over; keeping the new disk");
-                    self.finish_move(entry, pending, true)
-                } else {
-                    Err(AgentError::Snapshot(format!("moving the root disk: {e}")))
-                }
+        let Err(e) = mirrored else {
+            return self
+                .finish_move(entry, pending, true)
+                .map_err(MoveFailure::Undo);
+        };
+        let failed = AgentError::Snapshot(format!("moving the root disk: {e}"));
+        match device_file(qmp, "disk-root").await {
+            Ok(file) if Path::new(&file) == pending.to => {
+                tracing::warn!(vm = %name, error = %e, "the move reported an error after switching over; keeping the new disk");
+                self.finish_move(entry, pending, true)
+                    .map_err(MoveFailure::Undo)
+            }
+            Ok(_) => Err(MoveFailure::Undo(failed)),
+            // Which file QEMU uses is unknown: both stay, with the record of
+            // the move, for the next agent start to settle.
+            Err(query) => {
+                tracing::error!(vm = %name, error = %query, "cannot tell which disk QEMU uses after a failed move");
+                Err(MoveFailure::Unknown(failed))
             }
         }
     }
@@ -145,6 +158,23 @@ impl VmManager {
         std::fs::create_dir_all(&dir).map_err(|e| AgentError::io("creating the volume", e))?;
         let suffix: u32 = rand::random();
         let target = dir.join(format!("{name}-{}-root-{suffix:08x}.qcow2", record.id));
+        if record.state == VmState::Running && qmp.is_none() {
+            return Err(AgentError::conflict(
+                format!("VM {name:?} has no QMP connection to its QEMU"),
+                Some("stop and start it, then try again".into()),
+            ));
+        }
+        if !matches!(
+            record.state,
+            VmState::Running | VmState::Stopped | VmState::Crashed
+        ) {
+            let state = record.state;
+            return Err(AgentError::conflict(
+                format!("VM {name:?} is {state}: its disk can move while it runs or is stopped"),
+                (state == VmState::Suspended)
+                    .then(|| format!("resume it first (`flotilla vm resume {name}`)")),
+            ));
+        }
         let pending = PendingMove {
             from: root.path.clone(),
             from_backing: root.backing.clone(),
@@ -171,7 +201,11 @@ impl VmManager {
                 })
                 .await;
                 match made {
-                    Ok(()) => self.mirror_live(&entry, &qmp, &pending).await,
+                    Ok(()) => match self.mirror_live(&entry, &qmp, &pending).await {
+                        Ok(()) => Ok(()),
+                        Err(MoveFailure::Undo(e)) => Err(e),
+                        Err(MoveFailure::Unknown(e)) => return Err(e),
+                    },
                     Err(e) => Err(e),
                 }
             }

@@ -61,6 +61,8 @@ impl VmManager {
             }
             (VmState::Suspended, Some(head)) => {
                 let id = LayerId(head);
+                let layer = self.inner.snapshots.get(&id)?;
+                super::layers::check_head_has_disks(&entry.lock().record, &layer)?;
                 self.inner.snapshots.add_ref(&id, &name_holder(name))?;
                 (self.inner.snapshots.get(&id)?, None)
             }

@@ -159,7 +159,10 @@ impl VmManager {
             // another VM's layers cannot take it.
             let layer = store_layer(&store, &capture, &vm_holder)?;
             // The new image is the next suspend's parent.
-            replace_memory_image(&capture.memory, &layer.id)?;
+            if let Err(e) = replace_memory_image(&capture.memory, &layer.id) {
+                let _ = store.remove_ref(&layer.id, &vm_holder);
+                return Err(e);
+            }
             Ok(layer)
         })
         .await;
@@ -171,7 +174,9 @@ impl VmManager {
     }
 
     async fn roll_back_suspend(&self, entry: &VmEntry, record: &VmRecord, qmp: &QmpClient) {
-        let _ = qmp.cont().await;
+        if let Err(e) = super::capture::continue_after_capture(qmp, true).await {
+            tracing::error!(vm = %record.name, error = %e, "rollback");
+        }
         for id in nic_ids(record) {
             let _ = set_link(qmp, &id, true).await;
         }
@@ -325,7 +330,9 @@ impl VmManager {
         // loaded while the chain is verified, and the VM runs only once it
         // checks out; otherwise the image is rebuilt from the chain (verified
         // as it goes) while QEMU starts.
-        let reuse = memory_image_layer(&dir).as_deref() == Some(head.as_str());
+        let head_size = store.get(&head)?.memory_size;
+        let reuse = memory_image_layer(&dir).as_deref() == Some(head.as_str())
+            && std::fs::metadata(&memory).is_ok_and(|m| m.len() == head_size);
         if reuse {
             // The image is there: QEMU loads it as it starts.
             load_at_start(&mut config, &memory);
@@ -411,6 +418,11 @@ impl VmManager {
             Ok(guest) => Ok((process, qmp, backings, guest)),
             Err(e) => {
                 let _ = process.kill().await;
+                if reuse {
+                    // Not trusted any more: the next resume rebuilds the
+                    // image from the chain.
+                    let _ = std::fs::remove_file(dir.join(MEMORY_IMAGE_LAYER));
+                }
                 Err(e)
             }
         }
@@ -482,6 +494,11 @@ pub(crate) fn replace_memory_image(new: &Path, layer: &LayerId) -> AgentResult<(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(AgentError::io("updating the memory image", e)),
     }
+    // On disk before the marker says what it is, so a crash never leaves a
+    // marker naming a short or empty image.
+    std::fs::File::open(new)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| AgentError::io("syncing the memory image", e))?;
     std::fs::rename(new, dir.join(MEMORY_IMAGE))
         .map_err(|e| AgentError::io("placing the memory image", e))?;
     crate::fsutil::write_atomic(&marker, layer.0.as_bytes())
