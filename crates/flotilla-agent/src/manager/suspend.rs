@@ -366,6 +366,10 @@ impl VmManager {
                 if let Some(handle) = check.take() {
                     let _ = join_check(handle).await;
                 }
+                if reuse {
+                    // QEMU may have died loading the image it was given.
+                    let _ = std::fs::remove_file(dir.join(MEMORY_IMAGE_LAYER));
+                }
                 return Err(e);
             }
         };
