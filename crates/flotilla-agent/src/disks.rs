@@ -121,15 +121,7 @@ pub fn convert_flat(src: &Path, dst: &Path) -> Result<(), DiskError> {
 
 /// Creates an empty qcow2 disk of `size_mib`.
 pub fn create_blank(path: &Path, size_mib: u64) -> Result<(), DiskError> {
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        &path.to_string_lossy(),
-        &format!("{size_mib}M"),
-    ])?;
-    Ok(())
+    create_blank_bytes(path, size_mib << 20)
 }
 
 #[cfg(test)]

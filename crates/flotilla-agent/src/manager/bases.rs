@@ -23,6 +23,11 @@ use crate::record::VmRecord;
 pub const BASE_VM_PREFIX: &str = "flotilla-base-";
 const LAYER_FILE: &str = "layer";
 
+/// The holder under which a base snapshot is kept.
+fn base_holder(key: &str) -> String {
+    format!("base:{key}")
+}
+
 /// The VM shape a base snapshot is made for.
 pub(crate) struct BaseShape<'a> {
     pub kernel: &'a Path,
@@ -140,7 +145,7 @@ impl VmManager {
             if !stale(store.get(&id).ok().as_ref()) {
                 continue;
             }
-            if let Err(e) = store.remove_ref(&id, &format!("base:{key}")) {
+            if let Err(e) = store.remove_ref(&id, &base_holder(&key)) {
                 tracing::warn!(key = %key, error = %e, "releasing a base snapshot");
             }
             let _ = std::fs::remove_dir_all(entry.path());
@@ -197,7 +202,7 @@ impl VmManager {
             Box::pin(self.create_unchecked(req)).await?;
             let entry = self.entry(&name)?;
             let _op = entry.op_lock.lock().await;
-            self.capture_live(&entry, "base", &format!("base:{key}"), Some(&memory_tmp))
+            self.capture_live(&entry, "base", &base_holder(&key), Some(&memory_tmp))
                 .await
         }
         .await;

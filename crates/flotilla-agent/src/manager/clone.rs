@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use flotilla_api::{CloneDisk, CloneResult, CloneVmRequest, VmState};
 use flotilla_snapshot::LayerId;
 
-use super::from_layer::{check_not_reserved, FromLayer, STAGING_PREFIX};
+use super::from_layer::{check_not_reserved, FromLayer};
 use super::suspend::holder;
 use super::VmManager;
 use crate::error::{AgentError, AgentResult};
@@ -24,11 +24,7 @@ impl VmManager {
         let src = self.entry(source)?;
         let _name = self.reserve_vm_name(&req.name)?;
         let new_holder = holder(&req.name);
-        let staging = self
-            .inner
-            .config
-            .vms_dir()
-            .join(format!("{STAGING_PREFIX}{:016x}", rand::random::<u64>()));
+        let staging = self.staging_memory_path();
         let (layer, pause, memory, tags) = {
             let _op = src.op_lock.lock().await;
             let (state, head, tags) = {

@@ -25,6 +25,16 @@ use crate::record::{now_rfc3339, DiskRecord, VmRecord, CREATING_PREFIX, RECORD_F
 /// Memory images on their way into a new VM's directory, in `vms/`.
 pub const STAGING_PREFIX: &str = ".staging-memory-";
 
+impl VmManager {
+    /// A fresh path in `vms/` for a memory image on its way into a new VM.
+    pub(crate) fn staging_memory_path(&self) -> std::path::PathBuf {
+        self.inner
+            .config
+            .vms_dir()
+            .join(format!("{STAGING_PREFIX}{:016x}", rand::random::<u64>()))
+    }
+}
+
 /// Names starting with the base VMs' prefix are the agent's.
 pub(crate) fn check_not_reserved(name: &str) -> AgentResult<()> {
     if name.starts_with(super::bases::BASE_VM_PREFIX) {

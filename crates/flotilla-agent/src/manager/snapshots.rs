@@ -2,6 +2,8 @@
 //! (refused while anything depends on the snapshot), and starting a VM
 //! from one.
 
+use std::collections::HashMap;
+
 use flotilla_api::{SnapshotCreated, SnapshotInfo, SnapshotKind, VmInfo, VmState};
 use flotilla_image::DEFAULT_IMAGE;
 use flotilla_snapshot::{LayerId, LayerManifest};
@@ -19,6 +21,30 @@ use crate::spec::VmSpec;
 const NAME_HOLDER_PREFIX: &str = "snapshot:";
 /// `from_snapshot` value for the image's base snapshot.
 pub const FROM_BASE: &str = "base";
+
+/// Where a layer stands in its chain.
+struct Lineage {
+    /// Layers from the root to this one; 0 when an ancestor is missing.
+    chain_length: usize,
+    children: Vec<String>,
+}
+
+/// Follows parents from `id` to the root; 0 if one is missing or they loop.
+fn chain_length(parents: &HashMap<&str, Option<&str>>, id: &str) -> usize {
+    let mut length = 0;
+    let mut at = Some(id);
+    while let Some(layer) = at {
+        let Some(parent) = parents.get(layer) else {
+            return 0;
+        };
+        length += 1;
+        if length > parents.len() {
+            return 0;
+        }
+        at = *parent;
+    }
+    length
+}
 
 fn name_holder(name: &str) -> String {
     format!("{NAME_HOLDER_PREFIX}{name}")
@@ -77,25 +103,59 @@ impl VmManager {
         };
         tracing::info!(vm, name, layer = %layer.id, pause_ms, "snapshot taken");
         Ok(SnapshotCreated {
-            snapshot: self.snapshot_info(&layer)?,
+            snapshot: self.layer_info(&layer)?,
             pause_ms,
         })
     }
 
     /// Every stored layer, oldest first.
     pub fn snapshot_list(&self) -> AgentResult<Vec<SnapshotInfo>> {
-        self.inner
-            .snapshots
-            .list()?
+        let layers = self.inner.snapshots.list()?;
+        // Chains and children from the one listing, not a walk of the
+        // store per layer.
+        let parents: HashMap<&str, Option<&str>> = layers
             .iter()
-            .map(|l| self.snapshot_info(l))
+            .map(|l| (l.id.as_str(), l.parent.as_ref().map(LayerId::as_str)))
+            .collect();
+        let mut children: HashMap<&str, Vec<String>> = HashMap::new();
+        for layer in &layers {
+            if let Some(parent) = &layer.parent {
+                children
+                    .entry(parent.as_str())
+                    .or_default()
+                    .push(layer.id.0.clone());
+            }
+        }
+        layers
+            .iter()
+            .map(|layer| {
+                let lineage = Lineage {
+                    chain_length: chain_length(&parents, layer.id.as_str()),
+                    children: children.remove(layer.id.as_str()).unwrap_or_default(),
+                };
+                self.snapshot_info(layer, lineage)
+            })
             .collect()
     }
 
     /// A snapshot by name or layer id.
     pub fn snapshot_get(&self, name_or_id: &str) -> AgentResult<SnapshotInfo> {
         let layer = self.resolve_snapshot(name_or_id)?;
-        self.snapshot_info(&layer)
+        self.layer_info(&layer)
+    }
+
+    /// One layer's info, its chain and children read from the store.
+    fn layer_info(&self, layer: &LayerManifest) -> AgentResult<SnapshotInfo> {
+        let store = &self.inner.snapshots;
+        let lineage = Lineage {
+            chain_length: store.chain(&layer.id).map_or(0, |c| c.len()),
+            children: store
+                .children(&layer.id)?
+                .into_iter()
+                .map(|c| c.0)
+                .collect(),
+        };
+        self.snapshot_info(layer, lineage)
     }
 
     /// Removes a snapshot (by name: that name; by id: the layer and its
@@ -175,7 +235,7 @@ impl VmManager {
         Ok(None)
     }
 
-    fn snapshot_info(&self, layer: &LayerManifest) -> AgentResult<SnapshotInfo> {
+    fn snapshot_info(&self, layer: &LayerManifest, lineage: Lineage) -> AgentResult<SnapshotInfo> {
         let store = &self.inner.snapshots;
         let used_by = store.refs(&layer.id)?;
         let kind = match layer.labels.get(LABEL_KIND).map(String::as_str) {
@@ -203,12 +263,8 @@ impl VmManager {
             memory_mib: label(layer, LABEL_MEMORY_MIB).ok(),
             stored_bytes: layer.stored_bytes,
             disk_bytes,
-            chain_length: store.chain(&layer.id).map_or(0, |c| c.len()),
-            children: store
-                .children(&layer.id)?
-                .into_iter()
-                .map(|c| c.0)
-                .collect(),
+            chain_length: lineage.chain_length,
+            children: lineage.children,
             used_by,
             labels: layer.labels.clone(),
         })
@@ -222,11 +278,7 @@ impl VmManager {
         from: &str,
     ) -> AgentResult<VmInfo> {
         let _name = self.reserve_vm_name(&spec.name)?;
-        let staging = self.inner.config.vms_dir().join(format!(
-            "{}{:016x}",
-            super::from_layer::STAGING_PREFIX,
-            rand::random::<u64>()
-        ));
+        let staging = self.staging_memory_path();
         let layer = if from == FROM_BASE {
             let image_name = spec
                 .image
@@ -331,7 +383,7 @@ impl VmManager {
             cmdline_extra: "",
         };
         let layer = self.ensure_base(image, &shape).await?;
-        self.snapshot_info(&layer)
+        self.layer_info(&layer)
     }
 
     fn base_memory(&self, layer: &LayerManifest) -> Option<std::path::PathBuf> {
@@ -343,5 +395,28 @@ impl VmManager {
             }
         }
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_lengths_follow_parents_and_give_up_on_gaps_and_loops() {
+        let parents: HashMap<&str, Option<&str>> = [
+            ("a", None),
+            ("b", Some("a")),
+            ("c", Some("b")),
+            ("orphan", Some("gone")),
+            ("x", Some("y")),
+            ("y", Some("x")),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(chain_length(&parents, "a"), 1);
+        assert_eq!(chain_length(&parents, "c"), 3);
+        assert_eq!(chain_length(&parents, "orphan"), 0);
+        assert_eq!(chain_length(&parents, "x"), 0);
     }
 }
