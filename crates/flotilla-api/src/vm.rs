@@ -220,7 +220,8 @@ pub struct VmInfo {
     pub guest_ready: bool,
     /// Guest uptime when its agent became ready (the guest's boot time).
     pub guest_boot_ms: Option<u64>,
-    /// From the start request to the guest agent's first answer, seen by the host.
+    /// From the last start or resume request to the guest agent's first
+    /// answer, seen by the host.
     pub ready_ms: Option<u64>,
     /// Why the VM last failed or crashed.
     pub last_error: Option<String>,

@@ -40,7 +40,18 @@ pub(crate) trait Backend: fmt::Debug + Send + Sync {
 
     /// Removes a layer; returns the bytes of storage freed.
     fn delete(&self, id: &LayerId) -> Result<u64, SnapshotError>;
+
+    /// What the layer's stored files are right now, such that any write,
+    /// truncation or replacement of one of them changes it; `None` when the
+    /// backend cannot tell (every check then reads everything).
+    fn stamp(&self, id: &LayerId) -> Option<LayerStamp>;
 }
+
+/// See [`Backend::stamp`]. For a local directory: name, inode, size, and
+/// modification and change times of each file (the change time cannot be
+/// set back from user space).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct LayerStamp(pub Vec<(String, [i64; 6])>);
 
 /// A layer being written. Dropping it without `commit` discards it (and
 /// gives back a disk file it had taken).

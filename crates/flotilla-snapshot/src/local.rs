@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 
-use crate::backend::{Backend, LayerData, Staging};
+use crate::backend::{Backend, LayerData, LayerStamp, Staging};
 use crate::error::{IoContext, SnapshotError};
 use crate::fsutil::{allocated_bytes, copy_file_hashing, fsync_path, hash_file, IO_BUF};
 use crate::id::LayerId;
@@ -186,6 +186,26 @@ impl Backend for LocalDir {
             Err(e) => return Err(SnapshotError::io("remove", trash, e)),
         }
         Ok(bytes)
+    }
+
+    fn stamp(&self, id: &LayerId) -> Option<LayerStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let mut files = Vec::new();
+        for entry in fs::read_dir(self.dir(id)).ok()? {
+            let entry = entry.ok()?;
+            let m = entry.metadata().ok()?;
+            let identity = [
+                m.ino() as i64,
+                m.size() as i64,
+                m.mtime(),
+                m.mtime_nsec(),
+                m.ctime(),
+                m.ctime_nsec(),
+            ];
+            files.push((entry.file_name().to_string_lossy().into_owned(), identity));
+        }
+        files.sort();
+        Some(LayerStamp(files))
     }
 }
 

@@ -4,10 +4,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, LayerStamp};
 use crate::diff::write_diff;
 use crate::error::{IoContext, SnapshotError};
 use crate::fsutil::hash_file;
@@ -33,6 +34,10 @@ pub struct SnapshotStore {
     root: PathBuf,
     backend: Arc<dyn Backend>,
     refs: Refs,
+    /// Layers [`verify`](Self::verify) read in full, with their files'
+    /// stamps at the time: unchanged since, they are not read again, so a
+    /// resume after many suspends checks only the new layers.
+    verified: Arc<Mutex<HashMap<LayerId, LayerStamp>>>,
 }
 
 /// A request to store a layer.
@@ -102,6 +107,7 @@ impl SnapshotStore {
             root: root.to_path_buf(),
             backend: Arc::new(LocalDir::open(root.join("layers"))?),
             refs: Refs::open(root.join("refs"))?,
+            verified: Arc::default(),
         };
         {
             // Under the lock, every work directory in use is already locked
@@ -317,28 +323,48 @@ impl SnapshotStore {
     }
 
     /// Checks the whole chain of `id`: manifests, page data and disk files
-    /// against their checksums.
+    /// against their checksums. A layer this store already checked is read
+    /// again only if one of its files changed since (see [`Backend::stamp`]).
     pub fn verify(&self, id: &LayerId) -> Result<(), SnapshotError> {
         for layer in self.chain(id)? {
-            for_each_verified_extent(self.backend.as_ref(), &layer, |_, _| Ok(()))?;
-            for disk in layer.disk.iter().chain(layer.extra_disks.values()) {
-                let file = &disk.file;
-                let path = self.backend.disk_path(&layer.id, file).ok_or_else(|| {
-                    SnapshotError::corrupt(&layer.id, format!("{file} is missing"))
-                })?;
-                let (size, sha256) = hash_file(&path)?;
-                if size != disk.size {
-                    return Err(SnapshotError::corrupt(
-                        &layer.id,
-                        format!("{file} is {size} bytes, the manifest records {}", disk.size),
-                    ));
-                }
-                if sha256 != disk.sha256 {
-                    return Err(SnapshotError::corrupt(
-                        &layer.id,
-                        format!("{file} fails its checksum"),
-                    ));
-                }
+            // Taken before reading: a change made while we read shows next time.
+            let stamp = self.backend.stamp(&layer.id);
+            let known = self.verified_stamps().get(&layer.id).cloned();
+            if stamp.is_some() && known == stamp {
+                continue;
+            }
+            self.verify_layer(&layer)?;
+            if let Some(stamp) = stamp {
+                self.verified_stamps().insert(layer.id.clone(), stamp);
+            }
+        }
+        Ok(())
+    }
+
+    fn verified_stamps(&self) -> std::sync::MutexGuard<'_, HashMap<LayerId, LayerStamp>> {
+        // The map holds no invariant a panicking holder could break.
+        self.verified.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn verify_layer(&self, layer: &LayerManifest) -> Result<(), SnapshotError> {
+        for_each_verified_extent(self.backend.as_ref(), layer, |_, _| Ok(()))?;
+        for disk in layer.disk.iter().chain(layer.extra_disks.values()) {
+            let file = &disk.file;
+            let path = self.backend.disk_path(&layer.id, file).ok_or_else(|| {
+                SnapshotError::corrupt(&layer.id, format!("{file} is missing"))
+            })?;
+            let (size, sha256) = hash_file(&path)?;
+            if size != disk.size {
+                return Err(SnapshotError::corrupt(
+                    &layer.id,
+                    format!("{file} is {size} bytes, the manifest records {}", disk.size),
+                ));
+            }
+            if sha256 != disk.sha256 {
+                return Err(SnapshotError::corrupt(
+                    &layer.id,
+                    format!("{file} fails its checksum"),
+                ));
             }
         }
         Ok(())
@@ -488,6 +514,7 @@ impl SnapshotStore {
         }
         self.refs.clear(id)?;
         let freed = self.backend.delete(id)?;
+        self.verified_stamps().remove(id);
         tracing::info!(id = %id, bytes_freed = freed, "removed snapshot layer");
         Ok(())
     }
@@ -507,6 +534,7 @@ impl SnapshotStore {
         for id in removal_order(&links, &held)? {
             self.refs.clear(&id)?;
             report.bytes_freed += self.backend.delete(&id)?;
+            self.verified_stamps().remove(&id);
             report.removed.push(id);
         }
         report.bytes_freed += self.gc_pinned()?;

@@ -252,8 +252,10 @@ impl VmManager {
                             disk.backing = Some(b);
                         }
                     }
+                    r.ready_ms = None;
                     if guest.is_some() {
                         r.identity_pending = false;
+                        r.ready_ms = Some(started.elapsed().as_millis() as u64);
                     }
                 })?;
                 match guest {
@@ -262,7 +264,7 @@ impl VmManager {
                         entry.lock().runtime.guest = Some(client);
                         entry.readiness.set(Readiness::Ready);
                     }
-                    None => self.spawn_readiness_with_clock(entry.clone(), generation),
+                    None => self.spawn_readiness_with_clock(entry.clone(), generation, started),
                 }
             }
             Err(e) => {
@@ -434,8 +436,8 @@ impl VmManager {
 
     /// Readiness, then the guest's clock set to the host's: after a resume
     /// it still shows the moment of the suspend.
-    fn spawn_readiness_with_clock(&self, entry: Arc<VmEntry>, generation: u64) {
-        self.spawn_readiness(entry.clone(), generation, None);
+    fn spawn_readiness_with_clock(&self, entry: Arc<VmEntry>, generation: u64, since: Instant) {
+        self.spawn_readiness(entry.clone(), generation, Some(since));
         tokio::spawn(async move {
             let mut rx = entry.readiness.subscribe();
             if rx.wait_for(|r| *r != Readiness::Waiting).await.is_err() {

@@ -174,3 +174,27 @@ fn a_missing_parent_breaks_the_chain_by_name() {
         "{err:?}"
     );
 }
+
+#[test]
+fn damage_after_a_successful_check_is_still_caught() {
+    let fx = Fixture::new();
+    let (ids, _) = chain(&fx);
+    fx.store.verify(&ids[2]).unwrap();
+    // Checked layers are not read again while unchanged...
+    fx.store.verify(&ids[2]).unwrap();
+    // ...but a change is seen, even one that keeps the size and puts the
+    // modification time back.
+    let data = fx.layer_dir(&ids[0]).join("memory.data");
+    let mtime = fs::metadata(&data).unwrap().modified().unwrap();
+    flip_byte(&data, 3 * P + 5);
+    OpenOptions::new()
+        .write(true)
+        .open(&data)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    assert_corrupt(fx.store.verify(&ids[2]).unwrap_err(), &ids[0]);
+    // A layer put back as it was is accepted again.
+    flip_byte(&data, 3 * P + 5);
+    fx.store.verify(&ids[2]).unwrap();
+}
