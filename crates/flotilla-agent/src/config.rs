@@ -26,6 +26,8 @@ pub struct AgentConfig {
     pub ready_timeout: Duration,
     /// Default grace period of a graceful stop before QEMU is killed.
     pub stop_timeout: Duration,
+    /// The control plane to heartbeat to, if any.
+    pub control: Option<crate::control_link::ControlLink>,
 }
 
 impl AgentConfig {
@@ -41,6 +43,7 @@ impl AgentConfig {
             capacity: default_capacity(),
             ready_timeout: Duration::from_secs(120),
             stop_timeout: Duration::from_secs(10),
+            control: None,
         }
     }
 

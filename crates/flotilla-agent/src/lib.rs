@@ -11,6 +11,7 @@
 pub mod adopt;
 pub mod capacity;
 pub mod config;
+pub mod control_link;
 pub mod disks;
 pub mod error;
 pub mod fsutil;

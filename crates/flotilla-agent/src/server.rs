@@ -151,6 +151,10 @@ pub async fn run_agent(
         local_addr: listener.local_addr()?,
     };
     tracing::info!(addr = %handle.local_addr, data_dir = %config.data_dir.display(), "agent serving");
+    let heartbeats = config.control.clone().map(|link| {
+        tracing::info!(control = %link.url, host = %link.host_name, "heartbeating to the control plane");
+        tokio::spawn(crate::control_link::heartbeat_loop(manager.clone(), link))
+    });
     on_ready(&handle);
 
     // Requests in flight get a short grace period after the shutdown signal;
@@ -176,6 +180,9 @@ pub async fn run_agent(
         _ = signal => {}
     }
 
+    if let Some(h) = heartbeats {
+        h.abort();
+    }
     if on_exit == OnExit::StopVms {
         stop_everything(&manager).await;
         if let Err(e) = network::delete_bridge(&config.bridge) {

@@ -8,6 +8,10 @@ use utoipa::ToSchema;
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     InvalidArgument,
+    /// No token, or a token nobody issued.
+    Unauthenticated,
+    /// A valid token without the right (e.g. a tenant token on admin paths).
+    PermissionDenied,
     NotFound,
     AlreadyExists,
     Conflict,
@@ -22,6 +26,8 @@ impl ErrorCode {
     pub fn http_status(self) -> u16 {
         match self {
             ErrorCode::InvalidArgument => 400,
+            ErrorCode::Unauthenticated => 401,
+            ErrorCode::PermissionDenied => 403,
             ErrorCode::NotFound => 404,
             ErrorCode::AlreadyExists | ErrorCode::Conflict => 409,
             ErrorCode::InsufficientCapacity => 409,

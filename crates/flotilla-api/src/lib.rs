@@ -5,6 +5,7 @@
 //! an exec request and an error. It has no logic beyond defaults and
 //! validation of field syntax, so every front end can share it.
 
+pub mod control;
 pub mod error;
 pub mod exec;
 pub mod fleet;

@@ -36,6 +36,9 @@ pub enum Command {
     /// Run the host agent daemon. VMs keep running when it exits and are
     /// re-adopted by the next agent on the same data directory.
     Agent(AgentArgs),
+    /// Run a control plane replica: tenants, hosts, instances, placement and
+    /// durable operations over SQLite or PostgreSQL.
+    Control(ControlArgs),
     /// Guest images.
     #[command(subcommand)]
     Image(ImageCommand),
@@ -80,6 +83,52 @@ pub struct AgentArgs {
     /// Seconds a start waits for the guest agent when asked to wait.
     #[arg(long, default_value_t = 120)]
     pub ready_timeout: u64,
+    /// A control plane to register with and heartbeat to, e.g. http://10.0.0.1:7700.
+    #[arg(long, env = "FLOTILLA_CONTROL_URL")]
+    pub control_plane: Option<String>,
+    /// An admin token of that control plane.
+    #[arg(long, env = "FLOTILLA_CONTROL_TOKEN", requires = "control_plane")]
+    pub control_token: Option<String>,
+    /// This host's name in the control plane's registry (default: the hostname).
+    #[arg(long, requires = "control_plane")]
+    pub host_name: Option<String>,
+    /// The URL the control plane reaches this agent at (default: http://<listen>).
+    #[arg(long, requires = "control_plane")]
+    pub advertise: Option<String>,
+    /// A placement label of this host, KEY=VALUE (repeat for more).
+    #[arg(long = "label", value_parser = parse_label, requires = "control_plane")]
+    pub labels: Vec<(String, String)>,
+    /// Seconds between heartbeats.
+    #[arg(long, default_value_t = 3, requires = "control_plane")]
+    pub heartbeat_interval: u64,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ControlArgs {
+    /// Address of the control plane's HTTP API.
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    pub listen: SocketAddr,
+    /// Where the SQLite store and the first admin token live.
+    #[arg(long, env = "FLOTILLA_CONTROL_DIR", default_value = "/var/lib/flotilla-control")]
+    pub data_dir: PathBuf,
+    /// The state store: sqlite://PATH (default: control.db in the data
+    /// directory) or postgres://USER:PASSWORD@HOST/DB for several replicas.
+    #[arg(long, env = "FLOTILLA_DATABASE_URL")]
+    pub database: Option<String>,
+    /// An admin token to accept (created if missing); otherwise the first
+    /// start writes a new one to <data-dir>/admin.token.
+    #[arg(long, env = "FLOTILLA_ADMIN_TOKEN")]
+    pub admin_token: Option<String>,
+    /// Seconds without a heartbeat before a host is marked down.
+    #[arg(long, default_value_t = 15)]
+    pub host_down_after: u64,
 }
 
 #[derive(Debug, Args)]

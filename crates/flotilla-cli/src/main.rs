@@ -37,7 +37,7 @@ fn main() -> ExitCode {
 
 fn init_tracing(cli: &Cli) {
     let default = match cli.command {
-        Command::Up(_) | Command::Agent(_) => "info",
+        Command::Up(_) | Command::Agent(_) | Command::Control(_) => "info",
         _ => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("FLOTILLA_LOG")

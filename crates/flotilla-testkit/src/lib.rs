@@ -11,11 +11,13 @@
 mod bare;
 mod host;
 pub mod netns;
+mod postgres;
 mod procs;
 
 pub use bare::{bare_qemu_command, BareQemu};
 pub use host::{HostOptions, TestHost};
 pub use netns::NetNs;
+pub use postgres::PgServer;
 pub use procs::{process_alive, qemu_pids_under};
 
 use std::path::PathBuf;

@@ -38,6 +38,29 @@ fn config_from(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
         memory_mib: args.capacity_memory.unwrap_or(d.memory_mib),
     };
     c.ready_timeout = Duration::from_secs(args.ready_timeout);
+    if let Some(url) = &args.control_plane {
+        let token = args
+            .control_token
+            .clone()
+            .context("--control-plane needs --control-token (an admin token of the control plane)")?;
+        let host_name = match &args.host_name {
+            Some(n) => n.clone(),
+            None => nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .context("reading the hostname (or give --host-name)")?,
+        };
+        c.control = Some(flotilla_agent::control_link::ControlLink {
+            url: url.clone(),
+            token,
+            host_name,
+            advertise: args
+                .advertise
+                .clone()
+                .unwrap_or_else(|| format!("http://{}", args.listen)),
+            labels: args.labels.iter().cloned().collect(),
+            interval: Duration::from_secs(args.heartbeat_interval.max(1)),
+        });
+    }
     Ok(c)
 }
 

@@ -1,6 +1,7 @@
 //! One module per verb group; each parses its arguments into API calls.
 
 mod agent;
+mod control;
 mod fleet;
 mod image;
 mod snapshot;
@@ -18,6 +19,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Up(args) => agent::up(args).await,
         Command::Agent(args) => agent::agent(args).await,
+        Command::Control(args) => control::control(args).await,
         Command::Image(cmd) => image::run(&cli.endpoint, cli.json, cmd).await,
         Command::Vm(cmd) => vm::run(&Client::new(&cli.endpoint)?, cli.json, cmd).await,
         Command::Fleet(cmd) => fleet::run(&Client::new(&cli.endpoint)?, cli.json, cmd).await,

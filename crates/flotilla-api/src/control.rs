@@ -1,0 +1,288 @@
+//! The control plane's resources: tenants, tokens, hosts, instances,
+//! placement policies and operations. Host agents speak the VM types of
+//! [`crate::vm`]; users of a fleet speak these.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::host::Resources;
+use crate::vm::VmState;
+
+/// A tenant: the owner of instances, policies and tokens.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Tenant {
+    pub id: String,
+    pub name: String,
+    /// RFC 3339.
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTenantRequest {
+    /// 1-63 characters of `[a-z0-9-]`, starting with a letter.
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTokenRequest {
+    /// The tenant the token acts for (by name); none for an admin token.
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// Admin tokens manage tenants, hosts and global policies.
+    #[serde(default)]
+    pub admin: bool,
+    /// A note for people: what the token is for.
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+/// A new token. The secret is shown here once and stored only as a hash.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TokenCreated {
+    pub id: String,
+    pub tenant: Option<String>,
+    pub admin: bool,
+    /// `Authorization: Bearer <token>`.
+    pub token: String,
+}
+
+/// What an agent sends every few seconds; the first one registers the host.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostHeartbeat {
+    /// Where the control plane reaches the agent's API, e.g. `http://10.0.0.5:7777`.
+    pub endpoint: String,
+    pub capacity: Resources,
+    /// Labels for placement: `area`, `zone`, `rack`, `hw-gen`, anything.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Every VM on the host with its state, for reconciliation.
+    #[serde(default)]
+    pub vms: Vec<ReportedVm>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ReportedVm {
+    pub name: String,
+    pub state: VmState,
+    #[serde(default)]
+    pub ip: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HostState {
+    /// Heartbeats arrive.
+    Up,
+    /// Heartbeats stopped: its instances are reported `unknown`, never dropped.
+    Down,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Host {
+    pub name: String,
+    pub endpoint: String,
+    pub state: HostState,
+    /// No new instances are placed on a cordoned host.
+    pub cordoned: bool,
+    pub capacity: Resources,
+    /// Held by the instances placed on the host.
+    pub allocated: Resources,
+    pub instances: u64,
+    pub labels: BTreeMap<String, String>,
+    /// RFC 3339.
+    pub last_heartbeat: String,
+    /// RFC 3339.
+    pub registered_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RunInstancesRequest {
+    /// The name; with `count` > 1, instances are named `<name>-<i>` (from 1).
+    pub name: String,
+    #[serde(default = "one")]
+    pub count: u32,
+    #[serde(default)]
+    pub image: Option<String>,
+    #[serde(default = "one")]
+    pub vcpus: u32,
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: u64,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// Placement rules for this request, on top of the tenant's.
+    #[serde(default)]
+    pub placement: Option<PlacementPolicy>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn default_memory_mib() -> u64 {
+    256
+}
+
+/// What the user asked an instance to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DesiredState {
+    Running,
+    Stopped,
+    Terminated,
+}
+
+/// What the instance was last seen as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ObservedState {
+    /// Placed, not created on its host yet.
+    Pending,
+    Starting,
+    Running,
+    Stopped,
+    Suspended,
+    /// Its host stopped sending heartbeats, or stopped reporting it.
+    Unknown,
+    Failed,
+    Terminated,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Instance {
+    pub id: String,
+    pub name: String,
+    pub tenant: String,
+    pub host: Option<String>,
+    pub desired: DesiredState,
+    pub observed: ObservedState,
+    pub image: Option<String>,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub ip: Option<String>,
+    pub tags: BTreeMap<String, String>,
+    /// The operation that last acted on it.
+    pub operation: Option<String>,
+    pub last_error: Option<String>,
+    /// RFC 3339.
+    pub created_at: String,
+    /// RFC 3339.
+    pub updated_at: String,
+}
+
+/// A page of a list; pass `next_page_token` as `page_token` for the next.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_page_token: Option<String>,
+}
+
+/// The answer to a run: the instances and the operation creating them.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RunInstancesResult {
+    pub operation: String,
+    pub instances: Vec<Instance>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OperationState {
+    Running,
+    Succeeded,
+    Failed,
+}
+
+/// A multi-step change, persisted step by step so that it resumes after a
+/// control plane restart.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Operation {
+    pub id: String,
+    pub tenant: Option<String>,
+    /// `run`, `terminate`, `start`, `stop`.
+    pub kind: String,
+    /// The instances it acts on.
+    pub targets: Vec<String>,
+    pub state: OperationState,
+    /// Steps done so far, in order, e.g. `place`, `create i-…`.
+    pub steps: Vec<String>,
+    pub error: Option<String>,
+    /// RFC 3339.
+    pub created_at: String,
+    /// RFC 3339.
+    pub updated_at: String,
+}
+
+/// Placement rules: filters (hard) then ranking (soft). Unknown fields are
+/// rejected with their path.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementPolicy {
+    /// Hosts must carry every one of these labels with these values.
+    #[serde(default)]
+    pub require_labels: BTreeMap<String, String>,
+    /// Hosts must not carry any of these label values.
+    #[serde(default)]
+    pub forbid_labels: BTreeMap<String, String>,
+    /// vCPUs placed per host vCPU (default 1.0; e.g. 4.0 to overcommit).
+    #[serde(default)]
+    pub cpu_overcommit: Option<f64>,
+    /// Memory placed per host MiB (default 1.0).
+    #[serde(default)]
+    pub memory_overcommit: Option<f64>,
+    /// At most this many of the tenant's instances carrying `group` tag
+    /// value per host (spread); hard.
+    #[serde(default)]
+    pub max_per_host: Option<u32>,
+    /// The tag whose value defines the group for `max_per_host` and
+    /// `spread` (default `group`).
+    #[serde(default)]
+    pub group_tag: Option<String>,
+    /// `spread` (fewest instances first) or `binpack` (fullest host first).
+    #[serde(default)]
+    pub strategy: Option<PlacementStrategy>,
+    /// Soft preferences: a host with the label value gains the weight.
+    #[serde(default)]
+    pub prefer_labels: Vec<LabelPreference>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PlacementStrategy {
+    Spread,
+    Binpack,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LabelPreference {
+    pub label: String,
+    pub value: String,
+    #[serde(default = "default_weight")]
+    pub weight: f64,
+}
+
+fn default_weight() -> f64 {
+    1.0
+}
+
+/// Why each host was taken or not, for one placement.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PlacementExplanation {
+    pub chosen: Option<String>,
+    pub hosts: Vec<HostVerdict>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HostVerdict {
+    pub host: String,
+    /// Why the host was filtered out; none if it passed.
+    pub rejected: Option<String>,
+    /// Its ranking score if it passed (higher is better).
+    pub score: Option<f64>,
+}

@@ -1,0 +1,27 @@
+//! `flotilla control`: run a control plane replica in this process.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use flotilla_control::{run_control, ControlConfig, ControlSettings};
+
+use crate::args::ControlArgs;
+
+pub async fn control(args: ControlArgs) -> anyhow::Result<ExitCode> {
+    let database = args.database.clone().unwrap_or_else(|| {
+        format!("sqlite://{}", args.data_dir.join("control.db").display())
+    });
+    let settings = ControlSettings {
+        host_down_after: Duration::from_secs(args.host_down_after.max(1)),
+        ..ControlSettings::default()
+    };
+    run_control(ControlConfig {
+        listen: args.listen,
+        database,
+        data_dir: args.data_dir,
+        admin_token: args.admin_token,
+        settings,
+    })
+    .await?;
+    Ok(ExitCode::SUCCESS)
+}

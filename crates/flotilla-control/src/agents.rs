@@ -1,0 +1,117 @@
+//! Calls to host agents' APIs. Every call the workflows make is idempotent
+//! on the agent's side or checked first, so a step can be repeated after a
+//! crash.
+
+use std::time::Duration;
+
+use flotilla_api::{CreateVmRequest, ErrorBody, VmInfo};
+use serde::de::DeserializeOwned;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentCallError {
+    #[error("host agent at {endpoint} unreachable: {reason}")]
+    Unreachable { endpoint: String, reason: String },
+    #[error("host agent answered {status}: {message}")]
+    Api {
+        status: u16,
+        code: Option<flotilla_api::ErrorCode>,
+        message: String,
+    },
+}
+
+impl AgentCallError {
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, AgentCallError::Api { status: 404, .. })
+    }
+
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, AgentCallError::Api { status: 409, .. })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentClient {
+    http: reqwest::Client,
+}
+
+impl Default for AgentClient {
+    fn default() -> Self {
+        AgentClient {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(180))
+                .connect_timeout(Duration::from_secs(5))
+                .build()
+                .unwrap_or_default(),
+        }
+    }
+}
+
+impl AgentClient {
+    async fn call<T: DeserializeOwned>(
+        &self,
+        endpoint: &str,
+        request: reqwest::RequestBuilder,
+    ) -> Result<T, AgentCallError> {
+        let unreachable = |e: reqwest::Error| AgentCallError::Unreachable {
+            endpoint: endpoint.to_string(),
+            reason: e.to_string(),
+        };
+        let response = request.send().await.map_err(unreachable)?;
+        let status = response.status().as_u16();
+        let bytes = response.bytes().await.map_err(unreachable)?;
+        if (200..300).contains(&status) {
+            return serde_json::from_slice(&bytes).map_err(|e| AgentCallError::Api {
+                status,
+                code: None,
+                message: format!("unreadable answer: {e}"),
+            });
+        }
+        let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(body) => (Some(body.error.code), body.error.message),
+            Err(_) => (None, String::from_utf8_lossy(&bytes).into_owned()),
+        };
+        Err(AgentCallError::Api {
+            status,
+            code,
+            message,
+        })
+    }
+
+    pub async fn create_vm(
+        &self,
+        endpoint: &str,
+        request: &CreateVmRequest,
+    ) -> Result<VmInfo, AgentCallError> {
+        let url = format!("{endpoint}/v1/vms");
+        self.call(endpoint, self.http.post(url).json(request)).await
+    }
+
+    pub async fn vm(&self, endpoint: &str, name: &str) -> Result<VmInfo, AgentCallError> {
+        let url = format!("{endpoint}/v1/vms/{name}");
+        self.call(endpoint, self.http.get(url)).await
+    }
+
+    /// Removes the VM, stopping it first; a VM already gone is fine.
+    pub async fn delete_vm(&self, endpoint: &str, name: &str) -> Result<(), AgentCallError> {
+        let url = format!("{endpoint}/v1/vms/{name}?force=true");
+        match self
+            .call::<serde_json::Value>(endpoint, self.http.delete(url))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn start_vm(&self, endpoint: &str, name: &str) -> Result<VmInfo, AgentCallError> {
+        let url = format!("{endpoint}/v1/vms/{name}/start");
+        self.call(endpoint, self.http.post(url)).await
+    }
+
+    pub async fn stop_vm(&self, endpoint: &str, name: &str) -> Result<VmInfo, AgentCallError> {
+        let url = format!("{endpoint}/v1/vms/{name}/stop");
+        self.call(endpoint, self.http.post(url).json(&serde_json::json!({})))
+            .await
+    }
+}

@@ -1,0 +1,77 @@
+//! Store rows to API resources.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use flotilla_api::control::{Host, HostState, Instance, Operation, Tenant};
+use flotilla_api::Resources;
+
+use crate::store::{HostRow, InstanceRow, OperationRow, TenantRow};
+
+/// Milliseconds since the epoch as RFC 3339 (UTC, milliseconds).
+pub fn rfc3339(ms: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+pub fn tenant(t: TenantRow) -> Tenant {
+    Tenant {
+        id: t.id,
+        name: t.name,
+        created_at: rfc3339(t.created_at),
+    }
+}
+
+pub fn host(h: HostRow) -> Host {
+    Host {
+        state: if h.down { HostState::Down } else { HostState::Up },
+        cordoned: h.cordoned,
+        capacity: Resources {
+            vcpus: h.vcpus,
+            memory_mib: h.memory_mib,
+        },
+        allocated: Resources {
+            vcpus: h.used_vcpus as u32,
+            memory_mib: h.used_memory_mib,
+        },
+        instances: h.instances,
+        labels: h.labels,
+        last_heartbeat: rfc3339(h.last_heartbeat),
+        registered_at: rfc3339(h.registered_at),
+        name: h.name,
+        endpoint: h.endpoint,
+    }
+}
+
+pub fn instance(i: InstanceRow) -> Instance {
+    Instance {
+        id: i.id,
+        name: i.name,
+        tenant: i.tenant_id,
+        host: i.host,
+        desired: i.desired,
+        observed: i.observed,
+        image: i.image,
+        vcpus: i.vcpus,
+        memory_mib: i.memory_mib,
+        ip: i.ip,
+        tags: i.tags,
+        operation: i.operation,
+        last_error: i.last_error,
+        created_at: rfc3339(i.created_at),
+        updated_at: rfc3339(i.updated_at),
+    }
+}
+
+pub fn operation(o: OperationRow) -> Operation {
+    Operation {
+        id: o.id,
+        tenant: o.tenant_id,
+        kind: o.kind,
+        targets: o.targets,
+        state: o.state,
+        steps: o.steps,
+        error: o.error,
+        created_at: rfc3339(o.created_at),
+        updated_at: rfc3339(o.updated_at),
+    }
+}

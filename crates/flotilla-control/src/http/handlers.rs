@@ -1,0 +1,331 @@
+//! One handler per route: parse, authenticate, call the control plane.
+
+use std::collections::BTreeMap;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use flotilla_api::control::{
+    CreateTenantRequest, CreateTokenRequest, Host, HostHeartbeat, Instance, ObservedState,
+    Operation, Page, PlacementExplanation, RunInstancesRequest, RunInstancesResult, Tenant,
+    TokenCreated,
+};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use utoipa::OpenApi;
+
+use super::{convert, ApiError};
+use crate::auth::Caller;
+use crate::error::ControlError;
+use crate::service::ControlPlane;
+use crate::store::InstanceFilter;
+use crate::workflows::OperationInput;
+
+type ApiResult<T> = Result<T, ApiError>;
+
+fn body<T>(b: Result<Json<T>, JsonRejection>) -> ApiResult<T> {
+    Ok(b?.0)
+}
+
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> ApiResult<T> {
+    Ok(q?.0)
+}
+
+pub async fn healthz() -> &'static str {
+    "ok"
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Flotilla control plane", description = "Tenants, hosts, instances, placement and operations"),
+    paths(create_tenant, list_tenants, create_token, list_hosts, get_host, heartbeat, cordon, uncordon,
+          run_instances, list_instances, get_instance, terminate_instance, start_instance, stop_instance,
+          explain, list_operations, get_operation),
+    components(schemas(flotilla_api::ErrorBody))
+)]
+struct ControlApi;
+
+pub async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ControlApi::openapi())
+}
+
+/// The OpenAPI document, for tests and docs.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    ControlApi::openapi()
+}
+
+// ---- tenants and tokens ----
+
+#[utoipa::path(post, path = "/v1/tenants", request_body = CreateTenantRequest,
+    responses((status = 201, body = Tenant), (status = 409, body = flotilla_api::ErrorBody)))]
+pub async fn create_tenant(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    req: Result<Json<CreateTenantRequest>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Tenant>)> {
+    let req = body(req)?;
+    let t = cp.create_tenant(&caller, &req.name).await?;
+    Ok((StatusCode::CREATED, Json(convert::tenant(t))))
+}
+
+#[utoipa::path(get, path = "/v1/tenants", responses((status = 200, body = Vec<Tenant>)))]
+pub async fn list_tenants(State(cp): State<ControlPlane>, caller: Caller) -> ApiResult<Json<Vec<Tenant>>> {
+    let list = cp.list_tenants(&caller).await?;
+    Ok(Json(list.into_iter().map(convert::tenant).collect()))
+}
+
+#[utoipa::path(post, path = "/v1/tokens", request_body = CreateTokenRequest,
+    responses((status = 201, body = TokenCreated)))]
+pub async fn create_token(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    req: Result<Json<CreateTokenRequest>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<TokenCreated>)> {
+    let req = body(req)?;
+    let (id, tenant, token) = cp
+        .create_token(&caller, req.tenant.as_deref(), req.admin, req.description.as_deref())
+        .await?;
+    Ok((StatusCode::CREATED, Json(TokenCreated { id, tenant, admin: req.admin, token })))
+}
+
+// ---- hosts ----
+
+#[utoipa::path(get, path = "/v1/hosts", responses((status = 200, body = Vec<Host>)))]
+pub async fn list_hosts(State(cp): State<ControlPlane>, caller: Caller) -> ApiResult<Json<Vec<Host>>> {
+    let hosts = cp.list_hosts(&caller).await?;
+    Ok(Json(hosts.into_iter().map(convert::host).collect()))
+}
+
+#[utoipa::path(get, path = "/v1/hosts/{name}", responses((status = 200, body = Host)))]
+pub async fn get_host(State(cp): State<ControlPlane>, caller: Caller, Path(name): Path<String>) -> ApiResult<Json<Host>> {
+    Ok(Json(convert::host(cp.host(&caller, &name).await?)))
+}
+
+#[utoipa::path(post, path = "/v1/hosts/{name}/heartbeat", request_body = HostHeartbeat,
+    responses((status = 204, description = "recorded")))]
+pub async fn heartbeat(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    Path(name): Path<String>,
+    req: Result<Json<HostHeartbeat>, JsonRejection>,
+) -> ApiResult<StatusCode> {
+    let beat = body(req)?;
+    cp.heartbeat(&caller, &name, &beat).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/v1/hosts/{name}/cordon", responses((status = 200, body = Host)))]
+pub async fn cordon(State(cp): State<ControlPlane>, caller: Caller, Path(name): Path<String>) -> ApiResult<Json<Host>> {
+    Ok(Json(convert::host(cp.set_cordoned(&caller, &name, true).await?)))
+}
+
+#[utoipa::path(post, path = "/v1/hosts/{name}/uncordon", responses((status = 200, body = Host)))]
+pub async fn uncordon(State(cp): State<ControlPlane>, caller: Caller, Path(name): Path<String>) -> ApiResult<Json<Host>> {
+    Ok(Json(convert::host(cp.set_cordoned(&caller, &name, false).await?)))
+}
+
+// ---- instances ----
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantQuery {
+    /// For admin tokens: the tenant (id) to act for.
+    #[serde(default)]
+    tenant: Option<String>,
+}
+
+const IDEMPOTENCY_HEADER: &str = "idempotency-key";
+
+#[utoipa::path(post, path = "/v1/instances", request_body = RunInstancesRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "the same key gets the first answer again")),
+    responses((status = 201, body = RunInstancesResult), (status = 409, body = flotilla_api::ErrorBody)))]
+pub async fn run_instances(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    headers: HeaderMap,
+    q: Result<Query<TenantQuery>, QueryRejection>,
+    req: Result<Json<RunInstancesRequest>, JsonRejection>,
+) -> ApiResult<Response> {
+    let q = query(q)?;
+    let req = body(req)?;
+    let key = headers.get(IDEMPOTENCY_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let Some(key) = key else {
+        let result = run(&cp, &caller, q.tenant.as_deref(), &req).await?;
+        return Ok((StatusCode::CREATED, Json(result)).into_response());
+    };
+    if key.is_empty() || key.len() > 200 {
+        return Err(ControlError::invalid("Idempotency-Key must be 1 to 200 characters").into());
+    }
+    let scope = caller.tenant_id.clone().or(q.tenant.clone()).unwrap_or_default();
+    let hash = hex::encode(Sha256::digest(serde_json::to_vec(&req).unwrap_or_default()));
+    let store = cp.store();
+    if !store.reserve_idempotency_key(&scope, &key, &hash).await.map_err(ControlError::from)? {
+        let Some((stored_hash, status, response)) =
+            store.idempotent_response(&scope, &key).await.map_err(ControlError::from)?
+        else {
+            return Err(ControlError::conflict("the idempotency key was just released; send again").into());
+        };
+        if stored_hash != hash {
+            return Err(ControlError::conflict(format!(
+                "idempotency key {key:?} was used for a different request"
+            ))
+            .into());
+        }
+        if status == 0 {
+            return Err(ControlError::conflict(format!("a request with idempotency key {key:?} is in progress")).into());
+        }
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+        let body: serde_json::Value = serde_json::from_str(&response).unwrap_or_default();
+        return Ok((status, Json(body)).into_response());
+    }
+    match run(&cp, &caller, q.tenant.as_deref(), &req).await {
+        Ok(result) => {
+            let text = serde_json::to_string(&result).unwrap_or_default();
+            store
+                .complete_idempotency_key(&scope, &key, 201, &text)
+                .await
+                .map_err(ControlError::from)?;
+            Ok((StatusCode::CREATED, Json(result)).into_response())
+        }
+        Err(e) => {
+            let _ = store.release_idempotency_key(&scope, &key).await;
+            Err(e)
+        }
+    }
+}
+
+async fn run(cp: &ControlPlane, caller: &Caller, tenant: Option<&str>, req: &RunInstancesRequest) -> ApiResult<RunInstancesResult> {
+    let (op, instances) = cp.run_instances(caller, tenant, req).await?;
+    Ok(RunInstancesResult {
+        operation: op.id,
+        instances: instances.into_iter().map(convert::instance).collect(),
+    })
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    #[serde(default)]
+    tenant: Option<String>,
+    #[serde(default)]
+    host: Option<String>,
+    #[serde(default)]
+    state: Option<ObservedState>,
+    /// `key=value[,key=value...]`: instances carrying every one.
+    #[serde(default)]
+    tag: Option<String>,
+    #[serde(default)]
+    page_size: Option<u32>,
+    #[serde(default)]
+    page_token: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/instances",
+    params(("tenant" = Option<String>, Query), ("host" = Option<String>, Query), ("state" = Option<String>, Query),
+           ("tag" = Option<String>, Query, description = "key=value[,key=value]"),
+           ("page_size" = Option<u32>, Query, description = "1 to 1000, default 100"), ("page_token" = Option<String>, Query)),
+    responses((status = 200, body = Page<Instance>)))]
+pub async fn list_instances(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> ApiResult<Json<Page<Instance>>> {
+    let q = query(q)?;
+    let size = q.page_size.unwrap_or(100);
+    if !(1..=1000).contains(&size) {
+        return Err(ControlError::invalid(format!("page_size {size} is out of range (1 to 1000)")).into());
+    }
+    let mut tags = BTreeMap::new();
+    for pair in q.tag.iter().flat_map(|t| t.split(',')).filter(|p| !p.is_empty()) {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| ControlError::invalid(format!("invalid tag filter {pair:?}: expected key=value")))?;
+        tags.insert(k.to_string(), v.to_string());
+    }
+    let filter = InstanceFilter {
+        tenant_id: q.tenant,
+        host: q.host,
+        observed: q.state,
+        tags,
+        after: q.page_token,
+        limit: size + 1,
+    };
+    let mut rows = cp.list_instances(&caller, filter).await?;
+    let next_page_token = if rows.len() > size as usize {
+        rows.truncate(size as usize);
+        rows.last().map(|r| r.name.clone())
+    } else {
+        None
+    };
+    Ok(Json(Page { items: rows.into_iter().map(convert::instance).collect(), next_page_token }))
+}
+
+#[utoipa::path(get, path = "/v1/instances/{name}", responses((status = 200, body = Instance), (status = 404, body = flotilla_api::ErrorBody)))]
+pub async fn get_instance(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    Path(name): Path<String>,
+    q: Result<Query<TenantQuery>, QueryRejection>,
+) -> ApiResult<Json<Instance>> {
+    let q = query(q)?;
+    Ok(Json(convert::instance(cp.instance(&caller, q.tenant.as_deref(), &name).await?)))
+}
+
+async fn act(cp: ControlPlane, caller: Caller, name: String, q: Result<Query<TenantQuery>, QueryRejection>, input: OperationInput) -> ApiResult<(StatusCode, Json<Operation>)> {
+    let q = query(q)?;
+    let op = cp.act_on_instance(&caller, q.tenant.as_deref(), &name, input).await?;
+    Ok((StatusCode::ACCEPTED, Json(convert::operation(op))))
+}
+
+#[utoipa::path(delete, path = "/v1/instances/{name}", responses((status = 202, body = Operation)))]
+pub async fn terminate_instance(State(cp): State<ControlPlane>, caller: Caller, Path(name): Path<String>, q: Result<Query<TenantQuery>, QueryRejection>) -> ApiResult<(StatusCode, Json<Operation>)> {
+    act(cp, caller, name, q, OperationInput::Terminate).await
+}
+
+#[utoipa::path(post, path = "/v1/instances/{name}/start", responses((status = 202, body = Operation)))]
+pub async fn start_instance(State(cp): State<ControlPlane>, caller: Caller, Path(name): Path<String>, q: Result<Query<TenantQuery>, QueryRejection>) -> ApiResult<(StatusCode, Json<Operation>)> {
+    act(cp, caller, name, q, OperationInput::Start).await
+}
+
+#[utoipa::path(post, path = "/v1/instances/{name}/stop", responses((status = 202, body = Operation)))]
+pub async fn stop_instance(State(cp): State<ControlPlane>, caller: Caller, Path(name): Path<String>, q: Result<Query<TenantQuery>, QueryRejection>) -> ApiResult<(StatusCode, Json<Operation>)> {
+    act(cp, caller, name, q, OperationInput::Stop).await
+}
+
+#[utoipa::path(post, path = "/v1/placement/explain", request_body = RunInstancesRequest,
+    responses((status = 200, body = PlacementExplanation)))]
+pub async fn explain(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    q: Result<Query<TenantQuery>, QueryRejection>,
+    req: Result<Json<RunInstancesRequest>, JsonRejection>,
+) -> ApiResult<Json<PlacementExplanation>> {
+    let q = query(q)?;
+    let req = body(req)?;
+    Ok(Json(cp.explain(&caller, q.tenant.as_deref(), &req).await?))
+}
+
+// ---- operations ----
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpsQuery {
+    #[serde(default)]
+    limit: Option<u32>,
+}
+
+#[utoipa::path(get, path = "/v1/operations", params(("limit" = Option<u32>, Query, description = "newest first, default 100")),
+    responses((status = 200, body = Vec<Operation>)))]
+pub async fn list_operations(State(cp): State<ControlPlane>, caller: Caller, q: Result<Query<OpsQuery>, QueryRejection>) -> ApiResult<Json<Vec<Operation>>> {
+    let q = query(q)?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let ops = cp.list_operations(&caller, limit).await?;
+    Ok(Json(ops.into_iter().map(convert::operation).collect()))
+}
+
+#[utoipa::path(get, path = "/v1/operations/{id}", responses((status = 200, body = Operation)))]
+pub async fn get_operation(State(cp): State<ControlPlane>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Operation>> {
+    Ok(Json(convert::operation(cp.operation(&caller, &id).await?)))
+}

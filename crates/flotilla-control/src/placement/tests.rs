@@ -1,0 +1,198 @@
+use std::collections::BTreeMap;
+
+use flotilla_api::control::{LabelPreference, PlacementPolicy, PlacementStrategy};
+use proptest::prelude::*;
+
+use super::*;
+
+fn host(name: &str, zone: &str, used_vcpus: u64, group_count: u32) -> HostView {
+    HostView {
+        name: name.into(),
+        labels: BTreeMap::from([("zone".to_string(), zone.to_string())]),
+        down: false,
+        cordoned: false,
+        vcpus: 4,
+        memory_mib: 4096,
+        used_vcpus,
+        used_memory_mib: used_vcpus * 256,
+        group_count,
+    }
+}
+
+const SMALL: Demand = Demand {
+    vcpus: 1,
+    memory_mib: 256,
+};
+
+#[test]
+fn spread_prefers_fewer_of_the_group_then_emptier_hosts() {
+    let hosts = [host("a", "z1", 0, 2), host("b", "z1", 3, 0), host("c", "z2", 1, 0)];
+    let chosen = choose(&hosts, &SMALL, &PlacementPolicy::default()).unwrap();
+    assert_eq!(chosen.name, "c");
+}
+
+#[test]
+fn binpack_prefers_the_fullest_host_that_fits() {
+    let hosts = [host("a", "z1", 0, 0), host("b", "z1", 3, 0), host("c", "z1", 4, 0)];
+    let policy = PlacementPolicy {
+        strategy: Some(PlacementStrategy::Binpack),
+        ..Default::default()
+    };
+    assert_eq!(choose(&hosts, &SMALL, &policy).unwrap().name, "b");
+}
+
+#[test]
+fn explain_names_every_reason() {
+    let mut hosts = vec![host("a", "z1", 0, 0), host("b", "z2", 0, 0), host("c", "z1", 4, 0)];
+    hosts.push(HostView { cordoned: true, ..host("d", "z1", 0, 0) });
+    hosts.push(HostView { down: true, ..host("e", "z1", 0, 0) });
+    let policy = PlacementPolicy {
+        require_labels: BTreeMap::from([("zone".into(), "z1".into())]),
+        ..Default::default()
+    };
+    let e = explain(&hosts, &SMALL, &policy);
+    assert_eq!(e.chosen.as_deref(), Some("a"));
+    let reason = |n: &str| e.hosts.iter().find(|v| v.host == n).unwrap().rejected.clone();
+    assert_eq!(reason("a"), None);
+    assert!(reason("b").unwrap().contains("requires label zone=z1"));
+    assert!(reason("c").unwrap().contains("vCPUs"));
+    assert!(reason("d").unwrap().contains("cordoned"));
+    assert!(reason("e").unwrap().contains("down"));
+}
+
+#[test]
+fn overcommit_and_max_per_host() {
+    let hosts = [host("a", "z1", 4, 1)];
+    assert!(choose(&hosts, &SMALL, &PlacementPolicy::default()).is_none());
+    let over = PlacementPolicy {
+        cpu_overcommit: Some(2.0),
+        ..Default::default()
+    };
+    assert!(choose(&hosts, &SMALL, &over).is_some());
+    let capped = PlacementPolicy {
+        max_per_host: Some(1),
+        ..over
+    };
+    assert!(choose(&hosts, &SMALL, &capped).is_none());
+}
+
+#[test]
+fn label_preferences_add_weight() {
+    let hosts = [host("a", "z1", 0, 0), host("b", "z2", 2, 0)];
+    let policy = PlacementPolicy {
+        prefer_labels: vec![LabelPreference {
+            label: "zone".into(),
+            value: "z2".into(),
+            weight: 5.0,
+        }],
+        ..Default::default()
+    };
+    assert_eq!(choose(&hosts, &SMALL, &policy).unwrap().name, "b");
+}
+
+#[test]
+fn contradictions_are_reported_with_their_path() {
+    let policy = PlacementPolicy {
+        require_labels: BTreeMap::from([("zone".into(), "z1".into())]),
+        forbid_labels: BTreeMap::from([("zone".into(), "z1".into())]),
+        ..Default::default()
+    };
+    let e = validate(&policy, "placement").unwrap_err();
+    assert_eq!(e.path, "placement.forbid_labels.zone");
+    let e = validate(
+        &PlacementPolicy {
+            max_per_host: Some(0),
+            ..Default::default()
+        },
+        "placement",
+    )
+    .unwrap_err();
+    assert_eq!(e.path, "placement.max_per_host");
+    let e = validate(
+        &PlacementPolicy {
+            cpu_overcommit: Some(f64::NAN),
+            ..Default::default()
+        },
+        "p",
+    )
+    .unwrap_err();
+    assert_eq!(e.path, "p.cpu_overcommit");
+}
+
+#[test]
+fn unknown_fields_are_rejected_with_their_name() {
+    let e = serde_json::from_str::<PlacementPolicy>(r#"{"max_per_hots": 2}"#).unwrap_err();
+    assert!(e.to_string().contains("max_per_hots"), "{e}");
+}
+
+fn arb_host() -> impl Strategy<Value = HostView> {
+    (
+        "[a-f]{1,3}",
+        prop::sample::select(vec!["z1", "z2", "z3"]),
+        any::<bool>(),
+        any::<bool>(),
+        1u32..16,
+        0u64..20,
+        0u32..4,
+    )
+        .prop_map(|(name, zone, down, cordoned, vcpus, used, group)| HostView {
+            name,
+            labels: BTreeMap::from([("zone".to_string(), zone.to_string())]),
+            down,
+            cordoned,
+            vcpus,
+            memory_mib: u64::from(vcpus) * 1024,
+            used_vcpus: used,
+            used_memory_mib: used * 512,
+            group_count: group,
+        })
+}
+
+fn arb_policy() -> impl Strategy<Value = PlacementPolicy> {
+    (
+        prop::option::of(prop::sample::select(vec!["z1", "z2"])),
+        prop::option::of(prop::sample::select(vec!["z2", "z3"])),
+        prop::option::of(prop::sample::select(vec![0.5, 1.0, 2.0, 4.0])),
+        prop::option::of(1u32..4),
+        any::<bool>(),
+    )
+        .prop_map(|(req, forbid, over, max, binpack)| PlacementPolicy {
+            require_labels: req.map(|z| BTreeMap::from([("zone".into(), z.into())])).unwrap_or_default(),
+            forbid_labels: forbid.map(|z| BTreeMap::from([("zone".into(), z.into())])).unwrap_or_default(),
+            cpu_overcommit: over,
+            memory_overcommit: over,
+            max_per_host: max,
+            strategy: Some(if binpack { PlacementStrategy::Binpack } else { PlacementStrategy::Spread }),
+            ..Default::default()
+        })
+}
+
+proptest! {
+    /// No placement ever breaks a hard rule, and one is found whenever a
+    /// host passes every filter.
+    #[test]
+    fn placements_never_break_hard_rules(
+        hosts in prop::collection::vec(arb_host(), 0..12),
+        policy in arb_policy(),
+        vcpus in 1u32..4,
+    ) {
+        let demand = Demand { vcpus, memory_mib: u64::from(vcpus) * 256 };
+        let chosen = choose(&hosts, &demand, &policy);
+        let any_fits = hosts.iter().any(|h| reject_reason(h, &demand, &policy).is_none());
+        prop_assert_eq!(chosen.is_some(), any_fits);
+        if let Some(h) = chosen {
+            prop_assert!(!h.down && !h.cordoned);
+            let cpu_limit = (f64::from(h.vcpus) * policy.cpu_overcommit.unwrap_or(1.0)).floor() as u64;
+            prop_assert!(h.used_vcpus + u64::from(vcpus) <= cpu_limit);
+            for (k, v) in &policy.require_labels {
+                prop_assert_eq!(h.labels.get(k), Some(v));
+            }
+            for (k, v) in &policy.forbid_labels {
+                prop_assert_ne!(h.labels.get(k), Some(v));
+            }
+            if let Some(max) = policy.max_per_host {
+                prop_assert!(h.group_count < max);
+            }
+        }
+    }
+}

@@ -1,0 +1,60 @@
+//! Policy documents are checked before use: contradictions and values out of
+//! range are reported with the path of the offending field.
+
+use flotilla_api::control::PlacementPolicy;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("invalid placement policy at {path}: {reason}")]
+pub struct PolicyError {
+    pub path: String,
+    pub reason: String,
+}
+
+fn err(path: impl Into<String>, reason: impl Into<String>) -> PolicyError {
+    PolicyError {
+        path: path.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Checks `policy`; `at` prefixes paths (e.g. `placement`).
+pub fn validate(policy: &PlacementPolicy, at: &str) -> Result<(), PolicyError> {
+    for (key, value) in &policy.forbid_labels {
+        if policy.require_labels.get(key) == Some(value) {
+            return Err(err(
+                format!("{at}.forbid_labels.{key}"),
+                format!("forbids {key}={value}, which {at}.require_labels.{key} requires"),
+            ));
+        }
+    }
+    for (name, ratio) in [
+        ("cpu_overcommit", policy.cpu_overcommit),
+        ("memory_overcommit", policy.memory_overcommit),
+    ] {
+        if let Some(r) = ratio {
+            if !r.is_finite() || !(0.1..=64.0).contains(&r) {
+                return Err(err(format!("{at}.{name}"), format!("{r} is out of range (0.1 to 64)")));
+            }
+        }
+    }
+    if policy.max_per_host == Some(0) {
+        return Err(err(format!("{at}.max_per_host"), "0 would place nothing (at least 1)"));
+    }
+    if let Some(tag) = &policy.group_tag {
+        if tag.is_empty() {
+            return Err(err(format!("{at}.group_tag"), "must not be empty"));
+        }
+    }
+    for (i, pref) in policy.prefer_labels.iter().enumerate() {
+        if !pref.weight.is_finite() {
+            return Err(err(format!("{at}.prefer_labels[{i}].weight"), "must be a finite number"));
+        }
+        if policy.forbid_labels.get(&pref.label) == Some(&pref.value) && pref.weight > 0.0 {
+            return Err(err(
+                format!("{at}.prefer_labels[{i}]"),
+                format!("prefers {}={}, which {at}.forbid_labels forbids", pref.label, pref.value),
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,136 @@
+//! Running a control plane replica: the store, a bootstrap admin token, the
+//! background checks (hosts that missed heartbeats, operations whose driver
+//! died) and the HTTP server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::auth::new_secret;
+use crate::service::{ControlPlane, ControlSettings};
+use crate::store::{Dialect, Store};
+
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    pub listen: SocketAddr,
+    /// `sqlite://PATH` or `postgres://...`.
+    pub database: String,
+    /// Where the bootstrap admin token is written when none is given.
+    pub data_dir: PathBuf,
+    /// An admin token to accept (created if missing).
+    pub admin_token: Option<String>,
+    pub settings: ControlSettings,
+}
+
+/// How often hosts and orphaned operations are checked.
+const CHECK_EVERY: Duration = Duration::from_secs(2);
+
+/// The file the generated admin token is written to.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+pub async fn run_control(config: ControlConfig) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating {}", config.data_dir.display()))?;
+    let store = Store::open(&config.database)
+        .await
+        .with_context(|| format!("opening the state store {}", redact(&config.database)))?;
+    let dialect = store.dialect();
+    let cp = ControlPlane::new(store, config.settings.clone());
+    bootstrap_admin(&cp, &config).await?;
+
+    // A SQLite store has one owner (this process): what was running when it
+    // last stopped is ours to resume at once. Replicas on PostgreSQL wait
+    // for the dead driver's lease to run out.
+    let resumed = cp.adopt_operations(dialect == Dialect::Sqlite).await?;
+    if resumed > 0 {
+        tracing::info!(resumed, "resumed operations left running");
+    }
+    let background = cp.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(CHECK_EVERY).await;
+            if let Err(e) = background.check_hosts().await {
+                tracing::warn!(error = %e, "checking hosts");
+            }
+            if let Err(e) = background.adopt_operations(false).await {
+                tracing::warn!(error = %e, "taking over orphaned operations");
+            }
+        }
+    });
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    tracing::info!(addr = %config.listen, store = %redact(&config.database), "control plane serving");
+    axum::serve(listener, crate::http::router(cp))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving the API")?;
+    Ok(())
+}
+
+async fn bootstrap_admin(cp: &ControlPlane, config: &ControlConfig) -> anyhow::Result<()> {
+    if let Some(token) = &config.admin_token {
+        cp.ensure_admin_token(token).await?;
+        return Ok(());
+    }
+    if cp.has_admin_token().await? {
+        return Ok(());
+    }
+    let secret = new_secret();
+    cp.ensure_admin_token(&secret).await?;
+    let path = config.data_dir.join(ADMIN_TOKEN_FILE);
+    write_private(&path, &secret).with_context(|| format!("writing {}", path.display()))?;
+    tracing::info!(path = %path.display(), "created the first admin token");
+    Ok(())
+}
+
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// The URL without its password, for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            let user = creds.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..s + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_stay_out_of_logs() {
+        assert_eq!(super::redact("postgres://fl:secret@127.0.0.1/db"), "postgres://fl:***@127.0.0.1/db");
+        assert_eq!(super::redact("sqlite:///var/lib/x.db"), "sqlite:///var/lib/x.db");
+    }
+}

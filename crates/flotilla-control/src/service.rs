@@ -1,0 +1,523 @@
+//! [`ControlPlane`]: the typed core the HTTP handlers call. Tenancy is
+//! enforced here: every lookup of a tenant's resource goes through the
+//! caller, and another tenant's resource is simply not found.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_api::control::{
+    DesiredState, HostHeartbeat, ObservedState, PlacementExplanation, PlacementPolicy,
+    RunInstancesRequest,
+};
+use flotilla_api::{ErrorCode, VmState};
+
+use crate::agents::AgentClient;
+use crate::auth::{hash_secret, new_secret, Caller};
+use crate::error::{ControlError, ControlResult};
+use crate::placement::{self, Demand, HostView, DEFAULT_GROUP_TAG};
+use crate::store::{
+    new_id, now_ms, HostRow, InstanceFilter, InstanceRow, NewInstance, OperationRow, Placement,
+    Store, StoreError, TenantRow,
+};
+use crate::workflows::{self, OperationInput};
+
+/// Settings of one control plane replica.
+#[derive(Debug, Clone)]
+pub struct ControlSettings {
+    /// A host whose last heartbeat is older than this is down.
+    pub host_down_after: Duration,
+    /// How long a replica holds an operation without renewing it.
+    pub lease: Duration,
+    /// Most instances one run may ask for.
+    pub max_run_count: u32,
+}
+
+impl Default for ControlSettings {
+    fn default() -> Self {
+        ControlSettings {
+            host_down_after: Duration::from_secs(15),
+            lease: Duration::from_secs(20),
+            max_run_count: 100,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub store: Store,
+    pub agents: AgentClient,
+    pub settings: ControlSettings,
+    /// This replica's name in operation leases.
+    pub replica: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ControlPlane {
+    pub(crate) inner: Arc<Inner>,
+}
+
+/// How many times a placement retries after losing a race for a host.
+const PLACEMENT_ATTEMPTS: usize = 16;
+
+pub fn check_name(what: &str, name: &str) -> ControlResult<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.as_bytes()[0].is_ascii_lowercase()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ControlError::invalid(format!(
+            "invalid {what} name {name:?}: use 1-63 characters of a-z, 0-9 and '-', starting with a letter"
+        )))
+    }
+}
+
+impl ControlPlane {
+    pub fn new(store: Store, settings: ControlSettings) -> ControlPlane {
+        ControlPlane {
+            inner: Arc::new(Inner {
+                store,
+                agents: AgentClient::default(),
+                settings,
+                replica: new_id("replica"),
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub(crate) fn lease_until(&self) -> i64 {
+        now_ms() + self.inner.settings.lease.as_millis() as i64
+    }
+
+    // ---- tokens and tenants ----
+
+    /// The caller behind a bearer secret.
+    pub async fn authenticate(&self, secret: &str) -> ControlResult<Caller> {
+        let token = self.store().token_by_hash(&hash_secret(secret)).await?;
+        let token = token.ok_or_else(|| {
+            ControlError::new(ErrorCode::Unauthenticated, "unknown API token")
+                .with_hint("ask an admin for a token: flotilla token create --tenant NAME")
+        })?;
+        Ok(Caller {
+            token_id: token.id,
+            tenant_id: token.tenant_id,
+            admin: token.admin,
+        })
+    }
+
+    /// Makes sure an admin token with `secret` exists (for a bootstrap
+    /// token given by the operator).
+    pub async fn ensure_admin_token(&self, secret: &str) -> ControlResult<()> {
+        if self.store().token_by_hash(&hash_secret(secret)).await?.is_none() {
+            self.store()
+                .create_token(&new_id("tok"), &hash_secret(secret), None, true, Some("bootstrap"))
+                .await?;
+        }
+        Ok(())
+    }
+
+    pub async fn has_admin_token(&self) -> ControlResult<bool> {
+        Ok(self.store().has_admin_token().await?)
+    }
+
+    pub async fn create_tenant(&self, caller: &Caller, name: &str) -> ControlResult<TenantRow> {
+        require_admin(caller)?;
+        check_name("tenant", name)?;
+        Ok(self.store().create_tenant(&new_id("t"), name).await?)
+    }
+
+    pub async fn list_tenants(&self, caller: &Caller) -> ControlResult<Vec<TenantRow>> {
+        require_admin(caller)?;
+        Ok(self.store().list_tenants().await?)
+    }
+
+    pub async fn tenant_name(&self, id: &str) -> ControlResult<String> {
+        Ok(self
+            .store()
+            .tenant_by_id(id)
+            .await?
+            .map(|t| t.name)
+            .unwrap_or_else(|| id.to_string()))
+    }
+
+    /// Issues a token; returns `(id, tenant id, secret)`.
+    pub async fn create_token(
+        &self,
+        caller: &Caller,
+        tenant: Option<&str>,
+        admin: bool,
+        description: Option<&str>,
+    ) -> ControlResult<(String, Option<String>, String)> {
+        require_admin(caller)?;
+        let tenant_id = match (tenant, admin) {
+            (Some(_), true) => {
+                return Err(ControlError::invalid(
+                    "a token is either a tenant's or an admin token, not both",
+                ))
+            }
+            (None, false) => {
+                return Err(ControlError::invalid(
+                    "name the token's tenant (\"tenant\") or make it an admin token (\"admin\": true)",
+                ))
+            }
+            (Some(name), false) => Some(
+                self.store()
+                    .tenant_by_name(name)
+                    .await?
+                    .ok_or_else(|| ControlError::not_found(format!("no tenant {name:?}")))?
+                    .id,
+            ),
+            (None, true) => None,
+        };
+        let secret = new_secret();
+        let id = new_id("tok");
+        self.store()
+            .create_token(&id, &hash_secret(&secret), tenant_id.as_deref(), admin, description)
+            .await?;
+        Ok((id, tenant_id, secret))
+    }
+
+    // ---- hosts ----
+
+    /// A heartbeat: registers or refreshes the host and reconciles what it
+    /// reports with what the store expects there.
+    pub async fn heartbeat(&self, caller: &Caller, name: &str, beat: &HostHeartbeat) -> ControlResult<()> {
+        require_admin(caller)?;
+        check_name("host", name)?;
+        if !(beat.endpoint.starts_with("http://") || beat.endpoint.starts_with("https://")) {
+            return Err(ControlError::invalid(format!(
+                "invalid endpoint {:?}: expected http://HOST:PORT",
+                beat.endpoint
+            )));
+        }
+        let was_down = self.store().record_heartbeat(name, beat).await?;
+        if was_down {
+            tracing::info!(host = name, "host is up again");
+        }
+        self.reconcile_host(name, beat).await
+    }
+
+    /// Observed state of the instances on `host` from its report. An
+    /// instance the host does not report is `unknown` (unless it is still
+    /// being created); nothing is dropped.
+    async fn reconcile_host(&self, host: &str, beat: &HostHeartbeat) -> ControlResult<()> {
+        let reported: BTreeMap<&str, _> = beat.vms.iter().map(|v| (v.name.as_str(), v)).collect();
+        for inst in self.store().instances_on_host(host).await? {
+            let observed = match reported.get(inst.id.as_str()) {
+                Some(vm) => observed_from_vm(vm.state),
+                None if inst.observed == ObservedState::Pending => continue,
+                None => ObservedState::Unknown,
+            };
+            let ip = reported.get(inst.id.as_str()).and_then(|vm| vm.ip.as_deref());
+            if observed != inst.observed || (ip.is_some() && ip != inst.ip.as_deref()) {
+                self.store()
+                    .set_observed(&inst.id, observed, ip, inst.last_error.as_deref())
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn list_hosts(&self, caller: &Caller) -> ControlResult<Vec<HostRow>> {
+        require_admin(caller)?;
+        Ok(self.store().list_hosts().await?)
+    }
+
+    pub async fn host(&self, caller: &Caller, name: &str) -> ControlResult<HostRow> {
+        require_admin(caller)?;
+        self.store()
+            .host(name)
+            .await?
+            .ok_or_else(|| ControlError::not_found(format!("no host {name:?}")))
+    }
+
+    pub async fn set_cordoned(&self, caller: &Caller, name: &str, cordoned: bool) -> ControlResult<HostRow> {
+        require_admin(caller)?;
+        if !self.store().set_cordoned(name, cordoned).await? {
+            return Err(ControlError::not_found(format!("no host {name:?}")));
+        }
+        self.host(caller, name).await
+    }
+
+    /// Marks down the hosts that missed their heartbeats.
+    pub async fn check_hosts(&self) -> ControlResult<()> {
+        let before = now_ms() - self.inner.settings.host_down_after.as_millis() as i64;
+        for host in self.store().mark_stale_hosts_down(before).await? {
+            tracing::warn!(host, "host missed its heartbeats: marked down, its instances unknown");
+        }
+        Ok(())
+    }
+
+    // ---- instances ----
+
+    fn tenant_of(&self, caller: &Caller, tenant: Option<&str>) -> ControlResult<String> {
+        match (&caller.tenant_id, tenant) {
+            (Some(own), _) => Ok(own.clone()),
+            (None, Some(t)) => Ok(t.to_string()),
+            (None, None) => Err(ControlError::invalid(
+                "an admin token acts on instances only with ?tenant=ID",
+            )),
+        }
+    }
+
+    pub async fn instance(&self, caller: &Caller, tenant: Option<&str>, name: &str) -> ControlResult<InstanceRow> {
+        let tenant_id = self.tenant_of(caller, tenant)?;
+        match self.store().instance_by_name(&tenant_id, name).await? {
+            Some(i) if caller.may_access(&i.tenant_id) => Ok(i),
+            _ => Err(ControlError::not_found(format!("no instance {name:?}"))),
+        }
+    }
+
+    pub async fn list_instances(&self, caller: &Caller, mut filter: InstanceFilter) -> ControlResult<Vec<InstanceRow>> {
+        if !caller.admin {
+            filter.tenant_id = caller.tenant_id.clone();
+        }
+        Ok(self.store().list_instances(&filter).await?)
+    }
+
+    /// Hosts as the placement sees them, with each one's count of the group.
+    async fn host_views(&self, tenant_id: &str, group: Option<(&str, &str)>) -> ControlResult<(Vec<HostView>, BTreeMap<String, i64>)> {
+        let hosts = self.store().list_hosts().await?;
+        let mut group_counts: BTreeMap<String, u32> = BTreeMap::new();
+        if let Some((tag, value)) = group {
+            let members = self
+                .store()
+                .list_instances(&InstanceFilter {
+                    tenant_id: Some(tenant_id.to_string()),
+                    tags: BTreeMap::from([(tag.to_string(), value.to_string())]),
+                    limit: u32::MAX,
+                    ..Default::default()
+                })
+                .await?;
+            for m in members {
+                if let Some(h) = m.host {
+                    *group_counts.entry(h).or_default() += 1;
+                }
+            }
+        }
+        let versions = hosts.iter().map(|h| (h.name.clone(), h.version)).collect();
+        let views = hosts
+            .into_iter()
+            .map(|h| HostView {
+                group_count: group_counts.get(&h.name).copied().unwrap_or(0),
+                name: h.name,
+                labels: h.labels,
+                down: h.down,
+                cordoned: h.cordoned,
+                vcpus: h.vcpus,
+                memory_mib: h.memory_mib,
+                used_vcpus: h.used_vcpus,
+                used_memory_mib: h.used_memory_mib,
+            })
+            .collect();
+        Ok((views, versions))
+    }
+
+    fn group_of<'a>(policy: &'a PlacementPolicy, tags: &'a BTreeMap<String, String>) -> Option<(&'a str, &'a str)> {
+        let tag = policy.group_tag.as_deref().unwrap_or(DEFAULT_GROUP_TAG);
+        tags.get(tag).map(|v| (tag, v.as_str()))
+    }
+
+    pub async fn explain(&self, caller: &Caller, tenant: Option<&str>, req: &RunInstancesRequest) -> ControlResult<PlacementExplanation> {
+        let tenant_id = self.tenant_of(caller, tenant)?;
+        let policy = req.placement.clone().unwrap_or_default();
+        placement::validate(&policy, "placement")?;
+        let (views, _) = self.host_views(&tenant_id, Self::group_of(&policy, &req.tags)).await?;
+        Ok(placement::explain(&views, &Demand { vcpus: req.vcpus, memory_mib: req.memory_mib }, &policy))
+    }
+
+    /// Places and records the instances, then starts the `run` operation
+    /// that creates them on their hosts. Nothing is recorded if any
+    /// instance cannot be placed.
+    pub async fn run_instances(&self, caller: &Caller, tenant: Option<&str>, req: &RunInstancesRequest) -> ControlResult<(OperationRow, Vec<InstanceRow>)> {
+        let tenant_id = self.tenant_of(caller, tenant)?;
+        if self.store().tenant_by_id(&tenant_id).await?.is_none() {
+            return Err(ControlError::not_found(format!("no tenant {tenant_id:?}")));
+        }
+        check_name("instance", &req.name)?;
+        let max = self.inner.settings.max_run_count;
+        if req.count == 0 || req.count > max {
+            return Err(ControlError::invalid(format!("count {} is out of range (1 to {max})", req.count)));
+        }
+        if req.vcpus == 0 || req.vcpus > 64 {
+            return Err(ControlError::invalid(format!("vcpus {} is out of range (1 to 64)", req.vcpus)));
+        }
+        if !(64..=1024 * 1024).contains(&req.memory_mib) {
+            return Err(ControlError::invalid(format!("memory_mib {} is out of range (64 to 1048576)", req.memory_mib)));
+        }
+        let policy = req.placement.clone().unwrap_or_default();
+        placement::validate(&policy, "placement")?;
+        let names: Vec<String> = match req.count {
+            1 => vec![req.name.clone()],
+            n => (1..=n).map(|i| format!("{}-{i}", req.name)).collect(),
+        };
+        for name in &names {
+            check_name("instance", name)?;
+            if self.store().name_taken(&tenant_id, name).await? {
+                return Err(ControlError::new(ErrorCode::AlreadyExists, format!("instance {name:?} already exists")));
+            }
+        }
+        let op_id = new_id("op");
+        let demand = Demand { vcpus: req.vcpus, memory_mib: req.memory_mib };
+        let mut placed: Vec<InstanceRow> = Vec::new();
+        for name in &names {
+            let new = NewInstance {
+                id: new_id("i"),
+                tenant_id: tenant_id.clone(),
+                name: name.clone(),
+                image: req.image.clone(),
+                vcpus: req.vcpus,
+                memory_mib: req.memory_mib,
+                tags: req.tags.clone(),
+                operation: Some(op_id.clone()),
+            };
+            match self.place_one(&tenant_id, &new, &demand, &policy).await {
+                Ok(row) => placed.push(row),
+                Err(e) => {
+                    // All or nothing: the ones placed so far go again.
+                    for p in &placed {
+                        let _ = self.store().delete_instance(&p.id).await;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let targets: Vec<String> = placed.iter().map(|i| i.id.clone()).collect();
+        let op = self.start_operation(Some(&tenant_id), &op_id, OperationInput::Run, targets).await?;
+        Ok((op, placed))
+    }
+
+    async fn place_one(&self, tenant_id: &str, new: &NewInstance, demand: &Demand, policy: &PlacementPolicy) -> ControlResult<InstanceRow> {
+        for _ in 0..PLACEMENT_ATTEMPTS {
+            let (views, versions) = self.host_views(tenant_id, Self::group_of(policy, &new.tags)).await?;
+            let Some(host) = placement::choose(&views, demand, policy) else {
+                let explanation = placement::explain(&views, demand, policy);
+                return Err(no_host_error(&new.name, &explanation));
+            };
+            let placement = Placement {
+                host: host.name.clone(),
+                host_version: versions.get(&host.name).copied().unwrap_or(0),
+            };
+            match self.store().commit_placement(new, &placement).await {
+                Ok(()) => {
+                    tracing::info!(instance = %new.name, id = %new.id, host = %placement.host, "placed");
+                    return self
+                        .store()
+                        .instance(&new.id)
+                        .await?
+                        .ok_or_else(|| ControlError::new(ErrorCode::Internal, "placed instance vanished"));
+                }
+                Err(StoreError::Contended) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ControlError::conflict(format!(
+            "could not place {:?}: every attempt raced with other placements",
+            new.name
+        ))
+        .with_hint("send the request again"))
+    }
+
+    /// Terminate, start or stop an instance through an operation.
+    pub async fn act_on_instance(&self, caller: &Caller, tenant: Option<&str>, name: &str, input: OperationInput) -> ControlResult<OperationRow> {
+        let inst = self.instance(caller, tenant, name).await?;
+        let op_id = new_id("op");
+        let desired = match input {
+            OperationInput::Terminate => DesiredState::Terminated,
+            OperationInput::Start => DesiredState::Running,
+            OperationInput::Stop => DesiredState::Stopped,
+            OperationInput::Run => return Err(ControlError::invalid("use POST /v1/instances to run")),
+        };
+        if inst.desired == DesiredState::Terminated && desired != DesiredState::Terminated {
+            return Err(ControlError::conflict(format!("instance {name:?} is being terminated")));
+        }
+        self.store().set_desired(&inst.id, desired, &op_id).await?;
+        self.start_operation(Some(&inst.tenant_id), &op_id, input, vec![inst.id]).await
+    }
+
+    // ---- operations ----
+
+    async fn start_operation(&self, tenant_id: Option<&str>, id: &str, input: OperationInput, targets: Vec<String>) -> ControlResult<OperationRow> {
+        let now = now_ms();
+        let op = OperationRow {
+            id: id.to_string(),
+            tenant_id: tenant_id.map(str::to_string),
+            kind: input.kind().to_string(),
+            targets,
+            state: flotilla_api::control::OperationState::Running,
+            steps: Vec::new(),
+            input: serde_json::to_value(input).unwrap_or_default(),
+            error: None,
+            created_at: now,
+            updated_at: now,
+        };
+        self.store().create_operation(&op, &self.inner.replica, self.lease_until()).await?;
+        workflows::spawn(self.clone(), op.clone());
+        Ok(op)
+    }
+
+    pub async fn operation(&self, caller: &Caller, id: &str) -> ControlResult<OperationRow> {
+        match self.store().operation(id).await? {
+            Some(op) if caller.admin || (op.tenant_id.is_some() && op.tenant_id == caller.tenant_id) => Ok(op),
+            _ => Err(ControlError::not_found(format!("no operation {id:?}"))),
+        }
+    }
+
+    pub async fn list_operations(&self, caller: &Caller, limit: u32) -> ControlResult<Vec<OperationRow>> {
+        let tenant = if caller.admin { None } else { caller.tenant_id.as_deref() };
+        Ok(self.store().list_operations(tenant, limit).await?)
+    }
+
+    /// Takes over the operations no live replica drives (`all`: every
+    /// running one, for a single replica that owns its store) and drives them.
+    pub async fn adopt_operations(&self, all: bool) -> ControlResult<usize> {
+        let until = self.lease_until();
+        let ops = self.store().claim_orphaned_operations(&self.inner.replica, until, all).await?;
+        let n = ops.len();
+        for op in ops {
+            tracing::info!(op = %op.id, kind = %op.kind, done = op.steps.len(), "resuming operation");
+            workflows::spawn(self.clone(), op);
+        }
+        Ok(n)
+    }
+}
+
+fn require_admin(caller: &Caller) -> ControlResult<()> {
+    if caller.admin {
+        Ok(())
+    } else {
+        Err(ControlError::new(ErrorCode::PermissionDenied, "this needs an admin token"))
+    }
+}
+
+fn no_host_error(name: &str, e: &PlacementExplanation) -> ControlError {
+    let reasons: Vec<String> = e
+        .hosts
+        .iter()
+        .filter_map(|v| v.rejected.as_ref().map(|r| format!("{}: {r}", v.host)))
+        .collect();
+    let message = if reasons.is_empty() {
+        format!("no host can take instance {name:?}: no hosts are registered")
+    } else {
+        format!("no host can take instance {name:?}: {}", reasons.join("; "))
+    };
+    ControlError::new(ErrorCode::InsufficientCapacity, message)
+        .with_hint("POST /v1/placement/explain shows each host's verdict")
+}
+
+pub(crate) fn observed_from_vm(state: VmState) -> ObservedState {
+    match state {
+        VmState::Running => ObservedState::Running,
+        VmState::Stopped => ObservedState::Stopped,
+        VmState::Suspended => ObservedState::Suspended,
+        VmState::Crashed => ObservedState::Failed,
+        _ => ObservedState::Starting,
+    }
+}

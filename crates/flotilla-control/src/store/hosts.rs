@@ -1,0 +1,185 @@
+//! The host registry: what agents report in heartbeats, whether a host is
+//! down or cordoned, and what its instances hold. `version` changes with
+//! every placement on the host: a placement commits only if the version it
+//! decided on is still current (optimistic concurrency across replicas).
+
+use std::collections::{BTreeMap, HashMap};
+
+use flotilla_api::control::HostHeartbeat;
+use sqlx::Row;
+
+use super::instances::{insert_instance, NewInstance};
+use super::{from_json, now_ms, to_json, Store, StoreError, StoreResult};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostRow {
+    pub name: String,
+    pub endpoint: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub labels: BTreeMap<String, String>,
+    pub down: bool,
+    pub cordoned: bool,
+    pub last_heartbeat: i64,
+    pub registered_at: i64,
+    pub version: i64,
+    /// Held by the instances placed here.
+    pub used_vcpus: u64,
+    pub used_memory_mib: u64,
+    pub instances: u64,
+}
+
+/// A decision to put an instance on a host, valid while the host's version
+/// is still the one read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub host: String,
+    pub host_version: i64,
+}
+
+const HOST_COLUMNS: &str = "name, endpoint, vcpus, memory_mib, labels, down, cordoned, \
+                            last_heartbeat, registered_at, version";
+
+fn host(row: &sqlx::any::AnyRow) -> StoreResult<HostRow> {
+    let labels: String = row.try_get("labels")?;
+    Ok(HostRow {
+        name: row.try_get("name")?,
+        endpoint: row.try_get("endpoint")?,
+        vcpus: row.try_get::<i64, _>("vcpus")? as u32,
+        memory_mib: row.try_get::<i64, _>("memory_mib")? as u64,
+        labels: from_json("host labels", &labels)?,
+        down: row.try_get::<i64, _>("down")? != 0,
+        cordoned: row.try_get::<i64, _>("cordoned")? != 0,
+        last_heartbeat: row.try_get("last_heartbeat")?,
+        registered_at: row.try_get("registered_at")?,
+        version: row.try_get("version")?,
+        used_vcpus: 0,
+        used_memory_mib: 0,
+        instances: 0,
+    })
+}
+
+impl Store {
+    /// Registers the host or refreshes it; a host that was down is up again.
+    /// Returns whether it was down before.
+    pub async fn record_heartbeat(&self, name: &str, beat: &HostHeartbeat) -> StoreResult<bool> {
+        let now = now_ms();
+        let was_down: Option<i64> = sqlx::query_scalar("SELECT down FROM hosts WHERE name = $1")
+            .bind(name)
+            .fetch_optional(self.pool())
+            .await?;
+        sqlx::query(
+            "INSERT INTO hosts (name, endpoint, vcpus, memory_mib, labels, down, cordoned,
+                                last_heartbeat, registered_at, version)
+             VALUES ($1, $2, $3, $4, $5, 0, 0, $6, $6, 0)
+             ON CONFLICT (name) DO UPDATE SET endpoint = $2, vcpus = $3, memory_mib = $4,
+                labels = $5, down = 0, last_heartbeat = $6",
+        )
+        .bind(name)
+        .bind(&beat.endpoint)
+        .bind(i64::from(beat.capacity.vcpus))
+        .bind(beat.capacity.memory_mib as i64)
+        .bind(to_json(&beat.labels))
+        .bind(now)
+        .execute(self.pool())
+        .await?;
+        Ok(was_down == Some(1))
+    }
+
+    /// Every host with what its instances hold, by name.
+    pub async fn list_hosts(&self) -> StoreResult<Vec<HostRow>> {
+        let rows = sqlx::query(&format!("SELECT {HOST_COLUMNS} FROM hosts ORDER BY name"))
+            .fetch_all(self.pool())
+            .await?;
+        let mut hosts = rows.iter().map(host).collect::<StoreResult<Vec<_>>>()?;
+        let usage = self.usage_by_host().await?;
+        for h in &mut hosts {
+            if let Some(&(v, m, n)) = usage.get(&h.name) {
+                (h.used_vcpus, h.used_memory_mib, h.instances) = (v, m, n);
+            }
+        }
+        Ok(hosts)
+    }
+
+    pub async fn host(&self, name: &str) -> StoreResult<Option<HostRow>> {
+        Ok(self.list_hosts().await?.into_iter().find(|h| h.name == name))
+    }
+
+    async fn usage_by_host(&self) -> StoreResult<HashMap<String, (u64, u64, u64)>> {
+        let rows = sqlx::query(
+            "SELECT host, CAST(SUM(vcpus) AS BIGINT) AS v, CAST(SUM(memory_mib) AS BIGINT) AS m,
+                    COUNT(*) AS n
+             FROM instances WHERE host IS NOT NULL GROUP BY host",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        let mut usage = HashMap::new();
+        for r in rows {
+            let host: String = r.try_get("host")?;
+            let v: i64 = r.try_get("v")?;
+            let m: i64 = r.try_get("m")?;
+            let n: i64 = r.try_get("n")?;
+            usage.insert(host, (v as u64, m as u64, n as u64));
+        }
+        Ok(usage)
+    }
+
+    pub async fn set_cordoned(&self, name: &str, cordoned: bool) -> StoreResult<bool> {
+        let done = sqlx::query("UPDATE hosts SET cordoned = $1 WHERE name = $2")
+            .bind(i64::from(cordoned))
+            .bind(name)
+            .execute(self.pool())
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Marks down the hosts whose last heartbeat is older than `before`;
+    /// their instances become `unknown`. Returns the hosts marked.
+    pub async fn mark_stale_hosts_down(&self, before: i64) -> StoreResult<Vec<String>> {
+        let mut tx = self.pool().begin().await?;
+        let names: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM hosts WHERE down = 0 AND last_heartbeat < $1")
+                .bind(before)
+                .fetch_all(&mut *tx)
+                .await?;
+        for name in &names {
+            sqlx::query("UPDATE hosts SET down = 1 WHERE name = $1")
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "UPDATE instances SET observed = 'unknown', updated_at = $1
+                 WHERE host = $2 AND observed NOT IN ('pending', 'terminated')",
+            )
+            .bind(now_ms())
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(names)
+    }
+
+    /// Inserts `instance` on the placement's host if that host's version is
+    /// still the one the placement was decided on; `Contended` otherwise.
+    pub async fn commit_placement(
+        &self,
+        instance: &NewInstance,
+        placement: &Placement,
+    ) -> StoreResult<()> {
+        let mut tx = self.pool().begin().await?;
+        let claimed = sqlx::query(
+            "UPDATE hosts SET version = version + 1 WHERE name = $1 AND version = $2",
+        )
+        .bind(&placement.host)
+        .bind(placement.host_version)
+        .execute(&mut *tx)
+        .await?;
+        if claimed.rows_affected() == 0 {
+            return Err(StoreError::Contended);
+        }
+        insert_instance(&mut tx, instance, Some(&placement.host)).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,251 @@
+//! Instances: what each tenant asked for (desired state) and what its host
+//! last reported (observed state).
+
+use std::collections::BTreeMap;
+
+use flotilla_api::control::{DesiredState, ObservedState};
+use sqlx::{Any, Row, Transaction};
+
+use super::{from_json, now_ms, to_json, Store, StoreError, StoreResult};
+
+#[derive(Debug, Clone)]
+pub struct NewInstance {
+    pub id: String,
+    pub tenant_id: String,
+    pub name: String,
+    pub image: Option<String>,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub tags: BTreeMap<String, String>,
+    pub operation: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceRow {
+    pub id: String,
+    pub tenant_id: String,
+    pub name: String,
+    pub host: Option<String>,
+    pub desired: DesiredState,
+    pub observed: ObservedState,
+    pub image: Option<String>,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub ip: Option<String>,
+    pub tags: BTreeMap<String, String>,
+    pub operation: Option<String>,
+    pub last_error: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// What `list_instances` returns: everything matching, by name, from after
+/// `after` on.
+#[derive(Debug, Clone, Default)]
+pub struct InstanceFilter {
+    pub tenant_id: Option<String>,
+    pub host: Option<String>,
+    pub observed: Option<ObservedState>,
+    pub tags: BTreeMap<String, String>,
+    pub after: Option<String>,
+    pub limit: u32,
+}
+
+const COLUMNS: &str = "id, tenant_id, name, host, desired, observed, image, vcpus, memory_mib, \
+                       ip, tags, operation, last_error, created_at, updated_at";
+
+fn enum_text<T: serde::Serialize>(v: &T) -> String {
+    to_json(v).trim_matches('"').to_string()
+}
+
+fn enum_from<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> StoreResult<T> {
+    from_json(what, &format!("\"{text}\""))
+}
+
+fn instance(row: &sqlx::any::AnyRow) -> StoreResult<InstanceRow> {
+    let desired: String = row.try_get("desired")?;
+    let observed: String = row.try_get("observed")?;
+    let tags: String = row.try_get("tags")?;
+    Ok(InstanceRow {
+        id: row.try_get("id")?,
+        tenant_id: row.try_get("tenant_id")?,
+        name: row.try_get("name")?,
+        host: row.try_get("host")?,
+        desired: enum_from("desired state", &desired)?,
+        observed: enum_from("observed state", &observed)?,
+        image: row.try_get("image")?,
+        vcpus: row.try_get::<i64, _>("vcpus")? as u32,
+        memory_mib: row.try_get::<i64, _>("memory_mib")? as u64,
+        ip: row.try_get("ip")?,
+        tags: from_json("instance tags", &tags)?,
+        operation: row.try_get("operation")?,
+        last_error: row.try_get("last_error")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+/// `"k":"v"` as it appears in the stored JSON, escaped for LIKE.
+fn tag_pattern(key: &str, value: &str) -> String {
+    let pair = format!("{}:{}", to_json(&key), to_json(&value));
+    let escaped = pair
+        .replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_");
+    format!("%{escaped}%")
+}
+
+pub(crate) async fn insert_instance(
+    tx: &mut Transaction<'_, Any>,
+    i: &NewInstance,
+    host: Option<&str>,
+) -> StoreResult<()> {
+    let now = now_ms();
+    sqlx::query(&format!(
+        "INSERT INTO instances ({COLUMNS})
+         VALUES ($1, $2, $3, $4, 'running', 'pending', $5, $6, $7, NULL, $8, $9, NULL, $10, $10)"
+    ))
+    .bind(&i.id)
+    .bind(&i.tenant_id)
+    .bind(&i.name)
+    .bind(host)
+    .bind(i.image.as_deref())
+    .bind(i64::from(i.vcpus))
+    .bind(i.memory_mib as i64)
+    .bind(to_json(&i.tags))
+    .bind(i.operation.as_deref())
+    .bind(now)
+    .execute(&mut **tx)
+    .await
+    .map_err(|e| StoreError::unique(e, format!("instance {:?}", i.name)))?;
+    Ok(())
+}
+
+impl Store {
+    pub async fn instance(&self, id: &str) -> StoreResult<Option<InstanceRow>> {
+        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM instances WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(self.pool())
+            .await?;
+        row.as_ref().map(instance).transpose()
+    }
+
+    pub async fn instance_by_name(
+        &self,
+        tenant_id: &str,
+        name: &str,
+    ) -> StoreResult<Option<InstanceRow>> {
+        let row = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM instances WHERE tenant_id = $1 AND name = $2"
+        ))
+        .bind(tenant_id)
+        .bind(name)
+        .fetch_optional(self.pool())
+        .await?;
+        row.as_ref().map(instance).transpose()
+    }
+
+    pub async fn name_taken(&self, tenant_id: &str, name: &str) -> StoreResult<bool> {
+        Ok(self.instance_by_name(tenant_id, name).await?.is_some())
+    }
+
+    pub async fn list_instances(&self, f: &InstanceFilter) -> StoreResult<Vec<InstanceRow>> {
+        let mut sql = format!("SELECT {COLUMNS} FROM instances WHERE 1 = 1");
+        let mut args: Vec<String> = Vec::new();
+        let mut param = |sql: &mut String, clause: &str, value: String| {
+            args.push(value);
+            sql.push_str(&clause.replace("?", &format!("${}", args.len())));
+        };
+        if let Some(t) = &f.tenant_id {
+            param(&mut sql, " AND tenant_id = ?", t.clone());
+        }
+        if let Some(h) = &f.host {
+            param(&mut sql, " AND host = ?", h.clone());
+        }
+        if let Some(o) = &f.observed {
+            param(&mut sql, " AND observed = ?", enum_text(o));
+        }
+        for (k, v) in &f.tags {
+            param(&mut sql, " AND tags LIKE ? ESCAPE '\\'", tag_pattern(k, v));
+        }
+        if let Some(a) = &f.after {
+            param(&mut sql, " AND name > ?", a.clone());
+        }
+        sql.push_str(&format!(" ORDER BY name, id LIMIT {}", f.limit.max(1)));
+        let mut query = sqlx::query(&sql);
+        for a in &args {
+            query = query.bind(a);
+        }
+        let rows = query.fetch_all(self.pool()).await?;
+        rows.iter().map(instance).collect()
+    }
+
+    /// Instances placed on `host`, of every tenant.
+    pub async fn instances_on_host(&self, host: &str) -> StoreResult<Vec<InstanceRow>> {
+        self.list_instances(&InstanceFilter {
+            host: Some(host.to_string()),
+            limit: u32::MAX,
+            ..Default::default()
+        })
+        .await
+    }
+
+    pub async fn set_desired(
+        &self,
+        id: &str,
+        desired: DesiredState,
+        operation: &str,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE instances SET desired = $1, operation = $2, updated_at = $3 WHERE id = $4",
+        )
+        .bind(enum_text(&desired))
+        .bind(operation)
+        .bind(now_ms())
+        .bind(id)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Records what the host reported (or what an operation saw).
+    pub async fn set_observed(
+        &self,
+        id: &str,
+        observed: ObservedState,
+        ip: Option<&str>,
+        error: Option<&str>,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE instances SET observed = $1, ip = COALESCE($2, ip), last_error = $3,
+                updated_at = $4 WHERE id = $5",
+        )
+        .bind(enum_text(&observed))
+        .bind(ip)
+        .bind(error)
+        .bind(now_ms())
+        .bind(id)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    pub async fn delete_instance(&self, id: &str) -> StoreResult<()> {
+        sqlx::query("DELETE FROM instances WHERE id = $1")
+            .bind(id)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tag_patterns_match_whole_pairs_and_escape_wildcards() {
+        assert_eq!(tag_pattern("app", "web"), "%\"app\":\"web\"%");
+        assert_eq!(tag_pattern("a_b", "50%"), "%\"a\\_b\":\"50\\%\"%");
+    }
+}

@@ -1,0 +1,182 @@
+//! The control plane's state: SQLite (one file, the embedded default) or
+//! PostgreSQL (shared by several replicas), through one code path: sqlx's
+//! `Any` driver and SQL both understand.
+
+mod hosts;
+mod idempotency;
+mod instances;
+mod operations;
+mod schema;
+mod tenants;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use sqlx::any::{install_default_drivers, AnyPoolOptions};
+use sqlx::{AnyPool, Executor};
+
+pub use hosts::{HostRow, Placement};
+pub use instances::{InstanceFilter, InstanceRow, NewInstance};
+pub use operations::OperationRow;
+pub use tenants::{TenantRow, TokenRow};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("{0} already exists")]
+    Duplicate(String),
+    /// A row that cannot be turned back into its type (written by a newer
+    /// version, or edited by hand).
+    #[error("stored {what} is unreadable: {reason}")]
+    Corrupt { what: String, reason: String },
+    /// An optimistic update lost to a concurrent one; the caller retries.
+    #[error("a concurrent change got there first")]
+    Contended,
+    #[error("unsupported database URL {0:?} (expected sqlite://PATH or postgres://...)")]
+    UnsupportedUrl(String),
+}
+
+impl StoreError {
+    fn corrupt(what: &str, reason: impl std::fmt::Display) -> Self {
+        StoreError::Corrupt {
+            what: what.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// A unique-constraint violation becomes `Duplicate(what)`.
+    fn unique(e: sqlx::Error, what: impl Into<String>) -> Self {
+        match e.as_database_error() {
+            Some(d) if d.is_unique_violation() => StoreError::Duplicate(what.into()),
+            _ => StoreError::Database(e),
+        }
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+/// The state store. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: AnyPool,
+    dialect: Dialect,
+}
+
+impl Store {
+    /// Connects and brings the schema up to date. `sqlite://PATH` creates the
+    /// file if needed.
+    pub async fn open(url: &str) -> StoreResult<Store> {
+        install_default_drivers();
+        let (dialect, url) = if let Some(path) = url.strip_prefix("sqlite://") {
+            let url = match path.contains('?') {
+                true => format!("sqlite://{path}"),
+                false => format!("sqlite://{path}?mode=rwc"),
+            };
+            (Dialect::Sqlite, url)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            (Dialect::Postgres, url.to_string())
+        } else {
+            return Err(StoreError::UnsupportedUrl(url.to_string()));
+        };
+        let pool = match dialect {
+            // One writer at a time is SQLite's model anyway; one connection
+            // makes every transaction serial instead of failing as busy.
+            Dialect::Sqlite => {
+                AnyPoolOptions::new()
+                    .max_connections(1)
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            conn.execute("PRAGMA journal_mode = WAL").await?;
+                            conn.execute("PRAGMA synchronous = FULL").await?;
+                            conn.execute("PRAGMA foreign_keys = ON").await?;
+                            // As in PostgreSQL (tag filters use LIKE).
+                            conn.execute("PRAGMA case_sensitive_like = ON").await?;
+                            Ok(())
+                        })
+                    })
+                    .connect(&url)
+                    .await?
+            }
+            Dialect::Postgres => AnyPoolOptions::new().max_connections(8).connect(&url).await?,
+        };
+        let store = Store { pool, dialect };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    pub(crate) fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Applies the migrations not applied yet, each in its own transaction.
+    /// Replicas starting together serialise on the version's primary key.
+    async fn migrate(&self) -> StoreResult<()> {
+        self.pool
+            .execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (
+                    version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+            )
+            .await?;
+        for (version, statements) in schema::MIGRATIONS {
+            let applied: Option<i64> =
+                sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = $1")
+                    .bind(version)
+                    .fetch_optional(&self.pool)
+                    .await?;
+            if applied.is_some() {
+                continue;
+            }
+            let mut tx = self.pool.begin().await?;
+            let claimed = sqlx::query(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
+            )
+            .bind(version)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await;
+            if let Err(e) = claimed {
+                // Another replica is applying it.
+                if e.as_database_error().is_some_and(|d| d.is_unique_violation()) {
+                    continue;
+                }
+                return Err(e.into());
+            }
+            for statement in *statements {
+                sqlx::query(statement).execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            tracing::info!(version, "applied schema migration");
+        }
+        Ok(())
+    }
+}
+
+/// Milliseconds since the Unix epoch: every timestamp in the store.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A fresh random id with a kind prefix, e.g. `i-3f9a…` (64 random bits).
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}-{:016x}", rand::random::<u64>())
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_else(|_| "null".into())
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> StoreResult<T> {
+    serde_json::from_str(text).map_err(|e| StoreError::corrupt(what, e))
+}

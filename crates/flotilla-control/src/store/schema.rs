@@ -1,0 +1,72 @@
+//! The schema, as numbered migrations applied in order. Every statement is
+//! written in the SQL that SQLite and PostgreSQL share (`$n` parameters,
+//! BIGINT and TEXT columns, JSON kept as TEXT), so both run one code path.
+
+/// `(version, statements)`; append only, never edit an applied one.
+pub(crate) const MIGRATIONS: &[(i64, &[&str])] = &[(
+    1,
+    &[
+        "CREATE TABLE tenants (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            created_at BIGINT NOT NULL)",
+        "CREATE TABLE tokens (
+            id TEXT PRIMARY KEY,
+            secret_hash TEXT NOT NULL UNIQUE,
+            tenant_id TEXT REFERENCES tenants(id),
+            admin BIGINT NOT NULL,
+            description TEXT,
+            created_at BIGINT NOT NULL)",
+        "CREATE TABLE hosts (
+            name TEXT PRIMARY KEY,
+            endpoint TEXT NOT NULL,
+            vcpus BIGINT NOT NULL,
+            memory_mib BIGINT NOT NULL,
+            labels TEXT NOT NULL,
+            down BIGINT NOT NULL,
+            cordoned BIGINT NOT NULL,
+            last_heartbeat BIGINT NOT NULL,
+            registered_at BIGINT NOT NULL,
+            version BIGINT NOT NULL)",
+        "CREATE TABLE instances (
+            id TEXT PRIMARY KEY,
+            tenant_id TEXT NOT NULL REFERENCES tenants(id),
+            name TEXT NOT NULL,
+            host TEXT,
+            desired TEXT NOT NULL,
+            observed TEXT NOT NULL,
+            image TEXT,
+            vcpus BIGINT NOT NULL,
+            memory_mib BIGINT NOT NULL,
+            ip TEXT,
+            tags TEXT NOT NULL,
+            operation TEXT,
+            last_error TEXT,
+            created_at BIGINT NOT NULL,
+            updated_at BIGINT NOT NULL,
+            UNIQUE (tenant_id, name))",
+        "CREATE INDEX instances_by_host ON instances (host)",
+        "CREATE TABLE operations (
+            id TEXT PRIMARY KEY,
+            tenant_id TEXT,
+            kind TEXT NOT NULL,
+            targets TEXT NOT NULL,
+            state TEXT NOT NULL,
+            steps TEXT NOT NULL,
+            input TEXT NOT NULL,
+            error TEXT,
+            lease_owner TEXT,
+            lease_until BIGINT NOT NULL,
+            created_at BIGINT NOT NULL,
+            updated_at BIGINT NOT NULL)",
+        "CREATE INDEX operations_by_state ON operations (state)",
+        "CREATE TABLE idempotency_keys (
+            tenant_id TEXT NOT NULL,
+            key TEXT NOT NULL,
+            request_hash TEXT NOT NULL,
+            status BIGINT NOT NULL,
+            response TEXT NOT NULL,
+            created_at BIGINT NOT NULL,
+            PRIMARY KEY (tenant_id, key))",
+    ],
+)];
