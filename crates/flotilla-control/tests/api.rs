@@ -1,0 +1,303 @@
+//! The control plane's API over HTTP (a real server on loopback, SQLite),
+//! and concurrent placement by two replicas on one PostgreSQL database.
+//! Hosts here are registered by heartbeat with an endpoint nothing listens
+//! on: these tests are about the API and placement, not the agents (the
+//! end-to-end tests drive real agents).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use flotilla_api::control::{HostHeartbeat, PlacementPolicy, RunInstancesRequest};
+use flotilla_api::Resources;
+use flotilla_control::auth::Caller;
+use flotilla_control::store::Store;
+use flotilla_control::{ControlPlane, ControlSettings};
+use flotilla_testkit::PgServer;
+use serde_json::{json, Value};
+
+const ADMIN: &str = "flt_test_admin_token";
+
+struct Api {
+    base: String,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl Api {
+    async fn start() -> Api {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&format!("sqlite://{}", dir.path().join("c.db").display()))
+            .await
+            .unwrap();
+        let cp = ControlPlane::new(store, ControlSettings::default());
+        cp.ensure_admin_token(ADMIN).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            axum::serve(listener, flotilla_control::http::router(cp)).await.unwrap();
+        });
+        Api { base, http: reqwest::Client::new(), _dir: dir }
+    }
+
+    async fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> (u16, Value) {
+        self.call_with(method, path, token, body, None).await
+    }
+
+    async fn call_with(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>, key: Option<&str>) -> (u16, Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut r = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        if let Some(k) = key {
+            r = r.header("Idempotency-Key", k);
+        }
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let resp = r.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    /// A tenant and a token of it.
+    async fn tenant(&self, name: &str) -> String {
+        let (s, b) = self.call("POST", "/v1/tenants", Some(ADMIN), Some(json!({"name": name}))).await;
+        assert_eq!(s, 201, "{b}");
+        let (s, b) = self.call("POST", "/v1/tokens", Some(ADMIN), Some(json!({"tenant": name}))).await;
+        assert_eq!(s, 201, "{b}");
+        b["token"].as_str().unwrap().to_string()
+    }
+
+    async fn host(&self, name: &str, vcpus: u32, zone: &str) {
+        let beat = json!({
+            "endpoint": "http://127.0.0.1:9",
+            "capacity": {"vcpus": vcpus, "memory_mib": 8192},
+            "labels": {"zone": zone},
+        });
+        let (s, b) = self.call("POST", &format!("/v1/hosts/{name}/heartbeat"), Some(ADMIN), Some(beat)).await;
+        assert_eq!(s, 204, "{b}");
+    }
+}
+
+fn message(b: &Value) -> String {
+    b["error"]["message"].as_str().unwrap_or_default().to_string()
+}
+
+#[tokio::test]
+async fn tokens_decide_who_may_do_what() {
+    let api = Api::start().await;
+    let (s, b) = api.call("GET", "/v1/instances", None, None).await;
+    assert_eq!((s, b["error"]["code"].as_str()), (401, Some("unauthenticated")));
+    let (s, _) = api.call("GET", "/v1/instances", Some("flt_nobody"), None).await;
+    assert_eq!(s, 401);
+    let acme = api.tenant("acme").await;
+    let (s, b) = api.call("GET", "/v1/hosts", Some(&acme), None).await;
+    assert_eq!((s, b["error"]["code"].as_str()), (403, Some("permission_denied")));
+    let (s, _) = api.call("POST", "/v1/tenants", Some(&acme), Some(json!({"name": "evil"}))).await;
+    assert_eq!(s, 403);
+    let (s, b) = api.call("POST", "/v1/tenants", Some(ADMIN), Some(json!({"name": "Bad Name"}))).await;
+    assert_eq!(s, 400, "{b}");
+    let (s, _) = api.call("POST", "/v1/tenants", Some(ADMIN), Some(json!({"name": "acme"}))).await;
+    assert_eq!(s, 409);
+    let (s, b) = api.call("POST", "/v1/tokens", Some(ADMIN), Some(json!({"tenant": "ghost"}))).await;
+    assert_eq!(s, 404, "{b}");
+    let (s, b) = api.call("GET", "/v1/nothing", Some(ADMIN), None).await;
+    assert_eq!(s, 404, "{b}");
+    let (s, b) = api.call("GET", "/v1/openapi.json", None, None).await;
+    assert_eq!(s, 200);
+    assert!(b["paths"]["/v1/instances"].is_object(), "{b}");
+}
+
+#[tokio::test]
+async fn tenants_see_only_their_own_instances() {
+    let api = Api::start().await;
+    api.host("h1", 8, "z1").await;
+    let (acme, other) = (api.tenant("acme").await, api.tenant("other").await);
+    let (s, b) = api.call("POST", "/v1/instances", Some(&acme), Some(json!({"name": "web"}))).await;
+    assert_eq!(s, 201, "{b}");
+    assert_eq!(b["instances"][0]["host"], "h1");
+    let op = b["operation"].as_str().unwrap().to_string();
+    // Another tenant: not found, whatever it tries.
+    for (method, path) in [("GET", "/v1/instances/web"), ("DELETE", "/v1/instances/web"), ("POST", "/v1/instances/web/stop")] {
+        let (s, b) = api.call(method, path, Some(&other), None).await;
+        assert_eq!(s, 404, "{method} {path}: {b}");
+    }
+    let (s, _) = api.call("GET", &format!("/v1/operations/{op}"), Some(&other), None).await;
+    assert_eq!(s, 404);
+    let (_, b) = api.call("GET", "/v1/instances", Some(&other), None).await;
+    assert_eq!(b["items"].as_array().unwrap().len(), 0);
+    let (s, b) = api.call("GET", "/v1/instances/web", Some(&acme), None).await;
+    assert_eq!(s, 200, "{b}");
+    // Its own operation runs to its end: the host's agent is unreachable
+    // here, so the run fails with the reason on the instance.
+    let mut state = Value::Null;
+    for _ in 0..100 {
+        let (_, b) = api.call("GET", &format!("/v1/operations/{op}"), Some(&acme), None).await;
+        state = b["state"].clone();
+        if state != "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(state, "failed");
+    let (_, b) = api.call("GET", "/v1/instances/web", Some(&acme), None).await;
+    assert_eq!(b["observed"], "failed");
+    assert!(b["last_error"].as_str().unwrap().contains("unreachable"), "{b}");
+    // The admin acts for a tenant with ?tenant=.
+    let tenant_id = b["tenant"].as_str().unwrap();
+    let (s, _) = api.call("GET", &format!("/v1/instances/web?tenant={tenant_id}"), Some(ADMIN), None).await;
+    assert_eq!(s, 200);
+}
+
+#[tokio::test]
+async fn bad_requests_and_policies_are_refused_with_the_reason() {
+    let api = Api::start().await;
+    api.host("h1", 2, "z1").await;
+    let acme = api.tenant("acme").await;
+    let run = |body: Value| {
+        let api = &api;
+        let acme = acme.clone();
+        async move { api.call("POST", "/v1/instances", Some(&acme), Some(body)).await }
+    };
+    let (s, b) = run(json!({"name": "a", "placement": {"max_per_hots": 1}})).await;
+    assert_eq!(s, 400);
+    assert!(message(&b).contains("max_per_hots"), "{b}");
+    let (s, b) = run(json!({"name": "a", "placement": {"require_labels": {"zone": "z1"}, "forbid_labels": {"zone": "z1"}}})).await;
+    assert_eq!(s, 400);
+    assert!(message(&b).contains("placement.forbid_labels.zone"), "{b}");
+    let (s, b) = run(json!({"name": "a", "count": 0})).await;
+    assert_eq!(s, 400, "{b}");
+    let (s, b) = run(json!({"name": "A!"})).await;
+    assert_eq!(s, 400, "{b}");
+    // Nothing fits: the error says why for each host.
+    let (s, b) = run(json!({"name": "big", "vcpus": 4})).await;
+    assert_eq!((s, b["error"]["code"].as_str()), (409, Some("insufficient_capacity")));
+    assert!(message(&b).contains("h1: needs 4 vCPUs, 2 of 2 free"), "{b}");
+    let (s, b) = run(json!({"name": "zoned", "placement": {"require_labels": {"zone": "z9"}}})).await;
+    assert_eq!(s, 409);
+    assert!(message(&b).contains("requires label zone=z9"), "{b}");
+    // All or nothing: 3 asked, 2 fit, none is kept.
+    let (s, _) = run(json!({"name": "trio", "count": 3})).await;
+    assert_eq!(s, 409);
+    let (_, b) = api.call("GET", "/v1/instances", Some(&acme), None).await;
+    assert_eq!(b["items"].as_array().unwrap().len(), 0, "{b}");
+    let (s, b) = api.call("POST", "/v1/placement/explain", Some(&acme), Some(json!({"name": "x", "vcpus": 2}))).await;
+    assert_eq!(s, 200);
+    assert_eq!(b["chosen"], "h1");
+    let (s, b) = api.call("GET", "/v1/instances?page_size=0", Some(&acme), None).await;
+    assert_eq!(s, 400, "{b}");
+    let (s, b) = api.call("GET", "/v1/instances?bogus=1", Some(&acme), None).await;
+    assert_eq!(s, 400, "{b}");
+}
+
+#[tokio::test]
+async fn idempotency_keys_and_pages() {
+    let api = Api::start().await;
+    api.host("h1", 64, "z1").await;
+    let acme = api.tenant("acme").await;
+    let body = json!({"name": "batch", "count": 5, "tags": {"app": "web"}});
+    let (s1, b1) = api.call_with("POST", "/v1/instances", Some(&acme), Some(body.clone()), Some("k1")).await;
+    let (s2, b2) = api.call_with("POST", "/v1/instances", Some(&acme), Some(body), Some("k1")).await;
+    assert_eq!((s1, s2), (201, 201), "{b1} {b2}");
+    assert_eq!(b1, b2, "the same answer again");
+    let (s, b) = api
+        .call_with("POST", "/v1/instances", Some(&acme), Some(json!({"name": "other"})), Some("k1"))
+        .await;
+    assert_eq!(s, 409);
+    assert!(message(&b).contains("different request"), "{b}");
+    let mut names = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let path = match &token {
+            Some(t) => format!("/v1/instances?tag=app=web&page_size=2&page_token={t}"),
+            None => "/v1/instances?tag=app=web&page_size=2".to_string(),
+        };
+        let (s, b) = api.call("GET", &path, Some(&acme), None).await;
+        assert_eq!(s, 200, "{b}");
+        names.extend(b["items"].as_array().unwrap().iter().map(|i| i["name"].as_str().unwrap().to_string()));
+        token = b["next_page_token"].as_str().map(str::to_string);
+        if token.is_none() {
+            break;
+        }
+    }
+    assert_eq!(names, ["batch-1", "batch-2", "batch-3", "batch-4", "batch-5"]);
+}
+
+fn tenant_caller(tenant: &str) -> Caller {
+    Caller { token_id: "tok".into(), tenant_id: Some(tenant.into()), admin: false }
+}
+
+/// Two replicas on one PostgreSQL database place at the same time: no host
+/// ever holds more than it has, and anti-affinity holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_never_double_book_a_host() {
+    let pg = PgServer::start().unwrap();
+    let url = pg.url("replicas").unwrap();
+    let a = ControlPlane::new(Store::open(&url).await.unwrap(), ControlSettings::default());
+    let b = ControlPlane::new(Store::open(&url).await.unwrap(), ControlSettings::default());
+    a.store().create_tenant("t-1", "acme").await.unwrap();
+    for (name, zone) in [("h1", "z1"), ("h2", "z2")] {
+        let beat = HostHeartbeat {
+            endpoint: "http://127.0.0.1:9".into(),
+            capacity: Resources { vcpus: 4, memory_mib: 8192 },
+            labels: BTreeMap::from([("zone".into(), zone.into())]),
+            vms: vec![],
+        };
+        a.store().record_heartbeat(name, &beat).await.unwrap();
+    }
+    let caller = tenant_caller("t-1");
+    let request = |name: String, policy: Option<PlacementPolicy>, tags: BTreeMap<String, String>| RunInstancesRequest {
+        name,
+        count: 1,
+        image: None,
+        vcpus: 1,
+        memory_mib: 256,
+        tags,
+        placement: policy,
+    };
+    // 12 asks for 8 vCPUs in all.
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let cp = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let caller = caller.clone();
+        let req = request(format!("fill-{i}"), None, BTreeMap::new());
+        tasks.push(tokio::spawn(async move { cp.run_instances(&caller, None, &req).await.is_ok() }));
+    }
+    let mut placed = 0;
+    for t in tasks {
+        placed += usize::from(t.await.unwrap());
+    }
+    assert_eq!(placed, 8);
+    for h in a.store().list_hosts().await.unwrap() {
+        assert_eq!(h.used_vcpus, 4, "{} holds {}", h.name, h.used_vcpus);
+    }
+    // Anti-affinity: one of the group per host, asked 6 times at once.
+    for h in ["h1", "h2"] {
+        let beat = HostHeartbeat {
+            endpoint: "http://127.0.0.1:9".into(),
+            capacity: Resources { vcpus: 64, memory_mib: 65536 },
+            labels: BTreeMap::new(),
+            vms: vec![],
+        };
+        a.store().record_heartbeat(h, &beat).await.unwrap();
+    }
+    let policy = PlacementPolicy { max_per_host: Some(1), ..Default::default() };
+    let tags = BTreeMap::from([("group".to_string(), "db".to_string())]);
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let cp = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let caller = caller.clone();
+        let req = request(format!("db-{i}"), Some(policy.clone()), tags.clone());
+        tasks.push(tokio::spawn(async move { cp.run_instances(&caller, None, &req).await.ok() }));
+    }
+    let mut hosts = Vec::new();
+    for t in tasks {
+        if let Some((_, inst)) = t.await.unwrap() {
+            hosts.push(inst[0].host.clone().unwrap());
+        }
+    }
+    hosts.sort();
+    assert_eq!(hosts, ["h1", "h2"]);
+}
