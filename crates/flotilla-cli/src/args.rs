@@ -116,7 +116,11 @@ pub struct ControlArgs {
     #[arg(long, default_value = "127.0.0.1:7700")]
     pub listen: SocketAddr,
     /// Where the SQLite store and the first admin token live.
-    #[arg(long, env = "FLOTILLA_CONTROL_DIR", default_value = "/var/lib/flotilla-control")]
+    #[arg(
+        long,
+        env = "FLOTILLA_CONTROL_DIR",
+        default_value = "/var/lib/flotilla-control"
+    )]
     pub data_dir: PathBuf,
     /// The state store: sqlite://PATH (default: control.db in the data
     /// directory) or postgres://USER:PASSWORD@HOST/DB for several replicas.

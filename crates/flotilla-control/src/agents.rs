@@ -60,7 +60,9 @@ impl AgentClient {
         let status = response.status().as_u16();
         let bytes = response.bytes().await.map_err(unreachable)?;
         if (200..300).contains(&status) {
-            return serde_json::from_slice(&bytes).map_err(|e| AgentCallError::Api {
+            // 204 and other empty answers read as JSON null.
+            let body: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
+            return serde_json::from_slice(body).map_err(|e| AgentCallError::Api {
                 status,
                 code: None,
                 message: format!("unreadable answer: {e}"),

@@ -130,7 +130,13 @@ async fn shutdown_signal() {
 mod tests {
     #[test]
     fn passwords_stay_out_of_logs() {
-        assert_eq!(super::redact("postgres://fl:secret@127.0.0.1/db"), "postgres://fl:***@127.0.0.1/db");
-        assert_eq!(super::redact("sqlite:///var/lib/x.db"), "sqlite:///var/lib/x.db");
+        assert_eq!(
+            super::redact("postgres://fl:secret@127.0.0.1/db"),
+            "postgres://fl:***@127.0.0.1/db"
+        );
+        assert_eq!(
+            super::redact("sqlite:///var/lib/x.db"),
+            "sqlite:///var/lib/x.db"
+        );
     }
 }

@@ -115,9 +115,20 @@ impl ControlPlane {
     /// Makes sure an admin token with `secret` exists (for a bootstrap
     /// token given by the operator).
     pub async fn ensure_admin_token(&self, secret: &str) -> ControlResult<()> {
-        if self.store().token_by_hash(&hash_secret(secret)).await?.is_none() {
+        if self
+            .store()
+            .token_by_hash(&hash_secret(secret))
+            .await?
+            .is_none()
+        {
             self.store()
-                .create_token(&new_id("tok"), &hash_secret(secret), None, true, Some("bootstrap"))
+                .create_token(
+                    &new_id("tok"),
+                    &hash_secret(secret),
+                    None,
+                    true,
+                    Some("bootstrap"),
+                )
                 .await?;
         }
         Ok(())
@@ -162,11 +173,9 @@ impl ControlPlane {
                     "a token is either a tenant's or an admin token, not both",
                 ))
             }
-            (None, false) => {
-                return Err(ControlError::invalid(
-                    "name the token's tenant (\"tenant\") or make it an admin token (\"admin\": true)",
-                ))
-            }
+            (None, false) => return Err(ControlError::invalid(
+                "name the token's tenant (\"tenant\") or make it an admin token (\"admin\": true)",
+            )),
             (Some(name), false) => Some(
                 self.store()
                     .tenant_by_name(name)
@@ -179,7 +188,13 @@ impl ControlPlane {
         let secret = new_secret();
         let id = new_id("tok");
         self.store()
-            .create_token(&id, &hash_secret(&secret), tenant_id.as_deref(), admin, description)
+            .create_token(
+                &id,
+                &hash_secret(&secret),
+                tenant_id.as_deref(),
+                admin,
+                description,
+            )
             .await?;
         Ok((id, tenant_id, secret))
     }
@@ -188,7 +203,12 @@ impl ControlPlane {
 
     /// A heartbeat: registers or refreshes the host and reconciles what it
     /// reports with what the store expects there.
-    pub async fn heartbeat(&self, caller: &Caller, name: &str, beat: &HostHeartbeat) -> ControlResult<()> {
+    pub async fn heartbeat(
+        &self,
+        caller: &Caller,
+        name: &str,
+        beat: &HostHeartbeat,
+    ) -> ControlResult<()> {
         require_admin(caller)?;
         check_name("host", name)?;
         if !(beat.endpoint.starts_with("http://") || beat.endpoint.starts_with("https://")) {
@@ -215,7 +235,9 @@ impl ControlPlane {
                 None if inst.observed == ObservedState::Pending => continue,
                 None => ObservedState::Unknown,
             };
-            let ip = reported.get(inst.id.as_str()).and_then(|vm| vm.ip.as_deref());
+            let ip = reported
+                .get(inst.id.as_str())
+                .and_then(|vm| vm.ip.as_deref());
             if observed != inst.observed || (ip.is_some() && ip != inst.ip.as_deref()) {
                 self.store()
                     .set_observed(&inst.id, observed, ip, inst.last_error.as_deref())
@@ -238,7 +260,12 @@ impl ControlPlane {
             .ok_or_else(|| ControlError::not_found(format!("no host {name:?}")))
     }
 
-    pub async fn set_cordoned(&self, caller: &Caller, name: &str, cordoned: bool) -> ControlResult<HostRow> {
+    pub async fn set_cordoned(
+        &self,
+        caller: &Caller,
+        name: &str,
+        cordoned: bool,
+    ) -> ControlResult<HostRow> {
         require_admin(caller)?;
         if !self.store().set_cordoned(name, cordoned).await? {
             return Err(ControlError::not_found(format!("no host {name:?}")));
@@ -250,7 +277,10 @@ impl ControlPlane {
     pub async fn check_hosts(&self) -> ControlResult<()> {
         let before = now_ms() - self.inner.settings.host_down_after.as_millis() as i64;
         for host in self.store().mark_stale_hosts_down(before).await? {
-            tracing::warn!(host, "host missed its heartbeats: marked down, its instances unknown");
+            tracing::warn!(
+                host,
+                "host missed its heartbeats: marked down, its instances unknown"
+            );
         }
         Ok(())
     }
@@ -267,7 +297,12 @@ impl ControlPlane {
         }
     }
 
-    pub async fn instance(&self, caller: &Caller, tenant: Option<&str>, name: &str) -> ControlResult<InstanceRow> {
+    pub async fn instance(
+        &self,
+        caller: &Caller,
+        tenant: Option<&str>,
+        name: &str,
+    ) -> ControlResult<InstanceRow> {
         let tenant_id = self.tenant_of(caller, tenant)?;
         match self.store().instance_by_name(&tenant_id, name).await? {
             Some(i) if caller.may_access(&i.tenant_id) => Ok(i),
@@ -275,7 +310,11 @@ impl ControlPlane {
         }
     }
 
-    pub async fn list_instances(&self, caller: &Caller, mut filter: InstanceFilter) -> ControlResult<Vec<InstanceRow>> {
+    pub async fn list_instances(
+        &self,
+        caller: &Caller,
+        mut filter: InstanceFilter,
+    ) -> ControlResult<Vec<InstanceRow>> {
         if !caller.admin {
             filter.tenant_id = caller.tenant_id.clone();
         }
@@ -283,7 +322,11 @@ impl ControlPlane {
     }
 
     /// Hosts as the placement sees them, with each one's count of the group.
-    async fn host_views(&self, tenant_id: &str, group: Option<(&str, &str)>) -> ControlResult<(Vec<HostView>, BTreeMap<String, i64>)> {
+    async fn host_views(
+        &self,
+        tenant_id: &str,
+        group: Option<(&str, &str)>,
+    ) -> ControlResult<(Vec<HostView>, BTreeMap<String, i64>)> {
         let hosts = self.store().list_hosts().await?;
         let mut group_counts: BTreeMap<String, u32> = BTreeMap::new();
         if let Some((tag, value)) = group {
@@ -320,23 +363,45 @@ impl ControlPlane {
         Ok((views, versions))
     }
 
-    fn group_of<'a>(policy: &'a PlacementPolicy, tags: &'a BTreeMap<String, String>) -> Option<(&'a str, &'a str)> {
+    fn group_of<'a>(
+        policy: &'a PlacementPolicy,
+        tags: &'a BTreeMap<String, String>,
+    ) -> Option<(&'a str, &'a str)> {
         let tag = policy.group_tag.as_deref().unwrap_or(DEFAULT_GROUP_TAG);
         tags.get(tag).map(|v| (tag, v.as_str()))
     }
 
-    pub async fn explain(&self, caller: &Caller, tenant: Option<&str>, req: &RunInstancesRequest) -> ControlResult<PlacementExplanation> {
+    pub async fn explain(
+        &self,
+        caller: &Caller,
+        tenant: Option<&str>,
+        req: &RunInstancesRequest,
+    ) -> ControlResult<PlacementExplanation> {
         let tenant_id = self.tenant_of(caller, tenant)?;
         let policy = req.placement.clone().unwrap_or_default();
         placement::validate(&policy, "placement")?;
-        let (views, _) = self.host_views(&tenant_id, Self::group_of(&policy, &req.tags)).await?;
-        Ok(placement::explain(&views, &Demand { vcpus: req.vcpus, memory_mib: req.memory_mib }, &policy))
+        let (views, _) = self
+            .host_views(&tenant_id, Self::group_of(&policy, &req.tags))
+            .await?;
+        Ok(placement::explain(
+            &views,
+            &Demand {
+                vcpus: req.vcpus,
+                memory_mib: req.memory_mib,
+            },
+            &policy,
+        ))
     }
 
     /// Places and records the instances, then starts the `run` operation
     /// that creates them on their hosts. Nothing is recorded if any
     /// instance cannot be placed.
-    pub async fn run_instances(&self, caller: &Caller, tenant: Option<&str>, req: &RunInstancesRequest) -> ControlResult<(OperationRow, Vec<InstanceRow>)> {
+    pub async fn run_instances(
+        &self,
+        caller: &Caller,
+        tenant: Option<&str>,
+        req: &RunInstancesRequest,
+    ) -> ControlResult<(OperationRow, Vec<InstanceRow>)> {
         let tenant_id = self.tenant_of(caller, tenant)?;
         if self.store().tenant_by_id(&tenant_id).await?.is_none() {
             return Err(ControlError::not_found(format!("no tenant {tenant_id:?}")));
@@ -344,13 +409,22 @@ impl ControlPlane {
         check_name("instance", &req.name)?;
         let max = self.inner.settings.max_run_count;
         if req.count == 0 || req.count > max {
-            return Err(ControlError::invalid(format!("count {} is out of range (1 to {max})", req.count)));
+            return Err(ControlError::invalid(format!(
+                "count {} is out of range (1 to {max})",
+                req.count
+            )));
         }
         if req.vcpus == 0 || req.vcpus > 64 {
-            return Err(ControlError::invalid(format!("vcpus {} is out of range (1 to 64)", req.vcpus)));
+            return Err(ControlError::invalid(format!(
+                "vcpus {} is out of range (1 to 64)",
+                req.vcpus
+            )));
         }
         if !(64..=1024 * 1024).contains(&req.memory_mib) {
-            return Err(ControlError::invalid(format!("memory_mib {} is out of range (64 to 1048576)", req.memory_mib)));
+            return Err(ControlError::invalid(format!(
+                "memory_mib {} is out of range (64 to 1048576)",
+                req.memory_mib
+            )));
         }
         let policy = req.placement.clone().unwrap_or_default();
         placement::validate(&policy, "placement")?;
@@ -361,11 +435,17 @@ impl ControlPlane {
         for name in &names {
             check_name("instance", name)?;
             if self.store().name_taken(&tenant_id, name).await? {
-                return Err(ControlError::new(ErrorCode::AlreadyExists, format!("instance {name:?} already exists")));
+                return Err(ControlError::new(
+                    ErrorCode::AlreadyExists,
+                    format!("instance {name:?} already exists"),
+                ));
             }
         }
         let op_id = new_id("op");
-        let demand = Demand { vcpus: req.vcpus, memory_mib: req.memory_mib };
+        let demand = Demand {
+            vcpus: req.vcpus,
+            memory_mib: req.memory_mib,
+        };
         let mut placed: Vec<InstanceRow> = Vec::new();
         for name in &names {
             let new = NewInstance {
@@ -390,13 +470,23 @@ impl ControlPlane {
             }
         }
         let targets: Vec<String> = placed.iter().map(|i| i.id.clone()).collect();
-        let op = self.start_operation(Some(&tenant_id), &op_id, OperationInput::Run, targets).await?;
+        let op = self
+            .start_operation(Some(&tenant_id), &op_id, OperationInput::Run, targets)
+            .await?;
         Ok((op, placed))
     }
 
-    async fn place_one(&self, tenant_id: &str, new: &NewInstance, demand: &Demand, policy: &PlacementPolicy) -> ControlResult<InstanceRow> {
+    async fn place_one(
+        &self,
+        tenant_id: &str,
+        new: &NewInstance,
+        demand: &Demand,
+        policy: &PlacementPolicy,
+    ) -> ControlResult<InstanceRow> {
         for _ in 0..PLACEMENT_ATTEMPTS {
-            let (views, versions) = self.host_views(tenant_id, Self::group_of(policy, &new.tags)).await?;
+            let (views, versions) = self
+                .host_views(tenant_id, Self::group_of(policy, &new.tags))
+                .await?;
             let Some(host) = placement::choose(&views, demand, policy) else {
                 let explanation = placement::explain(&views, demand, policy);
                 return Err(no_host_error(&new.name, &explanation));
@@ -408,11 +498,9 @@ impl ControlPlane {
             match self.store().commit_placement(new, &placement).await {
                 Ok(()) => {
                     tracing::info!(instance = %new.name, id = %new.id, host = %placement.host, "placed");
-                    return self
-                        .store()
-                        .instance(&new.id)
-                        .await?
-                        .ok_or_else(|| ControlError::new(ErrorCode::Internal, "placed instance vanished"));
+                    return self.store().instance(&new.id).await?.ok_or_else(|| {
+                        ControlError::new(ErrorCode::Internal, "placed instance vanished")
+                    });
                 }
                 Err(StoreError::Contended) => continue,
                 Err(e) => return Err(e.into()),
@@ -426,25 +514,42 @@ impl ControlPlane {
     }
 
     /// Terminate, start or stop an instance through an operation.
-    pub async fn act_on_instance(&self, caller: &Caller, tenant: Option<&str>, name: &str, input: OperationInput) -> ControlResult<OperationRow> {
+    pub async fn act_on_instance(
+        &self,
+        caller: &Caller,
+        tenant: Option<&str>,
+        name: &str,
+        input: OperationInput,
+    ) -> ControlResult<OperationRow> {
         let inst = self.instance(caller, tenant, name).await?;
         let op_id = new_id("op");
         let desired = match input {
             OperationInput::Terminate => DesiredState::Terminated,
             OperationInput::Start => DesiredState::Running,
             OperationInput::Stop => DesiredState::Stopped,
-            OperationInput::Run => return Err(ControlError::invalid("use POST /v1/instances to run")),
+            OperationInput::Run => {
+                return Err(ControlError::invalid("use POST /v1/instances to run"))
+            }
         };
         if inst.desired == DesiredState::Terminated && desired != DesiredState::Terminated {
-            return Err(ControlError::conflict(format!("instance {name:?} is being terminated")));
+            return Err(ControlError::conflict(format!(
+                "instance {name:?} is being terminated"
+            )));
         }
         self.store().set_desired(&inst.id, desired, &op_id).await?;
-        self.start_operation(Some(&inst.tenant_id), &op_id, input, vec![inst.id]).await
+        self.start_operation(Some(&inst.tenant_id), &op_id, input, vec![inst.id])
+            .await
     }
 
     // ---- operations ----
 
-    async fn start_operation(&self, tenant_id: Option<&str>, id: &str, input: OperationInput, targets: Vec<String>) -> ControlResult<OperationRow> {
+    async fn start_operation(
+        &self,
+        tenant_id: Option<&str>,
+        id: &str,
+        input: OperationInput,
+        targets: Vec<String>,
+    ) -> ControlResult<OperationRow> {
         let now = now_ms();
         let op = OperationRow {
             id: id.to_string(),
@@ -458,20 +563,34 @@ impl ControlPlane {
             created_at: now,
             updated_at: now,
         };
-        self.store().create_operation(&op, &self.inner.replica, self.lease_until()).await?;
+        self.store()
+            .create_operation(&op, &self.inner.replica, self.lease_until())
+            .await?;
         workflows::spawn(self.clone(), op.clone());
         Ok(op)
     }
 
     pub async fn operation(&self, caller: &Caller, id: &str) -> ControlResult<OperationRow> {
         match self.store().operation(id).await? {
-            Some(op) if caller.admin || (op.tenant_id.is_some() && op.tenant_id == caller.tenant_id) => Ok(op),
+            Some(op)
+                if caller.admin || (op.tenant_id.is_some() && op.tenant_id == caller.tenant_id) =>
+            {
+                Ok(op)
+            }
             _ => Err(ControlError::not_found(format!("no operation {id:?}"))),
         }
     }
 
-    pub async fn list_operations(&self, caller: &Caller, limit: u32) -> ControlResult<Vec<OperationRow>> {
-        let tenant = if caller.admin { None } else { caller.tenant_id.as_deref() };
+    pub async fn list_operations(
+        &self,
+        caller: &Caller,
+        limit: u32,
+    ) -> ControlResult<Vec<OperationRow>> {
+        let tenant = if caller.admin {
+            None
+        } else {
+            caller.tenant_id.as_deref()
+        };
         Ok(self.store().list_operations(tenant, limit).await?)
     }
 
@@ -479,7 +598,10 @@ impl ControlPlane {
     /// running one, for a single replica that owns its store) and drives them.
     pub async fn adopt_operations(&self, all: bool) -> ControlResult<usize> {
         let until = self.lease_until();
-        let ops = self.store().claim_orphaned_operations(&self.inner.replica, until, all).await?;
+        let ops = self
+            .store()
+            .claim_orphaned_operations(&self.inner.replica, until, all)
+            .await?;
         let n = ops.len();
         for op in ops {
             tracing::info!(op = %op.id, kind = %op.kind, done = op.steps.len(), "resuming operation");
@@ -493,7 +615,10 @@ fn require_admin(caller: &Caller) -> ControlResult<()> {
     if caller.admin {
         Ok(())
     } else {
-        Err(ControlError::new(ErrorCode::PermissionDenied, "this needs an admin token"))
+        Err(ControlError::new(
+            ErrorCode::PermissionDenied,
+            "this needs an admin token",
+        ))
     }
 }
 

@@ -49,8 +49,9 @@ pub(crate) fn spawn(cp: ControlPlane, op: OperationRow) {
 }
 
 async fn drive(cp: &ControlPlane, op: OperationRow) -> ControlResult<()> {
-    let input: OperationInput = serde_json::from_value(op.input.clone())
-        .map_err(|e| ControlError::invalid(format!("operation {} has unreadable input: {e}", op.id)))?;
+    let input: OperationInput = serde_json::from_value(op.input.clone()).map_err(|e| {
+        ControlError::invalid(format!("operation {} has unreadable input: {e}", op.id))
+    })?;
     let mut steps = op.steps.clone();
     let mut failures = Vec::new();
     for target in &op.targets {
@@ -76,7 +77,9 @@ async fn drive(cp: &ControlPlane, op: OperationRow) -> ControlResult<()> {
         true => (OperationState::Succeeded, None),
         false => (OperationState::Failed, Some(failures.join("; "))),
     };
-    cp.store().finish_operation(&op.id, state, error.as_deref()).await?;
+    cp.store()
+        .finish_operation(&op.id, state, error.as_deref())
+        .await?;
     tracing::info!(op = %op.id, kind = %op.kind, ?state, "operation finished");
     Ok(())
 }
@@ -86,11 +89,10 @@ async fn endpoint_of(cp: &ControlPlane, inst: &InstanceRow) -> ControlResult<Str
         .host
         .as_deref()
         .ok_or_else(|| ControlError::conflict(format!("instance {} has no host", inst.name)))?;
-    let row = cp
-        .store()
-        .host(host)
-        .await?
-        .ok_or_else(|| ControlError::conflict(format!("host {host} is no longer registered")))?;
+    let row =
+        cp.store().host(host).await?.ok_or_else(|| {
+            ControlError::conflict(format!("host {host} is no longer registered"))
+        })?;
     Ok(row.endpoint)
 }
 
@@ -128,31 +130,46 @@ async fn run_step(cp: &ControlPlane, input: OperationInput, target: &str) -> Con
                 let vm = match agents.create_vm(&endpoint, &request).await {
                     Ok(vm) => vm,
                     // Made by an earlier attempt of this step.
-                    Err(e) if e.is_conflict() => agents.vm(&endpoint, &inst.id).await.map_err(agent_error)?,
+                    Err(e) if e.is_conflict() => {
+                        agents.vm(&endpoint, &inst.id).await.map_err(agent_error)?
+                    }
                     Err(e) => return Err(agent_error(e)),
                 };
                 let ip = vm.nics.first().map(|n| n.ip.clone());
-                store.set_observed(&inst.id, observed_from_vm(vm.state), ip.as_deref(), None).await?;
+                store
+                    .set_observed(&inst.id, observed_from_vm(vm.state), ip.as_deref(), None)
+                    .await?;
             }
             OperationInput::Terminate => {
-                agents.delete_vm(&endpoint, &inst.id).await.map_err(agent_error)?;
+                agents
+                    .delete_vm(&endpoint, &inst.id)
+                    .await
+                    .map_err(agent_error)?;
                 store.delete_instance(&inst.id).await?;
             }
             OperationInput::Start => {
                 let vm = match agents.start_vm(&endpoint, &inst.id).await {
                     Ok(vm) => vm,
-                    Err(e) if e.is_conflict() => agents.vm(&endpoint, &inst.id).await.map_err(agent_error)?,
+                    Err(e) if e.is_conflict() => {
+                        agents.vm(&endpoint, &inst.id).await.map_err(agent_error)?
+                    }
                     Err(e) => return Err(agent_error(e)),
                 };
-                store.set_observed(&inst.id, observed_from_vm(vm.state), None, None).await?;
+                store
+                    .set_observed(&inst.id, observed_from_vm(vm.state), None, None)
+                    .await?;
             }
             OperationInput::Stop => {
                 let vm = match agents.stop_vm(&endpoint, &inst.id).await {
                     Ok(vm) => vm,
-                    Err(e) if e.is_conflict() => agents.vm(&endpoint, &inst.id).await.map_err(agent_error)?,
+                    Err(e) if e.is_conflict() => {
+                        agents.vm(&endpoint, &inst.id).await.map_err(agent_error)?
+                    }
                     Err(e) => return Err(agent_error(e)),
                 };
-                store.set_observed(&inst.id, observed_from_vm(vm.state), None, None).await?;
+                store
+                    .set_observed(&inst.id, observed_from_vm(vm.state), None, None)
+                    .await?;
             }
         }
         Ok(())
@@ -164,7 +181,9 @@ async fn run_step(cp: &ControlPlane, input: OperationInput, target: &str) -> Con
             OperationInput::Run => ObservedState::Failed,
             _ => inst.observed,
         };
-        store.set_observed(&inst.id, observed, None, Some(&e.message)).await?;
+        store
+            .set_observed(&inst.id, observed, None, Some(&e.message))
+            .await?;
     }
     result
 }

@@ -4,6 +4,8 @@
 //! on: these tests are about the API and placement, not the agents (the
 //! end-to-end tests drive real agents).
 
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -34,16 +36,35 @@ impl Api {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move {
-            axum::serve(listener, flotilla_control::http::router(cp)).await.unwrap();
+            axum::serve(listener, flotilla_control::http::router(cp))
+                .await
+                .unwrap();
         });
-        Api { base, http: reqwest::Client::new(), _dir: dir }
+        Api {
+            base,
+            http: reqwest::Client::new(),
+            _dir: dir,
+        }
     }
 
-    async fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> (u16, Value) {
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         self.call_with(method, path, token, body, None).await
     }
 
-    async fn call_with(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>, key: Option<&str>) -> (u16, Value) {
+    async fn call_with(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+        key: Option<&str>,
+    ) -> (u16, Value) {
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
         let mut r = self.http.request(method, format!("{}{path}", self.base));
         if let Some(t) = token {
@@ -58,14 +79,31 @@ impl Api {
         let resp = r.send().await.unwrap();
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     /// A tenant and a token of it.
     async fn tenant(&self, name: &str) -> String {
-        let (s, b) = self.call("POST", "/v1/tenants", Some(ADMIN), Some(json!({"name": name}))).await;
+        let (s, b) = self
+            .call(
+                "POST",
+                "/v1/tenants",
+                Some(ADMIN),
+                Some(json!({"name": name})),
+            )
+            .await;
         assert_eq!(s, 201, "{b}");
-        let (s, b) = self.call("POST", "/v1/tokens", Some(ADMIN), Some(json!({"tenant": name}))).await;
+        let (s, b) = self
+            .call(
+                "POST",
+                "/v1/tokens",
+                Some(ADMIN),
+                Some(json!({"tenant": name})),
+            )
+            .await;
         assert_eq!(s, 201, "{b}");
         b["token"].as_str().unwrap().to_string()
     }
@@ -76,32 +114,78 @@ impl Api {
             "capacity": {"vcpus": vcpus, "memory_mib": 8192},
             "labels": {"zone": zone},
         });
-        let (s, b) = self.call("POST", &format!("/v1/hosts/{name}/heartbeat"), Some(ADMIN), Some(beat)).await;
+        let (s, b) = self
+            .call(
+                "POST",
+                &format!("/v1/hosts/{name}/heartbeat"),
+                Some(ADMIN),
+                Some(beat),
+            )
+            .await;
         assert_eq!(s, 204, "{b}");
     }
 }
 
 fn message(b: &Value) -> String {
-    b["error"]["message"].as_str().unwrap_or_default().to_string()
+    b["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 #[tokio::test]
 async fn tokens_decide_who_may_do_what() {
     let api = Api::start().await;
     let (s, b) = api.call("GET", "/v1/instances", None, None).await;
-    assert_eq!((s, b["error"]["code"].as_str()), (401, Some("unauthenticated")));
-    let (s, _) = api.call("GET", "/v1/instances", Some("flt_nobody"), None).await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (401, Some("unauthenticated"))
+    );
+    let (s, _) = api
+        .call("GET", "/v1/instances", Some("flt_nobody"), None)
+        .await;
     assert_eq!(s, 401);
     let acme = api.tenant("acme").await;
     let (s, b) = api.call("GET", "/v1/hosts", Some(&acme), None).await;
-    assert_eq!((s, b["error"]["code"].as_str()), (403, Some("permission_denied")));
-    let (s, _) = api.call("POST", "/v1/tenants", Some(&acme), Some(json!({"name": "evil"}))).await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (403, Some("permission_denied"))
+    );
+    let (s, _) = api
+        .call(
+            "POST",
+            "/v1/tenants",
+            Some(&acme),
+            Some(json!({"name": "evil"})),
+        )
+        .await;
     assert_eq!(s, 403);
-    let (s, b) = api.call("POST", "/v1/tenants", Some(ADMIN), Some(json!({"name": "Bad Name"}))).await;
+    let (s, b) = api
+        .call(
+            "POST",
+            "/v1/tenants",
+            Some(ADMIN),
+            Some(json!({"name": "Bad Name"})),
+        )
+        .await;
     assert_eq!(s, 400, "{b}");
-    let (s, _) = api.call("POST", "/v1/tenants", Some(ADMIN), Some(json!({"name": "acme"}))).await;
+    let (s, _) = api
+        .call(
+            "POST",
+            "/v1/tenants",
+            Some(ADMIN),
+            Some(json!({"name": "acme"})),
+        )
+        .await;
     assert_eq!(s, 409);
-    let (s, b) = api.call("POST", "/v1/tokens", Some(ADMIN), Some(json!({"tenant": "ghost"}))).await;
+    let (s, b) = api
+        .call(
+            "POST",
+            "/v1/tokens",
+            Some(ADMIN),
+            Some(json!({"tenant": "ghost"})),
+        )
+        .await;
     assert_eq!(s, 404, "{b}");
     let (s, b) = api.call("GET", "/v1/nothing", Some(ADMIN), None).await;
     assert_eq!(s, 404, "{b}");
@@ -115,26 +199,43 @@ async fn tenants_see_only_their_own_instances() {
     let api = Api::start().await;
     api.host("h1", 8, "z1").await;
     let (acme, other) = (api.tenant("acme").await, api.tenant("other").await);
-    let (s, b) = api.call("POST", "/v1/instances", Some(&acme), Some(json!({"name": "web"}))).await;
+    let (s, b) = api
+        .call(
+            "POST",
+            "/v1/instances",
+            Some(&acme),
+            Some(json!({"name": "web"})),
+        )
+        .await;
     assert_eq!(s, 201, "{b}");
     assert_eq!(b["instances"][0]["host"], "h1");
     let op = b["operation"].as_str().unwrap().to_string();
     // Another tenant: not found, whatever it tries.
-    for (method, path) in [("GET", "/v1/instances/web"), ("DELETE", "/v1/instances/web"), ("POST", "/v1/instances/web/stop")] {
+    for (method, path) in [
+        ("GET", "/v1/instances/web"),
+        ("DELETE", "/v1/instances/web"),
+        ("POST", "/v1/instances/web/stop"),
+    ] {
         let (s, b) = api.call(method, path, Some(&other), None).await;
         assert_eq!(s, 404, "{method} {path}: {b}");
     }
-    let (s, _) = api.call("GET", &format!("/v1/operations/{op}"), Some(&other), None).await;
+    let (s, _) = api
+        .call("GET", &format!("/v1/operations/{op}"), Some(&other), None)
+        .await;
     assert_eq!(s, 404);
     let (_, b) = api.call("GET", "/v1/instances", Some(&other), None).await;
     assert_eq!(b["items"].as_array().unwrap().len(), 0);
-    let (s, b) = api.call("GET", "/v1/instances/web", Some(&acme), None).await;
+    let (s, b) = api
+        .call("GET", "/v1/instances/web", Some(&acme), None)
+        .await;
     assert_eq!(s, 200, "{b}");
     // Its own operation runs to its end: the host's agent is unreachable
     // here, so the run fails with the reason on the instance.
     let mut state = Value::Null;
     for _ in 0..100 {
-        let (_, b) = api.call("GET", &format!("/v1/operations/{op}"), Some(&acme), None).await;
+        let (_, b) = api
+            .call("GET", &format!("/v1/operations/{op}"), Some(&acme), None)
+            .await;
         state = b["state"].clone();
         if state != "running" {
             break;
@@ -142,12 +243,24 @@ async fn tenants_see_only_their_own_instances() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(state, "failed");
-    let (_, b) = api.call("GET", "/v1/instances/web", Some(&acme), None).await;
+    let (_, b) = api
+        .call("GET", "/v1/instances/web", Some(&acme), None)
+        .await;
     assert_eq!(b["observed"], "failed");
-    assert!(b["last_error"].as_str().unwrap().contains("unreachable"), "{b}");
+    assert!(
+        b["last_error"].as_str().unwrap().contains("unreachable"),
+        "{b}"
+    );
     // The admin acts for a tenant with ?tenant=.
     let tenant_id = b["tenant"].as_str().unwrap();
-    let (s, _) = api.call("GET", &format!("/v1/instances/web?tenant={tenant_id}"), Some(ADMIN), None).await;
+    let (s, _) = api
+        .call(
+            "GET",
+            &format!("/v1/instances/web?tenant={tenant_id}"),
+            Some(ADMIN),
+            None,
+        )
+        .await;
     assert_eq!(s, 200);
 }
 
@@ -159,7 +272,10 @@ async fn bad_requests_and_policies_are_refused_with_the_reason() {
     let run = |body: Value| {
         let api = &api;
         let acme = acme.clone();
-        async move { api.call("POST", "/v1/instances", Some(&acme), Some(body)).await }
+        async move {
+            api.call("POST", "/v1/instances", Some(&acme), Some(body))
+                .await
+        }
     };
     let (s, b) = run(json!({"name": "a", "placement": {"max_per_hots": 1}})).await;
     assert_eq!(s, 400);
@@ -173,9 +289,16 @@ async fn bad_requests_and_policies_are_refused_with_the_reason() {
     assert_eq!(s, 400, "{b}");
     // Nothing fits: the error says why for each host.
     let (s, b) = run(json!({"name": "big", "vcpus": 4})).await;
-    assert_eq!((s, b["error"]["code"].as_str()), (409, Some("insufficient_capacity")));
-    assert!(message(&b).contains("h1: needs 4 vCPUs, 2 of 2 free"), "{b}");
-    let (s, b) = run(json!({"name": "zoned", "placement": {"require_labels": {"zone": "z9"}}})).await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (409, Some("insufficient_capacity"))
+    );
+    assert!(
+        message(&b).contains("h1: needs 4 vCPUs, 2 of 2 free"),
+        "{b}"
+    );
+    let (s, b) =
+        run(json!({"name": "zoned", "placement": {"require_labels": {"zone": "z9"}}})).await;
     assert_eq!(s, 409);
     assert!(message(&b).contains("requires label zone=z9"), "{b}");
     // All or nothing: 3 asked, 2 fit, none is kept.
@@ -183,12 +306,23 @@ async fn bad_requests_and_policies_are_refused_with_the_reason() {
     assert_eq!(s, 409);
     let (_, b) = api.call("GET", "/v1/instances", Some(&acme), None).await;
     assert_eq!(b["items"].as_array().unwrap().len(), 0, "{b}");
-    let (s, b) = api.call("POST", "/v1/placement/explain", Some(&acme), Some(json!({"name": "x", "vcpus": 2}))).await;
+    let (s, b) = api
+        .call(
+            "POST",
+            "/v1/placement/explain",
+            Some(&acme),
+            Some(json!({"name": "x", "vcpus": 2})),
+        )
+        .await;
     assert_eq!(s, 200);
     assert_eq!(b["chosen"], "h1");
-    let (s, b) = api.call("GET", "/v1/instances?page_size=0", Some(&acme), None).await;
+    let (s, b) = api
+        .call("GET", "/v1/instances?page_size=0", Some(&acme), None)
+        .await;
     assert_eq!(s, 400, "{b}");
-    let (s, b) = api.call("GET", "/v1/instances?bogus=1", Some(&acme), None).await;
+    let (s, b) = api
+        .call("GET", "/v1/instances?bogus=1", Some(&acme), None)
+        .await;
     assert_eq!(s, 400, "{b}");
 }
 
@@ -198,12 +332,28 @@ async fn idempotency_keys_and_pages() {
     api.host("h1", 64, "z1").await;
     let acme = api.tenant("acme").await;
     let body = json!({"name": "batch", "count": 5, "tags": {"app": "web"}});
-    let (s1, b1) = api.call_with("POST", "/v1/instances", Some(&acme), Some(body.clone()), Some("k1")).await;
-    let (s2, b2) = api.call_with("POST", "/v1/instances", Some(&acme), Some(body), Some("k1")).await;
+    let (s1, b1) = api
+        .call_with(
+            "POST",
+            "/v1/instances",
+            Some(&acme),
+            Some(body.clone()),
+            Some("k1"),
+        )
+        .await;
+    let (s2, b2) = api
+        .call_with("POST", "/v1/instances", Some(&acme), Some(body), Some("k1"))
+        .await;
     assert_eq!((s1, s2), (201, 201), "{b1} {b2}");
     assert_eq!(b1, b2, "the same answer again");
     let (s, b) = api
-        .call_with("POST", "/v1/instances", Some(&acme), Some(json!({"name": "other"})), Some("k1"))
+        .call_with(
+            "POST",
+            "/v1/instances",
+            Some(&acme),
+            Some(json!({"name": "other"})),
+            Some("k1"),
+        )
         .await;
     assert_eq!(s, 409);
     assert!(message(&b).contains("different request"), "{b}");
@@ -216,17 +366,30 @@ async fn idempotency_keys_and_pages() {
         };
         let (s, b) = api.call("GET", &path, Some(&acme), None).await;
         assert_eq!(s, 200, "{b}");
-        names.extend(b["items"].as_array().unwrap().iter().map(|i| i["name"].as_str().unwrap().to_string()));
+        names.extend(
+            b["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i["name"].as_str().unwrap().to_string()),
+        );
         token = b["next_page_token"].as_str().map(str::to_string);
         if token.is_none() {
             break;
         }
     }
-    assert_eq!(names, ["batch-1", "batch-2", "batch-3", "batch-4", "batch-5"]);
+    assert_eq!(
+        names,
+        ["batch-1", "batch-2", "batch-3", "batch-4", "batch-5"]
+    );
 }
 
 fn tenant_caller(tenant: &str) -> Caller {
-    Caller { token_id: "tok".into(), tenant_id: Some(tenant.into()), admin: false }
+    Caller {
+        token_id: "tok".into(),
+        tenant_id: Some(tenant.into()),
+        admin: false,
+    }
 }
 
 /// Two replicas on one PostgreSQL database place at the same time: no host
@@ -241,14 +404,19 @@ async fn two_replicas_never_double_book_a_host() {
     for (name, zone) in [("h1", "z1"), ("h2", "z2")] {
         let beat = HostHeartbeat {
             endpoint: "http://127.0.0.1:9".into(),
-            capacity: Resources { vcpus: 4, memory_mib: 8192 },
+            capacity: Resources {
+                vcpus: 4,
+                memory_mib: 8192,
+            },
             labels: BTreeMap::from([("zone".into(), zone.into())]),
             vms: vec![],
         };
         a.store().record_heartbeat(name, &beat).await.unwrap();
     }
     let caller = tenant_caller("t-1");
-    let request = |name: String, policy: Option<PlacementPolicy>, tags: BTreeMap<String, String>| RunInstancesRequest {
+    let request = |name: String,
+                   policy: Option<PlacementPolicy>,
+                   tags: BTreeMap<String, String>| RunInstancesRequest {
         name,
         count: 1,
         image: None,
@@ -263,7 +431,9 @@ async fn two_replicas_never_double_book_a_host() {
         let cp = if i % 2 == 0 { a.clone() } else { b.clone() };
         let caller = caller.clone();
         let req = request(format!("fill-{i}"), None, BTreeMap::new());
-        tasks.push(tokio::spawn(async move { cp.run_instances(&caller, None, &req).await.is_ok() }));
+        tasks.push(tokio::spawn(async move {
+            cp.run_instances(&caller, None, &req).await.is_ok()
+        }));
     }
     let mut placed = 0;
     for t in tasks {
@@ -277,20 +447,28 @@ async fn two_replicas_never_double_book_a_host() {
     for h in ["h1", "h2"] {
         let beat = HostHeartbeat {
             endpoint: "http://127.0.0.1:9".into(),
-            capacity: Resources { vcpus: 64, memory_mib: 65536 },
+            capacity: Resources {
+                vcpus: 64,
+                memory_mib: 65536,
+            },
             labels: BTreeMap::new(),
             vms: vec![],
         };
         a.store().record_heartbeat(h, &beat).await.unwrap();
     }
-    let policy = PlacementPolicy { max_per_host: Some(1), ..Default::default() };
+    let policy = PlacementPolicy {
+        max_per_host: Some(1),
+        ..Default::default()
+    };
     let tags = BTreeMap::from([("group".to_string(), "db".to_string())]);
     let mut tasks = Vec::new();
     for i in 0..6 {
         let cp = if i % 2 == 0 { a.clone() } else { b.clone() };
         let caller = caller.clone();
         let req = request(format!("db-{i}"), Some(policy.clone()), tags.clone());
-        tasks.push(tokio::spawn(async move { cp.run_instances(&caller, None, &req).await.ok() }));
+        tasks.push(tokio::spawn(async move {
+            cp.run_instances(&caller, None, &req).await.ok()
+        }));
     }
     let mut hosts = Vec::new();
     for t in tasks {

@@ -1,11 +1,15 @@
 //! The state store's behaviour, checked on SQLite and on a real PostgreSQL
 //! server alike: one schema, one code path.
 
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
 use std::collections::BTreeMap;
 
 use flotilla_api::control::{HostHeartbeat, ObservedState, OperationState, ReportedVm};
 use flotilla_api::{Resources, VmState};
-use flotilla_control::store::{InstanceFilter, NewInstance, OperationRow, Placement, Store, StoreError};
+use flotilla_control::store::{
+    InstanceFilter, NewInstance, OperationRow, Placement, Store, StoreError,
+};
 use flotilla_testkit::PgServer;
 
 /// A SQLite store and a PostgreSQL store, with what keeps them alive.
@@ -22,7 +26,10 @@ async fn stores(test: &str) -> (Vec<Store>, tempfile::TempDir, PgServer) {
 fn beat(vcpus: u32) -> HostHeartbeat {
     HostHeartbeat {
         endpoint: "http://127.0.0.1:9".into(),
-        capacity: Resources { vcpus, memory_mib: 4096 },
+        capacity: Resources {
+            vcpus,
+            memory_mib: 4096,
+        },
         labels: BTreeMap::from([("zone".into(), "z1".into())]),
         vms: vec![],
     }
@@ -36,7 +43,10 @@ fn instance(tenant: &str, name: &str, tags: &[(&str, &str)]) -> NewInstance {
         image: None,
         vcpus: 1,
         memory_mib: 256,
-        tags: tags.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        tags: tags
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         operation: None,
     }
 }
@@ -48,15 +58,23 @@ async fn tenants_tokens_and_migrations() {
         store.create_tenant("t-1", "acme").await.unwrap();
         let dup = store.create_tenant("t-2", "acme").await.unwrap_err();
         assert!(matches!(dup, StoreError::Duplicate(_)), "{dup}");
-        assert_eq!(store.tenant_by_name("acme").await.unwrap().unwrap().id, "t-1");
-        store.create_token("tok-1", "hash-1", Some("t-1"), false, None).await.unwrap();
+        assert_eq!(
+            store.tenant_by_name("acme").await.unwrap().unwrap().id,
+            "t-1"
+        );
+        store
+            .create_token("tok-1", "hash-1", Some("t-1"), false, None)
+            .await
+            .unwrap();
         let tok = store.token_by_hash("hash-1").await.unwrap().unwrap();
         assert_eq!((tok.tenant_id.as_deref(), tok.admin), (Some("t-1"), false));
         assert!(!store.has_admin_token().await.unwrap());
         assert!(store.token_by_hash("nope").await.unwrap().is_none());
     }
     // Opening again applies nothing twice and keeps the data.
-    let again = Store::open(&format!("sqlite://{}", dir.path().join("c.db").display())).await.unwrap();
+    let again = Store::open(&format!("sqlite://{}", dir.path().join("c.db").display()))
+        .await
+        .unwrap();
     assert!(again.tenant_by_name("acme").await.unwrap().is_some());
     let again = Store::open(&pg.url("tenants").unwrap()).await.unwrap();
     assert!(again.tenant_by_name("acme").await.unwrap().is_some());
@@ -71,26 +89,51 @@ async fn hosts_heartbeats_down_and_placement_versions() {
         let h = store.host("h1").await.unwrap().unwrap();
         assert_eq!((h.vcpus, h.down, h.version), (4, false, 0));
         // Two placements decided on the same version: only one commits.
-        let p = Placement { host: "h1".into(), host_version: h.version };
-        store.commit_placement(&instance("t-1", "a", &[]), &p).await.unwrap();
-        let lost = store.commit_placement(&instance("t-1", "b", &[]), &p).await.unwrap_err();
+        let p = Placement {
+            host: "h1".into(),
+            host_version: h.version,
+        };
+        store
+            .commit_placement(&instance("t-1", "a", &[]), &p)
+            .await
+            .unwrap();
+        let lost = store
+            .commit_placement(&instance("t-1", "b", &[]), &p)
+            .await
+            .unwrap_err();
         assert!(matches!(lost, StoreError::Contended));
-        assert!(store.instance("i-b").await.unwrap().is_none(), "nothing half-written");
+        assert!(
+            store.instance("i-b").await.unwrap().is_none(),
+            "nothing half-written"
+        );
         let h = store.host("h1").await.unwrap().unwrap();
         assert_eq!((h.used_vcpus, h.instances, h.version), (1, 1, 1));
         // A name is unique within a tenant.
-        let p = Placement { host: "h1".into(), host_version: 1 };
+        let p = Placement {
+            host: "h1".into(),
+            host_version: 1,
+        };
         let dup = store.commit_placement(&instance("t-1", "a", &[]), &p).await;
         assert!(dup.is_err());
         // Missed heartbeats: down, and its instances unknown (not dropped).
-        store.set_observed("i-a", ObservedState::Running, Some("10.0.0.2"), None).await.unwrap();
+        store
+            .set_observed("i-a", ObservedState::Running, Some("10.0.0.2"), None)
+            .await
+            .unwrap();
         let marked = store.mark_stale_hosts_down(i64::MAX).await.unwrap();
         assert_eq!(marked, vec!["h1".to_string()]);
         let a = store.instance("i-a").await.unwrap().unwrap();
-        assert_eq!((a.observed, a.ip.as_deref()), (ObservedState::Unknown, Some("10.0.0.2")));
+        assert_eq!(
+            (a.observed, a.ip.as_deref()),
+            (ObservedState::Unknown, Some("10.0.0.2"))
+        );
         // A heartbeat brings it back and says it was down.
         let mut b = beat(4);
-        b.vms.push(ReportedVm { name: "i-a".into(), state: VmState::Running, ip: None });
+        b.vms.push(ReportedVm {
+            name: "i-a".into(),
+            state: VmState::Running,
+            ip: None,
+        });
         assert!(store.record_heartbeat("h1", &b).await.unwrap());
         assert!(!store.host("h1").await.unwrap().unwrap().down);
         assert!(store.set_cordoned("h1", true).await.unwrap());
@@ -112,34 +155,81 @@ async fn instance_lists_filter_by_tag_state_and_page() {
                 "x_y" => &[("a_b", "50%")],
                 _ => &[("app", "web")],
             };
-            let p = Placement { host: "h1".into(), host_version: i as i64 };
-            store.commit_placement(&instance("t-1", name, tags), &p).await.unwrap();
+            let p = Placement {
+                host: "h1".into(),
+                host_version: i as i64,
+            };
+            store
+                .commit_placement(&instance("t-1", name, tags), &p)
+                .await
+                .unwrap();
         }
-        let p = Placement { host: "h1".into(), host_version: 4 };
-        store.commit_placement(&instance("t-2", "web-9", &[("app", "web")]), &p).await.unwrap();
-        let names = |rows: Vec<flotilla_control::store::InstanceRow>| rows.into_iter().map(|r| r.name).collect::<Vec<_>>();
+        let p = Placement {
+            host: "h1".into(),
+            host_version: 4,
+        };
+        store
+            .commit_placement(&instance("t-2", "web-9", &[("app", "web")]), &p)
+            .await
+            .unwrap();
+        let names = |rows: Vec<flotilla_control::store::InstanceRow>| {
+            rows.into_iter().map(|r| r.name).collect::<Vec<_>>()
+        };
         let f = |tags: &[(&str, &str)]| InstanceFilter {
             tenant_id: Some("t-1".into()),
-            tags: tags.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            tags: tags
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             limit: 100,
             ..Default::default()
         };
-        assert_eq!(names(store.list_instances(&f(&[("app", "web")])).await.unwrap()), ["web-1", "web-2"]);
+        assert_eq!(
+            names(store.list_instances(&f(&[("app", "web")])).await.unwrap()),
+            ["web-1", "web-2"]
+        );
         // LIKE wildcards in tags match only themselves, case matters.
-        assert_eq!(names(store.list_instances(&f(&[("a_b", "50%")])).await.unwrap()), ["x_y"]);
-        assert!(store.list_instances(&f(&[("aXb", "50%")])).await.unwrap().is_empty());
-        assert!(store.list_instances(&f(&[("app", "WEB")])).await.unwrap().is_empty());
+        assert_eq!(
+            names(store.list_instances(&f(&[("a_b", "50%")])).await.unwrap()),
+            ["x_y"]
+        );
+        assert!(store
+            .list_instances(&f(&[("aXb", "50%")]))
+            .await
+            .unwrap()
+            .is_empty());
+        assert!(store
+            .list_instances(&f(&[("app", "WEB")]))
+            .await
+            .unwrap()
+            .is_empty());
         // Pages by name.
-        let page1 = store.list_instances(&InstanceFilter { limit: 2, ..f(&[]) }).await.unwrap();
+        let page1 = store
+            .list_instances(&InstanceFilter { limit: 2, ..f(&[]) })
+            .await
+            .unwrap();
         assert_eq!(names(page1.clone()), ["db-1", "web-1"]);
         let page2 = store
-            .list_instances(&InstanceFilter { limit: 2, after: Some("web-1".into()), ..f(&[]) })
+            .list_instances(&InstanceFilter {
+                limit: 2,
+                after: Some("web-1".into()),
+                ..f(&[])
+            })
             .await
             .unwrap();
         assert_eq!(names(page2), ["web-2", "x_y"]);
-        store.set_observed("i-db-1", ObservedState::Running, None, None).await.unwrap();
-        let running = InstanceFilter { observed: Some(ObservedState::Running), ..f(&[]) };
-        assert_eq!(names(store.list_instances(&running).await.unwrap()), ["db-1"]);
+        store
+            .set_observed("i-db-1", ObservedState::Running, None, None)
+            .await
+            .unwrap();
+        let running = InstanceFilter {
+            observed: Some(ObservedState::Running),
+            ..f(&[])
+        };
+        assert_eq!(
+            names(store.list_instances(&running).await.unwrap()),
+            ["db-1"]
+        );
     }
 }
 
@@ -159,34 +249,89 @@ async fn operations_leases_and_idempotency_keys() {
             created_at: 1,
             updated_at: 1,
         };
-        store.create_operation(&op, "replica-a", i64::MAX).await.unwrap();
-        assert!(store.record_step("op-1", &["run i-a".into()], "replica-a", i64::MAX).await.unwrap());
+        store
+            .create_operation(&op, "replica-a", i64::MAX)
+            .await
+            .unwrap();
+        assert!(store
+            .record_step("op-1", &["run i-a".into()], "replica-a", i64::MAX)
+            .await
+            .unwrap());
         // Another replica cannot record steps, nor take it while the lease holds.
-        assert!(!store.record_step("op-1", &[], "replica-b", 0).await.unwrap());
-        assert!(store.claim_orphaned_operations("replica-b", 10, false).await.unwrap().is_empty());
+        assert!(!store
+            .record_step("op-1", &[], "replica-b", 0)
+            .await
+            .unwrap());
+        assert!(store
+            .claim_orphaned_operations("replica-b", 10, false)
+            .await
+            .unwrap()
+            .is_empty());
         // A lease that ran out is taken over, steps kept.
-        assert!(store.record_step("op-1", &["run i-a".into()], "replica-a", 0).await.unwrap());
-        let taken = store.claim_orphaned_operations("replica-b", i64::MAX, false).await.unwrap();
+        assert!(store
+            .record_step("op-1", &["run i-a".into()], "replica-a", 0)
+            .await
+            .unwrap());
+        let taken = store
+            .claim_orphaned_operations("replica-b", i64::MAX, false)
+            .await
+            .unwrap();
         assert_eq!(taken.len(), 1);
         assert_eq!(taken[0].steps, ["run i-a"]);
-        assert!(!store.record_step("op-1", &[], "replica-a", i64::MAX).await.unwrap());
-        store.finish_operation("op-1", OperationState::Succeeded, None).await.unwrap();
-        assert_eq!(store.operation("op-1").await.unwrap().unwrap().state, OperationState::Succeeded);
+        assert!(!store
+            .record_step("op-1", &[], "replica-a", i64::MAX)
+            .await
+            .unwrap());
+        store
+            .finish_operation("op-1", OperationState::Succeeded, None)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.operation("op-1").await.unwrap().unwrap().state,
+            OperationState::Succeeded
+        );
         assert_eq!(store.list_operations(None, 10).await.unwrap().len(), 1);
 
         assert!(store.reserve_idempotency_key("t", "k", "h1").await.unwrap());
         assert!(!store.reserve_idempotency_key("t", "k", "h1").await.unwrap());
-        assert_eq!(store.idempotent_response("t", "k").await.unwrap().unwrap().1, 0);
-        store.complete_idempotency_key("t", "k", 201, "{}").await.unwrap();
-        assert_eq!(store.idempotent_response("t", "k").await.unwrap().unwrap(), ("h1".into(), 201, "{}".into()));
-        assert!(store.reserve_idempotency_key("t2", "k", "h1").await.unwrap(), "keys are per tenant");
+        assert_eq!(
+            store
+                .idempotent_response("t", "k")
+                .await
+                .unwrap()
+                .unwrap()
+                .1,
+            0
+        );
+        store
+            .complete_idempotency_key("t", "k", 201, "{}")
+            .await
+            .unwrap();
+        assert_eq!(
+            store.idempotent_response("t", "k").await.unwrap().unwrap(),
+            ("h1".into(), 201, "{}".into())
+        );
+        assert!(
+            store
+                .reserve_idempotency_key("t2", "k", "h1")
+                .await
+                .unwrap(),
+            "keys are per tenant"
+        );
         store.release_idempotency_key("t2", "k").await.unwrap();
-        assert!(store.idempotent_response("t2", "k").await.unwrap().is_none());
+        assert!(store
+            .idempotent_response("t2", "k")
+            .await
+            .unwrap()
+            .is_none());
     }
 }
 
 #[tokio::test]
 async fn a_bad_database_url_is_refused_clearly() {
     let e = Store::open("mysql://x").await.unwrap_err();
-    assert!(e.to_string().contains("sqlite://PATH or postgres://"), "{e}");
+    assert!(
+        e.to_string().contains("sqlite://PATH or postgres://"),
+        "{e}"
+    );
 }

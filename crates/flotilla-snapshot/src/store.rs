@@ -1,10 +1,10 @@
 //! [`SnapshotStore`]: creating, reading, checking, referencing and removing
 //! layers. Storage goes through [`Backend`]; this module holds the rules.
 
+use std::collections::HashMap;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -350,9 +350,10 @@ impl SnapshotStore {
         for_each_verified_extent(self.backend.as_ref(), layer, |_, _| Ok(()))?;
         for disk in layer.disk.iter().chain(layer.extra_disks.values()) {
             let file = &disk.file;
-            let path = self.backend.disk_path(&layer.id, file).ok_or_else(|| {
-                SnapshotError::corrupt(&layer.id, format!("{file} is missing"))
-            })?;
+            let path = self
+                .backend
+                .disk_path(&layer.id, file)
+                .ok_or_else(|| SnapshotError::corrupt(&layer.id, format!("{file} is missing")))?;
             let (size, sha256) = hash_file(&path)?;
             if size != disk.size {
                 return Err(SnapshotError::corrupt(

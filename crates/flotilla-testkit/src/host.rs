@@ -23,6 +23,18 @@ pub struct HostOptions {
     pub with_default_image: bool,
     /// Put the data directory on a tmpfs of this size, to test a full disk.
     pub data_dir_size_mib: Option<u64>,
+    /// Heartbeat to a control plane listening in the caller's namespace.
+    pub control: Option<ControlLinkOptions>,
+}
+
+/// How a test host's agent joins a control plane that listens on `port` in
+/// the caller's namespace (reached over the host's veth).
+#[derive(Debug, Clone)]
+pub struct ControlLinkOptions {
+    pub port: u16,
+    pub token: String,
+    pub host_name: String,
+    pub labels: Vec<String>,
 }
 
 impl Default for HostOptions {
@@ -32,6 +44,7 @@ impl Default for HostOptions {
             capacity_memory_mib: 8192,
             with_default_image: true,
             data_dir_size_mib: None,
+            control: None,
         }
     }
 }
@@ -120,11 +133,23 @@ impl TestHost {
             .create(true)
             .append(true)
             .open(self.data_path().join("agent.log"))?;
-        let child = Command::new("ip")
+        let mut command = Command::new("ip");
+        command
             .args(["netns", "exec", &self.netns.name])
             .arg(flotilla_bin())
             .args(["agent", "--accel", "auto", "--data-dir"])
-            .arg(self.data_path())
+            .arg(self.data_path());
+        if let Some(c) = &self.options.control {
+            command
+                .arg("--control-plane")
+                .arg(format!("http://{}:{}", self.netns.host_ip, c.port))
+                .args(["--control-token", &c.token, "--host-name", &c.host_name])
+                .args(["--advertise", &self.endpoint, "--heartbeat-interval", "1"]);
+            for label in &c.labels {
+                command.args(["--label", label]);
+            }
+        }
+        let child = command
             .args(["--listen", &format!("{}:{AGENT_PORT}", self.netns.ns_ip)])
             .args(["--capacity-vcpus", &self.options.capacity_vcpus.to_string()])
             .args([

@@ -9,13 +9,15 @@
 //! namespace and the data directory, also when a test fails.
 
 mod bare;
+mod control;
 mod host;
 pub mod netns;
 mod postgres;
 mod procs;
 
 pub use bare::{bare_qemu_command, BareQemu};
-pub use host::{HostOptions, TestHost};
+pub use control::ControlPlaneProcess;
+pub use host::{ControlLinkOptions, HostOptions, TestHost};
 pub use netns::NetNs;
 pub use postgres::PgServer;
 pub use procs::{process_alive, qemu_pids_under};

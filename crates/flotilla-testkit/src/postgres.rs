@@ -34,7 +34,9 @@ fn bin_dir() -> anyhow::Result<PathBuf> {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 impl PgServer {
@@ -47,7 +49,16 @@ impl PgServer {
         nix::unistd::chown(dir.path(), Some(user.uid), Some(user.gid))?;
         let data = dir.path().join("data");
         let out = Command::new(bin.join("initdb"))
-            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "-D"])
+            .args([
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "-D",
+            ])
             .arg(&data)
             .uid(uid)
             .gid(gid)
@@ -84,7 +95,8 @@ impl PgServer {
                 return Ok(server);
             }
             if Instant::now() > deadline {
-                let log = std::fs::read_to_string(server.dir.path().join("server.log")).unwrap_or_default();
+                let log = std::fs::read_to_string(server.dir.path().join("server.log"))
+                    .unwrap_or_default();
                 bail!("PostgreSQL did not start within 30 s: {log}");
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -95,13 +107,24 @@ impl PgServer {
     pub fn url(&self, database: &str) -> anyhow::Result<String> {
         let bin = bin_dir()?;
         let out = Command::new(bin.join("createdb"))
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", database])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                database,
+            ])
             .output()?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         if !out.status.success() && !stderr.contains("already exists") {
             bail!("createdb {database}: {stderr}");
         }
-        Ok(format!("postgres://postgres@127.0.0.1:{}/{database}", self.port))
+        Ok(format!(
+            "postgres://postgres@127.0.0.1:{}/{database}",
+            self.port
+        ))
     }
 }
 

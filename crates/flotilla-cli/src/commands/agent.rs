@@ -39,10 +39,9 @@ fn config_from(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
     };
     c.ready_timeout = Duration::from_secs(args.ready_timeout);
     if let Some(url) = &args.control_plane {
-        let token = args
-            .control_token
-            .clone()
-            .context("--control-plane needs --control-token (an admin token of the control plane)")?;
+        let token = args.control_token.clone().context(
+            "--control-plane needs --control-token (an admin token of the control plane)",
+        )?;
         let host_name = match &args.host_name {
             Some(n) => n.clone(),
             None => nix::unistd::gethostname()

@@ -8,9 +8,10 @@ use flotilla_control::{run_control, ControlConfig, ControlSettings};
 use crate::args::ControlArgs;
 
 pub async fn control(args: ControlArgs) -> anyhow::Result<ExitCode> {
-    let database = args.database.clone().unwrap_or_else(|| {
-        format!("sqlite://{}", args.data_dir.join("control.db").display())
-    });
+    let database = args
+        .database
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}", args.data_dir.join("control.db").display()));
     let settings = ControlSettings {
         host_down_after: Duration::from_secs(args.host_down_after.max(1)),
         ..ControlSettings::default()

@@ -4,6 +4,7 @@
 
 mod bad_input;
 mod clone;
+mod control;
 mod exec;
 mod faults;
 mod images;

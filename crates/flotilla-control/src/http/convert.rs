@@ -23,7 +23,11 @@ pub fn tenant(t: TenantRow) -> Tenant {
 
 pub fn host(h: HostRow) -> Host {
     Host {
-        state: if h.down { HostState::Down } else { HostState::Up },
+        state: if h.down {
+            HostState::Down
+        } else {
+            HostState::Up
+        },
         cordoned: h.cordoned,
         capacity: Resources {
             vcpus: h.vcpus,

@@ -39,10 +39,29 @@ pub async fn healthz() -> &'static str {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Flotilla control plane", description = "Tenants, hosts, instances, placement and operations"),
-    paths(create_tenant, list_tenants, create_token, list_hosts, get_host, heartbeat, cordon, uncordon,
-          run_instances, list_instances, get_instance, terminate_instance, start_instance, stop_instance,
-          explain, list_operations, get_operation),
+    info(
+        title = "Flotilla control plane",
+        description = "Tenants, hosts, instances, placement and operations"
+    ),
+    paths(
+        create_tenant,
+        list_tenants,
+        create_token,
+        list_hosts,
+        get_host,
+        heartbeat,
+        cordon,
+        uncordon,
+        run_instances,
+        list_instances,
+        get_instance,
+        terminate_instance,
+        start_instance,
+        stop_instance,
+        explain,
+        list_operations,
+        get_operation
+    ),
     components(schemas(flotilla_api::ErrorBody))
 )]
 struct ControlApi;
@@ -71,7 +90,10 @@ pub async fn create_tenant(
 }
 
 #[utoipa::path(get, path = "/v1/tenants", responses((status = 200, body = Vec<Tenant>)))]
-pub async fn list_tenants(State(cp): State<ControlPlane>, caller: Caller) -> ApiResult<Json<Vec<Tenant>>> {
+pub async fn list_tenants(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+) -> ApiResult<Json<Vec<Tenant>>> {
     let list = cp.list_tenants(&caller).await?;
     Ok(Json(list.into_iter().map(convert::tenant).collect()))
 }
@@ -85,21 +107,41 @@ pub async fn create_token(
 ) -> ApiResult<(StatusCode, Json<TokenCreated>)> {
     let req = body(req)?;
     let (id, tenant, token) = cp
-        .create_token(&caller, req.tenant.as_deref(), req.admin, req.description.as_deref())
+        .create_token(
+            &caller,
+            req.tenant.as_deref(),
+            req.admin,
+            req.description.as_deref(),
+        )
         .await?;
-    Ok((StatusCode::CREATED, Json(TokenCreated { id, tenant, admin: req.admin, token })))
+    Ok((
+        StatusCode::CREATED,
+        Json(TokenCreated {
+            id,
+            tenant,
+            admin: req.admin,
+            token,
+        }),
+    ))
 }
 
 // ---- hosts ----
 
 #[utoipa::path(get, path = "/v1/hosts", responses((status = 200, body = Vec<Host>)))]
-pub async fn list_hosts(State(cp): State<ControlPlane>, caller: Caller) -> ApiResult<Json<Vec<Host>>> {
+pub async fn list_hosts(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+) -> ApiResult<Json<Vec<Host>>> {
     let hosts = cp.list_hosts(&caller).await?;
     Ok(Json(hosts.into_iter().map(convert::host).collect()))
 }
 
 #[utoipa::path(get, path = "/v1/hosts/{name}", responses((status = 200, body = Host)))]
-pub async fn get_host(State(cp): State<ControlPlane>, caller: Caller, Path(name): Path<String>) -> ApiResult<Json<Host>> {
+pub async fn get_host(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Host>> {
     Ok(Json(convert::host(cp.host(&caller, &name).await?)))
 }
 
@@ -117,13 +159,25 @@ pub async fn heartbeat(
 }
 
 #[utoipa::path(post, path = "/v1/hosts/{name}/cordon", responses((status = 200, body = Host)))]
-pub async fn cordon(State(cp): State<ControlPlane>, caller: Caller, Path(name): Path<String>) -> ApiResult<Json<Host>> {
-    Ok(Json(convert::host(cp.set_cordoned(&caller, &name, true).await?)))
+pub async fn cordon(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Host>> {
+    Ok(Json(convert::host(
+        cp.set_cordoned(&caller, &name, true).await?,
+    )))
 }
 
 #[utoipa::path(post, path = "/v1/hosts/{name}/uncordon", responses((status = 200, body = Host)))]
-pub async fn uncordon(State(cp): State<ControlPlane>, caller: Caller, Path(name): Path<String>) -> ApiResult<Json<Host>> {
-    Ok(Json(convert::host(cp.set_cordoned(&caller, &name, false).await?)))
+pub async fn uncordon(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Host>> {
+    Ok(Json(convert::host(
+        cp.set_cordoned(&caller, &name, false).await?,
+    )))
 }
 
 // ---- instances ----
@@ -150,7 +204,10 @@ pub async fn run_instances(
 ) -> ApiResult<Response> {
     let q = query(q)?;
     let req = body(req)?;
-    let key = headers.get(IDEMPOTENCY_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let key = headers
+        .get(IDEMPOTENCY_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let Some(key) = key else {
         let result = run(&cp, &caller, q.tenant.as_deref(), &req).await?;
         return Ok((StatusCode::CREATED, Json(result)).into_response());
@@ -158,14 +215,27 @@ pub async fn run_instances(
     if key.is_empty() || key.len() > 200 {
         return Err(ControlError::invalid("Idempotency-Key must be 1 to 200 characters").into());
     }
-    let scope = caller.tenant_id.clone().or(q.tenant.clone()).unwrap_or_default();
+    let scope = caller
+        .tenant_id
+        .clone()
+        .or(q.tenant.clone())
+        .unwrap_or_default();
     let hash = hex::encode(Sha256::digest(serde_json::to_vec(&req).unwrap_or_default()));
     let store = cp.store();
-    if !store.reserve_idempotency_key(&scope, &key, &hash).await.map_err(ControlError::from)? {
-        let Some((stored_hash, status, response)) =
-            store.idempotent_response(&scope, &key).await.map_err(ControlError::from)?
+    if !store
+        .reserve_idempotency_key(&scope, &key, &hash)
+        .await
+        .map_err(ControlError::from)?
+    {
+        let Some((stored_hash, status, response)) = store
+            .idempotent_response(&scope, &key)
+            .await
+            .map_err(ControlError::from)?
         else {
-            return Err(ControlError::conflict("the idempotency key was just released; send again").into());
+            return Err(ControlError::conflict(
+                "the idempotency key was just released; send again",
+            )
+            .into());
         };
         if stored_hash != hash {
             return Err(ControlError::conflict(format!(
@@ -174,7 +244,10 @@ pub async fn run_instances(
             .into());
         }
         if status == 0 {
-            return Err(ControlError::conflict(format!("a request with idempotency key {key:?} is in progress")).into());
+            return Err(ControlError::conflict(format!(
+                "a request with idempotency key {key:?} is in progress"
+            ))
+            .into());
         }
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
         let body: serde_json::Value = serde_json::from_str(&response).unwrap_or_default();
@@ -196,7 +269,12 @@ pub async fn run_instances(
     }
 }
 
-async fn run(cp: &ControlPlane, caller: &Caller, tenant: Option<&str>, req: &RunInstancesRequest) -> ApiResult<RunInstancesResult> {
+async fn run(
+    cp: &ControlPlane,
+    caller: &Caller,
+    tenant: Option<&str>,
+    req: &RunInstancesRequest,
+) -> ApiResult<RunInstancesResult> {
     let (op, instances) = cp.run_instances(caller, tenant, req).await?;
     Ok(RunInstancesResult {
         operation: op.id,
@@ -235,13 +313,20 @@ pub async fn list_instances(
     let q = query(q)?;
     let size = q.page_size.unwrap_or(100);
     if !(1..=1000).contains(&size) {
-        return Err(ControlError::invalid(format!("page_size {size} is out of range (1 to 1000)")).into());
+        return Err(
+            ControlError::invalid(format!("page_size {size} is out of range (1 to 1000)")).into(),
+        );
     }
     let mut tags = BTreeMap::new();
-    for pair in q.tag.iter().flat_map(|t| t.split(',')).filter(|p| !p.is_empty()) {
-        let (k, v) = pair
-            .split_once('=')
-            .ok_or_else(|| ControlError::invalid(format!("invalid tag filter {pair:?}: expected key=value")))?;
+    for pair in q
+        .tag
+        .iter()
+        .flat_map(|t| t.split(','))
+        .filter(|p| !p.is_empty())
+    {
+        let (k, v) = pair.split_once('=').ok_or_else(|| {
+            ControlError::invalid(format!("invalid tag filter {pair:?}: expected key=value"))
+        })?;
         tags.insert(k.to_string(), v.to_string());
     }
     let filter = InstanceFilter {
@@ -259,7 +344,10 @@ pub async fn list_instances(
     } else {
         None
     };
-    Ok(Json(Page { items: rows.into_iter().map(convert::instance).collect(), next_page_token }))
+    Ok(Json(Page {
+        items: rows.into_iter().map(convert::instance).collect(),
+        next_page_token,
+    }))
 }
 
 #[utoipa::path(get, path = "/v1/instances/{name}", responses((status = 200, body = Instance), (status = 404, body = flotilla_api::ErrorBody)))]
@@ -270,27 +358,52 @@ pub async fn get_instance(
     q: Result<Query<TenantQuery>, QueryRejection>,
 ) -> ApiResult<Json<Instance>> {
     let q = query(q)?;
-    Ok(Json(convert::instance(cp.instance(&caller, q.tenant.as_deref(), &name).await?)))
+    Ok(Json(convert::instance(
+        cp.instance(&caller, q.tenant.as_deref(), &name).await?,
+    )))
 }
 
-async fn act(cp: ControlPlane, caller: Caller, name: String, q: Result<Query<TenantQuery>, QueryRejection>, input: OperationInput) -> ApiResult<(StatusCode, Json<Operation>)> {
+async fn act(
+    cp: ControlPlane,
+    caller: Caller,
+    name: String,
+    q: Result<Query<TenantQuery>, QueryRejection>,
+    input: OperationInput,
+) -> ApiResult<(StatusCode, Json<Operation>)> {
     let q = query(q)?;
-    let op = cp.act_on_instance(&caller, q.tenant.as_deref(), &name, input).await?;
+    let op = cp
+        .act_on_instance(&caller, q.tenant.as_deref(), &name, input)
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(convert::operation(op))))
 }
 
 #[utoipa::path(delete, path = "/v1/instances/{name}", responses((status = 202, body = Operation)))]
-pub async fn terminate_instance(State(cp): State<ControlPlane>, caller: Caller, Path(name): Path<String>, q: Result<Query<TenantQuery>, QueryRejection>) -> ApiResult<(StatusCode, Json<Operation>)> {
+pub async fn terminate_instance(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    Path(name): Path<String>,
+    q: Result<Query<TenantQuery>, QueryRejection>,
+) -> ApiResult<(StatusCode, Json<Operation>)> {
     act(cp, caller, name, q, OperationInput::Terminate).await
 }
 
 #[utoipa::path(post, path = "/v1/instances/{name}/start", responses((status = 202, body = Operation)))]
-pub async fn start_instance(State(cp): State<ControlPlane>, caller: Caller, Path(name): Path<String>, q: Result<Query<TenantQuery>, QueryRejection>) -> ApiResult<(StatusCode, Json<Operation>)> {
+pub async fn start_instance(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    Path(name): Path<String>,
+    q: Result<Query<TenantQuery>, QueryRejection>,
+) -> ApiResult<(StatusCode, Json<Operation>)> {
     act(cp, caller, name, q, OperationInput::Start).await
 }
 
 #[utoipa::path(post, path = "/v1/instances/{name}/stop", responses((status = 202, body = Operation)))]
-pub async fn stop_instance(State(cp): State<ControlPlane>, caller: Caller, Path(name): Path<String>, q: Result<Query<TenantQuery>, QueryRejection>) -> ApiResult<(StatusCode, Json<Operation>)> {
+pub async fn stop_instance(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    Path(name): Path<String>,
+    q: Result<Query<TenantQuery>, QueryRejection>,
+) -> ApiResult<(StatusCode, Json<Operation>)> {
     act(cp, caller, name, q, OperationInput::Stop).await
 }
 
@@ -318,7 +431,11 @@ pub struct OpsQuery {
 
 #[utoipa::path(get, path = "/v1/operations", params(("limit" = Option<u32>, Query, description = "newest first, default 100")),
     responses((status = 200, body = Vec<Operation>)))]
-pub async fn list_operations(State(cp): State<ControlPlane>, caller: Caller, q: Result<Query<OpsQuery>, QueryRejection>) -> ApiResult<Json<Vec<Operation>>> {
+pub async fn list_operations(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    q: Result<Query<OpsQuery>, QueryRejection>,
+) -> ApiResult<Json<Vec<Operation>>> {
     let q = query(q)?;
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let ops = cp.list_operations(&caller, limit).await?;
@@ -326,6 +443,31 @@ pub async fn list_operations(State(cp): State<ControlPlane>, caller: Caller, q: 
 }
 
 #[utoipa::path(get, path = "/v1/operations/{id}", responses((status = 200, body = Operation)))]
-pub async fn get_operation(State(cp): State<ControlPlane>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Operation>> {
+pub async fn get_operation(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Operation>> {
     Ok(Json(convert::operation(cp.operation(&caller, &id).await?)))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests fail loudly by design.
+mod tests {
+    /// The committed `docs/control-openapi.json` must match the code; run
+    /// with `FLOTILLA_UPDATE_OPENAPI=1` to rewrite it after an API change.
+    #[test]
+    fn committed_openapi_document_matches_the_code() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../docs/control-openapi.json");
+        let generated = serde_json::to_string_pretty(&super::openapi_document()).unwrap() + "\n";
+        if std::env::var_os("FLOTILLA_UPDATE_OPENAPI").is_some() {
+            std::fs::write(&path, &generated).unwrap();
+        }
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == generated,
+            "docs/control-openapi.json is out of date: run FLOTILLA_UPDATE_OPENAPI=1 cargo test -p flotilla-control openapi"
+        );
+    }
 }

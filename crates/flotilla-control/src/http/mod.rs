@@ -33,7 +33,10 @@ pub fn router(cp: ControlPlane) -> Router {
         .route("/v1/hosts/{name}/cordon", post(cordon))
         .route("/v1/hosts/{name}/uncordon", post(uncordon))
         .route("/v1/instances", get(list_instances).post(run_instances))
-        .route("/v1/instances/{name}", get(get_instance).delete(terminate_instance))
+        .route(
+            "/v1/instances/{name}",
+            get(get_instance).delete(terminate_instance),
+        )
         .route("/v1/instances/{name}/start", post(start_instance))
         .route("/v1/instances/{name}/stop", post(stop_instance))
         .route("/v1/placement/explain", post(explain))
@@ -75,8 +78,8 @@ impl From<QueryRejection> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status =
-            StatusCode::from_u16(self.0.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status = StatusCode::from_u16(self.0.code.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         (status, Json(ErrorBody { error: self.0 })).into_response()
     }
 }
@@ -92,15 +95,20 @@ async fn no_such_route(uri: axum::http::Uri) -> ApiError {
 impl FromRequestParts<ControlPlane> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, cp: &ControlPlane) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        cp: &ControlPlane,
+    ) -> Result<Self, Self::Rejection> {
         let header = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
         let Some(secret) = header.and_then(bearer) else {
-            return Err(ControlError::new(ErrorCode::Unauthenticated, "missing API token")
-                .with_hint("send `Authorization: Bearer <token>`")
-                .into());
+            return Err(
+                ControlError::new(ErrorCode::Unauthenticated, "missing API token")
+                    .with_hint("send `Authorization: Bearer <token>`")
+                    .into(),
+            );
         };
         Ok(cp.authenticate(secret).await?)
     }

@@ -50,8 +50,16 @@ pub fn reject_reason(host: &HostView, demand: &Demand, policy: &PlacementPolicy)
     for (key, want) in &policy.require_labels {
         match host.labels.get(key) {
             Some(have) if have == want => {}
-            Some(have) => return Some(format!("requires label {key}={want}, the host has {key}={have}")),
-            None => return Some(format!("requires label {key}={want}, the host has no {key}")),
+            Some(have) => {
+                return Some(format!(
+                    "requires label {key}={want}, the host has {key}={have}"
+                ))
+            }
+            None => {
+                return Some(format!(
+                    "requires label {key}={want}, the host has no {key}"
+                ))
+            }
         }
     }
     for (key, banned) in &policy.forbid_labels {
@@ -90,8 +98,10 @@ pub fn reject_reason(host: &HostView, demand: &Demand, policy: &PlacementPolicy)
 
 /// A passing host's score: higher is better.
 pub fn score(host: &HostView, demand: &Demand, policy: &PlacementPolicy) -> f64 {
-    let cpu_after = (host.used_vcpus + u64::from(demand.vcpus)) as f64 / f64::from(host.vcpus.max(1));
-    let mem_after = (host.used_memory_mib + demand.memory_mib) as f64 / host.memory_mib.max(1) as f64;
+    let cpu_after =
+        (host.used_vcpus + u64::from(demand.vcpus)) as f64 / f64::from(host.vcpus.max(1));
+    let mem_after =
+        (host.used_memory_mib + demand.memory_mib) as f64 / host.memory_mib.max(1) as f64;
     let fullness = (cpu_after + mem_after) / 2.0;
     let mut score = match policy.strategy.unwrap_or(PlacementStrategy::Spread) {
         // Fewest of the group first, then the emptiest host.
@@ -108,7 +118,11 @@ pub fn score(host: &HostView, demand: &Demand, policy: &PlacementPolicy) -> f64 
 
 /// Picks the host for `demand`, or none. Ties go to the first host by name,
 /// so a decision can be replayed.
-pub fn choose<'a>(hosts: &'a [HostView], demand: &Demand, policy: &PlacementPolicy) -> Option<&'a HostView> {
+pub fn choose<'a>(
+    hosts: &'a [HostView],
+    demand: &Demand,
+    policy: &PlacementPolicy,
+) -> Option<&'a HostView> {
     let mut best: Option<(&HostView, f64)> = None;
     for host in hosts {
         if reject_reason(host, demand, policy).is_some() {
@@ -128,7 +142,11 @@ pub fn choose<'a>(hosts: &'a [HostView], demand: &Demand, policy: &PlacementPoli
 
 /// The decision with every host's verdict, for the explain call and for
 /// the error when nothing fits.
-pub fn explain(hosts: &[HostView], demand: &Demand, policy: &PlacementPolicy) -> PlacementExplanation {
+pub fn explain(
+    hosts: &[HostView],
+    demand: &Demand,
+    policy: &PlacementPolicy,
+) -> PlacementExplanation {
     let chosen = choose(hosts, demand, policy).map(|h| h.name.clone());
     let hosts = hosts
         .iter()
@@ -145,4 +163,5 @@ pub fn explain(hosts: &[HostView], demand: &Demand, policy: &PlacementPolicy) ->
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests fail loudly by design.
 mod tests;

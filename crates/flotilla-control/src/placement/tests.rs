@@ -26,14 +26,22 @@ const SMALL: Demand = Demand {
 
 #[test]
 fn spread_prefers_fewer_of_the_group_then_emptier_hosts() {
-    let hosts = [host("a", "z1", 0, 2), host("b", "z1", 3, 0), host("c", "z2", 1, 0)];
+    let hosts = [
+        host("a", "z1", 0, 2),
+        host("b", "z1", 3, 0),
+        host("c", "z2", 1, 0),
+    ];
     let chosen = choose(&hosts, &SMALL, &PlacementPolicy::default()).unwrap();
     assert_eq!(chosen.name, "c");
 }
 
 #[test]
 fn binpack_prefers_the_fullest_host_that_fits() {
-    let hosts = [host("a", "z1", 0, 0), host("b", "z1", 3, 0), host("c", "z1", 4, 0)];
+    let hosts = [
+        host("a", "z1", 0, 0),
+        host("b", "z1", 3, 0),
+        host("c", "z1", 4, 0),
+    ];
     let policy = PlacementPolicy {
         strategy: Some(PlacementStrategy::Binpack),
         ..Default::default()
@@ -43,16 +51,33 @@ fn binpack_prefers_the_fullest_host_that_fits() {
 
 #[test]
 fn explain_names_every_reason() {
-    let mut hosts = vec![host("a", "z1", 0, 0), host("b", "z2", 0, 0), host("c", "z1", 4, 0)];
-    hosts.push(HostView { cordoned: true, ..host("d", "z1", 0, 0) });
-    hosts.push(HostView { down: true, ..host("e", "z1", 0, 0) });
+    let mut hosts = vec![
+        host("a", "z1", 0, 0),
+        host("b", "z2", 0, 0),
+        host("c", "z1", 4, 0),
+    ];
+    hosts.push(HostView {
+        cordoned: true,
+        ..host("d", "z1", 0, 0)
+    });
+    hosts.push(HostView {
+        down: true,
+        ..host("e", "z1", 0, 0)
+    });
     let policy = PlacementPolicy {
         require_labels: BTreeMap::from([("zone".into(), "z1".into())]),
         ..Default::default()
     };
     let e = explain(&hosts, &SMALL, &policy);
     assert_eq!(e.chosen.as_deref(), Some("a"));
-    let reason = |n: &str| e.hosts.iter().find(|v| v.host == n).unwrap().rejected.clone();
+    let reason = |n: &str| {
+        e.hosts
+            .iter()
+            .find(|v| v.host == n)
+            .unwrap()
+            .rejected
+            .clone()
+    };
     assert_eq!(reason("a"), None);
     assert!(reason("b").unwrap().contains("requires label zone=z1"));
     assert!(reason("c").unwrap().contains("vCPUs"));
@@ -135,17 +160,19 @@ fn arb_host() -> impl Strategy<Value = HostView> {
         0u64..20,
         0u32..4,
     )
-        .prop_map(|(name, zone, down, cordoned, vcpus, used, group)| HostView {
-            name,
-            labels: BTreeMap::from([("zone".to_string(), zone.to_string())]),
-            down,
-            cordoned,
-            vcpus,
-            memory_mib: u64::from(vcpus) * 1024,
-            used_vcpus: used,
-            used_memory_mib: used * 512,
-            group_count: group,
-        })
+        .prop_map(
+            |(name, zone, down, cordoned, vcpus, used, group)| HostView {
+                name,
+                labels: BTreeMap::from([("zone".to_string(), zone.to_string())]),
+                down,
+                cordoned,
+                vcpus,
+                memory_mib: u64::from(vcpus) * 1024,
+                used_vcpus: used,
+                used_memory_mib: used * 512,
+                group_count: group,
+            },
+        )
 }
 
 fn arb_policy() -> impl Strategy<Value = PlacementPolicy> {
@@ -157,12 +184,20 @@ fn arb_policy() -> impl Strategy<Value = PlacementPolicy> {
         any::<bool>(),
     )
         .prop_map(|(req, forbid, over, max, binpack)| PlacementPolicy {
-            require_labels: req.map(|z| BTreeMap::from([("zone".into(), z.into())])).unwrap_or_default(),
-            forbid_labels: forbid.map(|z| BTreeMap::from([("zone".into(), z.into())])).unwrap_or_default(),
+            require_labels: req
+                .map(|z| BTreeMap::from([("zone".into(), z.into())]))
+                .unwrap_or_default(),
+            forbid_labels: forbid
+                .map(|z| BTreeMap::from([("zone".into(), z.into())]))
+                .unwrap_or_default(),
             cpu_overcommit: over,
             memory_overcommit: over,
             max_per_host: max,
-            strategy: Some(if binpack { PlacementStrategy::Binpack } else { PlacementStrategy::Spread }),
+            strategy: Some(if binpack {
+                PlacementStrategy::Binpack
+            } else {
+                PlacementStrategy::Spread
+            }),
             ..Default::default()
         })
 }

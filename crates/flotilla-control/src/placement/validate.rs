@@ -33,12 +33,18 @@ pub fn validate(policy: &PlacementPolicy, at: &str) -> Result<(), PolicyError> {
     ] {
         if let Some(r) = ratio {
             if !r.is_finite() || !(0.1..=64.0).contains(&r) {
-                return Err(err(format!("{at}.{name}"), format!("{r} is out of range (0.1 to 64)")));
+                return Err(err(
+                    format!("{at}.{name}"),
+                    format!("{r} is out of range (0.1 to 64)"),
+                ));
             }
         }
     }
     if policy.max_per_host == Some(0) {
-        return Err(err(format!("{at}.max_per_host"), "0 would place nothing (at least 1)"));
+        return Err(err(
+            format!("{at}.max_per_host"),
+            "0 would place nothing (at least 1)",
+        ));
     }
     if let Some(tag) = &policy.group_tag {
         if tag.is_empty() {
@@ -47,12 +53,18 @@ pub fn validate(policy: &PlacementPolicy, at: &str) -> Result<(), PolicyError> {
     }
     for (i, pref) in policy.prefer_labels.iter().enumerate() {
         if !pref.weight.is_finite() {
-            return Err(err(format!("{at}.prefer_labels[{i}].weight"), "must be a finite number"));
+            return Err(err(
+                format!("{at}.prefer_labels[{i}].weight"),
+                "must be a finite number",
+            ));
         }
         if policy.forbid_labels.get(&pref.label) == Some(&pref.value) && pref.weight > 0.0 {
             return Err(err(
                 format!("{at}.prefer_labels[{i}]"),
-                format!("prefers {}={}, which {at}.forbid_labels forbids", pref.label, pref.value),
+                format!(
+                    "prefers {}={}, which {at}.forbid_labels forbids",
+                    pref.label, pref.value
+                ),
             ));
         }
     }

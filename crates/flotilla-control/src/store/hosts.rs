@@ -102,7 +102,11 @@ impl Store {
     }
 
     pub async fn host(&self, name: &str) -> StoreResult<Option<HostRow>> {
-        Ok(self.list_hosts().await?.into_iter().find(|h| h.name == name))
+        Ok(self
+            .list_hosts()
+            .await?
+            .into_iter()
+            .find(|h| h.name == name))
     }
 
     async fn usage_by_host(&self) -> StoreResult<HashMap<String, (u64, u64, u64)>> {
@@ -168,13 +172,12 @@ impl Store {
         placement: &Placement,
     ) -> StoreResult<()> {
         let mut tx = self.pool().begin().await?;
-        let claimed = sqlx::query(
-            "UPDATE hosts SET version = version + 1 WHERE name = $1 AND version = $2",
-        )
-        .bind(&placement.host)
-        .bind(placement.host_version)
-        .execute(&mut *tx)
-        .await?;
+        let claimed =
+            sqlx::query("UPDATE hosts SET version = version + 1 WHERE name = $1 AND version = $2")
+                .bind(&placement.host)
+                .bind(placement.host_version)
+                .execute(&mut *tx)
+                .await?;
         if claimed.rows_affected() == 0 {
             return Err(StoreError::Contended);
         }

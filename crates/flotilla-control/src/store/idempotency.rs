@@ -79,11 +79,13 @@ impl Store {
 
     /// Frees a reserved key whose request failed before changing anything.
     pub async fn release_idempotency_key(&self, tenant_id: &str, key: &str) -> StoreResult<()> {
-        sqlx::query("DELETE FROM idempotency_keys WHERE tenant_id = $1 AND key = $2 AND status = 0")
-            .bind(tenant_id)
-            .bind(key)
-            .execute(self.pool())
-            .await?;
+        sqlx::query(
+            "DELETE FROM idempotency_keys WHERE tenant_id = $1 AND key = $2 AND status = 0",
+        )
+        .bind(tenant_id)
+        .bind(key)
+        .execute(self.pool())
+        .await?;
         Ok(())
     }
 }

@@ -103,7 +103,12 @@ impl Store {
                     .connect(&url)
                     .await?
             }
-            Dialect::Postgres => AnyPoolOptions::new().max_connections(8).connect(&url).await?,
+            Dialect::Postgres => {
+                AnyPoolOptions::new()
+                    .max_connections(8)
+                    .connect(&url)
+                    .await?
+            }
         };
         let store = Store { pool, dialect };
         store.migrate().await?;
@@ -137,16 +142,17 @@ impl Store {
                 continue;
             }
             let mut tx = self.pool.begin().await?;
-            let claimed = sqlx::query(
-                "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
-            )
-            .bind(version)
-            .bind(now_ms())
-            .execute(&mut *tx)
-            .await;
+            let claimed =
+                sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
+                    .bind(version)
+                    .bind(now_ms())
+                    .execute(&mut *tx)
+                    .await;
             if let Err(e) = claimed {
                 // Another replica is applying it.
-                if e.as_database_error().is_some_and(|d| d.is_unique_violation()) {
+                if e.as_database_error()
+                    .is_some_and(|d| d.is_unique_violation())
+                {
                     continue;
                 }
                 return Err(e.into());

@@ -1,0 +1,187 @@
+//! The control plane driving two real agents, each a test host in its own
+//! network namespace: hosts register by heartbeat; runs are placed by
+//! policy and created on the agents; terminate removes the VM; a control
+//! plane killed mid-operation finishes it after a restart without
+//! duplicates; a host whose agent stops is marked down and its instances
+//! unknown, then back when it returns.
+
+use std::time::Duration;
+
+use flotilla_testkit::{ControlLinkOptions, ControlPlaneProcess, HostOptions, TestHost};
+use serde_json::{json, Value};
+
+fn host(cp: &ControlPlaneProcess, name: &str, zone: &str) -> TestHost {
+    TestHost::start_with(HostOptions {
+        control: Some(ControlLinkOptions {
+            port: cp.port,
+            token: cp.admin_token.clone(),
+            host_name: name.into(),
+            labels: vec![format!("zone={zone}")],
+        }),
+        ..HostOptions::default()
+    })
+    .expect("test host")
+}
+
+/// The VMs an agent has that the control plane made.
+fn instance_vms(h: &TestHost) -> Vec<Value> {
+    let (_, b) = h.api("GET", "/v1/vms", None);
+    b.as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|v| v["tags"]["flotilla.instance"].is_string())
+        .collect()
+}
+
+fn wait_op(cp: &ControlPlaneProcess, token: &str, op: &str) -> Value {
+    cp.wait_for(
+        &format!("operation {op}"),
+        &format!("/v1/operations/{op}"),
+        Some(token),
+        Duration::from_secs(120),
+        |b| b["state"] != "running",
+    )
+}
+
+#[test]
+fn the_control_plane_places_and_drives_real_agents() {
+    let mut cp = ControlPlaneProcess::start().expect("control plane");
+    let h1 = host(&cp, "h1", "z1");
+    let mut h2 = host(&cp, "h2", "z2");
+    cp.wait_for(
+        "both hosts",
+        "/v1/hosts",
+        None,
+        Duration::from_secs(30),
+        |b| {
+            b.as_array()
+                .is_some_and(|a| a.len() == 2 && a.iter().all(|h| h["state"] == "up"))
+        },
+    );
+    let (s, _) = cp.api("POST", "/v1/tenants", None, Some(json!({"name": "acme"})));
+    assert_eq!(s, 201);
+    let (_, t) = cp.api("POST", "/v1/tokens", None, Some(json!({"tenant": "acme"})));
+    let acme = t["token"].as_str().expect("token").to_string();
+
+    // Anti-affinity: two of a group, one per host.
+    let run = json!({"name": "web", "count": 2, "tags": {"group": "web"},
+                     "placement": {"max_per_host": 1}});
+    let (s, b) = cp.api("POST", "/v1/instances", Some(&acme), Some(run));
+    assert_eq!(s, 201, "{b}");
+    let mut hosts: Vec<String> = b["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .map(|i| i["host"].as_str().unwrap_or_default().to_string())
+        .collect();
+    hosts.sort();
+    assert_eq!(hosts, ["h1", "h2"]);
+    let op = wait_op(&cp, &acme, b["operation"].as_str().expect("op"));
+    assert_eq!(op["state"], "succeeded", "{op}");
+    assert_eq!(instance_vms(&h1).len(), 1);
+    assert_eq!(instance_vms(&h2).len(), 1);
+    // Heartbeats report them running, with the address the agent gave.
+    cp.wait_for(
+        "running instances",
+        "/v1/instances?tag=group=web",
+        Some(&acme),
+        Duration::from_secs(30),
+        |b| {
+            b["items"].as_array().is_some_and(|a| {
+                a.iter()
+                    .all(|i| i["observed"] == "running" && i["ip"].is_string())
+            })
+        },
+    );
+    // A third does not fit the policy: the error says why for each host.
+    let (s, b) = cp.api(
+        "POST",
+        "/v1/instances",
+        Some(&acme),
+        Some(json!({"name": "web-3", "tags": {"group": "web"}, "placement": {"max_per_host": 1}})),
+    );
+    assert_eq!(s, 409, "{b}");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("max_per_host 1"),
+        "{b}"
+    );
+
+    // Terminate: the VM goes from its agent, the instance from the list.
+    let (s, b) = cp.api("DELETE", "/v1/instances/web-1", Some(&acme), None);
+    assert_eq!(s, 202, "{b}");
+    let op = wait_op(&cp, &acme, b["id"].as_str().expect("op"));
+    assert_eq!(op["state"], "succeeded", "{op}");
+    assert_eq!(instance_vms(&h1).len() + instance_vms(&h2).len(), 1);
+    let (s, _) = cp.api("GET", "/v1/instances/web-1", Some(&acme), None);
+    assert_eq!(s, 404);
+
+    // The control plane SIGKILLed right after accepting a run: after a
+    // restart the operation completes, each instance made exactly once.
+    let (s, b) = cp.api(
+        "POST",
+        "/v1/instances",
+        Some(&acme),
+        Some(json!({"name": "batch", "count": 3})),
+    );
+    assert_eq!(s, 201, "{b}");
+    let op_id = b["operation"].as_str().expect("op").to_string();
+    cp.kill();
+    cp.spawn().expect("control plane again");
+    let op = wait_op(&cp, &acme, &op_id);
+    assert_eq!(op["state"], "succeeded", "{op}");
+    let mut names: Vec<String> = instance_vms(&h1)
+        .into_iter()
+        .chain(instance_vms(&h2))
+        .map(|v| {
+            v["tags"]["flotilla.instance"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    names.sort();
+    assert_eq!(names, ["batch-1", "batch-2", "batch-3", "web-2"]);
+
+    // h2's agent stops: h2 goes down and its instances become unknown,
+    // never dropped; its agent back, they are running again.
+    h2.kill_agent(nix::sys::signal::Signal::SIGKILL);
+    cp.wait_for(
+        "h2 down",
+        "/v1/hosts/h2",
+        None,
+        Duration::from_secs(30),
+        |b| b["state"] == "down",
+    );
+    let on_h2 = |b: &Value, want: &str| {
+        b["items"].as_array().is_some_and(|a| {
+            let mine: Vec<&Value> = a.iter().filter(|i| i["host"] == "h2").collect();
+            !mine.is_empty() && mine.iter().all(|i| i["observed"] == want)
+        })
+    };
+    cp.wait_for(
+        "unknown instances",
+        "/v1/instances",
+        Some(&acme),
+        Duration::from_secs(10),
+        |b| on_h2(b, "unknown"),
+    );
+    h2.start_agent().expect("agent again");
+    cp.wait_for(
+        "h2 up",
+        "/v1/hosts/h2",
+        None,
+        Duration::from_secs(30),
+        |b| b["state"] == "up",
+    );
+    cp.wait_for(
+        "running again",
+        "/v1/instances",
+        Some(&acme),
+        Duration::from_secs(30),
+        |b| on_h2(b, "running"),
+    );
+}
