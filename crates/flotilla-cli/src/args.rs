@@ -24,6 +24,17 @@ pub struct Cli {
     /// Print JSON instead of tables, for scripts.
     #[arg(long, global = true)]
     pub json: bool,
+    /// The control plane's API address (for tenant, token, instance, hosts, op).
+    #[arg(
+        long,
+        global = true,
+        env = "FLOTILLA_CONTROL_URL",
+        default_value = "http://127.0.0.1:7700"
+    )]
+    pub control_url: String,
+    /// An API token of the control plane.
+    #[arg(long, global = true, env = "FLOTILLA_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -53,6 +64,131 @@ pub enum Command {
     Snapshot(SnapshotCommand),
     /// What the agent reports about its host.
     Host,
+    /// Control plane: tenants (admin).
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// Control plane: API tokens (admin).
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Control plane: instances, placed on hosts by policy.
+    #[command(subcommand)]
+    Instance(InstanceCommand),
+    /// Control plane: the registered hosts (admin).
+    #[command(subcommand)]
+    Hosts(HostsCommand),
+    /// Control plane: operations (runs, terminations, ...) and their steps.
+    #[command(subcommand)]
+    Op(OpCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    Create { name: String },
+    Ls,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Issue a token; its secret is printed once.
+    Create {
+        /// The tenant the token acts for.
+        #[arg(long, conflicts_with = "admin", required_unless_present = "admin")]
+        tenant: Option<String>,
+        /// An admin token (hosts, tenants, every tenant's instances).
+        #[arg(long)]
+        admin: bool,
+        #[arg(long)]
+        description: Option<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct InstanceRunArgs {
+    /// The name; with --count N the instances are NAME-1..NAME-N.
+    pub name: String,
+    #[arg(long, default_value_t = 1)]
+    pub count: u32,
+    #[arg(long)]
+    pub image: Option<String>,
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Memory, e.g. 256M or 1G.
+    #[arg(long, value_parser = parse_mib, default_value = "256")]
+    pub memory: u64,
+    #[arg(long = "tag", value_parser = parse_key_value)]
+    pub tags: Vec<(String, String)>,
+    /// A placement policy: JSON inline or @FILE.
+    #[arg(long)]
+    pub placement: Option<String>,
+    /// The same key again gets the first answer instead of new instances.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// Wait until the operation is done.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InstanceCommand {
+    /// Place and start instances.
+    Run(InstanceRunArgs),
+    /// Why each host would or would not take such an instance.
+    Explain(InstanceRunArgs),
+    /// List instances (every page).
+    Ls {
+        #[arg(long = "tag", value_parser = parse_key_value)]
+        tags: Vec<(String, String)>,
+        /// Observed state: pending, starting, running, stopped, unknown, failed, ...
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        host: Option<String>,
+    },
+    Inspect {
+        name: String,
+    },
+    Terminate {
+        name: String,
+        #[arg(long)]
+        wait: bool,
+    },
+    Start {
+        name: String,
+        #[arg(long)]
+        wait: bool,
+    },
+    Stop {
+        name: String,
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HostsCommand {
+    Ls,
+    Inspect {
+        name: String,
+    },
+    /// No new instances go to the host.
+    Cordon {
+        name: String,
+    },
+    Uncordon {
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OpCommand {
+    /// Newest first.
+    Ls {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    Inspect {
+        id: String,
+    },
 }
 
 #[derive(Debug, Args, Clone)]
@@ -96,18 +232,11 @@ pub struct AgentArgs {
     #[arg(long, requires = "control_plane")]
     pub advertise: Option<String>,
     /// A placement label of this host, KEY=VALUE (repeat for more).
-    #[arg(long = "label", value_parser = parse_label, requires = "control_plane")]
+    #[arg(long = "label", value_parser = parse_key_value, requires = "control_plane")]
     pub labels: Vec<(String, String)>,
     /// Seconds between heartbeats.
     #[arg(long, default_value_t = 3, requires = "control_plane")]
     pub heartbeat_interval: u64,
-}
-
-fn parse_label(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => Err(format!("{s:?} is not KEY=VALUE")),
-    }
 }
 
 #[derive(Debug, Args)]

@@ -38,6 +38,10 @@ impl std::error::Error for CliError {}
 pub struct Client {
     http: reqwest::Client,
     endpoint: String,
+    /// Bearer token (the control plane's); agents take none.
+    token: Option<String>,
+    /// What answers at `endpoint`, for messages.
+    server: &'static str,
 }
 
 impl Client {
@@ -53,27 +57,49 @@ impl Client {
         Ok(Client {
             http: reqwest::Client::builder().build()?,
             endpoint,
+            token: None,
+            server: "agent",
         })
     }
 
+    /// A client of the control plane at `endpoint`, sending `token`.
+    pub fn control(endpoint: &str, token: Option<&str>) -> anyhow::Result<Client> {
+        let mut c = Client::new(endpoint)?;
+        c.server = "control plane";
+        c.token = Some(token.map(str::to_string).ok_or_else(|| {
+            CliError::new(
+                "no API token for the control plane",
+                Some("pass --token or set FLOTILLA_TOKEN (the first admin token is in the control plane's admin.token)".into()),
+            )
+        })?);
+        Ok(c)
+    }
+
     pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
-        self.http
-            .request(method, format!("{}{}", self.endpoint, path))
+        let r = self
+            .http
+            .request(method, format!("{}{}", self.endpoint, path));
+        match &self.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
     }
 
     /// Sends the request and checks the status; an error body becomes a [`CliError`].
     pub async fn send(&self, req: RequestBuilder) -> anyhow::Result<Response> {
         let resp = req.send().await.map_err(|e| {
+            let hint = match self.server {
+                "agent" => "start it with `flotilla up`, or point --endpoint / FLOTILLA_ENDPOINT at it",
+                _ => "start it with `flotilla control`, or point --control-url / FLOTILLA_CONTROL_URL at it",
+            };
             CliError::new(
                 format!(
-                    "cannot reach the agent at {}: {}",
+                    "cannot reach the {} at {}: {}",
+                    self.server,
                     self.endpoint,
                     root_cause(&e)
                 ),
-                Some(
-                    "start it with `flotilla up`, or point --endpoint / FLOTILLA_ENDPOINT at it"
-                        .into(),
-                ),
+                Some(hint.into()),
             )
         })?;
         if resp.status().is_success() {
@@ -90,7 +116,7 @@ impl Client {
                 hint: body.error.hint,
             },
             Err(_) => CliError::new(
-                format!("the agent answered {status}: {}", text.trim()),
+                format!("the {} answered {status}: {}", self.server, text.trim()),
                 None,
             ),
         }

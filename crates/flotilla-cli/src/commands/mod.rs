@@ -3,6 +3,7 @@
 mod agent;
 mod control;
 mod fleet;
+mod fleetctl;
 mod image;
 mod snapshot;
 mod vm;
@@ -16,6 +17,8 @@ use crate::client::Client;
 use crate::output;
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    // Made only when a control plane verb needs it.
+    let control = || Client::control(&cli.control_url, cli.token.as_deref());
     match cli.command {
         Command::Up(args) => agent::up(args).await,
         Command::Agent(args) => agent::agent(args).await,
@@ -24,6 +27,11 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Vm(cmd) => vm::run(&Client::new(&cli.endpoint)?, cli.json, cmd).await,
         Command::Fleet(cmd) => fleet::run(&Client::new(&cli.endpoint)?, cli.json, cmd).await,
         Command::Snapshot(cmd) => snapshot::run(&Client::new(&cli.endpoint)?, cli.json, cmd).await,
+        Command::Tenant(cmd) => fleetctl::tenant(&control()?, cli.json, cmd).await,
+        Command::Token(cmd) => fleetctl::token(&control()?, cli.json, cmd).await,
+        Command::Instance(cmd) => fleetctl::instance(&control()?, cli.json, cmd).await,
+        Command::Hosts(cmd) => fleetctl::hosts(&control()?, cli.json, cmd).await,
+        Command::Op(cmd) => fleetctl::op(&control()?, cli.json, cmd).await,
         Command::Host => {
             let host: HostInfo = Client::new(&cli.endpoint)?.get("/v1/host").await?;
             if cli.json {

@@ -34,6 +34,21 @@ fn instance_vms(h: &TestHost) -> Vec<Value> {
         .collect()
 }
 
+/// The CLI against the control plane with `token`.
+fn cli(cp: &ControlPlaneProcess, token: &str, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(flotilla_testkit::flotilla_bin())
+        .args(args)
+        .env("FLOTILLA_CONTROL_URL", cp.base())
+        .env("FLOTILLA_TOKEN", token)
+        .output()
+        .expect("flotilla");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 fn wait_op(cp: &ControlPlaneProcess, token: &str, op: &str) -> Value {
     cp.wait_for(
         &format!("operation {op}"),
@@ -59,10 +74,16 @@ fn the_control_plane_places_and_drives_real_agents() {
                 .is_some_and(|a| a.len() == 2 && a.iter().all(|h| h["state"] == "up"))
         },
     );
-    let (s, _) = cp.api("POST", "/v1/tenants", None, Some(json!({"name": "acme"})));
-    assert_eq!(s, 201);
-    let (_, t) = cp.api("POST", "/v1/tokens", None, Some(json!({"tenant": "acme"})));
-    let acme = t["token"].as_str().expect("token").to_string();
+    // Tenant and token through the CLI, as an admin would.
+    let admin = cp.admin_token.clone();
+    let (ok, _, err) = cli(&cp, &admin, &["tenant", "create", "acme"]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = cli(&cp, &admin, &["token", "create", "--tenant", "acme"]);
+    assert!(ok, "{err}");
+    let acme = out.trim().to_string();
+    assert!(acme.starts_with("flt_"), "{out}");
+    let (ok, _, err) = cli(&cp, &acme, &["hosts", "ls"]);
+    assert!(!ok && err.contains("admin token"), "{err}");
 
     // Anti-affinity: two of a group, one per host.
     let run = json!({"name": "web", "count": 2, "tags": {"group": "web"},
@@ -110,10 +131,15 @@ fn the_control_plane_places_and_drives_real_agents() {
         "{b}"
     );
 
-    // Terminate: the VM goes from its agent, the instance from the list.
-    let (s, b) = cp.api("DELETE", "/v1/instances/web-1", Some(&acme), None);
-    assert_eq!(s, 202, "{b}");
-    let op = wait_op(&cp, &acme, b["id"].as_str().expect("op"));
+    // Terminate through the CLI: the VM goes from its agent, the instance
+    // from the list.
+    let (ok, out, err) = cli(
+        &cp,
+        &acme,
+        &["instance", "terminate", "web-1", "--wait", "--json"],
+    );
+    assert!(ok, "{out} {err}");
+    let op: Value = serde_json::from_str(&out).expect("json");
     assert_eq!(op["state"], "succeeded", "{op}");
     assert_eq!(instance_vms(&h1).len() + instance_vms(&h2).len(), 1);
     let (s, _) = cp.api("GET", "/v1/instances/web-1", Some(&acme), None);
@@ -145,6 +171,15 @@ fn the_control_plane_places_and_drives_real_agents() {
         .collect();
     names.sort();
     assert_eq!(names, ["batch-1", "batch-2", "batch-3", "web-2"]);
+    let (ok, out, err) = cli(&cp, &acme, &["instance", "ls", "--json"]);
+    assert!(ok, "{err}");
+    let listed: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(listed.as_array().map(Vec::len), Some(4), "{listed}");
+    let (ok, out, err) = cli(&cp, &acme, &["op", "ls"]);
+    assert!(
+        ok && out.contains("terminate") && out.contains("succeeded"),
+        "{out} {err}"
+    );
 
     // h2's agent stops: h2 goes down and its instances become unknown,
     // never dropped; its agent back, they are running again.

@@ -1,0 +1,433 @@
+//! Control plane verbs: tenants, tokens, instances, hosts and operations.
+//! Every one is an HTTP call to `flotilla control` with a bearer token.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use flotilla_api::control::{
+    CreateTenantRequest, CreateTokenRequest, Host, Instance, Operation, OperationState, Page,
+    PlacementExplanation, PlacementPolicy, RunInstancesRequest, RunInstancesResult, Tenant,
+    TokenCreated,
+};
+use indicatif::{ProgressBar, ProgressStyle};
+use reqwest::Method;
+
+use crate::args::{
+    HostsCommand, InstanceCommand, InstanceRunArgs, OpCommand, TenantCommand, TokenCommand,
+};
+use crate::client::{CliError, Client};
+use crate::output::{self, opt};
+
+/// Path segments and query values are names and ids of `[a-z0-9-]`, or
+/// checked by the server; tags go through percent-encoding.
+fn encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+pub async fn tenant(c: &Client, json: bool, cmd: TenantCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        TenantCommand::Create { name } => {
+            let t: Tenant = c.post("/v1/tenants", &CreateTenantRequest { name }).await?;
+            if json {
+                output::json(&t)?;
+            } else {
+                println!("tenant {} created (id {})", t.name, t.id);
+            }
+        }
+        TenantCommand::Ls => {
+            let list: Vec<Tenant> = c.get("/v1/tenants").await?;
+            if json {
+                output::json(&list)?;
+            } else {
+                let rows = list
+                    .iter()
+                    .map(|t| vec![t.name.clone(), t.id.clone(), t.created_at.clone()])
+                    .collect::<Vec<_>>();
+                output::table(&["NAME", "ID", "CREATED"], &rows);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn token(c: &Client, json: bool, cmd: TokenCommand) -> anyhow::Result<ExitCode> {
+    let TokenCommand::Create {
+        tenant,
+        admin,
+        description,
+    } = cmd;
+    let t: TokenCreated = c
+        .post(
+            "/v1/tokens",
+            &CreateTokenRequest {
+                tenant,
+                admin,
+                description,
+            },
+        )
+        .await?;
+    if json {
+        output::json(&t)?;
+    } else {
+        // The secret alone on stdout, for `export FLOTILLA_TOKEN=$(...)`.
+        eprintln!(
+            "token {} ({}); shown once:",
+            t.id,
+            t.tenant
+                .as_deref()
+                .map_or("admin".to_string(), |x| format!("tenant {x}"))
+        );
+        println!("{}", t.token);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_request(args: InstanceRunArgs) -> anyhow::Result<RunInstancesRequest> {
+    let placement = match args.placement {
+        None => None,
+        Some(text) => {
+            let text = match text.strip_prefix('@') {
+                Some(path) => std::fs::read_to_string(path).map_err(|e| {
+                    CliError::new(format!("cannot read placement policy {path}: {e}"), None)
+                })?,
+                None => text,
+            };
+            let policy: PlacementPolicy = serde_json::from_str(&text).map_err(|e| {
+                CliError::new(
+                    format!("invalid placement policy: {e}"),
+                    Some("fields: require_labels, forbid_labels, cpu_overcommit, memory_overcommit, max_per_host, group_tag, strategy, prefer_labels".into()),
+                )
+            })?;
+            Some(policy)
+        }
+    };
+    Ok(RunInstancesRequest {
+        name: args.name,
+        count: args.count,
+        image: args.image,
+        vcpus: args.vcpus,
+        memory_mib: args.memory,
+        tags: args.tags.into_iter().collect::<BTreeMap<_, _>>(),
+        placement,
+    })
+}
+
+/// Polls the operation until it ends, with a spinner on a terminal.
+async fn wait_op(c: &Client, id: &str) -> anyhow::Result<Operation> {
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(120));
+    loop {
+        let op: Operation = c.get(&format!("/v1/operations/{}", encode(id))).await?;
+        bar.set_message(format!(
+            "{} {}: {} of {} steps",
+            op.kind,
+            op.id,
+            op.steps.len(),
+            op.targets.len()
+        ));
+        if op.state != OperationState::Running {
+            bar.finish_and_clear();
+            return Ok(op);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+fn op_outcome(op: &Operation) -> ExitCode {
+    match op.state {
+        OperationState::Failed => {
+            eprintln!(
+                "error: operation {} failed: {}",
+                op.id,
+                op.error.as_deref().unwrap_or("no reason given")
+            );
+            ExitCode::FAILURE
+        }
+        _ => ExitCode::SUCCESS,
+    }
+}
+
+fn instance_rows(list: &[Instance]) -> Vec<Vec<String>> {
+    list.iter()
+        .map(|i| {
+            vec![
+                i.name.clone(),
+                serde_json::to_value(i.observed)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default(),
+                opt(&i.host),
+                opt(&i.ip),
+                i.vcpus.to_string(),
+                i.memory_mib.to_string(),
+                i.tags
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ]
+        })
+        .collect()
+}
+
+const INSTANCE_HEADER: [&str; 7] = ["NAME", "STATE", "HOST", "IP", "VCPUS", "MEM MiB", "TAGS"];
+
+pub async fn instance(c: &Client, json: bool, cmd: InstanceCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        InstanceCommand::Run(args) => {
+            let (wait, key) = (args.wait, args.idempotency_key.clone());
+            let req = run_request(args)?;
+            let mut r = c.request(Method::POST, "/v1/instances").json(&req);
+            if let Some(k) = key {
+                r = r.header("Idempotency-Key", k);
+            }
+            let result: RunInstancesResult = c.send(r).await?.json().await?;
+            let op = match wait {
+                true => Some(wait_op(c, &result.operation).await?),
+                false => None,
+            };
+            if json {
+                output::json(&result)?;
+            } else {
+                for i in &result.instances {
+                    println!("{} placed on {}", i.name, opt(&i.host));
+                }
+                println!(
+                    "operation {}{}",
+                    result.operation,
+                    if wait {
+                        ""
+                    } else {
+                        " (flotilla op inspect ID to follow it)"
+                    }
+                );
+            }
+            return Ok(op.as_ref().map_or(ExitCode::SUCCESS, op_outcome));
+        }
+        InstanceCommand::Explain(args) => {
+            let e: PlacementExplanation =
+                c.post("/v1/placement/explain", &run_request(args)?).await?;
+            if json {
+                output::json(&e)?;
+            } else {
+                println!("chosen: {}", opt(&e.chosen));
+                let rows = e
+                    .hosts
+                    .iter()
+                    .map(|v| {
+                        vec![
+                            v.host.clone(),
+                            v.score.map_or("-".into(), |s| format!("{s:.3}")),
+                            opt(&v.rejected),
+                        ]
+                    })
+                    .collect::<Vec<_>>();
+                output::table(&["HOST", "SCORE", "REJECTED"], &rows);
+            }
+        }
+        InstanceCommand::Ls { tags, state, host } => {
+            let mut query = vec!["page_size=500".to_string()];
+            if !tags.is_empty() {
+                let t = tags
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                query.push(format!("tag={}", encode(&t)));
+            }
+            if let Some(s) = state {
+                query.push(format!("state={}", encode(&s)));
+            }
+            if let Some(h) = host {
+                query.push(format!("host={}", encode(&h)));
+            }
+            let mut all = Vec::new();
+            let mut token: Option<String> = None;
+            loop {
+                let mut q = query.clone();
+                if let Some(t) = &token {
+                    q.push(format!("page_token={}", encode(t)));
+                }
+                let page: Page<Instance> = c.get(&format!("/v1/instances?{}", q.join("&"))).await?;
+                all.extend(page.items);
+                token = page.next_page_token;
+                if token.is_none() {
+                    break;
+                }
+            }
+            if json {
+                output::json(&all)?;
+            } else {
+                output::table(&INSTANCE_HEADER, &instance_rows(&all));
+            }
+        }
+        InstanceCommand::Inspect { name } => {
+            let i: Instance = c.get(&format!("/v1/instances/{}", encode(&name))).await?;
+            output::json(&i)?;
+        }
+        InstanceCommand::Terminate { name, wait } => {
+            return act(
+                c,
+                json,
+                Method::DELETE,
+                &format!("/v1/instances/{}", encode(&name)),
+                wait,
+            )
+            .await
+        }
+        InstanceCommand::Start { name, wait } => {
+            return act(
+                c,
+                json,
+                Method::POST,
+                &format!("/v1/instances/{}/start", encode(&name)),
+                wait,
+            )
+            .await
+        }
+        InstanceCommand::Stop { name, wait } => {
+            return act(
+                c,
+                json,
+                Method::POST,
+                &format!("/v1/instances/{}/stop", encode(&name)),
+                wait,
+            )
+            .await
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn act(
+    c: &Client,
+    json: bool,
+    method: Method,
+    path: &str,
+    wait: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut op: Operation = c.send(c.request(method, path)).await?.json().await?;
+    if wait {
+        op = wait_op(c, &op.id).await?;
+    }
+    if json {
+        output::json(&op)?;
+    } else {
+        println!(
+            "operation {} ({}): {}",
+            op.id,
+            op.kind,
+            serde_json::to_value(op.state)?.as_str().unwrap_or_default()
+        );
+    }
+    Ok(op_outcome(&op))
+}
+
+pub async fn hosts(c: &Client, json: bool, cmd: HostsCommand) -> anyhow::Result<ExitCode> {
+    let one = match cmd {
+        HostsCommand::Ls => {
+            let list: Vec<Host> = c.get("/v1/hosts").await?;
+            if json {
+                output::json(&list)?;
+            } else {
+                let rows = list
+                    .iter()
+                    .map(|h| {
+                        vec![
+                            h.name.clone(),
+                            serde_json::to_value(h.state)
+                                .ok()
+                                .and_then(|v| v.as_str().map(str::to_string))
+                                .unwrap_or_default()
+                                + if h.cordoned { ",cordoned" } else { "" },
+                            format!("{}/{}", h.allocated.vcpus, h.capacity.vcpus),
+                            format!("{}/{}", h.allocated.memory_mib, h.capacity.memory_mib),
+                            h.instances.to_string(),
+                            h.labels
+                                .iter()
+                                .map(|(k, v)| format!("{k}={v}"))
+                                .collect::<Vec<_>>()
+                                .join(","),
+                            h.endpoint.clone(),
+                        ]
+                    })
+                    .collect::<Vec<_>>();
+                output::table(
+                    &[
+                        "NAME",
+                        "STATE",
+                        "VCPUS",
+                        "MEM MiB",
+                        "INSTANCES",
+                        "LABELS",
+                        "ENDPOINT",
+                    ],
+                    &rows,
+                );
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        HostsCommand::Inspect { name } => {
+            c.get::<Host>(&format!("/v1/hosts/{}", encode(&name)))
+                .await?
+        }
+        HostsCommand::Cordon { name } => {
+            c.post::<_, Host>(&format!("/v1/hosts/{}/cordon", encode(&name)), &())
+                .await?
+        }
+        HostsCommand::Uncordon { name } => {
+            c.post::<_, Host>(&format!("/v1/hosts/{}/uncordon", encode(&name)), &())
+                .await?
+        }
+    };
+    output::json(&one)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn op(c: &Client, json: bool, cmd: OpCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        OpCommand::Ls { limit } => {
+            let ops: Vec<Operation> = c.get(&format!("/v1/operations?limit={limit}")).await?;
+            if json {
+                output::json(&ops)?;
+            } else {
+                let rows = ops
+                    .iter()
+                    .map(|o| {
+                        vec![
+                            o.id.clone(),
+                            o.kind.clone(),
+                            serde_json::to_value(o.state)
+                                .ok()
+                                .and_then(|v| v.as_str().map(str::to_string))
+                                .unwrap_or_default(),
+                            format!("{}/{}", o.steps.len(), o.targets.len()),
+                            o.created_at.clone(),
+                            opt(&o.error),
+                        ]
+                    })
+                    .collect::<Vec<_>>();
+                output::table(&["ID", "KIND", "STATE", "STEPS", "CREATED", "ERROR"], &rows);
+            }
+        }
+        OpCommand::Inspect { id } => {
+            let o: Operation = c.get(&format!("/v1/operations/{}", encode(&id))).await?;
+            output::json(&o)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
