@@ -286,3 +286,26 @@ pub struct HostVerdict {
     /// Its ranking score if it passed (higher is better).
     pub score: Option<f64>,
 }
+
+/// A stored placement policy: for every instance of its tenant (or of every
+/// tenant, when an admin stores it without one), or for a fleet: the
+/// instances carrying all of `fleet`'s tags.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyDocument {
+    /// Tags selecting the fleet it applies to; none: the whole tenant.
+    #[serde(default)]
+    pub fleet: BTreeMap<String, String>,
+    pub placement: PlacementPolicy,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Policy {
+    pub name: String,
+    /// None: a global policy, for every tenant.
+    pub tenant: Option<String>,
+    pub fleet: BTreeMap<String, String>,
+    pub placement: PlacementPolicy,
+    /// RFC 3339.
+    pub updated_at: String,
+}

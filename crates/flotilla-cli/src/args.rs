@@ -79,6 +79,32 @@ pub enum Command {
     /// Control plane: operations (runs, terminations, ...) and their steps.
     #[command(subcommand)]
     Op(OpCommand),
+    /// Control plane: placement policies stored for a tenant or a fleet.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Create or replace a policy.
+    Set {
+        name: String,
+        /// The placement rules: JSON inline or @FILE.
+        #[arg(long)]
+        placement: String,
+        /// Apply only to instances with this tag (repeat: all of them).
+        #[arg(long = "fleet", value_parser = parse_key_value)]
+        fleet: Vec<(String, String)>,
+        /// Admin: the tenant (id); without it an admin stores a global policy.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    Ls,
+    Rm {
+        name: String,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -8,17 +8,17 @@ use std::time::Duration;
 
 use flotilla_api::control::{
     DesiredState, HostHeartbeat, ObservedState, PlacementExplanation, PlacementPolicy,
-    RunInstancesRequest,
+    PolicyDocument, RunInstancesRequest,
 };
 use flotilla_api::{ErrorCode, VmState};
 
 use crate::agents::AgentClient;
 use crate::auth::{hash_secret, new_secret, Caller};
 use crate::error::{ControlError, ControlResult};
-use crate::placement::{self, Demand, HostView, DEFAULT_GROUP_TAG};
+use crate::placement::{self, Demand, HostView, Sourced, DEFAULT_GROUP_TAG};
 use crate::store::{
     new_id, now_ms, HostRow, InstanceFilter, InstanceRow, NewInstance, OperationRow, Placement,
-    Store, StoreError, TenantRow,
+    PolicyRow, Store, StoreError, TenantRow,
 };
 use crate::workflows::{self, OperationInput};
 
@@ -371,6 +371,21 @@ impl ControlPlane {
         tags.get(tag).map(|v| (tag, v.as_str()))
     }
 
+    /// `max_per_host` counts the instances sharing the group tag's value:
+    /// an instance without the tag would escape it silently.
+    fn check_group(policy: &PlacementPolicy, tags: &BTreeMap<String, String>) -> ControlResult<()> {
+        if let Some(max) = policy.max_per_host {
+            if Self::group_of(policy, tags).is_none() {
+                let tag = policy.group_tag.as_deref().unwrap_or(DEFAULT_GROUP_TAG);
+                return Err(ControlError::invalid(format!(
+                    "max_per_host {max} limits the instances sharing a value of tag {tag:?}, and this request has no such tag"
+                ))
+                .with_hint(format!("add --tag {tag}=NAME, or set group_tag in the policy")));
+            }
+        }
+        Ok(())
+    }
+
     pub async fn explain(
         &self,
         caller: &Caller,
@@ -378,8 +393,10 @@ impl ControlPlane {
         req: &RunInstancesRequest,
     ) -> ControlResult<PlacementExplanation> {
         let tenant_id = self.tenant_of(caller, tenant)?;
-        let policy = req.placement.clone().unwrap_or_default();
-        placement::validate(&policy, "placement")?;
+        let policy = self
+            .effective_policy(&tenant_id, &req.tags, req.placement.as_ref())
+            .await?;
+        Self::check_group(&policy, &req.tags)?;
         let (views, _) = self
             .host_views(&tenant_id, Self::group_of(&policy, &req.tags))
             .await?;
@@ -426,8 +443,10 @@ impl ControlPlane {
                 req.memory_mib
             )));
         }
-        let policy = req.placement.clone().unwrap_or_default();
-        placement::validate(&policy, "placement")?;
+        let policy = self
+            .effective_policy(&tenant_id, &req.tags, req.placement.as_ref())
+            .await?;
+        Self::check_group(&policy, &req.tags)?;
         let names: Vec<String> = match req.count {
             1 => vec![req.name.clone()],
             n => (1..=n).map(|i| format!("{}-{i}", req.name)).collect(),
@@ -539,6 +558,108 @@ impl ControlPlane {
         self.store().set_desired(&inst.id, desired, &op_id).await?;
         self.start_operation(Some(&inst.tenant_id), &op_id, input, vec![inst.id])
             .await
+    }
+
+    // ---- policies ----
+
+    /// The tenant a policy call acts on: a tenant token its own, an admin
+    /// the one named, or `""` (global) when none is.
+    fn policy_scope(&self, caller: &Caller, tenant: Option<&str>) -> ControlResult<String> {
+        match (&caller.tenant_id, caller.admin) {
+            (Some(own), _) => Ok(own.clone()),
+            (None, true) => Ok(tenant.unwrap_or("").to_string()),
+            (None, false) => Err(ControlError::new(
+                ErrorCode::PermissionDenied,
+                "this token acts for no tenant",
+            )),
+        }
+    }
+
+    pub async fn put_policy(
+        &self,
+        caller: &Caller,
+        tenant: Option<&str>,
+        name: &str,
+        doc: &PolicyDocument,
+    ) -> ControlResult<PolicyRow> {
+        check_name("policy", name)?;
+        placement::validate(&doc.placement, "placement")?;
+        let tenant_id = self.policy_scope(caller, tenant)?;
+        if !tenant_id.is_empty() && self.store().tenant_by_id(&tenant_id).await?.is_none() {
+            return Err(ControlError::not_found(format!("no tenant {tenant_id:?}")));
+        }
+        let row = PolicyRow {
+            tenant_id,
+            name: name.to_string(),
+            fleet: doc.fleet.clone(),
+            placement: doc.placement.clone(),
+            updated_at: now_ms(),
+        };
+        self.store().put_policy(&row).await?;
+        Ok(row)
+    }
+
+    /// A tenant sees its own policies and the global ones; an admin every
+    /// policy, or one tenant's with `tenant`.
+    pub async fn list_policies(
+        &self,
+        caller: &Caller,
+        tenant: Option<&str>,
+    ) -> ControlResult<Vec<PolicyRow>> {
+        match (&caller.tenant_id, tenant) {
+            (Some(own), _) => Ok(self.store().policies_for(own).await?),
+            (None, Some(t)) if caller.admin => Ok(self.store().policies_for(t).await?),
+            (None, _) if caller.admin => Ok(self.store().all_policies().await?),
+            _ => Err(ControlError::new(
+                ErrorCode::PermissionDenied,
+                "this token acts for no tenant",
+            )),
+        }
+    }
+
+    pub async fn delete_policy(
+        &self,
+        caller: &Caller,
+        tenant: Option<&str>,
+        name: &str,
+    ) -> ControlResult<()> {
+        let tenant_id = self.policy_scope(caller, tenant)?;
+        if !self.store().delete_policy(&tenant_id, name).await? {
+            return Err(ControlError::not_found(format!("no policy {name:?}")));
+        }
+        Ok(())
+    }
+
+    /// Global, tenant-wide and matching fleet policies, then the request's,
+    /// merged (see [`placement::merge`]) and checked as a whole.
+    async fn effective_policy(
+        &self,
+        tenant_id: &str,
+        tags: &BTreeMap<String, String>,
+        request: Option<&PlacementPolicy>,
+    ) -> ControlResult<PlacementPolicy> {
+        let stored = self.store().policies_for(tenant_id).await?;
+        let applies = |p: &PolicyRow| p.fleet.iter().all(|(k, v)| tags.get(k) == Some(v));
+        let mut ordered: Vec<&PolicyRow> = stored.iter().filter(|p| applies(p)).collect();
+        // Least specific first: global, then the tenant's, whole-tenant before fleets.
+        ordered.sort_by_key(|p| (!p.tenant_id.is_empty(), !p.fleet.is_empty(), p.name.clone()));
+        let mut sourced: Vec<Sourced<'_>> = ordered
+            .iter()
+            .map(|p| Sourced {
+                source: format!("policy {}", p.name),
+                policy: &p.placement,
+            })
+            .collect();
+        if let Some(r) = request {
+            placement::validate(r, "placement")?;
+            sourced.push(Sourced {
+                source: "placement".into(),
+                policy: r,
+            });
+        }
+        let merged = placement::merge(&sourced)?;
+        placement::validate(&merged, "the merged placement policy")?;
+        Ok(merged)
     }
 
     // ---- operations ----

@@ -283,6 +283,9 @@ async fn bad_requests_and_policies_are_refused_with_the_reason() {
     let (s, b) = run(json!({"name": "a", "placement": {"require_labels": {"zone": "z1"}, "forbid_labels": {"zone": "z1"}}})).await;
     assert_eq!(s, 400);
     assert!(message(&b).contains("placement.forbid_labels.zone"), "{b}");
+    let (s, b) = run(json!({"name": "a", "placement": {"max_per_host": 1}})).await;
+    assert_eq!(s, 400);
+    assert!(message(&b).contains("tag \"group\""), "{b}");
     let (s, b) = run(json!({"name": "a", "count": 0})).await;
     assert_eq!(s, 400, "{b}");
     let (s, b) = run(json!({"name": "A!"})).await;
@@ -478,4 +481,133 @@ async fn two_replicas_never_double_book_a_host() {
     }
     hosts.sort();
     assert_eq!(hosts, ["h1", "h2"]);
+}
+
+#[tokio::test]
+async fn stored_policies_apply_to_their_tenant_and_fleet() {
+    let api = Api::start().await;
+    api.host("h1", 8, "z1").await;
+    api.host("h2", 8, "z2").await;
+    let (acme, other) = (api.tenant("acme").await, api.tenant("other").await);
+    // acme keeps everything in z1; its db fleet at most one per host.
+    let (s, b) = api
+        .call(
+            "PUT",
+            "/v1/policies/eu",
+            Some(&acme),
+            Some(json!({"placement": {"require_labels": {"zone": "z1"}}})),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = api
+        .call("PUT", "/v1/policies/db", Some(&acme), Some(json!({"fleet": {"app": "db"}, "placement": {"max_per_host": 1, "group_tag": "app"}})))
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = api
+        .call(
+            "PUT",
+            "/v1/policies/bad",
+            Some(&acme),
+            Some(json!({"placement": {"spread": true}})),
+        )
+        .await;
+    assert_eq!(s, 400);
+    assert!(message(&b).contains("spread"), "{b}");
+    let (_, b) = api
+        .call(
+            "POST",
+            "/v1/instances",
+            Some(&acme),
+            Some(json!({"name": "w", "count": 3})),
+        )
+        .await;
+    let hosts: Vec<&str> = b["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["host"].as_str().unwrap())
+        .collect();
+    assert_eq!(hosts, ["h1", "h1", "h1"], "{b}");
+    let (s, _) = api
+        .call(
+            "POST",
+            "/v1/instances",
+            Some(&acme),
+            Some(json!({"name": "db1", "tags": {"app": "db"}})),
+        )
+        .await;
+    assert_eq!(s, 201);
+    // The fleet's rule and the tenant's together leave no host.
+    let (s, b) = api
+        .call(
+            "POST",
+            "/v1/instances",
+            Some(&acme),
+            Some(json!({"name": "db2", "tags": {"app": "db"}})),
+        )
+        .await;
+    assert_eq!(s, 409, "{b}");
+    assert!(
+        message(&b).contains("h1: already holds 1 of the group"),
+        "{b}"
+    );
+    assert!(message(&b).contains("h2: requires label zone=z1"), "{b}");
+    // A request cannot contradict a stored requirement.
+    let (s, b) = api
+        .call(
+            "POST",
+            "/v1/instances",
+            Some(&acme),
+            Some(json!({"name": "x", "placement": {"require_labels": {"zone": "z2"}}})),
+        )
+        .await;
+    assert_eq!(s, 400, "{b}");
+    assert!(message(&b).contains("placement.require_labels.zone"), "{b}");
+    // Another tenant is not bound by them, and does not see them.
+    let (_, b) = api
+        .call(
+            "POST",
+            "/v1/instances",
+            Some(&other),
+            Some(json!({"name": "o", "count": 2})),
+        )
+        .await;
+    let hosts: Vec<&str> = b["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["host"].as_str().unwrap())
+        .collect();
+    assert!(hosts.contains(&"h2"), "{b}");
+    let (_, b) = api.call("GET", "/v1/policies", Some(&other), None).await;
+    assert_eq!(b.as_array().unwrap().len(), 0);
+    let (s, _) = api
+        .call("DELETE", "/v1/policies/eu", Some(&other), None)
+        .await;
+    assert_eq!(s, 404);
+    // A global policy (admin, no tenant) binds everyone.
+    let (s, b) = api
+        .call(
+            "PUT",
+            "/v1/policies/no-z2",
+            Some(ADMIN),
+            Some(json!({"placement": {"forbid_labels": {"zone": "z2"}}})),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let (_, b) = api.call("GET", "/v1/policies", Some(&other), None).await;
+    assert_eq!(b.as_array().unwrap().len(), 1, "{b}");
+    let (_, b) = api
+        .call(
+            "POST",
+            "/v1/instances",
+            Some(&other),
+            Some(json!({"name": "p"})),
+        )
+        .await;
+    assert_eq!(b["instances"][0]["host"], "h1", "{b}");
+    let (s, _) = api
+        .call("DELETE", "/v1/policies/eu", Some(&acme), None)
+        .await;
+    assert_eq!(s, 204);
 }

@@ -7,14 +7,15 @@ use std::time::Duration;
 
 use flotilla_api::control::{
     CreateTenantRequest, CreateTokenRequest, Host, Instance, Operation, OperationState, Page,
-    PlacementExplanation, PlacementPolicy, RunInstancesRequest, RunInstancesResult, Tenant,
-    TokenCreated,
+    PlacementExplanation, PlacementPolicy, Policy, PolicyDocument, RunInstancesRequest,
+    RunInstancesResult, Tenant, TokenCreated,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use reqwest::Method;
 
 use crate::args::{
-    HostsCommand, InstanceCommand, InstanceRunArgs, OpCommand, TenantCommand, TokenCommand,
+    HostsCommand, InstanceCommand, InstanceRunArgs, OpCommand, PolicyCommand, TenantCommand,
+    TokenCommand,
 };
 use crate::client::{CliError, Client};
 use crate::output::{self, opt};
@@ -92,25 +93,83 @@ pub async fn token(c: &Client, json: bool, cmd: TokenCommand) -> anyhow::Result<
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_request(args: InstanceRunArgs) -> anyhow::Result<RunInstancesRequest> {
-    let placement = match args.placement {
-        None => None,
-        Some(text) => {
-            let text = match text.strip_prefix('@') {
-                Some(path) => std::fs::read_to_string(path).map_err(|e| {
-                    CliError::new(format!("cannot read placement policy {path}: {e}"), None)
-                })?,
-                None => text,
-            };
-            let policy: PlacementPolicy = serde_json::from_str(&text).map_err(|e| {
-                CliError::new(
-                    format!("invalid placement policy: {e}"),
-                    Some("fields: require_labels, forbid_labels, cpu_overcommit, memory_overcommit, max_per_host, group_tag, strategy, prefer_labels".into()),
-                )
-            })?;
-            Some(policy)
-        }
+/// A placement policy from JSON inline or `@FILE`.
+fn parse_placement(text: String) -> anyhow::Result<PlacementPolicy> {
+    let text = match text.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path).map_err(|e| {
+            CliError::new(format!("cannot read placement policy {path}: {e}"), None)
+        })?,
+        None => text,
     };
+    Ok(serde_json::from_str(&text).map_err(|e| {
+        CliError::new(
+            format!("invalid placement policy: {e}"),
+            Some("fields: require_labels, forbid_labels, cpu_overcommit, memory_overcommit, max_per_host, group_tag, strategy, prefer_labels".into()),
+        )
+    })?)
+}
+
+fn policy_path(name: &str, tenant: Option<String>) -> String {
+    match tenant {
+        Some(t) => format!("/v1/policies/{}?tenant={}", encode(name), encode(&t)),
+        None => format!("/v1/policies/{}", encode(name)),
+    }
+}
+
+pub async fn policy(c: &Client, json: bool, cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        PolicyCommand::Set {
+            name,
+            placement,
+            fleet,
+            tenant,
+        } => {
+            let doc = PolicyDocument {
+                fleet: fleet.into_iter().collect(),
+                placement: parse_placement(placement)?,
+            };
+            let path = policy_path(&name, tenant);
+            let p: Policy = c
+                .send(c.request(Method::PUT, &path).json(&doc))
+                .await?
+                .json()
+                .await?;
+            if json {
+                output::json(&p)?;
+            } else {
+                println!("policy {} stored", p.name);
+            }
+        }
+        PolicyCommand::Ls => {
+            let list: Vec<Policy> = c.get("/v1/policies").await?;
+            if json {
+                output::json(&list)?;
+            } else {
+                let rows = list
+                    .iter()
+                    .map(|p| {
+                        vec![
+                            p.name.clone(),
+                            p.tenant.clone().unwrap_or_else(|| "(global)".into()),
+                            p.fleet
+                                .iter()
+                                .map(|(k, v)| format!("{k}={v}"))
+                                .collect::<Vec<_>>()
+                                .join(","),
+                            serde_json::to_string(&p.placement).unwrap_or_default(),
+                        ]
+                    })
+                    .collect::<Vec<_>>();
+                output::table(&["NAME", "TENANT", "FLEET", "PLACEMENT"], &rows);
+            }
+        }
+        PolicyCommand::Rm { name, tenant } => c.delete(&policy_path(&name, tenant)).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_request(args: InstanceRunArgs) -> anyhow::Result<RunInstancesRequest> {
+    let placement = args.placement.map(parse_placement).transpose()?;
     Ok(RunInstancesRequest {
         name: args.name,
         count: args.count,

@@ -32,6 +32,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Instance(cmd) => fleetctl::instance(&control()?, cli.json, cmd).await,
         Command::Hosts(cmd) => fleetctl::hosts(&control()?, cli.json, cmd).await,
         Command::Op(cmd) => fleetctl::op(&control()?, cli.json, cmd).await,
+        Command::Policy(cmd) => fleetctl::policy(&control()?, cli.json, cmd).await,
         Command::Host => {
             let host: HostInfo = Client::new(&cli.endpoint)?.get("/v1/host").await?;
             if cli.json {

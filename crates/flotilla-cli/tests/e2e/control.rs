@@ -85,9 +85,16 @@ fn the_control_plane_places_and_drives_real_agents() {
     let (ok, _, err) = cli(&cp, &acme, &["hosts", "ls"]);
     assert!(!ok && err.contains("admin token"), "{err}");
 
-    // Anti-affinity: two of a group, one per host.
-    let run = json!({"name": "web", "count": 2, "tags": {"group": "web"},
-                     "placement": {"max_per_host": 1}});
+    // Anti-affinity, stored as the web fleet's policy: one per host.
+    let (ok, _, err) = cli(
+        &cp,
+        &acme,
+        &["policy", "set", "web-apart", "--fleet", "group=web", "--placement", r#"{"max_per_host": 1}"#],
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(&cp, &acme, &["policy", "set", "bad", "--placement", r#"{"max_per_hots": 1}"#]);
+    assert!(!ok && err.contains("max_per_hots"), "{err}");
+    let run = json!({"name": "web", "count": 2, "tags": {"group": "web"}});
     let (s, b) = cp.api("POST", "/v1/instances", Some(&acme), Some(run));
     assert_eq!(s, 201, "{b}");
     let mut hosts: Vec<String> = b["instances"]
@@ -120,7 +127,7 @@ fn the_control_plane_places_and_drives_real_agents() {
         "POST",
         "/v1/instances",
         Some(&acme),
-        Some(json!({"name": "web-3", "tags": {"group": "web"}, "placement": {"max_per_host": 1}})),
+        Some(json!({"name": "web-3", "tags": {"group": "web"}})),
     );
     assert_eq!(s, 409, "{b}");
     assert!(

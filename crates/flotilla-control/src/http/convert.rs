@@ -2,10 +2,10 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use flotilla_api::control::{Host, HostState, Instance, Operation, Tenant};
+use flotilla_api::control::{Host, HostState, Instance, Operation, Policy, Tenant};
 use flotilla_api::Resources;
 
-use crate::store::{HostRow, InstanceRow, OperationRow, TenantRow};
+use crate::store::{HostRow, InstanceRow, OperationRow, PolicyRow, TenantRow};
 
 /// Milliseconds since the epoch as RFC 3339 (UTC, milliseconds).
 pub fn rfc3339(ms: i64) -> String {
@@ -77,5 +77,15 @@ pub fn operation(o: OperationRow) -> Operation {
         error: o.error,
         created_at: rfc3339(o.created_at),
         updated_at: rfc3339(o.updated_at),
+    }
+}
+
+pub fn policy(p: PolicyRow) -> Policy {
+    Policy {
+        name: p.name,
+        tenant: (!p.tenant_id.is_empty()).then_some(p.tenant_id),
+        fleet: p.fleet,
+        placement: p.placement,
+        updated_at: rfc3339(p.updated_at),
     }
 }

@@ -9,8 +9,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use flotilla_api::control::{
     CreateTenantRequest, CreateTokenRequest, Host, HostHeartbeat, Instance, ObservedState,
-    Operation, Page, PlacementExplanation, RunInstancesRequest, RunInstancesResult, Tenant,
-    TokenCreated,
+    Operation, Page, PlacementExplanation, Policy, PolicyDocument, RunInstancesRequest,
+    RunInstancesResult, Tenant, TokenCreated,
 };
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -60,7 +60,10 @@ pub async fn healthz() -> &'static str {
         stop_instance,
         explain,
         list_operations,
-        get_operation
+        get_operation,
+        list_policies,
+        put_policy,
+        delete_policy
     ),
     components(schemas(flotilla_api::ErrorBody))
 )]
@@ -418,6 +421,52 @@ pub async fn explain(
     let q = query(q)?;
     let req = body(req)?;
     Ok(Json(cp.explain(&caller, q.tenant.as_deref(), &req).await?))
+}
+
+// ---- policies ----
+
+#[utoipa::path(get, path = "/v1/policies", params(("tenant" = Option<String>, Query)),
+    responses((status = 200, body = Vec<Policy>)))]
+pub async fn list_policies(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    q: Result<Query<TenantQuery>, QueryRejection>,
+) -> ApiResult<Json<Vec<Policy>>> {
+    let q = query(q)?;
+    let list = cp.list_policies(&caller, q.tenant.as_deref()).await?;
+    Ok(Json(list.into_iter().map(convert::policy).collect()))
+}
+
+#[utoipa::path(put, path = "/v1/policies/{name}", request_body = PolicyDocument,
+    params(("tenant" = Option<String>, Query, description = "admin: the tenant; none stores a global policy")),
+    responses((status = 200, body = Policy), (status = 400, body = flotilla_api::ErrorBody)))]
+pub async fn put_policy(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    Path(name): Path<String>,
+    q: Result<Query<TenantQuery>, QueryRejection>,
+    req: Result<Json<PolicyDocument>, JsonRejection>,
+) -> ApiResult<Json<Policy>> {
+    let q = query(q)?;
+    let doc = body(req)?;
+    Ok(Json(convert::policy(
+        cp.put_policy(&caller, q.tenant.as_deref(), &name, &doc)
+            .await?,
+    )))
+}
+
+#[utoipa::path(delete, path = "/v1/policies/{name}", params(("tenant" = Option<String>, Query)),
+    responses((status = 204, description = "removed")))]
+pub async fn delete_policy(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    Path(name): Path<String>,
+    q: Result<Query<TenantQuery>, QueryRejection>,
+) -> ApiResult<StatusCode> {
+    let q = query(q)?;
+    cp.delete_policy(&caller, q.tenant.as_deref(), &name)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 // ---- operations ----

@@ -40,6 +40,11 @@ pub fn router(cp: ControlPlane) -> Router {
         .route("/v1/instances/{name}/start", post(start_instance))
         .route("/v1/instances/{name}/stop", post(stop_instance))
         .route("/v1/placement/explain", post(explain))
+        .route("/v1/policies", get(list_policies))
+        .route(
+            "/v1/policies/{name}",
+            axum::routing::put(put_policy).delete(delete_policy),
+        )
         .route("/v1/operations", get(list_operations))
         .route("/v1/operations/{id}", get(get_operation))
         .fallback(no_such_route)

@@ -4,6 +4,7 @@
 //! Pure logic over a snapshot of the hosts: the caller commits the choice
 //! with the host's version, so concurrent placements never oversubscribe.
 
+mod merge;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -12,6 +13,7 @@ use flotilla_api::control::{
     HostVerdict, PlacementExplanation, PlacementPolicy, PlacementStrategy,
 };
 
+pub use merge::{merge, Sourced};
 pub use validate::{validate, PolicyError};
 
 /// The tag naming an instance's group when the policy names none.
@@ -41,6 +43,17 @@ pub struct Demand {
 
 /// Why `host` cannot take `demand` under `policy`, if it cannot.
 pub fn reject_reason(host: &HostView, demand: &Demand, policy: &PlacementPolicy) -> Option<String> {
+    reject_reason_with(host, host.group_count, demand, policy)
+}
+
+/// [`reject_reason`] with the host's count of the group given apart (the
+/// large-fleet path keeps counts in a map instead of in every view).
+pub fn reject_reason_with(
+    host: &HostView,
+    group_count: u32,
+    demand: &Demand,
+    policy: &PlacementPolicy,
+) -> Option<String> {
     if host.down {
         return Some("the host is down (missed heartbeats)".into());
     }
@@ -86,10 +99,9 @@ pub fn reject_reason(host: &HostView, demand: &Demand, policy: &PlacementPolicy)
         ));
     }
     if let Some(max) = policy.max_per_host {
-        if host.group_count >= max {
+        if group_count >= max {
             return Some(format!(
-                "already holds {} of the group (max_per_host {max})",
-                host.group_count
+                "already holds {group_count} of the group (max_per_host {max})"
             ));
         }
     }
@@ -98,6 +110,16 @@ pub fn reject_reason(host: &HostView, demand: &Demand, policy: &PlacementPolicy)
 
 /// A passing host's score: higher is better.
 pub fn score(host: &HostView, demand: &Demand, policy: &PlacementPolicy) -> f64 {
+    score_with(host, host.group_count, demand, policy)
+}
+
+/// [`score`] with the host's count of the group given apart.
+pub fn score_with(
+    host: &HostView,
+    group_count: u32,
+    demand: &Demand,
+    policy: &PlacementPolicy,
+) -> f64 {
     let cpu_after =
         (host.used_vcpus + u64::from(demand.vcpus)) as f64 / f64::from(host.vcpus.max(1));
     let mem_after =
@@ -105,7 +127,7 @@ pub fn score(host: &HostView, demand: &Demand, policy: &PlacementPolicy) -> f64 
     let fullness = (cpu_after + mem_after) / 2.0;
     let mut score = match policy.strategy.unwrap_or(PlacementStrategy::Spread) {
         // Fewest of the group first, then the emptiest host.
-        PlacementStrategy::Spread => -f64::from(host.group_count) - fullness,
+        PlacementStrategy::Spread => -f64::from(group_count) - fullness,
         PlacementStrategy::Binpack => fullness,
     };
     for pref in &policy.prefer_labels {
@@ -116,9 +138,126 @@ pub fn score(host: &HostView, demand: &Demand, policy: &PlacementPolicy) -> f64 
     score
 }
 
-/// Picks the host for `demand`, or none. Ties go to the first host by name,
-/// so a decision can be replayed.
+/// Up to this many hosts, every host is scored; above it, a sample.
+pub const EXHAUSTIVE_UP_TO: usize = 256;
+
+/// Picks the host for `demand`, or none: [`choose_exhaustive`] for small
+/// fleets, [`choose_sampled`] for large ones.
 pub fn choose<'a>(
+    hosts: &'a [HostView],
+    demand: &Demand,
+    policy: &PlacementPolicy,
+) -> Option<&'a HostView> {
+    if hosts.len() <= EXHAUSTIVE_UP_TO {
+        return choose_exhaustive(hosts, demand, policy);
+    }
+    let i = choose_sampled(
+        hosts,
+        demand,
+        policy,
+        &|h: usize| hosts[h].group_count,
+        rand::random(),
+    )?;
+    hosts.get(i)
+}
+
+/// How many passing hosts a large-fleet placement scores: about log2 of the
+/// fleet, at least 8 (the power of d choices: a few random candidates
+/// balance load almost as well as all of them).
+pub fn sample_size(hosts: usize) -> usize {
+    (usize::BITS - hosts.leading_zeros()).max(8) as usize
+}
+
+/// Visits hosts in a pseudo-random order (from `seed`) and scores the first
+/// [`sample_size`] that pass every filter; returns the best one's index.
+/// Every hard rule is checked on the chosen host, exactly as in the
+/// exhaustive path; only the ranking is approximate. The cost is the sample
+/// over the fraction of hosts that pass, not the fleet size; when no host
+/// passes, every host is visited once, so `None` means none can.
+pub fn choose_sampled(
+    hosts: &[HostView],
+    demand: &Demand,
+    policy: &PlacementPolicy,
+    group_count: &dyn Fn(usize) -> u32,
+    seed: u64,
+) -> Option<usize> {
+    let n = hosts.len();
+    if n == 0 {
+        return None;
+    }
+    // A stride coprime to n walks every index once.
+    let start = (seed % n as u64) as usize;
+    let mut stride = ((seed >> 32) % n as u64) as usize | 1;
+    while gcd(stride, n) != 1 {
+        stride += 2;
+    }
+    let want = sample_size(n);
+    let mut best: Option<(usize, f64)> = None;
+    let mut found = 0;
+    let mut i = start;
+    for _ in 0..n {
+        let host = &hosts[i];
+        let count = group_count(i);
+        if reject_reason_fast(host, count, demand, policy) {
+            let s = score_with(host, count, demand, policy);
+            if best.is_none_or(|(b, bs)| s > bs || (s == bs && host.name < hosts[b].name)) {
+                best = Some((i, s));
+            }
+            found += 1;
+            if found == want {
+                break;
+            }
+        }
+        i = (i + stride) % n;
+    }
+    best.map(|(i, _)| i)
+}
+
+/// Whether the host passes every filter: [`reject_reason_with`] without
+/// building the message.
+fn reject_reason_fast(
+    host: &HostView,
+    group_count: u32,
+    demand: &Demand,
+    policy: &PlacementPolicy,
+) -> bool {
+    if host.down || host.cordoned {
+        return false;
+    }
+    if policy.max_per_host.is_some_and(|max| group_count >= max) {
+        return false;
+    }
+    if policy
+        .require_labels
+        .iter()
+        .any(|(k, v)| host.labels.get(k) != Some(v))
+    {
+        return false;
+    }
+    if policy
+        .forbid_labels
+        .iter()
+        .any(|(k, v)| host.labels.get(k) == Some(v))
+    {
+        return false;
+    }
+    let cpu_limit = (f64::from(host.vcpus) * policy.cpu_overcommit.unwrap_or(1.0)).floor() as u64;
+    let mem_limit =
+        (host.memory_mib as f64 * policy.memory_overcommit.unwrap_or(1.0)).floor() as u64;
+    host.used_vcpus + u64::from(demand.vcpus) <= cpu_limit
+        && host.used_memory_mib + demand.memory_mib <= mem_limit
+}
+
+fn gcd(mut a: usize, mut b: usize) -> usize {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+/// Scores every host and picks the best. Ties go to the first host by name,
+/// so a decision can be replayed.
+pub fn choose_exhaustive<'a>(
     hosts: &'a [HostView],
     demand: &Demand,
     policy: &PlacementPolicy,

@@ -122,6 +122,17 @@ pub(crate) async fn insert_instance(
 }
 
 impl Store {
+    /// Inserts many placed instances in one transaction, without host
+    /// version checks: for imports and benchmarks, not for placement.
+    pub async fn import_instances(&self, rows: &[(NewInstance, String)]) -> StoreResult<()> {
+        let mut tx = self.pool().begin().await?;
+        for (instance, host) in rows {
+            insert_instance(&mut tx, instance, Some(host)).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     pub async fn instance(&self, id: &str) -> StoreResult<Option<InstanceRow>> {
         let row = sqlx::query(&format!("SELECT {COLUMNS} FROM instances WHERE id = $1"))
             .bind(id)

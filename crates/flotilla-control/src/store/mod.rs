@@ -6,6 +6,7 @@ mod hosts;
 mod idempotency;
 mod instances;
 mod operations;
+mod policies;
 mod schema;
 mod tenants;
 
@@ -17,6 +18,7 @@ use sqlx::{AnyPool, Executor};
 pub use hosts::{HostRow, Placement};
 pub use instances::{InstanceFilter, InstanceRow, NewInstance};
 pub use operations::OperationRow;
+pub use policies::PolicyRow;
 pub use tenants::{TenantRow, TokenRow};
 
 #[derive(Debug, thiserror::Error)]

@@ -3,21 +3,22 @@
 //! BIGINT and TEXT columns, JSON kept as TEXT), so both run one code path.
 
 /// `(version, statements)`; append only, never edit an applied one.
-pub(crate) const MIGRATIONS: &[(i64, &[&str])] = &[(
-    1,
-    &[
-        "CREATE TABLE tenants (
+pub(crate) const MIGRATIONS: &[(i64, &[&str])] = &[
+    (
+        1,
+        &[
+            "CREATE TABLE tenants (
             id TEXT PRIMARY KEY,
             name TEXT NOT NULL UNIQUE,
             created_at BIGINT NOT NULL)",
-        "CREATE TABLE tokens (
+            "CREATE TABLE tokens (
             id TEXT PRIMARY KEY,
             secret_hash TEXT NOT NULL UNIQUE,
             tenant_id TEXT REFERENCES tenants(id),
             admin BIGINT NOT NULL,
             description TEXT,
             created_at BIGINT NOT NULL)",
-        "CREATE TABLE hosts (
+            "CREATE TABLE hosts (
             name TEXT PRIMARY KEY,
             endpoint TEXT NOT NULL,
             vcpus BIGINT NOT NULL,
@@ -28,7 +29,7 @@ pub(crate) const MIGRATIONS: &[(i64, &[&str])] = &[(
             last_heartbeat BIGINT NOT NULL,
             registered_at BIGINT NOT NULL,
             version BIGINT NOT NULL)",
-        "CREATE TABLE instances (
+            "CREATE TABLE instances (
             id TEXT PRIMARY KEY,
             tenant_id TEXT NOT NULL REFERENCES tenants(id),
             name TEXT NOT NULL,
@@ -45,8 +46,8 @@ pub(crate) const MIGRATIONS: &[(i64, &[&str])] = &[(
             created_at BIGINT NOT NULL,
             updated_at BIGINT NOT NULL,
             UNIQUE (tenant_id, name))",
-        "CREATE INDEX instances_by_host ON instances (host)",
-        "CREATE TABLE operations (
+            "CREATE INDEX instances_by_host ON instances (host)",
+            "CREATE TABLE operations (
             id TEXT PRIMARY KEY,
             tenant_id TEXT,
             kind TEXT NOT NULL,
@@ -59,8 +60,8 @@ pub(crate) const MIGRATIONS: &[(i64, &[&str])] = &[(
             lease_until BIGINT NOT NULL,
             created_at BIGINT NOT NULL,
             updated_at BIGINT NOT NULL)",
-        "CREATE INDEX operations_by_state ON operations (state)",
-        "CREATE TABLE idempotency_keys (
+            "CREATE INDEX operations_by_state ON operations (state)",
+            "CREATE TABLE idempotency_keys (
             tenant_id TEXT NOT NULL,
             key TEXT NOT NULL,
             request_hash TEXT NOT NULL,
@@ -68,5 +69,19 @@ pub(crate) const MIGRATIONS: &[(i64, &[&str])] = &[(
             response TEXT NOT NULL,
             created_at BIGINT NOT NULL,
             PRIMARY KEY (tenant_id, key))",
-    ],
-)];
+        ],
+    ),
+    (
+        2,
+        &[
+            // tenant_id '' holds the global policies.
+            "CREATE TABLE policies (
+            tenant_id TEXT NOT NULL,
+            name TEXT NOT NULL,
+            fleet TEXT NOT NULL,
+            document TEXT NOT NULL,
+            updated_at BIGINT NOT NULL,
+            PRIMARY KEY (tenant_id, name))",
+        ],
+    ),
+];

@@ -1,0 +1,151 @@
+//! Policies from several places (global, the tenant's, a fleet's by tag,
+//! the request's) combine into the one a placement uses: every hard rule of
+//! every policy holds, the most specific policy picks the strategy.
+
+use flotilla_api::control::PlacementPolicy;
+
+use super::validate::PolicyError;
+
+/// A policy with where it came from, for error paths (`tenant`, `fleet
+/// app=web`, `placement`).
+pub struct Sourced<'a> {
+    pub source: String,
+    pub policy: &'a PlacementPolicy,
+}
+
+/// Combines `policies`, least specific first. Required labels must agree;
+/// overcommit ratios and `max_per_host` take the strictest; preferences add
+/// up; strategy and group tag come from the most specific policy that sets
+/// them.
+pub fn merge(policies: &[Sourced<'_>]) -> Result<PlacementPolicy, PolicyError> {
+    let mut out = PlacementPolicy::default();
+    let mut required_by: std::collections::BTreeMap<String, String> = Default::default();
+    for Sourced { source, policy } in policies {
+        for (k, v) in &policy.require_labels {
+            match out.require_labels.get(k) {
+                Some(have) if have != v => {
+                    return Err(PolicyError {
+                        path: format!("{source}.require_labels.{k}"),
+                        reason: format!(
+                            "requires {k}={v}, but {}.require_labels.{k} requires {k}={have}",
+                            required_by
+                                .get(k)
+                                .map(String::as_str)
+                                .unwrap_or("another policy")
+                        ),
+                    })
+                }
+                _ => {
+                    out.require_labels.insert(k.clone(), v.clone());
+                    required_by.insert(k.clone(), source.clone());
+                }
+            }
+        }
+        out.forbid_labels.extend(
+            policy
+                .forbid_labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        out.cpu_overcommit = min_opt(out.cpu_overcommit, policy.cpu_overcommit);
+        out.memory_overcommit = min_opt(out.memory_overcommit, policy.memory_overcommit);
+        out.max_per_host = match (out.max_per_host, policy.max_per_host) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if policy.group_tag.is_some() {
+            out.group_tag = policy.group_tag.clone();
+        }
+        if policy.strategy.is_some() {
+            out.strategy = policy.strategy;
+        }
+        out.prefer_labels
+            .extend(policy.prefer_labels.iter().cloned());
+    }
+    Ok(out)
+}
+
+fn min_opt(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests fail loudly by design.
+mod tests {
+    use std::collections::BTreeMap;
+
+    use flotilla_api::control::PlacementStrategy;
+
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn the_strictest_rule_and_the_most_specific_choice_win() {
+        let tenant = PlacementPolicy {
+            require_labels: labels(&[("area", "eu")]),
+            cpu_overcommit: Some(4.0),
+            max_per_host: Some(3),
+            strategy: Some(PlacementStrategy::Binpack),
+            ..Default::default()
+        };
+        let request = PlacementPolicy {
+            require_labels: labels(&[("zone", "z1")]),
+            cpu_overcommit: Some(2.0),
+            max_per_host: Some(5),
+            strategy: Some(PlacementStrategy::Spread),
+            ..Default::default()
+        };
+        let m = merge(&[
+            Sourced {
+                source: "tenant".into(),
+                policy: &tenant,
+            },
+            Sourced {
+                source: "placement".into(),
+                policy: &request,
+            },
+        ])
+        .unwrap();
+        assert_eq!(m.require_labels, labels(&[("area", "eu"), ("zone", "z1")]));
+        assert_eq!((m.cpu_overcommit, m.max_per_host), (Some(2.0), Some(3)));
+        assert_eq!(m.strategy, Some(PlacementStrategy::Spread));
+    }
+
+    #[test]
+    fn disagreeing_requirements_name_both_places() {
+        let a = PlacementPolicy {
+            require_labels: labels(&[("zone", "z1")]),
+            ..Default::default()
+        };
+        let b = PlacementPolicy {
+            require_labels: labels(&[("zone", "z2")]),
+            ..Default::default()
+        };
+        let e = merge(&[
+            Sourced {
+                source: "tenant".into(),
+                policy: &a,
+            },
+            Sourced {
+                source: "placement".into(),
+                policy: &b,
+            },
+        ])
+        .unwrap_err();
+        assert_eq!(e.path, "placement.require_labels.zone");
+        assert!(
+            e.reason.contains("tenant.require_labels.zone"),
+            "{}",
+            e.reason
+        );
+    }
+}
