@@ -134,6 +134,7 @@ fn default_memory_mib() -> u64 {
 pub enum DesiredState {
     Running,
     Stopped,
+    Suspended,
     Terminated,
 }
 
@@ -308,4 +309,26 @@ pub struct Policy {
     pub placement: PlacementPolicy,
     /// RFC 3339.
     pub updated_at: String,
+}
+
+/// A clone of a running (or suspended) instance, on the same host: its
+/// snapshot is local to that host.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CloneInstanceRequest {
+    pub name: String,
+    /// The clone's tags (default: the source's).
+    #[serde(default)]
+    pub tags: Option<BTreeMap<String, String>>,
+}
+
+/// Instances of the caller's tenant selected by tags (all must match) and/or
+/// names.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FleetSelector {
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    #[serde(default)]
+    pub names: Vec<String>,
 }

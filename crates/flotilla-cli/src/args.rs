@@ -188,6 +188,29 @@ pub enum InstanceCommand {
         #[arg(long)]
         wait: bool,
     },
+    /// Suspend instances (by name and/or --tag), a few at a time.
+    Suspend(InstanceSelectArgs),
+    /// Resume suspended instances (by name and/or --tag).
+    Resume(InstanceSelectArgs),
+    /// Clone a running instance on its host.
+    Clone {
+        source: String,
+        name: String,
+        /// The clone's tags (default: the source's).
+        #[arg(long = "tag", value_parser = parse_key_value)]
+        tags: Vec<(String, String)>,
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct InstanceSelectArgs {
+    pub names: Vec<String>,
+    #[arg(long = "tag", value_parser = parse_key_value)]
+    pub tags: Vec<(String, String)>,
+    #[arg(long)]
+    pub wait: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -106,14 +106,29 @@ impl AgentClient {
         }
     }
 
-    pub async fn start_vm(&self, endpoint: &str, name: &str) -> Result<VmInfo, AgentCallError> {
-        let url = format!("{endpoint}/v1/vms/{name}/start");
-        self.call(endpoint, self.http.post(url)).await
+    /// `start`, `stop`, `suspend` or `resume` on the VM.
+    pub async fn vm_action(
+        &self,
+        endpoint: &str,
+        name: &str,
+        action: &str,
+    ) -> Result<VmInfo, AgentCallError> {
+        let url = format!("{endpoint}/v1/vms/{name}/{action}");
+        let request = match action {
+            "stop" => self.http.post(url).json(&serde_json::json!({})),
+            _ => self.http.post(url),
+        };
+        self.call(endpoint, request).await
     }
 
-    pub async fn stop_vm(&self, endpoint: &str, name: &str) -> Result<VmInfo, AgentCallError> {
-        let url = format!("{endpoint}/v1/vms/{name}/stop");
-        self.call(endpoint, self.http.post(url).json(&serde_json::json!({})))
-            .await
+    /// Clones VM `source` into a new VM `request.name` on the same host.
+    pub async fn clone_vm(
+        &self,
+        endpoint: &str,
+        source: &str,
+        request: &flotilla_api::CloneVmRequest,
+    ) -> Result<flotilla_api::CloneResult, AgentCallError> {
+        let url = format!("{endpoint}/v1/vms/{source}/clone");
+        self.call(endpoint, self.http.post(url).json(request)).await
     }
 }

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_api::control::{
-    DesiredState, HostHeartbeat, ObservedState, PlacementExplanation, PlacementPolicy,
-    PolicyDocument, RunInstancesRequest,
+    CloneInstanceRequest, DesiredState, FleetSelector, HostHeartbeat, ObservedState,
+    PlacementExplanation, PlacementPolicy, PolicyDocument, RunInstancesRequest,
 };
 use flotilla_api::{ErrorCode, VmState};
 
@@ -546,8 +546,12 @@ impl ControlPlane {
             OperationInput::Terminate => DesiredState::Terminated,
             OperationInput::Start => DesiredState::Running,
             OperationInput::Stop => DesiredState::Stopped,
-            OperationInput::Run => {
-                return Err(ControlError::invalid("use POST /v1/instances to run"))
+            OperationInput::Suspend => DesiredState::Suspended,
+            OperationInput::Resume => DesiredState::Running,
+            OperationInput::Run | OperationInput::Clone { .. } => {
+                return Err(ControlError::invalid(
+                    "runs and clones have their own calls (POST /v1/instances, .../clone)",
+                ))
             }
         };
         if inst.desired == DesiredState::Terminated && desired != DesiredState::Terminated {
@@ -558,6 +562,157 @@ impl ControlPlane {
         self.store().set_desired(&inst.id, desired, &op_id).await?;
         self.start_operation(Some(&inst.tenant_id), &op_id, input, vec![inst.id])
             .await
+    }
+
+    /// Suspend or resume every instance `selector` picks, as one operation
+    /// (a few at a time; a result per instance in its steps).
+    pub async fn fleet_action(
+        &self,
+        caller: &Caller,
+        tenant: Option<&str>,
+        selector: &FleetSelector,
+        input: OperationInput,
+    ) -> ControlResult<OperationRow> {
+        let tenant_id = self.tenant_of(caller, tenant)?;
+        let desired = match input {
+            OperationInput::Suspend => DesiredState::Suspended,
+            OperationInput::Resume => DesiredState::Running,
+            _ => return Err(ControlError::invalid("a fleet is suspended or resumed")),
+        };
+        if selector.tags.is_empty() && selector.names.is_empty() {
+            return Err(ControlError::invalid(
+                "select the fleet by \"tags\" and/or \"names\" (an empty selector would take everything)",
+            ));
+        }
+        let mut targets = Vec::new();
+        if !selector.tags.is_empty() {
+            let filter = InstanceFilter {
+                tenant_id: Some(tenant_id.clone()),
+                tags: selector.tags.clone(),
+                limit: u32::MAX,
+                ..Default::default()
+            };
+            targets.extend(self.store().list_instances(&filter).await?);
+        }
+        for name in &selector.names {
+            match self.store().instance_by_name(&tenant_id, name).await? {
+                Some(i) => targets.push(i),
+                None => return Err(ControlError::not_found(format!("no instance {name:?}"))),
+            }
+        }
+        targets.retain(|i| i.desired != DesiredState::Terminated);
+        targets.sort_by(|a, b| a.id.cmp(&b.id));
+        targets.dedup_by(|a, b| a.id == b.id);
+        if targets.is_empty() {
+            return Err(ControlError::not_found("no instance matches the selector"));
+        }
+        let op_id = new_id("op");
+        for t in &targets {
+            self.store().set_desired(&t.id, desired, &op_id).await?;
+        }
+        let ids = targets.into_iter().map(|t| t.id).collect();
+        self.start_operation(Some(&tenant_id), &op_id, input, ids)
+            .await
+    }
+
+    /// A clone of instance `name`, placed on the source's host (its
+    /// snapshot is local there) if the policies allow it.
+    pub async fn clone_instance(
+        &self,
+        caller: &Caller,
+        tenant: Option<&str>,
+        name: &str,
+        req: &CloneInstanceRequest,
+    ) -> ControlResult<(OperationRow, InstanceRow)> {
+        let source = self.instance(caller, tenant, name).await?;
+        if source.desired == DesiredState::Terminated {
+            return Err(ControlError::conflict(format!(
+                "instance {name:?} is being terminated"
+            )));
+        }
+        let Some(host) = source.host.clone() else {
+            return Err(ControlError::conflict(format!(
+                "instance {name:?} has no host"
+            )));
+        };
+        check_name("instance", &req.name)?;
+        if self
+            .store()
+            .name_taken(&source.tenant_id, &req.name)
+            .await?
+        {
+            return Err(ControlError::new(
+                ErrorCode::AlreadyExists,
+                format!("instance {:?} already exists", req.name),
+            ));
+        }
+        let tags = req.tags.clone().unwrap_or_else(|| source.tags.clone());
+        let policy = self
+            .effective_policy(&source.tenant_id, &tags, None)
+            .await?;
+        let demand = Demand {
+            vcpus: source.vcpus,
+            memory_mib: source.memory_mib,
+        };
+        let op_id = new_id("op");
+        let new = NewInstance {
+            id: new_id("i"),
+            tenant_id: source.tenant_id.clone(),
+            name: req.name.clone(),
+            image: source.image.clone(),
+            vcpus: source.vcpus,
+            memory_mib: source.memory_mib,
+            tags,
+            operation: Some(op_id.clone()),
+        };
+        let mut committed = false;
+        for _ in 0..PLACEMENT_ATTEMPTS {
+            let (views, versions) = self
+                .host_views(&source.tenant_id, Self::group_of(&policy, &new.tags))
+                .await?;
+            let view = views.iter().find(|v| v.name == host).ok_or_else(|| {
+                ControlError::conflict(format!("host {host} is no longer registered"))
+            })?;
+            if let Some(reason) = placement::reject_reason(view, &demand, &policy) {
+                return Err(ControlError::new(
+                    ErrorCode::InsufficientCapacity,
+                    format!("a clone of {name:?} goes on its host {host}, which cannot take it: {reason}"),
+                ));
+            }
+            let placement = Placement {
+                host: host.clone(),
+                host_version: versions.get(&host).copied().unwrap_or(0),
+            };
+            match self.store().commit_placement(&new, &placement).await {
+                Ok(()) => {
+                    committed = true;
+                    break;
+                }
+                Err(StoreError::Contended) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if !committed {
+            return Err(
+                ControlError::conflict("the clone raced with other placements")
+                    .with_hint("send the request again"),
+            );
+        }
+        let op = self
+            .start_operation(
+                Some(&source.tenant_id),
+                &op_id,
+                OperationInput::Clone {
+                    source: source.id.clone(),
+                },
+                vec![new.id.clone()],
+            )
+            .await?;
+        let row =
+            self.store().instance(&new.id).await?.ok_or_else(|| {
+                ControlError::new(ErrorCode::Internal, "the clone's record vanished")
+            })?;
+        Ok((op, row))
     }
 
     // ---- policies ----

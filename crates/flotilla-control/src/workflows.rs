@@ -7,6 +7,7 @@
 
 use flotilla_api::control::{ObservedState, OperationState};
 use flotilla_api::CreateVmRequest;
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ControlError, ControlResult};
@@ -14,28 +15,52 @@ use crate::service::{observed_from_vm, ControlPlane};
 use crate::store::{InstanceRow, OperationRow};
 
 /// What an operation does to its targets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OperationInput {
     Run,
     Terminate,
     Start,
     Stop,
+    Suspend,
+    Resume,
+    /// The target is the new instance, made from a snapshot of `source`
+    /// (an instance id) on the source's host.
+    Clone {
+        source: String,
+    },
 }
 
 impl OperationInput {
-    pub fn kind(self) -> &'static str {
+    pub fn kind(&self) -> &'static str {
         match self {
             OperationInput::Run => "run",
             OperationInput::Terminate => "terminate",
             OperationInput::Start => "start",
             OperationInput::Stop => "stop",
+            OperationInput::Suspend => "suspend",
+            OperationInput::Resume => "resume",
+            OperationInput::Clone { .. } => "clone",
         }
     }
 
-    fn step_name(self, target: &str) -> String {
+    fn step_name(&self, target: &str) -> String {
         format!("{} {target}", self.kind())
     }
+}
+
+/// Targets acted on at once within one operation (a fleet suspend, say).
+const PARALLEL_STEPS: usize = 4;
+
+/// Marks a step that ended in failure, after its name.
+const FAILED_MARK: &str = ": failed: ";
+
+fn is_done(steps: &[String], step: &str) -> bool {
+    steps.iter().any(|s| {
+        s == step
+            || s.strip_prefix(step)
+                .is_some_and(|rest| rest.starts_with(FAILED_MARK))
+    })
 }
 
 /// Drives `op` to its end in the background.
@@ -48,20 +73,32 @@ pub(crate) fn spawn(cp: ControlPlane, op: OperationRow) {
     });
 }
 
+/// Runs the steps not done yet, a few at a time, recording each as it ends
+/// (with its failure, if it failed), then the outcome.
 async fn drive(cp: &ControlPlane, op: OperationRow) -> ControlResult<()> {
     let input: OperationInput = serde_json::from_value(op.input.clone()).map_err(|e| {
         ControlError::invalid(format!("operation {} has unreadable input: {e}", op.id))
     })?;
     let mut steps = op.steps.clone();
-    let mut failures = Vec::new();
-    for target in &op.targets {
-        let step = input.step_name(target);
-        if steps.contains(&step) {
-            continue;
-        }
-        if let Err(e) = run_step(cp, input, target).await {
+    let pending: Vec<String> = op
+        .targets
+        .iter()
+        .filter(|t| !is_done(&steps, &input.step_name(t)))
+        .cloned()
+        .collect();
+    let input_ref = &input;
+    let mut results = futures::stream::iter(pending)
+        .map(|target| async move {
+            let result = run_step(cp, input_ref, &target).await;
+            (target, result)
+        })
+        .buffer_unordered(PARALLEL_STEPS);
+    while let Some((target, result)) = results.next().await {
+        let mut step = input.step_name(&target);
+        if let Err(e) = result {
             tracing::warn!(op = %op.id, target, error = %e, "step failed");
-            failures.push(format!("{target}: {}", e.message));
+            step.push_str(FAILED_MARK);
+            step.push_str(&e.message);
         }
         steps.push(step);
         let still_ours = cp
@@ -73,9 +110,21 @@ async fn drive(cp: &ControlPlane, op: OperationRow) -> ControlResult<()> {
             return Ok(());
         }
     }
+    let failures: Vec<&str> = steps
+        .iter()
+        .filter_map(|s| s.split_once(FAILED_MARK).map(|(name, why)| (name, why)))
+        .map(|(name, _)| name)
+        .collect();
     let (state, error) = match failures.is_empty() {
         true => (OperationState::Succeeded, None),
-        false => (OperationState::Failed, Some(failures.join("; "))),
+        false => {
+            let reasons: Vec<String> = steps
+                .iter()
+                .filter_map(|s| s.split_once(FAILED_MARK))
+                .map(|(name, why)| format!("{name}: {why}"))
+                .collect();
+            (OperationState::Failed, Some(reasons.join("; ")))
+        }
     };
     cp.store()
         .finish_operation(&op.id, state, error.as_deref())
@@ -100,7 +149,7 @@ fn agent_error(e: crate::agents::AgentCallError) -> ControlError {
     ControlError::new(flotilla_api::ErrorCode::Conflict, e.to_string())
 }
 
-async fn run_step(cp: &ControlPlane, input: OperationInput, target: &str) -> ControlResult<()> {
+async fn run_step(cp: &ControlPlane, input: &OperationInput, target: &str) -> ControlResult<()> {
     let store = cp.store();
     let Some(inst) = store.instance(target).await? else {
         // Terminated meanwhile: nothing left to do.
@@ -147,9 +196,14 @@ async fn run_step(cp: &ControlPlane, input: OperationInput, target: &str) -> Con
                     .map_err(agent_error)?;
                 store.delete_instance(&inst.id).await?;
             }
-            OperationInput::Start => {
-                let vm = match agents.start_vm(&endpoint, &inst.id).await {
+            OperationInput::Start
+            | OperationInput::Stop
+            | OperationInput::Suspend
+            | OperationInput::Resume => {
+                let action = input.kind();
+                let vm = match agents.vm_action(&endpoint, &inst.id, action).await {
                     Ok(vm) => vm,
+                    // Already there (an earlier attempt, or the user's own).
                     Err(e) if e.is_conflict() => {
                         agents.vm(&endpoint, &inst.id).await.map_err(agent_error)?
                     }
@@ -159,16 +213,26 @@ async fn run_step(cp: &ControlPlane, input: OperationInput, target: &str) -> Con
                     .set_observed(&inst.id, observed_from_vm(vm.state), None, None)
                     .await?;
             }
-            OperationInput::Stop => {
-                let vm = match agents.stop_vm(&endpoint, &inst.id).await {
-                    Ok(vm) => vm,
-                    Err(e) if e.is_conflict() => {
-                        agents.vm(&endpoint, &inst.id).await.map_err(agent_error)?
-                    }
+            OperationInput::Clone { source } => {
+                let mut tags = inst.tags.clone();
+                tags.insert("flotilla.instance".into(), inst.name.clone());
+                let request = flotilla_api::CloneVmRequest {
+                    name: inst.id.clone(),
+                    disk: flotilla_api::CloneDisk::Cow,
+                    tags: Some(tags),
+                };
+                let vm = match agents.clone_vm(&endpoint, source, &request).await {
+                    Ok(result) => result.vm,
+                    Err(e) if e.is_conflict() => match agents.vm(&endpoint, &inst.id).await {
+                        // Made by an earlier attempt of this step.
+                        Ok(vm) => vm,
+                        Err(_) => return Err(agent_error(e)),
+                    },
                     Err(e) => return Err(agent_error(e)),
                 };
+                let ip = vm.nics.first().map(|n| n.ip.clone());
                 store
-                    .set_observed(&inst.id, observed_from_vm(vm.state), None, None)
+                    .set_observed(&inst.id, observed_from_vm(vm.state), ip.as_deref(), None)
                     .await?;
             }
         }
@@ -178,7 +242,7 @@ async fn run_step(cp: &ControlPlane, input: OperationInput, target: &str) -> Con
     if let Err(e) = &result {
         // The instance stays, with the reason; a terminate can be retried.
         let observed = match input {
-            OperationInput::Run => ObservedState::Failed,
+            OperationInput::Run | OperationInput::Clone { .. } => ObservedState::Failed,
             _ => inst.observed,
         };
         store

@@ -6,16 +6,16 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use flotilla_api::control::{
-    CreateTenantRequest, CreateTokenRequest, Host, Instance, Operation, OperationState, Page,
-    PlacementExplanation, PlacementPolicy, Policy, PolicyDocument, RunInstancesRequest,
-    RunInstancesResult, Tenant, TokenCreated,
+    CloneInstanceRequest, CreateTenantRequest, CreateTokenRequest, FleetSelector, Host, Instance,
+    Operation, OperationState, Page, PlacementExplanation, PlacementPolicy, Policy, PolicyDocument,
+    RunInstancesRequest, RunInstancesResult, Tenant, TokenCreated,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use reqwest::Method;
 
 use crate::args::{
-    HostsCommand, InstanceCommand, InstanceRunArgs, OpCommand, PolicyCommand, TenantCommand,
-    TokenCommand,
+    HostsCommand, InstanceCommand, InstanceRunArgs, InstanceSelectArgs, OpCommand, PolicyCommand,
+    TenantCommand, TokenCommand,
 };
 use crate::client::{CliError, Client};
 use crate::output::{self, opt};
@@ -338,6 +338,34 @@ pub async fn instance(c: &Client, json: bool, cmd: InstanceCommand) -> anyhow::R
             let i: Instance = c.get(&format!("/v1/instances/{}", encode(&name))).await?;
             output::json(&i)?;
         }
+        InstanceCommand::Suspend(sel) => return select_act(c, json, "suspend", sel).await,
+        InstanceCommand::Resume(sel) => return select_act(c, json, "resume", sel).await,
+        InstanceCommand::Clone {
+            source,
+            name,
+            tags,
+            wait,
+        } => {
+            let req = CloneInstanceRequest {
+                name,
+                tags: (!tags.is_empty()).then(|| tags.into_iter().collect()),
+            };
+            let result: RunInstancesResult = c
+                .post(&format!("/v1/instances/{}/clone", encode(&source)), &req)
+                .await?;
+            let op = match wait {
+                true => Some(wait_op(c, &result.operation).await?),
+                false => None,
+            };
+            if json {
+                output::json(&result)?;
+            } else {
+                for i in &result.instances {
+                    println!("{} cloned from {source} on {}", i.name, opt(&i.host));
+                }
+            }
+            return Ok(op.as_ref().map_or(ExitCode::SUCCESS, op_outcome));
+        }
         InstanceCommand::Terminate { name, wait } => {
             return act(
                 c,
@@ -370,6 +398,49 @@ pub async fn instance(c: &Client, json: bool, cmd: InstanceCommand) -> anyhow::R
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One instance by name, or a fleet by names and tags.
+async fn select_act(
+    c: &Client,
+    json: bool,
+    action: &str,
+    sel: InstanceSelectArgs,
+) -> anyhow::Result<ExitCode> {
+    if sel.names.is_empty() && sel.tags.is_empty() {
+        return Err(CliError::new(
+            format!("name the instances to {action}, or select them with --tag"),
+            None,
+        )
+        .into());
+    }
+    if sel.names.len() == 1 && sel.tags.is_empty() {
+        let path = format!("/v1/instances/{}/{action}", encode(&sel.names[0]));
+        return act(c, json, Method::POST, &path, sel.wait).await;
+    }
+    let selector = FleetSelector {
+        tags: sel.tags.into_iter().collect(),
+        names: sel.names,
+    };
+    let mut op: Operation = c.post(&format!("/v1/fleet/{action}"), &selector).await?;
+    if sel.wait {
+        op = wait_op(c, &op.id).await?;
+    }
+    if json {
+        output::json(&op)?;
+    } else {
+        println!(
+            "operation {} ({} of {} instances): {}",
+            op.id,
+            action,
+            op.targets.len(),
+            serde_json::to_value(op.state)?.as_str().unwrap_or_default()
+        );
+        for step in op.steps.iter().filter(|s| s.contains(": failed: ")) {
+            eprintln!("  {step}");
+        }
+    }
+    Ok(op_outcome(&op))
 }
 
 async fn act(

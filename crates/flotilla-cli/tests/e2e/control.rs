@@ -89,10 +89,28 @@ fn the_control_plane_places_and_drives_real_agents() {
     let (ok, _, err) = cli(
         &cp,
         &acme,
-        &["policy", "set", "web-apart", "--fleet", "group=web", "--placement", r#"{"max_per_host": 1}"#],
+        &[
+            "policy",
+            "set",
+            "web-apart",
+            "--fleet",
+            "group=web",
+            "--placement",
+            r#"{"max_per_host": 1}"#,
+        ],
     );
     assert!(ok, "{err}");
-    let (ok, _, err) = cli(&cp, &acme, &["policy", "set", "bad", "--placement", r#"{"max_per_hots": 1}"#]);
+    let (ok, _, err) = cli(
+        &cp,
+        &acme,
+        &[
+            "policy",
+            "set",
+            "bad",
+            "--placement",
+            r#"{"max_per_hots": 1}"#,
+        ],
+    );
     assert!(!ok && err.contains("max_per_hots"), "{err}");
     let run = json!({"name": "web", "count": 2, "tags": {"group": "web"}});
     let (s, b) = cp.api("POST", "/v1/instances", Some(&acme), Some(run));
@@ -187,6 +205,55 @@ fn the_control_plane_places_and_drives_real_agents() {
         ok && out.contains("terminate") && out.contains("succeeded"),
         "{out} {err}"
     );
+
+    // Suspend one, resume the fleet by tag, through the control plane.
+    let (ok, out, err) = cli(
+        &cp,
+        &acme,
+        &["instance", "suspend", "web-2", "--wait", "--json"],
+    );
+    assert!(ok, "{out} {err}");
+    let (_, b) = cp.api("GET", "/v1/instances/web-2", Some(&acme), None);
+    assert_eq!(b["observed"], "suspended", "{b}");
+    let (ok, out, err) = cli(
+        &cp,
+        &acme,
+        &[
+            "instance",
+            "resume",
+            "--tag",
+            "group=web",
+            "--wait",
+            "--json",
+        ],
+    );
+    assert!(ok, "{out} {err}");
+    let (_, b) = cp.api("GET", "/v1/instances/web-2", Some(&acme), None);
+    assert_eq!(b["observed"], "running", "{b}");
+    // A clone goes on its source's host, where the snapshot is.
+    let (ok, out, err) = cli(
+        &cp,
+        &acme,
+        &[
+            "instance",
+            "clone",
+            "web-2",
+            "web-copy",
+            "--tag",
+            "group=copy",
+            "--wait",
+            "--json",
+        ],
+    );
+    assert!(ok, "{out} {err}");
+    let cloned: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(cloned["instances"][0]["host"], b["host"], "{cloned}");
+    let (_, c) = cp.api("GET", "/v1/instances/web-copy", Some(&acme), None);
+    assert_eq!(c["observed"], "running", "{c}");
+    assert_ne!(c["ip"], b["ip"], "a clone has its own address");
+    // With the source's tags it would break the web fleet's policy.
+    let (ok, _, err) = cli(&cp, &acme, &["instance", "clone", "web-2", "web-copy2"]);
+    assert!(!ok && err.contains("max_per_host"), "{err}");
 
     // h2's agent stops: h2 goes down and its instances become unknown,
     // never dropped; its agent back, they are running again.

@@ -8,9 +8,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use flotilla_api::control::{
-    CreateTenantRequest, CreateTokenRequest, Host, HostHeartbeat, Instance, ObservedState,
-    Operation, Page, PlacementExplanation, Policy, PolicyDocument, RunInstancesRequest,
-    RunInstancesResult, Tenant, TokenCreated,
+    CloneInstanceRequest, CreateTenantRequest, CreateTokenRequest, FleetSelector, Host,
+    HostHeartbeat, Instance, ObservedState, Operation, Page, PlacementExplanation, Policy,
+    PolicyDocument, RunInstancesRequest, RunInstancesResult, Tenant, TokenCreated,
 };
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -58,6 +58,11 @@ pub async fn healthz() -> &'static str {
         terminate_instance,
         start_instance,
         stop_instance,
+        suspend_instance,
+        resume_instance,
+        clone_instance,
+        fleet_suspend,
+        fleet_resume,
         explain,
         list_operations,
         get_operation,
@@ -408,6 +413,84 @@ pub async fn stop_instance(
     q: Result<Query<TenantQuery>, QueryRejection>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
     act(cp, caller, name, q, OperationInput::Stop).await
+}
+
+#[utoipa::path(post, path = "/v1/instances/{name}/suspend", responses((status = 202, body = Operation)))]
+pub async fn suspend_instance(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    Path(name): Path<String>,
+    q: Result<Query<TenantQuery>, QueryRejection>,
+) -> ApiResult<(StatusCode, Json<Operation>)> {
+    act(cp, caller, name, q, OperationInput::Suspend).await
+}
+
+#[utoipa::path(post, path = "/v1/instances/{name}/resume", responses((status = 202, body = Operation)))]
+pub async fn resume_instance(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    Path(name): Path<String>,
+    q: Result<Query<TenantQuery>, QueryRejection>,
+) -> ApiResult<(StatusCode, Json<Operation>)> {
+    act(cp, caller, name, q, OperationInput::Resume).await
+}
+
+#[utoipa::path(post, path = "/v1/instances/{name}/clone", request_body = CloneInstanceRequest,
+    responses((status = 201, body = RunInstancesResult), (status = 409, body = flotilla_api::ErrorBody)))]
+pub async fn clone_instance(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    Path(name): Path<String>,
+    q: Result<Query<TenantQuery>, QueryRejection>,
+    req: Result<Json<CloneInstanceRequest>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<RunInstancesResult>)> {
+    let q = query(q)?;
+    let req = body(req)?;
+    let (op, inst) = cp
+        .clone_instance(&caller, q.tenant.as_deref(), &name, &req)
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(RunInstancesResult {
+            operation: op.id,
+            instances: vec![convert::instance(inst)],
+        }),
+    ))
+}
+
+async fn fleet(
+    cp: ControlPlane,
+    caller: Caller,
+    q: Result<Query<TenantQuery>, QueryRejection>,
+    req: Result<Json<FleetSelector>, JsonRejection>,
+    input: OperationInput,
+) -> ApiResult<(StatusCode, Json<Operation>)> {
+    let q = query(q)?;
+    let selector = body(req)?;
+    let op = cp
+        .fleet_action(&caller, q.tenant.as_deref(), &selector, input)
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(convert::operation(op))))
+}
+
+#[utoipa::path(post, path = "/v1/fleet/suspend", request_body = FleetSelector, responses((status = 202, body = Operation)))]
+pub async fn fleet_suspend(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    q: Result<Query<TenantQuery>, QueryRejection>,
+    req: Result<Json<FleetSelector>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Operation>)> {
+    fleet(cp, caller, q, req, OperationInput::Suspend).await
+}
+
+#[utoipa::path(post, path = "/v1/fleet/resume", request_body = FleetSelector, responses((status = 202, body = Operation)))]
+pub async fn fleet_resume(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    q: Result<Query<TenantQuery>, QueryRejection>,
+    req: Result<Json<FleetSelector>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Operation>)> {
+    fleet(cp, caller, q, req, OperationInput::Resume).await
 }
 
 #[utoipa::path(post, path = "/v1/placement/explain", request_body = RunInstancesRequest,

@@ -39,6 +39,11 @@ pub fn router(cp: ControlPlane) -> Router {
         )
         .route("/v1/instances/{name}/start", post(start_instance))
         .route("/v1/instances/{name}/stop", post(stop_instance))
+        .route("/v1/instances/{name}/suspend", post(suspend_instance))
+        .route("/v1/instances/{name}/resume", post(resume_instance))
+        .route("/v1/instances/{name}/clone", post(clone_instance))
+        .route("/v1/fleet/suspend", post(fleet_suspend))
+        .route("/v1/fleet/resume", post(fleet_resume))
         .route("/v1/placement/explain", post(explain))
         .route("/v1/policies", get(list_policies))
         .route(
