@@ -205,18 +205,18 @@ fn api_reads(placed: &[(usize, usize)]) {
         });
         let http = reqwest::Client::new();
         let n = placed.len();
-        let describe = throughput(&http, &base, |i| {
+        let describe = throughput(&http, &base, move |i| {
             format!("/v1/instances/inst-{:06}?tenant=t-bench", (i * 7919) % n)
         })
         .await;
-        let list = throughput(&http, &base, |i| {
+        let list = throughput(&http, &base, move |i| {
             format!(
                 "/v1/instances?tenant=t-bench&page_size=100&page_token=inst-{:06}",
                 (i * 7919) % n
             )
         })
         .await;
-        let by_tag = throughput(&http, &base, |i| {
+        let by_tag = throughput(&http, &base, move |i| {
             format!(
                 "/v1/instances?tenant=t-bench&tag=group=g{}",
                 (i * 31) % (n / GROUP_SIZE)

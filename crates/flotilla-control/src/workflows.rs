@@ -7,7 +7,6 @@
 
 use flotilla_api::control::{ObservedState, OperationState};
 use flotilla_api::CreateVmRequest;
-use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ControlError, ControlResult};
@@ -86,14 +85,24 @@ async fn drive(cp: &ControlPlane, op: OperationRow) -> ControlResult<()> {
         .filter(|t| !is_done(&steps, &input.step_name(t)))
         .cloned()
         .collect();
-    let input_ref = &input;
-    let mut results = futures::stream::iter(pending)
-        .map(|target| async move {
-            let result = run_step(cp, input_ref, &target).await;
-            (target, result)
-        })
-        .buffer_unordered(PARALLEL_STEPS);
-    while let Some((target, result)) = results.next().await {
+    // Each step is a task of its own: a step paused halfway (holding a
+    // store connection, say) while this loop records another would stall it.
+    let mut pending = pending.into_iter();
+    let mut running = tokio::task::JoinSet::new();
+    loop {
+        while running.len() < PARALLEL_STEPS {
+            let Some(target) = pending.next() else { break };
+            let (cp, input) = (cp.clone(), input.clone());
+            running.spawn(async move {
+                let result = run_step(&cp, &input, &target).await;
+                (target, result)
+            });
+        }
+        let Some(joined) = running.join_next().await else {
+            break;
+        };
+        let (target, result) = joined
+            .map_err(|e| ControlError::new(flotilla_api::ErrorCode::Internal, format!("a step panicked: {e}")))?;
         let mut step = input.step_name(&target);
         if let Err(e) = result {
             tracing::warn!(op = %op.id, target, error = %e, "step failed");
@@ -107,6 +116,7 @@ async fn drive(cp: &ControlPlane, op: OperationRow) -> ControlResult<()> {
             .await?;
         if !still_ours {
             tracing::warn!(op = %op.id, "operation taken over by another replica");
+            running.abort_all();
             return Ok(());
         }
     }

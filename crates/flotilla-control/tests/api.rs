@@ -358,7 +358,7 @@ async fn idempotency_keys_and_pages() {
             Some("k1"),
         )
         .await;
-    assert_eq!(s, 409);
+    assert_eq!(s, 409, "{b}");
     assert!(message(&b).contains("different request"), "{b}");
     let mut names = Vec::new();
     let mut token: Option<String> = None;
