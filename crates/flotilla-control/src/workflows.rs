@@ -120,21 +120,14 @@ async fn drive(cp: &ControlPlane, op: OperationRow) -> ControlResult<()> {
             return Ok(());
         }
     }
-    let failures: Vec<&str> = steps
+    let failures: Vec<String> = steps
         .iter()
-        .filter_map(|s| s.split_once(FAILED_MARK).map(|(name, why)| (name, why)))
-        .map(|(name, _)| name)
+        .filter_map(|s| s.split_once(FAILED_MARK))
+        .map(|(name, why)| format!("{name}: {why}"))
         .collect();
     let (state, error) = match failures.is_empty() {
         true => (OperationState::Succeeded, None),
-        false => {
-            let reasons: Vec<String> = steps
-                .iter()
-                .filter_map(|s| s.split_once(FAILED_MARK))
-                .map(|(name, why)| format!("{name}: {why}"))
-                .collect();
-            (OperationState::Failed, Some(reasons.join("; ")))
-        }
+        false => (OperationState::Failed, Some(failures.join("; "))),
     };
     cp.store()
         .finish_operation(&op.id, state, error.as_deref())
