@@ -323,6 +323,9 @@ pub struct UpArgs {
     /// The static guest agent binary to put in the image (when building it).
     #[arg(long, env = "FLOTILLA_GUEST_AGENT")]
     pub guest_agent: Option<PathBuf>,
+    /// Address of the in-process control plane (state in <data-dir>/control).
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    pub control_listen: SocketAddr,
 }
 
 #[derive(Debug, Subcommand)]

@@ -69,7 +69,7 @@ impl Client {
         c.token = Some(token.map(str::to_string).ok_or_else(|| {
             CliError::new(
                 "no API token for the control plane",
-                Some("pass --token or set FLOTILLA_TOKEN (the first admin token is in the control plane's admin.token)".into()),
+                Some("pass --token or set FLOTILLA_TOKEN (`flotilla up` writes its default tenant's token to <data-dir>/control/default.token, used when neither is given)".into()),
             )
         })?);
         Ok(c)

@@ -21,6 +21,9 @@ pub struct ControlConfig {
     pub data_dir: PathBuf,
     /// An admin token to accept (created if missing).
     pub admin_token: Option<String>,
+    /// A tenant to create at start if missing, with a token of it written
+    /// to `<data_dir>/<tenant>.token` (the embedded single-host default).
+    pub default_tenant: Option<String>,
     pub settings: ControlSettings,
 }
 
@@ -39,6 +42,9 @@ pub async fn run_control(config: ControlConfig) -> anyhow::Result<()> {
     let dialect = store.dialect();
     let cp = ControlPlane::new(store, config.settings.clone());
     bootstrap_admin(&cp, &config).await?;
+    if let Some(tenant) = &config.default_tenant {
+        bootstrap_tenant(&cp, &config, tenant).await?;
+    }
 
     // A SQLite store has one owner (this process): what was running when it
     // last stopped is ours to resume at once. Replicas on PostgreSQL wait
@@ -85,6 +91,41 @@ async fn bootstrap_admin(cp: &ControlPlane, config: &ControlConfig) -> anyhow::R
     write_private(&path, &secret).with_context(|| format!("writing {}", path.display()))?;
     tracing::info!(path = %path.display(), "created the first admin token");
     Ok(())
+}
+
+async fn bootstrap_tenant(cp: &ControlPlane, config: &ControlConfig, name: &str) -> anyhow::Result<()> {
+    if cp.store().tenant_by_name(name).await?.is_none() {
+        cp.store().create_tenant(&crate::store::new_id("t"), name).await?;
+    }
+    let path = config.data_dir.join(format!("{name}.token"));
+    let known = match std::fs::read_to_string(&path) {
+        Ok(secret) => cp.authenticate(secret.trim()).await.is_ok(),
+        Err(_) => false,
+    };
+    if !known {
+        let admin = crate::auth::Caller { token_id: "bootstrap".into(), tenant_id: None, admin: true };
+        let (_, _, secret) = cp.create_token(&admin, Some(name), false, Some("default tenant")).await?;
+        write_private(&path, &secret).with_context(|| format!("writing {}", path.display()))?;
+        tracing::info!(tenant = name, path = %path.display(), "wrote the default tenant's token");
+    }
+    Ok(())
+}
+
+/// The file holding the token of a tenant made at start.
+pub fn tenant_token_file(data_dir: &std::path::Path, tenant: &str) -> PathBuf {
+    data_dir.join(format!("{tenant}.token"))
+}
+
+/// Reads the admin token file of `data_dir`, making one if there is none.
+pub fn admin_token_in(data_dir: &std::path::Path) -> anyhow::Result<String> {
+    let path = data_dir.join(ADMIN_TOKEN_FILE);
+    if let Ok(secret) = std::fs::read_to_string(&path) {
+        return Ok(secret.trim().to_string());
+    }
+    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let secret = new_secret();
+    write_private(&path, &secret).with_context(|| format!("writing {}", path.display()))?;
+    Ok(secret)
 }
 
 fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {

@@ -102,13 +102,71 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     } else {
         OnExit::StopVms
     };
-    run_agent(config, on_exit, ctrl_c_or_term(), |h| {
+    let (config, control, token_file) = with_embedded_control(config, args.control_listen).await?;
+    let control_url = format!("http://{}", args.control_listen);
+    let result = run_agent(config, on_exit, ctrl_c_or_term(), |h| {
         eprintln!(
-            "Flotilla is up: agent on http://{}. In another terminal:\n  flotilla vm run demo --wait\n  flotilla vm exec demo -- uname -a\nCtrl-C stops the VMs and exits{}.",
+            "Flotilla is up: agent on http://{}, control plane on {control_url} (tenant {DEFAULT_TENANT}, token in {}). In another terminal:\n  flotilla vm run demo --wait\n  flotilla vm exec demo -- uname -a\n  FLOTILLA_TOKEN=$(cat {}) flotilla instance run web --count 2 --wait\nCtrl-C stops the VMs and exits{}.",
             h.local_addr,
+            token_file.display(),
+            token_file.display(),
             if args.keep_vms { " (VMs kept running)" } else { "" }
         );
     })
-    .await?;
+    .await;
+    control.abort();
+    result?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The tenant `flotilla up` makes for local use.
+pub const DEFAULT_TENANT: &str = "default";
+
+/// Starts the control plane in this process (SQLite in `<data>/control`) and
+/// links the agent to it; returns the agent's config, the control plane's
+/// task and the default tenant's token file.
+async fn with_embedded_control(
+    mut config: AgentConfig,
+    listen: std::net::SocketAddr,
+) -> anyhow::Result<(AgentConfig, tokio::task::JoinHandle<()>, std::path::PathBuf)> {
+    let dir = config.data_dir.join("control");
+    let admin = flotilla_control::server::admin_token_in(&dir)?;
+    let control = flotilla_control::ControlConfig {
+        listen,
+        database: format!("sqlite://{}", dir.join("control.db").display()),
+        data_dir: dir.clone(),
+        admin_token: Some(admin.clone()),
+        default_tenant: Some(DEFAULT_TENANT.into()),
+        settings: flotilla_control::ControlSettings::default(),
+    };
+    let task = tokio::spawn(async move {
+        if let Err(e) = flotilla_control::run_control(control).await {
+            tracing::error!(error = %format!("{e:#}"), "the control plane stopped");
+        }
+    });
+    // Up before the agent's first heartbeat, or the reason it is not.
+    let url = format!("http://{listen}");
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if http.get(format!("{url}/healthz")).send().await.is_ok_and(|r| r.status().is_success()) {
+            break;
+        }
+        if task.is_finished() || std::time::Instant::now() > deadline {
+            anyhow::bail!("the control plane did not start on {listen} (see the log above; --control-listen picks another address)");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if config.control.is_none() {
+        config.control = Some(flotilla_agent::control_link::ControlLink {
+            url,
+            token: admin,
+            host_name: "local".into(),
+            advertise: format!("http://{}", config.listen),
+            labels: Default::default(),
+            interval: Duration::from_secs(3),
+        });
+    }
+    let token_file = flotilla_control::server::tenant_token_file(&dir, DEFAULT_TENANT);
+    Ok((config, task, token_file))
 }

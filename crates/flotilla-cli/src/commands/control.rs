@@ -21,6 +21,7 @@ pub async fn control(args: ControlArgs) -> anyhow::Result<ExitCode> {
         database,
         data_dir: args.data_dir,
         admin_token: args.admin_token,
+        default_tenant: None,
         settings,
     })
     .await?;

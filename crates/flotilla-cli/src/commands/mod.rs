@@ -18,7 +18,10 @@ use crate::output;
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     // Made only when a control plane verb needs it.
-    let control = || Client::control(&cli.control_url, cli.token.as_deref());
+    let control = || {
+        let token = cli.token.clone().or_else(local_token);
+        Client::control(&cli.control_url, token.as_deref())
+    };
     match cli.command {
         Command::Up(args) => agent::up(args).await,
         Command::Agent(args) => agent::agent(args).await,
@@ -70,4 +73,14 @@ pub fn default_data_dir() -> std::path::PathBuf {
         })
         .unwrap_or_else(|| "/tmp".into());
     base.join("flotilla")
+}
+
+/// The default tenant's token of a local `flotilla up`, for when no token
+/// is given.
+fn local_token() -> Option<String> {
+    let dir = std::env::var_os("FLOTILLA_DATA_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(default_data_dir);
+    let path = dir.join("control").join(format!("{}.token", agent::DEFAULT_TENANT));
+    std::fs::read_to_string(path).ok().map(|s| s.trim().to_string())
 }

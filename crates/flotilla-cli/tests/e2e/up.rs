@@ -23,6 +23,7 @@ fn up_serves_and_ctrl_c_stops_everything() {
         .args(["up", "--data-dir"])
         .arg(data.path())
         .args(["--listen", &format!("{}:7777", ns.ns_ip)])
+        .args(["--control-listen", &format!("{}:7700", ns.ns_ip)])
         .arg("--guest-agent")
         .arg(guest_agent_bin())
         .stdin(Stdio::null())
@@ -61,6 +62,32 @@ fn up_serves_and_ctrl_c_stops_everything() {
     let out = cli(&["vm", "exec", "demo", "--", "uname", "-a"]);
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("Linux demo"));
     assert_eq!(qemu_pids_under(data.path()).len(), 1);
+
+    // The control plane runs in the same process, with a default tenant
+    // whose token is in the data directory, and the local agent registered.
+    let token = std::fs::read_to_string(data.path().join("control/default.token")).expect("token");
+    let control = |args: &[&str]| {
+        Command::new(flotilla_bin())
+            .args(["--control-url", &format!("http://{}:7700", ns.ns_ip)])
+            .env("FLOTILLA_TOKEN", token.trim())
+            .args(args)
+            .output()
+            .expect("flotilla")
+    };
+    let out = control(&["instance", "run", "web", "--wait"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("web placed on local"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = control(&["instance", "ls", "--json"]);
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if list[0]["observed"] == "running" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "web never seen running: {list}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(qemu_pids_under(data.path()).len(), 2);
 
     kill(Pid::from_raw(up.id() as i32), Signal::SIGINT).expect("SIGINT");
     let deadline = Instant::now() + Duration::from_secs(30);
