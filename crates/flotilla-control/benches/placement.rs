@@ -14,7 +14,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flotilla_api::control::{LabelPreference, PlacementPolicy, PlacementStrategy};
+use flotilla_api::control::{
+    HostHeartbeat, LabelPreference, PlacementPolicy, PlacementStrategy, RunInstancesRequest,
+};
+use flotilla_api::Resources;
+use flotilla_control::auth::Caller;
 use flotilla_control::placement::{choose_exhaustive, choose_sampled, Demand, HostView};
 use flotilla_control::store::{NewInstance, Store};
 use flotilla_control::{ControlPlane, ControlSettings};
@@ -24,6 +28,8 @@ const HOSTS: usize = 10_000;
 const EXISTING: usize = 100_000;
 const GROUP_SIZE: usize = 10;
 const NEW: usize = 40_000;
+/// Runs through the whole control plane path.
+const RUNS: usize = 2_000;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
@@ -194,8 +200,40 @@ fn api_reads(placed: &[(usize, usize)]) {
             store.import_instances(chunk).await.unwrap();
         }
         let import = t.elapsed();
+        // The hosts, registered as agents would (endpoints nothing answers:
+        // the runs' operations fail fast in the background).
+        for i in 0..HOSTS {
+            let beat = HostHeartbeat {
+                endpoint: "http://127.0.0.1:9".into(),
+                capacity: Resources { vcpus: 16, memory_mib: 65536 },
+                labels: BTreeMap::from([("zone".to_string(), format!("z{}", i % 10))]),
+                vms: vec![],
+            };
+            store.record_heartbeat(&format!("h{i:05}"), &beat).await.unwrap();
+        }
         let cp = ControlPlane::new(store, ControlSettings::default());
         cp.ensure_admin_token("flt_bench").await.unwrap();
+        let caller = Caller { token_id: "bench".into(), tenant_id: Some("t-bench".into()), admin: false };
+        let policy = PlacementPolicy { max_per_host: Some(1), strategy: Some(PlacementStrategy::Spread), ..Default::default() };
+        let mut lat = Vec::with_capacity(RUNS);
+        let t = Instant::now();
+        for i in 0..RUNS {
+            let req = RunInstancesRequest {
+                name: format!("new-{i:05}"),
+                count: 1,
+                image: None,
+                vcpus: 1,
+                memory_mib: 1024,
+                tags: BTreeMap::from([("group".to_string(), format!("g{}", (i * 7) % (EXISTING / GROUP_SIZE)))]),
+                placement: Some(policy.clone()),
+            };
+            let s = Instant::now();
+            cp.run_instances(&caller, None, &req).await.unwrap();
+            lat.push(s.elapsed().as_secs_f64());
+        }
+        let run_rate = RUNS as f64 / t.elapsed().as_secs_f64();
+        lat.sort_by(f64::total_cmp);
+        let (run_p50, run_p99) = (lat[lat.len() / 2], lat[lat.len() * 99 / 100]);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move {
@@ -227,6 +265,7 @@ fn api_reads(placed: &[(usize, usize)]) {
             "| API: import of {n} instances into SQLite | {:.2} s |",
             import.as_secs_f64()
         );
+        println!("| run through the control plane (service call, SQLite, durable), {RUNS} sequential, same policy | {run_rate:.0} placements/s, p50 {:.1} ms, p99 {:.1} ms |", run_p50 * 1e3, run_p99 * 1e3);
         println!("| API: describe (GET /v1/instances/NAME), 8 clients | {describe:.0} req/s |");
         println!("| API: list, pages of 100 by name, 8 clients | {list:.0} req/s |");
         println!("| API: list by tag (a group of 10 among {n}), 8 clients | {by_tag:.0} req/s |");

@@ -6,6 +6,7 @@
 pub mod agents;
 pub mod auth;
 pub mod error;
+mod fleet_cache;
 pub mod http;
 pub mod placement;
 pub mod server;

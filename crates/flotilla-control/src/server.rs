@@ -93,9 +93,15 @@ async fn bootstrap_admin(cp: &ControlPlane, config: &ControlConfig) -> anyhow::R
     Ok(())
 }
 
-async fn bootstrap_tenant(cp: &ControlPlane, config: &ControlConfig, name: &str) -> anyhow::Result<()> {
+async fn bootstrap_tenant(
+    cp: &ControlPlane,
+    config: &ControlConfig,
+    name: &str,
+) -> anyhow::Result<()> {
     if cp.store().tenant_by_name(name).await?.is_none() {
-        cp.store().create_tenant(&crate::store::new_id("t"), name).await?;
+        cp.store()
+            .create_tenant(&crate::store::new_id("t"), name)
+            .await?;
     }
     let path = config.data_dir.join(format!("{name}.token"));
     let known = match std::fs::read_to_string(&path) {
@@ -103,8 +109,14 @@ async fn bootstrap_tenant(cp: &ControlPlane, config: &ControlConfig, name: &str)
         Err(_) => false,
     };
     if !known {
-        let admin = crate::auth::Caller { token_id: "bootstrap".into(), tenant_id: None, admin: true };
-        let (_, _, secret) = cp.create_token(&admin, Some(name), false, Some("default tenant")).await?;
+        let admin = crate::auth::Caller {
+            token_id: "bootstrap".into(),
+            tenant_id: None,
+            admin: true,
+        };
+        let (_, _, secret) = cp
+            .create_token(&admin, Some(name), false, Some("default tenant"))
+            .await?;
         write_private(&path, &secret).with_context(|| format!("writing {}", path.display()))?;
         tracing::info!(tenant = name, path = %path.display(), "wrote the default tenant's token");
     }
@@ -122,7 +134,8 @@ pub fn admin_token_in(data_dir: &std::path::Path) -> anyhow::Result<String> {
     if let Ok(secret) = std::fs::read_to_string(&path) {
         return Ok(secret.trim().to_string());
     }
-    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
     let secret = new_secret();
     write_private(&path, &secret).with_context(|| format!("writing {}", path.display()))?;
     Ok(secret)

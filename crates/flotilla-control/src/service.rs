@@ -15,6 +15,7 @@ use flotilla_api::{ErrorCode, VmState};
 use crate::agents::AgentClient;
 use crate::auth::{hash_secret, new_secret, Caller};
 use crate::error::{ControlError, ControlResult};
+use crate::fleet_cache::{self, FleetView};
 use crate::placement::{self, Demand, HostView, Sourced, DEFAULT_GROUP_TAG};
 use crate::store::{
     new_id, now_ms, HostRow, InstanceFilter, InstanceRow, NewInstance, OperationRow, Placement,
@@ -50,6 +51,7 @@ pub(crate) struct Inner {
     pub settings: ControlSettings,
     /// This replica's name in operation leases.
     pub replica: String,
+    pub fleet: tokio::sync::Mutex<FleetView>,
 }
 
 #[derive(Debug, Clone)]
@@ -84,6 +86,7 @@ impl ControlPlane {
                 agents: AgentClient::default(),
                 settings,
                 replica: new_id("replica"),
+                fleet: Default::default(),
             }),
         }
     }
@@ -217,9 +220,22 @@ impl ControlPlane {
                 beat.endpoint
             )));
         }
+        let known = self.store().host(name).await?;
         let was_down = self.store().record_heartbeat(name, beat).await?;
         if was_down {
             tracing::info!(host = name, "host is up again");
+        }
+        let changed = match &known {
+            None => true,
+            Some(h) => {
+                was_down
+                    || h.vcpus != beat.capacity.vcpus
+                    || h.memory_mib != beat.capacity.memory_mib
+                    || h.labels != beat.labels
+            }
+        };
+        if changed {
+            self.fleet_changed().await;
         }
         self.reconcile_host(name, beat).await
     }
@@ -270,13 +286,18 @@ impl ControlPlane {
         if !self.store().set_cordoned(name, cordoned).await? {
             return Err(ControlError::not_found(format!("no host {name:?}")));
         }
+        self.fleet_changed().await;
         self.host(caller, name).await
     }
 
     /// Marks down the hosts that missed their heartbeats.
     pub async fn check_hosts(&self) -> ControlResult<()> {
         let before = now_ms() - self.inner.settings.host_down_after.as_millis() as i64;
-        for host in self.store().mark_stale_hosts_down(before).await? {
+        let down = self.store().mark_stale_hosts_down(before).await?;
+        if !down.is_empty() {
+            self.fleet_changed().await;
+        }
+        for host in down {
             tracing::warn!(
                 host,
                 "host missed its heartbeats: marked down, its instances unknown"
@@ -322,45 +343,38 @@ impl ControlPlane {
     }
 
     /// Hosts as the placement sees them, with each one's count of the group.
+    /// Every host read from the store (for explain and clones), with its
+    /// count of the group and its version.
     async fn host_views(
         &self,
         tenant_id: &str,
         group: Option<(&str, &str)>,
     ) -> ControlResult<(Vec<HostView>, BTreeMap<String, i64>)> {
         let hosts = self.store().list_hosts().await?;
-        let mut group_counts: BTreeMap<String, u32> = BTreeMap::new();
-        if let Some((tag, value)) = group {
-            let members = self
-                .store()
-                .list_instances(&InstanceFilter {
-                    tenant_id: Some(tenant_id.to_string()),
-                    tags: BTreeMap::from([(tag.to_string(), value.to_string())]),
-                    limit: u32::MAX,
-                    ..Default::default()
-                })
-                .await?;
-            for m in members {
-                if let Some(h) = m.host {
-                    *group_counts.entry(h).or_default() += 1;
-                }
-            }
-        }
+        let counts = self.group_counts(tenant_id, group).await?;
         let versions = hosts.iter().map(|h| (h.name.clone(), h.version)).collect();
         let views = hosts
             .into_iter()
-            .map(|h| HostView {
-                group_count: group_counts.get(&h.name).copied().unwrap_or(0),
-                name: h.name,
-                labels: h.labels,
-                down: h.down,
-                cordoned: h.cordoned,
-                vcpus: h.vcpus,
-                memory_mib: h.memory_mib,
-                used_vcpus: h.used_vcpus,
-                used_memory_mib: h.used_memory_mib,
+            .map(|h| {
+                let count = counts.get(&h.name).copied().unwrap_or(0);
+                HostView {
+                    group_count: count,
+                    ..fleet_cache::view_of(h)
+                }
             })
             .collect();
         Ok((views, versions))
+    }
+
+    async fn group_counts(
+        &self,
+        tenant_id: &str,
+        group: Option<(&str, &str)>,
+    ) -> ControlResult<BTreeMap<String, u32>> {
+        Ok(match group {
+            Some((tag, value)) => self.store().group_counts(tenant_id, tag, value).await?,
+            None => BTreeMap::new(),
+        })
     }
 
     fn group_of<'a>(
@@ -495,6 +509,9 @@ impl ControlPlane {
         Ok((op, placed))
     }
 
+    /// Places one instance: a decision on the cached view of the fleet,
+    /// committed only if the chosen host did not change since (otherwise
+    /// that host is reread and the decision made again).
     async fn place_one(
         &self,
         tenant_id: &str,
@@ -502,26 +519,37 @@ impl ControlPlane {
         demand: &Demand,
         policy: &PlacementPolicy,
     ) -> ControlResult<InstanceRow> {
+        let group = Self::group_of(policy, &new.tags);
+        // One decision at a time per replica: they share the view.
+        let mut fleet = self.inner.fleet.lock().await;
+        fleet.refresh_if_stale(self.store()).await?;
         for _ in 0..PLACEMENT_ATTEMPTS {
-            let (views, versions) = self
-                .host_views(tenant_id, Self::group_of(policy, &new.tags))
-                .await?;
-            let Some(host) = placement::choose(&views, demand, policy) else {
+            let counts = self.group_counts(tenant_id, group).await?;
+            let count_of = |i: usize| counts.get(&fleet.hosts[i].name).copied().unwrap_or(0);
+            let Some(i) = placement::choose_index(&fleet.hosts, demand, policy, &count_of) else {
+                // Nothing fits the cached view: the error comes from a fresh read.
+                let (views, _) = self.host_views(tenant_id, group).await?;
+                if placement::choose(&views, demand, policy).is_some() {
+                    fleet.mark_stale();
+                    fleet.refresh_if_stale(self.store()).await?;
+                    continue;
+                }
                 let explanation = placement::explain(&views, demand, policy);
                 return Err(no_host_error(&new.name, &explanation));
             };
             let placement = Placement {
-                host: host.name.clone(),
-                host_version: versions.get(&host.name).copied().unwrap_or(0),
+                host: fleet.hosts[i].name.clone(),
+                host_version: fleet.versions[i],
             };
             match self.store().commit_placement(new, &placement).await {
                 Ok(()) => {
+                    fleet.placed(i, demand.vcpus, demand.memory_mib);
                     tracing::info!(instance = %new.name, id = %new.id, host = %placement.host, "placed");
                     return self.store().instance(&new.id).await?.ok_or_else(|| {
                         ControlError::new(ErrorCode::Internal, "placed instance vanished")
                     });
                 }
-                Err(StoreError::Contended) => continue,
+                Err(StoreError::Contended) => fleet.reload_host(self.store(), i).await?,
                 Err(e) => return Err(e.into()),
             }
         }
@@ -530,6 +558,11 @@ impl ControlPlane {
             new.name
         ))
         .with_hint("send the request again"))
+    }
+
+    /// The cached fleet is reread before the next placement.
+    async fn fleet_changed(&self) {
+        self.inner.fleet.lock().await.mark_stale();
     }
 
     /// Terminate, start or stop an instance through an operation.

@@ -101,8 +101,12 @@ async fn drive(cp: &ControlPlane, op: OperationRow) -> ControlResult<()> {
         let Some(joined) = running.join_next().await else {
             break;
         };
-        let (target, result) = joined
-            .map_err(|e| ControlError::new(flotilla_api::ErrorCode::Internal, format!("a step panicked: {e}")))?;
+        let (target, result) = joined.map_err(|e| {
+            ControlError::new(
+                flotilla_api::ErrorCode::Internal,
+                format!("a step panicked: {e}"),
+            )
+        })?;
         let mut step = input.step_name(&target);
         if let Err(e) = result {
             tracing::warn!(op = %op.id, target, error = %e, "step failed");

@@ -218,6 +218,27 @@ async fn instance_lists_filter_by_tag_state_and_page() {
             .await
             .unwrap();
         assert_eq!(names(page2), ["web-2", "x_y"]);
+        let counts = store.group_counts("t-1", "app", "web").await.unwrap();
+        assert_eq!(counts, BTreeMap::from([("h1".to_string(), 2)]));
+        assert!(store
+            .group_counts("t-2", "app", "db")
+            .await
+            .unwrap()
+            .is_empty());
+        // A terminated instance leaves no tags behind.
+        store.delete_instance("i-web-2").await.unwrap();
+        assert_eq!(
+            names(store.list_instances(&f(&[("app", "web")])).await.unwrap()),
+            ["web-1"]
+        );
+        assert_eq!(
+            store
+                .group_counts("t-1", "app", "web")
+                .await
+                .unwrap()
+                .get("h1"),
+            Some(&1)
+        );
         store
             .set_observed("i-db-1", ObservedState::Running, None, None)
             .await

@@ -81,6 +81,10 @@ fn local_token() -> Option<String> {
     let dir = std::env::var_os("FLOTILLA_DATA_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(default_data_dir);
-    let path = dir.join("control").join(format!("{}.token", agent::DEFAULT_TENANT));
-    std::fs::read_to_string(path).ok().map(|s| s.trim().to_string())
+    let path = dir
+        .join("control")
+        .join(format!("{}.token", agent::DEFAULT_TENANT));
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
 }

@@ -75,7 +75,11 @@ fn up_serves_and_ctrl_c_stops_everything() {
             .expect("flotilla")
     };
     let out = control(&["instance", "run", "web", "--wait"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("web placed on local"));
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

@@ -141,6 +141,32 @@ pub fn score_with(
 /// Up to this many hosts, every host is scored; above it, a sample.
 pub const EXHAUSTIVE_UP_TO: usize = 256;
 
+/// [`choose`] with each host's count of the group given by index (the
+/// control plane keeps the counts apart from its cached views); returns the
+/// chosen host's index.
+pub fn choose_index(
+    hosts: &[HostView],
+    demand: &Demand,
+    policy: &PlacementPolicy,
+    group_count: &dyn Fn(usize) -> u32,
+) -> Option<usize> {
+    if hosts.len() > EXHAUSTIVE_UP_TO {
+        return choose_sampled(hosts, demand, policy, group_count, rand::random());
+    }
+    let mut best: Option<(usize, f64)> = None;
+    for (i, host) in hosts.iter().enumerate() {
+        let count = group_count(i);
+        if reject_reason_with(host, count, demand, policy).is_some() {
+            continue;
+        }
+        let s = score_with(host, count, demand, policy);
+        if best.is_none_or(|(b, bs)| s > bs || (s == bs && host.name < hosts[b].name)) {
+            best = Some((i, s));
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
 /// Picks the host for `demand`, or none: [`choose_exhaustive`] for small
 /// fleets, [`choose_sampled`] for large ones.
 pub fn choose<'a>(

@@ -102,11 +102,25 @@ impl Store {
     }
 
     pub async fn host(&self, name: &str) -> StoreResult<Option<HostRow>> {
-        Ok(self
-            .list_hosts()
-            .await?
-            .into_iter()
-            .find(|h| h.name == name))
+        let row = sqlx::query(&format!("SELECT {HOST_COLUMNS} FROM hosts WHERE name = $1"))
+            .bind(name)
+            .fetch_optional(self.pool())
+            .await?;
+        let Some(mut h) = row.as_ref().map(host).transpose()? else {
+            return Ok(None);
+        };
+        let usage = sqlx::query(
+            "SELECT CAST(COALESCE(SUM(vcpus), 0) AS BIGINT) AS v,
+                    CAST(COALESCE(SUM(memory_mib), 0) AS BIGINT) AS m, COUNT(*) AS n
+             FROM instances WHERE host = $1",
+        )
+        .bind(name)
+        .fetch_one(self.pool())
+        .await?;
+        h.used_vcpus = usage.try_get::<i64, _>("v")? as u64;
+        h.used_memory_mib = usage.try_get::<i64, _>("m")? as u64;
+        h.instances = usage.try_get::<i64, _>("n")? as u64;
+        Ok(Some(h))
     }
 
     async fn usage_by_host(&self) -> StoreResult<HashMap<String, (u64, u64, u64)>> {

@@ -85,14 +85,34 @@ fn instance(row: &sqlx::any::AnyRow) -> StoreResult<InstanceRow> {
     })
 }
 
-/// `"k":"v"` as it appears in the stored JSON, escaped for LIKE.
-fn tag_pattern(key: &str, value: &str) -> String {
-    let pair = format!("{}:{}", to_json(&key), to_json(&value));
-    let escaped = pair
-        .replace('\\', "\\\\")
-        .replace('%', "\\%")
-        .replace('_', "\\_");
-    format!("%{escaped}%")
+/// Tag rows for instances stored before tags had a table of their own.
+pub(crate) async fn backfill_tags(tx: &mut Transaction<'_, Any>) -> StoreResult<()> {
+    let rows = sqlx::query("SELECT id, tags FROM instances")
+        .fetch_all(&mut **tx)
+        .await?;
+    for row in rows {
+        let id: String = row.try_get("id")?;
+        let tags: String = row.try_get("tags")?;
+        let tags: BTreeMap<String, String> = from_json("instance tags", &tags)?;
+        insert_tags(tx, &id, &tags).await?;
+    }
+    Ok(())
+}
+
+async fn insert_tags(
+    tx: &mut Transaction<'_, Any>,
+    id: &str,
+    tags: &BTreeMap<String, String>,
+) -> StoreResult<()> {
+    for (k, v) in tags {
+        sqlx::query("INSERT INTO instance_tags (instance_id, key, value) VALUES ($1, $2, $3)")
+            .bind(id)
+            .bind(k)
+            .bind(v)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
 }
 
 pub(crate) async fn insert_instance(
@@ -118,7 +138,7 @@ pub(crate) async fn insert_instance(
     .execute(&mut **tx)
     .await
     .map_err(|e| StoreError::unique(e, format!("instance {:?}", i.name)))?;
-    Ok(())
+    insert_tags(tx, &i.id, &i.tags).await
 }
 
 impl Store {
@@ -177,7 +197,8 @@ impl Store {
             param(&mut sql, " AND observed = ?", enum_text(o));
         }
         for (k, v) in &f.tags {
-            param(&mut sql, " AND tags LIKE ? ESCAPE '\\'", tag_pattern(k, v));
+            param(&mut sql, " AND EXISTS (SELECT 1 FROM instance_tags t WHERE t.instance_id = instances.id AND t.key = ?", k.clone());
+            param(&mut sql, " AND t.value = ?)", v.clone());
         }
         if let Some(a) = &f.after {
             param(&mut sql, " AND name > ?", a.clone());
@@ -242,21 +263,44 @@ impl Store {
     }
 
     pub async fn delete_instance(&self, id: &str) -> StoreResult<()> {
+        let mut tx = self.pool().begin().await?;
+        sqlx::query("DELETE FROM instance_tags WHERE instance_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query("DELETE FROM instances WHERE id = $1")
             .bind(id)
-            .execute(self.pool())
+            .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(())
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tag_patterns_match_whole_pairs_and_escape_wildcards() {
-        assert_eq!(tag_pattern("app", "web"), "%\"app\":\"web\"%");
-        assert_eq!(tag_pattern("a_b", "50%"), "%\"a\\_b\":\"50\\%\"%");
+    /// How many of `tenant_id`'s instances with tag `key=value` each host
+    /// holds.
+    pub async fn group_counts(
+        &self,
+        tenant_id: &str,
+        key: &str,
+        value: &str,
+    ) -> StoreResult<BTreeMap<String, u32>> {
+        let rows = sqlx::query(
+            "SELECT i.host AS host, COUNT(*) AS n FROM instance_tags t
+             JOIN instances i ON i.id = t.instance_id
+             WHERE t.key = $1 AND t.value = $2 AND i.tenant_id = $3 AND i.host IS NOT NULL
+             GROUP BY i.host",
+        )
+        .bind(key)
+        .bind(value)
+        .bind(tenant_id)
+        .fetch_all(self.pool())
+        .await?;
+        let mut counts = BTreeMap::new();
+        for r in rows {
+            let host: String = r.try_get("host")?;
+            let n: i64 = r.try_get("n")?;
+            counts.insert(host, n as u32);
+        }
+        Ok(counts)
     }
 }

@@ -97,8 +97,6 @@ impl Store {
                             conn.execute("PRAGMA journal_mode = WAL").await?;
                             conn.execute("PRAGMA synchronous = FULL").await?;
                             conn.execute("PRAGMA foreign_keys = ON").await?;
-                            // As in PostgreSQL (tag filters use LIKE).
-                            conn.execute("PRAGMA case_sensitive_like = ON").await?;
                             Ok(())
                         })
                     })
@@ -161,6 +159,9 @@ impl Store {
             }
             for statement in *statements {
                 sqlx::query(statement).execute(&mut *tx).await?;
+            }
+            if *version == 3 {
+                instances::backfill_tags(&mut tx).await?;
             }
             tx.commit().await?;
             tracing::info!(version, "applied schema migration");

@@ -84,4 +84,17 @@ pub(crate) const MIGRATIONS: &[(i64, &[&str])] = &[
             PRIMARY KEY (tenant_id, name))",
         ],
     ),
+    (
+        3,
+        &[
+            // Tags as rows too, indexed: tag filters and placement groups
+            // look them up instead of scanning every instance's JSON.
+            "CREATE TABLE instance_tags (
+            instance_id TEXT NOT NULL REFERENCES instances(id) ON DELETE CASCADE,
+            key TEXT NOT NULL,
+            value TEXT NOT NULL,
+            PRIMARY KEY (instance_id, key))",
+            "CREATE INDEX instance_tags_by_pair ON instance_tags (key, value)",
+        ],
+    ),
 ];

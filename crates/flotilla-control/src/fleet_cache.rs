@@ -1,0 +1,72 @@
+//! The hosts as placement sees them, kept in memory between placements so a
+//! decision does not read the whole fleet from the store. The store stays
+//! the truth: a placement commits only if the host's version is the one the
+//! cache holds, and a host whose commit lost is reread before the retry.
+//! The whole view is reread when older than [`MAX_AGE`] or marked stale
+//! (a host registered, went down or came back, was cordoned).
+
+use std::time::{Duration, Instant};
+
+use crate::placement::HostView;
+use crate::store::{HostRow, Store, StoreResult};
+
+/// Placements by other replicas and terminations show up within this.
+pub const MAX_AGE: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Default)]
+pub struct FleetView {
+    pub hosts: Vec<HostView>,
+    pub versions: Vec<i64>,
+    loaded: Option<Instant>,
+}
+
+pub fn view_of(h: HostRow) -> HostView {
+    HostView {
+        name: h.name,
+        labels: h.labels,
+        down: h.down,
+        cordoned: h.cordoned,
+        vcpus: h.vcpus,
+        memory_mib: h.memory_mib,
+        used_vcpus: h.used_vcpus,
+        used_memory_mib: h.used_memory_mib,
+        group_count: 0,
+    }
+}
+
+impl FleetView {
+    /// Rereads everything if the view is stale.
+    pub async fn refresh_if_stale(&mut self, store: &Store) -> StoreResult<()> {
+        if self.loaded.is_some_and(|t| t.elapsed() < MAX_AGE) {
+            return Ok(());
+        }
+        let rows = store.list_hosts().await?;
+        self.versions = rows.iter().map(|h| h.version).collect();
+        self.hosts = rows.into_iter().map(view_of).collect();
+        self.loaded = Some(Instant::now());
+        Ok(())
+    }
+
+    pub fn mark_stale(&mut self) {
+        self.loaded = None;
+    }
+
+    /// Rereads one host (after a commit on it lost a race).
+    pub async fn reload_host(&mut self, store: &Store, i: usize) -> StoreResult<()> {
+        match store.host(&self.hosts[i].name).await? {
+            Some(row) => {
+                self.versions[i] = row.version;
+                self.hosts[i] = view_of(row);
+            }
+            None => self.mark_stale(),
+        }
+        Ok(())
+    }
+
+    /// Our own placement on host `i` committed.
+    pub fn placed(&mut self, i: usize, vcpus: u32, memory_mib: u64) {
+        self.versions[i] += 1;
+        self.hosts[i].used_vcpus += u64::from(vcpus);
+        self.hosts[i].used_memory_mib += memory_mib;
+    }
+}
