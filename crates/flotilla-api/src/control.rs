@@ -240,11 +240,17 @@ pub struct PlacementPolicy {
     /// value per host (spread); hard.
     #[serde(default)]
     pub max_per_host: Option<u32>,
-    /// The tag whose value defines the group for `max_per_host` and
-    /// `spread` (default `group`).
+    /// At most this many of the group on hosts sharing a value of the
+    /// label, per label: `{"rack": 1}` puts each of a group on its own rack
+    /// (a partition), `{"zone": 3}` caps a zone; hard.
+    #[serde(default)]
+    pub max_per_label: BTreeMap<String, u32>,
+    /// The tag whose value defines the group for `max_per_host`,
+    /// `max_per_label`, `spread` and `cluster` (default `group`).
     #[serde(default)]
     pub group_tag: Option<String>,
-    /// `spread` (fewest instances first) or `binpack` (fullest host first).
+    /// `spread` (fewest of the group first), `binpack` (fullest host first)
+    /// or `cluster` (most of the group first).
     #[serde(default)]
     pub strategy: Option<PlacementStrategy>,
     /// Soft preferences: a host with the label value gains the weight.
@@ -255,8 +261,12 @@ pub struct PlacementPolicy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PlacementStrategy {
+    /// Fewest of the group first, then the emptiest host.
     Spread,
+    /// The fullest host that fits.
     Binpack,
+    /// Most of the group first (kept together), then the fullest host.
+    Cluster,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

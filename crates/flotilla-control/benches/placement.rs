@@ -79,10 +79,7 @@ fn main() {
         }],
         ..Default::default()
     };
-    let demand = Demand {
-        vcpus: 1,
-        memory_mib: 1024,
-    };
+    let demand = Demand::new(1, 1024);
 
     // The sampled path, as the control plane runs it above 256 hosts: one
     // thread, state updated after each decision.

@@ -5,6 +5,7 @@
 //! The whole view is reread when older than [`MAX_AGE`] or marked stale
 //! (a host registered, went down or came back, was cordoned).
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::placement::HostView;
@@ -17,6 +18,7 @@ pub const MAX_AGE: Duration = Duration::from_secs(2);
 pub struct FleetView {
     pub hosts: Vec<HostView>,
     pub versions: Vec<i64>,
+    by_name: HashMap<String, usize>,
     loaded: Option<Instant>,
 }
 
@@ -43,8 +45,18 @@ impl FleetView {
         let rows = store.list_hosts().await?;
         self.versions = rows.iter().map(|h| h.version).collect();
         self.hosts = rows.into_iter().map(view_of).collect();
+        self.by_name = self
+            .hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| (h.name.clone(), i))
+            .collect();
         self.loaded = Some(Instant::now());
         Ok(())
+    }
+
+    pub fn index_of(&self, host: &str) -> Option<usize> {
+        self.by_name.get(host).copied()
     }
 
     pub fn mark_stale(&mut self) {

@@ -388,11 +388,16 @@ impl ControlPlane {
     /// `max_per_host` counts the instances sharing the group tag's value:
     /// an instance without the tag would escape it silently.
     fn check_group(policy: &PlacementPolicy, tags: &BTreeMap<String, String>) -> ControlResult<()> {
-        if let Some(max) = policy.max_per_host {
+        let limited = match (policy.max_per_host, policy.max_per_label.iter().next()) {
+            (Some(max), _) => Some(format!("max_per_host {max}")),
+            (None, Some((key, max))) => Some(format!("max_per_label {key} {max}")),
+            (None, None) => None,
+        };
+        if let Some(rule) = limited {
             if Self::group_of(policy, tags).is_none() {
                 let tag = policy.group_tag.as_deref().unwrap_or(DEFAULT_GROUP_TAG);
                 return Err(ControlError::invalid(format!(
-                    "max_per_host {max} limits the instances sharing a value of tag {tag:?}, and this request has no such tag"
+                    "{rule} limits the instances sharing a value of tag {tag:?}, and this request has no such tag"
                 ))
                 .with_hint(format!("add --tag {tag}=NAME, or set group_tag in the policy")));
             }
@@ -417,8 +422,11 @@ impl ControlPlane {
         Ok(placement::explain(
             &views,
             &Demand {
-                vcpus: req.vcpus,
-                memory_mib: req.memory_mib,
+                full_domains: placement::full_domains(
+                    &policy,
+                    views.iter().map(|v| (&v.labels, v.group_count)),
+                ),
+                ..Demand::new(req.vcpus, req.memory_mib)
             },
             &policy,
         ))
@@ -475,10 +483,7 @@ impl ControlPlane {
             }
         }
         let op_id = new_id("op");
-        let demand = Demand {
-            vcpus: req.vcpus,
-            memory_mib: req.memory_mib,
-        };
+        let demand = Demand::new(req.vcpus, req.memory_mib);
         let mut placed: Vec<InstanceRow> = Vec::new();
         for name in &names {
             let new = NewInstance {
@@ -526,9 +531,26 @@ impl ControlPlane {
         for _ in 0..PLACEMENT_ATTEMPTS {
             let counts = self.group_counts(tenant_id, group).await?;
             let count_of = |i: usize| counts.get(&fleet.hosts[i].name).copied().unwrap_or(0);
+            let demand = Demand {
+                full_domains: placement::full_domains(
+                    policy,
+                    counts.iter().filter_map(|(host, n)| {
+                        Some((&fleet.hosts[fleet.index_of(host)?].labels, *n))
+                    }),
+                ),
+                ..demand.clone()
+            };
+            let demand = &demand;
             let Some(i) = placement::choose_index(&fleet.hosts, demand, policy, &count_of) else {
                 // Nothing fits the cached view: the error comes from a fresh read.
                 let (views, _) = self.host_views(tenant_id, group).await?;
+                let demand = &Demand {
+                    full_domains: placement::full_domains(
+                        policy,
+                        views.iter().map(|v| (&v.labels, v.group_count)),
+                    ),
+                    ..demand.clone()
+                };
                 if placement::choose(&views, demand, policy).is_some() {
                     fleet.mark_stale();
                     fleet.refresh_if_stale(self.store()).await?;
@@ -683,10 +705,7 @@ impl ControlPlane {
         let policy = self
             .effective_policy(&source.tenant_id, &tags, None)
             .await?;
-        let demand = Demand {
-            vcpus: source.vcpus,
-            memory_mib: source.memory_mib,
-        };
+        let mut demand = Demand::new(source.vcpus, source.memory_mib);
         let op_id = new_id("op");
         let new = NewInstance {
             id: new_id("i"),
@@ -706,6 +725,8 @@ impl ControlPlane {
             let view = views.iter().find(|v| v.name == host).ok_or_else(|| {
                 ControlError::conflict(format!("host {host} is no longer registered"))
             })?;
+            demand.full_domains =
+                placement::full_domains(&policy, views.iter().map(|v| (&v.labels, v.group_count)));
             if let Some(reason) = placement::reject_reason(view, &demand, &policy) {
                 return Err(ControlError::new(
                     ErrorCode::InsufficientCapacity,

@@ -611,3 +611,47 @@ async fn stored_policies_apply_to_their_tenant_and_fleet() {
         .await;
     assert_eq!(s, 204);
 }
+
+#[tokio::test]
+async fn a_group_spreads_over_racks_with_max_per_label() {
+    let api = Api::start().await;
+    for (name, rack) in [("h1", "r1"), ("h2", "r1"), ("h3", "r2")] {
+        let beat = json!({
+            "endpoint": "http://127.0.0.1:9",
+            "capacity": {"vcpus": 8, "memory_mib": 8192},
+            "labels": {"rack": rack},
+        });
+        let (s, _) = api
+            .call(
+                "POST",
+                &format!("/v1/hosts/{name}/heartbeat"),
+                Some(ADMIN),
+                Some(beat),
+            )
+            .await;
+        assert_eq!(s, 204);
+    }
+    let acme = api.tenant("acme").await;
+    let body = json!({"name": "db", "count": 2, "tags": {"group": "db"}, "placement": {"max_per_label": {"rack": 1}}});
+    let (s, b) = api
+        .call("POST", "/v1/instances", Some(&acme), Some(body))
+        .await;
+    assert_eq!(s, 201, "{b}");
+    let mut hosts: Vec<&str> = b["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["host"].as_str().unwrap())
+        .collect();
+    hosts.sort();
+    assert!(
+        hosts.contains(&"h3") && hosts.len() == 2,
+        "one per rack: {hosts:?}"
+    );
+    let body = json!({"name": "db-3", "tags": {"group": "db"}, "placement": {"max_per_label": {"rack": 1}}});
+    let (s, b) = api
+        .call("POST", "/v1/instances", Some(&acme), Some(body))
+        .await;
+    assert_eq!(s, 409, "{b}");
+    assert!(message(&b).contains("max_per_label rack 1"), "{b}");
+}

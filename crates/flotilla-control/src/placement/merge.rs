@@ -53,6 +53,10 @@ pub fn merge(policies: &[Sourced<'_>]) -> Result<PlacementPolicy, PolicyError> {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        for (key, max) in &policy.max_per_label {
+            let limit = out.max_per_label.entry(key.clone()).or_insert(*max);
+            *limit = (*limit).min(*max);
+        }
         if policy.group_tag.is_some() {
             out.group_tag = policy.group_tag.clone();
         }

@@ -7,7 +7,7 @@
 mod merge;
 mod validate;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use flotilla_api::control::{
     HostVerdict, PlacementExplanation, PlacementPolicy, PlacementStrategy,
@@ -39,6 +39,43 @@ pub struct HostView {
 pub struct Demand {
     pub vcpus: u32,
     pub memory_mib: u64,
+    /// Label values (`rack`, `r3`) whose hosts already hold as many of the
+    /// group as `max_per_label` allows (see [`full_domains`]).
+    pub full_domains: BTreeSet<(String, String)>,
+}
+
+impl Demand {
+    pub fn new(vcpus: u32, memory_mib: u64) -> Demand {
+        Demand {
+            vcpus,
+            memory_mib,
+            full_domains: BTreeSet::new(),
+        }
+    }
+}
+
+/// The label values at their `max_per_label` limit, from the group's count
+/// per host and each host's labels.
+pub fn full_domains<'a>(
+    policy: &PlacementPolicy,
+    counts: impl IntoIterator<Item = (&'a BTreeMap<String, String>, u32)>,
+) -> BTreeSet<(String, String)> {
+    if policy.max_per_label.is_empty() {
+        return BTreeSet::new();
+    }
+    let mut totals: BTreeMap<(String, String), u32> = BTreeMap::new();
+    for (labels, n) in counts {
+        for key in policy.max_per_label.keys() {
+            if let Some(value) = labels.get(key) {
+                *totals.entry((key.clone(), value.clone())).or_default() += n;
+            }
+        }
+    }
+    totals
+        .into_iter()
+        .filter(|((key, _), n)| policy.max_per_label.get(key).is_some_and(|max| n >= max))
+        .map(|(domain, _)| domain)
+        .collect()
 }
 
 /// Why `host` cannot take `demand` under `policy`, if it cannot.
@@ -105,6 +142,14 @@ pub fn reject_reason_with(
             ));
         }
     }
+    for (key, value) in &host.labels {
+        if demand.full_domains.contains(&(key.clone(), value.clone())) {
+            let max = policy.max_per_label.get(key).copied().unwrap_or(0);
+            return Some(format!(
+                "{key}={value} already holds {max} of the group (max_per_label {key} {max})"
+            ));
+        }
+    }
     None
 }
 
@@ -129,6 +174,7 @@ pub fn score_with(
         // Fewest of the group first, then the emptiest host.
         PlacementStrategy::Spread => -f64::from(group_count) - fullness,
         PlacementStrategy::Binpack => fullness,
+        PlacementStrategy::Cluster => f64::from(group_count) + fullness,
     };
     for pref in &policy.prefer_labels {
         if host.labels.get(&pref.label) == Some(&pref.value) {
@@ -251,6 +297,14 @@ fn reject_reason_fast(
         return false;
     }
     if policy.max_per_host.is_some_and(|max| group_count >= max) {
+        return false;
+    }
+    if !demand.full_domains.is_empty()
+        && host
+            .labels
+            .iter()
+            .any(|(k, v)| demand.full_domains.contains(&(k.clone(), v.clone())))
+    {
         return false;
     }
     if policy

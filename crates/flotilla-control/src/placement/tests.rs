@@ -1,4 +1,4 @@
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use flotilla_api::control::{LabelPreference, PlacementPolicy, PlacementStrategy};
 use proptest::prelude::*;
@@ -20,6 +20,7 @@ fn host(name: &str, zone: &str, used_vcpus: u64, group_count: u32) -> HostView {
 }
 
 const SMALL: Demand = Demand {
+    full_domains: BTreeSet::new(),
     vcpus: 1,
     memory_mib: 256,
 };
@@ -211,7 +212,7 @@ proptest! {
         policy in arb_policy(),
         vcpus in 1u32..4,
     ) {
-        let demand = Demand { vcpus, memory_mib: u64::from(vcpus) * 256 };
+        let demand = Demand::new(vcpus, u64::from(vcpus) * 256);
         let chosen = choose(&hosts, &demand, &policy);
         let any_fits = hosts.iter().any(|h| reject_reason(h, &demand, &policy).is_none());
         prop_assert_eq!(chosen.is_some(), any_fits);
@@ -242,7 +243,7 @@ proptest! {
         vcpus in 1u32..4,
         seed in any::<u64>(),
     ) {
-        let demand = Demand { vcpus, memory_mib: u64::from(vcpus) * 256 };
+        let demand = Demand::new(vcpus, u64::from(vcpus) * 256);
         let chosen = choose_sampled(&hosts, &demand, &policy, &|i| hosts[i].group_count, seed);
         let any_fits = hosts.iter().any(|h| reject_reason(h, &demand, &policy).is_none());
         prop_assert_eq!(chosen.is_some(), any_fits);
@@ -276,4 +277,47 @@ fn large_fleets_are_sampled_yet_spread() {
         "max {}",
         used.iter().max().unwrap()
     );
+}
+
+#[test]
+fn label_domains_at_their_limit_are_out_and_cluster_keeps_groups_together() {
+    let mut hosts = vec![
+        host("a", "z1", 0, 1),
+        host("b", "z1", 0, 0),
+        host("c", "z2", 0, 0),
+    ];
+    let policy = PlacementPolicy {
+        max_per_label: BTreeMap::from([("zone".to_string(), 1)]),
+        ..Default::default()
+    };
+    let demand = Demand {
+        full_domains: full_domains(&policy, hosts.iter().map(|h| (&h.labels, h.group_count))),
+        ..SMALL
+    };
+    assert_eq!(
+        demand.full_domains,
+        BTreeSet::from([("zone".to_string(), "z1".to_string())])
+    );
+    let e = explain(&hosts, &demand, &policy);
+    assert_eq!(e.chosen.as_deref(), Some("c"));
+    let why = e.hosts[1].rejected.clone().unwrap();
+    assert!(
+        why.contains("zone=z1 already holds 1 of the group (max_per_label zone 1)"),
+        "{why}"
+    );
+    // Cluster: where the group already is.
+    hosts[2].group_count = 0;
+    let cluster = PlacementPolicy {
+        strategy: Some(PlacementStrategy::Cluster),
+        ..Default::default()
+    };
+    assert_eq!(choose(&hosts, &SMALL, &cluster).unwrap().name, "a");
+    assert!(validate(
+        &PlacementPolicy {
+            max_per_label: BTreeMap::from([("rack".into(), 0)]),
+            ..Default::default()
+        },
+        "p"
+    )
+    .is_err());
 }

@@ -46,6 +46,20 @@ pub fn validate(policy: &PlacementPolicy, at: &str) -> Result<(), PolicyError> {
             "0 would place nothing (at least 1)",
         ));
     }
+    for (key, max) in &policy.max_per_label {
+        if key.is_empty() {
+            return Err(err(
+                format!("{at}.max_per_label"),
+                "a label name must not be empty",
+            ));
+        }
+        if *max == 0 {
+            return Err(err(
+                format!("{at}.max_per_label.{key}"),
+                "0 would place nothing (at least 1)",
+            ));
+        }
+    }
     if let Some(tag) = &policy.group_tag {
         if tag.is_empty() {
             return Err(err(format!("{at}.group_tag"), "must not be empty"));

@@ -197,8 +197,12 @@ impl Store {
             param(&mut sql, " AND observed = ?", enum_text(o));
         }
         for (k, v) in &f.tags {
-            param(&mut sql, " AND EXISTS (SELECT 1 FROM instance_tags t WHERE t.instance_id = instances.id AND t.key = ?", k.clone());
-            param(&mut sql, " AND t.value = ?)", v.clone());
+            param(
+                &mut sql,
+                " AND instances.id IN (SELECT instance_id FROM instance_tags WHERE key = ?",
+                k.clone(),
+            );
+            param(&mut sql, " AND value = ?)", v.clone());
         }
         if let Some(a) = &f.after {
             param(&mut sql, " AND name > ?", a.clone());
