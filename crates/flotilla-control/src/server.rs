@@ -30,6 +30,10 @@ pub struct ControlConfig {
 /// How often hosts and orphaned operations are checked.
 const CHECK_EVERY: Duration = Duration::from_secs(2);
 
+/// The store's planner statistics are refreshed every this many checks
+/// (10 minutes).
+const ANALYZE_EVERY_ROUNDS: u64 = 300;
+
 /// The file the generated admin token is written to.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
@@ -55,8 +59,13 @@ pub async fn run_control(config: ControlConfig) -> anyhow::Result<()> {
     }
     let background = cp.clone();
     tokio::spawn(async move {
-        loop {
+        for round in 1u64.. {
             tokio::time::sleep(CHECK_EVERY).await;
+            if round % ANALYZE_EVERY_ROUNDS == 0 {
+                if let Err(e) = background.store().analyze().await {
+                    tracing::warn!(error = %e, "refreshing the store's statistics");
+                }
+            }
             if let Err(e) = background.check_hosts().await {
                 tracing::warn!(error = %e, "checking hosts");
             }

@@ -142,7 +142,11 @@ pub fn reject_reason_with(
             ));
         }
     }
-    for (key, value) in &host.labels {
+    for (key, value) in host
+        .labels
+        .iter()
+        .filter(|_| !demand.full_domains.is_empty())
+    {
         if demand.full_domains.contains(&(key.clone(), value.clone())) {
             let max = policy.max_per_label.get(key).copied().unwrap_or(0);
             return Some(format!(

@@ -150,7 +150,7 @@ impl Store {
             insert_instance(&mut tx, instance, Some(host)).await?;
         }
         tx.commit().await?;
-        Ok(())
+        self.analyze().await
     }
 
     pub async fn instance(&self, id: &str) -> StoreResult<Option<InstanceRow>> {

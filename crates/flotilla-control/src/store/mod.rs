@@ -112,7 +112,16 @@ impl Store {
         };
         let store = Store { pool, dialect };
         store.migrate().await?;
+        store.analyze().await?;
         Ok(store)
+    }
+
+    /// Refreshes the planner's statistics (both databases take `ANALYZE`):
+    /// without them SQLite walks every instance by name for a tag filter
+    /// instead of starting from the tag index.
+    pub async fn analyze(&self) -> StoreResult<()> {
+        self.pool.execute("ANALYZE").await?;
+        Ok(())
     }
 
     pub fn dialect(&self) -> Dialect {
