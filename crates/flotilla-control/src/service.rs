@@ -59,6 +59,10 @@ pub struct ControlPlane {
     pub(crate) inner: Arc<Inner>,
 }
 
+/// An instance changed this recently is not called unknown for missing
+/// from a heartbeat (the heartbeat may predate it).
+const RECENT_MS: i64 = 10_000;
+
 /// How many times a placement retries after losing a race for a host.
 const PLACEMENT_ATTEMPTS: usize = 16;
 
@@ -249,6 +253,8 @@ impl ControlPlane {
             let observed = match reported.get(inst.id.as_str()) {
                 Some(vm) => observed_from_vm(vm.state),
                 None if inst.observed == ObservedState::Pending => continue,
+                // Just made: the heartbeat may have been composed before.
+                None if now_ms() - inst.updated_at < RECENT_MS => continue,
                 None => ObservedState::Unknown,
             };
             let ip = reported
