@@ -192,6 +192,8 @@ pub enum InstanceCommand {
     Suspend(InstanceSelectArgs),
     /// Resume suspended instances (by name and/or --tag).
     Resume(InstanceSelectArgs),
+    /// Run a command in the instance through its host's agent.
+    Exec(VmExecArgs),
     /// Clone a running instance on its host.
     Clone {
         source: String,

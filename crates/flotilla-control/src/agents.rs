@@ -131,4 +131,25 @@ impl AgentClient {
         let url = format!("{endpoint}/v1/vms/{source}/clone");
         self.call(endpoint, self.http.post(url).json(request)).await
     }
+
+    /// Sends an exec to the VM and hands back the agent's answer as is
+    /// (collected JSON, or the NDJSON stream with `stream`), errors included.
+    pub async fn exec_raw(
+        &self,
+        endpoint: &str,
+        name: &str,
+        request: &flotilla_api::ExecRequest,
+        stream: bool,
+    ) -> Result<reqwest::Response, AgentCallError> {
+        let url = format!("{endpoint}/v1/vms/{name}/exec?stream={stream}");
+        self.http
+            .post(url)
+            .json(request)
+            .send()
+            .await
+            .map_err(|e| AgentCallError::Unreachable {
+                endpoint: endpoint.to_string(),
+                reason: e.to_string(),
+            })
+    }
 }

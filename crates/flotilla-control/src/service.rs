@@ -625,6 +625,35 @@ impl ControlPlane {
             .await
     }
 
+    /// Where a command for instance `name` goes: its host's endpoint, and
+    /// its VM's name there.
+    pub async fn exec_target(
+        &self,
+        caller: &Caller,
+        tenant: Option<&str>,
+        name: &str,
+    ) -> ControlResult<(String, String)> {
+        let inst = self.instance(caller, tenant, name).await?;
+        let host = inst.host.as_deref().ok_or_else(|| {
+            ControlError::conflict(format!("instance {name:?} is not placed yet"))
+        })?;
+        let row = self
+            .store()
+            .host(host)
+            .await?
+            .ok_or_else(|| ControlError::conflict(format!("host {host} is not registered")))?;
+        if row.down {
+            return Err(ControlError::conflict(format!(
+                "instance {name:?} is on host {host}, which is down"
+            )));
+        }
+        Ok((row.endpoint, inst.id))
+    }
+
+    pub fn agents(&self) -> &AgentClient {
+        &self.inner.agents
+    }
+
     /// Suspend or resume every instance `selector` picks, as one operation
     /// (a few at a time; a result per instance in its steps).
     pub async fn fleet_action(

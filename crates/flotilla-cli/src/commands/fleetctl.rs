@@ -338,6 +338,10 @@ pub async fn instance(c: &Client, json: bool, cmd: InstanceCommand) -> anyhow::R
             let i: Instance = c.get(&format!("/v1/instances/{}", encode(&name))).await?;
             output::json(&i)?;
         }
+        InstanceCommand::Exec(args) => {
+            let path = format!("/v1/instances/{}/exec", encode(&args.name));
+            return super::vm::exec_at(c, json, &path, args).await;
+        }
         InstanceCommand::Suspend(sel) => return select_act(c, json, "suspend", sel).await,
         InstanceCommand::Resume(sel) => return select_act(c, json, "resume", sel).await,
         InstanceCommand::Clone {

@@ -257,6 +257,18 @@ fn print_inspect(vm: &VmInfo) {
 }
 
 async fn exec(client: &Client, json: bool, a: VmExecArgs) -> anyhow::Result<ExitCode> {
+    let path = format!("/v1/vms/{}/exec", a.name);
+    exec_at(client, json, &path, a).await
+}
+
+/// Runs the command through `path` (a VM's exec, or an instance's through
+/// the control plane): output streamed, or collected with `--json`.
+pub async fn exec_at(
+    client: &Client,
+    json: bool,
+    path: &str,
+    a: VmExecArgs,
+) -> anyhow::Result<ExitCode> {
     let b64 = base64::engine::general_purpose::STANDARD;
     let stdin_b64 = if a.stdin {
         let mut buf = Vec::new();
@@ -273,19 +285,14 @@ async fn exec(client: &Client, json: bool, a: VmExecArgs) -> anyhow::Result<Exit
         timeout_ms: a.timeout.map(|s| s.saturating_mul(1000)),
     };
     if json {
-        let result: flotilla_api::ExecResult = client
-            .post(&format!("/v1/vms/{}/exec", a.name), &req)
-            .await?;
+        let result: flotilla_api::ExecResult = client.post(path, &req).await?;
         output::json(&result)?;
         return Ok(exit_code(result.exit_code, result.signal, result.timed_out));
     }
     let resp = client
         .send(
             client
-                .request(
-                    Method::POST,
-                    &format!("/v1/vms/{}/exec?stream=true", a.name),
-                )
+                .request(Method::POST, &format!("{path}?stream=true"))
                 .json(&req),
         )
         .await?;

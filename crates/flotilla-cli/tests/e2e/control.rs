@@ -251,6 +251,35 @@ fn the_control_plane_places_and_drives_real_agents() {
     let (_, c) = cp.api("GET", "/v1/instances/web-copy", Some(&acme), None);
     assert_eq!(c["observed"], "running", "{c}");
     assert_ne!(c["ip"], b["ip"], "a clone has its own address");
+    // Commands run in an instance through the control plane, streamed or
+    // collected; another tenant cannot reach it.
+    let (ok, out, err) = cli(
+        &cp,
+        &acme,
+        &["instance", "exec", "web-copy", "--", "cat", "/etc/hostname"],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(
+        out.trim(),
+        c["id"].as_str().unwrap_or_default(),
+        "the clone's own hostname"
+    );
+    let (ok, out, err) = cli(
+        &cp,
+        &acme,
+        &[
+            "instance", "exec", "web-2", "--json", "--", "sh", "-c", "exit 3",
+        ],
+    );
+    assert!(!ok, "{err}");
+    let result: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(result["exit_code"], 3, "{result}");
+    let (_, t) = cp.api("POST", "/v1/tenants", None, Some(json!({"name": "other"})));
+    assert!(t["id"].is_string(), "{t}");
+    let (_, t) = cp.api("POST", "/v1/tokens", None, Some(json!({"tenant": "other"})));
+    let other = t["token"].as_str().unwrap_or_default().to_string();
+    let (ok, _, err) = cli(&cp, &other, &["instance", "exec", "web-2", "--", "true"]);
+    assert!(!ok && err.contains("no instance"), "{err}");
     // With the source's tags it would break the web fleet's policy.
     let (ok, _, err) = cli(&cp, &acme, &["instance", "clone", "web-2", "web-copy2"]);
     assert!(!ok && err.contains("max_per_host"), "{err}");

@@ -58,6 +58,7 @@ pub async fn healthz() -> &'static str {
         terminate_instance,
         start_instance,
         stop_instance,
+        exec_instance,
         suspend_instance,
         resume_instance,
         clone_instance,
@@ -491,6 +492,52 @@ pub async fn fleet_resume(
     req: Result<Json<FleetSelector>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
     fleet(cp, caller, q, req, OperationInput::Resume).await
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecQuery {
+    #[serde(default)]
+    tenant: Option<String>,
+    #[serde(default)]
+    stream: bool,
+}
+
+#[utoipa::path(post, path = "/v1/instances/{name}/exec", request_body = flotilla_api::ExecRequest,
+    params(("stream" = Option<bool>, Query, description = "stream newline-delimited ExecEvent JSON"),
+           ("tenant" = Option<String>, Query)),
+    responses((status = 200, body = flotilla_api::ExecResult), (status = 404, body = flotilla_api::ErrorBody),
+              (status = 409, body = flotilla_api::ErrorBody)))]
+pub async fn exec_instance(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    Path(name): Path<String>,
+    q: Result<Query<ExecQuery>, QueryRejection>,
+    req: Result<Json<flotilla_api::ExecRequest>, JsonRejection>,
+) -> ApiResult<Response> {
+    let q = query(q)?;
+    let req = body(req)?;
+    let (endpoint, vm) = cp.exec_target(&caller, q.tenant.as_deref(), &name).await?;
+    let answer = cp
+        .agents()
+        .exec_raw(&endpoint, &vm, &req, q.stream)
+        .await
+        .map_err(|e| ControlError::new(flotilla_api::ErrorCode::Conflict, e.to_string()))?;
+    // The agent's answer as is: its status, its type, its (streamed) body.
+    let status = StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let content_type = answer
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json")
+        .to_string();
+    let body = axum::body::Body::from_stream(answer.bytes_stream());
+    Ok((
+        status,
+        [(axum::http::header::CONTENT_TYPE, content_type)],
+        body,
+    )
+        .into_response())
 }
 
 #[utoipa::path(post, path = "/v1/placement/explain", request_body = RunInstancesRequest,

@@ -39,6 +39,7 @@ pub fn router(cp: ControlPlane) -> Router {
         )
         .route("/v1/instances/{name}/start", post(start_instance))
         .route("/v1/instances/{name}/stop", post(stop_instance))
+        .route("/v1/instances/{name}/exec", post(exec_instance))
         .route("/v1/instances/{name}/suspend", post(suspend_instance))
         .route("/v1/instances/{name}/resume", post(resume_instance))
         .route("/v1/instances/{name}/clone", post(clone_instance))
