@@ -30,6 +30,8 @@ const GROUP_SIZE: usize = 10;
 const NEW: usize = 40_000;
 /// Runs through the whole control plane path.
 const RUNS: usize = 2_000;
+/// Runs of 100 instances each.
+const BATCHES: usize = 50;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
@@ -231,6 +233,21 @@ fn api_reads(placed: &[(usize, usize)]) {
         let run_rate = RUNS as f64 / t.elapsed().as_secs_f64();
         lat.sort_by(f64::total_cmp);
         let (run_p50, run_p99) = (lat[lat.len() / 2], lat[lat.len() * 99 / 100]);
+        // Runs of 100 at once: one decision each, one commit for the lot.
+        let t = Instant::now();
+        for i in 0..BATCHES {
+            let req = RunInstancesRequest {
+                name: format!("batch-{i:03}"),
+                count: 100,
+                image: None,
+                vcpus: 1,
+                memory_mib: 1024,
+                tags: BTreeMap::from([("group".to_string(), format!("batch-{i}"))]),
+                placement: Some(policy.clone()),
+            };
+            cp.run_instances(&caller, None, &req).await.unwrap();
+        }
+        let batch_rate = (BATCHES * 100) as f64 / t.elapsed().as_secs_f64();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move {
@@ -263,6 +280,7 @@ fn api_reads(placed: &[(usize, usize)]) {
             import.as_secs_f64()
         );
         println!("| run through the control plane (service call, SQLite, durable), {RUNS} sequential, same policy | {run_rate:.0} placements/s, p50 {:.1} ms, p99 {:.1} ms |", run_p50 * 1e3, run_p99 * 1e3);
+        println!("| run through the control plane, {BATCHES} runs of `count: 100` (one commit each) | {batch_rate:.0} placements/s |");
         println!("| API: describe (GET /v1/instances/NAME), 8 clients | {describe:.0} req/s |");
         println!("| API: list, pages of 100 by name, 8 clients | {list:.0} req/s |");
         println!("| API: list by tag (a group of 10 among {n}), 8 clients | {by_tag:.0} req/s |");

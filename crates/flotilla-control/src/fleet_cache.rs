@@ -75,10 +75,18 @@ impl FleetView {
         Ok(())
     }
 
-    /// Our own placement on host `i` committed.
-    pub fn placed(&mut self, i: usize, vcpus: u32, memory_mib: u64) {
-        self.versions[i] += 1;
-        self.hosts[i].used_vcpus += u64::from(vcpus);
-        self.hosts[i].used_memory_mib += memory_mib;
+    /// Counts a placement on host `i`: tentatively while a batch is
+    /// decided, for good once it is committed.
+    pub fn add_usage(&mut self, i: usize, vcpus: u32, memory_mib: u64) {
+        let h = &mut self.hosts[i];
+        h.used_vcpus += u64::from(vcpus);
+        h.used_memory_mib += memory_mib;
+    }
+
+    /// Takes back a tentative placement on host `i`.
+    pub fn remove_usage(&mut self, i: usize, vcpus: u32, memory_mib: u64) {
+        let h = &mut self.hosts[i];
+        h.used_vcpus = h.used_vcpus.saturating_sub(u64::from(vcpus));
+        h.used_memory_mib = h.used_memory_mib.saturating_sub(memory_mib);
     }
 }

@@ -18,8 +18,8 @@ use crate::error::{ControlError, ControlResult};
 use crate::fleet_cache::{self, FleetView};
 use crate::placement::{self, Demand, HostView, Sourced, DEFAULT_GROUP_TAG};
 use crate::store::{
-    new_id, now_ms, HostRow, InstanceFilter, InstanceRow, NewInstance, OperationRow, Placement,
-    PolicyRow, Store, StoreError, TenantRow,
+    new_id, now_ms, HostRow, InstanceFilter, InstanceRow, NewInstance, OperationRow, PolicyRow,
+    Store, StoreError, TenantRow,
 };
 use crate::workflows::{self, OperationInput};
 
@@ -489,10 +489,9 @@ impl ControlPlane {
             }
         }
         let op_id = new_id("op");
-        let demand = Demand::new(req.vcpus, req.memory_mib);
-        let mut placed: Vec<InstanceRow> = Vec::new();
-        for name in &names {
-            let new = NewInstance {
+        let news: Vec<NewInstance> = names
+            .iter()
+            .map(|name| NewInstance {
                 id: new_id("i"),
                 tenant_id: tenant_id.clone(),
                 name: name.clone(),
@@ -501,89 +500,157 @@ impl ControlPlane {
                 memory_mib: req.memory_mib,
                 tags: req.tags.clone(),
                 operation: Some(op_id.clone()),
-            };
-            match self.place_one(&tenant_id, &new, &demand, &policy).await {
-                Ok(row) => placed.push(row),
-                Err(e) => {
-                    // All or nothing: the ones placed so far go again.
-                    for p in &placed {
-                        let _ = self.store().delete_instance(&p.id).await;
-                    }
-                    return Err(e);
-                }
+            })
+            .collect();
+        let targets = news.iter().map(|n| n.id.clone()).collect();
+        let op = self.new_operation(Some(&tenant_id), &op_id, OperationInput::Run, targets);
+        let demand = Demand::new(req.vcpus, req.memory_mib);
+        self.place_run(&tenant_id, &news, &demand, &policy, &op)
+            .await?;
+        workflows::spawn(self.clone(), op.clone());
+        let mut placed = Vec::with_capacity(news.len());
+        for new in &news {
+            if let Some(row) = self.store().instance(&new.id).await? {
+                placed.push(row);
             }
         }
-        let targets: Vec<String> = placed.iter().map(|i| i.id.clone()).collect();
-        let op = self
-            .start_operation(Some(&tenant_id), &op_id, OperationInput::Run, targets)
-            .await?;
         Ok((op, placed))
     }
 
-    /// Places one instance: a decision on the cached view of the fleet,
-    /// committed only if the chosen host did not change since (otherwise
-    /// that host is reread and the decision made again).
-    async fn place_one(
+    /// Decides where each of `news` goes on the cached view of the fleet
+    /// (each decision counting the ones before it), then commits them all
+    /// with the operation that creates them in one transaction, valid only
+    /// if no host used changed since it was read; otherwise those hosts are
+    /// reread and the batch decided again. All or nothing.
+    async fn place_run(
         &self,
         tenant_id: &str,
-        new: &NewInstance,
+        news: &[NewInstance],
         demand: &Demand,
         policy: &PlacementPolicy,
-    ) -> ControlResult<InstanceRow> {
-        let group = Self::group_of(policy, &new.tags);
+        op: &OperationRow,
+    ) -> ControlResult<()> {
+        let Some(first) = news.first() else {
+            return Ok(());
+        };
+        let group = Self::group_of(policy, &first.tags);
         // One decision at a time per replica: they share the view.
         let mut fleet = self.inner.fleet.lock().await;
-        fleet.refresh_if_stale(self.store()).await?;
+        let mut checked_fresh = false;
         for _ in 0..PLACEMENT_ATTEMPTS {
-            let counts = self.group_counts(tenant_id, group).await?;
-            let count_of = |i: usize| counts.get(&fleet.hosts[i].name).copied().unwrap_or(0);
-            let demand = Demand {
-                full_domains: placement::full_domains(
+            fleet.refresh_if_stale(self.store()).await?;
+            let mut counts = self.group_counts(tenant_id, group).await?;
+            let mut chosen: Vec<usize> = Vec::with_capacity(news.len());
+            let mut unplaced: Option<&NewInstance> = None;
+            for new in news {
+                let domains = placement::full_domains(
                     policy,
-                    counts.iter().filter_map(|(host, n)| {
-                        Some((&fleet.hosts[fleet.index_of(host)?].labels, *n))
-                    }),
-                ),
-                ..demand.clone()
-            };
-            let demand = &demand;
-            let Some(i) = placement::choose_index(&fleet.hosts, demand, policy, &count_of) else {
-                // Nothing fits the cached view: the error comes from a fresh read.
-                let (views, _) = self.host_views(tenant_id, group).await?;
-                let demand = &Demand {
-                    full_domains: placement::full_domains(
-                        policy,
-                        views.iter().map(|v| (&v.labels, v.group_count)),
-                    ),
+                    counts
+                        .iter()
+                        .filter_map(|(h, n)| Some((&fleet.hosts[fleet.index_of(h)?].labels, *n))),
+                );
+                let demand = Demand {
+                    full_domains: domains,
                     ..demand.clone()
                 };
-                if placement::choose(&views, demand, policy).is_some() {
+                let count_of = |i: usize| counts.get(&fleet.hosts[i].name).copied().unwrap_or(0);
+                match placement::choose_index(&fleet.hosts, &demand, policy, &count_of) {
+                    Some(i) => {
+                        // Counted for the next decisions, taken back below.
+                        fleet.add_usage(i, demand.vcpus, demand.memory_mib);
+                        *counts.entry(fleet.hosts[i].name.clone()).or_default() += 1;
+                        chosen.push(i);
+                    }
+                    None => {
+                        unplaced = Some(new);
+                        break;
+                    }
+                }
+            }
+            if let Some(new) = unplaced {
+                let explanation = {
+                    let views: Vec<HostView> = fleet
+                        .hosts
+                        .iter()
+                        .map(|h| HostView {
+                            group_count: counts.get(&h.name).copied().unwrap_or(0),
+                            ..h.clone()
+                        })
+                        .collect();
+                    let demand = Demand {
+                        full_domains: placement::full_domains(
+                            policy,
+                            views.iter().map(|v| (&v.labels, v.group_count)),
+                        ),
+                        ..demand.clone()
+                    };
+                    placement::explain(&views, &demand, policy)
+                };
+                for &i in &chosen {
+                    fleet.remove_usage(i, demand.vcpus, demand.memory_mib);
+                }
+                if !checked_fresh {
+                    // The view may be behind: decide once more on a fresh one.
+                    checked_fresh = true;
                     fleet.mark_stale();
-                    fleet.refresh_if_stale(self.store()).await?;
                     continue;
                 }
-                let explanation = placement::explain(&views, demand, policy);
                 return Err(no_host_error(&new.name, &explanation));
-            };
-            let placement = Placement {
-                host: fleet.hosts[i].name.clone(),
-                host_version: fleet.versions[i],
-            };
-            match self.store().commit_placement(new, &placement).await {
+            }
+            let mut versions = BTreeMap::new();
+            for &i in &chosen {
+                versions.insert(fleet.hosts[i].name.clone(), fleet.versions[i]);
+            }
+            let placed: Vec<(NewInstance, String)> = news
+                .iter()
+                .zip(&chosen)
+                .map(|(n, &i)| (n.clone(), fleet.hosts[i].name.clone()))
+                .collect();
+            let committed = self
+                .store()
+                .commit_run(
+                    &placed,
+                    &versions,
+                    op,
+                    &self.inner.replica,
+                    self.lease_until(),
+                )
+                .await;
+            match committed {
                 Ok(()) => {
-                    fleet.placed(i, demand.vcpus, demand.memory_mib);
-                    tracing::info!(instance = %new.name, id = %new.id, host = %placement.host, "placed");
-                    return self.store().instance(&new.id).await?.ok_or_else(|| {
-                        ControlError::new(ErrorCode::Internal, "placed instance vanished")
-                    });
+                    let mut bumped = std::collections::BTreeSet::new();
+                    for &i in &chosen {
+                        if bumped.insert(i) {
+                            fleet.versions[i] += 1;
+                        }
+                    }
+                    for (new, host) in &placed {
+                        tracing::info!(instance = %new.name, id = %new.id, host = %host, "placed");
+                    }
+                    return Ok(());
                 }
-                Err(StoreError::Contended) => fleet.reload_host(self.store(), i).await?,
-                Err(e) => return Err(e.into()),
+                Err(StoreError::Contended) => {
+                    for &i in &chosen {
+                        fleet.remove_usage(i, demand.vcpus, demand.memory_mib);
+                    }
+                    let mut reread = std::collections::BTreeSet::new();
+                    for &i in &chosen {
+                        if reread.insert(i) {
+                            fleet.reload_host(self.store(), i).await?;
+                        }
+                    }
+                }
+                Err(e) => {
+                    for &i in &chosen {
+                        fleet.remove_usage(i, demand.vcpus, demand.memory_mib);
+                    }
+                    return Err(e.into());
+                }
             }
         }
         Err(ControlError::conflict(format!(
             "could not place {:?}: every attempt raced with other placements",
-            new.name
+            first.name
         ))
         .with_hint("send the request again"))
     }
@@ -752,7 +819,15 @@ impl ControlPlane {
             tags,
             operation: Some(op_id.clone()),
         };
-        let mut committed = false;
+        let op = self.new_operation(
+            Some(&source.tenant_id),
+            &op_id,
+            OperationInput::Clone {
+                source: source.id.clone(),
+            },
+            vec![new.id.clone()],
+        );
+        let mut done = false;
         for _ in 0..PLACEMENT_ATTEMPTS {
             let (views, versions) = self
                 .host_views(&source.tenant_id, Self::group_of(&policy, &new.tags))
@@ -768,35 +843,37 @@ impl ControlPlane {
                     format!("a clone of {name:?} goes on its host {host}, which cannot take it: {reason}"),
                 ));
             }
-            let placement = Placement {
-                host: host.clone(),
-                host_version: versions.get(&host).copied().unwrap_or(0),
-            };
-            match self.store().commit_placement(&new, &placement).await {
+            let host_versions =
+                BTreeMap::from([(host.clone(), versions.get(&host).copied().unwrap_or(0))]);
+            let placed = [(new.clone(), host.clone())];
+            let committed = self
+                .store()
+                .commit_run(
+                    &placed,
+                    &host_versions,
+                    &op,
+                    &self.inner.replica,
+                    self.lease_until(),
+                )
+                .await;
+            match committed {
                 Ok(()) => {
-                    committed = true;
+                    done = true;
                     break;
                 }
                 Err(StoreError::Contended) => continue,
                 Err(e) => return Err(e.into()),
             }
         }
-        if !committed {
+        if !done {
             return Err(
                 ControlError::conflict("the clone raced with other placements")
                     .with_hint("send the request again"),
             );
         }
-        let op = self
-            .start_operation(
-                Some(&source.tenant_id),
-                &op_id,
-                OperationInput::Clone {
-                    source: source.id.clone(),
-                },
-                vec![new.id.clone()],
-            )
-            .await?;
+        // Placed by version, not through the cached view: reread it there.
+        self.fleet_changed().await;
+        workflows::spawn(self.clone(), op.clone());
         let row =
             self.store().instance(&new.id).await?.ok_or_else(|| {
                 ControlError::new(ErrorCode::Internal, "the clone's record vanished")
@@ -908,15 +985,15 @@ impl ControlPlane {
 
     // ---- operations ----
 
-    async fn start_operation(
+    fn new_operation(
         &self,
         tenant_id: Option<&str>,
         id: &str,
         input: OperationInput,
         targets: Vec<String>,
-    ) -> ControlResult<OperationRow> {
+    ) -> OperationRow {
         let now = now_ms();
-        let op = OperationRow {
+        OperationRow {
             id: id.to_string(),
             tenant_id: tenant_id.map(str::to_string),
             kind: input.kind().to_string(),
@@ -927,7 +1004,17 @@ impl ControlPlane {
             error: None,
             created_at: now,
             updated_at: now,
-        };
+        }
+    }
+
+    async fn start_operation(
+        &self,
+        tenant_id: Option<&str>,
+        id: &str,
+        input: OperationInput,
+        targets: Vec<String>,
+    ) -> ControlResult<OperationRow> {
+        let op = self.new_operation(tenant_id, id, input, targets);
         self.store()
             .create_operation(&op, &self.inner.replica, self.lease_until())
             .await?;

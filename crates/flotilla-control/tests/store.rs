@@ -115,6 +115,41 @@ async fn hosts_heartbeats_down_and_placement_versions() {
         };
         let dup = store.commit_placement(&instance("t-1", "a", &[]), &p).await;
         assert!(dup.is_err());
+        // A batch commits whole, with its operation, or not at all.
+        let op = OperationRow {
+            id: "op-batch".into(),
+            tenant_id: Some("t-1".into()),
+            kind: "run".into(),
+            targets: vec!["i-c".into(), "i-d".into()],
+            state: OperationState::Running,
+            steps: vec![],
+            input: serde_json::json!("run"),
+            error: None,
+            created_at: 1,
+            updated_at: 1,
+        };
+        let batch = [
+            (instance("t-1", "c", &[]), "h1".to_string()),
+            (instance("t-1", "d", &[]), "h1".to_string()),
+        ];
+        let stale = BTreeMap::from([("h1".to_string(), 0)]);
+        let lost = store
+            .commit_run(&batch, &stale, &op, "r", i64::MAX)
+            .await
+            .unwrap_err();
+        assert!(matches!(lost, StoreError::Contended));
+        assert!(store.instance("i-c").await.unwrap().is_none());
+        assert!(store.operation("op-batch").await.unwrap().is_none());
+        let current = BTreeMap::from([("h1".to_string(), 1)]);
+        store
+            .commit_run(&batch, &current, &op, "r", i64::MAX)
+            .await
+            .unwrap();
+        assert!(store.instance("i-d").await.unwrap().is_some());
+        assert!(store.operation("op-batch").await.unwrap().is_some());
+        assert_eq!(store.host("h1").await.unwrap().unwrap().instances, 3);
+        store.delete_instance("i-c").await.unwrap();
+        store.delete_instance("i-d").await.unwrap();
         // Missed heartbeats: down, and its instances unknown (not dropped).
         store
             .set_observed("i-a", ObservedState::Running, Some("10.0.0.2"), None)

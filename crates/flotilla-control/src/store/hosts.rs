@@ -9,6 +9,7 @@ use flotilla_api::control::HostHeartbeat;
 use sqlx::Row;
 
 use super::instances::{insert_instance, NewInstance};
+use super::operations::{insert_operation, OperationRow};
 use super::{from_json, now_ms, to_json, Store, StoreError, StoreResult};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -196,6 +197,39 @@ impl Store {
             return Err(StoreError::Contended);
         }
         insert_instance(&mut tx, instance, Some(&placement.host)).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Places a whole batch in one transaction: every host it uses must
+    /// still be at the version the decisions were made on (`Contended`
+    /// otherwise, and nothing is written); the instances and the operation
+    /// that creates them appear together or not at all.
+    pub async fn commit_run(
+        &self,
+        placed: &[(NewInstance, String)],
+        host_versions: &BTreeMap<String, i64>,
+        op: &OperationRow,
+        owner: &str,
+        lease_until: i64,
+    ) -> StoreResult<()> {
+        let mut tx = self.pool().begin().await?;
+        for (host, version) in host_versions {
+            let claimed = sqlx::query(
+                "UPDATE hosts SET version = version + 1 WHERE name = $1 AND version = $2",
+            )
+            .bind(host)
+            .bind(version)
+            .execute(&mut *tx)
+            .await?;
+            if claimed.rows_affected() == 0 {
+                return Err(StoreError::Contended);
+            }
+        }
+        for (instance, host) in placed {
+            insert_instance(&mut tx, instance, Some(host)).await?;
+        }
+        insert_operation(&mut tx, op, owner, lease_until).await?;
         tx.commit().await?;
         Ok(())
     }

@@ -3,7 +3,7 @@
 //! takes over when it dies.
 
 use flotilla_api::control::OperationState;
-use sqlx::Row;
+use sqlx::{Any, Row, Transaction};
 
 use super::{from_json, now_ms, to_json, Store, StoreResult};
 
@@ -19,6 +19,33 @@ pub struct OperationRow {
     pub error: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
+}
+
+/// Inserts a new running operation, leased to `owner` until `lease_until`.
+pub(crate) async fn insert_operation(
+    tx: &mut Transaction<'_, Any>,
+    op: &OperationRow,
+    owner: &str,
+    lease_until: i64,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO operations (id, tenant_id, kind, targets, state, steps, input, error,
+                                 lease_owner, lease_until, created_at, updated_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, $8, $9, $10, $10)",
+    )
+    .bind(&op.id)
+    .bind(op.tenant_id.as_deref())
+    .bind(&op.kind)
+    .bind(to_json(&op.targets))
+    .bind(state_text(op.state))
+    .bind(to_json(&op.steps))
+    .bind(to_json(&op.input))
+    .bind(owner)
+    .bind(lease_until)
+    .bind(op.created_at)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 const COLUMNS: &str =
@@ -59,23 +86,9 @@ impl Store {
         owner: &str,
         lease_until: i64,
     ) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO operations (id, tenant_id, kind, targets, state, steps, input, error,
-                                     lease_owner, lease_until, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, $8, $9, $10, $10)",
-        )
-        .bind(&op.id)
-        .bind(op.tenant_id.as_deref())
-        .bind(&op.kind)
-        .bind(to_json(&op.targets))
-        .bind(state_text(op.state))
-        .bind(to_json(&op.steps))
-        .bind(to_json(&op.input))
-        .bind(owner)
-        .bind(lease_until)
-        .bind(op.created_at)
-        .execute(self.pool())
-        .await?;
+        let mut tx = self.pool().begin().await?;
+        insert_operation(&mut tx, op, owner, lease_until).await?;
+        tx.commit().await?;
         Ok(())
     }
 
