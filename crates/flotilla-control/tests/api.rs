@@ -655,3 +655,89 @@ async fn a_group_spreads_over_racks_with_max_per_label() {
     assert_eq!(s, 409, "{b}");
     assert!(message(&b).contains("max_per_label rack 1"), "{b}");
 }
+
+/// A replica on PostgreSQL takes over an operation whose driver died (its
+/// lease ran out) and drives it to its end; one whose lease holds is left
+/// alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_takes_over_operations_of_a_dead_one() {
+    use flotilla_api::control::OperationState;
+    use flotilla_control::store::{NewInstance, OperationRow};
+    let pg = PgServer::start().unwrap();
+    let url = pg.url("takeover").unwrap();
+    let store = Store::open(&url).await.unwrap();
+    store.create_tenant("t-1", "acme").await.unwrap();
+    let beat = HostHeartbeat {
+        endpoint: "http://127.0.0.1:9".into(),
+        capacity: Resources {
+            vcpus: 8,
+            memory_mib: 8192,
+        },
+        labels: BTreeMap::new(),
+        vms: vec![],
+    };
+    store.record_heartbeat("h1", &beat).await.unwrap();
+    let op = |id: &str, target: &str| OperationRow {
+        id: id.into(),
+        tenant_id: Some("t-1".into()),
+        kind: "terminate".into(),
+        targets: vec![target.into()],
+        state: OperationState::Running,
+        steps: vec![],
+        input: json!("terminate"),
+        error: None,
+        created_at: 1,
+        updated_at: 1,
+    };
+    let inst = |name: &str| NewInstance {
+        id: format!("i-{name}"),
+        tenant_id: "t-1".into(),
+        name: name.into(),
+        image: None,
+        vcpus: 1,
+        memory_mib: 256,
+        tags: BTreeMap::new(),
+        operation: None,
+    };
+    let versions = BTreeMap::from([("h1".to_string(), 0)]);
+    // The dead replica's lease ran out; the live one's holds.
+    store
+        .commit_run(
+            &[(inst("a"), "h1".into())],
+            &versions,
+            &op("op-dead", "i-a"),
+            "dead",
+            0,
+        )
+        .await
+        .unwrap();
+    let versions = BTreeMap::from([("h1".to_string(), 1)]);
+    store
+        .commit_run(
+            &[(inst("b"), "h1".into())],
+            &versions,
+            &op("op-live", "i-b"),
+            "live",
+            i64::MAX,
+        )
+        .await
+        .unwrap();
+    let b = ControlPlane::new(Store::open(&url).await.unwrap(), ControlSettings::default());
+    assert_eq!(b.adopt_operations(false).await.unwrap(), 1);
+    let mut finished = None;
+    for _ in 0..100 {
+        let o = b.store().operation("op-dead").await.unwrap().unwrap();
+        if o.state != OperationState::Running {
+            finished = Some(o);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let o = finished.expect("the taken-over operation never finished");
+    // Its step ran (the host's agent answers nothing here, so it failed
+    // with the reason), recorded by the new driver.
+    assert_eq!(o.steps.len(), 1, "{o:?}");
+    assert!(o.error.unwrap_or_default().contains("unreachable"));
+    let live = b.store().operation("op-live").await.unwrap().unwrap();
+    assert_eq!((live.state, live.steps.len()), (OperationState::Running, 0));
+}
