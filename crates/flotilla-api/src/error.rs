@@ -17,6 +17,8 @@ pub enum ErrorCode {
     Conflict,
     InsufficientCapacity,
     GuestError,
+    /// A host (its agent) could not be reached.
+    Unavailable,
     Timeout,
     Internal,
 }
@@ -32,6 +34,7 @@ impl ErrorCode {
             ErrorCode::AlreadyExists | ErrorCode::Conflict => 409,
             ErrorCode::InsufficientCapacity => 409,
             ErrorCode::GuestError => 502,
+            ErrorCode::Unavailable => 503,
             ErrorCode::Timeout => 504,
             ErrorCode::Internal => 500,
         }

@@ -271,12 +271,13 @@ pub struct AgentArgs {
     #[arg(long, default_value_t = 120)]
     pub ready_timeout: u64,
     /// A control plane to register with and heartbeat to, e.g. http://10.0.0.1:7700.
-    #[arg(long, env = "FLOTILLA_CONTROL_URL")]
+    #[arg(long, env = "FLOTILLA_CONTROL_PLANE")]
     pub control_plane: Option<String>,
     /// An admin token of that control plane.
     #[arg(long, env = "FLOTILLA_CONTROL_TOKEN", requires = "control_plane")]
     pub control_token: Option<String>,
-    /// This host's name in the control plane's registry (default: the hostname).
+    /// This host's name in the control plane's registry, [a-z0-9-] (default:
+    /// the hostname, lowercased, other characters made '-').
     #[arg(long, requires = "control_plane")]
     pub host_name: Option<String>,
     /// The URL the control plane reaches this agent at (default: http://<listen>).

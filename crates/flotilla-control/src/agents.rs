@@ -142,8 +142,13 @@ impl AgentClient {
         stream: bool,
     ) -> Result<reqwest::Response, AgentCallError> {
         let url = format!("{endpoint}/v1/vms/{name}/exec?stream={stream}");
+        // As long as the command may run, and a minute more; an hour when
+        // it sets no limit.
+        let limit = Duration::from_millis(request.timeout_ms.unwrap_or(3_600_000))
+            + Duration::from_secs(60);
         self.http
             .post(url)
+            .timeout(limit)
             .json(request)
             .send()
             .await

@@ -18,8 +18,8 @@ use crate::error::{ControlError, ControlResult};
 use crate::fleet_cache::{self, FleetView};
 use crate::placement::{self, Demand, HostView, Sourced, DEFAULT_GROUP_TAG};
 use crate::store::{
-    new_id, now_ms, HostRow, InstanceFilter, InstanceRow, NewInstance, OperationRow, PolicyRow,
-    Store, StoreError, TenantRow,
+    new_id, now_ms, GroupGuard, HostRow, InstanceFilter, InstanceRow, NewInstance, OperationRow,
+    PolicyRow, Store, StoreError, TenantRow,
 };
 use crate::workflows::{self, OperationInput};
 
@@ -52,6 +52,8 @@ pub(crate) struct Inner {
     /// This replica's name in operation leases.
     pub replica: String,
     pub fleet: tokio::sync::Mutex<FleetView>,
+    /// Operations this replica drives now.
+    pub driving: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -91,12 +93,24 @@ impl ControlPlane {
                 settings,
                 replica: new_id("replica"),
                 fleet: Default::default(),
+                driving: Default::default(),
             }),
         }
     }
 
     pub fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    /// Marks `op` driven here; false if it already is.
+    pub(crate) fn start_driving(&self, op: &str) -> bool {
+        let mut set = self.inner.driving.lock().unwrap_or_else(|e| e.into_inner());
+        set.insert(op.to_string())
+    }
+
+    pub(crate) fn stop_driving(&self, op: &str) {
+        let mut set = self.inner.driving.lock().unwrap_or_else(|e| e.into_inner());
+        set.remove(op);
     }
 
     pub(crate) fn lease_until(&self) -> i64 {
@@ -128,7 +142,9 @@ impl ControlPlane {
             .await?
             .is_none()
         {
-            self.store()
+            // Another replica starting with the same token may win the race.
+            let created = self
+                .store()
                 .create_token(
                     &new_id("tok"),
                     &hash_secret(secret),
@@ -136,7 +152,11 @@ impl ControlPlane {
                     true,
                     Some("bootstrap"),
                 )
-                .await?;
+                .await;
+            match created {
+                Ok(()) | Err(StoreError::Duplicate(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         Ok(())
     }
@@ -372,6 +392,26 @@ impl ControlPlane {
         Ok((views, versions))
     }
 
+    /// The group's version, when the policy limits the group (per host or
+    /// per label): commits under a limit are serialised per group.
+    async fn group_guard(
+        &self,
+        tenant_id: &str,
+        group: Option<(&str, &str)>,
+        policy: &PlacementPolicy,
+    ) -> ControlResult<Option<GroupGuard>> {
+        let limited = policy.max_per_host.is_some() || !policy.max_per_label.is_empty();
+        let Some((tag, value)) = group.filter(|_| limited) else {
+            return Ok(None);
+        };
+        Ok(Some(GroupGuard {
+            tenant_id: tenant_id.to_string(),
+            tag: tag.to_string(),
+            value: value.to_string(),
+            version: self.store().group_version(tenant_id, tag, value).await?,
+        }))
+    }
+
     async fn group_counts(
         &self,
         tenant_id: &str,
@@ -539,6 +579,9 @@ impl ControlPlane {
         let mut checked_fresh = false;
         for _ in 0..PLACEMENT_ATTEMPTS {
             fleet.refresh_if_stale(self.store()).await?;
+            // Read before the counts: a placement in the group after this
+            // read makes the commit fail and the batch be decided again.
+            let guard = self.group_guard(tenant_id, group, policy).await?;
             let mut counts = self.group_counts(tenant_id, group).await?;
             let mut chosen: Vec<usize> = Vec::with_capacity(news.len());
             let mut unplaced: Option<&NewInstance> = None;
@@ -611,6 +654,7 @@ impl ControlPlane {
                 .commit_run(
                     &placed,
                     &versions,
+                    guard.as_ref(),
                     op,
                     &self.inner.replica,
                     self.lease_until(),
@@ -687,9 +731,48 @@ impl ControlPlane {
                 "instance {name:?} is being terminated"
             )));
         }
-        self.store().set_desired(&inst.id, desired, &op_id).await?;
-        self.start_operation(Some(&inst.tenant_id), &op_id, input, vec![inst.id])
+        self.check_not_being_made(&inst).await?;
+        let tenant_id = inst.tenant_id.clone();
+        self.begin_operation(Some(&tenant_id), &op_id, input, vec![inst.id], desired)
             .await
+    }
+
+    /// Acting on an instance its run or clone is still making would race
+    /// with it (a VM made after its record is gone would be nobody's).
+    async fn check_not_being_made(&self, inst: &InstanceRow) -> ControlResult<()> {
+        let Some(op_id) = &inst.operation else {
+            return Ok(());
+        };
+        if let Some(op) = self.store().operation(op_id).await? {
+            if op.state == flotilla_api::control::OperationState::Running
+                && (op.kind == "run" || op.kind == "clone")
+            {
+                return Err(ControlError::conflict(format!(
+                    "instance {:?} is still being made by operation {}",
+                    inst.name, op.id
+                ))
+                .with_hint("wait for it to end (flotilla op inspect ID), then try again"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Records the operation and its targets' desired state together, then
+    /// drives it.
+    async fn begin_operation(
+        &self,
+        tenant_id: Option<&str>,
+        id: &str,
+        input: OperationInput,
+        targets: Vec<String>,
+        desired: DesiredState,
+    ) -> ControlResult<OperationRow> {
+        let op = self.new_operation(tenant_id, id, input, targets);
+        self.store()
+            .begin_operation(&op, desired, &self.inner.replica, self.lease_until())
+            .await?;
+        workflows::spawn(self.clone(), op.clone());
+        Ok(op)
     }
 
     /// Where a command for instance `name` goes: its host's endpoint, and
@@ -763,12 +846,12 @@ impl ControlPlane {
         if targets.is_empty() {
             return Err(ControlError::not_found("no instance matches the selector"));
         }
-        let op_id = new_id("op");
         for t in &targets {
-            self.store().set_desired(&t.id, desired, &op_id).await?;
+            self.check_not_being_made(t).await?;
         }
+        let op_id = new_id("op");
         let ids = targets.into_iter().map(|t| t.id).collect();
-        self.start_operation(Some(&tenant_id), &op_id, input, ids)
+        self.begin_operation(Some(&tenant_id), &op_id, input, ids, desired)
             .await
     }
 
@@ -807,6 +890,7 @@ impl ControlPlane {
         let policy = self
             .effective_policy(&source.tenant_id, &tags, None)
             .await?;
+        Self::check_group(&policy, &tags)?;
         let mut demand = Demand::new(source.vcpus, source.memory_mib);
         let op_id = new_id("op");
         let new = NewInstance {
@@ -829,6 +913,13 @@ impl ControlPlane {
         );
         let mut done = false;
         for _ in 0..PLACEMENT_ATTEMPTS {
+            let guard = self
+                .group_guard(
+                    &source.tenant_id,
+                    Self::group_of(&policy, &new.tags),
+                    &policy,
+                )
+                .await?;
             let (views, versions) = self
                 .host_views(&source.tenant_id, Self::group_of(&policy, &new.tags))
                 .await?;
@@ -851,6 +942,7 @@ impl ControlPlane {
                 .commit_run(
                     &placed,
                     &host_versions,
+                    guard.as_ref(),
                     &op,
                     &self.inner.replica,
                     self.lease_until(),
@@ -969,6 +1061,7 @@ impl ControlPlane {
             .map(|p| Sourced {
                 source: format!("policy {}", p.name),
                 policy: &p.placement,
+                global: p.tenant_id.is_empty(),
             })
             .collect();
         if let Some(r) = request {
@@ -976,6 +1069,7 @@ impl ControlPlane {
             sourced.push(Sourced {
                 source: "placement".into(),
                 policy: r,
+                global: false,
             });
         }
         let merged = placement::merge(&sourced)?;
@@ -1005,21 +1099,6 @@ impl ControlPlane {
             created_at: now,
             updated_at: now,
         }
-    }
-
-    async fn start_operation(
-        &self,
-        tenant_id: Option<&str>,
-        id: &str,
-        input: OperationInput,
-        targets: Vec<String>,
-    ) -> ControlResult<OperationRow> {
-        let op = self.new_operation(tenant_id, id, input, targets);
-        self.store()
-            .create_operation(&op, &self.inner.replica, self.lease_until())
-            .await?;
-        workflows::spawn(self.clone(), op.clone());
-        Ok(op)
     }
 
     pub async fn operation(&self, caller: &Caller, id: &str) -> ControlResult<OperationRow> {

@@ -63,21 +63,59 @@ fn is_done(steps: &[String], step: &str) -> bool {
 }
 
 /// Drives `op` to its end in the background.
+/// Drives `op` to its end in the background (unless this replica already
+/// does), renewing its lease meanwhile: a step may take minutes, and an
+/// expired lease would let another driver in.
 pub(crate) fn spawn(cp: ControlPlane, op: OperationRow) {
+    if !cp.start_driving(&op.id) {
+        return;
+    }
     tokio::spawn(async move {
         let id = op.id.clone();
+        let renewal = {
+            let (cp, id) = (cp.clone(), id.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(cp.inner.settings.lease / 4).await;
+                    match cp
+                        .store()
+                        .renew_lease(&id, &cp.inner.replica, cp.lease_until())
+                        .await
+                    {
+                        Ok(true) => {}
+                        Ok(false) => return,
+                        Err(e) => tracing::warn!(op = %id, error = %e, "renewing the lease"),
+                    }
+                }
+            })
+        };
         if let Err(e) = drive(&cp, op).await {
             tracing::error!(op = %id, error = %e, "operation could not be driven; another attempt takes it over when its lease ends");
         }
+        renewal.abort();
+        cp.stop_driving(&id);
     });
 }
 
 /// Runs the steps not done yet, a few at a time, recording each as it ends
 /// (with its failure, if it failed), then the outcome.
 async fn drive(cp: &ControlPlane, op: OperationRow) -> ControlResult<()> {
-    let input: OperationInput = serde_json::from_value(op.input.clone()).map_err(|e| {
-        ControlError::invalid(format!("operation {} has unreadable input: {e}", op.id))
-    })?;
+    let input: OperationInput = match serde_json::from_value(op.input.clone()) {
+        Ok(input) => input,
+        Err(e) => {
+            // Another driver would fail alike: end it, with the reason.
+            let reason = format!("unreadable operation input: {e}");
+            cp.store()
+                .finish_operation(
+                    &op.id,
+                    &cp.inner.replica,
+                    OperationState::Failed,
+                    Some(&reason),
+                )
+                .await?;
+            return Err(ControlError::invalid(reason));
+        }
+    };
     let mut steps = op.steps.clone();
     let pending: Vec<String> = op
         .targets
@@ -133,9 +171,14 @@ async fn drive(cp: &ControlPlane, op: OperationRow) -> ControlResult<()> {
         true => (OperationState::Succeeded, None),
         false => (OperationState::Failed, Some(failures.join("; "))),
     };
-    cp.store()
-        .finish_operation(&op.id, state, error.as_deref())
+    let finished = cp
+        .store()
+        .finish_operation(&op.id, &cp.inner.replica, state, error.as_deref())
         .await?;
+    if !finished {
+        tracing::warn!(op = %op.id, "operation taken over before it could be finished here");
+        return Ok(());
+    }
     tracing::info!(op = %op.id, kind = %op.kind, ?state, "operation finished");
     Ok(())
 }
@@ -150,6 +193,31 @@ async fn endpoint_of(cp: &ControlPlane, inst: &InstanceRow) -> ControlResult<Str
             ControlError::conflict(format!("host {host} is no longer registered"))
         })?;
     Ok(row.endpoint)
+}
+
+/// Records a VM just made for instance `id`; if the instance's record went
+/// meanwhile, the VM goes too, so no VM is left that nobody tracks.
+async fn record_made(
+    cp: &ControlPlane,
+    endpoint: &str,
+    id: &str,
+    observed: ObservedState,
+    ip: Option<&str>,
+) -> ControlResult<()> {
+    if cp.store().instance(id).await?.is_none() {
+        tracing::warn!(
+            instance = id,
+            "instance gone while its VM was made: removing the VM"
+        );
+        cp.inner
+            .agents
+            .delete_vm(endpoint, id)
+            .await
+            .map_err(agent_error)?;
+        return Ok(());
+    }
+    cp.store().set_observed(id, observed, ip, None).await?;
+    Ok(())
 }
 
 fn agent_error(e: crate::agents::AgentCallError) -> ControlError {
@@ -192,9 +260,14 @@ async fn run_step(cp: &ControlPlane, input: &OperationInput, target: &str) -> Co
                     Err(e) => return Err(agent_error(e)),
                 };
                 let ip = vm.nics.first().map(|n| n.ip.clone());
-                store
-                    .set_observed(&inst.id, observed_from_vm(vm.state), ip.as_deref(), None)
-                    .await?;
+                record_made(
+                    cp,
+                    &endpoint,
+                    &inst.id,
+                    observed_from_vm(vm.state),
+                    ip.as_deref(),
+                )
+                .await?;
             }
             OperationInput::Terminate => {
                 agents
@@ -238,9 +311,14 @@ async fn run_step(cp: &ControlPlane, input: &OperationInput, target: &str) -> Co
                     Err(e) => return Err(agent_error(e)),
                 };
                 let ip = vm.nics.first().map(|n| n.ip.clone());
-                store
-                    .set_observed(&inst.id, observed_from_vm(vm.state), ip.as_deref(), None)
-                    .await?;
+                record_made(
+                    cp,
+                    &endpoint,
+                    &inst.id,
+                    observed_from_vm(vm.state),
+                    ip.as_deref(),
+                )
+                .await?;
             }
         }
         Ok(())

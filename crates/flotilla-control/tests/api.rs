@@ -481,6 +481,46 @@ async fn two_replicas_never_double_book_a_host() {
     }
     hosts.sort();
     assert_eq!(hosts, ["h1", "h2"]);
+    // A limit across hosts (one per rack; h1 and h2 share a rack): the
+    // group's version keeps two replicas from filling one rack twice.
+    for (h, rack) in [("h1", "r1"), ("h2", "r1"), ("h3", "r2")] {
+        let beat = HostHeartbeat {
+            endpoint: "http://127.0.0.1:9".into(),
+            capacity: Resources {
+                vcpus: 64,
+                memory_mib: 65536,
+            },
+            labels: BTreeMap::from([("rack".into(), rack.into())]),
+            vms: vec![],
+        };
+        a.store().record_heartbeat(h, &beat).await.unwrap();
+    }
+    let policy = PlacementPolicy {
+        max_per_label: BTreeMap::from([("rack".to_string(), 1)]),
+        ..Default::default()
+    };
+    let tags = BTreeMap::from([("group".to_string(), "cache".to_string())]);
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let cp = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let caller = caller.clone();
+        let req = request(format!("cache-{i}"), Some(policy.clone()), tags.clone());
+        tasks.push(tokio::spawn(async move {
+            cp.run_instances(&caller, None, &req).await.ok()
+        }));
+    }
+    let mut racks = Vec::new();
+    for t in tasks {
+        if let Some((_, inst)) = t.await.unwrap() {
+            racks.push(if inst[0].host.as_deref() == Some("h3") {
+                "r2"
+            } else {
+                "r1"
+            });
+        }
+    }
+    racks.sort();
+    assert_eq!(racks, ["r1", "r2"]);
 }
 
 #[tokio::test]
@@ -705,6 +745,7 @@ async fn a_replica_takes_over_operations_of_a_dead_one() {
         .commit_run(
             &[(inst("a"), "h1".into())],
             &versions,
+            None,
             &op("op-dead", "i-a"),
             "dead",
             0,
@@ -716,6 +757,7 @@ async fn a_replica_takes_over_operations_of_a_dead_one() {
         .commit_run(
             &[(inst("b"), "h1".into())],
             &versions,
+            None,
             &op("op-live", "i-b"),
             "live",
             i64::MAX,

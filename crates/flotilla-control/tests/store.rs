@@ -134,7 +134,7 @@ async fn hosts_heartbeats_down_and_placement_versions() {
         ];
         let stale = BTreeMap::from([("h1".to_string(), 0)]);
         let lost = store
-            .commit_run(&batch, &stale, &op, "r", i64::MAX)
+            .commit_run(&batch, &stale, None, &op, "r", i64::MAX)
             .await
             .unwrap_err();
         assert!(matches!(lost, StoreError::Contended));
@@ -142,12 +142,53 @@ async fn hosts_heartbeats_down_and_placement_versions() {
         assert!(store.operation("op-batch").await.unwrap().is_none());
         let current = BTreeMap::from([("h1".to_string(), 1)]);
         store
-            .commit_run(&batch, &current, &op, "r", i64::MAX)
+            .commit_run(&batch, &current, None, &op, "r", i64::MAX)
             .await
             .unwrap();
         assert!(store.instance("i-d").await.unwrap().is_some());
         assert!(store.operation("op-batch").await.unwrap().is_some());
         assert_eq!(store.host("h1").await.unwrap().unwrap().instances, 3);
+        // A group guard: two commits decided on the same group version,
+        // one wins, even on different hosts.
+        assert_eq!(store.group_version("t-1", "group", "g").await.unwrap(), 0);
+        let guard = flotilla_control::store::GroupGuard {
+            tenant_id: "t-1".into(),
+            tag: "group".into(),
+            value: "g".into(),
+            version: 0,
+        };
+        let v = store.host("h1").await.unwrap().unwrap().version;
+        let one = [(instance("t-1", "e", &[]), "h1".to_string())];
+        let mut op_e = op.clone();
+        op_e.id = "op-e".into();
+        store
+            .commit_run(
+                &one,
+                &BTreeMap::from([("h1".to_string(), v)]),
+                Some(&guard),
+                &op_e,
+                "r",
+                1,
+            )
+            .await
+            .unwrap();
+        let mut op_f = op.clone();
+        op_f.id = "op-f".into();
+        let two = [(instance("t-1", "f", &[]), "h1".to_string())];
+        let lost = store
+            .commit_run(
+                &two,
+                &BTreeMap::from([("h1".to_string(), v + 1)]),
+                Some(&guard),
+                &op_f,
+                "r",
+                1,
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(lost, StoreError::Contended));
+        assert_eq!(store.group_version("t-1", "group", "g").await.unwrap(), 1);
+        store.delete_instance("i-e").await.unwrap();
         store.delete_instance("i-c").await.unwrap();
         store.delete_instance("i-d").await.unwrap();
         // Missed heartbeats: down, and its instances unknown (not dropped).
@@ -338,10 +379,23 @@ async fn operations_leases_and_idempotency_keys() {
             .record_step("op-1", &[], "replica-a", i64::MAX)
             .await
             .unwrap());
-        store
-            .finish_operation("op-1", OperationState::Succeeded, None)
+        // Only the holder renews or ends it.
+        assert!(!store
+            .renew_lease("op-1", "replica-a", i64::MAX)
             .await
-            .unwrap();
+            .unwrap());
+        assert!(store
+            .renew_lease("op-1", "replica-b", i64::MAX)
+            .await
+            .unwrap());
+        assert!(!store
+            .finish_operation("op-1", "replica-a", OperationState::Failed, None)
+            .await
+            .unwrap());
+        assert!(store
+            .finish_operation("op-1", "replica-b", OperationState::Succeeded, None)
+            .await
+            .unwrap());
         assert_eq!(
             store.operation("op-1").await.unwrap().unwrap().state,
             OperationState::Succeeded

@@ -44,10 +44,14 @@ fn config_from(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
         )?;
         let host_name = match &args.host_name {
             Some(n) => n.clone(),
-            None => nix::unistd::gethostname()
-                .map(|h| h.to_string_lossy().into_owned())
-                .context("reading the hostname (or give --host-name)")?,
+            None => registry_name(
+                &nix::unistd::gethostname()
+                    .map(|h| h.to_string_lossy().into_owned())
+                    .context("reading the hostname (or give --host-name)")?,
+            ),
         };
+        flotilla_control::service::check_name("host", &host_name)
+            .map_err(|e| anyhow::anyhow!("--host-name: {e}"))?;
         c.control = Some(flotilla_agent::control_link::ControlLink {
             url: url.clone(),
             token,
@@ -61,6 +65,27 @@ fn config_from(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
         });
     }
     Ok(c)
+}
+
+/// A hostname as a registry name: lowercase, anything but [a-z0-9-] made
+/// '-', starting with a letter, at most 63 characters.
+fn registry_name(hostname: &str) -> String {
+    let mut name: String = hostname
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    if !name.starts_with(|c: char| c.is_ascii_lowercase()) {
+        name.insert_str(0, "h-");
+    }
+    name.truncate(63);
+    name
 }
 
 async fn ctrl_c_or_term() {
@@ -174,4 +199,16 @@ async fn with_embedded_control(
     }
     let token_file = flotilla_control::server::tenant_token_file(&dir, DEFAULT_TENANT);
     Ok((config, task, token_file))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn hostnames_become_registry_names() {
+        assert_eq!(
+            super::registry_name("Build-01.Example.COM"),
+            "build-01-example-com"
+        );
+        assert_eq!(super::registry_name("42box"), "h-42box");
+    }
 }

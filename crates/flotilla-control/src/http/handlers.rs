@@ -213,10 +213,14 @@ pub async fn run_instances(
 ) -> ApiResult<Response> {
     let q = query(q)?;
     let req = body(req)?;
-    let key = headers
-        .get(IDEMPOTENCY_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    let key = match headers.get(IDEMPOTENCY_HEADER) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| ControlError::invalid("Idempotency-Key must be visible ASCII"))?
+                .to_string(),
+        ),
+    };
     let Some(key) = key else {
         let result = run(&cp, &caller, q.tenant.as_deref(), &req).await?;
         return Ok((StatusCode::CREATED, Json(result)).into_response());
@@ -349,7 +353,7 @@ pub async fn list_instances(
     let mut rows = cp.list_instances(&caller, filter).await?;
     let next_page_token = if rows.len() > size as usize {
         rows.truncate(size as usize);
-        rows.last().map(|r| r.name.clone())
+        rows.last().map(|r| format!("{}:{}", r.name, r.id))
     } else {
         None
     };
@@ -522,7 +526,7 @@ pub async fn exec_instance(
         .agents()
         .exec_raw(&endpoint, &vm, &req, q.stream)
         .await
-        .map_err(|e| ControlError::new(flotilla_api::ErrorCode::Conflict, e.to_string()))?;
+        .map_err(|e| ControlError::new(flotilla_api::ErrorCode::Unavailable, e.to_string()))?;
     // The agent's answer as is: its status, its type, its (streamed) body.
     let status = StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let content_type = answer

@@ -11,16 +11,32 @@ use super::validate::PolicyError;
 pub struct Sourced<'a> {
     pub source: String,
     pub policy: &'a PlacementPolicy,
+    /// Set by an admin for every tenant: only such a policy may let hosts
+    /// be overcommitted (hosts are shared; a tenant may only ask for less).
+    pub global: bool,
 }
 
 /// Combines `policies`, least specific first. Required labels must agree;
-/// overcommit ratios and `max_per_host` take the strictest; preferences add
-/// up; strategy and group tag come from the most specific policy that sets
-/// them.
+/// overcommit ratios and `max_per_host` take the strictest (a ratio above
+/// the global policies' own, 1.0 when they set none, is capped there);
+/// preferences add up; strategy and group tag come from the most specific
+/// policy that sets them.
 pub fn merge(policies: &[Sourced<'_>]) -> Result<PlacementPolicy, PolicyError> {
     let mut out = PlacementPolicy::default();
     let mut required_by: std::collections::BTreeMap<String, String> = Default::default();
-    for Sourced { source, policy } in policies {
+    let ceiling = |pick: fn(&PlacementPolicy) -> Option<f64>| {
+        policies
+            .iter()
+            .filter(|s| s.global)
+            .filter_map(|s| pick(s.policy))
+            .fold(None, |acc: Option<f64>, r| {
+                Some(acc.map_or(r, |a| a.min(r)))
+            })
+            .unwrap_or(1.0)
+    };
+    let cpu_ceiling = ceiling(|p| p.cpu_overcommit);
+    let memory_ceiling = ceiling(|p| p.memory_overcommit);
+    for Sourced { source, policy, .. } in policies {
         for (k, v) in &policy.require_labels {
             match out.require_labels.get(k) {
                 Some(have) if have != v => {
@@ -66,6 +82,14 @@ pub fn merge(policies: &[Sourced<'_>]) -> Result<PlacementPolicy, PolicyError> {
         out.prefer_labels
             .extend(policy.prefer_labels.iter().cloned());
     }
+    out.cpu_overcommit = Some(
+        out.cpu_overcommit
+            .map_or(cpu_ceiling, |r| r.min(cpu_ceiling)),
+    );
+    out.memory_overcommit = Some(
+        out.memory_overcommit
+            .map_or(memory_ceiling, |r| r.min(memory_ceiling)),
+    );
     Ok(out)
 }
 
@@ -112,16 +136,72 @@ mod tests {
             Sourced {
                 source: "tenant".into(),
                 policy: &tenant,
+                global: true,
             },
             Sourced {
                 source: "placement".into(),
                 policy: &request,
+                global: false,
             },
         ])
         .unwrap();
         assert_eq!(m.require_labels, labels(&[("area", "eu"), ("zone", "z1")]));
         assert_eq!((m.cpu_overcommit, m.max_per_host), (Some(2.0), Some(3)));
         assert_eq!(m.strategy, Some(PlacementStrategy::Spread));
+    }
+
+    #[test]
+    fn only_global_policies_let_hosts_be_overcommitted() {
+        let tenant = PlacementPolicy {
+            cpu_overcommit: Some(64.0),
+            ..Default::default()
+        };
+        let alone = merge(&[Sourced {
+            source: "tenant".into(),
+            policy: &tenant,
+            global: false,
+        }])
+        .unwrap();
+        assert_eq!(
+            (alone.cpu_overcommit, alone.memory_overcommit),
+            (Some(1.0), Some(1.0))
+        );
+        let global = PlacementPolicy {
+            cpu_overcommit: Some(4.0),
+            ..Default::default()
+        };
+        let both = merge(&[
+            Sourced {
+                source: "global".into(),
+                policy: &global,
+                global: true,
+            },
+            Sourced {
+                source: "tenant".into(),
+                policy: &tenant,
+                global: false,
+            },
+        ])
+        .unwrap();
+        assert_eq!(both.cpu_overcommit, Some(4.0));
+        let lower = PlacementPolicy {
+            cpu_overcommit: Some(2.0),
+            ..Default::default()
+        };
+        let m = merge(&[
+            Sourced {
+                source: "global".into(),
+                policy: &global,
+                global: true,
+            },
+            Sourced {
+                source: "placement".into(),
+                policy: &lower,
+                global: false,
+            },
+        ])
+        .unwrap();
+        assert_eq!(m.cpu_overcommit, Some(2.0));
     }
 
     #[test]
@@ -138,10 +218,12 @@ mod tests {
             Sourced {
                 source: "tenant".into(),
                 policy: &a,
+                global: false,
             },
             Sourced {
                 source: "placement".into(),
                 policy: &b,
+                global: false,
             },
         ])
         .unwrap_err();

@@ -30,6 +30,16 @@ pub struct HostRow {
     pub instances: u64,
 }
 
+/// A placement group's version as read before deciding: `(tenant, tag,
+/// value, version)`; 0 for a group never placed under a limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupGuard {
+    pub tenant_id: String,
+    pub tag: String,
+    pub value: String,
+    pub version: i64,
+}
+
 /// A decision to put an instance on a host, valid while the host's version
 /// is still the one read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +71,19 @@ fn host(row: &sqlx::any::AnyRow) -> StoreResult<HostRow> {
 }
 
 impl Store {
+    /// The group's version now (0 if never placed under a limit).
+    pub async fn group_version(&self, tenant_id: &str, tag: &str, value: &str) -> StoreResult<i64> {
+        let v: Option<i64> = sqlx::query_scalar(
+            "SELECT version FROM placement_groups WHERE tenant_id = $1 AND tag = $2 AND value = $3",
+        )
+        .bind(tenant_id)
+        .bind(tag)
+        .bind(value)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(v.unwrap_or(0))
+    }
+
     /// Registers the host or refreshes it; a host that was down is up again.
     /// Returns whether it was down before.
     pub async fn record_heartbeat(&self, name: &str, beat: &HostHeartbeat) -> StoreResult<bool> {
@@ -74,7 +97,10 @@ impl Store {
                                 last_heartbeat, registered_at, version)
              VALUES ($1, $2, $3, $4, $5, 0, 0, $6, $6, 0)
              ON CONFLICT (name) DO UPDATE SET endpoint = $2, vcpus = $3, memory_mib = $4,
-                labels = $5, down = 0, last_heartbeat = $6",
+                labels = $5, down = 0, last_heartbeat = $6,
+                version = CASE WHEN hosts.vcpus <> $3 OR hosts.memory_mib <> $4
+                                    OR hosts.labels <> $5 OR hosts.down <> 0
+                               THEN hosts.version + 1 ELSE hosts.version END",
         )
         .bind(name)
         .bind(&beat.endpoint)
@@ -144,11 +170,13 @@ impl Store {
     }
 
     pub async fn set_cordoned(&self, name: &str, cordoned: bool) -> StoreResult<bool> {
-        let done = sqlx::query("UPDATE hosts SET cordoned = $1 WHERE name = $2")
-            .bind(i64::from(cordoned))
-            .bind(name)
-            .execute(self.pool())
-            .await?;
+        // A new version: a placement decided before the change must not commit.
+        let done =
+            sqlx::query("UPDATE hosts SET cordoned = $1, version = version + 1 WHERE name = $2")
+                .bind(i64::from(cordoned))
+                .bind(name)
+                .execute(self.pool())
+                .await?;
         Ok(done.rows_affected() > 0)
     }
 
@@ -161,22 +189,33 @@ impl Store {
                 .bind(before)
                 .fetch_all(&mut *tx)
                 .await?;
-        for name in &names {
-            sqlx::query("UPDATE hosts SET down = 1 WHERE name = $1")
-                .bind(name)
-                .execute(&mut *tx)
-                .await?;
+        let mut marked = Vec::new();
+        for name in names {
+            // Checked again: another replica may have recorded a heartbeat
+            // since the SELECT.
+            let done = sqlx::query(
+                "UPDATE hosts SET down = 1, version = version + 1
+                 WHERE name = $1 AND down = 0 AND last_heartbeat < $2",
+            )
+            .bind(&name)
+            .bind(before)
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() == 0 {
+                continue;
+            }
             sqlx::query(
                 "UPDATE instances SET observed = 'unknown', updated_at = $1
                  WHERE host = $2 AND observed NOT IN ('pending', 'terminated')",
             )
             .bind(now_ms())
-            .bind(name)
+            .bind(&name)
             .execute(&mut *tx)
             .await?;
+            marked.push(name);
         }
         tx.commit().await?;
-        Ok(names)
+        Ok(marked)
     }
 
     /// Inserts `instance` on the placement's host if that host's version is
@@ -209,11 +248,30 @@ impl Store {
         &self,
         placed: &[(NewInstance, String)],
         host_versions: &BTreeMap<String, i64>,
+        group: Option<&GroupGuard>,
         op: &OperationRow,
         owner: &str,
         lease_until: i64,
     ) -> StoreResult<()> {
         let mut tx = self.pool().begin().await?;
+        if let Some(g) = group {
+            let claimed = sqlx::query(
+                "INSERT INTO placement_groups (tenant_id, tag, value, version)
+                 VALUES ($1, $2, $3, 1)
+                 ON CONFLICT (tenant_id, tag, value) DO UPDATE
+                 SET version = placement_groups.version + 1
+                 WHERE placement_groups.version = $4",
+            )
+            .bind(&g.tenant_id)
+            .bind(&g.tag)
+            .bind(&g.value)
+            .bind(g.version)
+            .execute(&mut *tx)
+            .await?;
+            if claimed.rows_affected() == 0 {
+                return Err(StoreError::Contended);
+            }
+        }
         for (host, version) in host_versions {
             let claimed = sqlx::query(
                 "UPDATE hosts SET version = version + 1 WHERE name = $1 AND version = $2",

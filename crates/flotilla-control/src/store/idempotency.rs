@@ -5,6 +5,9 @@ use sqlx::Row;
 
 use super::{now_ms, Store, StoreError, StoreResult};
 
+/// A reservation older than this whose request never completed is free.
+const STALE_RESERVATION_MS: i64 = 5 * 60 * 1000;
+
 impl Store {
     /// The stored answer for `key`: `(request_hash, status, body)`.
     pub async fn idempotent_response(
@@ -51,7 +54,22 @@ impl Store {
         match inserted {
             Ok(_) => Ok(true),
             Err(e) => match StoreError::unique(e, key) {
-                StoreError::Duplicate(_) => Ok(false),
+                // Taken; but a reservation whose request never completed
+                // (its process died) is taken over after a while.
+                StoreError::Duplicate(_) => {
+                    let stale = sqlx::query(
+                        "UPDATE idempotency_keys SET request_hash = $1, created_at = $2
+                         WHERE tenant_id = $3 AND key = $4 AND status = 0 AND created_at < $5",
+                    )
+                    .bind(request_hash)
+                    .bind(now_ms())
+                    .bind(tenant_id)
+                    .bind(key)
+                    .bind(now_ms() - STALE_RESERVATION_MS)
+                    .execute(self.pool())
+                    .await?;
+                    Ok(stale.rows_affected() > 0)
+                }
                 other => Err(other),
             },
         }

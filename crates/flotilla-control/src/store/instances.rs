@@ -47,6 +47,7 @@ pub struct InstanceFilter {
     pub host: Option<String>,
     pub observed: Option<ObservedState>,
     pub tags: BTreeMap<String, String>,
+    /// A page token: `name:id` of the last instance of the previous page.
     pub after: Option<String>,
     pub limit: u32,
 }
@@ -183,9 +184,11 @@ impl Store {
     pub async fn list_instances(&self, f: &InstanceFilter) -> StoreResult<Vec<InstanceRow>> {
         let mut sql = format!("SELECT {COLUMNS} FROM instances WHERE 1 = 1");
         let mut args: Vec<String> = Vec::new();
+        // Appends `clause` with its `?` as the next `$n`; returns n.
         let mut param = |sql: &mut String, clause: &str, value: String| {
             args.push(value);
             sql.push_str(&clause.replace("?", &format!("${}", args.len())));
+            args.len()
         };
         if let Some(t) = &f.tenant_id {
             param(&mut sql, " AND tenant_id = ?", t.clone());
@@ -204,8 +207,18 @@ impl Store {
             );
             param(&mut sql, " AND value = ?)", v.clone());
         }
-        if let Some(a) = &f.after {
-            param(&mut sql, " AND name > ?", a.clone());
+        if let Some(after) = &f.after {
+            // `name:id` of the last row seen (names repeat across tenants).
+            match after.split_once(':') {
+                Some((name, id)) => {
+                    let n = param(&mut sql, " AND (name > ?", name.to_string());
+                    sql.push_str(&format!(" OR (name = ${n}"));
+                    param(&mut sql, " AND id > ?))", id.to_string());
+                }
+                None => {
+                    param(&mut sql, " AND name > ?", after.clone());
+                }
+            }
         }
         sql.push_str(&format!(" ORDER BY name, id LIMIT {}", f.limit.max(1)));
         let mut query = sqlx::query(&sql);
@@ -226,21 +239,29 @@ impl Store {
         .await
     }
 
-    pub async fn set_desired(
+    /// Sets what the operation's targets should become and records the
+    /// operation, in one transaction: never one without the other.
+    pub async fn begin_operation(
         &self,
-        id: &str,
+        op: &super::OperationRow,
         desired: DesiredState,
-        operation: &str,
+        owner: &str,
+        lease_until: i64,
     ) -> StoreResult<()> {
-        sqlx::query(
-            "UPDATE instances SET desired = $1, operation = $2, updated_at = $3 WHERE id = $4",
-        )
-        .bind(enum_text(&desired))
-        .bind(operation)
-        .bind(now_ms())
-        .bind(id)
-        .execute(self.pool())
-        .await?;
+        let mut tx = self.pool().begin().await?;
+        for id in &op.targets {
+            sqlx::query(
+                "UPDATE instances SET desired = $1, operation = $2, updated_at = $3 WHERE id = $4",
+            )
+            .bind(enum_text(&desired))
+            .bind(&op.id)
+            .bind(now_ms())
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        super::operations::insert_operation(&mut tx, op, owner, lease_until).await?;
+        tx.commit().await?;
         Ok(())
     }
 

@@ -15,7 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use sqlx::any::{install_default_drivers, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
-pub use hosts::{HostRow, Placement};
+pub use hosts::{GroupGuard, HostRow, Placement};
 pub use instances::{InstanceFilter, InstanceRow, NewInstance};
 pub use operations::OperationRow;
 pub use policies::PolicyRow;
@@ -135,12 +135,23 @@ impl Store {
     /// Applies the migrations not applied yet, each in its own transaction.
     /// Replicas starting together serialise on the version's primary key.
     async fn migrate(&self) -> StoreResult<()> {
-        self.pool
+        let created = self
+            .pool
             .execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations (
                     version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
             )
-            .await?;
+            .await;
+        // Two PostgreSQL replicas creating it at once: one of them fails on
+        // the catalog's unique index, and the table is there.
+        if let Err(e) = created {
+            if !e
+                .as_database_error()
+                .is_some_and(|d| d.is_unique_violation())
+            {
+                return Err(e.into());
+            }
+        }
         for (version, statements) in schema::MIGRATIONS {
             let applied: Option<i64> =
                 sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = $1")

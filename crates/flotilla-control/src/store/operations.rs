@@ -149,23 +149,40 @@ impl Store {
         Ok(done.rows_affected() > 0)
     }
 
+    /// Ends the operation, if `owner` still holds it; false otherwise.
     pub async fn finish_operation(
         &self,
         id: &str,
+        owner: &str,
         state: OperationState,
         error: Option<&str>,
-    ) -> StoreResult<()> {
-        sqlx::query(
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(
             "UPDATE operations SET state = $1, error = $2, lease_owner = NULL, updated_at = $3
-             WHERE id = $4",
+             WHERE id = $4 AND lease_owner = $5 AND state = 'running'",
         )
         .bind(state_text(state))
         .bind(error)
         .bind(now_ms())
         .bind(id)
+        .bind(owner)
         .execute(self.pool())
         .await?;
-        Ok(())
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Extends `owner`'s lease on a running operation; false if it lost it.
+    pub async fn renew_lease(&self, id: &str, owner: &str, lease_until: i64) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE operations SET lease_until = $1
+             WHERE id = $2 AND lease_owner = $3 AND state = 'running'",
+        )
+        .bind(lease_until)
+        .bind(id)
+        .bind(owner)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() > 0)
     }
 
     /// Takes over running operations whose lease ran out (their driver died)
@@ -197,8 +214,17 @@ impl Store {
             .execute(self.pool())
             .await?;
             if done.rows_affected() > 0 {
-                if let Some(op) = self.operation(&id).await? {
-                    claimed.push(op);
+                // One unreadable row must not keep the others from their driver.
+                match self.operation(&id).await {
+                    Ok(Some(op)) => claimed.push(op),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!(op = %id, error = %e, "unreadable operation: marked failed");
+                        let reason = format!("unreadable operation record: {e}");
+                        let _ = self
+                            .finish_operation(&id, owner, OperationState::Failed, Some(&reason))
+                            .await;
+                    }
                 }
             }
         }

@@ -97,4 +97,18 @@ pub(crate) const MIGRATIONS: &[(i64, &[&str])] = &[
             "CREATE INDEX instance_tags_by_pair ON instance_tags (key, value)",
         ],
     ),
+    (
+        4,
+        &[
+            // A version per placement group (a tenant's instances sharing a
+            // tag value): placements under a group limit commit only if no
+            // other placement in the group got there first, on any host.
+            "CREATE TABLE placement_groups (
+            tenant_id TEXT NOT NULL,
+            tag TEXT NOT NULL,
+            value TEXT NOT NULL,
+            version BIGINT NOT NULL,
+            PRIMARY KEY (tenant_id, tag, value))",
+        ],
+    ),
 ];
