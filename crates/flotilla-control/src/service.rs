@@ -270,6 +270,11 @@ impl ControlPlane {
     async fn reconcile_host(&self, host: &str, beat: &HostHeartbeat) -> ControlResult<()> {
         let reported: BTreeMap<&str, _> = beat.vms.iter().map(|v| (v.name.as_str(), v)).collect();
         for inst in self.store().instances_on_host(host).await? {
+            if inst.desired == DesiredState::Terminated {
+                self.finish_termination(&inst, reported.contains_key(inst.id.as_str()))
+                    .await?;
+                continue;
+            }
             let observed = match reported.get(inst.id.as_str()) {
                 Some(vm) => observed_from_vm(vm.state),
                 None if inst.observed == ObservedState::Pending => continue,
@@ -286,6 +291,34 @@ impl ControlPlane {
                     .await?;
             }
         }
+        Ok(())
+    }
+
+    /// An instance meant to be gone whose terminate is not running (it
+    /// failed, say while its host was down): gone from its host too, its
+    /// record goes; still there, a new terminate starts.
+    async fn finish_termination(&self, inst: &InstanceRow, on_host: bool) -> ControlResult<()> {
+        if let Some(op_id) = &inst.operation {
+            if let Some(op) = self.store().operation(op_id).await? {
+                if op.state == flotilla_api::control::OperationState::Running {
+                    return Ok(());
+                }
+            }
+        }
+        if !on_host {
+            tracing::info!(instance = %inst.name, "its VM is gone: terminate completed");
+            return Ok(self.store().delete_instance(&inst.id).await?);
+        }
+        tracing::info!(instance = %inst.name, "still on its host: terminating again");
+        let op_id = new_id("op");
+        self.begin_operation(
+            Some(&inst.tenant_id),
+            &op_id,
+            OperationInput::Terminate,
+            vec![inst.id.clone()],
+            DesiredState::Terminated,
+        )
+        .await?;
         Ok(())
     }
 

@@ -300,13 +300,25 @@ fn the_control_plane_places_and_drives_real_agents() {
             !mine.is_empty() && mine.iter().all(|i| i["observed"] == want)
         })
     };
-    cp.wait_for(
+    let listed = cp.wait_for(
         "unknown instances",
         "/v1/instances",
         Some(&acme),
         Duration::from_secs(10),
         |b| on_h2(b, "unknown"),
     );
+    // A terminate while the host is down fails (its agent cannot be
+    // reached) and the instance stays; once the host is back, the
+    // termination is carried out by itself.
+    let victim = listed["items"]
+        .as_array()
+        .and_then(|a| a.iter().find(|i| i["host"] == "h2"))
+        .map(|i| i["name"].as_str().unwrap_or_default().to_string())
+        .expect("an instance on h2");
+    let (ok, _, err) = cli(&cp, &acme, &["instance", "terminate", &victim, "--wait"]);
+    assert!(!ok && err.contains("unreachable"), "{err}");
+    let (s, _) = cp.api("GET", &format!("/v1/instances/{victim}"), Some(&acme), None);
+    assert_eq!(s, 200, "kept while its host is down");
     h2.start_agent().expect("agent again");
     cp.wait_for(
         "h2 up",
@@ -315,11 +327,36 @@ fn the_control_plane_places_and_drives_real_agents() {
         Duration::from_secs(30),
         |b| b["state"] == "up",
     );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while cp
+        .api("GET", &format!("/v1/instances/{victim}"), Some(&acme), None)
+        .0
+        != 404
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{victim} never terminated: {}",
+            cp.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        !instance_vms(&h2)
+            .iter()
+            .any(|v| v["tags"]["flotilla.instance"] == victim.as_str()),
+        "the VM went too"
+    );
     cp.wait_for(
-        "running again",
+        "the rest running again",
         "/v1/instances",
         Some(&acme),
         Duration::from_secs(30),
-        |b| on_h2(b, "running"),
+        |b| {
+            b["items"].as_array().is_some_and(|a| {
+                a.iter()
+                    .filter(|i| i["host"] == "h2")
+                    .all(|i| i["observed"] == "running")
+            })
+        },
     );
 }
