@@ -136,22 +136,29 @@ async fn drive(cp: &ControlPlane, op: OperationRow) -> ControlResult<()> {
                 (target, result)
             });
         }
-        let Some(joined) = running.join_next().await else {
+        let Some(first) = running.join_next().await else {
             break;
         };
-        let (target, result) = joined.map_err(|e| {
-            ControlError::new(
-                flotilla_api::ErrorCode::Internal,
-                format!("a step panicked: {e}"),
-            )
-        })?;
-        let mut step = input.step_name(&target);
-        if let Err(e) = result {
-            tracing::warn!(op = %op.id, target, error = %e, "step failed");
-            step.push_str(FAILED_MARK);
-            step.push_str(&e.message);
+        // Steps that ended meanwhile are recorded in the same write.
+        let mut ended = vec![first];
+        while let Some(more) = running.try_join_next() {
+            ended.push(more);
         }
-        steps.push(step);
+        for joined in ended {
+            let (target, result) = joined.map_err(|e| {
+                ControlError::new(
+                    flotilla_api::ErrorCode::Internal,
+                    format!("a step panicked: {e}"),
+                )
+            })?;
+            let mut step = input.step_name(&target);
+            if let Err(e) = result {
+                tracing::warn!(op = %op.id, target, error = %e, "step failed");
+                step.push_str(FAILED_MARK);
+                step.push_str(&e.message);
+            }
+            steps.push(step);
+        }
         let still_ours = cp
             .store()
             .record_step(&op.id, &steps, &cp.inner.replica, cp.lease_until())
