@@ -18,8 +18,14 @@ use crate::output;
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     // Made only when a control plane verb needs it.
+    // Without a token, a local `flotilla up`'s own: the admin's for admin
+    // verbs (readable by root), the default tenant's for the rest.
+    let admin_verb = matches!(
+        cli.command,
+        Command::Tenant(_) | Command::Token(_) | Command::Hosts(_)
+    );
     let control = || {
-        let token = cli.token.clone().or_else(local_token);
+        let token = cli.token.clone().or_else(|| local_token(admin_verb));
         Client::control(&cli.control_url, token.as_deref())
     };
     match cli.command {
@@ -75,15 +81,17 @@ pub fn default_data_dir() -> std::path::PathBuf {
     base.join("flotilla")
 }
 
-/// The default tenant's token of a local `flotilla up`, for when no token
-/// is given.
-fn local_token() -> Option<String> {
+/// A token of a local `flotilla up` (its admin's, or its default
+/// tenant's), for when no token is given.
+fn local_token(admin: bool) -> Option<String> {
     let dir = std::env::var_os("FLOTILLA_DATA_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(default_data_dir);
-    let path = dir
-        .join("control")
-        .join(format!("{}.token", agent::DEFAULT_TENANT));
+    let file = match admin {
+        true => flotilla_control::server::ADMIN_TOKEN_FILE.to_string(),
+        false => format!("{}.token", agent::DEFAULT_TENANT),
+    };
+    let path = dir.join("control").join(file);
     std::fs::read_to_string(path)
         .ok()
         .map(|s| s.trim().to_string())

@@ -92,6 +92,23 @@ fn up_serves_and_ctrl_c_stops_everything() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(qemu_pids_under(data.path()).len(), 2);
+    // With no token at all, the CLI takes the local ones: the admin's for
+    // admin verbs.
+    let out = Command::new(flotilla_bin())
+        .args(["--control-url", &format!("http://{}:7700", ns.ns_ip)])
+        .args(["hosts", "ls", "--json"])
+        .env("FLOTILLA_DATA_DIR", data.path())
+        .env_remove("FLOTILLA_TOKEN")
+        .output()
+        .expect("flotilla");
+    let hosts: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert_eq!(
+        hosts[0]["name"],
+        "local",
+        "{hosts} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(hosts[0]["state"], "up");
 
     kill(Pid::from_raw(up.id() as i32), Signal::SIGINT).expect("SIGINT");
     let deadline = Instant::now() + Duration::from_secs(30);
