@@ -35,6 +35,9 @@ pub struct CreateTokenRequest {
     /// Admin tokens manage tenants, hosts and global policies.
     #[serde(default)]
     pub admin: bool,
+    /// A host token: its agent may heartbeat as this host, nothing more.
+    #[serde(default)]
+    pub host: Option<String>,
     /// A note for people: what the token is for.
     #[serde(default)]
     pub description: Option<String>,
@@ -46,6 +49,8 @@ pub struct TokenCreated {
     pub id: String,
     pub tenant: Option<String>,
     pub admin: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     /// `Authorization: Bearer <token>`.
     pub token: String,
 }

@@ -116,13 +116,18 @@ pub enum TenantCommand {
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
     /// Issue a token; its secret is printed once.
+    #[command(group(clap::ArgGroup::new("kind").required(true).multiple(false)))]
     Create {
         /// The tenant the token acts for.
-        #[arg(long, conflicts_with = "admin", required_unless_present = "admin")]
+        #[arg(long, group = "kind")]
         tenant: Option<String>,
         /// An admin token (hosts, tenants, every tenant's instances).
-        #[arg(long)]
+        #[arg(long, group = "kind")]
         admin: bool,
+        /// A host token: an agent heartbeats with it as this host, and can
+        /// do nothing else.
+        #[arg(long, group = "kind")]
+        host: Option<String>,
         #[arg(long)]
         description: Option<String>,
     },

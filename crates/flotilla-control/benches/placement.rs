@@ -212,7 +212,7 @@ fn api_reads(placed: &[(usize, usize)]) {
         }
         let cp = ControlPlane::new(store, ControlSettings::default());
         cp.ensure_admin_token("flt_bench").await.unwrap();
-        let caller = Caller { token_id: "bench".into(), tenant_id: Some("t-bench".into()), admin: false };
+        let caller = Caller { token_id: "bench".into(), tenant_id: Some("t-bench".into()), admin: false, host: None };
         let policy = PlacementPolicy { max_per_host: Some(1), strategy: Some(PlacementStrategy::Spread), ..Default::default() };
         let mut lat = Vec::with_capacity(RUNS);
         let t = Instant::now();

@@ -10,6 +10,8 @@ pub struct Caller {
     pub token_id: String,
     pub tenant_id: Option<String>,
     pub admin: bool,
+    /// A host token's host: it may heartbeat as that host, nothing else.
+    pub host: Option<String>,
 }
 
 impl Caller {

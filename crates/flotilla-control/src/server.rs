@@ -24,6 +24,9 @@ pub struct ControlConfig {
     /// A tenant to create at start if missing, with a token of it written
     /// to `<data_dir>/<tenant>.token` (the embedded single-host default).
     pub default_tenant: Option<String>,
+    /// A host to make a host token for at start, written to
+    /// `<data_dir>/host-<name>.token` (for the embedded local agent).
+    pub local_host: Option<String>,
     pub settings: ControlSettings,
 }
 
@@ -48,6 +51,9 @@ pub async fn run_control(config: ControlConfig) -> anyhow::Result<()> {
     bootstrap_admin(&cp, &config).await?;
     if let Some(tenant) = &config.default_tenant {
         bootstrap_tenant(&cp, &config, tenant).await?;
+    }
+    if let Some(host) = &config.local_host {
+        bootstrap_host_token(&cp, &config, host).await?;
     }
 
     // A SQLite store has one owner (this process): what was running when it
@@ -122,14 +128,60 @@ async fn bootstrap_tenant(
             token_id: "bootstrap".into(),
             tenant_id: None,
             admin: true,
+            host: None,
         };
         let (_, _, secret) = cp
-            .create_token(&admin, Some(name), false, Some("default tenant"))
+            .create_token(
+                &admin,
+                &flotilla_api::control::CreateTokenRequest {
+                    tenant: Some(name.to_string()),
+                    admin: false,
+                    host: None,
+                    description: Some("default tenant".into()),
+                },
+            )
             .await?;
         write_private(&path, &secret).with_context(|| format!("writing {}", path.display()))?;
         tracing::info!(tenant = name, path = %path.display(), "wrote the default tenant's token");
     }
     Ok(())
+}
+
+async fn bootstrap_host_token(
+    cp: &ControlPlane,
+    config: &ControlConfig,
+    host: &str,
+) -> anyhow::Result<()> {
+    let path = host_token_file(&config.data_dir, host);
+    let known = match std::fs::read_to_string(&path) {
+        Ok(secret) => cp
+            .authenticate(secret.trim())
+            .await
+            .is_ok_and(|c| c.host.as_deref() == Some(host)),
+        Err(_) => false,
+    };
+    if !known {
+        let admin = crate::auth::Caller {
+            token_id: "bootstrap".into(),
+            tenant_id: None,
+            admin: true,
+            host: None,
+        };
+        let request = flotilla_api::control::CreateTokenRequest {
+            tenant: None,
+            admin: false,
+            host: Some(host.to_string()),
+            description: Some("local agent".into()),
+        };
+        let (_, _, secret) = cp.create_token(&admin, &request).await?;
+        write_private(&path, &secret).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The file holding the host token of a host made at start.
+pub fn host_token_file(data_dir: &std::path::Path, host: &str) -> PathBuf {
+    data_dir.join(format!("host-{host}.token"))
 }
 
 /// The file holding the token of a tenant made at start.

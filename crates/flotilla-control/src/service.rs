@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_api::control::{
-    CloneInstanceRequest, DesiredState, FleetSelector, HostHeartbeat, ObservedState,
-    PlacementExplanation, PlacementPolicy, PolicyDocument, RunInstancesRequest,
+    CloneInstanceRequest, CreateTokenRequest, DesiredState, FleetSelector, HostHeartbeat,
+    ObservedState, PlacementExplanation, PlacementPolicy, PolicyDocument, RunInstancesRequest,
 };
 use flotilla_api::{ErrorCode, VmState};
 
@@ -130,6 +130,7 @@ impl ControlPlane {
             token_id: token.id,
             tenant_id: token.tenant_id,
             admin: token.admin,
+            host: token.host,
         })
     }
 
@@ -186,41 +187,45 @@ impl ControlPlane {
     }
 
     /// Issues a token; returns `(id, tenant id, secret)`.
+    /// Issues a token: a tenant's, an admin's, or a host's (it may only
+    /// heartbeat as that host). Returns `(id, tenant id, secret)`.
     pub async fn create_token(
         &self,
         caller: &Caller,
-        tenant: Option<&str>,
-        admin: bool,
-        description: Option<&str>,
+        req: &CreateTokenRequest,
     ) -> ControlResult<(String, Option<String>, String)> {
         require_admin(caller)?;
-        let tenant_id = match (tenant, admin) {
-            (Some(_), true) => {
-                return Err(ControlError::invalid(
-                    "a token is either a tenant's or an admin token, not both",
-                ))
-            }
-            (None, false) => return Err(ControlError::invalid(
-                "name the token's tenant (\"tenant\") or make it an admin token (\"admin\": true)",
-            )),
-            (Some(name), false) => Some(
+        let kinds = usize::from(req.tenant.is_some())
+            + usize::from(req.admin)
+            + usize::from(req.host.is_some());
+        if kinds != 1 {
+            return Err(ControlError::invalid(
+                "a token is one of: a tenant's (\"tenant\"), an admin token (\"admin\": true), or a host's (\"host\")",
+            ));
+        }
+        let tenant_id = match &req.tenant {
+            Some(name) => Some(
                 self.store()
                     .tenant_by_name(name)
                     .await?
                     .ok_or_else(|| ControlError::not_found(format!("no tenant {name:?}")))?
                     .id,
             ),
-            (None, true) => None,
+            None => None,
         };
+        if let Some(host) = &req.host {
+            check_name("host", host)?;
+        }
         let secret = new_secret();
         let id = new_id("tok");
         self.store()
-            .create_token(
+            .create_scoped_token(
                 &id,
                 &hash_secret(&secret),
                 tenant_id.as_deref(),
-                admin,
-                description,
+                req.admin,
+                req.host.as_deref(),
+                req.description.as_deref(),
             )
             .await?;
         Ok((id, tenant_id, secret))
@@ -236,7 +241,13 @@ impl ControlPlane {
         name: &str,
         beat: &HostHeartbeat,
     ) -> ControlResult<()> {
-        require_admin(caller)?;
+        if !(caller.admin || caller.host.as_deref() == Some(name)) {
+            return Err(ControlError::new(
+                ErrorCode::PermissionDenied,
+                format!("this token may not heartbeat as host {name:?}"),
+            )
+            .with_hint("agents use a host token: flotilla token create --host NAME"));
+        }
         check_name("host", name)?;
         if !(beat.endpoint.starts_with("http://") || beat.endpoint.starts_with("https://")) {
             return Err(ControlError::invalid(format!(
@@ -367,13 +378,16 @@ impl ControlPlane {
 
     // ---- instances ----
 
+    /// The tenant a call acts for: a tenant token's own; for an admin, the
+    /// one named. Other tokens (a host's) act for no tenant.
     fn tenant_of(&self, caller: &Caller, tenant: Option<&str>) -> ControlResult<String> {
         match (&caller.tenant_id, tenant) {
             (Some(own), _) => Ok(own.clone()),
-            (None, Some(t)) => Ok(t.to_string()),
-            (None, None) => Err(ControlError::invalid(
+            (None, Some(t)) if caller.admin => Ok(t.to_string()),
+            (None, None) if caller.admin => Err(ControlError::invalid(
                 "an admin token acts on instances only with ?tenant=ID",
             )),
+            (None, _) => Err(no_tenant()),
         }
     }
 
@@ -396,7 +410,7 @@ impl ControlPlane {
         mut filter: InstanceFilter,
     ) -> ControlResult<Vec<InstanceRow>> {
         if !caller.admin {
-            filter.tenant_id = caller.tenant_id.clone();
+            filter.tenant_id = Some(caller.tenant_id.clone().ok_or_else(no_tenant)?);
         }
         Ok(self.store().list_instances(&filter).await?)
     }
@@ -1153,7 +1167,7 @@ impl ControlPlane {
         let tenant = if caller.admin {
             None
         } else {
-            caller.tenant_id.as_deref()
+            Some(caller.tenant_id.as_deref().ok_or_else(no_tenant)?)
         };
         Ok(self.store().list_operations(tenant, limit).await?)
     }
@@ -1173,6 +1187,10 @@ impl ControlPlane {
         }
         Ok(n)
     }
+}
+
+fn no_tenant() -> ControlError {
+    ControlError::new(ErrorCode::PermissionDenied, "this token acts for no tenant")
 }
 
 fn require_admin(caller: &Caller) -> ControlResult<()> {

@@ -187,6 +187,61 @@ async fn tokens_decide_who_may_do_what() {
         )
         .await;
     assert_eq!(s, 404, "{b}");
+    // A host token heartbeats as its host, and does nothing else.
+    let (s, b) = api
+        .call(
+            "POST",
+            "/v1/tokens",
+            Some(ADMIN),
+            Some(json!({"host": "h1"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    let host = b["token"].as_str().unwrap().to_string();
+    let beat =
+        json!({"endpoint": "http://127.0.0.1:9", "capacity": {"vcpus": 1, "memory_mib": 512}});
+    let (s, _) = api
+        .call(
+            "POST",
+            "/v1/hosts/h1/heartbeat",
+            Some(&host),
+            Some(beat.clone()),
+        )
+        .await;
+    assert_eq!(s, 204);
+    let (s, _) = api
+        .call("POST", "/v1/hosts/h2/heartbeat", Some(&host), Some(beat))
+        .await;
+    assert_eq!(s, 403);
+    let tenant_id = api.call("GET", "/v1/tenants", Some(ADMIN), None).await.1[0]["id"].clone();
+    for path in [
+        "/v1/instances".to_string(),
+        format!("/v1/instances?tenant={}", tenant_id.as_str().unwrap()),
+        "/v1/operations".to_string(),
+        "/v1/policies".to_string(),
+        "/v1/hosts".to_string(),
+    ] {
+        let (s, b) = api.call("GET", &path, Some(&host), None).await;
+        assert_eq!(s, 403, "{path}: {b}");
+    }
+    let (s, _) = api
+        .call(
+            "POST",
+            &format!("/v1/instances?tenant={}", tenant_id.as_str().unwrap()),
+            Some(&host),
+            Some(json!({"name": "x"})),
+        )
+        .await;
+    assert_eq!(s, 403);
+    let (s, b) = api
+        .call(
+            "POST",
+            "/v1/tokens",
+            Some(ADMIN),
+            Some(json!({"host": "h1", "admin": true})),
+        )
+        .await;
+    assert_eq!(s, 400, "{b}");
     let (s, b) = api.call("GET", "/v1/nothing", Some(ADMIN), None).await;
     assert_eq!(s, 404, "{b}");
     let (s, b) = api.call("GET", "/v1/openapi.json", None, None).await;
@@ -392,6 +447,7 @@ fn tenant_caller(tenant: &str) -> Caller {
         token_id: "tok".into(),
         tenant_id: Some(tenant.into()),
         admin: false,
+        host: None,
     }
 }
 

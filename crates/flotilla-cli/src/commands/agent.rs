@@ -147,6 +147,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
 /// The tenant `flotilla up` makes for local use.
 pub const DEFAULT_TENANT: &str = "default";
 
+/// The local agent's name in `flotilla up`'s registry.
+const LOCAL_HOST: &str = "local";
+
 /// Starts the control plane in this process (SQLite in `<data>/control`) and
 /// links the agent to it; returns the agent's config, the control plane's
 /// task and the default tenant's token file.
@@ -162,6 +165,7 @@ async fn with_embedded_control(
         data_dir: dir.clone(),
         admin_token: Some(admin.clone()),
         default_tenant: Some(DEFAULT_TENANT.into()),
+        local_host: Some(LOCAL_HOST.into()),
         settings: flotilla_control::ControlSettings::default(),
     };
     let task = tokio::spawn(async move {
@@ -188,10 +192,13 @@ async fn with_embedded_control(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     if config.control.is_none() {
+        let host_token =
+            std::fs::read_to_string(flotilla_control::server::host_token_file(&dir, LOCAL_HOST))
+                .context("reading the local agent's host token")?;
         config.control = Some(flotilla_agent::control_link::ControlLink {
             url,
-            token: admin,
-            host_name: "local".into(),
+            token: host_token.trim().to_string(),
+            host_name: LOCAL_HOST.into(),
             advertise: format!("http://{}", config.listen),
             labels: Default::default(),
             interval: Duration::from_secs(3),

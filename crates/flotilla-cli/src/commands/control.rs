@@ -22,6 +22,7 @@ pub async fn control(args: ControlArgs) -> anyhow::Result<ExitCode> {
         data_dir: args.data_dir,
         admin_token: args.admin_token,
         default_tenant: None,
+        local_host: None,
         settings,
     })
     .await?;

@@ -65,6 +65,7 @@ pub async fn token(c: &Client, json: bool, cmd: TokenCommand) -> anyhow::Result<
     let TokenCommand::Create {
         tenant,
         admin,
+        host,
         description,
     } = cmd;
     let t: TokenCreated = c
@@ -73,6 +74,7 @@ pub async fn token(c: &Client, json: bool, cmd: TokenCommand) -> anyhow::Result<
             &CreateTokenRequest {
                 tenant,
                 admin,
+                host,
                 description,
             },
         )
@@ -84,9 +86,11 @@ pub async fn token(c: &Client, json: bool, cmd: TokenCommand) -> anyhow::Result<
         eprintln!(
             "token {} ({}); shown once:",
             t.id,
-            t.tenant
-                .as_deref()
-                .map_or("admin".to_string(), |x| format!("tenant {x}"))
+            match (&t.tenant, &t.host) {
+                (Some(x), _) => format!("tenant {x}"),
+                (None, Some(h)) => format!("host {h}"),
+                (None, None) => "admin".to_string(),
+            }
         );
         println!("{}", t.token);
     }

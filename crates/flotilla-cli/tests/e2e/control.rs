@@ -11,10 +11,13 @@ use flotilla_testkit::{ControlLinkOptions, ControlPlaneProcess, HostOptions, Tes
 use serde_json::{json, Value};
 
 fn host(cp: &ControlPlaneProcess, name: &str, zone: &str) -> TestHost {
+    // Agents heartbeat with a host token, good for nothing else.
+    let (s, t) = cp.api("POST", "/v1/tokens", None, Some(json!({"host": name})));
+    assert_eq!(s, 201, "{t}");
     TestHost::start_with(HostOptions {
         control: Some(ControlLinkOptions {
             port: cp.port,
-            token: cp.admin_token.clone(),
+            token: t["token"].as_str().expect("token").to_string(),
             host_name: name.into(),
             labels: vec![format!("zone={zone}")],
         }),

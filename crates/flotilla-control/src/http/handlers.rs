@@ -115,20 +115,14 @@ pub async fn create_token(
     req: Result<Json<CreateTokenRequest>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<TokenCreated>)> {
     let req = body(req)?;
-    let (id, tenant, token) = cp
-        .create_token(
-            &caller,
-            req.tenant.as_deref(),
-            req.admin,
-            req.description.as_deref(),
-        )
-        .await?;
+    let (id, tenant, token) = cp.create_token(&caller, &req).await?;
     Ok((
         StatusCode::CREATED,
         Json(TokenCreated {
             id,
             tenant,
             admin: req.admin,
+            host: req.host.clone(),
             token,
         }),
     ))

@@ -111,4 +111,12 @@ pub(crate) const MIGRATIONS: &[(i64, &[&str])] = &[
             PRIMARY KEY (tenant_id, tag, value))",
         ],
     ),
+    (
+        5,
+        &[
+            // A host token may only heartbeat as its host (agents need no
+            // admin power).
+            "ALTER TABLE tokens ADD COLUMN host TEXT",
+        ],
+    ),
 ];

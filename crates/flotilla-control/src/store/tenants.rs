@@ -16,6 +16,8 @@ pub struct TokenRow {
     pub id: String,
     pub tenant_id: Option<String>,
     pub admin: bool,
+    /// For a host token: the host it heartbeats as.
+    pub host: Option<String>,
 }
 
 fn tenant(row: &sqlx::any::AnyRow) -> StoreResult<TenantRow> {
@@ -74,9 +76,23 @@ impl Store {
         admin: bool,
         description: Option<&str>,
     ) -> StoreResult<()> {
+        self.create_scoped_token(id, secret_hash, tenant_id, admin, None, description)
+            .await
+    }
+
+    /// A token of a tenant, an admin, or (with `host`) one host.
+    pub async fn create_scoped_token(
+        &self,
+        id: &str,
+        secret_hash: &str,
+        tenant_id: Option<&str>,
+        admin: bool,
+        host: Option<&str>,
+        description: Option<&str>,
+    ) -> StoreResult<()> {
         sqlx::query(
-            "INSERT INTO tokens (id, secret_hash, tenant_id, admin, description, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO tokens (id, secret_hash, tenant_id, admin, description, created_at, host)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(id)
         .bind(secret_hash)
@@ -84,6 +100,7 @@ impl Store {
         .bind(i64::from(admin))
         .bind(description)
         .bind(now_ms())
+        .bind(host)
         .execute(self.pool())
         .await
         .map_err(|e| StoreError::unique(e, "a token with this secret"))?;
@@ -91,15 +108,17 @@ impl Store {
     }
 
     pub async fn token_by_hash(&self, secret_hash: &str) -> StoreResult<Option<TokenRow>> {
-        let row = sqlx::query("SELECT id, tenant_id, admin FROM tokens WHERE secret_hash = $1")
-            .bind(secret_hash)
-            .fetch_optional(self.pool())
-            .await?;
+        let row =
+            sqlx::query("SELECT id, tenant_id, admin, host FROM tokens WHERE secret_hash = $1")
+                .bind(secret_hash)
+                .fetch_optional(self.pool())
+                .await?;
         row.map(|r| {
             Ok(TokenRow {
                 id: r.try_get("id")?,
                 tenant_id: r.try_get("tenant_id")?,
                 admin: r.try_get::<i64, _>("admin")? != 0,
+                host: r.try_get("host")?,
             })
         })
         .transpose()
