@@ -261,6 +261,32 @@ pub struct PlacementPolicy {
     /// Soft preferences: a host with the label value gains the weight.
     #[serde(default)]
     pub prefer_labels: Vec<LabelPreference>,
+    /// Near or away from the tenant's instances carrying a tag value, hard
+    /// (a filter) or soft (a score).
+    #[serde(default)]
+    pub affinity: Vec<AffinityRule>,
+}
+
+/// `{"tag": "app", "value": "db", "toward": true, "hard": true}`: only
+/// hosts already holding an instance tagged `app=db`. With `toward: false`,
+/// only hosts holding none (anti-affinity). Soft rules add or subtract
+/// `weight` instead.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AffinityRule {
+    pub tag: String,
+    pub value: String,
+    /// Near them (affinity) or away (anti-affinity).
+    #[serde(default = "yes")]
+    pub toward: bool,
+    #[serde(default)]
+    pub hard: bool,
+    #[serde(default = "default_weight")]
+    pub weight: f64,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

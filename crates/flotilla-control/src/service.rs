@@ -459,6 +459,24 @@ impl ControlPlane {
         }))
     }
 
+    /// For each affinity rule of the policy: the hosts holding an instance
+    /// of the tenant with the rule's tag value.
+    async fn affinity_hosts(
+        &self,
+        tenant_id: &str,
+        policy: &PlacementPolicy,
+    ) -> ControlResult<Vec<std::collections::BTreeSet<String>>> {
+        let mut out = Vec::with_capacity(policy.affinity.len());
+        for rule in &policy.affinity {
+            let counts = self
+                .store()
+                .group_counts(tenant_id, &rule.tag, &rule.value)
+                .await?;
+            out.push(counts.into_keys().collect());
+        }
+        Ok(out)
+    }
+
     async fn group_counts(
         &self,
         tenant_id: &str,
@@ -519,6 +537,7 @@ impl ControlPlane {
                     &policy,
                     views.iter().map(|v| (&v.labels, v.group_count)),
                 ),
+                affinity_hosts: self.affinity_hosts(&tenant_id, &policy).await?,
                 ..Demand::new(req.vcpus, req.memory_mib)
             },
             &policy,
@@ -630,6 +649,7 @@ impl ControlPlane {
             // read makes the commit fail and the batch be decided again.
             let guard = self.group_guard(tenant_id, group, policy).await?;
             let mut counts = self.group_counts(tenant_id, group).await?;
+            let mut near = self.affinity_hosts(tenant_id, policy).await?;
             let mut chosen: Vec<usize> = Vec::with_capacity(news.len());
             let mut unplaced: Option<&NewInstance> = None;
             for new in news {
@@ -641,6 +661,7 @@ impl ControlPlane {
                 );
                 let demand = Demand {
                     full_domains: domains,
+                    affinity_hosts: near.clone(),
                     ..demand.clone()
                 };
                 let count_of = |i: usize| counts.get(&fleet.hosts[i].name).copied().unwrap_or(0);
@@ -648,7 +669,13 @@ impl ControlPlane {
                     Some(i) => {
                         // Counted for the next decisions, taken back below.
                         fleet.add_usage(i, demand.vcpus, demand.memory_mib);
-                        *counts.entry(fleet.hosts[i].name.clone()).or_default() += 1;
+                        let name = fleet.hosts[i].name.clone();
+                        for (rule, hosts) in policy.affinity.iter().zip(near.iter_mut()) {
+                            if new.tags.get(&rule.tag) == Some(&rule.value) {
+                                hosts.insert(name.clone());
+                            }
+                        }
+                        *counts.entry(name).or_default() += 1;
                         chosen.push(i);
                     }
                     None => {
@@ -672,6 +699,7 @@ impl ControlPlane {
                             policy,
                             views.iter().map(|v| (&v.labels, v.group_count)),
                         ),
+                        affinity_hosts: near.clone(),
                         ..demand.clone()
                     };
                     placement::explain(&views, &demand, policy)
@@ -975,6 +1003,7 @@ impl ControlPlane {
             })?;
             demand.full_domains =
                 placement::full_domains(&policy, views.iter().map(|v| (&v.labels, v.group_count)));
+            demand.affinity_hosts = self.affinity_hosts(&source.tenant_id, &policy).await?;
             if let Some(reason) = placement::reject_reason(view, &demand, &policy) {
                 return Err(ControlError::new(
                     ErrorCode::InsufficientCapacity,

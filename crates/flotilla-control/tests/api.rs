@@ -839,3 +839,49 @@ async fn a_replica_takes_over_operations_of_a_dead_one() {
     let live = b.store().operation("op-live").await.unwrap().unwrap();
     assert_eq!((live.state, live.steps.len()), (OperationState::Running, 0));
 }
+
+#[tokio::test]
+async fn instances_go_near_or_away_from_others_by_affinity() {
+    let api = Api::start().await;
+    api.host("h1", 8, "z1").await;
+    api.host("h2", 8, "z2").await;
+    let acme = api.tenant("acme").await;
+    let run = |body: Value| {
+        let (api, acme) = (&api, acme.clone());
+        async move {
+            api.call("POST", "/v1/instances", Some(&acme), Some(body))
+                .await
+        }
+    };
+    let (s, b) = run(json!({"name": "db", "tags": {"app": "db"}, "placement": {"require_labels": {"zone": "z1"}}})).await;
+    assert_eq!(
+        (s, b["instances"][0]["host"].as_str()),
+        (201, Some("h1")),
+        "{b}"
+    );
+    let near = json!({"affinity": [{"tag": "app", "value": "db", "hard": true}]});
+    let (s, b) = run(json!({"name": "api", "count": 2, "placement": near})).await;
+    assert_eq!(s, 201, "{b}");
+    assert!(
+        b["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["host"] == "h1"),
+        "{b}"
+    );
+    let away = json!({"affinity": [{"tag": "app", "value": "db", "toward": false, "hard": true}]});
+    let (s, b) = run(json!({"name": "cache", "placement": away})).await;
+    assert_eq!(
+        (s, b["instances"][0]["host"].as_str()),
+        (201, Some("h2")),
+        "{b}"
+    );
+    let nowhere = json!({"affinity": [{"tag": "app", "value": "ghost", "hard": true}]});
+    let (s, b) = run(json!({"name": "lost", "placement": nowhere})).await;
+    assert_eq!(s, 409);
+    assert!(
+        message(&b).contains("affinity: holds no instance with app=ghost"),
+        "{b}"
+    );
+}

@@ -81,6 +81,7 @@ pub fn merge(policies: &[Sourced<'_>]) -> Result<PlacementPolicy, PolicyError> {
         }
         out.prefer_labels
             .extend(policy.prefer_labels.iter().cloned());
+        out.affinity.extend(policy.affinity.iter().cloned());
     }
     out.cpu_overcommit = Some(
         out.cpu_overcommit

@@ -42,6 +42,9 @@ pub struct Demand {
     /// Label values (`rack`, `r3`) whose hosts already hold as many of the
     /// group as `max_per_label` allows (see [`full_domains`]).
     pub full_domains: BTreeSet<(String, String)>,
+    /// For each of the policy's affinity rules, in order: the hosts that
+    /// hold an instance it names.
+    pub affinity_hosts: Vec<BTreeSet<String>>,
 }
 
 impl Demand {
@@ -50,7 +53,47 @@ impl Demand {
             vcpus,
             memory_mib,
             full_domains: BTreeSet::new(),
+            affinity_hosts: Vec::new(),
         }
+    }
+
+    /// Whether `host` passes the hard affinity rules, and if not, why.
+    fn affinity_reject(&self, host: &HostView, policy: &PlacementPolicy) -> Option<String> {
+        for (rule, hosts) in policy.affinity.iter().zip(&self.affinity_hosts) {
+            if !rule.hard {
+                continue;
+            }
+            let holds = hosts.contains(&host.name);
+            if rule.toward && !holds {
+                return Some(format!(
+                    "affinity: holds no instance with {}={}",
+                    rule.tag, rule.value
+                ));
+            }
+            if !rule.toward && holds {
+                return Some(format!(
+                    "anti-affinity: holds an instance with {}={}",
+                    rule.tag, rule.value
+                ));
+            }
+        }
+        None
+    }
+
+    fn affinity_score(&self, host: &HostView, policy: &PlacementPolicy) -> f64 {
+        policy
+            .affinity
+            .iter()
+            .zip(&self.affinity_hosts)
+            .filter(|(rule, hosts)| !rule.hard && hosts.contains(&host.name))
+            .map(|(rule, _)| {
+                if rule.toward {
+                    rule.weight
+                } else {
+                    -rule.weight
+                }
+            })
+            .sum()
     }
 }
 
@@ -142,6 +185,9 @@ pub fn reject_reason_with(
             ));
         }
     }
+    if let Some(why) = demand.affinity_reject(host, policy) {
+        return Some(why);
+    }
     for (key, value) in host
         .labels
         .iter()
@@ -185,7 +231,7 @@ pub fn score_with(
             score += pref.weight;
         }
     }
-    score
+    score + demand.affinity_score(host, policy)
 }
 
 /// Up to this many hosts, every host is scored; above it, a sample.
@@ -301,6 +347,9 @@ fn reject_reason_fast(
         return false;
     }
     if policy.max_per_host.is_some_and(|max| group_count >= max) {
+        return false;
+    }
+    if !policy.affinity.is_empty() && demand.affinity_reject(host, policy).is_some() {
         return false;
     }
     if !demand.full_domains.is_empty()

@@ -21,6 +21,7 @@ fn host(name: &str, zone: &str, used_vcpus: u64, group_count: u32) -> HostView {
 
 const SMALL: Demand = Demand {
     full_domains: BTreeSet::new(),
+    affinity_hosts: Vec::new(),
     vcpus: 1,
     memory_mib: 256,
 };
@@ -320,4 +321,57 @@ fn label_domains_at_their_limit_are_out_and_cluster_keeps_groups_together() {
         "p"
     )
     .is_err());
+}
+
+#[test]
+fn affinity_rules_hard_and_soft() {
+    use flotilla_api::control::AffinityRule;
+    let hosts = [host("a", "z1", 3, 0), host("b", "z1", 0, 0)];
+    let rule = |toward: bool, hard: bool| AffinityRule {
+        tag: "app".into(),
+        value: "db".into(),
+        toward,
+        hard,
+        weight: 10.0,
+    };
+    let near_a = Demand {
+        affinity_hosts: vec![BTreeSet::from(["a".to_string()])],
+        ..SMALL
+    };
+    let policy = |r| PlacementPolicy {
+        affinity: vec![r],
+        ..Default::default()
+    };
+    // Hard: only where db is, or only where it is not.
+    assert_eq!(
+        choose(&hosts, &near_a, &policy(rule(true, true)))
+            .unwrap()
+            .name,
+        "a"
+    );
+    assert_eq!(
+        choose(&hosts, &near_a, &policy(rule(false, true)))
+            .unwrap()
+            .name,
+        "b"
+    );
+    let e = explain(&hosts, &near_a, &policy(rule(true, true)));
+    assert!(e.hosts[1]
+        .rejected
+        .clone()
+        .unwrap()
+        .contains("affinity: holds no instance with app=db"));
+    // Soft: a fuller host wins by the weight.
+    assert_eq!(
+        choose(&hosts, &near_a, &policy(rule(true, false)))
+            .unwrap()
+            .name,
+        "a"
+    );
+    // Near and away at once, both hard: refused with the path.
+    let both = PlacementPolicy {
+        affinity: vec![rule(true, true), rule(false, true)],
+        ..Default::default()
+    };
+    assert_eq!(validate(&both, "p").unwrap_err().path, "p.affinity[1]");
 }

@@ -65,6 +65,33 @@ pub fn validate(policy: &PlacementPolicy, at: &str) -> Result<(), PolicyError> {
             return Err(err(format!("{at}.group_tag"), "must not be empty"));
         }
     }
+    for (i, rule) in policy.affinity.iter().enumerate() {
+        if rule.tag.is_empty() {
+            return Err(err(format!("{at}.affinity[{i}].tag"), "must not be empty"));
+        }
+        if !rule.weight.is_finite() {
+            return Err(err(
+                format!("{at}.affinity[{i}].weight"),
+                "must be a finite number",
+            ));
+        }
+        let opposite = policy.affinity[..i].iter().position(|r| {
+            r.hard
+                && rule.hard
+                && r.tag == rule.tag
+                && r.value == rule.value
+                && r.toward != rule.toward
+        });
+        if let Some(j) = opposite {
+            return Err(err(
+                format!("{at}.affinity[{i}]"),
+                format!(
+                    "contradicts {at}.affinity[{j}] (near and away from {}={})",
+                    rule.tag, rule.value
+                ),
+            ));
+        }
+    }
     for (i, pref) in policy.prefer_labels.iter().enumerate() {
         if !pref.weight.is_finite() {
             return Err(err(
