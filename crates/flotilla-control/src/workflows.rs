@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ControlError, ControlResult};
 use crate::service::{observed_from_vm, ControlPlane};
-use crate::store::{InstanceRow, OperationRow};
+use crate::store::{InstanceRow, ObservedUpdate, OperationRow};
 
 /// What an operation does to its targets.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -144,24 +144,26 @@ async fn drive(cp: &ControlPlane, op: OperationRow) -> ControlResult<()> {
         while let Some(more) = running.try_join_next() {
             ended.push(more);
         }
+        let mut seen = Vec::new();
         for joined in ended {
-            let (target, result) = joined.map_err(|e| {
+            let (target, (update, failure)) = joined.map_err(|e| {
                 ControlError::new(
                     flotilla_api::ErrorCode::Internal,
                     format!("a step panicked: {e}"),
                 )
             })?;
             let mut step = input.step_name(&target);
-            if let Err(e) = result {
+            if let Some(e) = failure {
                 tracing::warn!(op = %op.id, target, error = %e, "step failed");
                 step.push_str(FAILED_MARK);
                 step.push_str(&e.message);
             }
             steps.push(step);
+            seen.extend(update);
         }
         let still_ours = cp
             .store()
-            .record_step(&op.id, &steps, &cp.inner.replica, cp.lease_until())
+            .record_steps(&op.id, &steps, &cp.inner.replica, cp.lease_until(), &seen)
             .await?;
         if !still_ours {
             tracing::warn!(op = %op.id, "operation taken over by another replica");
@@ -202,15 +204,16 @@ async fn endpoint_of(cp: &ControlPlane, inst: &InstanceRow) -> ControlResult<Str
     Ok(row.endpoint)
 }
 
-/// Records a VM just made for instance `id`; if the instance's record went
-/// meanwhile, the VM goes too, so no VM is left that nobody tracks.
-async fn record_made(
+/// What to record of a VM just made for instance `id`; if the instance's
+/// record went meanwhile, the VM goes too (nothing to record), so no VM is
+/// left that nobody tracks.
+async fn made(
     cp: &ControlPlane,
     endpoint: &str,
     id: &str,
     observed: ObservedState,
-    ip: Option<&str>,
-) -> ControlResult<()> {
+    ip: Option<String>,
+) -> ControlResult<Option<ObservedUpdate>> {
     if cp.store().instance(id).await?.is_none() {
         tracing::warn!(
             instance = id,
@@ -221,25 +224,60 @@ async fn record_made(
             .delete_vm(endpoint, id)
             .await
             .map_err(agent_error)?;
-        return Ok(());
+        return Ok(None);
     }
-    cp.store().set_observed(id, observed, ip, None).await?;
-    Ok(())
+    Ok(Some(ObservedUpdate {
+        id: id.to_string(),
+        observed,
+        ip,
+        error: None,
+    }))
 }
 
 fn agent_error(e: crate::agents::AgentCallError) -> ControlError {
     ControlError::new(flotilla_api::ErrorCode::Conflict, e.to_string())
 }
 
-async fn run_step(cp: &ControlPlane, input: &OperationInput, target: &str) -> ControlResult<()> {
-    let store = cp.store();
-    let Some(inst) = store.instance(target).await? else {
+/// One step: the agent call for `target`. Returns what it saw of the
+/// instance (recorded with the step by the caller) and its failure, if any.
+async fn run_step(
+    cp: &ControlPlane,
+    input: &OperationInput,
+    target: &str,
+) -> (Option<ObservedUpdate>, Option<ControlError>) {
+    let inst = match cp.store().instance(target).await {
+        Ok(Some(inst)) => inst,
         // Terminated meanwhile: nothing left to do.
-        return Ok(());
+        Ok(None) => return (None, None),
+        Err(e) => return (None, Some(e.into())),
     };
-    let endpoint = endpoint_of(cp, &inst).await;
-    let result = async {
-        let endpoint = endpoint?;
+    match act(cp, input, &inst).await {
+        Ok(seen) => (seen, None),
+        Err(e) => {
+            // The instance stays, with the reason; a terminate can be retried.
+            let observed = match input {
+                OperationInput::Run | OperationInput::Clone { .. } => ObservedState::Failed,
+                _ => inst.observed,
+            };
+            let seen = ObservedUpdate {
+                id: inst.id.clone(),
+                observed,
+                ip: None,
+                error: Some(e.message.clone()),
+            };
+            (Some(seen), Some(e))
+        }
+    }
+}
+
+async fn act(
+    cp: &ControlPlane,
+    input: &OperationInput,
+    inst: &InstanceRow,
+) -> ControlResult<Option<ObservedUpdate>> {
+    let store = cp.store();
+    let endpoint = endpoint_of(cp, inst).await?;
+    {
         let agents = &cp.inner.agents;
         match input {
             OperationInput::Run => {
@@ -267,14 +305,7 @@ async fn run_step(cp: &ControlPlane, input: &OperationInput, target: &str) -> Co
                     Err(e) => return Err(agent_error(e)),
                 };
                 let ip = vm.nics.first().map(|n| n.ip.clone());
-                record_made(
-                    cp,
-                    &endpoint,
-                    &inst.id,
-                    observed_from_vm(vm.state),
-                    ip.as_deref(),
-                )
-                .await?;
+                made(cp, &endpoint, &inst.id, observed_from_vm(vm.state), ip).await
             }
             OperationInput::Terminate => {
                 agents
@@ -282,6 +313,7 @@ async fn run_step(cp: &ControlPlane, input: &OperationInput, target: &str) -> Co
                     .await
                     .map_err(agent_error)?;
                 store.delete_instance(&inst.id).await?;
+                Ok(None)
             }
             OperationInput::Start
             | OperationInput::Stop
@@ -296,9 +328,12 @@ async fn run_step(cp: &ControlPlane, input: &OperationInput, target: &str) -> Co
                     }
                     Err(e) => return Err(agent_error(e)),
                 };
-                store
-                    .set_observed(&inst.id, observed_from_vm(vm.state), None, None)
-                    .await?;
+                Ok(Some(ObservedUpdate {
+                    id: inst.id.clone(),
+                    observed: observed_from_vm(vm.state),
+                    ip: None,
+                    error: None,
+                }))
             }
             OperationInput::Clone { source } => {
                 let mut tags = inst.tags.clone();
@@ -318,28 +353,8 @@ async fn run_step(cp: &ControlPlane, input: &OperationInput, target: &str) -> Co
                     Err(e) => return Err(agent_error(e)),
                 };
                 let ip = vm.nics.first().map(|n| n.ip.clone());
-                record_made(
-                    cp,
-                    &endpoint,
-                    &inst.id,
-                    observed_from_vm(vm.state),
-                    ip.as_deref(),
-                )
-                .await?;
+                made(cp, &endpoint, &inst.id, observed_from_vm(vm.state), ip).await
             }
         }
-        Ok(())
     }
-    .await;
-    if let Err(e) = &result {
-        // The instance stays, with the reason; a terminate can be retried.
-        let observed = match input {
-            OperationInput::Run | OperationInput::Clone { .. } => ObservedState::Failed,
-            _ => inst.observed,
-        };
-        store
-            .set_observed(&inst.id, observed, None, Some(&e.message))
-            .await?;
-    }
-    result
 }

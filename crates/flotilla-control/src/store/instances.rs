@@ -116,6 +116,34 @@ async fn insert_tags(
     Ok(())
 }
 
+/// What an operation's step saw of an instance, recorded with the step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObservedUpdate {
+    pub id: String,
+    pub observed: ObservedState,
+    /// Kept as it was when None.
+    pub ip: Option<String>,
+    pub error: Option<String>,
+}
+
+pub(crate) async fn apply_observed(
+    tx: &mut Transaction<'_, Any>,
+    u: &ObservedUpdate,
+) -> StoreResult<()> {
+    sqlx::query(
+        "UPDATE instances SET observed = $1, ip = COALESCE($2, ip), last_error = $3,
+            updated_at = $4 WHERE id = $5",
+    )
+    .bind(enum_text(&u.observed))
+    .bind(u.ip.as_deref())
+    .bind(u.error.as_deref())
+    .bind(now_ms())
+    .bind(&u.id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
 pub(crate) async fn insert_instance(
     tx: &mut Transaction<'_, Any>,
     i: &NewInstance,
@@ -273,17 +301,15 @@ impl Store {
         ip: Option<&str>,
         error: Option<&str>,
     ) -> StoreResult<()> {
-        sqlx::query(
-            "UPDATE instances SET observed = $1, ip = COALESCE($2, ip), last_error = $3,
-                updated_at = $4 WHERE id = $5",
-        )
-        .bind(enum_text(&observed))
-        .bind(ip)
-        .bind(error)
-        .bind(now_ms())
-        .bind(id)
-        .execute(self.pool())
-        .await?;
+        let mut tx = self.pool().begin().await?;
+        let update = ObservedUpdate {
+            id: id.to_string(),
+            observed,
+            ip: ip.map(str::to_string),
+            error: error.map(str::to_string),
+        };
+        apply_observed(&mut tx, &update).await?;
+        tx.commit().await?;
         Ok(())
     }
 

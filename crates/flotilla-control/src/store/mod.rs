@@ -16,7 +16,7 @@ use sqlx::any::{install_default_drivers, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
 pub use hosts::{GroupGuard, HostRow, Placement};
-pub use instances::{InstanceFilter, InstanceRow, NewInstance};
+pub use instances::{InstanceFilter, InstanceRow, NewInstance, ObservedUpdate};
 pub use operations::OperationRow;
 pub use policies::PolicyRow;
 pub use tenants::{TenantRow, TokenRow};

@@ -5,6 +5,8 @@
 use flotilla_api::control::OperationState;
 use sqlx::{Any, Row, Transaction};
 
+use super::instances::{apply_observed, ObservedUpdate};
+
 use super::{from_json, now_ms, to_json, Store, StoreResult};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -135,6 +137,21 @@ impl Store {
         owner: &str,
         lease_until: i64,
     ) -> StoreResult<bool> {
+        self.record_steps(id, steps, owner, lease_until, &[]).await
+    }
+
+    /// Records the steps done and what they saw of their instances in one
+    /// transaction, if `owner` still holds the operation (nothing otherwise:
+    /// the new holder repeats the steps).
+    pub async fn record_steps(
+        &self,
+        id: &str,
+        steps: &[String],
+        owner: &str,
+        lease_until: i64,
+        seen: &[ObservedUpdate],
+    ) -> StoreResult<bool> {
+        let mut tx = self.pool().begin().await?;
         let done = sqlx::query(
             "UPDATE operations SET steps = $1, lease_until = $2, updated_at = $3
              WHERE id = $4 AND lease_owner = $5 AND state = 'running'",
@@ -144,9 +161,16 @@ impl Store {
         .bind(now_ms())
         .bind(id)
         .bind(owner)
-        .execute(self.pool())
+        .execute(&mut *tx)
         .await?;
-        Ok(done.rows_affected() > 0)
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        for update in seen {
+            apply_observed(&mut tx, update).await?;
+        }
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// Ends the operation, if `owner` still holds it; false otherwise.
