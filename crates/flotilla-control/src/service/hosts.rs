@@ -1,0 +1,157 @@
+//! Hosts: heartbeats (registration, reconciliation of what they report),
+//! cordons, and marking down the ones that went quiet.
+
+use super::*;
+
+impl ControlPlane {
+    /// A heartbeat: registers or refreshes the host and reconciles what it
+    /// reports with what the store expects there.
+    pub async fn heartbeat(
+        &self,
+        caller: &Caller,
+        name: &str,
+        beat: &HostHeartbeat,
+    ) -> ControlResult<()> {
+        if !(caller.admin || caller.host.as_deref() == Some(name)) {
+            return Err(ControlError::new(
+                ErrorCode::PermissionDenied,
+                format!("this token may not heartbeat as host {name:?}"),
+            )
+            .with_hint("agents use a host token: flotilla token create --host NAME"));
+        }
+        check_name("host", name)?;
+        if !(beat.endpoint.starts_with("http://") || beat.endpoint.starts_with("https://")) {
+            return Err(ControlError::invalid(format!(
+                "invalid endpoint {:?}: expected http://HOST:PORT",
+                beat.endpoint
+            )));
+        }
+        let known = self.store().host(name).await?;
+        let was_down = self.store().record_heartbeat(name, beat).await?;
+        if was_down {
+            tracing::info!(host = name, "host is up again");
+        }
+        let changed = match &known {
+            None => true,
+            Some(h) => {
+                was_down
+                    || h.vcpus != beat.capacity.vcpus
+                    || h.memory_mib != beat.capacity.memory_mib
+                    || h.labels != beat.labels
+            }
+        };
+        if changed {
+            self.fleet_changed().await;
+        }
+        self.reconcile_host(name, beat).await
+    }
+
+    /// Observed state of the instances on `host` from its report. An
+    /// instance the host does not report is `unknown` (unless it is still
+    /// being created); nothing is dropped.
+    pub(super) async fn reconcile_host(
+        &self,
+        host: &str,
+        beat: &HostHeartbeat,
+    ) -> ControlResult<()> {
+        let reported: BTreeMap<&str, _> = beat.vms.iter().map(|v| (v.name.as_str(), v)).collect();
+        for inst in self.store().instances_on_host(host).await? {
+            if inst.desired == DesiredState::Terminated {
+                self.finish_termination(&inst, reported.contains_key(inst.id.as_str()))
+                    .await?;
+                continue;
+            }
+            let observed = match reported.get(inst.id.as_str()) {
+                Some(vm) => observed_from_vm(vm.state),
+                None if inst.observed == ObservedState::Pending => continue,
+                // Just made: the heartbeat may have been composed before.
+                None if now_ms() - inst.updated_at < RECENT_MS => continue,
+                None => ObservedState::Unknown,
+            };
+            let ip = reported
+                .get(inst.id.as_str())
+                .and_then(|vm| vm.ip.as_deref());
+            if observed != inst.observed || (ip.is_some() && ip != inst.ip.as_deref()) {
+                self.store()
+                    .set_observed(&inst.id, observed, ip, inst.last_error.as_deref())
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// An instance meant to be gone whose terminate is not running (it
+    /// failed, say while its host was down): gone from its host too, its
+    /// record goes; still there, a new terminate starts.
+    pub(super) async fn finish_termination(
+        &self,
+        inst: &InstanceRow,
+        on_host: bool,
+    ) -> ControlResult<()> {
+        if let Some(op_id) = &inst.operation {
+            if let Some(op) = self.store().operation(op_id).await? {
+                if op.state == flotilla_api::control::OperationState::Running {
+                    return Ok(());
+                }
+            }
+        }
+        if !on_host {
+            tracing::info!(instance = %inst.name, "its VM is gone: terminate completed");
+            return Ok(self.store().delete_instance(&inst.id).await?);
+        }
+        tracing::info!(instance = %inst.name, "still on its host: terminating again");
+        let op_id = new_id("op");
+        self.begin_operation(
+            Some(&inst.tenant_id),
+            &op_id,
+            OperationInput::Terminate,
+            vec![inst.id.clone()],
+            DesiredState::Terminated,
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub async fn list_hosts(&self, caller: &Caller) -> ControlResult<Vec<HostRow>> {
+        require_admin(caller)?;
+        Ok(self.store().list_hosts().await?)
+    }
+
+    pub async fn host(&self, caller: &Caller, name: &str) -> ControlResult<HostRow> {
+        require_admin(caller)?;
+        self.store()
+            .host(name)
+            .await?
+            .ok_or_else(|| ControlError::not_found(format!("no host {name:?}")))
+    }
+
+    pub async fn set_cordoned(
+        &self,
+        caller: &Caller,
+        name: &str,
+        cordoned: bool,
+    ) -> ControlResult<HostRow> {
+        require_admin(caller)?;
+        if !self.store().set_cordoned(name, cordoned).await? {
+            return Err(ControlError::not_found(format!("no host {name:?}")));
+        }
+        self.fleet_changed().await;
+        self.host(caller, name).await
+    }
+
+    /// Marks down the hosts that missed their heartbeats.
+    pub async fn check_hosts(&self) -> ControlResult<()> {
+        let before = now_ms() - self.inner.settings.host_down_after.as_millis() as i64;
+        let down = self.store().mark_stale_hosts_down(before).await?;
+        if !down.is_empty() {
+            self.fleet_changed().await;
+        }
+        for host in down {
+            tracing::warn!(
+                host,
+                "host missed its heartbeats: marked down, its instances unknown"
+            );
+        }
+        Ok(())
+    }
+}

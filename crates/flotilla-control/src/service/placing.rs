@@ -1,0 +1,373 @@
+//! Placement of new instances: the policy's inputs read from the store
+//! (groups, affinity), explain, and runs decided on the cached fleet view and
+//! committed in one transaction.
+
+use super::*;
+
+impl ControlPlane {
+    /// Every host read from the store (for explain and clones), with its
+    /// count of the group and its version.
+    pub(super) async fn host_views(
+        &self,
+        tenant_id: &str,
+        group: Option<(&str, &str)>,
+    ) -> ControlResult<(Vec<HostView>, BTreeMap<String, i64>)> {
+        let hosts = self.store().list_hosts().await?;
+        let counts = self.group_counts(tenant_id, group).await?;
+        let versions = hosts.iter().map(|h| (h.name.clone(), h.version)).collect();
+        let views = hosts
+            .into_iter()
+            .map(|h| {
+                let count = counts.get(&h.name).copied().unwrap_or(0);
+                HostView {
+                    group_count: count,
+                    ..fleet_cache::view_of(h)
+                }
+            })
+            .collect();
+        Ok((views, versions))
+    }
+
+    /// The group's version, when the policy limits the group (per host or
+    /// per label): commits under a limit are serialised per group.
+    pub(super) async fn group_guard(
+        &self,
+        tenant_id: &str,
+        group: Option<(&str, &str)>,
+        policy: &PlacementPolicy,
+    ) -> ControlResult<Option<GroupGuard>> {
+        let limited = policy.max_per_host.is_some() || !policy.max_per_label.is_empty();
+        let Some((tag, value)) = group.filter(|_| limited) else {
+            return Ok(None);
+        };
+        Ok(Some(GroupGuard {
+            tenant_id: tenant_id.to_string(),
+            tag: tag.to_string(),
+            value: value.to_string(),
+            version: self.store().group_version(tenant_id, tag, value).await?,
+        }))
+    }
+
+    /// For each affinity rule of the policy: the hosts holding an instance
+    /// of the tenant with the rule's tag value.
+    pub(super) async fn affinity_hosts(
+        &self,
+        tenant_id: &str,
+        policy: &PlacementPolicy,
+    ) -> ControlResult<Vec<std::collections::BTreeSet<String>>> {
+        let mut out = Vec::with_capacity(policy.affinity.len());
+        for rule in &policy.affinity {
+            let counts = self
+                .store()
+                .group_counts(tenant_id, &rule.tag, &rule.value)
+                .await?;
+            out.push(counts.into_keys().collect());
+        }
+        Ok(out)
+    }
+
+    pub(super) async fn group_counts(
+        &self,
+        tenant_id: &str,
+        group: Option<(&str, &str)>,
+    ) -> ControlResult<BTreeMap<String, u32>> {
+        Ok(match group {
+            Some((tag, value)) => self.store().group_counts(tenant_id, tag, value).await?,
+            None => BTreeMap::new(),
+        })
+    }
+
+    pub(super) fn group_of<'a>(
+        policy: &'a PlacementPolicy,
+        tags: &'a BTreeMap<String, String>,
+    ) -> Option<(&'a str, &'a str)> {
+        let tag = policy.group_tag.as_deref().unwrap_or(DEFAULT_GROUP_TAG);
+        tags.get(tag).map(|v| (tag, v.as_str()))
+    }
+
+    /// `max_per_host` counts the instances sharing the group tag's value:
+    /// an instance without the tag would escape it silently.
+    pub(super) fn check_group(
+        policy: &PlacementPolicy,
+        tags: &BTreeMap<String, String>,
+    ) -> ControlResult<()> {
+        let limited = match (policy.max_per_host, policy.max_per_label.iter().next()) {
+            (Some(max), _) => Some(format!("max_per_host {max}")),
+            (None, Some((key, max))) => Some(format!("max_per_label {key} {max}")),
+            (None, None) => None,
+        };
+        if let Some(rule) = limited {
+            if Self::group_of(policy, tags).is_none() {
+                let tag = policy.group_tag.as_deref().unwrap_or(DEFAULT_GROUP_TAG);
+                return Err(ControlError::invalid(format!(
+                    "{rule} limits the instances sharing a value of tag {tag:?}, and this request has no such tag"
+                ))
+                .with_hint(format!("add --tag {tag}=NAME, or set group_tag in the policy")));
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn explain(
+        &self,
+        caller: &Caller,
+        tenant: Option<&str>,
+        req: &RunInstancesRequest,
+    ) -> ControlResult<PlacementExplanation> {
+        let tenant_id = self.tenant_of(caller, tenant)?;
+        let policy = self
+            .effective_policy(&tenant_id, &req.tags, req.placement.as_ref())
+            .await?;
+        Self::check_group(&policy, &req.tags)?;
+        let (views, _) = self
+            .host_views(&tenant_id, Self::group_of(&policy, &req.tags))
+            .await?;
+        Ok(placement::explain(
+            &views,
+            &Demand {
+                full_domains: placement::full_domains(
+                    &policy,
+                    views.iter().map(|v| (&v.labels, v.group_count)),
+                ),
+                affinity_hosts: self.affinity_hosts(&tenant_id, &policy).await?,
+                ..Demand::new(req.vcpus, req.memory_mib)
+            },
+            &policy,
+        ))
+    }
+
+    /// Places and records the instances, then starts the `run` operation
+    /// that creates them on their hosts. Nothing is recorded if any
+    /// instance cannot be placed.
+    pub async fn run_instances(
+        &self,
+        caller: &Caller,
+        tenant: Option<&str>,
+        req: &RunInstancesRequest,
+    ) -> ControlResult<(OperationRow, Vec<InstanceRow>)> {
+        let tenant_id = self.tenant_of(caller, tenant)?;
+        if self.store().tenant_by_id(&tenant_id).await?.is_none() {
+            return Err(ControlError::not_found(format!("no tenant {tenant_id:?}")));
+        }
+        check_name("instance", &req.name)?;
+        let max = self.inner.settings.max_run_count;
+        if req.count == 0 || req.count > max {
+            return Err(ControlError::invalid(format!(
+                "count {} is out of range (1 to {max})",
+                req.count
+            )));
+        }
+        if req.vcpus == 0 || req.vcpus > 64 {
+            return Err(ControlError::invalid(format!(
+                "vcpus {} is out of range (1 to 64)",
+                req.vcpus
+            )));
+        }
+        if !(64..=1024 * 1024).contains(&req.memory_mib) {
+            return Err(ControlError::invalid(format!(
+                "memory_mib {} is out of range (64 to 1048576)",
+                req.memory_mib
+            )));
+        }
+        let policy = self
+            .effective_policy(&tenant_id, &req.tags, req.placement.as_ref())
+            .await?;
+        Self::check_group(&policy, &req.tags)?;
+        let names: Vec<String> = match req.count {
+            1 => vec![req.name.clone()],
+            n => (1..=n).map(|i| format!("{}-{i}", req.name)).collect(),
+        };
+        for name in &names {
+            check_name("instance", name)?;
+            if self.store().name_taken(&tenant_id, name).await? {
+                return Err(ControlError::new(
+                    ErrorCode::AlreadyExists,
+                    format!("instance {name:?} already exists"),
+                ));
+            }
+        }
+        let op_id = new_id("op");
+        let news: Vec<NewInstance> = names
+            .iter()
+            .map(|name| NewInstance {
+                id: new_id("i"),
+                tenant_id: tenant_id.clone(),
+                name: name.clone(),
+                image: req.image.clone(),
+                vcpus: req.vcpus,
+                memory_mib: req.memory_mib,
+                tags: req.tags.clone(),
+                operation: Some(op_id.clone()),
+            })
+            .collect();
+        let targets = news.iter().map(|n| n.id.clone()).collect();
+        let op = self.new_operation(Some(&tenant_id), &op_id, OperationInput::Run, targets);
+        let demand = Demand::new(req.vcpus, req.memory_mib);
+        self.place_run(&tenant_id, &news, &demand, &policy, &op)
+            .await?;
+        workflows::spawn(self.clone(), op.clone());
+        let mut placed = Vec::with_capacity(news.len());
+        for new in &news {
+            if let Some(row) = self.store().instance(&new.id).await? {
+                placed.push(row);
+            }
+        }
+        Ok((op, placed))
+    }
+
+    /// Decides where each of `news` goes on the cached view of the fleet
+    /// (each decision counting the ones before it), then commits them all
+    /// with the operation that creates them in one transaction, valid only
+    /// if no host used changed since it was read; otherwise those hosts are
+    /// reread and the batch decided again. All or nothing.
+    pub(super) async fn place_run(
+        &self,
+        tenant_id: &str,
+        news: &[NewInstance],
+        demand: &Demand,
+        policy: &PlacementPolicy,
+        op: &OperationRow,
+    ) -> ControlResult<()> {
+        let Some(first) = news.first() else {
+            return Ok(());
+        };
+        let group = Self::group_of(policy, &first.tags);
+        // One decision at a time per replica: they share the view.
+        let mut fleet = self.inner.fleet.lock().await;
+        let mut checked_fresh = false;
+        for _ in 0..PLACEMENT_ATTEMPTS {
+            fleet.refresh_if_stale(self.store()).await?;
+            // Read before the counts: a placement in the group after this
+            // read makes the commit fail and the batch be decided again.
+            let guard = self.group_guard(tenant_id, group, policy).await?;
+            let mut counts = self.group_counts(tenant_id, group).await?;
+            let mut near = self.affinity_hosts(tenant_id, policy).await?;
+            let mut chosen: Vec<usize> = Vec::with_capacity(news.len());
+            let mut unplaced: Option<&NewInstance> = None;
+            for new in news {
+                let domains = placement::full_domains(
+                    policy,
+                    counts
+                        .iter()
+                        .filter_map(|(h, n)| Some((&fleet.hosts[fleet.index_of(h)?].labels, *n))),
+                );
+                let demand = Demand {
+                    full_domains: domains,
+                    affinity_hosts: near.clone(),
+                    ..demand.clone()
+                };
+                let count_of = |i: usize| counts.get(&fleet.hosts[i].name).copied().unwrap_or(0);
+                match placement::choose_index(&fleet.hosts, &demand, policy, &count_of) {
+                    Some(i) => {
+                        // Counted for the next decisions, taken back below.
+                        fleet.add_usage(i, demand.vcpus, demand.memory_mib);
+                        let name = fleet.hosts[i].name.clone();
+                        for (rule, hosts) in policy.affinity.iter().zip(near.iter_mut()) {
+                            if new.tags.get(&rule.tag) == Some(&rule.value) {
+                                hosts.insert(name.clone());
+                            }
+                        }
+                        *counts.entry(name).or_default() += 1;
+                        chosen.push(i);
+                    }
+                    None => {
+                        unplaced = Some(new);
+                        break;
+                    }
+                }
+            }
+            if let Some(new) = unplaced {
+                let explanation = {
+                    let views: Vec<HostView> = fleet
+                        .hosts
+                        .iter()
+                        .map(|h| HostView {
+                            group_count: counts.get(&h.name).copied().unwrap_or(0),
+                            ..h.clone()
+                        })
+                        .collect();
+                    let demand = Demand {
+                        full_domains: placement::full_domains(
+                            policy,
+                            views.iter().map(|v| (&v.labels, v.group_count)),
+                        ),
+                        affinity_hosts: near.clone(),
+                        ..demand.clone()
+                    };
+                    placement::explain(&views, &demand, policy)
+                };
+                for &i in &chosen {
+                    fleet.remove_usage(i, demand.vcpus, demand.memory_mib);
+                }
+                if !checked_fresh {
+                    // The view may be behind: decide once more on a fresh one.
+                    checked_fresh = true;
+                    fleet.mark_stale();
+                    continue;
+                }
+                return Err(no_host_error(&new.name, &explanation));
+            }
+            let mut versions = BTreeMap::new();
+            for &i in &chosen {
+                versions.insert(fleet.hosts[i].name.clone(), fleet.versions[i]);
+            }
+            let placed: Vec<(NewInstance, String)> = news
+                .iter()
+                .zip(&chosen)
+                .map(|(n, &i)| (n.clone(), fleet.hosts[i].name.clone()))
+                .collect();
+            let committed = self
+                .store()
+                .commit_run(
+                    &placed,
+                    &versions,
+                    guard.as_ref(),
+                    op,
+                    &self.inner.replica,
+                    self.lease_until(),
+                )
+                .await;
+            match committed {
+                Ok(()) => {
+                    let mut bumped = std::collections::BTreeSet::new();
+                    for &i in &chosen {
+                        if bumped.insert(i) {
+                            fleet.versions[i] += 1;
+                        }
+                    }
+                    for (new, host) in &placed {
+                        tracing::info!(instance = %new.name, id = %new.id, host = %host, "placed");
+                    }
+                    return Ok(());
+                }
+                Err(StoreError::Contended) => {
+                    for &i in &chosen {
+                        fleet.remove_usage(i, demand.vcpus, demand.memory_mib);
+                    }
+                    let mut reread = std::collections::BTreeSet::new();
+                    for &i in &chosen {
+                        if reread.insert(i) {
+                            fleet.reload_host(self.store(), i).await?;
+                        }
+                    }
+                }
+                Err(e) => {
+                    for &i in &chosen {
+                        fleet.remove_usage(i, demand.vcpus, demand.memory_mib);
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        Err(ControlError::conflict(format!(
+            "could not place {:?}: every attempt raced with other placements",
+            first.name
+        ))
+        .with_hint("send the request again"))
+    }
+
+    /// The cached fleet is reread before the next placement.
+    pub(super) async fn fleet_changed(&self) {
+        self.inner.fleet.lock().await.mark_stale();
+    }
+}
