@@ -248,7 +248,9 @@ pub struct PlacementPolicy {
     /// At most this many of the group on hosts sharing a value of the
     /// label, per label: `{"rack": 1}` puts each of a group on its own rack
     /// (a partition), `{"zone": 3}` caps a zone; hard.
-    #[serde(default)]
+    // Left out when empty, so replicas of an older version (which refuse
+    // unknown fields) still read the policies a newer one stored.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub max_per_label: BTreeMap<String, u32>,
     /// The tag whose value defines the group for `max_per_host`,
     /// `max_per_label`, `spread` and `cluster` (default `group`).
@@ -263,7 +265,7 @@ pub struct PlacementPolicy {
     pub prefer_labels: Vec<LabelPreference>,
     /// Near or away from the tenant's instances carrying a tag value, hard
     /// (a filter) or soft (a score).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub affinity: Vec<AffinityRule>,
 }
 

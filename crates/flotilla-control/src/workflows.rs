@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ControlError, ControlResult};
 use crate::service::{observed_from_vm, ControlPlane};
-use crate::store::{InstanceRow, ObservedUpdate, OperationRow};
+use crate::store::{now_ms, InstanceRow, ObservedUpdate, OperationRow};
 
 /// What an operation does to its targets.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,31 +127,48 @@ async fn drive(cp: &ControlPlane, op: OperationRow) -> ControlResult<()> {
     // store connection, say) while this loop records another would stall it.
     let mut pending = pending.into_iter();
     let mut running = tokio::task::JoinSet::new();
+    let mut targets_of = std::collections::HashMap::new();
     loop {
         while running.len() < PARALLEL_STEPS {
             let Some(target) = pending.next() else { break };
-            let (cp, input) = (cp.clone(), input.clone());
-            running.spawn(async move {
-                let result = run_step(&cp, &input, &target).await;
-                (target, result)
-            });
+            let (cp, input, t) = (cp.clone(), input.clone(), target.clone());
+            let task = running.spawn(async move { run_step(&cp, &input, &t).await });
+            targets_of.insert(task.id(), target);
         }
-        let Some(first) = running.join_next().await else {
+        let Some(first) = running.join_next_with_id().await else {
             break;
         };
         // Steps that ended meanwhile are recorded in the same write.
         let mut ended = vec![first];
-        while let Some(more) = running.try_join_next() {
+        while let Some(more) = running.try_join_next_with_id() {
             ended.push(more);
         }
         let mut seen = Vec::new();
         for joined in ended {
-            let (target, (update, failure)) = joined.map_err(|e| {
-                ControlError::new(
-                    flotilla_api::ErrorCode::Internal,
-                    format!("a step panicked: {e}"),
-                )
-            })?;
+            let (target, outcome) = match joined {
+                Ok((id, outcome)) => (targets_of.remove(&id).unwrap_or_default(), outcome),
+                // A step that panicked failed; recorded so, or it would
+                // panic again under every later driver.
+                Err(e) => (
+                    targets_of.remove(&e.id()).unwrap_or_default(),
+                    Ok((
+                        None,
+                        Some(ControlError::new(
+                            flotilla_api::ErrorCode::Internal,
+                            format!("the step panicked: {e}"),
+                        )),
+                    )),
+                ),
+            };
+            let (update, failure) = match outcome {
+                Ok(outcome) => outcome,
+                // The store failed us, not the step: unrecorded, so the
+                // next holder of the lease runs it again.
+                Err(e) => {
+                    running.abort_all();
+                    return Err(e);
+                }
+            };
             let mut step = input.step_name(&target);
             if let Some(e) = failure {
                 tracing::warn!(op = %op.id, target, error = %e, "step failed");
@@ -231,6 +248,7 @@ async fn made(
         observed,
         ip,
         error: None,
+        seen_at: now_ms(),
     }))
 }
 
@@ -244,15 +262,15 @@ async fn run_step(
     cp: &ControlPlane,
     input: &OperationInput,
     target: &str,
-) -> (Option<ObservedUpdate>, Option<ControlError>) {
-    let inst = match cp.store().instance(target).await {
-        Ok(Some(inst)) => inst,
+) -> ControlResult<(Option<ObservedUpdate>, Option<ControlError>)> {
+    let Some(inst) = cp.store().instance(target).await? else {
         // Terminated meanwhile: nothing left to do.
-        Ok(None) => return (None, None),
-        Err(e) => return (None, Some(e.into())),
+        return Ok((None, None));
     };
     match act(cp, input, &inst).await {
-        Ok(seen) => (seen, None),
+        Ok(seen) => Ok((seen, None)),
+        // The store's own failures are not the step's (see `drive`).
+        Err(e) if e.code == flotilla_api::ErrorCode::Internal => Err(e),
         Err(e) => {
             // The instance stays, with the reason; a terminate can be retried.
             let observed = match input {
@@ -264,8 +282,9 @@ async fn run_step(
                 observed,
                 ip: None,
                 error: Some(e.message.clone()),
+                seen_at: now_ms(),
             };
-            (Some(seen), Some(e))
+            Ok((Some(seen), Some(e)))
         }
     }
 }
@@ -333,6 +352,8 @@ async fn act(
                     observed: observed_from_vm(vm.state),
                     ip: None,
                     error: None,
+                    // As of the agent's answer.
+                    seen_at: now_ms(),
                 }))
             }
             OperationInput::Clone { source } => {

@@ -233,6 +233,17 @@ async fn tokens_decide_who_may_do_what() {
         )
         .await;
     assert_eq!(s, 403);
+    // Not even through an idempotency key of that tenant.
+    let (s, _) = api
+        .call_with(
+            "POST",
+            &format!("/v1/instances?tenant={}", tenant_id.as_str().unwrap()),
+            Some(&host),
+            Some(json!({"name": "x"})),
+            Some("k"),
+        )
+        .await;
+    assert_eq!(s, 403);
     let (s, b) = api
         .call(
             "POST",

@@ -222,11 +222,9 @@ pub async fn run_instances(
     if key.is_empty() || key.len() > 200 {
         return Err(ControlError::invalid("Idempotency-Key must be 1 to 200 characters").into());
     }
-    let scope = caller
-        .tenant_id
-        .clone()
-        .or(q.tenant.clone())
-        .unwrap_or_default();
+    // Keys live in the tenant the call acts for (checked first: a token
+    // that acts for no tenant reaches no tenant's keys).
+    let scope = cp.tenant_of(&caller, q.tenant.as_deref())?;
     let hash = hex::encode(Sha256::digest(serde_json::to_vec(&req).unwrap_or_default()));
     let store = cp.store();
     if !store

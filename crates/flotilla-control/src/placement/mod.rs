@@ -59,11 +59,15 @@ impl Demand {
 
     /// Whether `host` passes the hard affinity rules, and if not, why.
     fn affinity_reject(&self, host: &HostView, policy: &PlacementPolicy) -> Option<String> {
-        for (rule, hosts) in policy.affinity.iter().zip(&self.affinity_hosts) {
+        for (i, rule) in policy.affinity.iter().enumerate() {
             if !rule.hard {
                 continue;
             }
-            let holds = hosts.contains(&host.name);
+            // A rule whose hosts were not given holds on no host.
+            let holds = self
+                .affinity_hosts
+                .get(i)
+                .is_some_and(|h| h.contains(&host.name));
             if rule.toward && !holds {
                 return Some(format!(
                     "affinity: holds no instance with {}={}",

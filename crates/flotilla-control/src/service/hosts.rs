@@ -62,6 +62,9 @@ impl ControlPlane {
                 continue;
             }
             let observed = match reported.get(inst.id.as_str()) {
+                // An operation just recorded what it saw; this report may
+                // have been composed before that.
+                Some(_) if now_ms() - inst.updated_at < JUST_SEEN_MS => continue,
                 Some(vm) => observed_from_vm(vm.state),
                 None if inst.observed == ObservedState::Pending => continue,
                 // Just made: the heartbeat may have been composed before.

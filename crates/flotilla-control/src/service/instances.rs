@@ -6,7 +6,7 @@ use super::*;
 impl ControlPlane {
     /// The tenant a call acts for: a tenant token's own; for an admin, the
     /// one named. Other tokens (a host's) act for no tenant.
-    pub(super) fn tenant_of(&self, caller: &Caller, tenant: Option<&str>) -> ControlResult<String> {
+    pub(crate) fn tenant_of(&self, caller: &Caller, tenant: Option<&str>) -> ControlResult<String> {
         match (&caller.tenant_id, tenant) {
             (Some(own), _) => Ok(own.clone()),
             (None, Some(t)) if caller.admin => Ok(t.to_string()),
@@ -251,11 +251,7 @@ impl ControlPlane {
         let mut done = false;
         for _ in 0..PLACEMENT_ATTEMPTS {
             let guard = self
-                .group_guard(
-                    &source.tenant_id,
-                    Self::group_of(&policy, &new.tags),
-                    &policy,
-                )
+                .group_guard(&source.tenant_id, Self::group_of(&policy, &new.tags))
                 .await?;
             let (views, versions) = self
                 .host_views(&source.tenant_id, Self::group_of(&policy, &new.tags))

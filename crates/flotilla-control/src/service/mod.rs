@@ -72,6 +72,9 @@ pub struct ControlPlane {
 /// from a heartbeat (the heartbeat may predate it).
 const RECENT_MS: i64 = 10_000;
 
+/// What an operation saw of an instance outranks heartbeats for this long.
+const JUST_SEEN_MS: i64 = 2_000;
+
 /// How many times a placement retries after losing a race for a host.
 const PLACEMENT_ATTEMPTS: usize = 16;
 

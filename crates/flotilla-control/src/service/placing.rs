@@ -28,16 +28,15 @@ impl ControlPlane {
         Ok((views, versions))
     }
 
-    /// The group's version, when the policy limits the group (per host or
-    /// per label): commits under a limit are serialised per group.
+    /// The group's version: every placement into a group checks and bumps
+    /// it, limited or not (one without a limit still changes the counts a
+    /// limited one decided on), so group limits hold across hosts.
     pub(super) async fn group_guard(
         &self,
         tenant_id: &str,
         group: Option<(&str, &str)>,
-        policy: &PlacementPolicy,
     ) -> ControlResult<Option<GroupGuard>> {
-        let limited = policy.max_per_host.is_some() || !policy.max_per_label.is_empty();
-        let Some((tag, value)) = group.filter(|_| limited) else {
+        let Some((tag, value)) = group else {
             return Ok(None);
         };
         Ok(Some(GroupGuard {
@@ -239,7 +238,7 @@ impl ControlPlane {
             fleet.refresh_if_stale(self.store()).await?;
             // Read before the counts: a placement in the group after this
             // read makes the commit fail and the batch be decided again.
-            let guard = self.group_guard(tenant_id, group, policy).await?;
+            let guard = self.group_guard(tenant_id, group).await?;
             let mut counts = self.group_counts(tenant_id, group).await?;
             let mut near = self.affinity_hosts(tenant_id, policy).await?;
             let mut chosen: Vec<usize> = Vec::with_capacity(news.len());

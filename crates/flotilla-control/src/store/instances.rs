@@ -124,6 +124,8 @@ pub struct ObservedUpdate {
     /// Kept as it was when None.
     pub ip: Option<String>,
     pub error: Option<String>,
+    /// When it was seen: a newer record of the instance is kept.
+    pub seen_at: i64,
 }
 
 pub(crate) async fn apply_observed(
@@ -132,13 +134,14 @@ pub(crate) async fn apply_observed(
 ) -> StoreResult<()> {
     sqlx::query(
         "UPDATE instances SET observed = $1, ip = COALESCE($2, ip), last_error = $3,
-            updated_at = $4 WHERE id = $5",
+            updated_at = $4 WHERE id = $5 AND updated_at <= $6",
     )
     .bind(enum_text(&u.observed))
     .bind(u.ip.as_deref())
     .bind(u.error.as_deref())
     .bind(now_ms())
     .bind(&u.id)
+    .bind(u.seen_at)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -278,8 +281,10 @@ impl Store {
     ) -> StoreResult<()> {
         let mut tx = self.pool().begin().await?;
         for id in &op.targets {
-            sqlx::query(
-                "UPDATE instances SET desired = $1, operation = $2, updated_at = $3 WHERE id = $4",
+            // A terminate decided meanwhile is not undone by another action.
+            let done = sqlx::query(
+                "UPDATE instances SET desired = $1, operation = $2, updated_at = $3
+                 WHERE id = $4 AND (desired <> 'terminated' OR $1 = 'terminated')",
             )
             .bind(enum_text(&desired))
             .bind(&op.id)
@@ -287,6 +292,9 @@ impl Store {
             .bind(id)
             .execute(&mut *tx)
             .await?;
+            if done.rows_affected() == 0 {
+                return Err(StoreError::Contended);
+            }
         }
         super::operations::insert_operation(&mut tx, op, owner, lease_until).await?;
         tx.commit().await?;
@@ -307,6 +315,7 @@ impl Store {
             observed,
             ip: ip.map(str::to_string),
             error: error.map(str::to_string),
+            seen_at: now_ms(),
         };
         apply_observed(&mut tx, &update).await?;
         tx.commit().await?;
@@ -339,6 +348,7 @@ impl Store {
             "SELECT i.host AS host, COUNT(*) AS n FROM instance_tags t
              JOIN instances i ON i.id = t.instance_id
              WHERE t.key = $1 AND t.value = $2 AND i.tenant_id = $3 AND i.host IS NOT NULL
+               AND i.desired <> 'terminated'
              GROUP BY i.host",
         )
         .bind(key)
