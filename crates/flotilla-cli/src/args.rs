@@ -319,6 +319,10 @@ pub struct ControlArgs {
     /// Seconds without a heartbeat before a host is marked down.
     #[arg(long, default_value_t = 15)]
     pub host_down_after: u64,
+    /// Seconds a replica holds an operation without renewing it; another
+    /// replica takes it over after that.
+    #[arg(long, default_value_t = 20)]
+    pub lease_seconds: u64,
 }
 
 #[derive(Debug, Args)]

@@ -16,18 +16,36 @@ pub struct ControlPlaneProcess {
     pub port: u16,
     pub admin_token: String,
     pub dir: tempfile::TempDir,
+    /// A PostgreSQL URL shared with other replicas; SQLite in `dir` if None.
+    database: Option<String>,
+    /// Seconds of an operation's lease.
+    lease_seconds: u64,
     child: Option<Child>,
     http: reqwest::blocking::Client,
 }
 
 impl ControlPlaneProcess {
     pub fn start() -> anyhow::Result<ControlPlaneProcess> {
+        Self::start_with(None, None, 20)
+    }
+
+    /// A replica on `database` (PostgreSQL, shared with other replicas),
+    /// accepting `admin_token` (a new one if None), with leases of
+    /// `lease_seconds`.
+    pub fn start_with(
+        database: Option<String>,
+        admin_token: Option<String>,
+        lease_seconds: u64,
+    ) -> anyhow::Result<ControlPlaneProcess> {
         let port = std::net::TcpListener::bind("0.0.0.0:0")?
             .local_addr()?
             .port();
         let mut cp = ControlPlaneProcess {
             port,
-            admin_token: format!("flt_{:048x}", rand::random::<u128>()),
+            database,
+            lease_seconds,
+            admin_token: admin_token
+                .unwrap_or_else(|| format!("flt_{:048x}", rand::random::<u128>())),
             dir: tempfile::Builder::new()
                 .prefix("flotilla-control-")
                 .tempdir()?,
@@ -56,6 +74,12 @@ impl ControlPlaneProcess {
             .arg("--data-dir")
             .arg(self.dir.path())
             .args(["--admin-token", &self.admin_token, "--host-down-after", "4"])
+            .args(["--lease-seconds", &self.lease_seconds.to_string()])
+            .args(
+                self.database
+                    .iter()
+                    .flat_map(|d| ["--database", d.as_str()]),
+            )
             .env("FLOTILLA_LOG", "info,flotilla_control=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -14,6 +14,7 @@ pub async fn control(args: ControlArgs) -> anyhow::Result<ExitCode> {
         .unwrap_or_else(|| format!("sqlite://{}", args.data_dir.join("control.db").display()));
     let settings = ControlSettings {
         host_down_after: Duration::from_secs(args.host_down_after.max(1)),
+        lease: Duration::from_secs(args.lease_seconds.max(2)),
         ..ControlSettings::default()
     };
     run_control(ControlConfig {

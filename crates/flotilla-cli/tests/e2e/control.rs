@@ -363,3 +363,59 @@ fn the_control_plane_places_and_drives_real_agents() {
         },
     );
 }
+
+/// Two control plane processes on one PostgreSQL database: the state is
+/// shared (a host registered through one is seen by the other), and when
+/// the replica driving a run is SIGKILLed, the other takes the run over
+/// once its lease runs out and finishes it, each VM made once.
+#[test]
+fn two_replicas_on_postgresql_share_state_and_take_over_runs() {
+    let pg = flotilla_testkit::PgServer::start().expect("postgres");
+    let url = pg.url("replicas").expect("database");
+    let mut b = ControlPlaneProcess::start_with(Some(url.clone()), None, 3).expect("replica b");
+    let a = ControlPlaneProcess::start_with(Some(url), Some(b.admin_token.clone()), 3)
+        .expect("replica a");
+    let h1 = host(&a, "h1", "z1");
+    b.wait_for(
+        "h1 seen by the other replica",
+        "/v1/hosts",
+        None,
+        Duration::from_secs(30),
+        |v| {
+            v.as_array()
+                .is_some_and(|h| h.len() == 1 && h[0]["state"] == "up")
+        },
+    );
+    let (s, _) = a.api("POST", "/v1/tenants", None, Some(json!({"name": "acme"})));
+    assert_eq!(s, 201);
+    let (_, t) = b.api("POST", "/v1/tokens", None, Some(json!({"tenant": "acme"})));
+    let acme = t["token"].as_str().expect("token").to_string();
+    let (s, r) = b.api(
+        "POST",
+        "/v1/instances",
+        Some(&acme),
+        Some(json!({"name": "w", "count": 3})),
+    );
+    assert_eq!(s, 201, "{r}");
+    let op = r["operation"].as_str().expect("op").to_string();
+    b.kill();
+    let done = wait_op(&a, &acme, &op);
+    assert_eq!(done["state"], "succeeded", "{done}\n{}", a.log_tail());
+    let log = std::fs::read_to_string(a.dir.path().join("control.log")).unwrap_or_default();
+    assert!(
+        log.contains("resuming operation") && log.contains(op.as_str()),
+        "replica a never took the run over:\n{}",
+        a.log_tail()
+    );
+    let mut made: Vec<String> = instance_vms(&h1)
+        .into_iter()
+        .map(|v| {
+            v["tags"]["flotilla.instance"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    made.sort();
+    assert_eq!(made, ["w-1", "w-2", "w-3"]);
+}
