@@ -10,6 +10,8 @@ pub mod error;
 pub mod exec;
 pub mod fleet;
 pub mod host;
+#[cfg(feature = "axum")]
+pub mod http;
 pub mod image;
 pub mod snapshot;
 pub mod vm;

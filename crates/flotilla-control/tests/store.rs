@@ -351,12 +351,12 @@ async fn operations_leases_and_idempotency_keys() {
             .await
             .unwrap();
         assert!(store
-            .record_step("op-1", &["run i-a".into()], "replica-a", i64::MAX)
+            .record_steps("op-1", &["run i-a".into()], "replica-a", i64::MAX, &[])
             .await
             .unwrap());
         // Another replica cannot record steps, nor take it while the lease holds.
         assert!(!store
-            .record_step("op-1", &[], "replica-b", 0)
+            .record_steps("op-1", &[], "replica-b", 0, &[])
             .await
             .unwrap());
         assert!(store
@@ -366,7 +366,7 @@ async fn operations_leases_and_idempotency_keys() {
             .is_empty());
         // A lease that ran out is taken over, steps kept.
         assert!(store
-            .record_step("op-1", &["run i-a".into()], "replica-a", 0)
+            .record_steps("op-1", &["run i-a".into()], "replica-a", 0, &[])
             .await
             .unwrap());
         let taken = store
@@ -376,7 +376,7 @@ async fn operations_leases_and_idempotency_keys() {
         assert_eq!(taken.len(), 1);
         assert_eq!(taken[0].steps, ["run i-a"]);
         assert!(!store
-            .record_step("op-1", &[], "replica-a", i64::MAX)
+            .record_steps("op-1", &[], "replica-a", i64::MAX, &[])
             .await
             .unwrap());
         // Only the holder renews or ends it.

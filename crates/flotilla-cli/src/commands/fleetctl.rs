@@ -259,27 +259,7 @@ pub async fn instance(c: &Client, json: bool, cmd: InstanceCommand) -> anyhow::R
                 r = r.header("Idempotency-Key", k);
             }
             let result: RunInstancesResult = c.send(r).await?.json().await?;
-            let op = match wait {
-                true => Some(wait_op(c, &result.operation).await?),
-                false => None,
-            };
-            if json {
-                output::json(&result)?;
-            } else {
-                for i in &result.instances {
-                    println!("{} placed on {}", i.name, opt(&i.host));
-                }
-                println!(
-                    "operation {}{}",
-                    result.operation,
-                    if wait {
-                        ""
-                    } else {
-                        " (flotilla op inspect ID to follow it)"
-                    }
-                );
-            }
-            return Ok(op.as_ref().map_or(ExitCode::SUCCESS, op_outcome));
+            return report_made(c, json, result, wait, "placed on").await;
         }
         InstanceCommand::Explain(args) => {
             let e: PlacementExplanation =
@@ -361,18 +341,8 @@ pub async fn instance(c: &Client, json: bool, cmd: InstanceCommand) -> anyhow::R
             let result: RunInstancesResult = c
                 .post(&format!("/v1/instances/{}/clone", encode(&source)), &req)
                 .await?;
-            let op = match wait {
-                true => Some(wait_op(c, &result.operation).await?),
-                false => None,
-            };
-            if json {
-                output::json(&result)?;
-            } else {
-                for i in &result.instances {
-                    println!("{} cloned from {source} on {}", i.name, opt(&i.host));
-                }
-            }
-            return Ok(op.as_ref().map_or(ExitCode::SUCCESS, op_outcome));
+            let verb = format!("cloned from {source} on");
+            return report_made(c, json, result, wait, &verb).await;
         }
         InstanceCommand::Terminate { name, wait } => {
             return act(
@@ -406,6 +376,35 @@ pub async fn instance(c: &Client, json: bool, cmd: InstanceCommand) -> anyhow::R
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints the instances a run or clone made (`NAME <verb> HOST`) and its
+/// operation, waiting for the operation with `wait`.
+async fn report_made(
+    c: &Client,
+    json: bool,
+    result: RunInstancesResult,
+    wait: bool,
+    verb: &str,
+) -> anyhow::Result<ExitCode> {
+    let op = match wait {
+        true => Some(wait_op(c, &result.operation).await?),
+        false => None,
+    };
+    if json {
+        output::json(&result)?;
+    } else {
+        for i in &result.instances {
+            println!("{} {verb} {}", i.name, opt(&i.host));
+        }
+        let follow = if wait {
+            ""
+        } else {
+            " (flotilla op inspect ID to follow it)"
+        };
+        println!("operation {}{follow}", result.operation);
+    }
+    Ok(op.as_ref().map_or(ExitCode::SUCCESS, op_outcome))
 }
 
 /// One instance by name, or a fleet by names and tags.

@@ -7,14 +7,13 @@ mod handlers;
 
 pub use handlers::openapi_document;
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
-use flotilla_api::{ErrorBody, ErrorCode, ErrorDetail};
+use axum::Router;
+pub use flotilla_api::http::ApiError;
+use flotilla_api::http::{method_not_allowed, no_such_route};
+use flotilla_api::ErrorCode;
 
 use crate::auth::{bearer, Caller};
 use crate::error::ControlError;
@@ -54,53 +53,14 @@ pub fn router(cp: ControlPlane) -> Router {
         .route("/v1/operations", get(list_operations))
         .route("/v1/operations/{id}", get(get_operation))
         .fallback(no_such_route)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(cp)
 }
-
-/// An error as an HTTP response.
-#[derive(Debug)]
-pub struct ApiError(pub ErrorDetail);
 
 impl From<ControlError> for ApiError {
     fn from(e: ControlError) -> Self {
         ApiError(e.detail())
     }
-}
-
-impl From<JsonRejection> for ApiError {
-    fn from(e: JsonRejection) -> Self {
-        ApiError(ErrorDetail {
-            code: ErrorCode::InvalidArgument,
-            message: format!("invalid request body: {}", e.body_text()),
-            hint: Some("see /v1/openapi.json for the accepted fields".into()),
-        })
-    }
-}
-
-impl From<QueryRejection> for ApiError {
-    fn from(e: QueryRejection) -> Self {
-        ApiError(ErrorDetail {
-            code: ErrorCode::InvalidArgument,
-            message: format!("invalid query: {}", e.body_text()),
-            hint: None,
-        })
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.0.code.http_status())
-            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, Json(ErrorBody { error: self.0 })).into_response()
-    }
-}
-
-async fn no_such_route(uri: axum::http::Uri) -> ApiError {
-    ApiError(ErrorDetail {
-        code: ErrorCode::NotFound,
-        message: format!("no such API path: {}", uri.path()),
-        hint: Some("see /v1/openapi.json for the API's paths".into()),
-    })
 }
 
 impl FromRequestParts<ControlPlane> for Caller {

@@ -253,18 +253,7 @@ pub fn choose_index(
     if hosts.len() > EXHAUSTIVE_UP_TO {
         return choose_sampled(hosts, demand, policy, group_count, rand::random());
     }
-    let mut best: Option<(usize, f64)> = None;
-    for (i, host) in hosts.iter().enumerate() {
-        let count = group_count(i);
-        if reject_reason_with(host, count, demand, policy).is_some() {
-            continue;
-        }
-        let s = score_with(host, count, demand, policy);
-        if best.is_none_or(|(b, bs)| s > bs || (s == bs && host.name < hosts[b].name)) {
-            best = Some((i, s));
-        }
-    }
-    best.map(|(i, _)| i)
+    best_index(hosts, demand, policy, group_count)
 }
 
 /// Picks the host for `demand`, or none: [`choose_exhaustive`] for small
@@ -399,21 +388,28 @@ pub fn choose_exhaustive<'a>(
     demand: &Demand,
     policy: &PlacementPolicy,
 ) -> Option<&'a HostView> {
-    let mut best: Option<(&HostView, f64)> = None;
-    for host in hosts {
-        if reject_reason(host, demand, policy).is_some() {
+    best_index(hosts, demand, policy, &|i| hosts[i].group_count).map(|i| &hosts[i])
+}
+
+/// The best-scoring host that passes every filter, by index.
+fn best_index(
+    hosts: &[HostView],
+    demand: &Demand,
+    policy: &PlacementPolicy,
+    group_count: &dyn Fn(usize) -> u32,
+) -> Option<usize> {
+    let mut best: Option<(usize, f64)> = None;
+    for (i, host) in hosts.iter().enumerate() {
+        let count = group_count(i);
+        if reject_reason_with(host, count, demand, policy).is_some() {
             continue;
         }
-        let s = score(host, demand, policy);
-        let better = match best {
-            None => true,
-            Some((b, bs)) => s > bs || (s == bs && host.name < b.name),
-        };
-        if better {
-            best = Some((host, s));
+        let s = score_with(host, count, demand, policy);
+        if best.is_none_or(|(b, bs)| s > bs || (s == bs && host.name < hosts[b].name)) {
+            best = Some((i, s));
         }
     }
-    best.map(|(h, _)| h)
+    best.map(|(i, _)| i)
 }
 
 /// The decision with every host's verdict, for the explain call and for

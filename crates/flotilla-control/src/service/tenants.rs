@@ -61,16 +61,6 @@ impl ControlPlane {
         Ok(self.store().list_tenants().await?)
     }
 
-    pub async fn tenant_name(&self, id: &str) -> ControlResult<String> {
-        Ok(self
-            .store()
-            .tenant_by_id(id)
-            .await?
-            .map(|t| t.name)
-            .unwrap_or_else(|| id.to_string()))
-    }
-
-    /// Issues a token; returns `(id, tenant id, secret)`.
     /// Issues a token: a tenant's, an admin's, or a host's (it may only
     /// heartbeat as that host). Returns `(id, tenant id, secret)`.
     pub async fn create_token(

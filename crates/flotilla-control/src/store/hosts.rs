@@ -225,19 +225,9 @@ impl Store {
         instance: &NewInstance,
         placement: &Placement,
     ) -> StoreResult<()> {
-        let mut tx = self.pool().begin().await?;
-        let claimed =
-            sqlx::query("UPDATE hosts SET version = version + 1 WHERE name = $1 AND version = $2")
-                .bind(&placement.host)
-                .bind(placement.host_version)
-                .execute(&mut *tx)
-                .await?;
-        if claimed.rows_affected() == 0 {
-            return Err(StoreError::Contended);
-        }
-        insert_instance(&mut tx, instance, Some(&placement.host)).await?;
-        tx.commit().await?;
-        Ok(())
+        let placed = [(instance.clone(), placement.host.clone())];
+        let versions = BTreeMap::from([(placement.host.clone(), placement.host_version)]);
+        self.commit_placed(&placed, &versions, None, None).await
     }
 
     /// Places a whole batch in one transaction: every host it uses must
@@ -252,6 +242,17 @@ impl Store {
         op: &OperationRow,
         owner: &str,
         lease_until: i64,
+    ) -> StoreResult<()> {
+        self.commit_placed(placed, host_versions, group, Some((op, owner, lease_until)))
+            .await
+    }
+
+    async fn commit_placed(
+        &self,
+        placed: &[(NewInstance, String)],
+        host_versions: &BTreeMap<String, i64>,
+        group: Option<&GroupGuard>,
+        op: Option<(&OperationRow, &str, i64)>,
     ) -> StoreResult<()> {
         let mut tx = self.pool().begin().await?;
         if let Some(g) = group {
@@ -287,7 +288,9 @@ impl Store {
         for (instance, host) in placed {
             insert_instance(&mut tx, instance, Some(host)).await?;
         }
-        insert_operation(&mut tx, op, owner, lease_until).await?;
+        if let Some((op, owner, lease_until)) = op {
+            insert_operation(&mut tx, op, owner, lease_until).await?;
+        }
         tx.commit().await?;
         Ok(())
     }

@@ -130,16 +130,6 @@ impl Store {
     }
 
     /// Records a finished step and extends the lease, if `owner` still holds it.
-    pub async fn record_step(
-        &self,
-        id: &str,
-        steps: &[String],
-        owner: &str,
-        lease_until: i64,
-    ) -> StoreResult<bool> {
-        self.record_steps(id, steps, owner, lease_until, &[]).await
-    }
-
     /// Records the steps done and what they saw of their instances in one
     /// transaction, if `owner` still holds the operation (nothing otherwise:
     /// the new holder repeats the steps).
