@@ -25,7 +25,7 @@ pub struct ControlLink {
 
 /// Sends heartbeats until the task is dropped. Failures are logged and
 /// retried at the next beat: the agent never depends on the control plane.
-pub async fn heartbeat_loop(manager: VmManager, link: ControlLink) {
+pub async fn heartbeat_loop(manager: VmManager, link: ControlLink, agent_token: String) {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
@@ -40,6 +40,7 @@ pub async fn heartbeat_loop(manager: VmManager, link: ControlLink) {
         let info = manager.host_info();
         let beat = HostHeartbeat {
             endpoint: link.advertise.clone(),
+            agent_token: Some(agent_token.clone()),
             capacity: info.capacity,
             labels: link.labels.clone(),
             vms: manager

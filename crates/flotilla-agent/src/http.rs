@@ -19,7 +19,7 @@ pub use images::image_info;
 pub use openapi::openapi_document;
 
 /// The API's routes, ready to be served or called in tests without a socket.
-pub fn router(manager: VmManager) -> Router {
+pub fn router(manager: VmManager, token: crate::auth::TokenCheck) -> Router {
     Router::new()
         .route("/healthz", get(host::healthz))
         .route("/v1/host", get(host::host_info))
@@ -53,4 +53,8 @@ pub fn router(manager: VmManager) -> Router {
         .fallback(error::no_such_route)
         .method_not_allowed_fallback(error::method_not_allowed)
         .with_state(manager)
+        .layer(axum::middleware::from_fn_with_state(
+            token,
+            crate::auth::require_token,
+        ))
 }

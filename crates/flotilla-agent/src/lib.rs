@@ -9,6 +9,7 @@
 //! processes and creates taps; front ends go through [`VmManager`].
 
 pub mod adopt;
+pub mod auth;
 pub mod capacity;
 pub mod config;
 pub mod control_link;

@@ -140,6 +140,7 @@ pub async fn run_agent(
                 config.snapshots_dir().display()
             )
         })?;
+    let token = crate::auth::load_or_create_token(&config.data_dir)?;
     let manager = VmManager::new(config.clone(), accel, qemu_version, images, snapshots);
     manager.adopt_all().await.context("re-adopting VMs")?;
 
@@ -153,14 +154,22 @@ pub async fn run_agent(
     tracing::info!(addr = %handle.local_addr, data_dir = %config.data_dir.display(), "agent serving");
     let heartbeats = config.control.clone().map(|link| {
         tracing::info!(control = %link.url, host = %link.host_name, "heartbeating to the control plane");
-        tokio::spawn(crate::control_link::heartbeat_loop(manager.clone(), link))
+        tokio::spawn(crate::control_link::heartbeat_loop(
+            manager.clone(),
+            link,
+            token.clone(),
+        ))
     });
     on_ready(&handle);
 
     // Requests in flight get a short grace period after the shutdown signal;
     // a long exec or --wait must not keep the agent from stopping.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let serve = axum::serve(listener, http::router(manager.clone())).with_graceful_shutdown({
+    let serve = axum::serve(
+        listener,
+        http::router(manager.clone(), crate::auth::TokenCheck::new(&token)),
+    )
+    .with_graceful_shutdown({
         let mut rx = stop_rx.clone();
         async move {
             let _ = rx.wait_for(|s| *s).await;

@@ -61,6 +61,10 @@ pub struct TokenCreated {
 pub struct HostHeartbeat {
     /// Where the control plane reaches the agent's API, e.g. `http://10.0.0.5:7777`.
     pub endpoint: String,
+    /// The agent's own API token, for the control plane's calls to it. Sent
+    /// only over this host-token channel and never shown by the API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_token: Option<String>,
     pub capacity: Resources,
     /// Labels for placement: `area`, `zone`, `rack`, `hw-gen`, anything.
     #[serde(default)]

@@ -21,6 +21,15 @@ pub struct Cli {
     /// The agent's API address.
     #[arg(long, global = true, env = "FLOTILLA_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
     pub endpoint: String,
+    /// The agent's API token (default: the one in the data directory of a
+    /// local agent, FLOTILLA_DATA_DIR or the default, when readable).
+    #[arg(
+        long,
+        global = true,
+        env = "FLOTILLA_AGENT_TOKEN",
+        hide_env_values = true
+    )]
+    pub agent_token: Option<String>,
     /// Print JSON instead of tables, for scripts.
     #[arg(long, global = true)]
     pub json: bool,

@@ -38,7 +38,7 @@ impl std::error::Error for CliError {}
 pub struct Client {
     http: reqwest::Client,
     endpoint: String,
-    /// Bearer token (the control plane's); agents take none.
+    /// Bearer token: the control plane's, or the agent's.
     token: Option<String>,
     /// What answers at `endpoint`, for messages.
     server: &'static str,
@@ -60,6 +60,14 @@ impl Client {
             token: None,
             server: "agent",
         })
+    }
+
+    /// A client of the agent at `endpoint`, sending its API token if known
+    /// (without one the agent's 401 says where to find it).
+    pub fn agent(endpoint: &str, token: Option<String>) -> anyhow::Result<Client> {
+        let mut c = Client::new(endpoint)?;
+        c.token = token;
+        Ok(c)
     }
 
     /// A client of the control plane at `endpoint`, sending `token`.

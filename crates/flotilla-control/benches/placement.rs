@@ -204,6 +204,7 @@ fn api_reads(placed: &[(usize, usize)]) {
         for i in 0..HOSTS {
             let beat = HostHeartbeat {
                 endpoint: "http://127.0.0.1:9".into(),
+                agent_token: None,
                 capacity: Resources { vcpus: 16, memory_mib: 65536 },
                 labels: BTreeMap::from([("zone".to_string(), format!("z{}", i % 10))]),
                 vms: vec![],

@@ -29,6 +29,32 @@ impl AgentCallError {
     }
 }
 
+/// Where an agent answers, and the API token it asks for (from its
+/// heartbeats; none from an agent that sent none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentAddr {
+    pub endpoint: String,
+    pub token: Option<String>,
+}
+
+impl From<&crate::store::HostRow> for AgentAddr {
+    fn from(host: &crate::store::HostRow) -> Self {
+        AgentAddr {
+            endpoint: host.endpoint.clone(),
+            token: host.agent_token.clone(),
+        }
+    }
+}
+
+impl AgentAddr {
+    fn authorize(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(t) => request.bearer_auth(t),
+            None => request,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct AgentClient {
     http: reqwest::Client,
@@ -49,14 +75,14 @@ impl Default for AgentClient {
 impl AgentClient {
     async fn call<T: DeserializeOwned>(
         &self,
-        endpoint: &str,
+        agent: &AgentAddr,
         request: reqwest::RequestBuilder,
     ) -> Result<T, AgentCallError> {
         let unreachable = |e: reqwest::Error| AgentCallError::Unreachable {
-            endpoint: endpoint.to_string(),
+            endpoint: agent.endpoint.clone(),
             reason: e.to_string(),
         };
-        let response = request.send().await.map_err(unreachable)?;
+        let response = agent.authorize(request).send().await.map_err(unreachable)?;
         let status = response.status().as_u16();
         let bytes = response.bytes().await.map_err(unreachable)?;
         if (200..300).contains(&status) {
@@ -81,23 +107,23 @@ impl AgentClient {
 
     pub async fn create_vm(
         &self,
-        endpoint: &str,
+        agent: &AgentAddr,
         request: &CreateVmRequest,
     ) -> Result<VmInfo, AgentCallError> {
-        let url = format!("{endpoint}/v1/vms");
-        self.call(endpoint, self.http.post(url).json(request)).await
+        let url = format!("{}/v1/vms", agent.endpoint);
+        self.call(agent, self.http.post(url).json(request)).await
     }
 
-    pub async fn vm(&self, endpoint: &str, name: &str) -> Result<VmInfo, AgentCallError> {
-        let url = format!("{endpoint}/v1/vms/{name}");
-        self.call(endpoint, self.http.get(url)).await
+    pub async fn vm(&self, agent: &AgentAddr, name: &str) -> Result<VmInfo, AgentCallError> {
+        let url = format!("{}/v1/vms/{name}", agent.endpoint);
+        self.call(agent, self.http.get(url)).await
     }
 
     /// Removes the VM, stopping it first; a VM already gone is fine.
-    pub async fn delete_vm(&self, endpoint: &str, name: &str) -> Result<(), AgentCallError> {
-        let url = format!("{endpoint}/v1/vms/{name}?force=true");
+    pub async fn delete_vm(&self, agent: &AgentAddr, name: &str) -> Result<(), AgentCallError> {
+        let url = format!("{}/v1/vms/{name}?force=true", agent.endpoint);
         match self
-            .call::<serde_json::Value>(endpoint, self.http.delete(url))
+            .call::<serde_json::Value>(agent, self.http.delete(url))
             .await
         {
             Ok(_) => Ok(()),
@@ -109,51 +135,51 @@ impl AgentClient {
     /// `start`, `stop`, `suspend` or `resume` on the VM.
     pub async fn vm_action(
         &self,
-        endpoint: &str,
+        agent: &AgentAddr,
         name: &str,
         action: &str,
     ) -> Result<VmInfo, AgentCallError> {
-        let url = format!("{endpoint}/v1/vms/{name}/{action}");
+        let url = format!("{}/v1/vms/{name}/{action}", agent.endpoint);
         let request = match action {
             "stop" => self.http.post(url).json(&serde_json::json!({})),
             _ => self.http.post(url),
         };
-        self.call(endpoint, request).await
+        self.call(agent, request).await
     }
 
     /// Clones VM `source` into a new VM `request.name` on the same host.
     pub async fn clone_vm(
         &self,
-        endpoint: &str,
+        agent: &AgentAddr,
         source: &str,
         request: &flotilla_api::CloneVmRequest,
     ) -> Result<flotilla_api::CloneResult, AgentCallError> {
-        let url = format!("{endpoint}/v1/vms/{source}/clone");
-        self.call(endpoint, self.http.post(url).json(request)).await
+        let url = format!("{}/v1/vms/{source}/clone", agent.endpoint);
+        self.call(agent, self.http.post(url).json(request)).await
     }
 
     /// Sends an exec to the VM and hands back the agent's answer as is
     /// (collected JSON, or the NDJSON stream with `stream`), errors included.
     pub async fn exec_raw(
         &self,
-        endpoint: &str,
+        agent: &AgentAddr,
         name: &str,
         request: &flotilla_api::ExecRequest,
         stream: bool,
     ) -> Result<reqwest::Response, AgentCallError> {
-        let url = format!("{endpoint}/v1/vms/{name}/exec?stream={stream}");
+        let url = format!("{}/v1/vms/{name}/exec?stream={stream}", agent.endpoint);
         // As long as the command may run, and a minute more; an hour when
         // it sets no limit.
         let limit = Duration::from_millis(request.timeout_ms.unwrap_or(3_600_000))
             + Duration::from_secs(60);
-        self.http
-            .post(url)
+        agent
+            .authorize(self.http.post(url))
             .timeout(limit)
             .json(request)
             .send()
             .await
             .map_err(|e| AgentCallError::Unreachable {
-                endpoint: endpoint.to_string(),
+                endpoint: agent.endpoint.clone(),
                 reason: e.to_string(),
             })
     }

@@ -9,6 +9,7 @@ use flotilla_api::control::{ObservedState, OperationState};
 use flotilla_api::CreateVmRequest;
 use serde::{Deserialize, Serialize};
 
+use crate::agents::AgentAddr;
 use crate::error::{ControlError, ControlResult};
 use crate::service::{observed_from_vm, ControlPlane};
 use crate::store::{now_ms, InstanceRow, ObservedUpdate, OperationRow};
@@ -209,7 +210,7 @@ async fn drive(cp: &ControlPlane, op: OperationRow) -> ControlResult<()> {
     Ok(())
 }
 
-async fn endpoint_of(cp: &ControlPlane, inst: &InstanceRow) -> ControlResult<String> {
+async fn agent_of(cp: &ControlPlane, inst: &InstanceRow) -> ControlResult<AgentAddr> {
     let host = inst
         .host
         .as_deref()
@@ -218,7 +219,7 @@ async fn endpoint_of(cp: &ControlPlane, inst: &InstanceRow) -> ControlResult<Str
         cp.store().host(host).await?.ok_or_else(|| {
             ControlError::conflict(format!("host {host} is no longer registered"))
         })?;
-    Ok(row.endpoint)
+    Ok(AgentAddr::from(&row))
 }
 
 /// What to record of a VM just made for instance `id`; if the instance's
@@ -226,7 +227,7 @@ async fn endpoint_of(cp: &ControlPlane, inst: &InstanceRow) -> ControlResult<Str
 /// left that nobody tracks.
 async fn made(
     cp: &ControlPlane,
-    endpoint: &str,
+    agent: &AgentAddr,
     id: &str,
     observed: ObservedState,
     ip: Option<String>,
@@ -238,7 +239,7 @@ async fn made(
         );
         cp.inner
             .agents
-            .delete_vm(endpoint, id)
+            .delete_vm(agent, id)
             .await
             .map_err(agent_error)?;
         return Ok(None);
@@ -295,7 +296,7 @@ async fn act(
     inst: &InstanceRow,
 ) -> ControlResult<Option<ObservedUpdate>> {
     let store = cp.store();
-    let endpoint = endpoint_of(cp, inst).await?;
+    let agent = agent_of(cp, inst).await?;
     {
         let agents = &cp.inner.agents;
         match input {
@@ -315,20 +316,20 @@ async fn act(
                     wait_ready: Some(false),
                     from_snapshot: None,
                 };
-                let vm = match agents.create_vm(&endpoint, &request).await {
+                let vm = match agents.create_vm(&agent, &request).await {
                     Ok(vm) => vm,
                     // Made by an earlier attempt of this step.
                     Err(e) if e.is_conflict() => {
-                        agents.vm(&endpoint, &inst.id).await.map_err(agent_error)?
+                        agents.vm(&agent, &inst.id).await.map_err(agent_error)?
                     }
                     Err(e) => return Err(agent_error(e)),
                 };
                 let ip = vm.nics.first().map(|n| n.ip.clone());
-                made(cp, &endpoint, &inst.id, observed_from_vm(vm.state), ip).await
+                made(cp, &agent, &inst.id, observed_from_vm(vm.state), ip).await
             }
             OperationInput::Terminate => {
                 agents
-                    .delete_vm(&endpoint, &inst.id)
+                    .delete_vm(&agent, &inst.id)
                     .await
                     .map_err(agent_error)?;
                 store.delete_instance(&inst.id).await?;
@@ -339,11 +340,11 @@ async fn act(
             | OperationInput::Suspend
             | OperationInput::Resume => {
                 let action = input.kind();
-                let vm = match agents.vm_action(&endpoint, &inst.id, action).await {
+                let vm = match agents.vm_action(&agent, &inst.id, action).await {
                     Ok(vm) => vm,
                     // Already there (an earlier attempt, or the user's own).
                     Err(e) if e.is_conflict() => {
-                        agents.vm(&endpoint, &inst.id).await.map_err(agent_error)?
+                        agents.vm(&agent, &inst.id).await.map_err(agent_error)?
                     }
                     Err(e) => return Err(agent_error(e)),
                 };
@@ -364,9 +365,9 @@ async fn act(
                     disk: flotilla_api::CloneDisk::Cow,
                     tags: Some(tags),
                 };
-                let vm = match agents.clone_vm(&endpoint, source, &request).await {
+                let vm = match agents.clone_vm(&agent, source, &request).await {
                     Ok(result) => result.vm,
-                    Err(e) if e.is_conflict() => match agents.vm(&endpoint, &inst.id).await {
+                    Err(e) if e.is_conflict() => match agents.vm(&agent, &inst.id).await {
                         // Made by an earlier attempt of this step.
                         Ok(vm) => vm,
                         Err(_) => return Err(agent_error(e)),
@@ -374,7 +375,7 @@ async fn act(
                     Err(e) => return Err(agent_error(e)),
                 };
                 let ip = vm.nics.first().map(|n| n.ip.clone());
-                made(cp, &endpoint, &inst.id, observed_from_vm(vm.state), ip).await
+                made(cp, &agent, &inst.id, observed_from_vm(vm.state), ip).await
             }
         }
     }

@@ -474,6 +474,7 @@ async fn two_replicas_never_double_book_a_host() {
     for (name, zone) in [("h1", "z1"), ("h2", "z2")] {
         let beat = HostHeartbeat {
             endpoint: "http://127.0.0.1:9".into(),
+            agent_token: None,
             capacity: Resources {
                 vcpus: 4,
                 memory_mib: 8192,
@@ -517,6 +518,7 @@ async fn two_replicas_never_double_book_a_host() {
     for h in ["h1", "h2"] {
         let beat = HostHeartbeat {
             endpoint: "http://127.0.0.1:9".into(),
+            agent_token: None,
             capacity: Resources {
                 vcpus: 64,
                 memory_mib: 65536,
@@ -553,6 +555,7 @@ async fn two_replicas_never_double_book_a_host() {
     for (h, rack) in [("h1", "r1"), ("h2", "r1"), ("h3", "r2")] {
         let beat = HostHeartbeat {
             endpoint: "http://127.0.0.1:9".into(),
+            agent_token: None,
             capacity: Resources {
                 vcpus: 64,
                 memory_mib: 65536,
@@ -776,6 +779,7 @@ async fn a_replica_takes_over_operations_of_a_dead_one() {
     store.create_tenant("t-1", "acme").await.unwrap();
     let beat = HostHeartbeat {
         endpoint: "http://127.0.0.1:9".into(),
+        agent_token: None,
         capacity: Resources {
             vcpus: 8,
             memory_mib: 8192,

@@ -26,6 +26,7 @@ async fn stores(test: &str) -> (Vec<Store>, tempfile::TempDir, PgServer) {
 fn beat(vcpus: u32) -> HostHeartbeat {
     HostHeartbeat {
         endpoint: "http://127.0.0.1:9".into(),
+        agent_token: None,
         capacity: Resources {
             vcpus,
             memory_mib: 4096,
@@ -88,6 +89,16 @@ async fn hosts_heartbeats_down_and_placement_versions() {
         assert!(!store.record_heartbeat("h1", &beat(4)).await.unwrap());
         let h = store.host("h1").await.unwrap().unwrap();
         assert_eq!((h.vcpus, h.down, h.version), (4, false, 0));
+        assert_eq!(h.agent_token, None);
+        // The agent's token is kept from the last beat that gave one.
+        let with_token = HostHeartbeat {
+            agent_token: Some("fla_x".into()),
+            ..beat(4)
+        };
+        store.record_heartbeat("h1", &with_token).await.unwrap();
+        store.record_heartbeat("h1", &beat(4)).await.unwrap();
+        let h = store.host("h1").await.unwrap().unwrap();
+        assert_eq!((h.agent_token.as_deref(), h.version), (Some("fla_x"), 0));
         // Two placements decided on the same version: only one commits.
         let p = Placement {
             host: "h1".into(),

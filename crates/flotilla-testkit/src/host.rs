@@ -203,9 +203,17 @@ impl TestHost {
         log[log.floor_char_boundary(start)..].to_string()
     }
 
+    /// The agent's API token (made at its first start).
+    pub fn agent_token(&self) -> String {
+        std::fs::read_to_string(self.data_path().join("agent.token"))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    }
+
     /// Runs the CLI against this host.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(flotilla_bin())
+            .env("FLOTILLA_AGENT_TOKEN", self.agent_token())
             .arg("--endpoint")
             .arg(&self.endpoint)
             .args(args)
@@ -238,7 +246,8 @@ impl TestHost {
         let method = reqwest::Method::from_bytes(method.as_bytes()).expect("valid method");
         let mut req = self
             .http
-            .request(method, format!("{}{}", self.endpoint, path));
+            .request(method, format!("{}{}", self.endpoint, path))
+            .bearer_auth(self.agent_token());
         if let Some(b) = body {
             req = req.json(&b);
         }

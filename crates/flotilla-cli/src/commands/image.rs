@@ -12,10 +12,14 @@ use crate::args::ImageCommand;
 use crate::client::{CliError, Client};
 use crate::output;
 
-pub async fn run(endpoint: &str, json: bool, cmd: ImageCommand) -> anyhow::Result<ExitCode> {
+pub async fn run(
+    agent: &dyn Fn() -> anyhow::Result<Client>,
+    json: bool,
+    cmd: ImageCommand,
+) -> anyhow::Result<ExitCode> {
     match cmd {
         ImageCommand::Ls => {
-            let images: Vec<ImageInfo> = Client::new(endpoint)?.get("/v1/images").await?;
+            let images: Vec<ImageInfo> = agent()?.get("/v1/images").await?;
             if json {
                 output::json(&images)?;
             } else {
@@ -72,7 +76,7 @@ pub async fn run(endpoint: &str, json: bool, cmd: ImageCommand) -> anyhow::Resul
                 rootfs: a.rootfs.map(abs).transpose()?,
                 replace: a.replace,
             };
-            let image: ImageInfo = Client::new(endpoint)?.post("/v1/images", &req).await?;
+            let image: ImageInfo = agent()?.post("/v1/images", &req).await?;
             if json {
                 output::json(&image)?;
             } else {
@@ -80,9 +84,7 @@ pub async fn run(endpoint: &str, json: bool, cmd: ImageCommand) -> anyhow::Resul
             }
         }
         ImageCommand::Rm { name } => {
-            Client::new(endpoint)?
-                .delete(&format!("/v1/images/{name}"))
-                .await?;
+            agent()?.delete(&format!("/v1/images/{name}")).await?;
             if json {
                 output::json(&serde_json::json!({ "removed": name }))?;
             } else {
@@ -100,7 +102,7 @@ pub async fn run(endpoint: &str, json: bool, cmd: ImageCommand) -> anyhow::Resul
                 memory_mib: memory,
                 nics,
             };
-            let s: flotilla_api::SnapshotInfo = Client::new(endpoint)?
+            let s: flotilla_api::SnapshotInfo = agent()?
                 .post(&format!("/v1/images/{name}/base-snapshot"), &req)
                 .await?;
             if json {

@@ -28,14 +28,16 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         let token = cli.token.clone().or_else(|| local_token(admin_verb));
         Client::control(&cli.control_url, token.as_deref())
     };
+    let agent_token = cli.agent_token.clone().or_else(local_agent_token);
+    let agent = || Client::agent(&cli.endpoint, agent_token.clone());
     match cli.command {
         Command::Up(args) => agent::up(args).await,
         Command::Agent(args) => agent::agent(args).await,
         Command::Control(args) => control::control(args).await,
-        Command::Image(cmd) => image::run(&cli.endpoint, cli.json, cmd).await,
-        Command::Vm(cmd) => vm::run(&Client::new(&cli.endpoint)?, cli.json, cmd).await,
-        Command::Fleet(cmd) => fleet::run(&Client::new(&cli.endpoint)?, cli.json, cmd).await,
-        Command::Snapshot(cmd) => snapshot::run(&Client::new(&cli.endpoint)?, cli.json, cmd).await,
+        Command::Image(cmd) => image::run(&agent, cli.json, cmd).await,
+        Command::Vm(cmd) => vm::run(&agent()?, cli.json, cmd).await,
+        Command::Fleet(cmd) => fleet::run(&agent()?, cli.json, cmd).await,
+        Command::Snapshot(cmd) => snapshot::run(&agent()?, cli.json, cmd).await,
         Command::Tenant(cmd) => fleetctl::tenant(&control()?, cli.json, cmd).await,
         Command::Token(cmd) => fleetctl::token(&control()?, cli.json, cmd).await,
         Command::Instance(cmd) => fleetctl::instance(&control()?, cli.json, cmd).await,
@@ -43,7 +45,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Op(cmd) => fleetctl::op(&control()?, cli.json, cmd).await,
         Command::Policy(cmd) => fleetctl::policy(&control()?, cli.json, cmd).await,
         Command::Host => {
-            let host: HostInfo = Client::new(&cli.endpoint)?.get("/v1/host").await?;
+            let host: HostInfo = agent()?.get("/v1/host").await?;
             if cli.json {
                 output::json(&host)?;
             } else {
@@ -79,6 +81,17 @@ pub fn default_data_dir() -> std::path::PathBuf {
         })
         .unwrap_or_else(|| "/tmp".into());
     base.join("flotilla")
+}
+
+/// The API token of a local agent, from its data directory.
+fn local_agent_token() -> Option<String> {
+    let dir = std::env::var_os("FLOTILLA_DATA_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(default_data_dir);
+    std::fs::read_to_string(dir.join(flotilla_agent::auth::TOKEN_FILE))
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
 }
 
 /// A token of a local `flotilla up` (its admin's, or its default

@@ -191,3 +191,70 @@ fn unknown_paths_and_bad_bodies_get_json_errors() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json error");
     assert_eq!(v["error"]["code"], "not_found");
 }
+
+#[test]
+fn the_agent_api_needs_the_agents_token() {
+    let host = TestHost::start_with(HostOptions {
+        with_default_image: false,
+        ..HostOptions::default()
+    })
+    .expect("test host");
+    let http = reqwest::blocking::Client::new();
+    let call = |token: Option<&str>, path: &str| {
+        let mut req = http.get(format!("{}{path}", host.endpoint));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().expect("the agent answers");
+        let status = resp.status().as_u16();
+        (status, resp.json::<serde_json::Value>().unwrap_or_default())
+    };
+    // Probes need no token; everything else does, and a wrong one is no
+    // better than none.
+    assert_eq!(call(None, "/healthz").0, 200);
+    let (s, b) = call(None, "/v1/vms");
+    assert_eq!(s, 401, "{b}");
+    assert_eq!(b["error"]["code"], "unauthenticated");
+    assert!(
+        b["error"]["hint"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("agent.token"),
+        "{b}"
+    );
+    let (s, b) = call(Some("fla_not-the-token"), "/v1/host");
+    assert_eq!(s, 401, "{b}");
+    let token = host.agent_token();
+    assert!(token.starts_with("fla_"), "{token:?}");
+    assert_eq!(call(Some(&token), "/v1/vms").0, 200);
+
+    // The token file is private, and kept across agent restarts.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(host.data_path().join("agent.token"))
+        .expect("token file")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "{mode:o}");
+
+    // A CLI without the token is told where to find it.
+    let out = std::process::Command::new(flotilla_testkit::flotilla_bin())
+        .env_remove("FLOTILLA_AGENT_TOKEN")
+        .env("FLOTILLA_DATA_DIR", "/nonexistent")
+        .args(["--endpoint", &host.endpoint, "vm", "ls"])
+        .output()
+        .expect("flotilla");
+    assert!(!out.status.success());
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("missing API token") && err.contains("agent.token"),
+        "{err}"
+    );
+    // With FLOTILLA_DATA_DIR pointing at the agent's data, it is found.
+    let out = std::process::Command::new(flotilla_testkit::flotilla_bin())
+        .env_remove("FLOTILLA_AGENT_TOKEN")
+        .env("FLOTILLA_DATA_DIR", host.data_path())
+        .args(["--endpoint", &host.endpoint, "vm", "ls"])
+        .output()
+        .expect("flotilla");
+    assert!(out.status.success(), "{}", stderr_of(&out));
+}

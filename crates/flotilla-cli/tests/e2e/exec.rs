@@ -46,6 +46,7 @@ fn exec_passes_env_cwd_stdin_and_exit_codes() {
 
     // stdin through the CLI.
     let mut child = Command::new(flotilla_bin())
+        .env("FLOTILLA_AGENT_TOKEN", host.agent_token())
         .args([
             "--endpoint",
             &host.endpoint,

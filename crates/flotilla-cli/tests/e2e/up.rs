@@ -32,7 +32,10 @@ fn up_serves_and_ctrl_c_stops_everything() {
         .spawn()
         .expect("flotilla up");
     let cli = |args: &[&str]| {
+        // The agent's token from the data directory, as a local user's CLI
+        // finds it.
         Command::new(flotilla_bin())
+            .env("FLOTILLA_DATA_DIR", data.path())
             .args(["--endpoint", &endpoint])
             .args(args)
             .output()

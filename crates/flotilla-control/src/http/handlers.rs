@@ -513,10 +513,10 @@ pub async fn exec_instance(
 ) -> ApiResult<Response> {
     let q = query(q)?;
     let req = body(req)?;
-    let (endpoint, vm) = cp.exec_target(&caller, q.tenant.as_deref(), &name).await?;
+    let (agent, vm) = cp.exec_target(&caller, q.tenant.as_deref(), &name).await?;
     let answer = cp
         .agents()
-        .exec_raw(&endpoint, &vm, &req, q.stream)
+        .exec_raw(&agent, &vm, &req, q.stream)
         .await
         .map_err(|e| ControlError::new(flotilla_api::ErrorCode::Unavailable, e.to_string()))?;
     // The agent's answer as is: its status, its type, its (streamed) body.

@@ -112,14 +112,14 @@ impl ControlPlane {
         Ok(op)
     }
 
-    /// Where a command for instance `name` goes: its host's endpoint, and
+    /// Where a command for instance `name` goes: its host's agent, and
     /// its VM's name there.
     pub async fn exec_target(
         &self,
         caller: &Caller,
         tenant: Option<&str>,
         name: &str,
-    ) -> ControlResult<(String, String)> {
+    ) -> ControlResult<(crate::agents::AgentAddr, String)> {
         let inst = self.instance(caller, tenant, name).await?;
         let host = inst.host.as_deref().ok_or_else(|| {
             ControlError::conflict(format!("instance {name:?} is not placed yet"))
@@ -134,7 +134,7 @@ impl ControlPlane {
                 "instance {name:?} is on host {host}, which is down"
             )));
         }
-        Ok((row.endpoint, inst.id))
+        Ok((crate::agents::AgentAddr::from(&row), inst.id))
     }
 
     pub fn agents(&self) -> &AgentClient {

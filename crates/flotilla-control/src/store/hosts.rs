@@ -24,6 +24,8 @@ pub struct HostRow {
     pub last_heartbeat: i64,
     pub registered_at: i64,
     pub version: i64,
+    /// The agent's API token, as its last heartbeat gave it.
+    pub agent_token: Option<String>,
     /// Held by the instances placed here.
     pub used_vcpus: u64,
     pub used_memory_mib: u64,
@@ -49,7 +51,7 @@ pub struct Placement {
 }
 
 const HOST_COLUMNS: &str = "name, endpoint, vcpus, memory_mib, labels, down, cordoned, \
-                            last_heartbeat, registered_at, version";
+                            last_heartbeat, registered_at, version, agent_token";
 
 fn host(row: &sqlx::any::AnyRow) -> StoreResult<HostRow> {
     let labels: String = row.try_get("labels")?;
@@ -64,6 +66,7 @@ fn host(row: &sqlx::any::AnyRow) -> StoreResult<HostRow> {
         last_heartbeat: row.try_get("last_heartbeat")?,
         registered_at: row.try_get("registered_at")?,
         version: row.try_get("version")?,
+        agent_token: row.try_get("agent_token")?,
         used_vcpus: 0,
         used_memory_mib: 0,
         instances: 0,
@@ -94,10 +97,11 @@ impl Store {
             .await?;
         sqlx::query(
             "INSERT INTO hosts (name, endpoint, vcpus, memory_mib, labels, down, cordoned,
-                                last_heartbeat, registered_at, version)
-             VALUES ($1, $2, $3, $4, $5, 0, 0, $6, $6, 0)
+                                last_heartbeat, registered_at, version, agent_token)
+             VALUES ($1, $2, $3, $4, $5, 0, 0, $6, $6, 0, $7)
              ON CONFLICT (name) DO UPDATE SET endpoint = $2, vcpus = $3, memory_mib = $4,
                 labels = $5, down = 0, last_heartbeat = $6,
+                agent_token = COALESCE($7, hosts.agent_token),
                 version = CASE WHEN hosts.vcpus <> $3 OR hosts.memory_mib <> $4
                                     OR hosts.labels <> $5 OR hosts.down <> 0
                                THEN hosts.version + 1 ELSE hosts.version END",
@@ -108,6 +112,7 @@ impl Store {
         .bind(beat.capacity.memory_mib as i64)
         .bind(to_json(&beat.labels))
         .bind(now)
+        .bind(beat.agent_token.as_deref())
         .execute(self.pool())
         .await?;
         Ok(was_down == Some(1))

@@ -119,4 +119,12 @@ pub(crate) const MIGRATIONS: &[(i64, &[&str])] = &[
             "ALTER TABLE tokens ADD COLUMN host TEXT",
         ],
     ),
+    (
+        6,
+        &[
+            // The agent's own API token, from its heartbeats: the control
+            // plane's calls to the agent carry it.
+            "ALTER TABLE hosts ADD COLUMN agent_token TEXT",
+        ],
+    ),
 ];
