@@ -369,6 +369,16 @@ pub struct CloneInstanceRequest {
     pub tags: Option<BTreeMap<String, String>>,
 }
 
+/// Changes to an instance (`PATCH /v1/instances/{name}`), as a JSON merge
+/// patch: a tag set to a string is set, a tag set to null is removed, tags
+/// not named are kept.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateInstanceRequest {
+    #[serde(default)]
+    pub tags: BTreeMap<String, Option<String>>,
+}
+
 /// Instances of the caller's tenant selected by tags (all must match) and/or
 /// names.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -187,6 +187,16 @@ pub enum InstanceCommand {
     Inspect {
         name: String,
     },
+    /// Set or remove tags (never moves the instance).
+    Tag {
+        name: String,
+        /// KEY=VALUE to set.
+        #[arg(value_parser = parse_key_value)]
+        set: Vec<(String, String)>,
+        /// A tag to remove (repeat for more).
+        #[arg(long = "rm")]
+        remove: Vec<String>,
+    },
     Terminate {
         name: String,
         #[arg(long)]

@@ -147,6 +147,17 @@ impl Client {
         Ok(resp.json().await?)
     }
 
+    pub async fn patch<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        let resp = self
+            .send(self.request(Method::PATCH, path).json(body))
+            .await?;
+        Ok(resp.json().await?)
+    }
+
     pub async fn delete(&self, path: &str) -> anyhow::Result<()> {
         let resp = self.send(self.request(Method::DELETE, path)).await?;
         debug_assert!(resp.status() == StatusCode::NO_CONTENT || resp.status().is_success());

@@ -900,3 +900,77 @@ async fn instances_go_near_or_away_from_others_by_affinity() {
         "{b}"
     );
 }
+
+#[tokio::test]
+async fn tags_change_in_place_and_groups_follow() {
+    let api = Api::start().await;
+    api.host("h1", 8, "z1").await;
+    let (acme, other) = (api.tenant("acme").await, api.tenant("other").await);
+    let one_per_host = json!({"max_per_host": 1});
+    let run = |name: &'static str, group: &'static str| {
+        let (api, acme, placement) = (&api, acme.clone(), one_per_host.clone());
+        async move {
+            api.call(
+                "POST",
+                "/v1/instances",
+                Some(&acme),
+                Some(json!({"name": name, "tags": {"group": group, "team": "x"},
+                            "placement": placement})),
+            )
+            .await
+        }
+    };
+    let (s, b) = run("db", "a").await;
+    assert_eq!(s, 201, "{b}");
+    // One per host in group a: a second one has nowhere to go.
+    let (s, b) = run("db2", "a").await;
+    assert_eq!(s, 409, "{b}");
+
+    // A merge patch: set, remove, keep.
+    let (s, b) = api
+        .call(
+            "PATCH",
+            "/v1/instances/db",
+            Some(&acme),
+            Some(json!({"tags": {"team": null, "tier": "gold", "group": "b"}})),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["tags"], json!({"group": "b", "tier": "gold"}));
+    assert_eq!(b["host"], "h1", "a tag change never moves an instance");
+    let (_, b) = api
+        .call("GET", "/v1/instances?tag=tier=gold", Some(&acme), None)
+        .await;
+    assert_eq!(b["items"].as_array().unwrap().len(), 1, "{b}");
+    // db left group a: a new member of a fits again.
+    let (s, b) = run("db2", "a").await;
+    assert_eq!(s, 201, "{b}");
+
+    // Another tenant cannot see it; bad keys and unknown fields are refused.
+    let patch = Some(json!({"tags": {"x": "y"}}));
+    let (s, _) = api
+        .call("PATCH", "/v1/instances/db", Some(&other), patch)
+        .await;
+    assert_eq!(s, 404);
+    let (s, b) = api
+        .call(
+            "PATCH",
+            "/v1/instances/db",
+            Some(&acme),
+            Some(json!({"tags": {"bad key": "v"}})),
+        )
+        .await;
+    assert_eq!(s, 400, "{b}");
+    assert!(message(&b).contains("bad key"), "{b}");
+    let (s, b) = api
+        .call(
+            "PATCH",
+            "/v1/instances/db",
+            Some(&acme),
+            Some(json!({"labels": {}})),
+        )
+        .await;
+    assert_eq!(s, 400, "{b}");
+    let (_, b) = api.call("GET", "/v1/instances/db", Some(&acme), None).await;
+    assert_eq!(b["tags"], json!({"group": "b", "tier": "gold"}));
+}

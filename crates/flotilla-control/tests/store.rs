@@ -290,6 +290,37 @@ async fn instance_lists_filter_by_tag_state_and_page() {
             .await
             .unwrap()
             .is_empty());
+        // Tags change in place; an update from a stale read loses.
+        let web1 = store
+            .list_instances(&f(&[("app", "web")]))
+            .await
+            .unwrap()
+            .remove(0);
+        let retagged = BTreeMap::from([("app".to_string(), "api".to_string())]);
+        store.update_tags(&web1, &retagged).await.unwrap();
+        let stale = store
+            .update_tags(&web1, &BTreeMap::new())
+            .await
+            .unwrap_err();
+        assert!(matches!(stale, StoreError::Contended), "{stale}");
+        assert_eq!(
+            names(store.list_instances(&f(&[("app", "api")])).await.unwrap()),
+            ["web-1"]
+        );
+        assert_eq!(
+            store
+                .group_version(&web1.tenant_id, "app", "api")
+                .await
+                .unwrap(),
+            1
+        );
+        store
+            .update_tags(
+                &store.instance(&web1.id).await.unwrap().unwrap(),
+                &web1.tags,
+            )
+            .await
+            .unwrap();
         // Pages by name.
         let page1 = store
             .list_instances(&InstanceFilter { limit: 2, ..f(&[]) })

@@ -322,6 +322,21 @@ pub async fn instance(c: &Client, json: bool, cmd: InstanceCommand) -> anyhow::R
             let i: Instance = c.get(&format!("/v1/instances/{}", encode(&name))).await?;
             output::json(&i)?;
         }
+        InstanceCommand::Tag { name, set, remove } => {
+            let mut tags: BTreeMap<String, Option<String>> =
+                remove.into_iter().map(|k| (k, None)).collect();
+            tags.extend(set.into_iter().map(|(k, v)| (k, Some(v))));
+            let req = flotilla_api::control::UpdateInstanceRequest { tags };
+            let i: Instance = c
+                .patch(&format!("/v1/instances/{}", encode(&name)), &req)
+                .await?;
+            if json {
+                output::json(&i)?;
+            } else {
+                let tags: Vec<String> = i.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                println!("{}: {}", i.name, tags.join(" "));
+            }
+        }
         InstanceCommand::Exec(args) => {
             let path = format!("/v1/instances/{}/exec", encode(&args.name));
             return super::vm::exec_at(c, json, &path, args).await;

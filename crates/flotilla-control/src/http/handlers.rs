@@ -11,6 +11,7 @@ use flotilla_api::control::{
     CloneInstanceRequest, CreateTenantRequest, CreateTokenRequest, FleetSelector, Host,
     HostHeartbeat, Instance, ObservedState, Operation, Page, PlacementExplanation, Policy,
     PolicyDocument, RunInstancesRequest, RunInstancesResult, Tenant, TokenCreated,
+    UpdateInstanceRequest,
 };
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -56,6 +57,7 @@ pub async fn healthz() -> &'static str {
         list_instances,
         get_instance,
         terminate_instance,
+        update_instance,
         start_instance,
         stop_instance,
         exec_instance,
@@ -366,6 +368,24 @@ pub async fn get_instance(
     Ok(Json(convert::instance(
         cp.instance(&caller, q.tenant.as_deref(), &name).await?,
     )))
+}
+
+#[utoipa::path(patch, path = "/v1/instances/{name}", request_body = UpdateInstanceRequest,
+    responses((status = 200, body = Instance), (status = 400, body = flotilla_api::ErrorBody),
+              (status = 404, body = flotilla_api::ErrorBody), (status = 409, body = flotilla_api::ErrorBody)))]
+pub async fn update_instance(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    Path(name): Path<String>,
+    q: Result<Query<TenantQuery>, QueryRejection>,
+    req: Result<Json<UpdateInstanceRequest>, JsonRejection>,
+) -> ApiResult<Json<Instance>> {
+    let q = query(q)?;
+    let req = body(req)?;
+    let inst = cp
+        .update_instance(&caller, q.tenant.as_deref(), &name, &req)
+        .await?;
+    Ok(Json(convert::instance(inst)))
 }
 
 async fn act(

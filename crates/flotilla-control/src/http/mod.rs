@@ -34,7 +34,9 @@ pub fn router(cp: ControlPlane) -> Router {
         .route("/v1/instances", get(list_instances).post(run_instances))
         .route(
             "/v1/instances/{name}",
-            get(get_instance).delete(terminate_instance),
+            get(get_instance)
+                .patch(update_instance)
+                .delete(terminate_instance),
         )
         .route("/v1/instances/{name}/start", post(start_instance))
         .route("/v1/instances/{name}/stop", post(stop_instance))

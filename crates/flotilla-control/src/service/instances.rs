@@ -41,6 +41,46 @@ impl ControlPlane {
         Ok(self.store().list_instances(&filter).await?)
     }
 
+    /// Sets and removes tags (a merge patch). Tags are read when an
+    /// instance is placed: a change never moves an instance, and the groups
+    /// it enters or leaves get new versions so no placement decides on the
+    /// counts from before.
+    pub async fn update_instance(
+        &self,
+        caller: &Caller,
+        tenant: Option<&str>,
+        name: &str,
+        req: &flotilla_api::control::UpdateInstanceRequest,
+    ) -> ControlResult<InstanceRow> {
+        for _attempt in 0..5 {
+            let inst = self.instance(caller, tenant, name).await?;
+            if inst.desired == DesiredState::Terminated {
+                return Err(ControlError::conflict(format!(
+                    "instance {name:?} is being terminated"
+                )));
+            }
+            let mut tags = inst.tags.clone();
+            for (key, value) in &req.tags {
+                match value {
+                    Some(v) => tags.insert(key.clone(), v.clone()),
+                    None => tags.remove(key),
+                };
+            }
+            check_tags(&tags)?;
+            if tags == inst.tags {
+                return Ok(inst);
+            }
+            match self.store().update_tags(&inst, &tags).await {
+                Ok(()) => return self.instance(caller, tenant, name).await,
+                Err(crate::store::StoreError::Contended) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ControlError::conflict(format!(
+            "instance {name:?} kept changing; try again"
+        )))
+    }
+
     /// Terminate, start or stop an instance through an operation.
     pub async fn act_on_instance(
         &self,
@@ -224,6 +264,7 @@ impl ControlPlane {
             ));
         }
         let tags = req.tags.clone().unwrap_or_else(|| source.tags.clone());
+        check_tags(&tags)?;
         let policy = self
             .effective_policy(&source.tenant_id, &tags, None)
             .await?;

@@ -94,6 +94,29 @@ pub fn check_name(what: &str, name: &str) -> ControlResult<()> {
     }
 }
 
+/// Tag keys are 1-63 characters of a-z, A-Z, 0-9 and `._/-`; values at
+/// most 255 characters, any but control characters.
+pub fn check_tags(tags: &BTreeMap<String, String>) -> ControlResult<()> {
+    for (key, value) in tags {
+        let key_ok = !key.is_empty()
+            && key.len() <= 63
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._/-".contains(&b));
+        if !key_ok {
+            return Err(ControlError::invalid(format!(
+                "invalid tag key {key:?}: use 1-63 characters of a-z, A-Z, 0-9, '.', '_', '/' and '-'"
+            )));
+        }
+        if value.len() > 255 || value.chars().any(char::is_control) {
+            return Err(ControlError::invalid(format!(
+                "invalid value of tag {key:?}: at most 255 characters, no control characters"
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl ControlPlane {
     pub fn new(store: Store, settings: ControlSettings) -> ControlPlane {
         ControlPlane {

@@ -168,6 +168,7 @@ impl ControlPlane {
                 req.memory_mib
             )));
         }
+        check_tags(&req.tags)?;
         let policy = self
             .effective_policy(&tenant_id, &req.tags, req.placement.as_ref())
             .await?;

@@ -174,6 +174,55 @@ pub(crate) async fn insert_instance(
 }
 
 impl Store {
+    /// Replaces an instance's tags, if they are still `old` (another update
+    /// in between gives [`StoreError::Contended`]). Every group entered or
+    /// left gets a new version, so a placement that counted the group
+    /// before this change decides again.
+    pub async fn update_tags(
+        &self,
+        instance: &InstanceRow,
+        new: &BTreeMap<String, String>,
+    ) -> StoreResult<()> {
+        let (id, old, tenant_id) = (&instance.id, &instance.tags, &instance.tenant_id);
+        let mut tx = self.pool().begin().await?;
+        let updated = sqlx::query(
+            "UPDATE instances SET tags = $1, updated_at = $2 WHERE id = $3 AND tags = $4",
+        )
+        .bind(to_json(new))
+        .bind(now_ms())
+        .bind(id)
+        .bind(to_json(old))
+        .execute(&mut *tx)
+        .await?;
+        if updated.rows_affected() == 0 {
+            return Err(StoreError::Contended);
+        }
+        sqlx::query("DELETE FROM instance_tags WHERE instance_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        insert_tags(&mut tx, id, new).await?;
+        let changed = old
+            .iter()
+            .filter(|(k, v)| new.get(*k) != Some(*v))
+            .chain(new.iter().filter(|(k, v)| old.get(*k) != Some(*v)));
+        for (tag, value) in changed {
+            sqlx::query(
+                "INSERT INTO placement_groups (tenant_id, tag, value, version)
+                 VALUES ($1, $2, $3, 1)
+                 ON CONFLICT (tenant_id, tag, value) DO UPDATE
+                 SET version = placement_groups.version + 1",
+            )
+            .bind(tenant_id)
+            .bind(tag)
+            .bind(value)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Inserts many placed instances in one transaction, without host
     /// version checks: for imports and benchmarks, not for placement.
     pub async fn import_instances(&self, rows: &[(NewInstance, String)]) -> StoreResult<()> {
