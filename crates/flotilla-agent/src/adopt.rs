@@ -187,6 +187,16 @@ impl VmManager {
             }
             return None;
         }
+        if state == VmState::Incoming {
+            // A migration that had not switched over: the source keeps or
+            // takes back the VM, so this half goes.
+            tracing::warn!(vm = %name, "an incoming migration was interrupted; removing its VM");
+            if let Some(p) = identity.filter(|p| p.is_alive()) {
+                let _ = p.signal(flotilla_qemu::Signal::SIGKILL);
+            }
+            self.drop_interrupted_incoming(entry).await;
+            return None;
+        }
         let mut alive = identity.filter(|p| p.is_alive());
         if let (VmState::Resuming, Some(p)) = (state, alive) {
             // A resume cut short: its snapshot is intact, so start over from it.
@@ -284,7 +294,11 @@ impl VmManager {
             s.runtime.generation
         };
         let qmp = entry.lock().runtime.qmp.clone();
-        if let (false, Some(qmp)) = (rollback, &qmp) {
+        if state == VmState::Migrating {
+            if let Some(qmp) = &qmp {
+                self.adopt_migrating(entry, qmp).await;
+            }
+        } else if let (false, Some(qmp)) = (rollback, &qmp) {
             // A snapshot or clone of the running VM cut short leaves it
             // paused: it runs on.
             if let Ok(status) = qmp.query_status().await {
@@ -316,6 +330,7 @@ impl VmManager {
                 }
             }
         }
+        self.resume_disk_sync(entry);
         tracing::info!(vm = %name, pid = identity.pid, "re-adopted running VM");
         self.spawn_monitor(entry.clone(), process, generation);
         self.spawn_readiness(entry.clone(), generation, None);

@@ -26,6 +26,9 @@ pub struct AgentConfig {
     pub ready_timeout: Duration,
     /// Default grace period of a graceful stop before QEMU is killed.
     pub stop_timeout: Duration,
+    /// Where other hosts reach this one's migration streams and disk
+    /// exports (default: the API's listen address, unless that is 0.0.0.0).
+    pub migration_address: Option<std::net::IpAddr>,
     /// The control plane to heartbeat to, if any.
     pub control: Option<crate::control_link::ControlLink>,
 }
@@ -43,6 +46,7 @@ impl AgentConfig {
             capacity: default_capacity(),
             ready_timeout: Duration::from_secs(120),
             stop_timeout: Duration::from_secs(10),
+            migration_address: None,
             control: None,
         }
     }

@@ -52,6 +52,11 @@ pub enum AgentError {
     Disk(#[from] DiskError),
     #[error(transparent)]
     Record(#[from] RecordError),
+    #[error("no migration {id:?} on this host")]
+    MigrationNotFound { id: String },
+    /// Another host's agent failed or could not be reached.
+    #[error("{0}")]
+    Peer(String),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -82,9 +87,10 @@ impl AgentError {
             AgentError::InvalidSpec(_) | AgentError::InvalidArgument(_) => {
                 ErrorCode::InvalidArgument
             }
-            AgentError::VmNotFound { .. } | AgentError::SnapshotNotFound { .. } => {
-                ErrorCode::NotFound
-            }
+            AgentError::VmNotFound { .. }
+            | AgentError::SnapshotNotFound { .. }
+            | AgentError::MigrationNotFound { .. } => ErrorCode::NotFound,
+            AgentError::Peer(_) => ErrorCode::Unavailable,
             AgentError::VmExists { .. } => ErrorCode::AlreadyExists,
             AgentError::Conflict { .. } => ErrorCode::Conflict,
             AgentError::Capacity(_) => ErrorCode::InsufficientCapacity,

@@ -5,6 +5,7 @@
 mod error;
 mod host;
 mod images;
+mod migrations;
 mod openapi;
 mod snapshots;
 mod vms;
@@ -40,6 +41,18 @@ pub fn router(manager: VmManager, token: crate::auth::TokenCheck) -> Router {
         .route("/v1/vms/{name}/suspend", post(vms::suspend))
         .route("/v1/vms/{name}/resume", post(vms::resume))
         .route("/v1/vms/{name}/logs", get(vms::logs))
+        .route("/v1/vms/{name}/migrate", post(migrations::migrate))
+        .route("/v1/migrations", get(migrations::list))
+        .route("/v1/migrations/incoming", post(migrations::incoming))
+        .route(
+            "/v1/migrations/{id}",
+            get(migrations::inspect).delete(migrations::remove),
+        )
+        .route("/v1/migrations/{id}/cancel", post(migrations::cancel))
+        .route(
+            "/v1/migrations/{id}/switch-over",
+            post(migrations::switch_over),
+        )
         .route("/v1/vms/{name}/clone", post(snapshots::clone_vm))
         .route("/v1/vms/{name}/move-disk", post(snapshots::move_disk))
         .route(

@@ -15,6 +15,7 @@ pub mod fleet;
 mod from_layer;
 mod layers;
 mod lifecycle;
+pub mod migrate;
 mod move_disk;
 mod snapshots;
 pub mod suspend;
@@ -81,6 +82,8 @@ pub(crate) struct Inner {
     /// Names taken by operations still making their VM or snapshot
     /// (`vm:NAME`, `snapshot:NAME`), so two at once cannot both take one.
     pub pending_names: Mutex<std::collections::HashSet<String>>,
+    /// Live migrations this host takes part in, as source or target.
+    pub migrations: migrate::MigrationBook,
 }
 
 /// A name held for an operation in flight; released when dropped.
@@ -114,6 +117,7 @@ impl VmManager {
         images: ImageStore,
         snapshots: flotilla_snapshot::SnapshotStore,
     ) -> Self {
+        let config_migrations_dir = config.data_dir.join("migrations");
         VmManager {
             inner: Arc::new(Inner {
                 config,
@@ -125,6 +129,7 @@ impl VmManager {
                 admission: tokio::sync::Mutex::new(()),
                 bases_lock: tokio::sync::Mutex::new(()),
                 pending_names: Mutex::new(Default::default()),
+                migrations: migrate::MigrationBook::open(&config_migrations_dir),
             }),
         }
     }

@@ -55,6 +55,10 @@ pub struct DiskRecord {
     /// Attached read-only (a clone sharing its source's volume).
     #[serde(default)]
     pub read_only: bool,
+    /// A migrated-in disk still reading what it lacks from the source
+    /// host's export, until its sync is done.
+    #[serde(default)]
+    pub sync_from: Option<flotilla_qemu::NbdBacking>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -111,6 +115,9 @@ pub struct VmRecord {
     /// which file QEMU really uses and finishes or undoes the move.
     #[serde(default)]
     pub pending_move: Option<PendingMove>,
+    /// The live migration this VM is in (as its source or its target).
+    #[serde(default)]
+    pub migration: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -13,6 +13,7 @@ pub mod host;
 #[cfg(feature = "axum")]
 pub mod http;
 pub mod image;
+pub mod migration;
 pub mod snapshot;
 pub mod vm;
 

@@ -30,11 +30,15 @@ pub enum VmState {
     Suspended,
     /// Being brought back from its snapshot.
     Resuming,
+    /// Running here while it is live-migrated to another host.
+    Migrating,
+    /// A QEMU on this host receiving a VM live-migrated from another host.
+    Incoming,
 }
 
 impl VmState {
     /// Every state, for exhaustive tests and docs.
-    pub const ALL: [VmState; 9] = [
+    pub const ALL: [VmState; 11] = [
         VmState::Creating,
         VmState::Starting,
         VmState::Running,
@@ -44,6 +48,8 @@ impl VmState {
         VmState::Suspending,
         VmState::Suspended,
         VmState::Resuming,
+        VmState::Migrating,
+        VmState::Incoming,
     ];
 
     /// Whether a VM may move from `self` to `next`. Every state change on a
@@ -74,6 +80,17 @@ impl VmState {
                 | (Suspended, Resuming)
                 | (Resuming, Running)
                 | (Resuming, Suspended)
+                // Cancelled or failed (it runs on here), or QEMU died; a
+                // VM that left is removed, not moved to a state.
+                | (Running, Migrating)
+                | (Migrating, Running)
+                | (Migrating, Crashed)
+                | (Creating, Incoming)
+                | (Incoming, Running)
+                | (Incoming, Crashed)
+                // Gone to the other host, about to be removed here.
+                | (Migrating, Stopped)
+                | (Incoming, Stopped)
         )
     }
 
@@ -87,6 +104,8 @@ impl VmState {
                 | VmState::Stopping
                 | VmState::Suspending
                 | VmState::Resuming
+                | VmState::Migrating
+                | VmState::Incoming
         )
     }
 
@@ -99,6 +118,8 @@ impl VmState {
                 | VmState::Stopping
                 | VmState::Suspending
                 | VmState::Resuming
+                | VmState::Migrating
+                | VmState::Incoming
         )
     }
 }
@@ -115,6 +136,8 @@ impl fmt::Display for VmState {
             VmState::Suspending => "suspending",
             VmState::Suspended => "suspended",
             VmState::Resuming => "resuming",
+            VmState::Migrating => "migrating",
+            VmState::Incoming => "incoming",
         };
         f.write_str(s)
     }

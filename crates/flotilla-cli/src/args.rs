@@ -71,6 +71,9 @@ pub enum Command {
     /// Snapshots: layers of VMs' memory and disk.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Live migrations this host takes part in.
+    #[command(subcommand)]
+    Migration(MigrationCommand),
     /// What the agent reports about its host.
     Host,
     /// Control plane: tenants (admin).
@@ -91,6 +94,18 @@ pub enum Command {
     /// Control plane: placement policies stored for a tenant or a fleet.
     #[command(subcommand)]
     Policy(PolicyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MigrationCommand {
+    Ls,
+    Inspect {
+        id: String,
+    },
+    /// Stop a migration still copying memory; the VM runs on where it was.
+    Cancel {
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -313,6 +328,10 @@ pub struct AgentArgs {
     /// Seconds between heartbeats.
     #[arg(long, default_value_t = 3, requires = "control_plane")]
     pub heartbeat_interval: u64,
+    /// The address other hosts reach this one at for live migration
+    /// (default: the --listen address, unless that is 0.0.0.0).
+    #[arg(long)]
+    pub migration_address: Option<std::net::IpAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -451,6 +470,27 @@ pub enum VmCommand {
         /// Return once the guest agent is ready.
         #[arg(long)]
         wait: bool,
+    },
+    /// Live-migrate a running VM to another host's agent: memory pre-copied
+    /// while it runs, a short pause, then its disks copied from here while
+    /// it already runs there.
+    Migrate {
+        name: String,
+        /// The target host's agent, e.g. http://10.0.0.6:7777.
+        #[arg(long)]
+        to: String,
+        /// The target agent's API token (its data directory's agent.token).
+        #[arg(long, env = "FLOTILLA_TARGET_TOKEN", hide_env_values = true)]
+        to_token: Option<String>,
+        /// The longest pause to plan for at the switch-over.
+        #[arg(long)]
+        max_downtime_ms: Option<u64>,
+        /// Bandwidth limit of the memory stream in MiB/s.
+        #[arg(long)]
+        bandwidth: Option<u64>,
+        /// Return at once instead of following the migration to its end.
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Suspend a running VM: its memory and root disk go into a snapshot
     /// layer (only what changed since its last one) and its QEMU ends.

@@ -125,6 +125,19 @@ pub struct DriveConfig {
     pub format: String,
     #[serde(default)]
     pub read_only: bool,
+    /// Read what the image does not hold from another host's export (a
+    /// migration's disk sync, see [`crate::live`]).
+    #[serde(default)]
+    pub nbd_backing: Option<NbdBacking>,
+}
+
+/// A disk exported over NBD by another host's QEMU.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NbdBacking {
+    pub host: String,
+    pub port: u16,
+    pub export: String,
 }
 
 /// A network interface backed by a host tap device.
@@ -288,7 +301,7 @@ impl QemuConfig {
 /// `-blockdev` in JSON form: a format node over a file node. Read-only is set
 /// on both so QEMU never opens the image for writing.
 fn blockdev_json(drive: &DriveConfig) -> String {
-    serde_json::json!({
+    let mut node = serde_json::json!({
         "driver": drive.format,
         "node-name": drive.id,
         "read-only": drive.read_only,
@@ -297,8 +310,22 @@ fn blockdev_json(drive: &DriveConfig) -> String {
             "filename": drive.path.to_string_lossy(),
             "read-only": drive.read_only,
         },
-    })
-    .to_string()
+    });
+    if let Some(nbd) = &drive.nbd_backing {
+        node["backing"] = serde_json::json!({
+            "driver": "raw",
+            "node-name": format!("{}-src", drive.id),
+            "read-only": true,
+            "file": {
+                "driver": "nbd",
+                "server": { "type": "inet", "host": nbd.host, "port": nbd.port.to_string() },
+                "export": nbd.export,
+                // A short network cut stalls reads instead of failing them.
+                "reconnect-delay": 30,
+            },
+        });
+    }
+    node.to_string()
 }
 
 /// Doubles commas, QEMU's escape inside `key=value,...` option strings.

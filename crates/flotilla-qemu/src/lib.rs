@@ -28,6 +28,7 @@ pub mod block;
 pub mod config;
 pub mod error;
 pub mod identity;
+pub mod live;
 pub mod migration;
 pub mod process;
 pub mod qmp;
@@ -36,7 +37,7 @@ pub use accel::{
     check_kvm_device, detect_accel, detect_accel_with_device, run_probe, AccelDecision, AccelProbe,
     ProbeOutcome, DEFAULT_PROBE_TIMEOUT, PROBE_CMDLINE, PROBE_MARKER,
 };
-pub use config::{Accel, AccelChoice, DriveConfig, NicConfig, QemuConfig};
+pub use config::{Accel, AccelChoice, DriveConfig, NbdBacking, NicConfig, QemuConfig};
 pub use error::{QemuError, QmpError};
 pub use identity::ProcessIdentity;
 pub use nix::sys::signal::Signal;

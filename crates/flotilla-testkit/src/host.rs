@@ -25,6 +25,9 @@ pub struct HostOptions {
     pub data_dir_size_mib: Option<u64>,
     /// Heartbeat to a control plane listening in the caller's namespace.
     pub control: Option<ControlLinkOptions>,
+    /// Join this cluster network (hosts reach each other), instead of a
+    /// private link to the caller.
+    pub fabric: Option<std::sync::Arc<crate::netns::Fabric>>,
 }
 
 /// How a test host's agent joins a control plane that listens on `port` in
@@ -45,6 +48,7 @@ impl Default for HostOptions {
             with_default_image: true,
             data_dir_size_mib: None,
             control: None,
+            fabric: None,
         }
     }
 }
@@ -68,7 +72,11 @@ impl TestHost {
         if !bin.is_file() {
             bail!("{} is missing: build the workspace first", bin.display());
         }
-        let netns = NetNs::create().context("creating the host's network namespace")?;
+        let netns = match &options.fabric {
+            Some(f) => NetNs::create_on(f),
+            None => NetNs::create(),
+        }
+        .context("creating the host's network namespace")?;
         let data_dir = tempfile::Builder::new()
             .prefix("flotilla-test-")
             .tempdir()?;

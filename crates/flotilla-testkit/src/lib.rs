@@ -18,7 +18,7 @@ mod procs;
 pub use bare::{bare_qemu_command, BareQemu};
 pub use control::ControlPlaneProcess;
 pub use host::{ControlLinkOptions, HostOptions, TestHost};
-pub use netns::NetNs;
+pub use netns::{Fabric, NetNs};
 pub use postgres::PgServer;
 pub use procs::{process_alive, qemu_pids_under};
 

@@ -27,7 +27,82 @@ fn ip(args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// A network joining test hosts as one cluster: a bridge in the caller's
+/// namespace with the first address of a /24; each host's namespace joins
+/// it with its own address, so hosts reach each other (migration streams,
+/// disk exports) over real TCP, and the caller reaches every host.
+#[derive(Debug)]
+pub struct Fabric {
+    pub bridge: String,
+    /// The caller's address on the fabric.
+    pub gateway: String,
+    prefix: [u8; 3],
+    next: std::sync::atomic::AtomicU8,
+}
+
+impl Fabric {
+    pub fn create() -> anyhow::Result<Fabric> {
+        let tag: u32 = rand::random::<u32>() & 0xff_ffff;
+        let bridge = format!("flf{tag:06x}");
+        // 198.18.0.0/15 is reserved for network tests.
+        let r: u16 = rand::random();
+        let prefix = [198, 18 + (r >> 8) as u8 % 2, r as u8];
+        let gateway = format!("{}.{}.{}.1", prefix[0], prefix[1], prefix[2]);
+        ip(&["link", "add", &bridge, "type", "bridge"])?;
+        let fabric = Fabric {
+            bridge: bridge.clone(),
+            gateway: gateway.clone(),
+            prefix,
+            next: std::sync::atomic::AtomicU8::new(2),
+        };
+        ip(&["addr", "add", &format!("{gateway}/24"), "dev", &bridge])?;
+        ip(&["link", "set", &bridge, "up"])?;
+        Ok(fabric)
+    }
+
+    fn next_address(&self) -> String {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        format!(
+            "{}.{}.{}.{n}",
+            self.prefix[0], self.prefix[1], self.prefix[2]
+        )
+    }
+}
+
+impl Drop for Fabric {
+    fn drop(&mut self) {
+        let _ = ip(&["link", "del", &self.bridge]);
+    }
+}
+
 impl NetNs {
+    /// A namespace on `fabric`: `ns_ip` is its fabric address and
+    /// `host_ip` the caller's.
+    pub fn create_on(fabric: &Fabric) -> anyhow::Result<NetNs> {
+        let tag: u32 = rand::random::<u32>() & 0xff_ffff;
+        let name = format!("flt-{tag:06x}");
+        let host_veth = format!("fv{tag:06x}h");
+        let ns_veth = format!("fv{tag:06x}n");
+        let ns_ip = fabric.next_address();
+        ip(&["netns", "add", &name])?;
+        let ns = NetNs {
+            name: name.clone(),
+            host_veth: host_veth.clone(),
+            ns_ip: ns_ip.clone(),
+            host_ip: fabric.gateway.clone(),
+        };
+        ip(&[
+            "link", "add", &host_veth, "type", "veth", "peer", "name", &ns_veth,
+        ])?;
+        ip(&["link", "set", &ns_veth, "netns", &name])?;
+        ip(&["link", "set", &host_veth, "master", &fabric.bridge])?;
+        ip(&["link", "set", &host_veth, "up"])?;
+        ns.exec_ip(&["addr", "add", &format!("{ns_ip}/24"), "dev", &ns_veth])?;
+        ns.exec_ip(&["link", "set", &ns_veth, "up"])?;
+        ns.exec_ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
     /// Creates `flt-<hex>` with a veth to the caller's namespace on a random
     /// /30 of 100.64.0.0/10 (shared address space, not routed on the internet).
     pub fn create() -> anyhow::Result<NetNs> {

@@ -8,7 +8,7 @@ use utoipa::OpenApi;
 #[openapi(
     info(
         title = "Flotilla host agent API",
-        description = "VMs of one host: lifecycle, exec, console, images."
+        description = "VMs of one host: lifecycle, exec, console, images, snapshots, live migration."
     ),
     paths(
         super::host::host_info,
@@ -35,6 +35,13 @@ use utoipa::OpenApi;
         super::snapshots::create,
         super::snapshots::inspect,
         super::snapshots::remove,
+        super::migrations::migrate,
+        super::migrations::list,
+        super::migrations::inspect,
+        super::migrations::cancel,
+        super::migrations::incoming,
+        super::migrations::switch_over,
+        super::migrations::remove,
     ),
     components(schemas(
         flotilla_api::VmInfo,
@@ -67,6 +74,15 @@ use utoipa::OpenApi;
         flotilla_api::CloneResult,
         flotilla_api::MoveDiskRequest,
         flotilla_api::BaseSnapshotRequest,
+        flotilla_api::migration::MigrateVmRequest,
+        flotilla_api::migration::MigratingVm,
+        flotilla_api::migration::MigratingNic,
+        flotilla_api::migration::MigratingDisk,
+        flotilla_api::migration::IncomingMigrationRequest,
+        flotilla_api::migration::IncomingMigrationReady,
+        flotilla_api::migration::MigrationInfo,
+        flotilla_api::migration::MigrationPhase,
+        flotilla_api::migration::MigrationRole,
     ))
 )]
 struct ApiDoc;

@@ -137,6 +137,7 @@ impl VmManager {
                 size_mib,
                 backing: Some(dir.join(BASE_DISK)),
                 read_only: false,
+                sync_from: None,
             });
         }
         for d in &spec.disks {
@@ -147,6 +148,7 @@ impl VmManager {
                 size_mib: d.size_mib,
                 backing: None,
                 read_only: false,
+                sync_from: None,
             });
         }
         Ok(VmRecord {
@@ -175,6 +177,7 @@ impl VmManager {
             machine_id: Some(new_machine_id()),
             identity_pending: false,
             pending_move: None,
+            migration: None,
         })
     }
 

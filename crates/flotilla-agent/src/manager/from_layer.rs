@@ -127,6 +127,7 @@ impl VmManager {
                     format: "qcow2".into(),
                     size_mib: crate::disks::inspect(&disk).map(|(_, s)| s).unwrap_or(0),
                     read_only: from.read_only_root && name == "root",
+                    sync_from: None,
                     name,
                     backing: Some(disk),
                 })
@@ -161,6 +162,7 @@ impl VmManager {
                 machine_id: Some(new_machine_id()),
                 identity_pending: true,
                 pending_move: None,
+                migration: None,
             };
             store.add_ref(&layer.id, &holder(from.name))?;
             let placed =

@@ -304,6 +304,7 @@ impl VmManager {
                     path: d.path.clone(),
                     format: d.format.clone(),
                     read_only: d.read_only,
+                    nbd_backing: d.sync_from.clone(),
                 })
                 .collect(),
             nics: record

@@ -436,7 +436,12 @@ impl VmManager {
 
     /// Readiness, then the guest's clock set to the host's: after a resume
     /// it still shows the moment of the suspend.
-    fn spawn_readiness_with_clock(&self, entry: Arc<VmEntry>, generation: u64, since: Instant) {
+    pub(crate) fn spawn_readiness_with_clock(
+        &self,
+        entry: Arc<VmEntry>,
+        generation: u64,
+        since: Instant,
+    ) {
         self.spawn_readiness(entry.clone(), generation, Some(since));
         tokio::spawn(async move {
             let mut rx = entry.readiness.subscribe();

@@ -38,6 +38,7 @@ fn config_from(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
         memory_mib: args.capacity_memory.unwrap_or(d.memory_mib),
     };
     c.ready_timeout = Duration::from_secs(args.ready_timeout);
+    c.migration_address = args.migration_address;
     if let Some(url) = &args.control_plane {
         let token = args.control_token.clone().context(
             "--control-plane needs --control-token (an admin token of the control plane)",

@@ -5,6 +5,7 @@ mod control;
 mod fleet;
 mod fleetctl;
 mod image;
+mod migration;
 mod snapshot;
 mod vm;
 
@@ -38,6 +39,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Vm(cmd) => vm::run(&agent()?, cli.json, cmd).await,
         Command::Fleet(cmd) => fleet::run(&agent()?, cli.json, cmd).await,
         Command::Snapshot(cmd) => snapshot::run(&agent()?, cli.json, cmd).await,
+        Command::Migration(cmd) => migration::run(&agent()?, cli.json, cmd).await,
         Command::Tenant(cmd) => fleetctl::tenant(&control()?, cli.json, cmd).await,
         Command::Token(cmd) => fleetctl::token(&control()?, cli.json, cmd).await,
         Command::Instance(cmd) => fleetctl::instance(&control()?, cli.json, cmd).await,

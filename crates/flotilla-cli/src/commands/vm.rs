@@ -80,6 +80,24 @@ pub async fn run(client: &Client, json: bool, cmd: VmCommand) -> anyhow::Result<
             let vm: VmInfo = client.post(&path, &serde_json::json!({})).await?;
             show_vm(json, &vm, "started")?;
         }
+        VmCommand::Migrate {
+            name,
+            to,
+            to_token,
+            max_downtime_ms,
+            bandwidth,
+            no_wait,
+        } => {
+            let args = super::migration::MigrateArgs {
+                name,
+                to,
+                to_token,
+                max_downtime_ms,
+                bandwidth,
+                no_wait,
+            };
+            return super::migration::migrate(client, json, args).await;
+        }
         VmCommand::Suspend { name } => {
             let vm: VmInfo = client
                 .post(&format!("/v1/vms/{name}/suspend"), &serde_json::json!({}))

@@ -9,6 +9,7 @@ mod exec;
 mod faults;
 mod images;
 mod lifecycle;
+mod migrate;
 mod network;
 mod suspend;
 mod up;

@@ -183,7 +183,8 @@ pub(super) fn no_host_error(name: &str, e: &PlacementExplanation) -> ControlErro
 
 pub(crate) fn observed_from_vm(state: VmState) -> ObservedState {
     match state {
-        VmState::Running => ObservedState::Running,
+        // A VM being migrated away runs on its host until it is gone.
+        VmState::Running | VmState::Migrating => ObservedState::Running,
         VmState::Stopped => ObservedState::Stopped,
         VmState::Suspended => ObservedState::Suspended,
         VmState::Crashed => ObservedState::Failed,

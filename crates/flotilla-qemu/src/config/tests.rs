@@ -30,12 +30,14 @@ fn fixture() -> Fixture {
                 path: p("root.qcow2"),
                 format: "qcow2".into(),
                 read_only: false,
+                nbd_backing: None,
             },
             DriveConfig {
                 id: "data".into(),
                 path: p("data.raw"),
                 format: "raw".into(),
                 read_only: true,
+                nbd_backing: None,
             },
         ],
         nics: vec![NicConfig {

@@ -1,0 +1,109 @@
+//! `/v1/migrations` and `/v1/vms/{name}/migrate`: live migration between
+//! agents. The source's agent is called by users (and the control plane);
+//! `incoming`, `switch-over` and `DELETE` are called by the source's agent
+//! on the target's.
+
+use std::time::Duration;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use flotilla_api::migration::{
+    IncomingMigrationReady, IncomingMigrationRequest, MigrateVmRequest, MigrationInfo,
+};
+use flotilla_api::ErrorBody;
+use serde::Deserialize;
+
+use super::vms::{detached, JsonBody};
+use super::ApiError;
+use crate::VmManager;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaitQuery {
+    #[serde(default)]
+    wait: bool,
+}
+
+#[utoipa::path(post, path = "/v1/vms/{name}/migrate", request_body = MigrateVmRequest,
+    params(("wait" = Option<bool>, Query, description = "answer when the migration has ended")),
+    responses((status = 202, body = MigrationInfo), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn migrate(
+    State(m): State<VmManager>,
+    Path(name): Path<String>,
+    query: Result<Query<WaitQuery>, QueryRejection>,
+    body: JsonBody<MigrateVmRequest>,
+) -> Result<(StatusCode, Json<MigrationInfo>), ApiError> {
+    let Query(q) = query?;
+    let Json(req) = body?;
+    let started = {
+        let m = m.clone();
+        detached(async move { m.migrate(&name, req).await }).await?
+    };
+    if !q.wait {
+        return Ok((StatusCode::ACCEPTED, Json(started)));
+    }
+    loop {
+        let now = m.migration(&started.id)?;
+        if now.phase.is_finished() {
+            return Ok((StatusCode::OK, Json(now)));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[utoipa::path(get, path = "/v1/migrations", responses((status = 200, body = Vec<MigrationInfo>)))]
+pub async fn list(State(m): State<VmManager>) -> Json<Vec<MigrationInfo>> {
+    Json(m.migrations())
+}
+
+#[utoipa::path(get, path = "/v1/migrations/{id}", responses((status = 200, body = MigrationInfo), (status = 404, body = ErrorBody)))]
+pub async fn inspect(
+    State(m): State<VmManager>,
+    Path(id): Path<String>,
+) -> Result<Json<MigrationInfo>, ApiError> {
+    Ok(Json(m.migration(&id)?))
+}
+
+#[utoipa::path(post, path = "/v1/migrations/{id}/cancel", responses((status = 202, body = MigrationInfo),
+    (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn cancel(
+    State(m): State<VmManager>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<MigrationInfo>), ApiError> {
+    Ok((StatusCode::ACCEPTED, Json(m.cancel_migration(&id)?)))
+}
+
+#[utoipa::path(post, path = "/v1/migrations/incoming", request_body = IncomingMigrationRequest,
+    responses((status = 201, body = IncomingMigrationReady), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn incoming(
+    State(m): State<VmManager>,
+    body: JsonBody<IncomingMigrationRequest>,
+) -> Result<(StatusCode, Json<IncomingMigrationReady>), ApiError> {
+    let Json(req) = body?;
+    let ready = detached(async move { m.prepare_incoming(req).await }).await?;
+    Ok((StatusCode::CREATED, Json(ready)))
+}
+
+#[utoipa::path(post, path = "/v1/migrations/{id}/switch-over", responses((status = 200, body = MigrationInfo),
+    (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn switch_over(
+    State(m): State<VmManager>,
+    Path(id): Path<String>,
+) -> Result<Json<MigrationInfo>, ApiError> {
+    Ok(Json(
+        detached(async move { m.switch_over(&id).await }).await?,
+    ))
+}
+
+#[utoipa::path(delete, path = "/v1/migrations/{id}", responses((status = 204),
+    (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn remove(
+    State(m): State<VmManager>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    detached(async move { m.abort_incoming(&id).await }).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,516 @@
+//! The target side: a QEMU waiting for the memory stream, with disks that
+//! read from the source's exports; at the switch-over the VM runs here at
+//! once and the disks are copied in the background.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flotilla_api::migration::{
+    IncomingMigrationReady, IncomingMigrationRequest, MigratingVm, MigrationInfo, MigrationPhase,
+    MigrationRole,
+};
+use flotilla_api::{Resources, VmState};
+use flotilla_qemu::live;
+use flotilla_qemu::NbdBacking;
+
+use super::new_record;
+use crate::error::{AgentError, AgentResult};
+use crate::fsutil::sync_dir;
+use crate::manager::create::{pin, INITRD, KERNEL, ROOT_DISK};
+use crate::manager::{VmEntry, VmManager};
+use crate::network::tap_name;
+use crate::record::{
+    now_rfc3339, DiskRecord, NicRecord, VmRecord, CREATING_PREFIX, RECORD_FORMAT_VERSION,
+};
+use crate::runtime::Readiness;
+
+/// How long the memory stream may take to arrive in full after the source
+/// saw it complete.
+const ARRIVAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn sha256_of(path: &std::path::Path) -> AgentResult<String> {
+    use sha2::{Digest, Sha256};
+    let mut f = std::fs::File::open(path)
+        .map_err(|e| AgentError::io(format!("reading {}", path.display()), e))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h)
+        .map_err(|e| AgentError::io(format!("reading {}", path.display()), e))?;
+    Ok(hex::encode(h.finalize()))
+}
+
+impl VmManager {
+    /// Prepares to receive `req.vm`: checks it can take it, makes its
+    /// directory and disks, and starts a QEMU listening for the stream.
+    pub async fn prepare_incoming(
+        &self,
+        req: IncomingMigrationRequest,
+    ) -> AgentResult<IncomingMigrationReady> {
+        let ip = self.migration_ip()?;
+        let vm = req.vm.clone();
+        crate::manager::from_layer::check_not_reserved(&vm.name)?;
+        if self.inner.migrations.get(&req.id).is_ok() {
+            return Err(AgentError::conflict(
+                format!("migration {} is already known here", req.id),
+                None,
+            ));
+        }
+        let image = self.inner.images.get(&vm.image).map_err(|_| {
+            AgentError::conflict(
+                format!(
+                    "this host has no image {:?}, which the VM was made from",
+                    vm.image
+                ),
+                Some("register the same image on the target host first".into()),
+            )
+        })?;
+        let (kernel, initrd) = (image.kernel.clone(), image.initrd.clone());
+        let sums = tokio::task::spawn_blocking(move || {
+            Ok::<_, AgentError>((
+                sha256_of(&kernel)?,
+                initrd.as_deref().map(sha256_of).transpose()?,
+            ))
+        })
+        .await
+        .map_err(|e| AgentError::io("hashing the kernel", std::io::Error::other(e)))??;
+        if sums != (vm.kernel_sha256.clone(), vm.initrd_sha256.clone()) {
+            return Err(AgentError::conflict(
+                format!(
+                    "image {:?} here has another kernel or initramfs than the VM runs",
+                    vm.image
+                ),
+                Some("both hosts need the same image (same kernel and initramfs)".into()),
+            ));
+        }
+        let _name = self.reserve_vm_name(&vm.name)?;
+        let entry = {
+            let _admission = self.inner.admission.lock().await;
+            self.check_name_free(&vm.name)?;
+            crate::capacity::check_fits(
+                self.inner.config.capacity,
+                self.allocated(),
+                Resources {
+                    vcpus: vm.vcpus,
+                    memory_mib: vm.memory_mib,
+                },
+            )?;
+            self.check_identity_free(&vm)?;
+            let record = self.incoming_record(&vm, &req.id)?;
+            self.materialize_incoming(&record, &image)?;
+            let entry = VmEntry::new(record);
+            self.vms().insert(vm.name.clone(), entry.clone());
+            entry
+        };
+        let mut info = new_record(&req.id, &vm.name, MigrationRole::Target, &req.source);
+        info.phase = MigrationPhase::PreCopy;
+        let started = self.start_incoming(&entry, ip).await;
+        let port = match started {
+            Ok(port) => port,
+            Err(e) => {
+                self.remove_incoming(&entry).await;
+                return Err(e);
+            }
+        };
+        if let Err(e) = self.inner.migrations.put(info) {
+            self.remove_incoming(&entry).await;
+            return Err(e);
+        }
+        tracing::info!(vm = %vm.name, migration = %req.id, port, "waiting for an incoming migration");
+        Ok(IncomingMigrationReady {
+            host: ip.to_string(),
+            port,
+        })
+    }
+
+    /// Its MACs and addresses must be free here: the guest keeps them.
+    fn check_identity_free(&self, vm: &MigratingVm) -> AgentResult<()> {
+        let mut ips = HashSet::new();
+        let mut macs = HashSet::new();
+        for e in self.vms().values() {
+            for n in &e.lock().record.nics {
+                ips.insert(n.ip.to_string());
+                macs.insert(n.mac.to_ascii_lowercase());
+            }
+        }
+        for n in &vm.nics {
+            if ips.contains(&n.ip) || macs.contains(&n.mac.to_ascii_lowercase()) {
+                return Err(AgentError::conflict(
+                    format!(
+                        "another VM on this host has address {} or MAC {}, which VM {:?} keeps",
+                        n.ip, n.mac, vm.name
+                    ),
+                    Some("pick another target host".into()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn incoming_record(&self, vm: &MigratingVm, migration: &str) -> AgentResult<VmRecord> {
+        let dir = self.vm_dir(&vm.name);
+        let bad = |what: &str, v: &str| {
+            AgentError::InvalidArgument(format!("migrating VM has an invalid {what}: {v:?}"))
+        };
+        let nics = vm
+            .nics
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                Ok(NicRecord {
+                    mac: n.mac.clone(),
+                    ip: n.ip.parse().map_err(|_| bad("address", &n.ip))?,
+                    prefix_len: n.prefix_len,
+                    gateway: n.gateway.parse().map_err(|_| bad("gateway", &n.gateway))?,
+                    tap: tap_name(&vm.id, i),
+                })
+            })
+            .collect::<AgentResult<Vec<_>>>()?;
+        let disks = vm
+            .disks
+            .iter()
+            .map(|d| {
+                if !d
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                {
+                    return Err(bad("disk name", &d.name));
+                }
+                let file = match d.name.as_str() {
+                    "root" => ROOT_DISK.to_string(),
+                    n => format!("disk-{n}.qcow2"),
+                };
+                Ok(DiskRecord {
+                    name: d.name.clone(),
+                    path: dir.join(file),
+                    format: "qcow2".into(),
+                    size_mib: d.size_mib,
+                    backing: None,
+                    read_only: d.read_only,
+                    sync_from: Some(NbdBacking {
+                        host: d.nbd_host.clone(),
+                        port: d.nbd_port,
+                        export: d.nbd_export.clone(),
+                    }),
+                })
+            })
+            .collect::<AgentResult<Vec<_>>>()?;
+        Ok(VmRecord {
+            format_version: RECORD_FORMAT_VERSION,
+            id: vm.id.clone(),
+            name: vm.name.clone(),
+            image: vm.image.clone(),
+            kernel: dir.join(KERNEL),
+            initrd: vm.initrd_sha256.as_ref().map(|_| dir.join(INITRD)),
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+            cmdline_extra: vm.cmdline_extra.clone(),
+            tags: vm.tags.clone(),
+            disks,
+            nics,
+            state: VmState::Creating,
+            created_at: vm.created_at.clone(),
+            started_at: None,
+            process: None,
+            accel: Some(self.inner.accel.accel),
+            guest_boot_ms: None,
+            ready_ms: None,
+            last_error: None,
+            snapshot_head: None,
+            pending_snapshot: None,
+            machine_id: vm.machine_id.clone(),
+            identity_pending: false,
+            pending_move: None,
+            migration: Some(migration.to_string()),
+        })
+    }
+
+    /// The VM's directory: kernel and initramfs pinned from the image,
+    /// empty disks of the VM's sizes (their data comes from the source).
+    fn materialize_incoming(
+        &self,
+        record: &VmRecord,
+        image: &flotilla_image::Image,
+    ) -> AgentResult<()> {
+        let vms_dir = self.inner.config.vms_dir();
+        let tmp = vms_dir.join(format!("{CREATING_PREFIX}{}", record.id));
+        let result = (|| -> AgentResult<()> {
+            std::fs::create_dir_all(&tmp)
+                .map_err(|e| AgentError::io("creating VM directory", e))?;
+            pin(&image.kernel, &tmp.join(KERNEL))
+                .map_err(|e| AgentError::io("pinning the kernel", e))?;
+            if let Some(initrd) = &image.initrd {
+                pin(initrd, &tmp.join(INITRD))
+                    .map_err(|e| AgentError::io("pinning the initramfs", e))?;
+            }
+            for d in &record.disks {
+                let at = tmp.join(d.path.file_name().unwrap_or_default());
+                crate::disks::create_blank(&at, d.size_mib)?;
+            }
+            record.save(&tmp)?;
+            std::fs::rename(&tmp, self.vm_dir(&record.name))
+                .map_err(|e| AgentError::io("placing VM directory", e))?;
+            sync_dir(&vms_dir).map_err(|e| AgentError::io("syncing VM directory", e))
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        result
+    }
+
+    /// QEMU started paused with `-incoming defer`, listening; returns the port.
+    async fn start_incoming(&self, entry: &Arc<VmEntry>, ip: std::net::IpAddr) -> AgentResult<u16> {
+        let (record, generation) = {
+            let mut s = entry.lock();
+            self.transition(&mut s, VmState::Incoming)?;
+            s.runtime.generation += 1;
+            entry.readiness.set(Readiness::Waiting);
+            self.save(&s)?;
+            (s.record.clone(), s.runtime.generation)
+        };
+        let mut config = self.qemu_config(&record);
+        config.incoming = Some("defer".into());
+        config.start_paused = true;
+        let (process, qmp) = self.launch_with(&record, config).await?;
+        self.spawn_monitor(entry.clone(), process.clone(), generation);
+        self.spawn_incoming_watch(entry.clone(), process.clone(), record.migration.clone());
+        {
+            let mut s = entry.lock();
+            s.record.process = Some(process.identity);
+            s.record.started_at = Some(now_rfc3339());
+            s.runtime.process = Some(process);
+            s.runtime.qmp = Some(qmp.clone());
+            self.save(&s)?;
+        }
+        Ok(live::listen_incoming(&qmp, ip).await?)
+    }
+
+    /// A QEMU that dies before the migration is complete (a failed or cut
+    /// stream makes an incoming QEMU exit) takes its half-made VM with it:
+    /// the source keeps, or takes back, the VM.
+    fn spawn_incoming_watch(
+        &self,
+        entry: Arc<VmEntry>,
+        process: Arc<flotilla_qemu::QemuProcess>,
+        migration: Option<String>,
+    ) {
+        let manager = self.clone();
+        tokio::spawn(async move {
+            process.wait_exit().await;
+            // The monitor settles the exit first.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let lost = {
+                let s = entry.lock();
+                s.record.state == VmState::Crashed && s.record.migration == migration
+            };
+            if !lost {
+                return;
+            }
+            let id = migration.unwrap_or_default();
+            tracing::warn!(migration = %id, "the incoming VM's QEMU ended before the migration completed; removing it");
+            manager.remove_incoming(&entry).await;
+            manager.inner.migrations.finish(
+                &id,
+                MigrationPhase::Failed,
+                Some("the VM's QEMU ended here before the migration completed".into()),
+                0,
+            );
+        });
+    }
+
+    /// The source has sent everything and paused its VM: run it here.
+    pub async fn switch_over(&self, id: &str) -> AgentResult<MigrationInfo> {
+        let info = self.inner.migrations.get(id)?;
+        let entry = self.entry(&info.vm)?;
+        let (qmp, generation) = {
+            let s = entry.lock();
+            if s.record.state != VmState::Incoming || s.record.migration.as_deref() != Some(id) {
+                return Err(AgentError::conflict(
+                    format!(
+                        "VM {:?} is {}, not waiting for migration {id}",
+                        info.vm, s.record.state
+                    ),
+                    None,
+                ));
+            }
+            (s.runtime.qmp.clone(), s.runtime.generation)
+        };
+        let qmp =
+            qmp.ok_or_else(|| AgentError::conflict("the VM's QEMU is not connected", None))?;
+        let since = Instant::now();
+        loop {
+            let p = live::progress(&qmp).await?;
+            match p.status.as_str() {
+                "completed" => break,
+                "failed" | "cancelled" => {
+                    return Err(AgentError::Peer(format!(
+                        "the memory stream {}: {}",
+                        p.status,
+                        p.error.unwrap_or_default()
+                    )))
+                }
+                _ if since.elapsed() > ARRIVAL_TIMEOUT => {
+                    return Err(AgentError::Timeout(format!(
+                        "the memory stream did not complete within {ARRIVAL_TIMEOUT:?}"
+                    )))
+                }
+                _ => tokio::time::sleep(Duration::from_millis(2)).await,
+            }
+        }
+        qmp.cont().await?;
+        {
+            let mut s = entry.lock();
+            self.transition(&mut s, VmState::Running)?;
+            self.save(&s)?;
+        }
+        // The guest agent's channel reconnects, and the guest clock is
+        // set right after the pause.
+        self.spawn_readiness_with_clock(entry.clone(), generation, since);
+        self.inner.migrations.update(id, true, |m| {
+            m.phase = MigrationPhase::DiskSync;
+        });
+        tracing::info!(vm = %info.vm, migration = id, "switched over: the VM runs here");
+        let manager = self.clone();
+        let id = id.to_string();
+        tokio::spawn(async move { manager.sync_disks(entry, id).await });
+        self.inner.migrations.get(&info.id)
+    }
+
+    /// Copies each disk's remaining data from the source, then drops the
+    /// link to it. A failed copy is retried (the NBD link reconnects after
+    /// a cut); it ends only when the VM is gone.
+    pub(crate) async fn sync_disks(&self, entry: Arc<VmEntry>, id: String) {
+        let started = Instant::now();
+        loop {
+            let (qmp, pending, state) = {
+                let s = entry.lock();
+                let pending: Vec<(String, u64)> = s
+                    .record
+                    .disks
+                    .iter()
+                    .filter(|d| d.sync_from.is_some())
+                    .map(|d| (d.name.clone(), d.size_mib << 20))
+                    .collect();
+                (s.runtime.qmp.clone(), pending, s.record.state)
+            };
+            if !state.has_process() {
+                self.inner.migrations.finish(
+                    &id,
+                    MigrationPhase::Failed,
+                    Some(format!(
+                        "the VM stopped running here ({state}) before its disks were synced"
+                    )),
+                    started.elapsed().as_millis() as u64,
+                );
+                return;
+            }
+            let Some(qmp) = qmp else { return };
+            let total: u64 = pending.iter().map(|(_, b)| b).sum();
+            let Some((disk, _)) = pending.first().cloned() else {
+                {
+                    let mut s = entry.lock();
+                    s.record.migration = None;
+                    if let Err(e) = self.save(&s) {
+                        tracing::error!(error = %e, "saving the record after the disk sync");
+                    }
+                }
+                self.inner.migrations.finish(
+                    &id,
+                    MigrationPhase::Completed,
+                    None,
+                    started.elapsed().as_millis() as u64,
+                );
+                tracing::info!(migration = %id, ms = started.elapsed().as_millis() as u64, "disks synced");
+                return;
+            };
+            let book = &self.inner.migrations;
+            book.update(&id, false, |m| {
+                m.disk_total_bytes = m.disk_total_bytes.max(total)
+            });
+            let node = format!("disk-{disk}");
+            let copied = live::stream_from_backing(&qmp, &node, |done, _| {
+                book.update(&id, false, |m| m.disk_synced_bytes = done);
+            })
+            .await;
+            match copied {
+                Ok(()) => {
+                    let mut s = entry.lock();
+                    if let Some(d) = s.record.disks.iter_mut().find(|d| d.name == disk) {
+                        d.sync_from = None;
+                    }
+                    if let Err(e) = self.save(&s) {
+                        tracing::error!(error = %e, "saving the record after a disk sync");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(migration = %id, disk = %disk, error = %e, "disk sync failed; retrying");
+                    book.update(&id, true, |m| {
+                        m.error = Some(format!("disk {disk}: {e}; retrying"))
+                    });
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    /// Removes what a migration made here before the switch-over (the
+    /// source gave up); after it, the VM is this host's and stays. A
+    /// finished migration's record is forgotten.
+    pub async fn abort_incoming(&self, id: &str) -> AgentResult<()> {
+        let info = self.inner.migrations.get(id)?;
+        if info.phase.is_finished() {
+            self.inner.migrations.forget(id);
+            return Ok(());
+        }
+        if info.role != MigrationRole::Target {
+            return Err(AgentError::conflict(
+                format!("migration {id} is in progress"),
+                Some(format!("cancel it with `flotilla migration cancel {id}`")),
+            ));
+        }
+        if let Ok(entry) = self.entry(&info.vm) {
+            let state = entry.lock().record.state;
+            if entry.lock().record.migration.as_deref() == Some(id) {
+                if !matches!(
+                    state,
+                    VmState::Incoming | VmState::Crashed | VmState::Creating
+                ) {
+                    return Err(AgentError::conflict(
+                        format!("VM {:?} already runs here ({state}): the migration is past its switch-over", info.vm),
+                        None,
+                    ));
+                }
+                self.remove_incoming(&entry).await;
+            }
+        }
+        self.inner.migrations.finish(
+            id,
+            MigrationPhase::Cancelled,
+            Some("the source gave up".into()),
+            0,
+        );
+        Ok(())
+    }
+
+    /// Kills the waiting QEMU and removes the half-made VM.
+    pub(crate) async fn remove_incoming(&self, entry: &Arc<VmEntry>) {
+        let (name, process) = {
+            let mut s = entry.lock();
+            s.runtime.stopping = true;
+            (s.record.name.clone(), s.runtime.process.clone())
+        };
+        if let Some(p) = process {
+            let _ = p.kill().await;
+        }
+        {
+            let mut s = entry.lock();
+            if s.record.state == VmState::Creating {
+                s.record.state = VmState::Stopped;
+            }
+            self.settle_exited(entry, &mut s, VmState::Stopped, None);
+        }
+        if let Err(e) = self.delete(&name, true).await {
+            tracing::error!(vm = %name, error = %e, "removing a half-made incoming VM");
+        }
+    }
+}

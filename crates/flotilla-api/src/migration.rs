@@ -1,0 +1,163 @@
+//! Live migration of a VM from one host's agent to another's. The source
+//! agent drives it: it asks the target to prepare, streams memory, switches
+//! over, and waits for the target's disk sync before it lets go.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// `POST /v1/vms/{name}/migrate` on the source host's agent.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateVmRequest {
+    /// The target agent's API, e.g. `http://10.0.0.6:7777`.
+    pub target: String,
+    /// The target agent's API token.
+    #[serde(default)]
+    pub target_token: Option<String>,
+    /// The longest guest pause to plan for at the switch-over (QEMU's
+    /// default, 300 ms, when not given).
+    #[serde(default)]
+    pub max_downtime_ms: Option<u64>,
+    /// Memory stream bandwidth limit in MiB/s (none when not given).
+    #[serde(default)]
+    pub max_bandwidth_mibps: Option<u64>,
+}
+
+/// A VM as the target must recreate it: its identity and shape.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MigratingVm {
+    pub id: String,
+    pub name: String,
+    pub image: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub cmdline_extra: String,
+    pub tags: std::collections::BTreeMap<String, String>,
+    pub machine_id: Option<String>,
+    pub created_at: String,
+    pub nics: Vec<MigratingNic>,
+    pub disks: Vec<MigratingDisk>,
+    /// SHA-256 of the kernel (and initramfs) the VM runs: the target's image
+    /// must have the same, for the VM's next boot.
+    pub kernel_sha256: String,
+    #[serde(default)]
+    pub initrd_sha256: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MigratingNic {
+    pub mac: String,
+    pub ip: String,
+    pub prefix_len: u8,
+    pub gateway: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MigratingDisk {
+    pub name: String,
+    pub format: String,
+    pub size_mib: u64,
+    pub read_only: bool,
+    /// Where the source exports the disk until the target has it all.
+    pub nbd_host: String,
+    pub nbd_port: u16,
+    pub nbd_export: String,
+}
+
+/// `POST /v1/migrations/incoming` on the target: make a QEMU ready to
+/// receive the VM.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IncomingMigrationRequest {
+    pub id: String,
+    /// The source agent's API, for the record.
+    pub source: String,
+    pub vm: MigratingVm,
+}
+
+/// The target's answer: where its QEMU listens for the memory stream.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct IncomingMigrationReady {
+    pub host: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationRole {
+    Source,
+    Target,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationPhase {
+    /// The target is being prepared.
+    Preparing,
+    /// Memory is copied while the VM runs on the source.
+    PreCopy,
+    /// The VM runs on the target, which copies the rest of the disks.
+    DiskSync,
+    /// The VM runs on the target alone; the source let go.
+    Completed,
+    /// Stopped on request; the VM runs on the source.
+    Cancelled,
+    /// Failed; the VM runs where `error` says.
+    Failed,
+}
+
+impl MigrationPhase {
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            MigrationPhase::Completed | MigrationPhase::Cancelled | MigrationPhase::Failed
+        )
+    }
+}
+
+/// A migration as one agent sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct MigrationInfo {
+    pub id: String,
+    pub vm: String,
+    pub role: MigrationRole,
+    /// The other agent's API.
+    pub peer: String,
+    pub phase: MigrationPhase,
+    /// RFC 3339.
+    pub started_at: String,
+    #[serde(default)]
+    pub finished_at: Option<String>,
+    /// Memory stream: bytes sent (source) and left, rounds over memory,
+    /// pages dirtied per second, the pause QEMU expects, and the pause it
+    /// had at the switch-over.
+    #[serde(default)]
+    pub memory_bytes: u64,
+    #[serde(default)]
+    pub transferred_bytes: u64,
+    #[serde(default)]
+    pub remaining_bytes: u64,
+    #[serde(default)]
+    pub rounds: u64,
+    #[serde(default)]
+    pub dirty_pages_rate: u64,
+    #[serde(default)]
+    pub expected_downtime_ms: Option<u64>,
+    #[serde(default)]
+    pub downtime_ms: Option<u64>,
+    /// Disk sync on the target: bytes done of the disks' total.
+    #[serde(default)]
+    pub disk_synced_bytes: u64,
+    #[serde(default)]
+    pub disk_total_bytes: u64,
+    /// Milliseconds from the start to the switch-over, and to the end.
+    #[serde(default)]
+    pub switch_over_ms: Option<u64>,
+    #[serde(default)]
+    pub total_ms: Option<u64>,
+    #[serde(default)]
+    pub error: Option<String>,
+}

@@ -1,0 +1,233 @@
+//! Live migration between two hosts: each a network namespace with its own
+//! agent and data directory, joined by a fabric; memory and disk cross it
+//! over real TCP.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flotilla_testkit::{Fabric, HostOptions, TestHost};
+use serde_json::Value;
+
+use crate::{assert_clean, exec, run_vm};
+
+fn two_hosts() -> (Arc<Fabric>, TestHost, TestHost) {
+    let fabric = Arc::new(Fabric::create().expect("fabric"));
+    let options = HostOptions {
+        fabric: Some(fabric.clone()),
+        ..HostOptions::default()
+    };
+    let a = TestHost::start_with(options.clone()).expect("host a");
+    let b = TestHost::start_with(options).expect("host b");
+    (fabric, a, b)
+}
+
+/// Memory (tmpfs) and disk contents, and a counter that keeps going.
+fn start_workload(host: &TestHost, vm: &str) {
+    let (code, _, err) = exec(
+        host,
+        vm,
+        &["sh", "-c", "head -c 8000000 /dev/urandom > /tmp/mem.bin && head -c 6000000 /dev/urandom > /root/disk.bin && sync"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, _, _) = exec(
+        host,
+        vm,
+        &["sh", "-c", "setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; echo $i > /root/counter; sleep 0.05; done' >/dev/null 2>&1 &"],
+    );
+    assert_eq!(code, 0);
+}
+
+fn sums(host: &TestHost, vm: &str) -> String {
+    exec(host, vm, &["md5sum", "/tmp/mem.bin", "/root/disk.bin"]).1
+}
+
+fn counter(host: &TestHost, vm: &str, path: &str) -> u64 {
+    exec(host, vm, &["cat", path])
+        .1
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("counter {path}: {e}"))
+}
+
+fn migrate(from: &TestHost, to: &TestHost, vm: &str, extra: &[&str]) -> std::process::Output {
+    let token = to.agent_token();
+    let mut args = vec![
+        "--json",
+        "vm",
+        "migrate",
+        vm,
+        "--to",
+        &to.endpoint,
+        "--to-token",
+        &token,
+    ];
+    args.extend_from_slice(extra);
+    from.cli(&args)
+}
+
+fn migration(host: &TestHost, id: &str) -> Value {
+    host.cli_json(&["migration", "inspect", id])
+}
+
+fn wait_phase(host: &TestHost, id: &str, pred: impl Fn(&str) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let m = migration(host, id);
+        if pred(m["phase"].as_str().unwrap_or_default()) {
+            return m;
+        }
+        assert!(Instant::now() < deadline, "migration stuck: {m:#}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_running_vm_moves_with_its_memory_disk_and_processes() {
+    let (_fabric, a, b) = two_hosts();
+    let vm = run_vm(&a, "mover");
+    let ip = vm["nics"][0]["ip"].clone();
+    start_workload(&a, "mover");
+    std::thread::sleep(Duration::from_millis(300));
+    let before = sums(&a, "mover");
+    let counted = counter(&a, "mover", "/tmp/counter");
+
+    let out = migrate(&a, &b, "mover", &["--max-downtime-ms", "100"]);
+    assert!(
+        out.status.success(),
+        "{}\n--- source ---\n{}\n--- target ---\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        a.agent_log_tail(),
+        b.agent_log_tail()
+    );
+    let m: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(m["phase"], "completed", "{m:#}");
+    assert!(m["transferred_bytes"].as_u64().unwrap() > 0, "{m:#}");
+    assert!(m["downtime_ms"].as_u64().is_some(), "{m:#}");
+
+    // It runs on b, the same VM: address, files, and the counting process.
+    let moved: Value = b.cli_json(&["vm", "inspect", "mover"]);
+    assert_eq!(moved["state"], "running", "{moved:#}");
+    assert_eq!(moved["nics"][0]["ip"], ip);
+    assert_eq!(sums(&b, "mover"), before, "memory and disk contents");
+    let later = counter(&b, "mover", "/tmp/counter");
+    assert!(
+        later > counted,
+        "the counter goes on: {later} after {counted}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let on_disk = counter(&b, "mover", "/root/counter");
+    assert!(
+        on_disk > later,
+        "it writes the disk on b: {on_disk} after {later}"
+    );
+    // Its disks are b's own now: no link to a.
+    let disks = moved["disks"].as_array().unwrap();
+    assert!(disks.iter().all(|d| d["backing"].is_null()), "{moved:#}");
+    let target_side = migration(&b, m["id"].as_str().unwrap());
+    assert_eq!(target_side["phase"], "completed", "{target_side:#}");
+    assert!(target_side["disk_total_bytes"].as_u64().unwrap() > 0);
+
+    // Nothing of it is left on a.
+    let left: Vec<Value> = a.cli_json(&["vm", "ls"]);
+    assert!(left.is_empty(), "{left:?}");
+    assert_clean(&a);
+
+    // It keeps working there: a stop and a start from its own disk.
+    assert!(b.cli(&["vm", "stop", "mover"]).status.success());
+    assert!(b.cli(&["vm", "start", "mover", "--wait"]).status.success());
+    let (_, out, _) = exec(&b, "mover", &["md5sum", "/root/disk.bin"]);
+    assert!(
+        before.contains(out.split_whitespace().next().unwrap()),
+        "{out}"
+    );
+    // And back to a.
+    let out = migrate(&b, &a, "mover", &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_clean(&b);
+}
+
+#[test]
+fn a_cancelled_or_refused_migration_leaves_the_vm_where_it_was() {
+    let (_fabric, a, b) = two_hosts();
+    run_vm(&a, "stay");
+    start_workload(&a, "stay");
+    let before = sums(&a, "stay");
+
+    // Slow enough (1 MiB/s for 256 MiB) to be cancelled in the pre-copy.
+    let out = migrate(&a, &b, "stay", &["--bandwidth", "1", "--no-wait"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let id = m["id"].as_str().unwrap().to_string();
+    wait_phase(&a, &id, |p| p == "pre_copy");
+    let inspect: Value = a.cli_json(&["vm", "inspect", "stay"]);
+    assert_eq!(inspect["state"], "migrating");
+    // Nothing else may act on it meanwhile.
+    let (s, body) = a.api("POST", "/v1/vms/stay/suspend", None);
+    assert_eq!(s, 409, "{body}");
+    assert!(a.cli(&["migration", "cancel", &id]).status.success());
+    let m = wait_phase(&a, &id, |p| p != "pre_copy");
+    assert_eq!(m["phase"], "cancelled", "{m:#}");
+    let inspect: Value = a.cli_json(&["vm", "inspect", "stay"]);
+    assert_eq!(inspect["state"], "running");
+    assert_eq!(sums(&a, "stay"), before);
+    let c1 = counter(&a, "stay", "/tmp/counter");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(counter(&a, "stay", "/tmp/counter") > c1, "it runs on");
+    // The target made nothing that stays.
+    assert_clean(&b);
+
+    // The target agent dies in the pre-copy: the VM stays on a, and b's
+    // next agent removes the half-made VM.
+    let out = migrate(&a, &b, "stay", &["--bandwidth", "1", "--no-wait"]);
+    let m: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let id = m["id"].as_str().unwrap().to_string();
+    wait_phase(&a, &id, |p| p == "pre_copy");
+    let mut b = b;
+    b.kill_agent(nix::sys::signal::Signal::SIGKILL);
+    // Its QEMU still receives; the source gives up at the switch-over at the
+    // latest. Make it quick: cancel.
+    assert!(a.cli(&["migration", "cancel", &id]).status.success());
+    let m = wait_phase(&a, &id, |p| p != "pre_copy");
+    assert_ne!(m["phase"], "completed", "{m:#}");
+    assert_eq!(
+        a.cli_json::<Value>(&["vm", "inspect", "stay"])["state"],
+        "running"
+    );
+    b.start_agent().expect("b's agent restarts");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(b.qemu_pids().is_empty() && b.vm_dirs().is_empty()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_clean(&b);
+
+    // A target without room refuses up front, and nothing changes.
+    let small = TestHost::start_with(HostOptions {
+        capacity_memory_mib: 128,
+        fabric: Some(_fabric.clone()),
+        ..HostOptions::default()
+    })
+    .expect("small host");
+    let out = migrate(&a, &small, "stay", &[]);
+    assert!(!out.status.success());
+    let m: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(m["phase"], "failed", "{m:#}");
+    assert!(m["error"].as_str().unwrap().contains("MiB"), "{m:#}");
+    assert_eq!(
+        a.cli_json::<Value>(&["vm", "inspect", "stay"])["state"],
+        "running"
+    );
+    assert_eq!(sums(&a, "stay"), before);
+    assert_clean(&small);
+    // A bad target is refused with the reason.
+    let out = a.cli(&["vm", "migrate", "stay", "--to", "ftp://x"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("http://"));
+}

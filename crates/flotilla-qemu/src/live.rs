@@ -1,0 +1,245 @@
+//! Live migration between two QEMUs on different hosts, the QEMU side of it:
+//! memory pre-copied over TCP by QEMU's own migration stream, and disks
+//! synced after the switch-over ("post-copy" of disks).
+//!
+//! The disk scheme, all stock QEMU:
+//! - the source QEMU exports each disk read-only over NBD (`allow-inactive`,
+//!   so migration may still inactivate the disks at the switch-over);
+//! - the target's disk is a fresh qcow2 whose backing is that export (raw
+//!   over NBD, see [`crate::config::NbdBacking`]): it reads from the source
+//!   what it has not written itself;
+//! - at the switch-over the source re-activates its disks for reading
+//!   ([`reactivate_for_reads`]) and the target continues; then
+//!   [`stream_from_backing`] copies the rest in the background and drops the
+//!   backing, after which the source may go.
+//!
+//! The source's copy never changes after the switch-over, so until the sync
+//! is done it stays a consistent image of the disk as it was then.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::block::BlockError;
+use crate::error::QmpError;
+use crate::qmp::QmpClient;
+
+const POLL: Duration = Duration::from_millis(20);
+
+/// Where a migration stands, from `query-migrate` on either side.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LiveProgress {
+    /// `setup`, `active`, `device`, `completed`, `failed`, `cancelled`, ...
+    pub status: String,
+    pub total_ms: u64,
+    /// Guest pause at the switch-over, as QEMU measured it.
+    pub downtime_ms: Option<u64>,
+    /// Expected pause if QEMU switched over now.
+    pub expected_downtime_ms: Option<u64>,
+    pub transferred_bytes: u64,
+    pub remaining_bytes: u64,
+    pub memory_bytes: u64,
+    /// Pages the guest dirties per second (from the last round).
+    pub dirty_pages_rate: u64,
+    /// Bytes per second the stream achieves.
+    pub throughput_bps: u64,
+    /// Pre-copy rounds over memory.
+    pub rounds: u64,
+    pub error: Option<String>,
+}
+
+impl LiveProgress {
+    pub fn is_finished(&self) -> bool {
+        matches!(self.status.as_str(), "completed" | "failed" | "cancelled")
+    }
+}
+
+fn progress_of(v: &Value) -> LiveProgress {
+    let ram = &v["ram"];
+    let n = |x: &Value| x.as_u64().unwrap_or(0);
+    LiveProgress {
+        status: v["status"].as_str().unwrap_or("none").to_string(),
+        total_ms: n(&v["total-time"]),
+        downtime_ms: v["downtime"].as_u64(),
+        expected_downtime_ms: v["expected-downtime"].as_u64(),
+        transferred_bytes: n(&ram["transferred"]),
+        remaining_bytes: n(&ram["remaining"]),
+        memory_bytes: n(&ram["total"]),
+        dirty_pages_rate: n(&ram["dirty-pages-rate"]),
+        // QEMU reports mbps (megabits per second) as a float.
+        throughput_bps: (ram["mbps"].as_f64().unwrap_or(0.0) * 1_000_000.0 / 8.0) as u64,
+        rounds: n(&ram["dirty-sync-count"]),
+        error: v["error-desc"].as_str().map(str::to_string),
+    }
+}
+
+/// The migration's progress now.
+pub async fn progress(qmp: &QmpClient) -> Result<LiveProgress, QmpError> {
+    let v: Value = qmp.execute("query-migrate", None).await?;
+    Ok(progress_of(&v))
+}
+
+/// Limits of a live migration; `None` keeps QEMU's default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveLimits {
+    /// The longest pause QEMU may plan for at the switch-over.
+    pub max_downtime_ms: Option<u64>,
+    /// Bytes per second the stream may use.
+    pub max_bandwidth_bps: Option<u64>,
+}
+
+/// Starts sending the running VM's state to a target listening at `to`.
+pub async fn start_outgoing(
+    qmp: &QmpClient,
+    to: SocketAddr,
+    limits: LiveLimits,
+) -> Result<(), QmpError> {
+    let mut params = serde_json::Map::new();
+    if let Some(ms) = limits.max_downtime_ms {
+        params.insert("downtime-limit".into(), json!(ms));
+    }
+    if let Some(bps) = limits.max_bandwidth_bps {
+        params.insert("max-bandwidth".into(), json!(bps));
+    }
+    if !params.is_empty() {
+        qmp.execute::<Value>("migrate-set-parameters", Some(Value::Object(params)))
+            .await?;
+    }
+    qmp.execute::<Value>("migrate", Some(json!({ "uri": format!("tcp:{to}") })))
+        .await?;
+    Ok(())
+}
+
+/// Makes a QEMU started with `-incoming defer` listen on `host` (port
+/// chosen by the system) and returns the port.
+pub async fn listen_incoming(qmp: &QmpClient, host: std::net::IpAddr) -> Result<u16, QmpError> {
+    qmp.execute::<Value>(
+        "migrate-incoming",
+        Some(json!({ "uri": format!("tcp:{host}:0") })),
+    )
+    .await?;
+    let v: Value = qmp.execute("query-migrate", None).await?;
+    let port = v["socket-address"]
+        .as_array()
+        .and_then(|a| a.first())
+        .and_then(|a| a["port"].as_str())
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| QmpError::Protocol(format!("no listening port in {v}")))?;
+    Ok(port)
+}
+
+/// Cancels an outgoing migration and waits until QEMU is done with it (the
+/// source VM runs on).
+pub async fn cancel(qmp: &QmpClient, timeout: Duration) -> Result<(), QmpError> {
+    let _ = qmp.execute::<Value>("migrate_cancel", None).await;
+    let started = Instant::now();
+    loop {
+        let p = progress(qmp).await?;
+        if p.is_finished() || p.status == "none" || started.elapsed() > timeout {
+            return Ok(());
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Exports disks (block node, export name) read-only over NBD on `listen`,
+/// for a target to read what it has not copied yet.
+pub async fn export_disks(
+    qmp: &QmpClient,
+    listen: SocketAddr,
+    disks: &[(String, String)],
+) -> Result<(), QmpError> {
+    qmp.execute::<Value>(
+        "nbd-server-start",
+        Some(json!({ "addr": { "type": "inet", "data": {
+            "host": listen.ip().to_string(), "port": listen.port().to_string() } } })),
+    )
+    .await?;
+    for (node, export) in disks {
+        qmp.execute::<Value>(
+            "block-export-add",
+            Some(json!({
+                "type": "nbd", "id": format!("sync-{export}"), "node-name": node,
+                "name": export, "writable": false,
+                // Migration inactivates the disks at the switch-over; the
+                // export must not stand in its way.
+                "allow-inactive": true,
+            })),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Ends the NBD exports (nothing to do when there are none).
+pub async fn unexport_disks(qmp: &QmpClient, exports: &[String]) {
+    for export in exports {
+        let _ = qmp
+            .execute::<Value>(
+                "block-export-del",
+                Some(json!({ "id": format!("sync-{export}"), "mode": "hard" })),
+            )
+            .await;
+    }
+    let _ = qmp.execute::<Value>("nbd-server-stop", None).await;
+}
+
+/// After the switch-over the source's disks are inactive, and an inactive
+/// node refuses reads: activated again, they serve the target's reads. The
+/// paused source never writes them.
+pub async fn reactivate_for_reads(qmp: &QmpClient, nodes: &[String]) -> Result<(), QmpError> {
+    for node in nodes {
+        qmp.execute::<Value>(
+            "blockdev-set-active",
+            Some(json!({ "node-name": node, "active": true })),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Copies into the disk `node` everything its (NBD) backing still holds,
+/// then drops the backing. `progress` gets (bytes done, bytes total).
+pub async fn stream_from_backing(
+    qmp: &QmpClient,
+    node: &str,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<(), BlockError> {
+    let job = format!("sync-{node}");
+    // A job left by an earlier attempt (an agent restart) is reused.
+    let jobs: Vec<Value> = qmp.execute("query-jobs", None).await?;
+    if !jobs.iter().any(|j| j["id"] == job) {
+        qmp.execute::<Value>(
+            "block-stream",
+            Some(json!({ "job-id": job, "device": node, "auto-dismiss": false })),
+        )
+        .await?;
+    }
+    loop {
+        let jobs: Vec<Value> = qmp.execute("query-jobs", None).await?;
+        let Some(info) = jobs.iter().find(|j| j["id"] == job) else {
+            return Err(BlockError::JobFailed {
+                job,
+                reason: "the job vanished".into(),
+            });
+        };
+        progress(
+            info["current-progress"].as_u64().unwrap_or(0),
+            info["total-progress"].as_u64().unwrap_or(0),
+        );
+        if info["status"] == "concluded" {
+            let error = info["error"].as_str().map(str::to_string);
+            // Dismissed before anything else asks about block nodes.
+            let _ = qmp
+                .execute::<Value>("job-dismiss", Some(json!({ "id": job })))
+                .await;
+            return match error {
+                Some(reason) => Err(BlockError::JobFailed { job, reason }),
+                None => Ok(()),
+            };
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
