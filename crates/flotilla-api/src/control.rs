@@ -369,6 +369,15 @@ pub struct CloneInstanceRequest {
     pub tags: Option<BTreeMap<String, String>>,
 }
 
+/// `POST /v1/instances/{name}/migrate`: live-migrate it to `to`, or to where
+/// its placement policy puts it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateInstanceRequest {
+    #[serde(default)]
+    pub to: Option<String>,
+}
+
 /// Changes to an instance (`PATCH /v1/instances/{name}`), as a JSON merge
 /// patch: a tag set to a string is set, a tag set to null is removed, tags
 /// not named are kept.

@@ -202,6 +202,15 @@ pub enum InstanceCommand {
     Inspect {
         name: String,
     },
+    /// Live-migrate a running instance to another host.
+    Migrate {
+        name: String,
+        /// The host; without it, placement picks one (never the current).
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long)]
+        wait: bool,
+    },
     /// Set or remove tags (never moves the instance).
     Tag {
         name: String,
@@ -263,6 +272,13 @@ pub enum HostsCommand {
     /// No new instances go to the host.
     Cordon {
         name: String,
+    },
+    /// Cordon the host and live-migrate every instance off it, each where
+    /// its placement policy puts it; the operation reports each outcome.
+    Drain {
+        name: String,
+        #[arg(long)]
+        wait: bool,
     },
     Uncordon {
         name: String,

@@ -158,6 +158,39 @@ impl AgentClient {
         self.call(agent, self.http.post(url).json(request)).await
     }
 
+    /// Live-migrates VM `name` from `source` to `target` and waits for the
+    /// end (the answer tells whether it moved).
+    pub async fn migrate_vm(
+        &self,
+        source: &AgentAddr,
+        name: &str,
+        target: &AgentAddr,
+    ) -> Result<flotilla_api::migration::MigrationInfo, AgentCallError> {
+        let url = format!("{}/v1/vms/{name}/migrate?wait=true", source.endpoint);
+        let request = flotilla_api::migration::MigrateVmRequest {
+            target: target.endpoint.clone(),
+            target_token: target.token.clone(),
+            max_downtime_ms: None,
+            max_bandwidth_mibps: None,
+        };
+        // As long as a large VM may take to move.
+        let call = self
+            .http
+            .post(url)
+            .timeout(Duration::from_secs(3600))
+            .json(&request);
+        self.call(source, call).await
+    }
+
+    /// The migrations an agent knows of.
+    pub async fn migrations(
+        &self,
+        agent: &AgentAddr,
+    ) -> Result<Vec<flotilla_api::migration::MigrationInfo>, AgentCallError> {
+        let url = format!("{}/v1/migrations", agent.endpoint);
+        self.call(agent, self.http.get(url)).await
+    }
+
     /// Sends an exec to the VM and hands back the agent's answer as is
     /// (collected JSON, or the NDJSON stream with `stream`), errors included.
     pub async fn exec_raw(

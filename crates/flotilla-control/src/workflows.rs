@@ -29,6 +29,12 @@ pub enum OperationInput {
     Clone {
         source: String,
     },
+    /// Live-migrate the targets to host `to`, or where placement puts them
+    /// (never their current host).
+    Migrate {
+        #[serde(default)]
+        to: Option<String>,
+    },
 }
 
 impl OperationInput {
@@ -41,6 +47,7 @@ impl OperationInput {
             OperationInput::Suspend => "suspend",
             OperationInput::Resume => "resume",
             OperationInput::Clone { .. } => "clone",
+            OperationInput::Migrate { .. } => "migrate",
         }
     }
 
@@ -357,6 +364,7 @@ async fn act(
                     seen_at: now_ms(),
                 }))
             }
+            OperationInput::Migrate { to } => migrate_step(cp, inst, to.as_deref()).await,
             OperationInput::Clone { source } => {
                 let mut tags = inst.tags.clone();
                 tags.insert("flotilla.instance".into(), inst.name.clone());
@@ -376,6 +384,87 @@ async fn act(
                 };
                 let ip = vm.nics.first().map(|n| n.ip.clone());
                 made(cp, &agent, &inst.id, observed_from_vm(vm.state), ip).await
+            }
+        }
+    }
+}
+
+/// Moves one instance: picks and claims a target (unless an earlier attempt
+/// did), has the source's agent migrate the VM, and records where it ended.
+/// Repeatable: an attempt cut short finds the move where the agents have
+/// it (done, still going, or not begun).
+async fn migrate_step(
+    cp: &ControlPlane,
+    inst: &InstanceRow,
+    to: Option<&str>,
+) -> ControlResult<Option<ObservedUpdate>> {
+    let agents = &cp.inner.agents;
+    let store = cp.store();
+    let from = inst
+        .host
+        .clone()
+        .ok_or_else(|| ControlError::conflict(format!("instance {} has no host", inst.name)))?;
+    let source = agent_of(cp, inst).await?;
+    let target_host = match &inst.migrating_to {
+        Some(t) => t.clone(),
+        None => cp.claim_migration_target(inst, &from, to).await?,
+    };
+    let target = match store.host(&target_host).await? {
+        Some(row) => AgentAddr::from(&row),
+        None => {
+            store.end_migration(&inst.id, false).await?;
+            return Err(ControlError::conflict(format!(
+                "host {target_host} is no longer registered"
+            )));
+        }
+    };
+    let seen = |vm: &flotilla_api::VmInfo| ObservedUpdate {
+        id: inst.id.clone(),
+        observed: observed_from_vm(vm.state),
+        ip: vm.nics.first().map(|n| n.ip.clone()),
+        error: None,
+        seen_at: now_ms(),
+    };
+    loop {
+        let on_source = match agents.vm(&source, &inst.id).await {
+            Ok(vm) => Some(vm),
+            Err(e) if e.is_not_found() => None,
+            Err(e) => return Err(agent_error(e)),
+        };
+        match on_source.as_ref().map(|v| v.state) {
+            // Gone from the source: moved, if the target has it.
+            None => {
+                let vm = agents.vm(&target, &inst.id).await.map_err(agent_error)?;
+                store.end_migration(&inst.id, true).await?;
+                tracing::info!(instance = %inst.name, from = %from, to = %target_host, "migrated");
+                return Ok(Some(seen(&vm)));
+            }
+            // An earlier attempt's migration is still going.
+            Some(flotilla_api::VmState::Migrating) => {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Some(_) => {
+                let result = agents.migrate_vm(&source, &inst.id, &target).await;
+                match result {
+                    Ok(m) if m.phase == flotilla_api::migration::MigrationPhase::Completed => {
+                        continue;
+                    }
+                    Ok(m) => {
+                        store.end_migration(&inst.id, false).await?;
+                        return Err(ControlError::conflict(format!(
+                            "migration of {} to {target_host} {:?}: {}",
+                            inst.name,
+                            m.phase,
+                            m.error.unwrap_or_default()
+                        )));
+                    }
+                    Err(e) if e.is_conflict() => {
+                        // Not running (stopped, suspended): it stays.
+                        store.end_migration(&inst.id, false).await?;
+                        return Err(agent_error(e));
+                    }
+                    Err(e) => return Err(agent_error(e)),
+                }
             }
         }
     }

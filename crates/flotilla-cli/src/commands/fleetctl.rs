@@ -359,6 +359,12 @@ pub async fn instance(c: &Client, json: bool, cmd: InstanceCommand) -> anyhow::R
             let verb = format!("cloned from {source} on");
             return report_made(c, json, result, wait, &verb).await;
         }
+        InstanceCommand::Migrate { name, to, wait } => {
+            let path = format!("/v1/instances/{}/migrate", encode(&name));
+            let body = flotilla_api::control::MigrateInstanceRequest { to };
+            let req = c.request(Method::POST, &path).json(&body);
+            return act_request(c, json, req, wait).await;
+        }
         InstanceCommand::Terminate { name, wait } => {
             return act(
                 c,
@@ -472,7 +478,17 @@ async fn act(
     path: &str,
     wait: bool,
 ) -> anyhow::Result<ExitCode> {
-    let mut op: Operation = c.send(c.request(method, path)).await?.json().await?;
+    act_request(c, json, c.request(method, path), wait).await
+}
+
+/// Starts an operation with `req`, optionally follows it, and reports it.
+async fn act_request(
+    c: &Client,
+    json: bool,
+    req: reqwest::RequestBuilder,
+    wait: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut op: Operation = c.send(req).await?.json().await?;
     if wait {
         op = wait_op(c, &op.id).await?;
     }
@@ -540,6 +556,10 @@ pub async fn hosts(c: &Client, json: bool, cmd: HostsCommand) -> anyhow::Result<
         HostsCommand::Cordon { name } => {
             c.post::<_, Host>(&format!("/v1/hosts/{}/cordon", encode(&name)), &())
                 .await?
+        }
+        HostsCommand::Drain { name, wait } => {
+            let path = format!("/v1/hosts/{}/drain", encode(&name));
+            return act(c, json, Method::POST, &path, wait).await;
         }
         HostsCommand::Uncordon { name } => {
             c.post::<_, Host>(&format!("/v1/hosts/{}/uncordon", encode(&name)), &())

@@ -419,3 +419,134 @@ fn two_replicas_on_postgresql_share_state_and_take_over_runs() {
     made.sort();
     assert_eq!(made, ["w-1", "w-2", "w-3"]);
 }
+
+/// A host on the cluster fabric, heartbeating to `cp`.
+fn fabric_host(
+    cp: &ControlPlaneProcess,
+    fabric: &std::sync::Arc<flotilla_testkit::Fabric>,
+    name: &str,
+) -> TestHost {
+    let (s, t) = cp.api("POST", "/v1/tokens", None, Some(json!({"host": name})));
+    assert_eq!(s, 201, "{t}");
+    TestHost::start_with(HostOptions {
+        control: Some(ControlLinkOptions {
+            port: cp.port,
+            token: t["token"].as_str().expect("token").to_string(),
+            host_name: name.into(),
+            labels: vec![],
+        }),
+        fabric: Some(fabric.clone()),
+        ..HostOptions::default()
+    })
+    .expect("test host")
+}
+
+#[test]
+fn instances_live_migrate_and_a_drain_empties_a_host() {
+    let cp = ControlPlaneProcess::start().expect("control plane");
+    let fabric = std::sync::Arc::new(flotilla_testkit::Fabric::create().expect("fabric"));
+    let h1 = fabric_host(&cp, &fabric, "h1");
+    let h2 = fabric_host(&cp, &fabric, "h2");
+    cp.wait_for(
+        "both hosts",
+        "/v1/hosts",
+        None,
+        Duration::from_secs(30),
+        |b| {
+            b.as_array()
+                .is_some_and(|a| a.len() == 2 && a.iter().all(|h| h["state"] == "up"))
+        },
+    );
+    let admin = cp.admin_token.clone();
+    assert!(cli(&cp, &admin, &["tenant", "create", "acme"]).0);
+    let acme = cli(&cp, &admin, &["token", "create", "--tenant", "acme"])
+        .1
+        .trim()
+        .to_string();
+    let (s, b) = cp.api(
+        "POST",
+        "/v1/instances",
+        Some(&acme),
+        Some(json!({"name": "db"})),
+    );
+    assert_eq!(s, 201, "{b}");
+    let first = b["instances"][0]["host"].as_str().unwrap().to_string();
+    let other = if first == "h1" { "h2" } else { "h1" };
+    let op = wait_op(&cp, &acme, b["operation"].as_str().unwrap());
+    assert_eq!(op["state"], "succeeded", "{op}");
+    let (agent_of, agent_other) = if first == "h1" {
+        (&h1, &h2)
+    } else {
+        (&h2, &h1)
+    };
+    let id = instance_vms(agent_of)[0]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (s, b) = agent_of.api(
+        "POST",
+        &format!("/v1/vms/{id}/exec"),
+        Some(json!({"argv": ["sh", "-c", "echo kept > /root/mark && sync"]})),
+    );
+    assert_eq!(s, 200, "{b}");
+
+    // Placement picks the other host: its only choice but its own.
+    let (ok, out, err) = cli(
+        &cp,
+        &acme,
+        &["--json", "instance", "migrate", "db", "--wait"],
+    );
+    assert!(
+        ok,
+        "{out} {err}\n{}\n{}",
+        h1.agent_log_tail(),
+        h2.agent_log_tail()
+    );
+    let op: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(op["state"], "succeeded", "{op:#}");
+    let (_, inst) = cp.api("GET", "/v1/instances/db", Some(&acme), None);
+    assert_eq!(inst["host"], other, "{inst:#}");
+    assert!(instance_vms(agent_of).is_empty());
+    assert_eq!(instance_vms(agent_other).len(), 1);
+    let (s, b) = cp.api(
+        "POST",
+        "/v1/instances/db/exec",
+        Some(&acme),
+        Some(json!({"argv": ["cat", "/root/mark"]})),
+    );
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["stdout"], "kept\n");
+    // Asking for the host it is on is refused.
+    let (s, b) = cp.api(
+        "POST",
+        "/v1/instances/db/migrate",
+        Some(&acme),
+        Some(json!({"to": other})),
+    );
+    assert_eq!(s, 400, "{b}");
+
+    // Draining its host moves it back and cordons the host.
+    let (ok, out, err) = cli(&cp, &admin, &["--json", "hosts", "drain", other, "--wait"]);
+    assert!(ok, "{out} {err}");
+    let op: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(op["state"], "succeeded", "{op:#}");
+    let (_, inst) = cp.api("GET", "/v1/instances/db", Some(&acme), None);
+    assert_eq!(inst["host"], first, "{inst:#}");
+    assert!(instance_vms(agent_other).is_empty());
+    let (_, host) = cp.api("GET", &format!("/v1/hosts/{other}"), None, None);
+    assert_eq!(host["cordoned"], true, "{host:#}");
+    assert_eq!(host["instances"], 0, "{host:#}");
+    // Nowhere left to go: the only other host is cordoned.
+    let (s, b) = cp.api(
+        "POST",
+        "/v1/instances/db/migrate",
+        Some(&acme),
+        Some(json!({})),
+    );
+    assert_eq!(s, 202, "{b}");
+    let op = wait_op(&cp, &acme, b["id"].as_str().unwrap());
+    assert_eq!(op["state"], "failed", "{op:#}");
+    let (_, inst) = cp.api("GET", "/v1/instances/db", Some(&acme), None);
+    assert_eq!(inst["host"], first, "{inst:#}");
+    assert_eq!(instance_vms(agent_of).len(), 1);
+}

@@ -9,9 +9,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use flotilla_api::control::{
     CloneInstanceRequest, CreateTenantRequest, CreateTokenRequest, FleetSelector, Host,
-    HostHeartbeat, Instance, ObservedState, Operation, Page, PlacementExplanation, Policy,
-    PolicyDocument, RunInstancesRequest, RunInstancesResult, Tenant, TokenCreated,
-    UpdateInstanceRequest,
+    HostHeartbeat, Instance, MigrateInstanceRequest, ObservedState, Operation, Page,
+    PlacementExplanation, Policy, PolicyDocument, RunInstancesRequest, RunInstancesResult, Tenant,
+    TokenCreated, UpdateInstanceRequest,
 };
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -58,6 +58,8 @@ pub async fn healthz() -> &'static str {
         get_instance,
         terminate_instance,
         update_instance,
+        migrate_instance,
+        drain,
         start_instance,
         stop_instance,
         exec_instance,
@@ -172,6 +174,35 @@ pub async fn cordon(
     Ok(Json(convert::host(
         cp.set_cordoned(&caller, &name, true).await?,
     )))
+}
+
+#[utoipa::path(post, path = "/v1/hosts/{name}/drain", responses((status = 202, body = Operation),
+    (status = 404, body = flotilla_api::ErrorBody), (status = 409, body = flotilla_api::ErrorBody)))]
+pub async fn drain(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<(StatusCode, Json<Operation>)> {
+    let op = cp.drain_host(&caller, &name).await?;
+    Ok((StatusCode::ACCEPTED, Json(convert::operation(op))))
+}
+
+#[utoipa::path(post, path = "/v1/instances/{name}/migrate", request_body = MigrateInstanceRequest,
+    responses((status = 202, body = Operation), (status = 404, body = flotilla_api::ErrorBody),
+              (status = 409, body = flotilla_api::ErrorBody)))]
+pub async fn migrate_instance(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    Path(name): Path<String>,
+    q: Result<Query<TenantQuery>, QueryRejection>,
+    req: Result<Json<MigrateInstanceRequest>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Operation>)> {
+    let q = query(q)?;
+    let req = body(req)?;
+    let op = cp
+        .migrate_instance(&caller, q.tenant.as_deref(), &name, req.to)
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(convert::operation(op))))
 }
 
 #[utoipa::path(post, path = "/v1/hosts/{name}/uncordon", responses((status = 200, body = Host)))]

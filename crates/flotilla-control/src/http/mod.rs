@@ -31,6 +31,8 @@ pub fn router(cp: ControlPlane) -> Router {
         .route("/v1/hosts/{name}/heartbeat", post(heartbeat))
         .route("/v1/hosts/{name}/cordon", post(cordon))
         .route("/v1/hosts/{name}/uncordon", post(uncordon))
+        .route("/v1/hosts/{name}/drain", post(drain))
+        .route("/v1/instances/{name}/migrate", post(migrate_instance))
         .route("/v1/instances", get(list_instances).post(run_instances))
         .route(
             "/v1/instances/{name}",

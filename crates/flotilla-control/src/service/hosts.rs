@@ -67,6 +67,8 @@ impl ControlPlane {
                 Some(_) if now_ms() - inst.updated_at < JUST_SEEN_MS => continue,
                 Some(vm) => observed_from_vm(vm.state),
                 None if inst.observed == ObservedState::Pending => continue,
+                // Moving: it leaves this host before the move is recorded.
+                None if inst.migrating_to.is_some() => continue,
                 // Just made: the heartbeat may have been composed before.
                 None if now_ms() - inst.updated_at < RECENT_MS => continue,
                 None => ObservedState::Unknown,
@@ -140,6 +142,35 @@ impl ControlPlane {
         }
         self.fleet_changed().await;
         self.host(caller, name).await
+    }
+
+    /// Cordons the host and live-migrates every instance off it, a few at
+    /// a time, each where its placement policy puts it; the operation's
+    /// steps report each outcome. Instances that are not running stay.
+    pub async fn drain_host(&self, caller: &Caller, name: &str) -> ControlResult<OperationRow> {
+        require_admin(caller)?;
+        let host = self.set_cordoned(caller, name, true).await?;
+        if host.down {
+            return Err(ControlError::conflict(format!(
+                "host {name} is down: its instances cannot be live-migrated"
+            )));
+        }
+        let targets: Vec<String> = self
+            .store()
+            .instances_on_host(name)
+            .await?
+            .into_iter()
+            .filter(|i| i.desired != DesiredState::Terminated)
+            .map(|i| i.id)
+            .collect();
+        self.begin_operation(
+            None,
+            &new_id("op"),
+            OperationInput::Migrate { to: None },
+            targets,
+            None,
+        )
+        .await
     }
 
     /// Marks down the hosts that missed their heartbeats.

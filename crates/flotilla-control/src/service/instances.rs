@@ -97,9 +97,9 @@ impl ControlPlane {
             OperationInput::Stop => DesiredState::Stopped,
             OperationInput::Suspend => DesiredState::Suspended,
             OperationInput::Resume => DesiredState::Running,
-            OperationInput::Run | OperationInput::Clone { .. } => {
+            OperationInput::Run | OperationInput::Clone { .. } | OperationInput::Migrate { .. } => {
                 return Err(ControlError::invalid(
-                    "runs and clones have their own calls (POST /v1/instances, .../clone)",
+                    "runs, clones and migrations have their own calls (POST /v1/instances, .../clone, .../migrate)",
                 ))
             }
         };
@@ -112,6 +112,46 @@ impl ControlPlane {
         let tenant_id = inst.tenant_id.clone();
         self.begin_operation(Some(&tenant_id), &op_id, input, vec![inst.id], desired)
             .await
+    }
+
+    /// Live-migrates a running instance to host `to`, or to where its
+    /// placement policy puts it.
+    pub async fn migrate_instance(
+        &self,
+        caller: &Caller,
+        tenant: Option<&str>,
+        name: &str,
+        to: Option<String>,
+    ) -> ControlResult<OperationRow> {
+        let inst = self.instance(caller, tenant, name).await?;
+        if inst.desired == DesiredState::Terminated {
+            return Err(ControlError::conflict(format!(
+                "instance {name:?} is being terminated"
+            )));
+        }
+        if inst.observed != ObservedState::Running {
+            return Err(ControlError::conflict(format!(
+                "instance {name:?} is {:?}: only a running instance can be live-migrated",
+                inst.observed
+            )));
+        }
+        if let Some(to) = &to {
+            if inst.host.as_deref() == Some(to.as_str()) {
+                return Err(ControlError::invalid(format!(
+                    "instance {name:?} is already on host {to}"
+                )));
+            }
+        }
+        self.check_not_being_made(&inst).await?;
+        let tenant_id = inst.tenant_id.clone();
+        self.begin_operation(
+            Some(&tenant_id),
+            &new_id("op"),
+            OperationInput::Migrate { to },
+            vec![inst.id],
+            None,
+        )
+        .await
     }
 
     /// Acting on an instance its run or clone is still making would race
@@ -142,9 +182,10 @@ impl ControlPlane {
         id: &str,
         input: OperationInput,
         targets: Vec<String>,
-        desired: DesiredState,
+        desired: impl Into<Option<DesiredState>>,
     ) -> ControlResult<OperationRow> {
         let op = self.new_operation(tenant_id, id, input, targets);
+        let desired = desired.into();
         self.store()
             .begin_operation(&op, desired, &self.inner.replica, self.lease_until())
             .await?;

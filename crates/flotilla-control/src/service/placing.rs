@@ -366,6 +366,64 @@ impl ControlPlane {
         .with_hint("send the request again"))
     }
 
+    /// Picks where a migrating instance goes (`to`, checked against the
+    /// instance's hard rules like any placement, or the best host but its
+    /// own) and claims room there; retried when another placement raced.
+    pub(crate) async fn claim_migration_target(
+        &self,
+        inst: &InstanceRow,
+        from: &str,
+        to: Option<&str>,
+    ) -> ControlResult<String> {
+        let policy = self
+            .effective_policy(&inst.tenant_id, &inst.tags, None)
+            .await?;
+        let group = Self::group_of(&policy, &inst.tags);
+        for _ in 0..PLACEMENT_ATTEMPTS {
+            let (mut views, versions) = self.host_views(&inst.tenant_id, group).await?;
+            for v in &mut views {
+                // Never its own host; only the one asked for, if any.
+                if v.name == from || to.is_some_and(|t| t != v.name) {
+                    v.cordoned = true;
+                }
+                // It leaves its own host: it does not count against itself.
+                if v.name == from {
+                    v.group_count = v.group_count.saturating_sub(1);
+                }
+            }
+            let demand = Demand {
+                full_domains: placement::full_domains(
+                    &policy,
+                    views.iter().map(|v| (&v.labels, v.group_count)),
+                ),
+                affinity_hosts: self.affinity_hosts(&inst.tenant_id, &policy).await?,
+                ..Demand::new(inst.vcpus, inst.memory_mib)
+            };
+            let Some(chosen) = placement::choose(&views, &demand, &policy) else {
+                let explanation = placement::explain(&views, &demand, &policy);
+                return Err(no_host_error(&inst.name, &explanation));
+            };
+            let name = chosen.name.clone();
+            let version = versions.get(&name).copied().unwrap_or(0);
+            match self
+                .store()
+                .begin_migration(&inst.id, from, &name, version)
+                .await
+            {
+                Ok(()) => {
+                    self.fleet_changed().await;
+                    return Ok(name);
+                }
+                Err(StoreError::Contended) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ControlError::conflict(format!(
+            "could not claim a host for {:?}: every attempt raced with other placements",
+            inst.name
+        )))
+    }
+
     /// The cached fleet is reread before the next placement.
     pub(super) async fn fleet_changed(&self) {
         self.inner.fleet.lock().await.mark_stale();

@@ -163,13 +163,22 @@ impl Store {
         )
         .fetch_all(self.pool())
         .await?;
-        let mut usage = HashMap::new();
-        for r in rows {
+        // An instance being migrated holds room on its target too.
+        let moving = sqlx::query(
+            "SELECT migrating_to AS host, CAST(SUM(vcpus) AS BIGINT) AS v,
+                    CAST(SUM(memory_mib) AS BIGINT) AS m, COUNT(*) AS n
+             FROM instances WHERE migrating_to IS NOT NULL GROUP BY migrating_to",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        let mut usage: HashMap<String, (u64, u64, u64)> = HashMap::new();
+        for r in rows.iter().chain(&moving) {
             let host: String = r.try_get("host")?;
             let v: i64 = r.try_get("v")?;
             let m: i64 = r.try_get("m")?;
             let n: i64 = r.try_get("n")?;
-            usage.insert(host, (v as u64, m as u64, n as u64));
+            let u = usage.entry(host).or_default();
+            (u.0, u.1, u.2) = (u.0 + v as u64, u.1 + m as u64, u.2 + n as u64);
         }
         Ok(usage)
     }

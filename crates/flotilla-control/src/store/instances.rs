@@ -37,6 +37,8 @@ pub struct InstanceRow {
     pub last_error: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
+    /// The host a live migration is moving it to.
+    pub migrating_to: Option<String>,
 }
 
 /// What `list_instances` returns: everything matching, by name, from after
@@ -54,6 +56,10 @@ pub struct InstanceFilter {
 
 const COLUMNS: &str = "id, tenant_id, name, host, desired, observed, image, vcpus, memory_mib, \
                        ip, tags, operation, last_error, created_at, updated_at";
+/// What reads select: the inserted columns and those added later.
+const READ_COLUMNS: &str = "id, tenant_id, name, host, desired, observed, image, vcpus, \
+                            memory_mib, ip, tags, operation, last_error, created_at, \
+                            updated_at, migrating_to";
 
 fn enum_text<T: serde::Serialize>(v: &T) -> String {
     to_json(v).trim_matches('"').to_string()
@@ -83,6 +89,7 @@ fn instance(row: &sqlx::any::AnyRow) -> StoreResult<InstanceRow> {
         last_error: row.try_get("last_error")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
+        migrating_to: row.try_get("migrating_to")?,
     })
 }
 
@@ -174,6 +181,58 @@ pub(crate) async fn insert_instance(
 }
 
 impl Store {
+    /// Claims room on `to` for moving the instance there (it holds capacity
+    /// on both hosts until [`Store::end_migration`]): valid only if `to` is
+    /// still at `to_version` and the instance is still on `from`, not
+    /// moving.
+    pub async fn begin_migration(
+        &self,
+        id: &str,
+        from: &str,
+        to: &str,
+        to_version: i64,
+    ) -> StoreResult<()> {
+        let mut tx = self.pool().begin().await?;
+        let claimed =
+            sqlx::query("UPDATE hosts SET version = version + 1 WHERE name = $1 AND version = $2")
+                .bind(to)
+                .bind(to_version)
+                .execute(&mut *tx)
+                .await?;
+        let moving = sqlx::query(
+            "UPDATE instances SET migrating_to = $1, updated_at = $2
+             WHERE id = $3 AND host = $4 AND migrating_to IS NULL",
+        )
+        .bind(to)
+        .bind(now_ms())
+        .bind(id)
+        .bind(from)
+        .execute(&mut *tx)
+        .await?;
+        if claimed.rows_affected() == 0 || moving.rows_affected() == 0 {
+            return Err(StoreError::Contended);
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Ends a move: the instance is on its target (`moved`) or stays.
+    pub async fn end_migration(&self, id: &str, moved: bool) -> StoreResult<()> {
+        let sql = match moved {
+            true => {
+                "UPDATE instances SET host = migrating_to, migrating_to = NULL, updated_at = $1
+                     WHERE id = $2 AND migrating_to IS NOT NULL"
+            }
+            false => "UPDATE instances SET migrating_to = NULL, updated_at = $1 WHERE id = $2",
+        };
+        sqlx::query(sql)
+            .bind(now_ms())
+            .bind(id)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
     /// Replaces an instance's tags, if they are still `old` (another update
     /// in between gives [`StoreError::Contended`]). Every group entered or
     /// left gets a new version, so a placement that counted the group
@@ -235,10 +294,12 @@ impl Store {
     }
 
     pub async fn instance(&self, id: &str) -> StoreResult<Option<InstanceRow>> {
-        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM instances WHERE id = $1"))
-            .bind(id)
-            .fetch_optional(self.pool())
-            .await?;
+        let row = sqlx::query(&format!(
+            "SELECT {READ_COLUMNS} FROM instances WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(self.pool())
+        .await?;
         row.as_ref().map(instance).transpose()
     }
 
@@ -248,7 +309,7 @@ impl Store {
         name: &str,
     ) -> StoreResult<Option<InstanceRow>> {
         let row = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM instances WHERE tenant_id = $1 AND name = $2"
+            "SELECT {READ_COLUMNS} FROM instances WHERE tenant_id = $1 AND name = $2"
         ))
         .bind(tenant_id)
         .bind(name)
@@ -262,7 +323,7 @@ impl Store {
     }
 
     pub async fn list_instances(&self, f: &InstanceFilter) -> StoreResult<Vec<InstanceRow>> {
-        let mut sql = format!("SELECT {COLUMNS} FROM instances WHERE 1 = 1");
+        let mut sql = format!("SELECT {READ_COLUMNS} FROM instances WHERE 1 = 1");
         let mut args: Vec<String> = Vec::new();
         // Appends `clause` with its `?` as the next `$n`; returns n.
         let mut param = |sql: &mut String, clause: &str, value: String| {
@@ -321,10 +382,11 @@ impl Store {
 
     /// Sets what the operation's targets should become and records the
     /// operation, in one transaction: never one without the other.
+    /// `desired` None keeps each target's desired state (a migration).
     pub async fn begin_operation(
         &self,
         op: &super::OperationRow,
-        desired: DesiredState,
+        desired: Option<DesiredState>,
         owner: &str,
         lease_until: i64,
     ) -> StoreResult<()> {
@@ -332,10 +394,11 @@ impl Store {
         for id in &op.targets {
             // A terminate decided meanwhile is not undone by another action.
             let done = sqlx::query(
-                "UPDATE instances SET desired = $1, operation = $2, updated_at = $3
+                "UPDATE instances SET desired = COALESCE($1, desired), operation = $2,
+                    updated_at = $3
                  WHERE id = $4 AND (desired <> 'terminated' OR $1 = 'terminated')",
             )
-            .bind(enum_text(&desired))
+            .bind(desired.as_ref().map(enum_text))
             .bind(&op.id)
             .bind(now_ms())
             .bind(id)
@@ -405,11 +468,24 @@ impl Store {
         .bind(tenant_id)
         .fetch_all(self.pool())
         .await?;
+        let moving = sqlx::query(
+            "SELECT i.migrating_to AS host, COUNT(*) AS n FROM instance_tags t
+             JOIN instances i ON i.id = t.instance_id
+             WHERE t.key = $1 AND t.value = $2 AND i.tenant_id = $3
+               AND i.migrating_to IS NOT NULL AND i.desired <> 'terminated'
+             GROUP BY i.migrating_to",
+        )
+        .bind(key)
+        .bind(value)
+        .bind(tenant_id)
+        .fetch_all(self.pool())
+        .await?;
+        // An instance on the move counts on both hosts.
         let mut counts = BTreeMap::new();
-        for r in rows {
+        for r in rows.iter().chain(&moving) {
             let host: String = r.try_get("host")?;
             let n: i64 = r.try_get("n")?;
-            counts.insert(host, n as u32);
+            *counts.entry(host).or_insert(0) += n as u32;
         }
         Ok(counts)
     }

@@ -127,4 +127,12 @@ pub(crate) const MIGRATIONS: &[(i64, &[&str])] = &[
             "ALTER TABLE hosts ADD COLUMN agent_token TEXT",
         ],
     ),
+    (
+        7,
+        &[
+            // The host an instance is being live-migrated to: it holds
+            // capacity there too until the move ends.
+            "ALTER TABLE instances ADD COLUMN migrating_to TEXT",
+        ],
+    ),
 ];
