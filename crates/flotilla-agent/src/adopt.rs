@@ -187,7 +187,20 @@ impl VmManager {
             }
             return None;
         }
-        if state == VmState::Incoming {
+        let switched = entry
+            .lock()
+            .record
+            .migration
+            .as_deref()
+            .and_then(|id| self.migration(id).ok())
+            .is_some_and(|m| m.switch_over_ms.is_some());
+        if state == VmState::Incoming && switched {
+            // It switched over just before the agent died: it is this
+            // host's now, running (if QEMU lives) with its disks syncing.
+            let mut s = entry.lock();
+            let _ = self.transition(&mut s, VmState::Running);
+            let _ = self.save(&s);
+        } else if state == VmState::Incoming {
             // A migration that had not switched over: the source keeps or
             // takes back the VM, so this half goes.
             tracing::warn!(vm = %name, "an incoming migration was interrupted; removing its VM");
@@ -296,7 +309,7 @@ impl VmManager {
         let qmp = entry.lock().runtime.qmp.clone();
         if state == VmState::Migrating {
             if let Some(qmp) = &qmp {
-                self.adopt_migrating(entry, qmp).await;
+                self.adopt_migrating(entry, qmp);
             }
         } else if let (false, Some(qmp)) = (rollback, &qmp) {
             // A snapshot or clone of the running VM cut short leaves it

@@ -152,10 +152,27 @@ pub fn link_exists(name: &str) -> bool {
     ip(&["link", "show", "dev", name]).is_ok()
 }
 
+/// Every host's bridge has this MAC (a locally administered one): a VM
+/// live-migrated to another host finds its gateway at the MAC it has
+/// cached, so its traffic flows at once instead of after its ARP entry
+/// expires (an anycast gateway, as in distributed routers).
+pub const GATEWAY_MAC: &str = "02:66:6c:74:00:01";
+
 /// Creates the bridge with the gateway address if missing, and brings it up.
 pub fn ensure_bridge(bridge: &str, subnet: &Subnet) -> Result<(), NetworkError> {
     if !link_exists(bridge) {
-        ip(&["link", "add", "name", bridge, "type", "bridge"])?;
+        ip(&[
+            "link",
+            "add",
+            "name",
+            bridge,
+            "address",
+            GATEWAY_MAC,
+            "type",
+            "bridge",
+        ])?;
+    } else {
+        ip(&["link", "set", "dev", bridge, "address", GATEWAY_MAC])?;
     }
     let cidr = format!("{}/{}", subnet.gateway(), subnet.prefix_len());
     let addrs = ip(&["-o", "addr", "show", "dev", bridge])?;

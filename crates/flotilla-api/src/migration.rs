@@ -18,9 +18,14 @@ pub struct MigrateVmRequest {
     /// default, 300 ms, when not given).
     #[serde(default)]
     pub max_downtime_ms: Option<u64>,
-    /// Memory stream bandwidth limit in MiB/s (none when not given).
+    /// Memory stream bandwidth limit in MiB/s (QEMU's default, 128 MiB/s,
+    /// when not given).
     #[serde(default)]
     pub max_bandwidth_mibps: Option<u64>,
+    /// Bandwidth limit of the disk copy after the switch-over, in MiB/s
+    /// (unlimited when not given): a slow link is left room for the VM.
+    #[serde(default)]
+    pub disk_sync_mibps: Option<u64>,
 }
 
 /// A VM as the target must recreate it: its identity and shape.
@@ -43,6 +48,10 @@ pub struct MigratingVm {
     pub kernel_sha256: String,
     #[serde(default)]
     pub initrd_sha256: Option<String>,
+    /// The accelerator and QEMU version it runs under: the target's must
+    /// match (device state is only portable between alike QEMUs).
+    pub accel: String,
+    pub qemu_version: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
@@ -60,6 +69,8 @@ pub struct MigratingDisk {
     pub name: String,
     pub format: String,
     pub size_mib: u64,
+    /// The exact virtual size: the target's disk must be no smaller.
+    pub size_bytes: u64,
     pub read_only: bool,
     /// Where the source exports the disk until the target has it all.
     pub nbd_host: String,
@@ -76,6 +87,9 @@ pub struct IncomingMigrationRequest {
     /// The source agent's API, for the record.
     pub source: String,
     pub vm: MigratingVm,
+    /// Bytes per second the disk copy may use (unlimited when not given).
+    #[serde(default)]
+    pub disk_sync_bps: Option<u64>,
 }
 
 /// The target's answer: where its QEMU listens for the memory stream.
@@ -151,6 +165,9 @@ pub struct MigrationInfo {
     /// Disk sync on the target: bytes done of the disks' total.
     #[serde(default)]
     pub disk_synced_bytes: u64,
+    /// The disk copy's bandwidth limit, bytes per second.
+    #[serde(default)]
+    pub disk_sync_limit_bps: Option<u64>,
     #[serde(default)]
     pub disk_total_bytes: u64,
     /// Milliseconds from the start to the switch-over, and to the end.

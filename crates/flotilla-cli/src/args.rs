@@ -504,6 +504,9 @@ pub enum VmCommand {
         /// Bandwidth limit of the memory stream in MiB/s.
         #[arg(long)]
         bandwidth: Option<u64>,
+        /// Bandwidth limit of the disk copy after the switch-over, in MiB/s.
+        #[arg(long)]
+        disk_bandwidth: Option<u64>,
         /// Return at once instead of following the migration to its end.
         #[arg(long)]
         no_wait: bool,

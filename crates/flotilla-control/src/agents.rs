@@ -172,6 +172,7 @@ impl AgentClient {
             target_token: target.token.clone(),
             max_downtime_ms: None,
             max_bandwidth_mibps: None,
+            disk_sync_mibps: None,
         };
         // As long as a large VM may take to move.
         let call = self

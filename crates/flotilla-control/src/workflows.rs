@@ -349,9 +349,17 @@ async fn act(
                 let action = input.kind();
                 let vm = match agents.vm_action(&agent, &inst.id, action).await {
                     Ok(vm) => vm,
-                    // Already there (an earlier attempt, or the user's own).
+                    // Already there (an earlier attempt, or the user's
+                    // own), unless it is on the move.
                     Err(e) if e.is_conflict() => {
-                        agents.vm(&agent, &inst.id).await.map_err(agent_error)?
+                        let vm = agents.vm(&agent, &inst.id).await.map_err(agent_error)?;
+                        if matches!(
+                            vm.state,
+                            flotilla_api::VmState::Migrating | flotilla_api::VmState::Incoming
+                        ) {
+                            return Err(agent_error(e));
+                        }
+                        vm
                     }
                     Err(e) => return Err(agent_error(e)),
                 };

@@ -17,6 +17,7 @@ mod output;
 mod port;
 mod power;
 mod session;
+mod tick;
 mod unix;
 mod writer;
 
@@ -57,6 +58,13 @@ impl AgentContext {
 }
 
 fn main() -> ExitCode {
+    let raw: Vec<String> = std::env::args_os()
+        .skip(1)
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    if raw.first().map(String::as_str) == Some("tick") {
+        return tick::run(&raw[1..]);
+    }
     let options = match args::parse(std::env::args_os().skip(1)) {
         Ok(Some(options)) => options,
         Ok(None) => return ExitCode::SUCCESS,

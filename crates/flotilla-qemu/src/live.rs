@@ -90,23 +90,46 @@ pub struct LiveLimits {
     pub max_bandwidth_bps: Option<u64>,
 }
 
+/// QEMU's defaults, restored after a migration so its limits never stay
+/// on the VM's QEMU (a later capture would crawl at a leftover 1 MiB/s).
+const DEFAULT_DOWNTIME_MS: u64 = 300;
+const DEFAULT_BANDWIDTH_BPS: u64 = 128 << 20;
+
+/// A stream over TCP: the file formats other operations may have set
+/// (`mapped-ram`, `multifd`, or a resumed VM's `-global`) are switched off.
+async fn stream_capabilities(qmp: &QmpClient) -> Result<(), QmpError> {
+    qmp.execute::<Value>(
+        "migrate-set-capabilities",
+        Some(json!({ "capabilities": [
+            { "capability": "mapped-ram", "state": false },
+            { "capability": "multifd", "state": false },
+        ] })),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Sets the limits of the next migration (QEMU's defaults where `None`).
+pub async fn set_limits(qmp: &QmpClient, limits: LiveLimits) -> Result<(), QmpError> {
+    qmp.execute::<Value>(
+        "migrate-set-parameters",
+        Some(json!({
+            "downtime-limit": limits.max_downtime_ms.unwrap_or(DEFAULT_DOWNTIME_MS),
+            "max-bandwidth": limits.max_bandwidth_bps.unwrap_or(DEFAULT_BANDWIDTH_BPS),
+        })),
+    )
+    .await?;
+    Ok(())
+}
+
 /// Starts sending the running VM's state to a target listening at `to`.
 pub async fn start_outgoing(
     qmp: &QmpClient,
     to: SocketAddr,
     limits: LiveLimits,
 ) -> Result<(), QmpError> {
-    let mut params = serde_json::Map::new();
-    if let Some(ms) = limits.max_downtime_ms {
-        params.insert("downtime-limit".into(), json!(ms));
-    }
-    if let Some(bps) = limits.max_bandwidth_bps {
-        params.insert("max-bandwidth".into(), json!(bps));
-    }
-    if !params.is_empty() {
-        qmp.execute::<Value>("migrate-set-parameters", Some(Value::Object(params)))
-            .await?;
-    }
+    stream_capabilities(qmp).await?;
+    set_limits(qmp, limits).await?;
     qmp.execute::<Value>("migrate", Some(json!({ "uri": format!("tcp:{to}") })))
         .await?;
     Ok(())
@@ -115,9 +138,11 @@ pub async fn start_outgoing(
 /// Makes a QEMU started with `-incoming defer` listen on `host` (port
 /// chosen by the system) and returns the port.
 pub async fn listen_incoming(qmp: &QmpClient, host: std::net::IpAddr) -> Result<u16, QmpError> {
+    stream_capabilities(qmp).await?;
+    let at = SocketAddr::new(host, 0);
     qmp.execute::<Value>(
         "migrate-incoming",
-        Some(json!({ "uri": format!("tcp:{host}:0") })),
+        Some(json!({ "uri": format!("tcp:{at}") })),
     )
     .await?;
     let v: Value = qmp.execute("query-migrate", None).await?;
@@ -201,21 +226,23 @@ pub async fn reactivate_for_reads(qmp: &QmpClient, nodes: &[String]) -> Result<(
 }
 
 /// Copies into the disk `node` everything its (NBD) backing still holds,
-/// then drops the backing. `progress` gets (bytes done, bytes total).
+/// at most `speed` bytes per second, then drops the backing. `progress`
+/// gets (bytes done, bytes total).
 pub async fn stream_from_backing(
     qmp: &QmpClient,
     node: &str,
+    speed: Option<u64>,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<(), BlockError> {
     let job = format!("sync-{node}");
     // A job left by an earlier attempt (an agent restart) is reused.
     let jobs: Vec<Value> = qmp.execute("query-jobs", None).await?;
     if !jobs.iter().any(|j| j["id"] == job) {
-        qmp.execute::<Value>(
-            "block-stream",
-            Some(json!({ "job-id": job, "device": node, "auto-dismiss": false })),
-        )
-        .await?;
+        let mut args = json!({ "job-id": job, "device": node, "auto-dismiss": false });
+        if let Some(bps) = speed {
+            args["speed"] = json!(bps);
+        }
+        qmp.execute::<Value>("block-stream", Some(args)).await?;
     }
     loop {
         let jobs: Vec<Value> = qmp.execute("query-jobs", None).await?;

@@ -74,6 +74,7 @@ impl VmManager {
         let (record, qmp) = {
             let s = entry.lock();
             let name = &s.record.name;
+            super::migrate::check_disks_whole(&s.record)?;
             if s.record.state != VmState::Running {
                 return Err(AgentError::conflict(
                     format!("VM {name:?} is {}: it must be running", s.record.state),

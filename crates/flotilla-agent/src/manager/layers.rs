@@ -67,6 +67,7 @@ impl VmManager {
         record: &VmRecord,
         tmp_prefix: &str,
     ) -> AgentResult<CopiedDisks> {
+        super::migrate::check_disks_whole(record)?;
         let store = &self.inner.snapshots;
         let dir = self.vm_dir(&record.name);
         let mut copied = CopiedDisks::default();

@@ -59,6 +59,8 @@ impl VmManager {
                     r.started_at = Some(now_rfc3339());
                 })?;
                 self.spawn_readiness(entry.clone(), generation, Some(started));
+                // A migrated-in VM started again goes on copying its disks.
+                self.resume_disk_sync(entry);
             }
             Err(e) => {
                 self.launch_failed(entry, VmState::Stopped, &e)?;
@@ -79,6 +81,15 @@ impl VmManager {
         let mut s = entry.lock();
         if s.record.state == VmState::Running {
             return Ok(None);
+        }
+        if s.record.migration.is_some() && !s.record.disks.iter().any(|d| d.sync_from.is_some()) {
+            // The source's copy of a VM that moved (or is moving): it
+            // must never run next to the one on the target.
+            let name = &s.record.name;
+            return Err(AgentError::conflict(
+                format!("VM {name:?} was migrated to another host; this copy is being released"),
+                Some("see `flotilla migration ls`".into()),
+            ));
         }
         if s.record.state == VmState::Suspended {
             let name = &s.record.name;

@@ -142,6 +142,7 @@ impl VmManager {
             let s = entry.lock();
             (s.record.clone(), s.runtime.qmp.clone())
         };
+        super::migrate::check_disks_whole(&record)?;
         let Some(root) = root_disk(&record).cloned() else {
             return Err(AgentError::conflict(
                 format!("VM {name:?} has no root disk"),

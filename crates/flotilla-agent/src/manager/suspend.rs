@@ -67,6 +67,7 @@ impl VmManager {
         let started = Instant::now();
         let (record, qmp, process) = {
             let mut s = entry.lock();
+            super::migrate::check_disks_whole(&s.record)?;
             if s.record.state != VmState::Running {
                 return Err(AgentError::conflict(
                     format!(

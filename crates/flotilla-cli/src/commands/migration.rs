@@ -55,6 +55,7 @@ pub struct MigrateArgs {
     pub to_token: Option<String>,
     pub max_downtime_ms: Option<u64>,
     pub bandwidth: Option<u64>,
+    pub disk_bandwidth: Option<u64>,
     pub no_wait: bool,
 }
 
@@ -64,6 +65,7 @@ pub async fn migrate(client: &Client, json: bool, a: MigrateArgs) -> anyhow::Res
         target_token: a.to_token,
         max_downtime_ms: a.max_downtime_ms,
         max_bandwidth_mibps: a.bandwidth,
+        disk_sync_mibps: a.disk_bandwidth,
     };
     let started: MigrationInfo = client
         .post(&format!("/v1/vms/{}/migrate", a.name), &req)

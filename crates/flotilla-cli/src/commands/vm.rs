@@ -86,6 +86,7 @@ pub async fn run(client: &Client, json: bool, cmd: VmCommand) -> anyhow::Result<
             to_token,
             max_downtime_ms,
             bandwidth,
+            disk_bandwidth,
             no_wait,
         } => {
             let args = super::migration::MigrateArgs {
@@ -94,6 +95,7 @@ pub async fn run(client: &Client, json: bool, cmd: VmCommand) -> anyhow::Result<
                 to_token,
                 max_downtime_ms,
                 bandwidth,
+                disk_bandwidth,
                 no_wait,
             };
             return super::migration::migrate(client, json, args).await;

@@ -70,7 +70,7 @@ fn migration(host: &TestHost, id: &str) -> Value {
 }
 
 fn wait_phase(host: &TestHost, id: &str, pred: impl Fn(&str) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let m = migration(host, id);
         if pred(m["phase"].as_str().unwrap_or_default()) {
@@ -140,14 +140,72 @@ fn a_running_vm_moves_with_its_memory_disk_and_processes() {
         before.contains(out.split_whitespace().next().unwrap()),
         "{out}"
     );
-    // And back to a.
+    // Suspended and resumed there (its QEMU then runs with the snapshot
+    // file format set), and back to a over TCP all the same.
+    assert!(b.cli(&["vm", "suspend", "mover"]).status.success());
+    assert!(b.cli(&["vm", "resume", "mover", "--wait"]).status.success());
     let out = migrate(&b, &a, "mover", &[]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        b.agent_log_tail()
+    );
+    let (_, out, _) = exec(&a, "mover", &["md5sum", "/root/disk.bin"]);
+    assert!(
+        before.contains(out.split_whitespace().next().unwrap()),
+        "{out}"
+    );
+    assert_clean(&b);
+}
+
+#[test]
+fn agents_restarted_during_the_disk_sync_finish_the_migration() {
+    let (_fabric, mut a, mut b) = two_hosts();
+    run_vm(&a, "steady");
+    start_workload(&a, "steady");
+    let before = sums(&a, "steady");
+    // A slow disk copy, so the agents can be killed in the middle of it.
+    let out = migrate(&a, &b, "steady", &["--disk-bandwidth", "8", "--no-wait"]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_clean(&b);
+    let m: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let id = m["id"].as_str().unwrap().to_string();
+    wait_phase(&a, &id, |p| p == "disk_sync");
+    let t0 = Instant::now();
+
+    // The source agent dies: its QEMU keeps serving the disks, and its
+    // next agent takes the migration up.
+    a.kill_agent(nix::sys::signal::Signal::SIGKILL);
+    a.start_agent().expect("a's agent restarts");
+    // The VM runs on b meanwhile, and reads what b has not copied yet.
+    assert_eq!(sums(&b, "steady"), before);
+    // Nothing that copies its disk files is allowed before they are whole.
+    let (s, body) = b.api("POST", "/v1/vms/steady/suspend", None);
+    assert_eq!(s, 409, "{body}");
+    // The target agent dies too: the copy goes on under its next agent.
+    b.kill_agent(nix::sys::signal::Signal::SIGKILL);
+    b.start_agent().expect("b's agent restarts");
+    let m = wait_phase(&a, &id, |p| p != "disk_sync");
+    assert_eq!(
+        m["phase"],
+        "completed",
+        "{m:#}\n{}\n{}",
+        a.agent_log_tail(),
+        b.agent_log_tail()
+    );
+    eprintln!("disk sync after the kills took {:?}", t0.elapsed());
+    assert_eq!(migration(&b, &id)["phase"], "completed");
+    assert_eq!(sums(&b, "steady"), before);
+    let c1 = counter(&b, "steady", "/root/counter");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(counter(&b, "steady", "/root/counter") > c1);
+    assert_clean(&a);
+    // Its disks are whole now: a suspend works.
+    assert!(b.cli(&["vm", "suspend", "steady"]).status.success());
 }
 
 #[test]

@@ -21,13 +21,33 @@ use crate::error::{AgentError, AgentResult};
 use crate::fsutil::write_atomic;
 use crate::record::now_rfc3339;
 
-pub use source::SWITCH_OVER_TIMEOUT;
+/// A migration's record as kept on disk: what the API shows, and the
+/// peer's token (a source needs it to finish a migration after a restart).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Stored {
+    #[serde(flatten)]
+    info: MigrationInfo,
+    #[serde(default)]
+    peer_token: Option<String>,
+}
 
 /// The migrations of this host, in memory and on disk.
 pub struct MigrationBook {
     dir: PathBuf,
-    items: Mutex<BTreeMap<String, MigrationInfo>>,
+    items: Mutex<BTreeMap<String, Stored>>,
     cancels: Mutex<HashSet<String>>,
+}
+
+/// Migration ids are `m-` and 16 hex digits (they name files).
+pub fn check_id(id: &str) -> AgentResult<()> {
+    let ok =
+        id.len() == 18 && id.starts_with("m-") && id[2..].bytes().all(|b| b.is_ascii_hexdigit());
+    match ok {
+        true => Ok(()),
+        false => Err(AgentError::InvalidArgument(format!(
+            "invalid migration id {id:?}: expected m- and 16 hex digits"
+        ))),
+    }
 }
 
 impl MigrationBook {
@@ -43,10 +63,10 @@ impl MigrationBook {
                 }
                 match std::fs::read(&path)
                     .ok()
-                    .and_then(|b| serde_json::from_slice::<MigrationInfo>(&b).ok())
+                    .and_then(|b| serde_json::from_slice::<Stored>(&b).ok())
                 {
                     Some(m) => {
-                        items.insert(m.id.clone(), m);
+                        items.insert(m.info.id.clone(), m);
                     }
                     None => tracing::warn!(file = %path.display(), "unreadable migration record"),
                 }
@@ -59,46 +79,57 @@ impl MigrationBook {
         }
     }
 
-    fn items(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, MigrationInfo>> {
+    fn items(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Stored>> {
         self.items.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn list(&self) -> Vec<MigrationInfo> {
-        self.items().values().cloned().collect()
+        self.items().values().map(|s| s.info.clone()).collect()
     }
 
     pub fn get(&self, id: &str) -> AgentResult<MigrationInfo> {
         self.items()
             .get(id)
-            .cloned()
+            .map(|s| s.info.clone())
             .ok_or_else(|| AgentError::MigrationNotFound { id: id.to_string() })
     }
 
-    /// Adds or replaces a record and writes it (write-then-rename).
-    fn put(&self, info: MigrationInfo) -> AgentResult<()> {
-        let bytes = serde_json::to_vec_pretty(&info)
+    fn peer_token(&self, id: &str) -> Option<String> {
+        self.items().get(id).and_then(|s| s.peer_token.clone())
+    }
+
+    /// Writes a record (write-then-rename, private: it may hold a token).
+    /// Called with the map locked, so writes of one record never cross.
+    fn write(&self, stored: &Stored) -> AgentResult<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let bytes = serde_json::to_vec_pretty(stored)
             .map_err(|e| AgentError::io("encoding a migration record", std::io::Error::other(e)))?;
         std::fs::create_dir_all(&self.dir)
             .map_err(|e| AgentError::io("creating the migrations directory", e))?;
-        write_atomic(&self.dir.join(format!("{}.json", info.id)), &bytes)
-            .map_err(|e| AgentError::io("writing a migration record", e))?;
-        self.items().insert(info.id.clone(), info);
+        let _ = std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700));
+        write_atomic(&self.dir.join(format!("{}.json", stored.info.id)), &bytes)
+            .map_err(|e| AgentError::io("writing a migration record", e))
+    }
+
+    /// Adds a record and writes it.
+    fn put(&self, info: MigrationInfo, peer_token: Option<String>) -> AgentResult<()> {
+        let mut items = self.items();
+        let stored = Stored { info, peer_token };
+        self.write(&stored)?;
+        items.insert(stored.info.id.clone(), stored);
         Ok(())
     }
 
     /// Changes a record with `f` and writes it; progress that only the
     /// memory view needs can skip the write with `persist = false`.
     fn update(&self, id: &str, persist: bool, f: impl FnOnce(&mut MigrationInfo)) {
-        let info = {
-            let mut items = self.items();
-            let Some(info) = items.get_mut(id) else {
-                return;
-            };
-            f(info);
-            info.clone()
+        let mut items = self.items();
+        let Some(stored) = items.get_mut(id) else {
+            return;
         };
+        f(&mut stored.info);
         if persist {
-            if let Err(e) = self.put(info) {
+            if let Err(e) = self.write(stored) {
                 tracing::warn!(migration = id, error = %e, "saving the migration record");
             }
         }
@@ -156,11 +187,28 @@ fn new_record(id: &str, vm: &str, role: MigrationRole, peer: &str) -> MigrationI
         expected_downtime_ms: None,
         downtime_ms: None,
         disk_synced_bytes: 0,
+        disk_sync_limit_bps: None,
         disk_total_bytes: 0,
         switch_over_ms: None,
         total_ms: None,
         error: None,
     }
+}
+
+/// A migrated-in VM's disk files lack what it has not synced from the
+/// source yet: snapshots, clones, suspends and disk moves, which copy those
+/// files, wait until the sync is done.
+pub(crate) fn check_disks_whole(record: &crate::record::VmRecord) -> AgentResult<()> {
+    if record.disks.iter().any(|d| d.sync_from.is_some()) {
+        return Err(AgentError::conflict(
+            format!(
+                "VM {:?} is still copying its disks from the host it was migrated from",
+                record.name
+            ),
+            Some("wait until `flotilla migration ls` shows its migration completed".into()),
+        ));
+    }
+    Ok(())
 }
 
 impl super::VmManager {
@@ -186,11 +234,12 @@ impl super::VmManager {
 }
 
 impl super::VmManager {
-    /// At adoption: the VM was being migrated away when the agent died. If
-    /// QEMU still runs it, the migration is cancelled and it runs on here;
-    /// if QEMU already handed it over (paused after the stream), the target
-    /// may run it, so it is left paused for an operator to decide.
-    pub(crate) async fn adopt_migrating(
+    /// At adoption: the VM was being migrated away when the agent died.
+    /// The migration is taken up again in the background, from where the
+    /// VM is: still running here (it stays, the target's half goes), or
+    /// paused after the stream (the target decides; see
+    /// [`source::Outcome`]).
+    pub(crate) fn adopt_migrating(
         &self,
         entry: &std::sync::Arc<super::VmEntry>,
         qmp: &flotilla_qemu::QmpClient,
@@ -207,34 +256,27 @@ impl super::VmManager {
                     .collect::<Vec<_>>(),
             )
         };
-        let running = qmp
-            .query_status()
-            .await
-            .map(|st| st.running)
-            .unwrap_or(false);
-        if running {
-            tracing::warn!(vm = %name, migration = %id, "a migration was interrupted before its switch-over; the VM runs on here");
-            let _ = flotilla_qemu::live::cancel(qmp, std::time::Duration::from_secs(30)).await;
-            flotilla_qemu::live::unexport_disks(qmp, &exports).await;
-            self.back_to_running(entry, &id);
-            self.inner.migrations.finish(
-                &id,
-                flotilla_api::migration::MigrationPhase::Failed,
-                Some(
-                    "the source agent restarted during the pre-copy; the VM runs on the source"
-                        .into(),
-                ),
-                0,
-            );
-        } else {
-            tracing::error!(vm = %name, migration = %id, "a migration was interrupted after its switch-over; the VM is left paused here");
-            self.inner.migrations.finish(
-                &id,
-                flotilla_api::migration::MigrationPhase::Failed,
-                Some("the source agent restarted after the switch-over: the VM may run on the target; it is left paused here".into()),
-                0,
-            );
-        }
+        let Ok(info) = self.inner.migrations.get(&id) else {
+            tracing::error!(vm = %name, migration = %id, "no record of the interrupted migration; the VM stays as it is");
+            return;
+        };
+        tracing::warn!(vm = %name, migration = %id, "taking up an interrupted migration");
+        let peer = source::Peer::new(&info.peer, self.inner.migrations.peer_token(&id));
+        let (manager, entry, qmp) = (self.clone(), entry.clone(), qmp.clone());
+        tokio::spawn(async move {
+            let why = "the source agent restarted during the migration".to_string();
+            let outcome = match info.phase {
+                MigrationPhase::DiskSync => manager.await_target_sync(&id, &peer).await,
+                _ => {
+                    manager
+                        .settle(&entry, &id, &peer, &qmp, &exports, why)
+                        .await
+                }
+            };
+            manager
+                .conclude(&entry, &id, outcome, std::time::Instant::now())
+                .await;
+        });
     }
 
     /// At adoption: a migrated-in VM whose disks were still syncing goes on

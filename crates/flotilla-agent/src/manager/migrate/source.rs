@@ -1,10 +1,13 @@
 //! The source side: the agent that has the VM drives the migration.
 //!
-//! Rollback rule: until the target has taken the switch-over, any failure
-//! or a cancel leaves the VM running here (QEMU keeps running a VM whose
-//! outgoing migration failed) and removes what the target made. After it,
-//! the target is primary; if it reports its VM lost before the disks are
-//! synced, the VM continues here from the switch-over.
+//! The one rule: the VM never runs on both hosts. Until QEMU has sent the
+//! last of its state, a failure or a cancel leaves it running here (QEMU
+//! keeps running a VM whose outgoing stream failed) and removes the
+//! target's half. Once the stream is complete the VM is paused here, and it
+//! continues here only when the target has confirmed it removed its half
+//! without running it; while the target cannot be asked, the VM stays
+//! paused. After the switch-over the target is primary: this side only
+//! serves the disks until the target has them, then lets go.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,20 +27,44 @@ use crate::error::{AgentError, AgentResult};
 use crate::manager::{VmEntry, VmManager};
 use crate::record::VmRecord;
 
-/// How long the target may take to run the VM once memory is over.
-pub const SWITCH_OVER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the memory stream's progress is read.
 const PROGRESS_POLL: Duration = Duration::from_millis(25);
+/// How often an unreachable target is asked again.
+const PEER_RETRY: Duration = Duration::from_secs(1);
+
+/// Why a call to the target failed: it said no, or it could not be asked.
+#[derive(Debug)]
+pub(super) enum PeerError {
+    Unreachable(String),
+    Refused { status: u16, message: String },
+}
+
+impl std::fmt::Display for PeerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PeerError::Unreachable(m) => write!(f, "target agent unreachable: {m}"),
+            PeerError::Refused { status, message } => {
+                write!(f, "the target agent refused ({status}): {message}")
+            }
+        }
+    }
+}
+
+impl From<PeerError> for AgentError {
+    fn from(e: PeerError) -> Self {
+        AgentError::Peer(e.to_string())
+    }
+}
 
 /// Calls to the target agent's API.
-struct Peer {
+pub(super) struct Peer {
     endpoint: String,
     token: Option<String>,
     http: reqwest::Client,
 }
 
 impl Peer {
-    fn new(endpoint: &str, token: Option<String>) -> Peer {
+    pub(super) fn new(endpoint: &str, token: Option<String>) -> Peer {
         Peer {
             endpoint: endpoint.trim_end_matches('/').to_string(),
             token,
@@ -54,7 +81,7 @@ impl Peer {
         method: reqwest::Method,
         path: &str,
         body: Option<&impl serde::Serialize>,
-    ) -> AgentResult<T> {
+    ) -> Result<T, PeerError> {
         let mut req = self
             .http
             .request(method, format!("{}{path}", self.endpoint));
@@ -64,26 +91,44 @@ impl Peer {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let resp = req.send().await.map_err(|e| {
-            AgentError::Peer(format!("target agent {} unreachable: {e}", self.endpoint))
-        })?;
+        let unreachable =
+            |e: reqwest::Error| PeerError::Unreachable(format!("{}: {e}", self.endpoint));
+        let resp = req.send().await.map_err(unreachable)?;
         let status = resp.status();
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|e| AgentError::Peer(format!("reading the target agent's answer: {e}")))?;
+        let bytes = resp.bytes().await.map_err(unreachable)?;
         if status.is_success() {
             let body: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
-            return serde_json::from_slice(body).map_err(|e| {
-                AgentError::Peer(format!("unreadable answer from the target agent: {e}"))
-            });
+            return serde_json::from_slice(body)
+                .map_err(|e| PeerError::Unreachable(format!("unreadable answer: {e}")));
         }
         let message = serde_json::from_slice::<ErrorBody>(&bytes)
             .map(|b| b.error.message)
             .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-        Err(AgentError::Peer(format!(
-            "the target agent refused ({status}): {message}"
-        )))
+        Err(PeerError::Refused {
+            status: status.as_u16(),
+            message,
+        })
+    }
+
+    async fn migration(&self, id: &str) -> Result<MigrationInfo, PeerError> {
+        self.call(
+            reqwest::Method::GET,
+            &format!("/v1/migrations/{id}"),
+            None::<&()>,
+        )
+        .await
+    }
+
+    /// Asks the target to remove its half (refused with 409 once the VM
+    /// has run there).
+    async fn remove_half(&self, id: &str) -> Result<(), PeerError> {
+        self.call::<serde_json::Value>(
+            reqwest::Method::DELETE,
+            &format!("/v1/migrations/{id}"),
+            None::<&()>,
+        )
+        .await
+        .map(|_| ())
     }
 }
 
@@ -96,47 +141,6 @@ fn sha256_file(path: &std::path::Path) -> AgentResult<String> {
     Ok(hex::encode(h.finalize()))
 }
 
-/// What the target needs to recreate `record`, with the disks exported at
-/// `nbd_host:nbd_port`.
-fn migrating_vm(record: &VmRecord, nbd: std::net::SocketAddr) -> AgentResult<MigratingVm> {
-    Ok(MigratingVm {
-        id: record.id.clone(),
-        name: record.name.clone(),
-        image: record.image.clone(),
-        vcpus: record.vcpus,
-        memory_mib: record.memory_mib,
-        cmdline_extra: record.cmdline_extra.clone(),
-        tags: record.tags.clone(),
-        machine_id: record.machine_id.clone(),
-        created_at: record.created_at.clone(),
-        nics: record
-            .nics
-            .iter()
-            .map(|n| MigratingNic {
-                mac: n.mac.clone(),
-                ip: n.ip.to_string(),
-                prefix_len: n.prefix_len,
-                gateway: n.gateway.to_string(),
-            })
-            .collect(),
-        disks: record
-            .disks
-            .iter()
-            .map(|d| MigratingDisk {
-                name: d.name.clone(),
-                format: d.format.clone(),
-                size_mib: d.size_mib,
-                read_only: d.read_only,
-                nbd_host: nbd.ip().to_string(),
-                nbd_port: nbd.port(),
-                nbd_export: d.name.clone(),
-            })
-            .collect(),
-        kernel_sha256: sha256_file(&record.kernel)?,
-        initrd_sha256: record.initrd.as_deref().map(sha256_file).transpose()?,
-    })
-}
-
 /// A free TCP port on `ip` for the disk exports.
 fn free_port(ip: std::net::IpAddr) -> AgentResult<u16> {
     let l = std::net::TcpListener::bind((ip, 0))
@@ -147,10 +151,13 @@ fn free_port(ip: std::net::IpAddr) -> AgentResult<u16> {
 }
 
 /// How a migration ended, for the source's cleanup.
-enum Outcome {
+pub(super) enum Outcome {
     /// The target has the VM and all its disks.
     Moved,
-    /// The VM runs here (cancelled, or failed before or at the switch-over).
+    /// The VM was removed on the target after it took over: nothing of it
+    /// is to run here either.
+    RemovedThere(String),
+    /// The VM runs here (cancelled, or failed before the switch-over).
     Stayed(MigrationPhase, String),
 }
 
@@ -164,10 +171,15 @@ impl VmManager {
                 req.target
             )));
         }
-        if req.max_bandwidth_mibps == Some(0) {
-            return Err(AgentError::InvalidArgument(
-                "max_bandwidth_mibps must be at least 1".into(),
-            ));
+        for (field, v) in [
+            ("max_bandwidth_mibps", req.max_bandwidth_mibps),
+            ("disk_sync_mibps", req.disk_sync_mibps),
+        ] {
+            if v == Some(0) || v > Some(1 << 30) {
+                return Err(AgentError::InvalidArgument(format!(
+                    "{field} must be 1 to 1073741824"
+                )));
+            }
         }
         let ip = self.migration_ip()?;
         let entry = self.entry(name)?;
@@ -184,10 +196,16 @@ impl VmManager {
                     None,
                 ));
             }
-            if s.record.disks.iter().any(|d| d.sync_from.is_some()) {
+            if s.record.migration.is_some() {
                 return Err(AgentError::conflict(
                     format!("VM {name:?} is still syncing its disks from its last migration"),
                     Some("wait until `flotilla migration ls` shows it completed".into()),
+                ));
+            }
+            if s.record.disks.iter().any(|d| d.read_only) {
+                return Err(AgentError::conflict(
+                    format!("VM {name:?} has a read-only disk shared with another VM: it cannot leave this host"),
+                    Some("move its disk to its own volume first (`flotilla vm move-disk`)".into()),
                 ));
             }
             self.transition(&mut s, VmState::Migrating)?;
@@ -195,13 +213,24 @@ impl VmManager {
             self.save(&s)?;
         }
         let info = new_record(&id, name, MigrationRole::Source, &req.target);
-        if let Err(e) = self.inner.migrations.put(info.clone()) {
+        if let Err(e) = self
+            .inner
+            .migrations
+            .put(info.clone(), req.target_token.clone())
+        {
             self.back_to_running(&entry, &id);
             return Err(e);
         }
         tracing::info!(vm = name, migration = %id, target = %req.target, "migration started");
         let manager = self.clone();
-        tokio::spawn(async move { manager.run_source(entry, id, req, ip).await });
+        tokio::spawn(async move {
+            let peer = Peer::new(&req.target, req.target_token.clone());
+            let started = Instant::now();
+            let outcome = manager
+                .drive_source(&entry, &id, &req, ip, &peer, started)
+                .await;
+            manager.conclude(&entry, &id, outcome, started).await;
+        });
         Ok(info)
     }
 
@@ -230,56 +259,36 @@ impl VmManager {
         Ok(info)
     }
 
-    async fn run_source(
+    /// Cleans up after `outcome` and ends the record.
+    pub(super) async fn conclude(
         &self,
-        entry: Arc<VmEntry>,
-        id: String,
-        req: MigrateVmRequest,
-        ip: std::net::IpAddr,
+        entry: &Arc<VmEntry>,
+        id: &str,
+        outcome: Outcome,
+        started: Instant,
     ) {
-        let started = Instant::now();
-        let peer = Peer::new(&req.target, req.target_token.clone());
-        let outcome = self
-            .drive_source(&entry, &id, &req, ip, &peer, started)
-            .await;
         let name = entry.lock().record.name.clone();
         let total = started.elapsed().as_millis() as u64;
+        let book = &self.inner.migrations;
         match outcome {
-            Ok(Outcome::Moved) => {
-                self.release_moved(&entry).await;
-                self.inner
-                    .migrations
-                    .finish(&id, MigrationPhase::Completed, None, total);
-                tracing::info!(vm = %name, migration = %id, ms = total, "migration completed");
+            Outcome::Moved => {
+                self.release_moved(entry).await;
+                book.finish(id, MigrationPhase::Completed, None, total);
+                tracing::info!(vm = %name, migration = id, ms = total, "migration completed");
             }
-            Ok(Outcome::Stayed(phase, why)) => {
-                self.inner
-                    .migrations
-                    .finish(&id, phase, Some(why.clone()), total);
-                tracing::warn!(vm = %name, migration = %id, reason = %why, "migration ended; the VM runs here");
+            Outcome::RemovedThere(why) => {
+                self.release_moved(entry).await;
+                book.finish(id, MigrationPhase::Failed, Some(why), total);
+                tracing::warn!(vm = %name, migration = id, "the VM was removed on the target; released here too");
             }
-            Err(e) => {
-                // Only reached before the switch-over: the VM runs here.
-                self.back_to_running(&entry, &id);
-                let _ = peer
-                    .call::<serde_json::Value>(
-                        reqwest::Method::DELETE,
-                        &format!("/v1/migrations/{id}"),
-                        None::<&()>,
-                    )
-                    .await;
-                self.inner.migrations.finish(
-                    &id,
-                    MigrationPhase::Failed,
-                    Some(e.to_string()),
-                    total,
-                );
-                tracing::warn!(vm = %name, migration = %id, error = %e, "migration failed; the VM runs here");
+            Outcome::Stayed(phase, why) => {
+                book.finish(id, phase, Some(why.clone()), total);
+                tracing::warn!(vm = %name, migration = id, reason = %why, "migration ended; the VM runs here");
             }
         }
     }
 
-    /// Everything up to the end; an `Err` is a failure before the switch-over.
+    /// Every step up to the end, each failure turned into where the VM is.
     async fn drive_source(
         &self,
         entry: &Arc<VmEntry>,
@@ -288,101 +297,201 @@ impl VmManager {
         ip: std::net::IpAddr,
         peer: &Peer,
         started: Instant,
-    ) -> AgentResult<Outcome> {
+    ) -> Outcome {
         let book = &self.inner.migrations;
         let (record, qmp) = {
             let s = entry.lock();
             (s.record.clone(), s.runtime.qmp.clone())
         };
-        let qmp =
-            qmp.ok_or_else(|| AgentError::conflict("the VM's QEMU is not connected", None))?;
-        let export_at = std::net::SocketAddr::new(ip, free_port(ip)?);
-        let disks: Vec<(String, String)> = record
-            .disks
-            .iter()
-            .map(|d| (format!("disk-{}", d.name), d.name.clone()))
-            .collect();
-        let exports: Vec<String> = disks.iter().map(|(_, e)| e.clone()).collect();
-        let nodes: Vec<String> = disks.iter().map(|(n, _)| n.clone()).collect();
-        live::export_disks(&qmp, export_at, &disks).await?;
-        let vm = {
-            let record = record.clone();
-            tokio::task::spawn_blocking(move || migrating_vm(&record, export_at))
-                .await
-                .map_err(|e| AgentError::io("hashing the kernel", std::io::Error::other(e)))??
+        let Some(qmp) = qmp else {
+            self.back_to_running(entry, id);
+            return Outcome::Stayed(
+                MigrationPhase::Failed,
+                "the VM's QEMU is not connected".into(),
+            );
         };
-        let request = IncomingMigrationRequest {
-            id: id.to_string(),
-            source: format!("http://{}", self.inner.config.listen),
-            vm,
-        };
-        let ready: IncomingMigrationReady = match peer
-            .call(
-                reqwest::Method::POST,
-                "/v1/migrations/incoming",
-                Some(&request),
-            )
-            .await
-        {
-            Ok(r) => r,
+        let exports: Vec<String> = record.disks.iter().map(|d| d.name.clone()).collect();
+        // Until the target has taken the stream, any failure ends here: the
+        // VM runs on, the exports and the target's half go.
+        let prepared = async {
+            let export_at = std::net::SocketAddr::new(ip, free_port(ip)?);
+            let disks: Vec<(String, String)> = record
+                .disks
+                .iter()
+                .map(|d| (format!("disk-{}", d.name), d.name.clone()))
+                .collect();
+            live::export_disks(&qmp, export_at, &disks).await?;
+            let vm = {
+                let (record, manager) = (record.clone(), self.clone());
+                tokio::task::spawn_blocking(move || manager.migrating_vm(&record, export_at))
+                    .await
+                    .map_err(|e| AgentError::io("describing the VM", std::io::Error::other(e)))??
+            };
+            let request = IncomingMigrationRequest {
+                id: id.to_string(),
+                source: format!(
+                    "http://{}",
+                    std::net::SocketAddr::new(ip, self.inner.config.listen.port())
+                ),
+                vm,
+                disk_sync_bps: req.disk_sync_mibps.map(|m| m << 20),
+            };
+            let ready: IncomingMigrationReady = peer
+                .call(
+                    reqwest::Method::POST,
+                    "/v1/migrations/incoming",
+                    Some(&request),
+                )
+                .await?;
+            let host: std::net::IpAddr = ready.host.parse().map_err(|e| {
+                AgentError::Peer(format!(
+                    "the target listens at a bad address {:?}: {e}",
+                    ready.host
+                ))
+            })?;
+            Ok::<_, AgentError>(std::net::SocketAddr::new(host, ready.port))
+        }
+        .await;
+        let to = match prepared {
+            Ok(to) => to,
             Err(e) => {
-                live::unexport_disks(&qmp, &exports).await;
-                return Err(e);
+                return self
+                    .stay(
+                        entry,
+                        id,
+                        peer,
+                        &qmp,
+                        &exports,
+                        MigrationPhase::Failed,
+                        e.to_string(),
+                    )
+                    .await
             }
         };
-        let to: std::net::SocketAddr = format!("{}:{}", ready.host, ready.port)
-            .parse()
-            .map_err(|e| AgentError::Peer(format!("the target listens at a bad address: {e}")))?;
         book.update(id, true, |m| m.phase = MigrationPhase::PreCopy);
         let limits = LiveLimits {
             max_downtime_ms: req.max_downtime_ms,
             max_bandwidth_bps: req.max_bandwidth_mibps.map(|m| m << 20),
         };
-        let precopy = self.precopy(&qmp, id, to, limits).await;
-        let precopy = match precopy {
-            Ok(None) => Ok(()),
-            Ok(Some(stayed)) => {
-                live::unexport_disks(&qmp, &exports).await;
-                self.back_to_running(entry, id);
-                self.abort_target(peer, id).await;
-                return Ok(stayed);
+        match self.precopy(&qmp, id, to, limits).await {
+            Ok(None) => {}
+            Ok(Some((phase, why))) => {
+                return self.stay(entry, id, peer, &qmp, &exports, phase, why).await
             }
-            Err(e) => Err(e),
-        };
-        if let Err(e) = precopy {
-            live::unexport_disks(&qmp, &exports).await;
-            return Err(e);
+            // QMP trouble mid-stream: where the VM is must be found out.
+            Err(e) => {
+                return self
+                    .settle(
+                        entry,
+                        id,
+                        peer,
+                        &qmp,
+                        &exports,
+                        format!("during the pre-copy: {e}"),
+                    )
+                    .await
+            }
         }
 
         // Memory is over and the VM is paused here: hand it over.
         let switched = async {
+            let nodes: Vec<String> = exports.iter().map(|e| format!("disk-{e}")).collect();
             live::reactivate_for_reads(&qmp, &nodes).await?;
             peer.call::<MigrationInfo>(
                 reqwest::Method::POST,
                 &format!("/v1/migrations/{id}/switch-over"),
                 None::<&()>,
             )
-            .await
+            .await?;
+            Ok::<_, AgentError>(())
         }
         .await;
         if let Err(e) = switched {
-            // The target did not take it: the VM continues here.
-            tracing::warn!(migration = id, error = %e, "switch-over failed; continuing the VM here");
-            self.abort_target(peer, id).await;
-            live::unexport_disks(&qmp, &exports).await;
-            qmp.cont().await?;
-            self.back_to_running(entry, id);
-            return Ok(Outcome::Stayed(
-                MigrationPhase::Failed,
-                format!("switch-over failed: {e}"),
-            ));
+            tracing::warn!(migration = id, error = %e, "switch-over not confirmed; asking the target where the VM is");
+            return self
+                .settle(entry, id, peer, &qmp, &exports, format!("switch-over: {e}"))
+                .await;
         }
         book.update(id, true, |m| {
             m.phase = MigrationPhase::DiskSync;
             m.switch_over_ms = Some(started.elapsed().as_millis() as u64);
         });
-        self.await_target_sync(entry, id, peer, &qmp, &exports)
-            .await
+        self.await_target_sync(id, peer).await
+    }
+
+    /// The VM still runs here: it stays, and the target's half goes.
+    #[allow(clippy::too_many_arguments)]
+    async fn stay(
+        &self,
+        entry: &Arc<VmEntry>,
+        id: &str,
+        peer: &Peer,
+        qmp: &QmpClient,
+        exports: &[String],
+        phase: MigrationPhase,
+        why: String,
+    ) -> Outcome {
+        live::unexport_disks(qmp, exports).await;
+        let _ = live::set_limits(qmp, LiveLimits::default()).await;
+        self.back_to_running(entry, id);
+        if let Err(e) = peer.remove_half(id).await {
+            tracing::warn!(migration = id, error = %e, "could not remove the target's half");
+        }
+        Outcome::Stayed(phase, why)
+    }
+
+    /// Where is the VM, after a failure whose outcome is unknown? If QEMU
+    /// here still runs it, here. If QEMU here has sent everything, only the
+    /// target can say: once it confirms it removed its half unrun, the VM
+    /// continues here; if it has run it, it is the target's. Until the
+    /// target answers, the VM stays paused: never on both hosts.
+    pub(super) async fn settle(
+        &self,
+        entry: &Arc<VmEntry>,
+        id: &str,
+        peer: &Peer,
+        qmp: &QmpClient,
+        exports: &[String],
+        why: String,
+    ) -> Outcome {
+        let book = &self.inner.migrations;
+        loop {
+            let running = qmp.query_status().await.map(|s| s.running);
+            if let Ok(true) = running {
+                let _ = live::cancel(qmp, Duration::from_secs(10)).await;
+                if qmp.query_status().await.map(|s| s.running).unwrap_or(false) {
+                    return self
+                        .stay(entry, id, peer, qmp, exports, MigrationPhase::Failed, why)
+                        .await;
+                }
+            }
+            match peer.remove_half(id).await {
+                Ok(()) | Err(PeerError::Refused { status: 404, .. }) => {
+                    live::unexport_disks(qmp, exports).await;
+                    let _ = live::set_limits(qmp, LiveLimits::default()).await;
+                    if let Err(e) = qmp.cont().await {
+                        tracing::error!(migration = id, error = %e, "continuing the VM here");
+                    }
+                    self.back_to_running(entry, id);
+                    return Outcome::Stayed(
+                        MigrationPhase::Failed,
+                        format!("{why}; the target never ran it, so it continues here"),
+                    );
+                }
+                Err(PeerError::Refused { status: 409, .. }) => {
+                    book.update(id, true, |m| m.phase = MigrationPhase::DiskSync);
+                    return self.await_target_sync(id, peer).await;
+                }
+                Err(e) => {
+                    book.update(id, true, |m| {
+                        m.error = Some(format!(
+                            "{why}; {e}: the VM stays paused here until the target answers"
+                        ))
+                    });
+                    tokio::time::sleep(PEER_RETRY).await;
+                }
+            }
+        }
     }
 
     /// Runs QEMU's pre-copy to its end. `Ok(None)`: memory is over;
@@ -393,7 +502,7 @@ impl VmManager {
         id: &str,
         to: std::net::SocketAddr,
         limits: LiveLimits,
-    ) -> AgentResult<Option<Outcome>> {
+    ) -> AgentResult<Option<(MigrationPhase, String)>> {
         let book = &self.inner.migrations;
         live::start_outgoing(qmp, to, limits).await?;
         let mut last_saved = Instant::now();
@@ -420,7 +529,7 @@ impl VmManager {
                     let why = p
                         .error
                         .unwrap_or_else(|| format!("QEMU reports {}", p.status));
-                    return Ok(Some(Outcome::Stayed(
+                    return Ok(Some((
                         MigrationPhase::Failed,
                         format!("memory stream {}: {why}", p.status),
                     )));
@@ -433,7 +542,7 @@ impl VmManager {
                 if live::progress(qmp).await?.status == "completed" {
                     return Ok(None);
                 }
-                return Ok(Some(Outcome::Stayed(
+                return Ok(Some((
                     MigrationPhase::Cancelled,
                     "cancelled on request".into(),
                 )));
@@ -442,80 +551,96 @@ impl VmManager {
         }
     }
 
-    /// After the switch-over: waits until the target has synced the disks.
-    /// If the target reports the VM lost first, it continues here.
-    async fn await_target_sync(
-        &self,
-        entry: &Arc<VmEntry>,
-        id: &str,
-        peer: &Peer,
-        qmp: &QmpClient,
-        exports: &[String],
-    ) -> AgentResult<Outcome> {
+    /// After the switch-over: waits until the target has synced the disks
+    /// (serving them meanwhile). A target that cannot be asked is waited
+    /// for: it may well run the VM.
+    pub(super) async fn await_target_sync(&self, id: &str, peer: &Peer) -> Outcome {
         let book = &self.inner.migrations;
         let mut unreachable_since: Option<Instant> = None;
         loop {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            match peer
-                .call::<MigrationInfo>(
-                    reqwest::Method::GET,
-                    &format!("/v1/migrations/{id}"),
-                    None::<&()>,
-                )
-                .await
-            {
+            match peer.migration(id).await {
                 Ok(t) => {
                     unreachable_since = None;
                     book.update(id, false, |m| {
                         m.disk_synced_bytes = t.disk_synced_bytes;
                         m.disk_total_bytes = t.disk_total_bytes;
-                        m.error = None;
+                        m.error = t.error.clone();
                     });
                     match t.phase {
-                        MigrationPhase::Completed => return Ok(Outcome::Moved),
+                        MigrationPhase::Completed => return Outcome::Moved,
                         MigrationPhase::Failed | MigrationPhase::Cancelled => {
-                            // The target lost the VM before it had the
-                            // disks: the source's copy is the VM as it was
-                            // at the switch-over.
-                            live::unexport_disks(qmp, exports).await;
-                            qmp.cont().await?;
-                            self.back_to_running(entry, id);
-                            return Ok(Outcome::Stayed(
-                                MigrationPhase::Failed,
-                                format!(
-                                    "the target lost the VM during the disk sync ({}); it continues here from the switch-over",
-                                    t.error.unwrap_or_default()
-                                ),
-                            ));
+                            return Outcome::RemovedThere(format!(
+                                "the VM was removed on the target during its disk sync ({})",
+                                t.error.unwrap_or_default()
+                            ))
                         }
                         _ => {}
                     }
                 }
                 Err(e) => {
-                    // Unknown is not dead: the target may still run the VM.
                     let since = *unreachable_since.get_or_insert_with(Instant::now);
                     book.update(id, false, |m| {
                         m.error = Some(format!(
-                            "waiting for the target for {} s: {e}",
+                            "no answer from the target for {} s: {e}",
                             since.elapsed().as_secs()
                         ))
                     });
+                    tokio::time::sleep(PEER_RETRY).await;
                 }
             }
         }
     }
 
-    async fn abort_target(&self, peer: &Peer, id: &str) {
-        if let Err(e) = peer
-            .call::<serde_json::Value>(
-                reqwest::Method::DELETE,
-                &format!("/v1/migrations/{id}"),
-                None::<&()>,
-            )
-            .await
-        {
-            tracing::warn!(migration = id, error = %e, "could not remove the target's half");
-        }
+    /// What the target needs to recreate `record`, with the disks exported
+    /// at `nbd`.
+    fn migrating_vm(
+        &self,
+        record: &VmRecord,
+        nbd: std::net::SocketAddr,
+    ) -> AgentResult<MigratingVm> {
+        let disks = record
+            .disks
+            .iter()
+            .map(|d| {
+                Ok(MigratingDisk {
+                    name: d.name.clone(),
+                    format: d.format.clone(),
+                    size_mib: d.size_mib,
+                    size_bytes: crate::disks::virtual_size(&d.path)?,
+                    read_only: d.read_only,
+                    nbd_host: nbd.ip().to_string(),
+                    nbd_port: nbd.port(),
+                    nbd_export: d.name.clone(),
+                })
+            })
+            .collect::<AgentResult<Vec<_>>>()?;
+        Ok(MigratingVm {
+            id: record.id.clone(),
+            name: record.name.clone(),
+            image: record.image.clone(),
+            vcpus: record.vcpus,
+            memory_mib: record.memory_mib,
+            cmdline_extra: record.cmdline_extra.clone(),
+            tags: record.tags.clone(),
+            machine_id: record.machine_id.clone(),
+            created_at: record.created_at.clone(),
+            nics: record
+                .nics
+                .iter()
+                .map(|n| MigratingNic {
+                    mac: n.mac.clone(),
+                    ip: n.ip.to_string(),
+                    prefix_len: n.prefix_len,
+                    gateway: n.gateway.to_string(),
+                })
+                .collect(),
+            disks,
+            kernel_sha256: sha256_file(&record.kernel)?,
+            initrd_sha256: record.initrd.as_deref().map(sha256_file).transpose()?,
+            accel: self.inner.accel.accel.to_string(),
+            qemu_version: self.inner.qemu_version.clone(),
+        })
     }
 
     /// The VM stays (or is again) running here.
@@ -536,6 +661,8 @@ impl VmManager {
     }
 
     /// The target has the VM: this host's QEMU, taps, disks and record go.
+    /// The record keeps its migration id to the end, so nothing can start
+    /// this stale copy meanwhile (a start is refused while it is set).
     async fn release_moved(&self, entry: &Arc<VmEntry>) {
         let (name, process, qmp) = {
             let mut s = entry.lock();
@@ -559,8 +686,9 @@ impl VmManager {
         }
         {
             let mut s = entry.lock();
-            s.record.migration = None;
-            self.settle_exited(entry, &mut s, VmState::Stopped, None);
+            if s.record.state.has_process() {
+                self.settle_exited(entry, &mut s, VmState::Stopped, None);
+            }
         }
         if let Err(e) = self.delete(&name, true).await {
             tracing::error!(vm = %name, error = %e, "removing the migrated VM's leftovers");

@@ -48,11 +48,29 @@ impl VmManager {
     ) -> AgentResult<IncomingMigrationReady> {
         let ip = self.migration_ip()?;
         let vm = req.vm.clone();
+        super::check_id(&req.id)?;
+        crate::spec::validate_name("vm.name", &vm.name, 63)?;
+        if vm.id.len() != 16 || !vm.id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(AgentError::InvalidArgument(format!(
+                "invalid VM id {:?}: expected 16 hex digits",
+                vm.id
+            )));
+        }
         crate::manager::from_layer::check_not_reserved(&vm.name)?;
         if self.inner.migrations.get(&req.id).is_ok() {
             return Err(AgentError::conflict(
                 format!("migration {} is already known here", req.id),
                 None,
+            ));
+        }
+        let (accel, qemu) = (self.inner.accel.accel.to_string(), &self.inner.qemu_version);
+        if vm.accel != accel || &vm.qemu_version != qemu {
+            return Err(AgentError::conflict(
+                format!(
+                    "the VM runs under {} on QEMU {}; this host has {accel} on QEMU {qemu}",
+                    vm.accel, vm.qemu_version
+                ),
+                Some("migrate between hosts with the same accelerator and QEMU version".into()),
             ));
         }
         let image = self.inner.images.get(&vm.image).map_err(|_| {
@@ -96,25 +114,36 @@ impl VmManager {
             )?;
             self.check_identity_free(&vm)?;
             let record = self.incoming_record(&vm, &req.id)?;
-            self.materialize_incoming(&record, &image)?;
+            let sizes: Vec<u64> = vm.disks.iter().map(|d| d.size_bytes).collect();
+            self.materialize_incoming(&record, &sizes, &image)?;
             let entry = VmEntry::new(record);
             self.vms().insert(vm.name.clone(), entry.clone());
             entry
         };
+        // Recorded before QEMU starts, so the source can always have this
+        // half removed by the migration's id.
         let mut info = new_record(&req.id, &vm.name, MigrationRole::Target, &req.source);
-        info.phase = MigrationPhase::PreCopy;
-        let started = self.start_incoming(&entry, ip).await;
-        let port = match started {
-            Ok(port) => port,
-            Err(e) => {
-                self.remove_incoming(&entry).await;
-                return Err(e);
-            }
-        };
-        if let Err(e) = self.inner.migrations.put(info) {
+        info.disk_sync_limit_bps = req.disk_sync_bps;
+        if let Err(e) = self.inner.migrations.put(info, None) {
             self.remove_incoming(&entry).await;
             return Err(e);
         }
+        let port = match self.start_incoming(&entry, ip).await {
+            Ok(port) => port,
+            Err(e) => {
+                self.remove_incoming(&entry).await;
+                self.inner.migrations.finish(
+                    &req.id,
+                    MigrationPhase::Failed,
+                    Some(e.to_string()),
+                    0,
+                );
+                return Err(e);
+            }
+        };
+        self.inner
+            .migrations
+            .update(&req.id, true, |m| m.phase = MigrationPhase::PreCopy);
         tracing::info!(vm = %vm.name, migration = %req.id, port, "waiting for an incoming migration");
         Ok(IncomingMigrationReady {
             host: ip.to_string(),
@@ -122,8 +151,27 @@ impl VmManager {
         })
     }
 
-    /// Its MACs and addresses must be free here: the guest keeps them.
+    /// Its MACs and addresses must be free here, and in this host's VM
+    /// subnet: the guest keeps them.
     fn check_identity_free(&self, vm: &MigratingVm) -> AgentResult<()> {
+        let subnet = &self.inner.config.subnet;
+        for n in &vm.nics {
+            let ip: std::net::Ipv4Addr = n.ip.parse().map_err(|_| {
+                AgentError::InvalidArgument(format!(
+                    "migrating VM has an invalid address {:?}",
+                    n.ip
+                ))
+            })?;
+            if !subnet.contains(ip) || n.gateway != subnet.gateway().to_string() {
+                return Err(AgentError::conflict(
+                    format!(
+                        "VM {:?} has address {} via {}, outside this host's VM network {subnet}",
+                        vm.name, n.ip, n.gateway
+                    ),
+                    Some("migrate between hosts that share the VM network".into()),
+                ));
+            }
+        }
         let mut ips = HashSet::new();
         let mut macs = HashSet::new();
         for e in self.vms().values() {
@@ -180,6 +228,12 @@ impl VmManager {
                     "root" => ROOT_DISK.to_string(),
                     n => format!("disk-{n}.qcow2"),
                 };
+                if d.read_only {
+                    return Err(AgentError::InvalidArgument(format!(
+                        "disk {:?} is read-only: such disks are shared on their host and cannot move",
+                        d.name
+                    )));
+                }
                 Ok(DiskRecord {
                     name: d.name.clone(),
                     path: dir.join(file),
@@ -230,6 +284,7 @@ impl VmManager {
     fn materialize_incoming(
         &self,
         record: &VmRecord,
+        sizes: &[u64],
         image: &flotilla_image::Image,
     ) -> AgentResult<()> {
         let vms_dir = self.inner.config.vms_dir();
@@ -243,9 +298,9 @@ impl VmManager {
                 pin(initrd, &tmp.join(INITRD))
                     .map_err(|e| AgentError::io("pinning the initramfs", e))?;
             }
-            for d in &record.disks {
+            for (d, bytes) in record.disks.iter().zip(sizes) {
                 let at = tmp.join(d.path.file_name().unwrap_or_default());
-                crate::disks::create_blank(&at, d.size_mib)?;
+                crate::disks::create_blank_bytes(&at, *bytes)?;
             }
             record.save(&tmp)?;
             std::fs::rename(&tmp, self.vm_dir(&record.name))
@@ -299,14 +354,22 @@ impl VmManager {
             process.wait_exit().await;
             // The monitor settles the exit first.
             tokio::time::sleep(Duration::from_millis(200)).await;
+            let id = migration.clone().unwrap_or_default();
+            let switched = manager
+                .inner
+                .migrations
+                .get(&id)
+                .map(|m| m.switch_over_ms.is_some())
+                .unwrap_or(true);
             let lost = {
                 let s = entry.lock();
                 s.record.state == VmState::Crashed && s.record.migration == migration
             };
-            if !lost {
+            // After the switch-over the VM is this host's: a crash leaves it
+            // crashed here, to be started again (its disks still sync).
+            if !lost || switched {
                 return;
             }
-            let id = migration.unwrap_or_default();
             tracing::warn!(migration = %id, "the incoming VM's QEMU ended before the migration completed; removing it");
             manager.remove_incoming(&entry).await;
             manager.inner.migrations.finish(
@@ -322,8 +385,24 @@ impl VmManager {
     pub async fn switch_over(&self, id: &str) -> AgentResult<MigrationInfo> {
         let info = self.inner.migrations.get(id)?;
         let entry = self.entry(&info.vm)?;
+        // One at a time with a removal of this half (`abort_incoming`).
+        let _op = entry.op_lock.lock().await;
+        let info = self.inner.migrations.get(id)?;
+        if info.phase.is_finished() && info.switch_over_ms.is_none() {
+            return Err(AgentError::conflict(
+                format!(
+                    "migration {id} was given up here: {}",
+                    info.error.unwrap_or_default()
+                ),
+                None,
+            ));
+        }
         let (qmp, generation) = {
             let s = entry.lock();
+            if s.record.migration.as_deref() == Some(id) && info.switch_over_ms.is_some() {
+                // Asked again (the first answer was lost): it runs here.
+                return self.inner.migrations.get(id);
+            }
             if s.record.state != VmState::Incoming || s.record.migration.as_deref() != Some(id) {
                 return Err(AgentError::conflict(
                     format!(
@@ -357,6 +436,12 @@ impl VmManager {
                 _ => tokio::time::sleep(Duration::from_millis(2)).await,
             }
         }
+        // Recorded before the VM runs: from here on this half is never
+        // removed on the source's word.
+        let elapsed = since.elapsed().as_millis() as u64;
+        self.inner
+            .migrations
+            .update(id, true, |m| m.switch_over_ms = Some(elapsed));
         qmp.cont().await?;
         {
             let mut s = entry.lock();
@@ -372,13 +457,15 @@ impl VmManager {
         tracing::info!(vm = %info.vm, migration = id, "switched over: the VM runs here");
         let manager = self.clone();
         let id = id.to_string();
-        tokio::spawn(async move { manager.sync_disks(entry, id).await });
+        let syncing = entry.clone();
+        tokio::spawn(async move { manager.sync_disks(syncing, id).await });
         self.inner.migrations.get(&info.id)
     }
 
     /// Copies each disk's remaining data from the source, then drops the
     /// link to it. A failed copy is retried (the NBD link reconnects after
-    /// a cut); it ends only when the VM is gone.
+    /// a cut); it pauses while the VM does not run and ends when the disks
+    /// are whole or the VM is removed.
     pub(crate) async fn sync_disks(&self, entry: Arc<VmEntry>, id: String) {
         let started = Instant::now();
         loop {
@@ -393,15 +480,29 @@ impl VmManager {
                     .collect();
                 (s.runtime.qmp.clone(), pending, s.record.state)
             };
-            if !state.has_process() {
+            let still_here = self
+                .vms()
+                .get(&entry.lock().record.name)
+                .is_some_and(|e| Arc::ptr_eq(e, &entry));
+            if !still_here {
+                // Removed (forced) before it had its disks: nothing of it
+                // is to run anywhere; the source lets go too.
                 self.inner.migrations.finish(
                     &id,
                     MigrationPhase::Failed,
-                    Some(format!(
-                        "the VM stopped running here ({state}) before its disks were synced"
-                    )),
+                    Some("the VM was removed here before its disks were synced".into()),
                     started.elapsed().as_millis() as u64,
                 );
+                return;
+            }
+            if !state.has_process() {
+                // Crashed or stopped: its disks are this overlay over the
+                // source's export, whole; the sync goes on when it runs.
+                self.inner.migrations.update(&id, true, |m| {
+                    m.error = Some(format!(
+                        "the VM is {state}; its disk sync goes on when it runs again"
+                    ))
+                });
                 return;
             }
             let Some(qmp) = qmp else { return };
@@ -428,7 +529,8 @@ impl VmManager {
                 m.disk_total_bytes = m.disk_total_bytes.max(total)
             });
             let node = format!("disk-{disk}");
-            let copied = live::stream_from_backing(&qmp, &node, |done, _| {
+            let limit = book.get(&id).ok().and_then(|m| m.disk_sync_limit_bps);
+            let copied = live::stream_from_backing(&qmp, &node, limit, |done, _| {
                 book.update(&id, false, |m| m.disk_synced_bytes = done);
             })
             .await;
@@ -458,6 +560,15 @@ impl VmManager {
     /// finished migration's record is forgotten.
     pub async fn abort_incoming(&self, id: &str) -> AgentResult<()> {
         let info = self.inner.migrations.get(id)?;
+        if info.role == MigrationRole::Target && info.switch_over_ms.is_some() {
+            return Err(AgentError::conflict(
+                format!(
+                    "migration {id} switched over: VM {:?} has run here",
+                    info.vm
+                ),
+                None,
+            ));
+        }
         if info.phase.is_finished() {
             self.inner.migrations.forget(id);
             return Ok(());
@@ -469,19 +580,47 @@ impl VmManager {
             ));
         }
         if let Ok(entry) = self.entry(&info.vm) {
-            let state = entry.lock().record.state;
-            if entry.lock().record.migration.as_deref() == Some(id) {
-                if !matches!(
-                    state,
-                    VmState::Incoming | VmState::Crashed | VmState::Creating
-                ) {
+            {
+                let _op = entry.op_lock.lock().await;
+                // A switch-over that got in first wins.
+                if self.inner.migrations.get(id)?.switch_over_ms.is_some() {
+                    return Err(AgentError::conflict(
+                        format!(
+                            "migration {id} switched over: VM {:?} has run here",
+                            info.vm
+                        ),
+                        None,
+                    ));
+                }
+                let (state, ours) = {
+                    let s = entry.lock();
+                    (s.record.state, s.record.migration.as_deref() == Some(id))
+                };
+                if ours
+                    && !matches!(
+                        state,
+                        VmState::Incoming | VmState::Crashed | VmState::Creating
+                    )
+                {
                     return Err(AgentError::conflict(
                         format!("VM {:?} already runs here ({state}): the migration is past its switch-over", info.vm),
                         None,
                     ));
                 }
-                self.remove_incoming(&entry).await;
+                // Ended under the lock: a switch-over after this refuses.
+                self.inner.migrations.finish(
+                    id,
+                    MigrationPhase::Cancelled,
+                    Some("the source gave up".into()),
+                    0,
+                );
+                if !ours {
+                    return Ok(());
+                }
             }
+            // Outside the lock: the removal takes it.
+            self.remove_incoming(&entry).await;
+            return Ok(());
         }
         self.inner.migrations.finish(
             id,

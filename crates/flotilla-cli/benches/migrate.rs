@@ -1,0 +1,294 @@
+//! Live migration benchmark (issue 5): Flotilla's migration of a running
+//! VM between two hosts (network namespaces joined by a fabric) against a
+//! plain QEMU-to-QEMU migration of the same guest between the same two
+//! hosts, in one run.
+//!
+//! Guest-observed downtime: the guest sends a UDP datagram to its gateway
+//! every millisecond (`flotilla-guest-agent tick`); a receiver on each host
+//! notes arrival times, and the largest gap across both is the pause the
+//! guest's traffic saw (the guest's own clocks stop while it is paused, so
+//! it cannot see it itself). The baseline has no network on its target
+//! (plain QEMU leaves that to the user), so its downtime is QEMU's own.
+//!
+//! Run with `cargo bench -p flotilla-cli --bench migrate` (as root, after
+//! `./scripts/setup`). Prints a Markdown table for BENCHMARKS.md.
+
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flotilla_guest_protocol::client::GuestClient;
+use flotilla_qemu::QmpClient;
+use flotilla_testkit::{bare_qemu_command, BareQemu, Fabric, HostOptions, TestHost};
+use serde_json::{json, Value};
+
+const TICK_PORT: u16 = 9999;
+/// Pages the writer dirties: this many bytes every 100 ms.
+const WRITER_CHUNK: u64 = 2_000_000;
+
+fn api_ok(host: &TestHost, method: &str, path: &str, body: Option<Value>) -> Value {
+    let (s, b) = host.api(method, path, body);
+    assert!((200..300).contains(&s), "{method} {path}: {s} {b}");
+    b
+}
+
+fn exec(host: &TestHost, vm: &str, cmd: &str) {
+    api_ok(
+        host,
+        "POST",
+        &format!("/v1/vms/{vm}/exec"),
+        Some(json!({ "argv": ["sh", "-c", cmd] })),
+    );
+}
+
+/// Notes when datagrams arrive at the gateway address of `netns`.
+fn receiver(netns: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<Instant>> {
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(format!("/var/run/netns/{netns}")).expect("netns");
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let socket = UdpSocket::bind(("10.77.0.1", TICK_PORT)).expect("bind");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("timeout");
+        let mut arrivals = Vec::new();
+        let mut buf = [0u8; 64];
+        while !stop.load(Ordering::Relaxed) {
+            if socket.recv(&mut buf).is_ok() {
+                arrivals.push(Instant::now());
+            }
+        }
+        arrivals
+    })
+}
+
+fn largest_gap(mut arrivals: Vec<Instant>) -> Duration {
+    arrivals.sort();
+    arrivals
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default()
+}
+
+struct Row {
+    case: String,
+    total_s: f64,
+    qemu_downtime_ms: u64,
+    guest_gap_ms: Option<f64>,
+    sent_mib: f64,
+    memory_mib: f64,
+    disk_sync_s: Option<f64>,
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1024.0 * 1024.0)
+}
+
+/// Flotilla: a VM on `a` migrated to `b` through the agents' API.
+fn flotilla_case(a: &TestHost, b: &TestHost, memory_mib: u64, writer: bool) -> Row {
+    let name = format!("m{memory_mib}{}", if writer { "w" } else { "" });
+    api_ok(
+        a,
+        "POST",
+        "/v1/vms",
+        Some(json!({ "name": name, "memory_mib": memory_mib, "wait_ready": true })),
+    );
+    exec(
+        a,
+        &name,
+        &format!(
+            "setsid /sbin/flotilla-guest-agent tick 10.77.0.1:{TICK_PORT} 1000 >/dev/null 2>&1 &"
+        ),
+    );
+    if writer {
+        exec(
+            a,
+            &name,
+            &format!("setsid sh -c 'while :; do head -c {WRITER_CHUNK} /dev/urandom > /tmp/dirty; sleep 0.1; done' >/dev/null 2>&1 &"),
+        );
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let ra = receiver(a.netns.name.clone(), stop.clone());
+    let rb = receiver(b.netns.name.clone(), stop.clone());
+    std::thread::sleep(Duration::from_secs(2));
+    let t = Instant::now();
+    let m = api_ok(
+        a,
+        "POST",
+        &format!("/v1/vms/{name}/migrate?wait=true"),
+        Some(json!({ "target": b.endpoint, "target_token": b.agent_token() })),
+    );
+    let total = t.elapsed().as_secs_f64();
+    assert_eq!(m["phase"], "completed", "{m:#}");
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    let mut arrivals = ra.join().expect("receiver");
+    arrivals.extend(rb.join().expect("receiver"));
+    let received = arrivals.len();
+    let gap = largest_gap(arrivals);
+    api_ok(b, "DELETE", &format!("/v1/vms/{name}?force=true"), None);
+    let switch_s = m["switch_over_ms"].as_u64().unwrap_or(0) as f64 / 1000.0;
+    Row {
+        case: format!(
+            "{memory_mib} MiB{}",
+            if writer { ", writer 20 MB/s" } else { ", idle" }
+        ),
+        total_s: total,
+        qemu_downtime_ms: m["downtime_ms"].as_u64().unwrap_or(0),
+        guest_gap_ms: (received > 100).then_some(gap.as_secs_f64() * 1000.0),
+        sent_mib: mib(m["transferred_bytes"].as_u64().unwrap_or(0)),
+        memory_mib: mib(m["memory_bytes"].as_u64().unwrap_or(0)),
+        disk_sync_s: Some(total - switch_s),
+    }
+}
+
+fn in_netns(ns: &str, cmd: std::process::Command) -> std::process::Command {
+    let mut wrapped = std::process::Command::new("ip");
+    wrapped
+        .args(["netns", "exec", ns])
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    wrapped
+}
+
+/// The baseline: the same kernel, initramfs and disk under bare QEMUs, one
+/// per host, migrated by QEMU alone (the disk on storage both see).
+fn baseline_case(
+    a: &TestHost,
+    b: &TestHost,
+    image: (&Path, &Path, &Path),
+    memory_mib: u64,
+    writer: bool,
+    rt: &tokio::runtime::Runtime,
+) -> Row {
+    let (kernel, initrd, rootfs) = image;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root.qcow2");
+    let made = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(rootfs)
+        .arg(&root)
+        .status()
+        .expect("qemu-img");
+    assert!(made.success());
+    let spawn = |side: &str, ns: &str, incoming: Option<String>| {
+        let side_dir = dir.path().join(side);
+        std::fs::create_dir_all(&side_dir).expect("dir");
+        let cmdline = "console=ttyS0 quiet panic=-1 nolapic_timer flotilla.root=/dev/vda";
+        let mut cmd = bare_qemu_command(
+            kernel,
+            initrd,
+            memory_mib,
+            cmdline,
+            &side_dir.join("agent.sock"),
+        );
+        let disk = json!({
+            "driver": "qcow2", "node-name": "disk-root",
+            "file": { "driver": "file", "filename": root.to_string_lossy() },
+        });
+        cmd.arg("-blockdev")
+            .arg(disk.to_string())
+            .args(["-device", "virtio-blk-device,drive=disk-root"]);
+        cmd.arg("-qmp").arg(format!(
+            "unix:{},server=on,wait=off",
+            side_dir.join("qmp.sock").display()
+        ));
+        if let Some(uri) = incoming {
+            cmd.arg("-incoming").arg(uri);
+        }
+        BareQemu::spawn(in_netns(ns, cmd)).expect("qemu")
+    };
+    let _source = spawn("a", &a.netns.name, None);
+    let target_uri = format!("tcp:{}:4444", b.netns.ns_ip);
+    rt.block_on(async {
+        let (guest, _) =
+            GuestClient::wait_ready(&dir.path().join("a/agent.sock"), Duration::from_secs(60))
+                .await
+                .expect("guest");
+        if writer {
+            let cmd = format!("setsid sh -c 'while :; do head -c {WRITER_CHUNK} /dev/urandom > /tmp/dirty; sleep 0.1; done' >/dev/null 2>&1 &");
+            guest
+                .exec_collect(
+                    flotilla_guest_protocol::ExecRequest::new(["sh", "-c", &cmd]),
+                    Duration::from_secs(30),
+                )
+                .await
+                .expect("writer");
+        }
+    });
+    let _target = spawn("b", &b.netns.name, Some(target_uri.clone()));
+    std::thread::sleep(Duration::from_secs(2));
+    let info = rt.block_on(async {
+        let qmp = QmpClient::connect_retry(&dir.path().join("a/qmp.sock"), Duration::from_secs(10))
+            .await
+            .expect("qmp");
+        qmp.execute::<Value>("migrate", Some(json!({ "uri": target_uri })))
+            .await
+            .expect("migrate");
+        loop {
+            let info: Value = qmp.execute("query-migrate", None).await.expect("query");
+            match info["status"].as_str() {
+                Some("completed") => break info,
+                Some("failed") => panic!("baseline migration failed: {info}"),
+                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    });
+    Row {
+        case: format!(
+            "{memory_mib} MiB{}",
+            if writer { ", writer 20 MB/s" } else { ", idle" }
+        ),
+        total_s: info["total-time"].as_u64().unwrap_or(0) as f64 / 1000.0,
+        qemu_downtime_ms: info["downtime"].as_u64().unwrap_or(0),
+        guest_gap_ms: None,
+        sent_mib: mib(info["ram"]["transferred"].as_u64().unwrap_or(0)),
+        memory_mib: mib(info["ram"]["total"].as_u64().unwrap_or(0)),
+        disk_sync_s: None,
+    }
+}
+
+fn main() {
+    let fabric = Arc::new(Fabric::create().expect("fabric"));
+    let options = HostOptions {
+        fabric: Some(fabric.clone()),
+        ..HostOptions::default()
+    };
+    let a = TestHost::start_with(options.clone()).expect("host a");
+    let b = TestHost::start_with(options).expect("host b");
+    let image = api_ok(&a, "GET", "/v1/images/default", None);
+    let path = |k: &str| PathBuf::from(image[k].as_str().expect("image path"));
+    let (kernel, initrd, rootfs) = (path("kernel"), path("initrd"), path("rootfs"));
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+
+    let cases = [(256, false), (256, true), (1024, false)];
+    println!(
+        "| case | | total | pause (QEMU) | pause seen by guest traffic | memory sent | disk sync |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for (memory, writer) in cases {
+        let ours = flotilla_case(&a, &b, memory, writer);
+        let base = baseline_case(&a, &b, (&kernel, &initrd, &rootfs), memory, writer, &rt);
+        for (who, r) in [("Flotilla", &ours), ("QEMU alone", &base)] {
+            println!(
+                "| {} | {who} | {:.3} s | {} ms | {} | {:.1} MiB of {:.0} MiB | {} |",
+                r.case,
+                r.total_s,
+                r.qemu_downtime_ms,
+                r.guest_gap_ms
+                    .map(|g| format!("{g:.1} ms"))
+                    .unwrap_or_else(|| "-".into()),
+                r.sent_mib,
+                r.memory_mib,
+                r.disk_sync_s
+                    .map(|s| format!("{s:.3} s"))
+                    .unwrap_or_else(|| "- (shared disk)".into()),
+            );
+        }
+    }
+}
