@@ -7,8 +7,8 @@
 //! every millisecond (`flotilla-guest-agent tick`); a receiver on each host
 //! notes arrival times, and the largest gap across both is the pause the
 //! guest's traffic saw (the guest's own clocks stop while it is paused, so
-//! it cannot see it itself). The baseline has no network on its target
-//! (plain QEMU leaves that to the user), so its downtime is QEMU's own.
+//! it cannot see it itself). The baseline's guest gets the same: a tap on
+//! each host's bridge, the same address, the same ticker.
 //!
 //! Run with `cargo bench -p flotilla-cli --bench migrate` (as root, after
 //! `./scripts/setup`). Prints a Markdown table for BENCHMARKS.md.
@@ -129,6 +129,13 @@ fn flotilla_case(a: &TestHost, b: &TestHost, memory_mib: u64, writer: bool) -> R
     let received = arrivals.len();
     let gap = largest_gap(arrivals);
     api_ok(b, "DELETE", &format!("/v1/vms/{name}?force=true"), None);
+    // Where the switch-over's time goes, from both agents' logs.
+    for host in [a, b] {
+        let log = std::fs::read_to_string(host.data_path().join("agent.log")).unwrap_or_default();
+        for line in log.lines().filter(|l| l.contains("switched over") || l.contains("continued here")) {
+            eprintln!("{line}");
+        }
+    }
     let switch_s = m["switch_over_ms"].as_u64().unwrap_or(0) as f64 / 1000.0;
     Row {
         case: format!(
@@ -176,10 +183,20 @@ fn baseline_case(
         .status()
         .expect("qemu-img");
     assert!(made.success());
+    // A tap on each host's bridge, as Flotilla's VMs have.
+    for host in [a, b] {
+        host.netns
+            .exec_ip(&["tuntap", "add", "dev", "fltbase", "mode", "tap"])
+            .expect("tap");
+        host.netns
+            .exec_ip(&["link", "set", "dev", "fltbase", "master", "flbr0", "up"])
+            .expect("tap up");
+    }
     let spawn = |side: &str, ns: &str, incoming: Option<String>| {
         let side_dir = dir.path().join(side);
         std::fs::create_dir_all(&side_dir).expect("dir");
-        let cmdline = "console=ttyS0 quiet panic=-1 nolapic_timer flotilla.root=/dev/vda";
+        let cmdline = "console=ttyS0 quiet panic=-1 nolapic_timer flotilla.root=/dev/vda \
+                       flotilla.ip=10.77.0.200/24 flotilla.gw=10.77.0.1";
         let mut cmd = bare_qemu_command(
             kernel,
             initrd,
@@ -193,7 +210,9 @@ fn baseline_case(
         });
         cmd.arg("-blockdev")
             .arg(disk.to_string())
-            .args(["-device", "virtio-blk-device,drive=disk-root"]);
+            .args(["-device", "virtio-blk-device,drive=disk-root"])
+            .args(["-netdev", "tap,id=net0,ifname=fltbase,script=no,downscript=no"])
+            .args(["-device", "virtio-net-device,netdev=net0,mac=52:54:00:aa:bb:cc"]);
         cmd.arg("-qmp").arg(format!(
             "unix:{},server=on,wait=off",
             side_dir.join("qmp.sock").display()
@@ -210,18 +229,26 @@ fn baseline_case(
             GuestClient::wait_ready(&dir.path().join("a/agent.sock"), Duration::from_secs(60))
                 .await
                 .expect("guest");
+        let mut cmds = vec![format!(
+            "setsid /sbin/flotilla-guest-agent tick 10.77.0.1:{TICK_PORT} 1000 >/dev/null 2>&1 &"
+        )];
         if writer {
-            let cmd = format!("setsid sh -c 'while :; do head -c {WRITER_CHUNK} /dev/urandom > /tmp/dirty; sleep 0.1; done' >/dev/null 2>&1 &");
+            cmds.push(format!("setsid sh -c 'while :; do head -c {WRITER_CHUNK} /dev/urandom > /tmp/dirty; sleep 0.1; done' >/dev/null 2>&1 &"));
+        }
+        for cmd in cmds {
             guest
                 .exec_collect(
                     flotilla_guest_protocol::ExecRequest::new(["sh", "-c", &cmd]),
                     Duration::from_secs(30),
                 )
                 .await
-                .expect("writer");
+                .expect("guest command");
         }
     });
     let _target = spawn("b", &b.netns.name, Some(target_uri.clone()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let ra = receiver(a.netns.name.clone(), stop.clone());
+    let rb = receiver(b.netns.name.clone(), stop.clone());
     std::thread::sleep(Duration::from_secs(2));
     let info = rt.block_on(async {
         let qmp = QmpClient::connect_retry(&dir.path().join("a/qmp.sock"), Duration::from_secs(10))
@@ -239,6 +266,15 @@ fn baseline_case(
             }
         }
     });
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    let mut arrivals = ra.join().expect("receiver");
+    arrivals.extend(rb.join().expect("receiver"));
+    let received = arrivals.len();
+    let gap = largest_gap(arrivals);
+    for host in [a, b] {
+        let _ = host.netns.exec_ip(&["link", "del", "fltbase"]);
+    }
     Row {
         case: format!(
             "{memory_mib} MiB{}",
@@ -246,7 +282,7 @@ fn baseline_case(
         ),
         total_s: info["total-time"].as_u64().unwrap_or(0) as f64 / 1000.0,
         qemu_downtime_ms: info["downtime"].as_u64().unwrap_or(0),
-        guest_gap_ms: None,
+        guest_gap_ms: (received > 100).then_some(gap.as_secs_f64() * 1000.0),
         sent_mib: mib(info["ram"]["transferred"].as_u64().unwrap_or(0)),
         memory_mib: mib(info["ram"]["total"].as_u64().unwrap_or(0)),
         disk_sync_s: None,

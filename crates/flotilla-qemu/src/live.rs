@@ -75,6 +75,21 @@ fn progress_of(v: &Value) -> LiveProgress {
     }
 }
 
+/// Waits for QEMU's next MIGRATION event (a status change) on `events`,
+/// or until it is closed.
+pub async fn next_status_change(events: &mut tokio::sync::broadcast::Receiver<crate::QmpEvent>) {
+    loop {
+        match events.recv().await {
+            Ok(e) if e.event == "MIGRATION" => return,
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                // Never again: leave the waiting to the caller's timer.
+                std::future::pending::<()>().await
+            }
+        }
+    }
+}
+
 /// The migration's progress now.
 pub async fn progress(qmp: &QmpClient) -> Result<LiveProgress, QmpError> {
     let v: Value = qmp.execute("query-migrate", None).await?;
@@ -103,6 +118,8 @@ async fn stream_capabilities(qmp: &QmpClient) -> Result<(), QmpError> {
         Some(json!({ "capabilities": [
             { "capability": "mapped-ram", "state": false },
             { "capability": "multifd", "state": false },
+            // MIGRATION events: the end is seen at once, not at a poll.
+            { "capability": "events", "state": true },
         ] })),
     )
     .await?;

@@ -195,6 +195,32 @@ fn new_record(id: &str, vm: &str, role: MigrationRole, peer: &str) -> MigrationI
     }
 }
 
+/// The SHA-256 of a file (a kernel, an initramfs), remembered by the
+/// file's identity and stamps: VMs pin their image's files by hard link, so
+/// one hash serves every VM of an image, and a migration does not wait for it.
+pub(crate) fn file_sha256(path: &Path) -> AgentResult<String> {
+    use sha2::{Digest, Sha256};
+    use std::os::unix::fs::MetadataExt;
+    type Stamp = (u64, u64, u64, i64, i64);
+    static KNOWN: std::sync::OnceLock<Mutex<std::collections::HashMap<Stamp, String>>> =
+        std::sync::OnceLock::new();
+    let io = |e| AgentError::io(format!("reading {}", path.display()), e);
+    let meta = std::fs::metadata(path).map_err(io)?;
+    let stamp = (meta.dev(), meta.ino(), meta.size(), meta.mtime(), meta.ctime());
+    let known = KNOWN.get_or_init(Default::default);
+    if let Some(sum) = known.lock().unwrap_or_else(|p| p.into_inner()).get(&stamp) {
+        return Ok(sum.clone());
+    }
+    let mut h = Sha256::new();
+    std::io::copy(&mut std::fs::File::open(path).map_err(io)?, &mut h).map_err(io)?;
+    let sum = hex::encode(h.finalize());
+    known
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(stamp, sum.clone());
+    Ok(sum)
+}
+
 /// A migrated-in VM's disk files lack what it has not synced from the
 /// source yet: snapshots, clones, suspends and disk moves, which copy those
 /// files, wait until the sync is done.

@@ -20,9 +20,8 @@ use flotilla_api::{ErrorBody, VmState};
 use flotilla_qemu::live::{self, LiveLimits};
 use flotilla_qemu::QmpClient;
 use serde::de::DeserializeOwned;
-use sha2::{Digest, Sha256};
 
-use super::new_record;
+use super::{file_sha256, new_record};
 use crate::error::{AgentError, AgentResult};
 use crate::manager::{VmEntry, VmManager};
 use crate::record::VmRecord;
@@ -132,14 +131,6 @@ impl Peer {
     }
 }
 
-fn sha256_file(path: &std::path::Path) -> AgentResult<String> {
-    let mut f = std::fs::File::open(path)
-        .map_err(|e| AgentError::io(format!("reading {}", path.display()), e))?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h)
-        .map_err(|e| AgentError::io(format!("reading {}", path.display()), e))?;
-    Ok(hex::encode(h.finalize()))
-}
 
 /// A free TCP port on `ip` for the disk exports.
 fn free_port(ip: std::net::IpAddr) -> AgentResult<u16> {
@@ -394,6 +385,7 @@ impl VmManager {
         }
 
         // Memory is over and the VM is paused here: hand it over.
+        let handing = Instant::now();
         let switched = async {
             let nodes: Vec<String> = exports.iter().map(|e| format!("disk-{e}")).collect();
             live::reactivate_for_reads(&qmp, &nodes).await?;
@@ -412,6 +404,11 @@ impl VmManager {
                 .settle(entry, id, peer, &qmp, &exports, format!("switch-over: {e}"))
                 .await;
         }
+        tracing::info!(
+            migration = id,
+            ms = handing.elapsed().as_millis() as u64,
+            "switched over"
+        );
         book.update(id, true, |m| {
             m.phase = MigrationPhase::DiskSync;
             m.switch_over_ms = Some(started.elapsed().as_millis() as u64);
@@ -504,6 +501,7 @@ impl VmManager {
         limits: LiveLimits,
     ) -> AgentResult<Option<(MigrationPhase, String)>> {
         let book = &self.inner.migrations;
+        let mut events = qmp.events();
         live::start_outgoing(qmp, to, limits).await?;
         let mut last_saved = Instant::now();
         loop {
@@ -547,7 +545,10 @@ impl VmManager {
                     "cancelled on request".into(),
                 )));
             }
-            tokio::time::sleep(PROGRESS_POLL).await;
+            tokio::select! {
+                _ = tokio::time::sleep(PROGRESS_POLL) => {}
+                _ = live::next_status_change(&mut events) => {}
+            }
         }
     }
 
@@ -636,8 +637,8 @@ impl VmManager {
                 })
                 .collect(),
             disks,
-            kernel_sha256: sha256_file(&record.kernel)?,
-            initrd_sha256: record.initrd.as_deref().map(sha256_file).transpose()?,
+            kernel_sha256: file_sha256(&record.kernel)?,
+            initrd_sha256: record.initrd.as_deref().map(file_sha256).transpose()?,
             accel: self.inner.accel.accel.to_string(),
             qemu_version: self.inner.qemu_version.clone(),
         })

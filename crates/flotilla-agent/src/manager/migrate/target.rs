@@ -14,7 +14,7 @@ use flotilla_api::{Resources, VmState};
 use flotilla_qemu::live;
 use flotilla_qemu::NbdBacking;
 
-use super::new_record;
+use super::{file_sha256, new_record};
 use crate::error::{AgentError, AgentResult};
 use crate::fsutil::sync_dir;
 use crate::manager::create::{pin, INITRD, KERNEL, ROOT_DISK};
@@ -29,15 +29,6 @@ use crate::runtime::Readiness;
 /// saw it complete.
 const ARRIVAL_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn sha256_of(path: &std::path::Path) -> AgentResult<String> {
-    use sha2::{Digest, Sha256};
-    let mut f = std::fs::File::open(path)
-        .map_err(|e| AgentError::io(format!("reading {}", path.display()), e))?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h)
-        .map_err(|e| AgentError::io(format!("reading {}", path.display()), e))?;
-    Ok(hex::encode(h.finalize()))
-}
 
 impl VmManager {
     /// Prepares to receive `req.vm`: checks it can take it, makes its
@@ -85,8 +76,8 @@ impl VmManager {
         let (kernel, initrd) = (image.kernel.clone(), image.initrd.clone());
         let sums = tokio::task::spawn_blocking(move || {
             Ok::<_, AgentError>((
-                sha256_of(&kernel)?,
-                initrd.as_deref().map(sha256_of).transpose()?,
+                file_sha256(&kernel)?,
+                initrd.as_deref().map(file_sha256).transpose()?,
             ))
         })
         .await
@@ -436,13 +427,22 @@ impl VmManager {
                 _ => tokio::time::sleep(Duration::from_millis(2)).await,
             }
         }
+        let arrived = since.elapsed();
         // Recorded before the VM runs: from here on this half is never
         // removed on the source's word.
         let elapsed = since.elapsed().as_millis() as u64;
         self.inner
             .migrations
             .update(id, true, |m| m.switch_over_ms = Some(elapsed));
+        let recorded = since.elapsed();
         qmp.cont().await?;
+        tracing::info!(
+            migration = id,
+            arrived_us = arrived.as_micros() as u64,
+            recorded_us = recorded.as_micros() as u64,
+            running_us = since.elapsed().as_micros() as u64,
+            "continued here"
+        );
         {
             let mut s = entry.lock();
             self.transition(&mut s, VmState::Running)?;
