@@ -26,6 +26,22 @@ pub struct MigrateVmRequest {
     /// (unlimited when not given): a slow link is left room for the VM.
     #[serde(default)]
     pub disk_sync_mibps: Option<u64>,
+    /// What to do when the pre-copy is predicted not to converge.
+    #[serde(default)]
+    pub on_no_convergence: ConvergencePolicy,
+}
+
+/// What a migration does when its pre-copy will not converge within the
+/// pause allowed (the guest dirties memory about as fast as it is sent).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ConvergencePolicy {
+    /// Slow the guest's vCPUs down step by step (QEMU's auto-converge)
+    /// until it converges; cancel if even the strongest throttle does not.
+    #[default]
+    AutoConverge,
+    /// Cancel at once: the VM runs on where it was.
+    Cancel,
 }
 
 /// A VM as the target must recreate it: its identity and shape.
@@ -162,6 +178,12 @@ pub struct MigrationInfo {
     pub expected_downtime_ms: Option<u64>,
     #[serde(default)]
     pub downtime_ms: Option<u64>,
+    /// Why the pre-copy was predicted not to converge, when it was.
+    #[serde(default)]
+    pub prediction: Option<String>,
+    /// How much the guest's vCPUs are throttled (auto-converge), percent.
+    #[serde(default)]
+    pub throttle_percent: Option<u64>,
     /// Disk sync on the target: bytes done of the disks' total.
     #[serde(default)]
     pub disk_synced_bytes: u64,

@@ -132,7 +132,10 @@ fn flotilla_case(a: &TestHost, b: &TestHost, memory_mib: u64, writer: bool) -> R
     // Where the switch-over's time goes, from both agents' logs.
     for host in [a, b] {
         let log = std::fs::read_to_string(host.data_path().join("agent.log")).unwrap_or_default();
-        for line in log.lines().filter(|l| l.contains("switched over") || l.contains("continued here")) {
+        for line in log
+            .lines()
+            .filter(|l| l.contains("switched over") || l.contains("continued here"))
+        {
             eprintln!("{line}");
         }
     }
@@ -211,8 +214,14 @@ fn baseline_case(
         cmd.arg("-blockdev")
             .arg(disk.to_string())
             .args(["-device", "virtio-blk-device,drive=disk-root"])
-            .args(["-netdev", "tap,id=net0,ifname=fltbase,script=no,downscript=no"])
-            .args(["-device", "virtio-net-device,netdev=net0,mac=52:54:00:aa:bb:cc"]);
+            .args([
+                "-netdev",
+                "tap,id=net0,ifname=fltbase,script=no,downscript=no",
+            ])
+            .args([
+                "-device",
+                "virtio-net-device,netdev=net0,mac=52:54:00:aa:bb:cc",
+            ]);
         cmd.arg("-qmp").arg(format!(
             "unix:{},server=on,wait=off",
             side_dir.join("qmp.sock").display()

@@ -507,6 +507,10 @@ pub enum VmCommand {
         /// Bandwidth limit of the disk copy after the switch-over, in MiB/s.
         #[arg(long)]
         disk_bandwidth: Option<u64>,
+        /// When the memory copy is predicted not to converge: throttle the
+        /// guest until it does (auto-converge), or cancel.
+        #[arg(long, default_value = "auto-converge", value_parser = ["auto-converge", "cancel"])]
+        on_no_convergence: String,
         /// Return at once instead of following the migration to its end.
         #[arg(long)]
         no_wait: bool,

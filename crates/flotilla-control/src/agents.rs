@@ -173,6 +173,7 @@ impl AgentClient {
             max_downtime_ms: None,
             max_bandwidth_mibps: None,
             disk_sync_mibps: None,
+            on_no_convergence: Default::default(),
         };
         // As long as a large VM may take to move.
         let call = self

@@ -47,6 +47,8 @@ pub struct LiveProgress {
     pub throughput_bps: u64,
     /// Pre-copy rounds over memory.
     pub rounds: u64,
+    /// How much auto-converge slows the guest's vCPUs, percent.
+    pub cpu_throttle_percent: u64,
     pub error: Option<String>,
 }
 
@@ -71,6 +73,7 @@ fn progress_of(v: &Value) -> LiveProgress {
         // QEMU reports mbps (megabits per second) as a float.
         throughput_bps: (ram["mbps"].as_f64().unwrap_or(0.0) * 1_000_000.0 / 8.0) as u64,
         rounds: n(&ram["dirty-sync-count"]),
+        cpu_throttle_percent: n(&v["cpu-throttle-percentage"]),
         error: v["error-desc"].as_str().map(str::to_string),
     }
 }
@@ -103,6 +106,8 @@ pub struct LiveLimits {
     pub max_downtime_ms: Option<u64>,
     /// Bytes per second the stream may use.
     pub max_bandwidth_bps: Option<u64>,
+    /// Throttle the guest's vCPUs while the stream does not converge.
+    pub auto_converge: bool,
 }
 
 /// QEMU's defaults, restored after a migration so its limits never stay
@@ -112,7 +117,7 @@ const DEFAULT_BANDWIDTH_BPS: u64 = 128 << 20;
 
 /// A stream over TCP: the file formats other operations may have set
 /// (`mapped-ram`, `multifd`, or a resumed VM's `-global`) are switched off.
-async fn stream_capabilities(qmp: &QmpClient) -> Result<(), QmpError> {
+async fn stream_capabilities(qmp: &QmpClient, auto_converge: bool) -> Result<(), QmpError> {
     qmp.execute::<Value>(
         "migrate-set-capabilities",
         Some(json!({ "capabilities": [
@@ -120,6 +125,7 @@ async fn stream_capabilities(qmp: &QmpClient) -> Result<(), QmpError> {
             { "capability": "multifd", "state": false },
             // MIGRATION events: the end is seen at once, not at a poll.
             { "capability": "events", "state": true },
+            { "capability": "auto-converge", "state": auto_converge },
         ] })),
     )
     .await?;
@@ -145,7 +151,7 @@ pub async fn start_outgoing(
     to: SocketAddr,
     limits: LiveLimits,
 ) -> Result<(), QmpError> {
-    stream_capabilities(qmp).await?;
+    stream_capabilities(qmp, limits.auto_converge).await?;
     set_limits(qmp, limits).await?;
     qmp.execute::<Value>("migrate", Some(json!({ "uri": format!("tcp:{to}") })))
         .await?;
@@ -155,7 +161,7 @@ pub async fn start_outgoing(
 /// Makes a QEMU started with `-incoming defer` listen on `host` (port
 /// chosen by the system) and returns the port.
 pub async fn listen_incoming(qmp: &QmpClient, host: std::net::IpAddr) -> Result<u16, QmpError> {
-    stream_capabilities(qmp).await?;
+    stream_capabilities(qmp, false).await?;
     let at = SocketAddr::new(host, 0);
     qmp.execute::<Value>(
         "migrate-incoming",

@@ -56,6 +56,7 @@ pub struct MigrateArgs {
     pub max_downtime_ms: Option<u64>,
     pub bandwidth: Option<u64>,
     pub disk_bandwidth: Option<u64>,
+    pub on_no_convergence: flotilla_api::migration::ConvergencePolicy,
     pub no_wait: bool,
 }
 
@@ -66,6 +67,7 @@ pub async fn migrate(client: &Client, json: bool, a: MigrateArgs) -> anyhow::Res
         max_downtime_ms: a.max_downtime_ms,
         max_bandwidth_mibps: a.bandwidth,
         disk_sync_mibps: a.disk_bandwidth,
+        on_no_convergence: a.on_no_convergence,
     };
     let started: MigrationInfo = client
         .post(&format!("/v1/vms/{}/migrate", a.name), &req)

@@ -87,6 +87,7 @@ pub async fn run(client: &Client, json: bool, cmd: VmCommand) -> anyhow::Result<
             max_downtime_ms,
             bandwidth,
             disk_bandwidth,
+            on_no_convergence,
             no_wait,
         } => {
             let args = super::migration::MigrateArgs {
@@ -96,6 +97,10 @@ pub async fn run(client: &Client, json: bool, cmd: VmCommand) -> anyhow::Result<
                 max_downtime_ms,
                 bandwidth,
                 disk_bandwidth,
+                on_no_convergence: match on_no_convergence.as_str() {
+                    "cancel" => flotilla_api::migration::ConvergencePolicy::Cancel,
+                    _ => flotilla_api::migration::ConvergencePolicy::AutoConverge,
+                },
                 no_wait,
             };
             return super::migration::migrate(client, json, args).await;

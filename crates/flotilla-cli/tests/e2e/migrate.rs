@@ -289,3 +289,95 @@ fn a_cancelled_or_refused_migration_leaves_the_vm_where_it_was() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("http://"));
 }
+
+/// The host's link to the fabric (its veth's end in the caller's namespace).
+fn link(host: &TestHost, up: bool) {
+    let state = if up { "up" } else { "down" };
+    let out = std::process::Command::new("ip")
+        .args(["link", "set", &host.netns.host_veth, state])
+        .output()
+        .expect("ip");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn cut_networks_and_streams_that_cannot_converge_are_handled() {
+    let (_fabric, a, b) = two_hosts();
+    run_vm(&a, "busy");
+    start_workload(&a, "busy");
+    let before = sums(&a, "busy");
+
+    // A guest dirtying memory faster than the stream may send it: predicted
+    // not to converge and, as asked, cancelled; the VM runs on.
+    let (code, _, _) = exec(
+        &a,
+        "busy",
+        &["sh", "-c", "setsid sh -c 'while [ ! -e /tmp/calm ]; do dd if=/tmp/mem.bin of=/tmp/dirty bs=1M conv=notrunc 2>/dev/null; done' >/dev/null 2>&1 &"],
+    );
+    assert_eq!(code, 0);
+    let out = migrate(
+        &a,
+        &b,
+        "busy",
+        &["--bandwidth", "8", "--on-no-convergence", "cancel"],
+    );
+    assert!(!out.status.success());
+    let m: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(m["phase"], "failed", "{m:#}");
+    assert!(
+        m["error"]
+            .as_str()
+            .unwrap()
+            .contains("predicted not to converge"),
+        "{m:#}"
+    );
+    assert!(m["prediction"].is_string(), "{m:#}");
+    assert_eq!(
+        a.cli_json::<Value>(&["vm", "inspect", "busy"])["state"],
+        "running"
+    );
+    assert_eq!(sums(&a, "busy"), before);
+    assert_clean(&b);
+    let (code, _, _) = exec(&a, "busy", &["touch", "/tmp/calm"]);
+    assert_eq!(code, 0);
+
+    // The network to the target is cut during the pre-copy: the stream
+    // stalls, is given up, and the VM runs on where it was.
+    let out = migrate(&a, &b, "busy", &["--bandwidth", "1", "--no-wait"]);
+    let m: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let id = m["id"].as_str().unwrap().to_string();
+    wait_phase(&a, &id, |p| p == "pre_copy");
+    link(&b, false);
+    let m = wait_phase(&a, &id, |p| p != "pre_copy");
+    link(&b, true);
+    assert_eq!(m["phase"], "failed", "{m:#}");
+    assert!(
+        m["error"].as_str().unwrap().contains("sent nothing"),
+        "{m:#}"
+    );
+    assert_eq!(sums(&a, "busy"), before);
+    // b's half goes once its stream ends (its QEMU sees the closed stream).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(b.qemu_pids().is_empty() && b.vm_dirs().is_empty()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_clean(&b);
+
+    // Cut during the disk sync: the VM runs on b, reads wait for the
+    // link, and the copy finishes when it is back.
+    let out = migrate(&a, &b, "busy", &["--disk-bandwidth", "16", "--no-wait"]);
+    let m: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let id = m["id"].as_str().unwrap().to_string();
+    wait_phase(&a, &id, |p| p == "disk_sync");
+    link(&a, false);
+    std::thread::sleep(Duration::from_secs(3));
+    link(&a, true);
+    let m = wait_phase(&a, &id, |p| p != "disk_sync");
+    assert_eq!(m["phase"], "completed", "{m:#}");
+    assert_eq!(sums(&b, "busy"), before);
+    assert_clean(&a);
+}

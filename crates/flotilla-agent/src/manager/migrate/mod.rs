@@ -8,6 +8,7 @@
 //! Every migration has a record on each side (`<data>/migrations/<id>.json`,
 //! written whole) that `GET /v1/migrations` shows with its progress.
 
+mod converge;
 mod source;
 mod target;
 
@@ -187,6 +188,8 @@ fn new_record(id: &str, vm: &str, role: MigrationRole, peer: &str) -> MigrationI
         expected_downtime_ms: None,
         downtime_ms: None,
         disk_synced_bytes: 0,
+        prediction: None,
+        throttle_percent: None,
         disk_sync_limit_bps: None,
         disk_total_bytes: 0,
         switch_over_ms: None,
@@ -206,7 +209,13 @@ pub(crate) fn file_sha256(path: &Path) -> AgentResult<String> {
         std::sync::OnceLock::new();
     let io = |e| AgentError::io(format!("reading {}", path.display()), e);
     let meta = std::fs::metadata(path).map_err(io)?;
-    let stamp = (meta.dev(), meta.ino(), meta.size(), meta.mtime(), meta.ctime());
+    let stamp = (
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime(),
+        meta.ctime(),
+    );
     let known = KNOWN.get_or_init(Default::default);
     if let Some(sum) = known.lock().unwrap_or_else(|p| p.into_inner()).get(&stamp) {
         return Ok(sum.clone());

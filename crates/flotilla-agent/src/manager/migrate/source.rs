@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flotilla_api::migration::{
-    IncomingMigrationReady, IncomingMigrationRequest, MigrateVmRequest, MigratingDisk,
-    MigratingNic, MigratingVm, MigrationInfo, MigrationPhase, MigrationRole,
+    ConvergencePolicy, IncomingMigrationReady, IncomingMigrationRequest, MigrateVmRequest,
+    MigratingDisk, MigratingNic, MigratingVm, MigrationInfo, MigrationPhase, MigrationRole,
 };
 use flotilla_api::{ErrorBody, VmState};
 use flotilla_qemu::live::{self, LiveLimits};
@@ -130,7 +130,6 @@ impl Peer {
         .map(|_| ())
     }
 }
-
 
 /// A free TCP port on `ip` for the disk exports.
 fn free_port(ip: std::net::IpAddr) -> AgentResult<u16> {
@@ -363,6 +362,7 @@ impl VmManager {
         let limits = LiveLimits {
             max_downtime_ms: req.max_downtime_ms,
             max_bandwidth_bps: req.max_bandwidth_mibps.map(|m| m << 20),
+            auto_converge: req.on_no_convergence == ConvergencePolicy::AutoConverge,
         };
         match self.precopy(&qmp, id, to, limits).await {
             Ok(None) => {}
@@ -504,8 +504,36 @@ impl VmManager {
         let mut events = qmp.events();
         live::start_outgoing(qmp, to, limits).await?;
         let mut last_saved = Instant::now();
+        let mut watch =
+            super::converge::Watch::new(limits.max_downtime_ms.unwrap_or(300), Instant::now());
         loop {
             let p = live::progress(qmp).await?;
+            if !p.is_finished() {
+                let stop = match watch.observe(&p, Instant::now()) {
+                    super::converge::Verdict::Fine => None,
+                    super::converge::Verdict::Stalled => Some(format!(
+                        "the stream sent nothing for {} s: is the network to the target cut?",
+                        super::converge::STALL_LIMIT.as_secs()
+                    )),
+                    super::converge::Verdict::WontConverge(why) => {
+                        let throttled = p.cpu_throttle_percent;
+                        book.update(id, true, |m| m.prediction = Some(why.clone()));
+                        // Auto-converge gets every chance up to its
+                        // strongest throttle.
+                        match limits.auto_converge && throttled < 99 {
+                            true => None,
+                            false => Some(format!("predicted not to converge: {why}")),
+                        }
+                    }
+                };
+                if let Some(why) = stop {
+                    live::cancel(qmp, Duration::from_secs(10)).await?;
+                    if live::progress(qmp).await?.status == "completed" {
+                        return Ok(None);
+                    }
+                    return Ok(Some((MigrationPhase::Failed, why)));
+                }
+            }
             let persist = last_saved.elapsed() > Duration::from_secs(1) || p.is_finished();
             if persist {
                 last_saved = Instant::now();
@@ -517,6 +545,7 @@ impl VmManager {
                 m.rounds = p.rounds;
                 m.dirty_pages_rate = p.dirty_pages_rate;
                 m.expected_downtime_ms = p.expected_downtime_ms;
+                m.throttle_percent = (p.cpu_throttle_percent > 0).then_some(p.cpu_throttle_percent);
                 if p.downtime_ms.is_some() {
                     m.downtime_ms = p.downtime_ms;
                 }

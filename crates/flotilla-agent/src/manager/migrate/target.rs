@@ -29,7 +29,6 @@ use crate::runtime::Readiness;
 /// saw it complete.
 const ARRIVAL_TIMEOUT: Duration = Duration::from_secs(10);
 
-
 impl VmManager {
     /// Prepares to receive `req.vm`: checks it can take it, makes its
     /// directory and disks, and starts a QEMU listening for the stream.
