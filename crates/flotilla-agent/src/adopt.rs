@@ -179,12 +179,19 @@ impl VmManager {
             (s.record.state, s.record.process, s.record.name.clone())
         };
         if !state.has_process() {
+            let incoming = entry.lock().record.migration.is_some();
+            if state == VmState::Creating && incoming {
+                // A migration's half made while the agent died: it never ran.
+                self.drop_interrupted_incoming(entry).await;
+                return None;
+            }
             if state == VmState::Creating {
                 // A create interrupted after its directory was placed: it never ran.
                 let mut s = entry.lock();
                 let _ = self.transition(&mut s, VmState::Stopped);
                 let _ = self.save(&s);
             }
+            self.adopt_at_rest(entry);
             return None;
         }
         let switched = entry
@@ -248,6 +255,8 @@ impl VmManager {
                 self.discard_layer_overlays(&s.record);
             }
             self.settle_exited(entry, &mut s, next, why);
+            drop(s);
+            self.adopt_at_rest(entry);
             return None;
         };
         let process = match QemuProcess::adopt(identity) {

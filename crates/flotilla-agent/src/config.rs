@@ -29,6 +29,8 @@ pub struct AgentConfig {
     /// Where other hosts reach this one's migration streams and disk
     /// exports (default: the API's listen address, unless that is 0.0.0.0).
     pub migration_address: Option<std::net::IpAddr>,
+    /// Migrations this host takes part in at once, as source or target.
+    pub max_migrations: usize,
     /// The control plane to heartbeat to, if any.
     pub control: Option<crate::control_link::ControlLink>,
 }
@@ -47,6 +49,7 @@ impl AgentConfig {
             ready_timeout: Duration::from_secs(120),
             stop_timeout: Duration::from_secs(10),
             migration_address: None,
+            max_migrations: crate::manager::migrate::DEFAULT_MAX_MIGRATIONS,
             control: None,
         }
     }

@@ -118,6 +118,7 @@ impl VmManager {
         snapshots: flotilla_snapshot::SnapshotStore,
     ) -> Self {
         let config_migrations_dir = config.data_dir.join("migrations");
+        let max_migrations = config.max_migrations;
         VmManager {
             inner: Arc::new(Inner {
                 config,
@@ -129,7 +130,7 @@ impl VmManager {
                 admission: tokio::sync::Mutex::new(()),
                 bases_lock: tokio::sync::Mutex::new(()),
                 pending_names: Mutex::new(Default::default()),
-                migrations: migrate::MigrationBook::open(&config_migrations_dir),
+                migrations: migrate::MigrationBook::open(&config_migrations_dir, max_migrations),
             }),
         }
     }

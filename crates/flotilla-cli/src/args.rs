@@ -348,6 +348,10 @@ pub struct AgentArgs {
     /// (default: the --listen address, unless that is 0.0.0.0).
     #[arg(long)]
     pub migration_address: Option<std::net::IpAddr>,
+    /// Live migrations this host takes part in at once (as source or
+    /// target); more wait for a slot.
+    #[arg(long, default_value_t = 2)]
+    pub max_migrations: usize,
 }
 
 #[derive(Debug, Args)]

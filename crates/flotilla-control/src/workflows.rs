@@ -433,47 +433,81 @@ async fn migrate_step(
         error: None,
         seen_at: now_ms(),
     };
+    // Agents that cannot be asked for a moment are asked again; a move that
+    // still goes on after this long is left to a later attempt.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(4 * 3600);
+    let mut transient = 0;
+    let mut retry = |e: crate::agents::AgentCallError| -> ControlResult<()> {
+        transient += 1;
+        match transient > 30 || std::time::Instant::now() > deadline {
+            true => Err(agent_error(e)),
+            false => Ok(()),
+        }
+    };
     loop {
         let on_source = match agents.vm(&source, &inst.id).await {
             Ok(vm) => Some(vm),
             Err(e) if e.is_not_found() => None,
-            Err(e) => return Err(agent_error(e)),
+            Err(e) => {
+                retry(e)?;
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                continue;
+            }
         };
         match on_source.as_ref().map(|v| v.state) {
             // Gone from the source: moved, if the target has it.
-            None => {
-                let vm = agents.vm(&target, &inst.id).await.map_err(agent_error)?;
-                store.end_migration(&inst.id, true).await?;
-                tracing::info!(instance = %inst.name, from = %from, to = %target_host, "migrated");
-                return Ok(Some(seen(&vm)));
-            }
+            None => match agents.vm(&target, &inst.id).await {
+                Ok(vm) => {
+                    store.end_migration(&inst.id, true).await?;
+                    tracing::info!(instance = %inst.name, from = %from, to = %target_host, "migrated");
+                    return Ok(Some(seen(&vm)));
+                }
+                Err(e) if e.is_not_found() => {
+                    store.end_migration(&inst.id, false).await?;
+                    return Err(ControlError::conflict(format!(
+                        "instance {}'s VM is on neither {from} nor {target_host}",
+                        inst.name
+                    )));
+                }
+                Err(e) => {
+                    retry(e)?;
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                }
+            },
             // An earlier attempt's migration is still going.
             Some(flotilla_api::VmState::Migrating) => {
+                if std::time::Instant::now() > deadline {
+                    return Err(ControlError::conflict(format!(
+                        "the migration of {} still runs after 4 hours",
+                        inst.name
+                    )));
+                }
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
             }
-            Some(_) => {
-                let result = agents.migrate_vm(&source, &inst.id, &target).await;
-                match result {
-                    Ok(m) if m.phase == flotilla_api::migration::MigrationPhase::Completed => {
-                        continue;
-                    }
-                    Ok(m) => {
-                        store.end_migration(&inst.id, false).await?;
-                        return Err(ControlError::conflict(format!(
-                            "migration of {} to {target_host} {:?}: {}",
-                            inst.name,
-                            m.phase,
-                            m.error.unwrap_or_default()
-                        )));
-                    }
-                    Err(e) if e.is_conflict() => {
-                        // Not running (stopped, suspended): it stays.
-                        store.end_migration(&inst.id, false).await?;
-                        return Err(agent_error(e));
-                    }
-                    Err(e) => return Err(agent_error(e)),
+            Some(_) => match agents.migrate_vm(&source, &inst.id, &target).await {
+                Ok(m) if m.phase == flotilla_api::migration::MigrationPhase::Completed => {}
+                // Removed on the target after it took over: gone from
+                // both; the next round finds that out.
+                Ok(m) if m.switch_over_ms.is_some() => {}
+                Ok(m) => {
+                    store.end_migration(&inst.id, false).await?;
+                    return Err(ControlError::conflict(format!(
+                        "migration of {} to {target_host} {:?}: {}",
+                        inst.name,
+                        m.phase,
+                        m.error.unwrap_or_default()
+                    )));
                 }
-            }
+                Err(e) if e.is_conflict() => {
+                    // Not running (stopped, suspended): it stays.
+                    store.end_migration(&inst.id, false).await?;
+                    return Err(agent_error(e));
+                }
+                Err(e) => {
+                    retry(e)?;
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                }
+            },
         }
     }
 }

@@ -28,6 +28,8 @@ pub struct HostOptions {
     /// Join this cluster network (hosts reach each other), instead of a
     /// private link to the caller.
     pub fabric: Option<std::sync::Arc<crate::netns::Fabric>>,
+    /// More arguments for `flotilla agent`.
+    pub agent_args: Vec<String>,
 }
 
 /// How a test host's agent joins a control plane that listens on `port` in
@@ -49,6 +51,7 @@ impl Default for HostOptions {
             data_dir_size_mib: None,
             control: None,
             fabric: None,
+            agent_args: Vec::new(),
         }
     }
 }
@@ -158,6 +161,7 @@ impl TestHost {
             }
         }
         let child = command
+            .args(&self.options.agent_args)
             .args(["--listen", &format!("{}:{AGENT_PORT}", self.netns.ns_ip)])
             .args(["--capacity-vcpus", &self.options.capacity_vcpus.to_string()])
             .args([

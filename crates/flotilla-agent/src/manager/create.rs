@@ -283,6 +283,7 @@ impl VmManager {
             (s.record.id.clone(), s.record.snapshot_head.clone())
         };
         let (id, snapshot_head) = id;
+        self.removed_while_syncing(&entry.lock().record);
         // Disks moved into volumes live outside the VM's directory.
         let outside: Vec<std::path::PathBuf> = entry
             .lock()

@@ -82,7 +82,7 @@ impl VmManager {
         if s.record.state == VmState::Running {
             return Ok(None);
         }
-        if s.record.migration.is_some() && !s.record.disks.iter().any(|d| d.sync_from.is_some()) {
+        if self.is_source_copy(&s.record) {
             // The source's copy of a VM that moved (or is moving): it
             // must never run next to the one on the target.
             let name = &s.record.name;

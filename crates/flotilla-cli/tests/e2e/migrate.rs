@@ -176,6 +176,9 @@ fn agents_restarted_during_the_disk_sync_finish_the_migration() {
     let id = m["id"].as_str().unwrap().to_string();
     wait_phase(&a, &id, |p| p == "disk_sync");
     let t0 = Instant::now();
+    // Nothing that copies its disk files is allowed before they are whole.
+    let (s, body) = b.api("POST", "/v1/vms/steady/suspend", None);
+    assert_eq!(s, 409, "{body}");
 
     // The source agent dies: its QEMU keeps serving the disks, and its
     // next agent takes the migration up.
@@ -183,9 +186,6 @@ fn agents_restarted_during_the_disk_sync_finish_the_migration() {
     a.start_agent().expect("a's agent restarts");
     // The VM runs on b meanwhile, and reads what b has not copied yet.
     assert_eq!(sums(&b, "steady"), before);
-    // Nothing that copies its disk files is allowed before they are whole.
-    let (s, body) = b.api("POST", "/v1/vms/steady/suspend", None);
-    assert_eq!(s, 409, "{body}");
     // The target agent dies too: the copy goes on under its next agent.
     b.kill_agent(nix::sys::signal::Signal::SIGKILL);
     b.start_agent().expect("b's agent restarts");
@@ -379,5 +379,51 @@ fn cut_networks_and_streams_that_cannot_converge_are_handled() {
     let m = wait_phase(&a, &id, |p| p != "disk_sync");
     assert_eq!(m["phase"], "completed", "{m:#}");
     assert_eq!(sums(&b, "busy"), before);
+    assert_clean(&a);
+}
+
+#[test]
+fn a_host_takes_part_in_a_limited_number_of_migrations_at_once() {
+    let fabric = Arc::new(Fabric::create().expect("fabric"));
+    let a = TestHost::start_with(HostOptions {
+        fabric: Some(fabric.clone()),
+        ..HostOptions::default()
+    })
+    .expect("host a");
+    let b = TestHost::start_with(HostOptions {
+        fabric: Some(fabric.clone()),
+        agent_args: vec!["--max-migrations".into(), "1".into()],
+        ..HostOptions::default()
+    })
+    .expect("host b");
+    run_vm(&a, "one");
+    run_vm(&a, "two");
+    // The first holds b's only slot through a slow disk copy.
+    let out = migrate(&a, &b, "one", &["--disk-bandwidth", "64", "--no-wait"]);
+    let first: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let first = first["id"].as_str().unwrap().to_string();
+    wait_phase(&a, &first, |p| p == "disk_sync");
+    let out = migrate(&a, &b, "two", &["--no-wait"]);
+    let second: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let second = second["id"].as_str().unwrap().to_string();
+    // The second waits for it: b says it is busy, a asks again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = migration(&a, &second);
+        if m["error"].as_str().is_some_and(|e| e.contains("busy")) {
+            break;
+        }
+        assert!(m["phase"] != "completed", "did not wait: {m:#}");
+        assert!(Instant::now() < deadline, "{m:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(migration(&a, &first)["phase"], "disk_sync");
+    for id in [&first, &second] {
+        let m = wait_phase(&a, id, |p| {
+            !matches!(p, "preparing" | "pre_copy" | "disk_sync")
+        });
+        assert_eq!(m["phase"], "completed", "{m:#}");
+    }
+    assert_eq!(b.cli_json::<Vec<Value>>(&["vm", "ls"]).len(), 2);
     assert_clean(&a);
 }

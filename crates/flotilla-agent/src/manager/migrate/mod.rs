@@ -37,7 +37,16 @@ pub struct MigrationBook {
     dir: PathBuf,
     items: Mutex<BTreeMap<String, Stored>>,
     cancels: Mutex<HashSet<String>>,
+    /// Migrations this host takes part in at once (either side), each
+    /// holding a slot until it ends: streams and disk copies share the
+    /// host's network and disks.
+    slots: std::sync::Arc<tokio::sync::Semaphore>,
+    held: Mutex<BTreeMap<String, tokio::sync::OwnedSemaphorePermit>>,
+    limit: usize,
 }
+
+/// Migrations a host takes part in at once by default.
+pub const DEFAULT_MAX_MIGRATIONS: usize = 2;
 
 /// Migration ids are `m-` and 16 hex digits (they name files).
 pub fn check_id(id: &str) -> AgentResult<()> {
@@ -54,7 +63,7 @@ pub fn check_id(id: &str) -> AgentResult<()> {
 impl MigrationBook {
     /// Reads the records a previous agent left (unreadable ones are
     /// skipped with a warning).
-    pub fn open(dir: &Path) -> MigrationBook {
+    pub fn open(dir: &Path, limit: usize) -> MigrationBook {
         let mut items = BTreeMap::new();
         if let Ok(entries) = std::fs::read_dir(dir) {
             for e in entries.flatten() {
@@ -73,10 +82,14 @@ impl MigrationBook {
                 }
             }
         }
+        let limit = limit.max(1);
         MigrationBook {
             dir: dir.to_path_buf(),
             items: Mutex::new(items),
             cancels: Mutex::new(HashSet::new()),
+            slots: std::sync::Arc::new(tokio::sync::Semaphore::new(limit)),
+            held: Mutex::new(BTreeMap::new()),
+            limit,
         }
     }
 
@@ -112,9 +125,15 @@ impl MigrationBook {
             .map_err(|e| AgentError::io("writing a migration record", e))
     }
 
-    /// Adds a record and writes it.
+    /// Adds a record and writes it; an id already known is refused.
     fn put(&self, info: MigrationInfo, peer_token: Option<String>) -> AgentResult<()> {
         let mut items = self.items();
+        if items.contains_key(&info.id) {
+            return Err(AgentError::conflict(
+                format!("migration {} is already known here", info.id),
+                None,
+            ));
+        }
         let stored = Stored { info, peer_token };
         self.write(&stored)?;
         items.insert(stored.info.id.clone(), stored);
@@ -136,6 +155,22 @@ impl MigrationBook {
         }
     }
 
+    /// Changes a record only if the change is on disk first.
+    fn try_update(&self, id: &str, f: impl FnOnce(&mut MigrationInfo)) -> AgentResult<()> {
+        let mut items = self.items();
+        let Some(stored) = items.get_mut(id) else {
+            return Err(AgentError::MigrationNotFound { id: id.to_string() });
+        };
+        let mut changed = Stored {
+            info: stored.info.clone(),
+            peer_token: stored.peer_token.clone(),
+        };
+        f(&mut changed.info);
+        self.write(&changed)?;
+        *stored = changed;
+        Ok(())
+    }
+
     /// Ends a record in `phase` with `error`.
     fn finish(&self, id: &str, phase: MigrationPhase, error: Option<String>, total_ms: u64) {
         self.update(id, true, |m| {
@@ -145,6 +180,46 @@ impl MigrationBook {
             m.total_ms = Some(total_ms);
         });
         self.cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+
+    /// Waits for a free slot for migration `id` (a source queues).
+    async fn wait_for_slot(&self, id: &str) {
+        if let Ok(permit) = self.slots.clone().acquire_owned().await {
+            self.held
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id.to_string(), permit);
+        }
+    }
+
+    /// Takes a free slot for migration `id`, or says the host is busy (a
+    /// target refuses; its source asks again later).
+    fn take_slot(&self, id: &str) -> AgentResult<()> {
+        let permit = self.slots.clone().try_acquire_owned().map_err(|_| {
+            AgentError::conflict(
+                format!(
+                    "busy: this host already takes part in {} migrations",
+                    self.limit
+                ),
+                Some("try again when one has ended".into()),
+            )
+        })?;
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string(), permit);
+        Ok(())
+    }
+
+    fn release_slot(&self, id: &str) {
+        self.held
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
@@ -292,7 +367,14 @@ impl super::VmManager {
             )
         };
         let Ok(info) = self.inner.migrations.get(&id) else {
-            tracing::error!(vm = %name, migration = %id, "no record of the interrupted migration; the VM stays as it is");
+            // Marked before its record was written: it never began.
+            tracing::warn!(vm = %name, migration = %id, "no record of the interrupted migration: it never began");
+            let manager = self.clone();
+            let (entry, qmp) = (entry.clone(), qmp.clone());
+            tokio::spawn(async move {
+                let _ = qmp.cont().await;
+                manager.back_to_running(&entry, &id);
+            });
             return;
         };
         tracing::warn!(vm = %name, migration = %id, "taking up an interrupted migration");
@@ -314,21 +396,114 @@ impl super::VmManager {
         });
     }
 
-    /// At adoption: a migrated-in VM whose disks were still syncing goes on
-    /// syncing.
+    /// A migrated-in VM whose migration is not finished (at adoption, or
+    /// started again after a stop) goes on with its disk sync, which also
+    /// finishes one that was whole already.
     pub(crate) fn resume_disk_sync(&self, entry: &std::sync::Arc<super::VmEntry>) {
-        let id = {
-            let s = entry.lock();
-            let syncing = s.record.disks.iter().any(|d| d.sync_from.is_some());
-            match (&s.record.migration, syncing, s.record.state) {
-                (Some(id), true, flotilla_api::VmState::Running) => id.clone(),
-                _ => return,
-            }
+        let Some(id) = entry.lock().record.migration.clone() else {
+            return;
         };
-        tracing::info!(migration = %id, "resuming an interrupted disk sync");
+        match self.inner.migrations.get(&id) {
+            Ok(m) if m.role == MigrationRole::Target && !m.phase.is_finished() => {}
+            _ => return,
+        }
+        tracing::info!(migration = %id, "going on with a disk sync");
         let manager = self.clone();
         let entry = entry.clone();
         tokio::spawn(async move { manager.sync_disks(entry, id).await });
+    }
+
+    /// Whether the VM of `record` is the source's copy of a VM that moved
+    /// or is moving: such a copy must never run next to the target's.
+    pub(crate) fn is_source_copy(&self, record: &crate::record::VmRecord) -> bool {
+        let Some(id) = &record.migration else {
+            return false;
+        };
+        match self.inner.migrations.get(id) {
+            Ok(m) => m.role == MigrationRole::Source,
+            Err(_) => !record.disks.iter().any(|d| d.sync_from.is_some()),
+        }
+    }
+
+    /// At adoption: a VM with a migration whose QEMU is not running. A
+    /// target's goes on with its disk sync (or finishes it); a source's copy
+    /// is resolved with the target: released if the VM is the target's now,
+    /// freed to run here again once the target has removed its half.
+    pub(crate) fn adopt_at_rest(&self, entry: &std::sync::Arc<super::VmEntry>) {
+        let record = entry.lock().record.clone();
+        let Some(id) = record.migration.clone() else {
+            return;
+        };
+        if !self.is_source_copy(&record) {
+            self.resume_disk_sync(entry);
+            return;
+        }
+        let Ok(info) = self.inner.migrations.get(&id) else {
+            self.clear_migration(entry);
+            return;
+        };
+        let peer = source::Peer::new(&info.peer, self.inner.migrations.peer_token(&id));
+        let (manager, entry) = (self.clone(), entry.clone());
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            loop {
+                match peer.migration(&id).await {
+                    Ok(t) if t.switch_over_ms.is_some() => {
+                        let outcome = manager.await_target_sync(&id, &peer).await;
+                        manager.conclude(&entry, &id, outcome, started).await;
+                        return;
+                    }
+                    Ok(_) | Err(source::PeerError::Refused { status: 404, .. }) => {
+                        match peer.remove_half(&id).await {
+                            Ok(()) | Err(source::PeerError::Refused { status: 404, .. }) => {
+                                manager.clear_migration(&entry);
+                                manager.inner.migrations.finish(
+                                    &id,
+                                    MigrationPhase::Failed,
+                                    Some("the source's QEMU ended before the switch-over; the VM stays here".into()),
+                                    0,
+                                );
+                                return;
+                            }
+                            Err(e) => {
+                                tracing::warn!(migration = %id, error = %e, "resolving an interrupted migration")
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(migration = %id, error = %e, "resolving an interrupted migration")
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        });
+    }
+
+    /// The VM is this host's alone again (it may be started).
+    fn clear_migration(&self, entry: &super::VmEntry) {
+        let mut s = entry.lock();
+        s.record.migration = None;
+        if let Err(e) = self.save(&s) {
+            tracing::error!(error = %e, "saving the record after a migration");
+        }
+    }
+
+    /// A migrated-in VM removed before its disks were synced: its
+    /// migration fails, and the source lets go of its copy too.
+    pub(crate) fn removed_while_syncing(&self, record: &crate::record::VmRecord) {
+        let Some(id) = &record.migration else {
+            return;
+        };
+        if let Ok(m) = self.inner.migrations.get(id) {
+            if m.role == MigrationRole::Target && !m.phase.is_finished() {
+                self.inner.migrations.finish(
+                    id,
+                    MigrationPhase::Failed,
+                    Some("the VM was removed here before its disks were synced".into()),
+                    0,
+                );
+            }
+        }
     }
 
     /// At adoption: the half of a migration that never switched over.

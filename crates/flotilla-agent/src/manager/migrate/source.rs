@@ -56,6 +56,7 @@ impl From<PeerError> for AgentError {
 }
 
 /// Calls to the target agent's API.
+#[derive(Clone)]
 pub(super) struct Peer {
     endpoint: String,
     token: Option<String>,
@@ -109,7 +110,7 @@ impl Peer {
         })
     }
 
-    async fn migration(&self, id: &str) -> Result<MigrationInfo, PeerError> {
+    pub(super) async fn migration(&self, id: &str) -> Result<MigrationInfo, PeerError> {
         self.call(
             reqwest::Method::GET,
             &format!("/v1/migrations/{id}"),
@@ -120,7 +121,7 @@ impl Peer {
 
     /// Asks the target to remove its half (refused with 409 once the VM
     /// has run there).
-    async fn remove_half(&self, id: &str) -> Result<(), PeerError> {
+    pub(super) async fn remove_half(&self, id: &str) -> Result<(), PeerError> {
         self.call::<serde_json::Value>(
             reqwest::Method::DELETE,
             &format!("/v1/migrations/{id}"),
@@ -174,6 +175,7 @@ impl VmManager {
         let ip = self.migration_ip()?;
         let entry = self.entry(name)?;
         let id = format!("m-{:016x}", rand::random::<u64>());
+        let info = new_record(&id, name, MigrationRole::Source, &req.target);
         {
             let _op = entry.op_lock.lock().await;
             let mut s = entry.lock();
@@ -198,23 +200,32 @@ impl VmManager {
                     Some("move its disk to its own volume first (`flotilla vm move-disk`)".into()),
                 ));
             }
+            // The migration's record first: a VM marked migrating always
+            // has one to be taken up from.
+            self.inner
+                .migrations
+                .put(info.clone(), req.target_token.clone())?;
             self.transition(&mut s, VmState::Migrating)?;
             s.record.migration = Some(id.clone());
-            self.save(&s)?;
-        }
-        let info = new_record(&id, name, MigrationRole::Source, &req.target);
-        if let Err(e) = self
-            .inner
-            .migrations
-            .put(info.clone(), req.target_token.clone())
-        {
-            self.back_to_running(&entry, &id);
-            return Err(e);
+            if let Err(e) = self.save(&s) {
+                s.record.state = VmState::Running;
+                s.record.migration = None;
+                self.inner
+                    .migrations
+                    .finish(&id, MigrationPhase::Failed, Some(e.to_string()), 0);
+                return Err(e);
+            }
         }
         tracing::info!(vm = name, migration = %id, target = %req.target, "migration started");
         let manager = self.clone();
         tokio::spawn(async move {
             let peer = Peer::new(&req.target, req.target_token.clone());
+            let book = &manager.inner.migrations;
+            book.update(&id, false, |m| {
+                m.error = Some("waiting for one of this host's migration slots".into())
+            });
+            book.wait_for_slot(&id).await;
+            book.update(&id, false, |m| m.error = None);
             let started = Instant::now();
             let outcome = manager
                 .drive_source(&entry, &id, &req, ip, &peer, started)
@@ -301,6 +312,10 @@ impl VmManager {
             );
         };
         let exports: Vec<String> = record.disks.iter().map(|d| d.name.clone()).collect();
+        if book.cancel_requested(id) {
+            self.back_to_running(entry, id);
+            return Outcome::Stayed(MigrationPhase::Cancelled, "cancelled on request".into());
+        }
         // Until the target has taken the stream, any failure ends here: the
         // VM runs on, the exports and the target's half go.
         let prepared = async {
@@ -326,13 +341,28 @@ impl VmManager {
                 vm,
                 disk_sync_bps: req.disk_sync_mibps.map(|m| m << 20),
             };
-            let ready: IncomingMigrationReady = peer
-                .call(
-                    reqwest::Method::POST,
-                    "/v1/migrations/incoming",
-                    Some(&request),
-                )
-                .await?;
+            // A busy target (its migration slots taken) is asked again.
+            let ready: IncomingMigrationReady = loop {
+                match peer
+                    .call(
+                        reqwest::Method::POST,
+                        "/v1/migrations/incoming",
+                        Some(&request),
+                    )
+                    .await
+                {
+                    Err(PeerError::Refused {
+                        status: 409,
+                        message,
+                    }) if message.starts_with("busy") && !book.cancel_requested(id) => {
+                        book.update(id, false, |m| {
+                            m.error = Some(format!("target {message}; waiting"))
+                        });
+                        tokio::time::sleep(PEER_RETRY).await;
+                    }
+                    other => break other?,
+                }
+            };
             let host: std::net::IpAddr = ready.host.parse().map_err(|e| {
                 AgentError::Peer(format!(
                     "the target listens at a bad address {:?}: {e}",
@@ -431,9 +461,21 @@ impl VmManager {
         live::unexport_disks(qmp, exports).await;
         let _ = live::set_limits(qmp, LiveLimits::default()).await;
         self.back_to_running(entry, id);
-        if let Err(e) = peer.remove_half(id).await {
-            tracing::warn!(migration = id, error = %e, "could not remove the target's half");
-        }
+        // Asked until the target answers (a cut network comes back): its
+        // half holds a QEMU, a name and capacity there.
+        let (peer, id) = (peer.clone(), id.to_string());
+        tokio::spawn(async move {
+            for _ in 0..600 {
+                match peer.remove_half(&id).await {
+                    Ok(()) | Err(PeerError::Refused { .. }) => return,
+                    Err(e) => {
+                        tracing::debug!(migration = %id, error = %e, "removing the target's half")
+                    }
+                }
+                tokio::time::sleep(PEER_RETRY).await;
+            }
+            tracing::warn!(migration = %id, "gave up removing the target's half");
+        });
         Outcome::Stayed(phase, why)
     }
 

@@ -36,6 +36,20 @@ impl VmManager {
         &self,
         req: IncomingMigrationRequest,
     ) -> AgentResult<IncomingMigrationReady> {
+        super::check_id(&req.id)?;
+        let id = req.id.clone();
+        self.inner.migrations.take_slot(&id)?;
+        let prepared = self.prepare_incoming_in_slot(req).await;
+        if prepared.is_err() {
+            self.inner.migrations.release_slot(&id);
+        }
+        prepared
+    }
+
+    async fn prepare_incoming_in_slot(
+        &self,
+        req: IncomingMigrationRequest,
+    ) -> AgentResult<IncomingMigrationReady> {
         let ip = self.migration_ip()?;
         let vm = req.vm.clone();
         super::check_id(&req.id)?;
@@ -387,23 +401,31 @@ impl VmManager {
                 None,
             ));
         }
-        let (qmp, generation) = {
+        let (qmp, generation, state) = {
             let s = entry.lock();
-            if s.record.migration.as_deref() == Some(id) && info.switch_over_ms.is_some() {
-                // Asked again (the first answer was lost): it runs here.
-                return self.inner.migrations.get(id);
-            }
-            if s.record.state != VmState::Incoming || s.record.migration.as_deref() != Some(id) {
-                return Err(AgentError::conflict(
-                    format!(
-                        "VM {:?} is {}, not waiting for migration {id}",
-                        info.vm, s.record.state
-                    ),
-                    None,
-                ));
-            }
-            (s.runtime.qmp.clone(), s.runtime.generation)
+            (s.runtime.qmp.clone(), s.runtime.generation, s.record.state)
         };
+        let ours = entry.lock().record.migration.as_deref() == Some(id);
+        if ours && info.switch_over_ms.is_some() {
+            // Asked again (the first answer was lost, or it failed after
+            // the mark): whatever is left is done, and it runs here.
+            if state == VmState::Incoming {
+                if let Some(qmp) = &qmp {
+                    self.run_switched(&entry, qmp, id, generation, Instant::now())
+                        .await;
+                }
+            }
+            return self.inner.migrations.get(id);
+        }
+        if state != VmState::Incoming || !ours {
+            return Err(AgentError::conflict(
+                format!(
+                    "VM {:?} is {state}, not waiting for migration {id}",
+                    info.vm
+                ),
+                None,
+            ));
+        }
         let qmp =
             qmp.ok_or_else(|| AgentError::conflict("the VM's QEMU is not connected", None))?;
         let since = Instant::now();
@@ -426,45 +448,84 @@ impl VmManager {
                 _ => tokio::time::sleep(Duration::from_millis(2)).await,
             }
         }
-        let arrived = since.elapsed();
-        // Recorded before the VM runs: from here on this half is never
-        // removed on the source's word.
+        // Recorded (on disk) before the VM runs: from here on this half is
+        // never removed on the source's word. Not recorded, not run.
         let elapsed = since.elapsed().as_millis() as u64;
         self.inner
             .migrations
-            .update(id, true, |m| m.switch_over_ms = Some(elapsed));
-        let recorded = since.elapsed();
-        qmp.cont().await?;
+            .try_update(id, |m| m.switch_over_ms = Some(elapsed))?;
+        self.run_switched(&entry, &qmp, id, generation, since).await;
+        tracing::info!(vm = %info.vm, migration = id, "switched over: the VM runs here");
+        self.inner.migrations.get(&info.id)
+    }
+
+    /// The rest of a recorded switch-over, which cannot be undone: the VM
+    /// continues here (retried until QEMU takes it), is recorded running,
+    /// and its disks start syncing.
+    async fn run_switched(
+        &self,
+        entry: &Arc<VmEntry>,
+        qmp: &flotilla_qemu::QmpClient,
+        id: &str,
+        generation: u64,
+        since: Instant,
+    ) {
+        for attempt in 0..10 {
+            match qmp.cont().await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::error!(migration = id, attempt, error = %e, "continuing the VM");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
         tracing::info!(
             migration = id,
-            arrived_us = arrived.as_micros() as u64,
-            recorded_us = recorded.as_micros() as u64,
             running_us = since.elapsed().as_micros() as u64,
             "continued here"
         );
         {
             let mut s = entry.lock();
-            self.transition(&mut s, VmState::Running)?;
-            self.save(&s)?;
+            if let Err(e) = self.transition(&mut s, VmState::Running) {
+                tracing::error!(migration = id, error = %e, "recording the switch-over");
+                s.record.state = VmState::Running;
+            }
+            if let Err(e) = self.save(&s) {
+                tracing::error!(migration = id, error = %e, "saving the record after the switch-over");
+            }
         }
-        // The guest agent's channel reconnects, and the guest clock is
-        // set right after the pause.
+        // The guest agent's channel reconnects, and the guest clock is set
+        // right after the pause.
         self.spawn_readiness_with_clock(entry.clone(), generation, since);
-        self.inner.migrations.update(id, true, |m| {
-            m.phase = MigrationPhase::DiskSync;
-        });
-        tracing::info!(vm = %info.vm, migration = id, "switched over: the VM runs here");
+        self.inner
+            .migrations
+            .update(id, true, |m| m.phase = MigrationPhase::DiskSync);
         let manager = self.clone();
         let id = id.to_string();
         let syncing = entry.clone();
         tokio::spawn(async move { manager.sync_disks(syncing, id).await });
-        self.inner.migrations.get(&info.id)
     }
 
     /// Copies each disk's remaining data from the source, then drops the
     /// link to it. A failed copy is retried (the NBD link reconnects after
     /// a cut); it pauses while the VM does not run and ends when the disks
     /// are whole or the VM is removed.
+    /// The disks are whole: the source may let go.
+    fn finish_sync(&self, entry: &VmEntry, id: &str, started: Instant) {
+        {
+            let mut s = entry.lock();
+            s.record.migration = None;
+            if let Err(e) = self.save(&s) {
+                tracing::error!(error = %e, "saving the record after the disk sync");
+            }
+        }
+        let ms = started.elapsed().as_millis() as u64;
+        self.inner
+            .migrations
+            .finish(id, MigrationPhase::Completed, None, ms);
+        tracing::info!(migration = %id, ms, "disks synced");
+    }
+
     pub(crate) async fn sync_disks(&self, entry: Arc<VmEntry>, id: String) {
         let started = Instant::now();
         loop {
@@ -494,6 +555,12 @@ impl VmManager {
                 );
                 return;
             }
+            let total: u64 = pending.iter().map(|(_, b)| b).sum();
+            let Some((disk, _)) = pending.first().cloned() else {
+                // Whole (also when it stopped right after the last copy).
+                self.finish_sync(&entry, &id, started);
+                return;
+            };
             if !state.has_process() {
                 // Crashed or stopped: its disks are this overlay over the
                 // source's export, whole; the sync goes on when it runs.
@@ -505,24 +572,6 @@ impl VmManager {
                 return;
             }
             let Some(qmp) = qmp else { return };
-            let total: u64 = pending.iter().map(|(_, b)| b).sum();
-            let Some((disk, _)) = pending.first().cloned() else {
-                {
-                    let mut s = entry.lock();
-                    s.record.migration = None;
-                    if let Err(e) = self.save(&s) {
-                        tracing::error!(error = %e, "saving the record after the disk sync");
-                    }
-                }
-                self.inner.migrations.finish(
-                    &id,
-                    MigrationPhase::Completed,
-                    None,
-                    started.elapsed().as_millis() as u64,
-                );
-                tracing::info!(migration = %id, ms = started.elapsed().as_millis() as u64, "disks synced");
-                return;
-            };
             let book = &self.inner.migrations;
             book.update(&id, false, |m| {
                 m.disk_total_bytes = m.disk_total_bytes.max(total)
@@ -558,7 +607,19 @@ impl VmManager {
     /// source gave up); after it, the VM is this host's and stays. A
     /// finished migration's record is forgotten.
     pub async fn abort_incoming(&self, id: &str) -> AgentResult<()> {
-        let info = self.inner.migrations.get(id)?;
+        super::check_id(id)?;
+        let info = match self.inner.migrations.get(id) {
+            Ok(info) => info,
+            Err(_) => {
+                // Removed before it was made (a prepare still on its way):
+                // a tombstone makes that prepare fail and undo itself.
+                let mut tomb = new_record(id, "", MigrationRole::Target, "");
+                tomb.phase = MigrationPhase::Cancelled;
+                tomb.error = Some("removed before it was made".into());
+                let _ = self.inner.migrations.put(tomb, None);
+                return Ok(());
+            }
+        };
         if info.role == MigrationRole::Target && info.switch_over_ms.is_some() {
             return Err(AgentError::conflict(
                 format!(
