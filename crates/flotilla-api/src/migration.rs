@@ -106,6 +106,10 @@ pub struct IncomingMigrationRequest {
     /// Bytes per second the disk copy may use (unlimited when not given).
     #[serde(default)]
     pub disk_sync_bps: Option<u64>,
+    /// The pre-shared key (hex) the stream and the disk exports use for
+    /// TLS; made by the source for this migration alone.
+    #[serde(default)]
+    pub tls_psk: Option<String>,
 }
 
 /// The target's answer: where its QEMU listens for the memory stream.

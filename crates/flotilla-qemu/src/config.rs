@@ -138,7 +138,15 @@ pub struct NbdBacking {
     pub host: String,
     pub port: u16,
     pub export: String,
+    /// Over TLS with the migration's pre-shared key ([`QemuConfig::tls_psk_dir`]).
+    #[serde(default)]
+    pub tls: bool,
 }
+
+/// Ids of the TLS credentials a migration uses, as server (this QEMU
+/// listens: the incoming stream, the disk exports) and as client.
+pub const TLS_SERVER_ID: &str = "mig-tls-server";
+pub const TLS_CLIENT_ID: &str = "mig-tls-client";
 
 /// A network interface backed by a host tap device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -186,6 +194,10 @@ pub struct QemuConfig {
     /// so `incoming` can name such a file and QEMU loads it as it starts.
     #[serde(default)]
     pub mapped_ram: bool,
+    /// A directory with `keys.psk` (`qemu:<hex key>`): TLS credentials for
+    /// a migration's stream and disk exports, made at start.
+    #[serde(default)]
+    pub tls_psk_dir: Option<PathBuf>,
 }
 
 impl QemuConfig {
@@ -212,6 +224,17 @@ impl QemuConfig {
                 self.memory_mib
             ),
         );
+        if let Some(dir) = &self.tls_psk_dir {
+            for (id, endpoint) in [(TLS_SERVER_ID, "server"), (TLS_CLIENT_ID, "client")] {
+                args.opt(
+                    "-object",
+                    format!(
+                        "tls-creds-psk,id={id},endpoint={endpoint},dir={}",
+                        escape_path(dir)
+                    ),
+                );
+            }
+        }
         args.opt("-accel", self.accel.as_str());
         args.opt("-cpu", self.accel.cpu_model());
         args.opt("-smp", self.vcpus.to_string());
@@ -324,6 +347,9 @@ fn blockdev_json(drive: &DriveConfig) -> String {
                 "reconnect-delay": 30,
             },
         });
+        if nbd.tls {
+            node["backing"]["file"]["tls-creds"] = serde_json::json!(TLS_CLIENT_ID);
+        }
     }
     node.to_string()
 }

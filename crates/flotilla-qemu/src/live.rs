@@ -145,14 +145,60 @@ pub async fn set_limits(qmp: &QmpClient, limits: LiveLimits) -> Result<(), QmpEr
     Ok(())
 }
 
-/// Starts sending the running VM's state to a target listening at `to`.
+/// Makes the migration's TLS credentials in a running QEMU (the source):
+/// `dir` holds `keys.psk`.
+pub async fn add_tls(qmp: &QmpClient, dir: &std::path::Path) -> Result<(), QmpError> {
+    remove_tls(qmp).await;
+    for (id, endpoint) in [
+        (crate::config::TLS_SERVER_ID, "server"),
+        (crate::config::TLS_CLIENT_ID, "client"),
+    ] {
+        qmp.execute::<Value>(
+            "object-add",
+            Some(
+                json!({ "qom-type": "tls-creds-psk", "id": id, "endpoint": endpoint,
+                         "dir": dir.to_string_lossy() }),
+            ),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Drops the migration's TLS credentials (none is fine).
+pub async fn remove_tls(qmp: &QmpClient) {
+    let _ = qmp
+        .execute::<Value>("migrate-set-parameters", Some(json!({ "tls-creds": "" })))
+        .await;
+    for id in [crate::config::TLS_SERVER_ID, crate::config::TLS_CLIENT_ID] {
+        let _ = qmp
+            .execute::<Value>("object-del", Some(json!({ "id": id })))
+            .await;
+    }
+}
+
+/// Which of a migration's TLS credentials a stream uses: the ids of
+/// [`add_tls`] (or a `tls_psk_dir` config), or none.
+async fn stream_tls(qmp: &QmpClient, creds: Option<&str>) -> Result<(), QmpError> {
+    qmp.execute::<Value>(
+        "migrate-set-parameters",
+        Some(json!({ "tls-creds": creds.unwrap_or("") })),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Starts sending the running VM's state to a target listening at `to`,
+/// over TLS when `tls` (credentials from [`add_tls`]).
 pub async fn start_outgoing(
     qmp: &QmpClient,
     to: SocketAddr,
     limits: LiveLimits,
+    tls: bool,
 ) -> Result<(), QmpError> {
     stream_capabilities(qmp, limits.auto_converge).await?;
     set_limits(qmp, limits).await?;
+    stream_tls(qmp, tls.then_some(crate::config::TLS_CLIENT_ID)).await?;
     qmp.execute::<Value>("migrate", Some(json!({ "uri": format!("tcp:{to}") })))
         .await?;
     Ok(())
@@ -160,8 +206,13 @@ pub async fn start_outgoing(
 
 /// Makes a QEMU started with `-incoming defer` listen on `host` (port
 /// chosen by the system) and returns the port.
-pub async fn listen_incoming(qmp: &QmpClient, host: std::net::IpAddr) -> Result<u16, QmpError> {
+pub async fn listen_incoming(
+    qmp: &QmpClient,
+    host: std::net::IpAddr,
+    tls: bool,
+) -> Result<u16, QmpError> {
     stream_capabilities(qmp, false).await?;
+    stream_tls(qmp, tls.then_some(crate::config::TLS_SERVER_ID)).await?;
     let at = SocketAddr::new(host, 0);
     qmp.execute::<Value>(
         "migrate-incoming",
@@ -198,13 +249,15 @@ pub async fn export_disks(
     qmp: &QmpClient,
     listen: SocketAddr,
     disks: &[(String, String)],
+    tls: bool,
 ) -> Result<(), QmpError> {
-    qmp.execute::<Value>(
-        "nbd-server-start",
-        Some(json!({ "addr": { "type": "inet", "data": {
-            "host": listen.ip().to_string(), "port": listen.port().to_string() } } })),
-    )
-    .await?;
+    let mut server = json!({ "addr": { "type": "inet", "data": {
+        "host": listen.ip().to_string(), "port": listen.port().to_string() } } });
+    if tls {
+        server["tls-creds"] = json!(crate::config::TLS_SERVER_ID);
+    }
+    qmp.execute::<Value>("nbd-server-start", Some(server))
+        .await?;
     for (node, export) in disks {
         qmp.execute::<Value>(
             "block-export-add",

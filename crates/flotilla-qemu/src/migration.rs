@@ -54,6 +54,10 @@ pub struct MigrationStats {
 pub const FILE_CHANNELS: u8 = 2;
 
 async fn set_mapped_ram(qmp: &QmpClient) -> Result<(), QmpError> {
+    // A file has no peer: TLS a live migration left set would make QEMU
+    // refuse mapped-ram, so it goes first.
+    qmp.execute::<serde_json::Value>("migrate-set-parameters", Some(json!({ "tls-creds": "" })))
+        .await?;
     qmp.execute::<serde_json::Value>(
         "migrate-set-capabilities",
         Some(json!({ "capabilities": [

@@ -335,6 +335,13 @@ impl VmManager {
             incoming: None,
             start_paused: false,
             mapped_ram: false,
+            // A migrated-in VM still reading from its source does so over
+            // TLS with the migration's key.
+            tls_psk_dir: record
+                .disks
+                .iter()
+                .any(|d| d.sync_from.as_ref().is_some_and(|s| s.tls))
+                .then(|| dir.join(super::migrate::TLS_DIR)),
         }
     }
 

@@ -350,7 +350,16 @@ fn cut_networks_and_streams_that_cannot_converge_are_handled() {
     let out = migrate(&a, &b, "busy", &["--bandwidth", "1", "--no-wait"]);
     let m: Value = serde_json::from_slice(&out.stdout).expect("json");
     let id = m["id"].as_str().unwrap().to_string();
-    wait_phase(&a, &id, |p| p == "pre_copy");
+    // Cut once the stream flows.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while migration(&a, &id)["transferred_bytes"]
+        .as_u64()
+        .unwrap_or(0)
+        == 0
+    {
+        assert!(Instant::now() < deadline, "the stream never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     link(&b, false);
     let m = wait_phase(&a, &id, |p| p != "pre_copy");
     link(&b, true);

@@ -52,6 +52,7 @@ fn fixture() -> Fixture {
         incoming: None,
         start_paused: false,
         mapped_ram: false,
+        tls_psk_dir: None,
     };
     Fixture { dir, config }
 }

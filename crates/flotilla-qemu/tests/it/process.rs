@@ -57,6 +57,7 @@ fn stub_config(dir: &Path) -> QemuConfig {
         incoming: None,
         start_paused: false,
         mapped_ram: false,
+        tls_psk_dir: None,
     }
 }
 

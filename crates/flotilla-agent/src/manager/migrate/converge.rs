@@ -50,7 +50,9 @@ impl Watch {
         if p.transferred_bytes != self.last_sent {
             self.last_sent = p.transferred_bytes;
             self.last_moved = now;
-        } else if p.status == "active" && now - self.last_moved >= STALL_LIMIT {
+        } else if matches!(p.status.as_str(), "setup" | "active")
+            && now - self.last_moved >= STALL_LIMIT
+        {
             return Verdict::Stalled;
         }
         let expected = p.expected_downtime_ms.unwrap_or(0);

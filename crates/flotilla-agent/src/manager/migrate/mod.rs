@@ -305,6 +305,38 @@ pub(crate) fn file_sha256(path: &Path) -> AgentResult<String> {
     Ok(sum)
 }
 
+/// Where a VM's migration keeps its TLS key (`keys.psk`), in its directory.
+pub(crate) const TLS_DIR: &str = "migration-tls";
+
+/// Writes a migration's pre-shared key for QEMU's TLS credentials: a
+/// private directory with `keys.psk` (`qemu:<hex>`).
+pub(crate) fn write_psk(vm_dir: &Path, hex_key: &str) -> AgentResult<PathBuf> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let dir = vm_dir.join(TLS_DIR);
+    let io = |e| AgentError::io("writing the migration's TLS key", e);
+    if !hex_key.bytes().all(|b| b.is_ascii_hexdigit()) || hex_key.len() < 32 {
+        return Err(AgentError::InvalidArgument(
+            "tls_psk must be at least 32 hex digits".into(),
+        ));
+    }
+    std::fs::create_dir_all(&dir).map_err(io)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(dir.join("keys.psk"))
+        .map_err(io)?;
+    std::io::Write::write_all(&mut f, format!("qemu:{hex_key}\n").as_bytes()).map_err(io)?;
+    Ok(dir)
+}
+
+/// Removes a migration's TLS key (none is fine).
+pub(crate) fn remove_psk(vm_dir: &Path) {
+    let _ = std::fs::remove_dir_all(vm_dir.join(TLS_DIR));
+}
+
 /// A migrated-in VM's disk files lack what it has not synced from the
 /// source yet: snapshots, clones, suspends and disk moves, which copy those
 /// files, wait until the sync is done.

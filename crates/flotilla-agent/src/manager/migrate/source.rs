@@ -325,7 +325,12 @@ impl VmManager {
                 .iter()
                 .map(|d| (format!("disk-{}", d.name), d.name.clone()))
                 .collect();
-            live::export_disks(&qmp, export_at, &disks).await?;
+            // A key for this migration alone: the stream and the exports
+            // only talk to the target.
+            let key = hex::encode(rand::random::<[u8; 32]>());
+            let tls_dir = super::write_psk(&self.vm_dir(&record.name), &key)?;
+            live::add_tls(&qmp, &tls_dir).await?;
+            live::export_disks(&qmp, export_at, &disks, true).await?;
             let vm = {
                 let (record, manager) = (record.clone(), self.clone());
                 tokio::task::spawn_blocking(move || manager.migrating_vm(&record, export_at))
@@ -340,6 +345,7 @@ impl VmManager {
                 ),
                 vm,
                 disk_sync_bps: req.disk_sync_mibps.map(|m| m << 20),
+                tls_psk: Some(key),
             };
             // A busy target (its migration slots taken) is asked again.
             let ready: IncomingMigrationReady = loop {
@@ -460,6 +466,8 @@ impl VmManager {
     ) -> Outcome {
         live::unexport_disks(qmp, exports).await;
         let _ = live::set_limits(qmp, LiveLimits::default()).await;
+        live::remove_tls(qmp).await;
+        super::remove_psk(&self.vm_dir(&entry.lock().record.name));
         self.back_to_running(entry, id);
         // Asked until the target answers (a cut network comes back): its
         // half holds a QEMU, a name and capacity there.
@@ -508,6 +516,8 @@ impl VmManager {
                 Ok(()) | Err(PeerError::Refused { status: 404, .. }) => {
                     live::unexport_disks(qmp, exports).await;
                     let _ = live::set_limits(qmp, LiveLimits::default()).await;
+                    live::remove_tls(qmp).await;
+                    super::remove_psk(&self.vm_dir(&entry.lock().record.name));
                     if let Err(e) = qmp.cont().await {
                         tracing::error!(migration = id, error = %e, "continuing the VM here");
                     }
@@ -544,7 +554,7 @@ impl VmManager {
     ) -> AgentResult<Option<(MigrationPhase, String)>> {
         let book = &self.inner.migrations;
         let mut events = qmp.events();
-        live::start_outgoing(qmp, to, limits).await?;
+        live::start_outgoing(qmp, to, limits, true).await?;
         let mut last_saved = Instant::now();
         let mut watch =
             super::converge::Watch::new(limits.max_downtime_ms.unwrap_or(300), Instant::now());

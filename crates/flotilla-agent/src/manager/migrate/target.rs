@@ -117,7 +117,7 @@ impl VmManager {
                 },
             )?;
             self.check_identity_free(&vm)?;
-            let record = self.incoming_record(&vm, &req.id)?;
+            let record = self.incoming_record(&vm, &req.id, req.tls_psk.is_some())?;
             let sizes: Vec<u64> = vm.disks.iter().map(|d| d.size_bytes).collect();
             self.materialize_incoming(&record, &sizes, &image)?;
             let entry = VmEntry::new(record);
@@ -132,7 +132,19 @@ impl VmManager {
             self.remove_incoming(&entry).await;
             return Err(e);
         }
-        let port = match self.start_incoming(&entry, ip).await {
+        let tls = req.tls_psk.is_some();
+        let keyed = match &req.tls_psk {
+            Some(key) => super::write_psk(&self.vm_dir(&vm.name), key).map(|_| ()),
+            None => Ok(()),
+        };
+        if let Err(e) = keyed {
+            self.remove_incoming(&entry).await;
+            self.inner
+                .migrations
+                .finish(&req.id, MigrationPhase::Failed, Some(e.to_string()), 0);
+            return Err(e);
+        }
+        let port = match self.start_incoming(&entry, ip, tls).await {
             Ok(port) => port,
             Err(e) => {
                 self.remove_incoming(&entry).await;
@@ -198,7 +210,12 @@ impl VmManager {
         Ok(())
     }
 
-    fn incoming_record(&self, vm: &MigratingVm, migration: &str) -> AgentResult<VmRecord> {
+    fn incoming_record(
+        &self,
+        vm: &MigratingVm,
+        migration: &str,
+        tls: bool,
+    ) -> AgentResult<VmRecord> {
         let dir = self.vm_dir(&vm.name);
         let bad = |what: &str, v: &str| {
             AgentError::InvalidArgument(format!("migrating VM has an invalid {what}: {v:?}"))
@@ -249,6 +266,7 @@ impl VmManager {
                         host: d.nbd_host.clone(),
                         port: d.nbd_port,
                         export: d.nbd_export.clone(),
+                        tls,
                     }),
                 })
             })
@@ -318,7 +336,12 @@ impl VmManager {
     }
 
     /// QEMU started paused with `-incoming defer`, listening; returns the port.
-    async fn start_incoming(&self, entry: &Arc<VmEntry>, ip: std::net::IpAddr) -> AgentResult<u16> {
+    async fn start_incoming(
+        &self,
+        entry: &Arc<VmEntry>,
+        ip: std::net::IpAddr,
+        tls: bool,
+    ) -> AgentResult<u16> {
         let (record, generation) = {
             let mut s = entry.lock();
             self.transition(&mut s, VmState::Incoming)?;
@@ -341,7 +364,7 @@ impl VmManager {
             s.runtime.qmp = Some(qmp.clone());
             self.save(&s)?;
         }
-        Ok(live::listen_incoming(&qmp, ip).await?)
+        Ok(live::listen_incoming(&qmp, ip, tls).await?)
     }
 
     /// A QEMU that dies before the migration is complete (a failed or cut
@@ -514,6 +537,7 @@ impl VmManager {
     fn finish_sync(&self, entry: &VmEntry, id: &str, started: Instant) {
         {
             let mut s = entry.lock();
+            super::remove_psk(&self.vm_dir(&s.record.name));
             s.record.migration = None;
             if let Err(e) = self.save(&s) {
                 tracing::error!(error = %e, "saving the record after the disk sync");
