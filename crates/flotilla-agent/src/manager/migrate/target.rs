@@ -52,7 +52,6 @@ impl VmManager {
     ) -> AgentResult<IncomingMigrationReady> {
         let ip = self.migration_ip()?;
         let vm = req.vm.clone();
-        super::check_id(&req.id)?;
         crate::spec::validate_name("vm.name", &vm.name, 63)?;
         if vm.id.len() != 16 || !vm.id.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(AgentError::InvalidArgument(format!(
