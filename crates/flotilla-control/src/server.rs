@@ -118,30 +118,14 @@ async fn bootstrap_tenant(
             .create_tenant(&crate::store::new_id("t"), name)
             .await?;
     }
-    let path = config.data_dir.join(format!("{name}.token"));
-    let known = match std::fs::read_to_string(&path) {
-        Ok(secret) => cp.authenticate(secret.trim()).await.is_ok(),
-        Err(_) => false,
+    let path = tenant_token_file(&config.data_dir, name);
+    let request = flotilla_api::control::CreateTokenRequest {
+        tenant: Some(name.to_string()),
+        admin: false,
+        host: None,
+        description: Some("default tenant".into()),
     };
-    if !known {
-        let admin = crate::auth::Caller {
-            token_id: "bootstrap".into(),
-            tenant_id: None,
-            admin: true,
-            host: None,
-        };
-        let (_, _, secret) = cp
-            .create_token(
-                &admin,
-                &flotilla_api::control::CreateTokenRequest {
-                    tenant: Some(name.to_string()),
-                    admin: false,
-                    host: None,
-                    description: Some("default tenant".into()),
-                },
-            )
-            .await?;
-        write_private(&path, &secret).with_context(|| format!("writing {}", path.display()))?;
+    if ensure_token_file(cp, &path, |_| true, &request).await? {
         tracing::info!(tenant = name, path = %path.display(), "wrote the default tenant's token");
     }
     Ok(())
@@ -152,31 +136,40 @@ async fn bootstrap_host_token(
     config: &ControlConfig,
     host: &str,
 ) -> anyhow::Result<()> {
-    let path = host_token_file(&config.data_dir, host);
-    let known = match std::fs::read_to_string(&path) {
-        Ok(secret) => cp
-            .authenticate(secret.trim())
-            .await
-            .is_ok_and(|c| c.host.as_deref() == Some(host)),
-        Err(_) => false,
+    let request = flotilla_api::control::CreateTokenRequest {
+        tenant: None,
+        admin: false,
+        host: Some(host.to_string()),
+        description: Some("local agent".into()),
     };
-    if !known {
-        let admin = crate::auth::Caller {
-            token_id: "bootstrap".into(),
-            tenant_id: None,
-            admin: true,
-            host: None,
-        };
-        let request = flotilla_api::control::CreateTokenRequest {
-            tenant: None,
-            admin: false,
-            host: Some(host.to_string()),
-            description: Some("local agent".into()),
-        };
-        let (_, _, secret) = cp.create_token(&admin, &request).await?;
-        write_private(&path, &secret).with_context(|| format!("writing {}", path.display()))?;
-    }
+    let path = host_token_file(&config.data_dir, host);
+    ensure_token_file(cp, &path, |c| c.host.as_deref() == Some(host), &request).await?;
     Ok(())
+}
+
+/// Keeps a working token in `path`: the one there if it still
+/// authenticates as a caller `fits` accepts, else a new one made by the
+/// bootstrap admin from `request`. Returns whether it made one.
+async fn ensure_token_file(
+    cp: &ControlPlane,
+    path: &std::path::Path,
+    fits: impl Fn(&crate::auth::Caller) -> bool,
+    request: &flotilla_api::control::CreateTokenRequest,
+) -> anyhow::Result<bool> {
+    if let Ok(secret) = std::fs::read_to_string(path) {
+        if cp.authenticate(secret.trim()).await.is_ok_and(|c| fits(&c)) {
+            return Ok(false);
+        }
+    }
+    let admin = crate::auth::Caller {
+        token_id: "bootstrap".into(),
+        tenant_id: None,
+        admin: true,
+        host: None,
+    };
+    let (_, _, secret) = cp.create_token(&admin, request).await?;
+    write_private(path, &secret).with_context(|| format!("writing {}", path.display()))?;
+    Ok(true)
 }
 
 /// The file holding the host token of a host made at start.

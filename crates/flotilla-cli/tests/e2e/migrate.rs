@@ -65,6 +65,21 @@ fn migrate(from: &TestHost, to: &TestHost, vm: &str, extra: &[&str]) -> std::pro
     from.cli(&args)
 }
 
+/// Starts a migration without waiting for it (the CLI must accept it);
+/// returns its id.
+fn start_migration(from: &TestHost, to: &TestHost, vm: &str, extra: &[&str]) -> String {
+    let mut args = extra.to_vec();
+    args.push("--no-wait");
+    let out = migrate(from, to, vm, &args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m: Value = serde_json::from_slice(&out.stdout).expect("json");
+    m["id"].as_str().expect("migration id").to_string()
+}
+
 fn migration(host: &TestHost, id: &str) -> Value {
     host.cli_json(&["migration", "inspect", id])
 }
@@ -166,14 +181,7 @@ fn agents_restarted_during_the_disk_sync_finish_the_migration() {
     start_workload(&a, "steady");
     let before = sums(&a, "steady");
     // A slow disk copy, so the agents can be killed in the middle of it.
-    let out = migrate(&a, &b, "steady", &["--disk-bandwidth", "8", "--no-wait"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let m: Value = serde_json::from_slice(&out.stdout).expect("json");
-    let id = m["id"].as_str().unwrap().to_string();
+    let id = start_migration(&a, &b, "steady", &["--disk-bandwidth", "8"]);
     wait_phase(&a, &id, |p| p == "disk_sync");
     let t0 = Instant::now();
     // Nothing that copies its disk files is allowed before they are whole.
@@ -216,14 +224,7 @@ fn a_cancelled_or_refused_migration_leaves_the_vm_where_it_was() {
     let before = sums(&a, "stay");
 
     // Slow enough (1 MiB/s for 256 MiB) to be cancelled in the pre-copy.
-    let out = migrate(&a, &b, "stay", &["--bandwidth", "1", "--no-wait"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let m: Value = serde_json::from_slice(&out.stdout).expect("json");
-    let id = m["id"].as_str().unwrap().to_string();
+    let id = start_migration(&a, &b, "stay", &["--bandwidth", "1"]);
     wait_phase(&a, &id, |p| p == "pre_copy");
     let inspect: Value = a.cli_json(&["vm", "inspect", "stay"]);
     assert_eq!(inspect["state"], "migrating");
@@ -244,9 +245,7 @@ fn a_cancelled_or_refused_migration_leaves_the_vm_where_it_was() {
 
     // The target agent dies in the pre-copy: the VM stays on a, and b's
     // next agent removes the half-made VM.
-    let out = migrate(&a, &b, "stay", &["--bandwidth", "1", "--no-wait"]);
-    let m: Value = serde_json::from_slice(&out.stdout).expect("json");
-    let id = m["id"].as_str().unwrap().to_string();
+    let id = start_migration(&a, &b, "stay", &["--bandwidth", "1"]);
     wait_phase(&a, &id, |p| p == "pre_copy");
     let mut b = b;
     b.kill_agent(nix::sys::signal::Signal::SIGKILL);
@@ -347,9 +346,7 @@ fn cut_networks_and_streams_that_cannot_converge_are_handled() {
 
     // The network to the target is cut during the pre-copy: the stream
     // stalls, is given up, and the VM runs on where it was.
-    let out = migrate(&a, &b, "busy", &["--bandwidth", "1", "--no-wait"]);
-    let m: Value = serde_json::from_slice(&out.stdout).expect("json");
-    let id = m["id"].as_str().unwrap().to_string();
+    let id = start_migration(&a, &b, "busy", &["--bandwidth", "1"]);
     // Cut once the stream flows.
     let deadline = Instant::now() + Duration::from_secs(60);
     while migration(&a, &id)["transferred_bytes"]
@@ -378,9 +375,7 @@ fn cut_networks_and_streams_that_cannot_converge_are_handled() {
 
     // Cut during the disk sync: the VM runs on b, reads wait for the
     // link, and the copy finishes when it is back.
-    let out = migrate(&a, &b, "busy", &["--disk-bandwidth", "16", "--no-wait"]);
-    let m: Value = serde_json::from_slice(&out.stdout).expect("json");
-    let id = m["id"].as_str().unwrap().to_string();
+    let id = start_migration(&a, &b, "busy", &["--disk-bandwidth", "16"]);
     wait_phase(&a, &id, |p| p == "disk_sync");
     link(&a, false);
     std::thread::sleep(Duration::from_secs(3));
@@ -408,13 +403,9 @@ fn a_host_takes_part_in_a_limited_number_of_migrations_at_once() {
     run_vm(&a, "one");
     run_vm(&a, "two");
     // The first holds b's only slot through a slow disk copy.
-    let out = migrate(&a, &b, "one", &["--disk-bandwidth", "64", "--no-wait"]);
-    let first: Value = serde_json::from_slice(&out.stdout).expect("json");
-    let first = first["id"].as_str().unwrap().to_string();
+    let first = start_migration(&a, &b, "one", &["--disk-bandwidth", "64"]);
     wait_phase(&a, &first, |p| p == "disk_sync");
-    let out = migrate(&a, &b, "two", &["--no-wait"]);
-    let second: Value = serde_json::from_slice(&out.stdout).expect("json");
-    let second = second["id"].as_str().unwrap().to_string();
+    let second = start_migration(&a, &b, "two", &[]);
     // The second waits for it: b says it is busy, a asks again.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

@@ -183,10 +183,7 @@ impl MigrationBook {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
-        self.held
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        self.release_slot(id);
     }
 
     /// Waits for a free slot for migration `id` (a source queues).

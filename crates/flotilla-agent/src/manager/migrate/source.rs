@@ -452,6 +452,15 @@ impl VmManager {
         self.await_target_sync(id, peer).await
     }
 
+    /// Undoes what a migration set up in the source's QEMU (exports, limits,
+    /// TLS credentials and their key), for a VM that stays here.
+    async fn unprepare(&self, entry: &VmEntry, qmp: &QmpClient, exports: &[String]) {
+        live::unexport_disks(qmp, exports).await;
+        let _ = live::set_limits(qmp, LiveLimits::default()).await;
+        live::remove_tls(qmp).await;
+        super::remove_psk(&self.vm_dir(&entry.lock().record.name));
+    }
+
     /// The VM still runs here: it stays, and the target's half goes.
     #[allow(clippy::too_many_arguments)]
     async fn stay(
@@ -464,10 +473,7 @@ impl VmManager {
         phase: MigrationPhase,
         why: String,
     ) -> Outcome {
-        live::unexport_disks(qmp, exports).await;
-        let _ = live::set_limits(qmp, LiveLimits::default()).await;
-        live::remove_tls(qmp).await;
-        super::remove_psk(&self.vm_dir(&entry.lock().record.name));
+        self.unprepare(entry, qmp, exports).await;
         self.back_to_running(entry, id);
         // Asked until the target answers (a cut network comes back): its
         // half holds a QEMU, a name and capacity there.
@@ -514,10 +520,7 @@ impl VmManager {
             }
             match peer.remove_half(id).await {
                 Ok(()) | Err(PeerError::Refused { status: 404, .. }) => {
-                    live::unexport_disks(qmp, exports).await;
-                    let _ = live::set_limits(qmp, LiveLimits::default()).await;
-                    live::remove_tls(qmp).await;
-                    super::remove_psk(&self.vm_dir(&entry.lock().record.name));
+                    self.unprepare(entry, qmp, exports).await;
                     if let Err(e) = qmp.cont().await {
                         tracing::error!(migration = id, error = %e, "continuing the VM here");
                     }
