@@ -31,6 +31,8 @@ pub struct AgentConfig {
     pub migration_address: Option<std::net::IpAddr>,
     /// Migrations this host takes part in at once, as source or target.
     pub max_migrations: usize,
+    /// How long this host forwards a VM's address to the host it moved to.
+    pub forward_moved_for: Duration,
     /// The control plane to heartbeat to, if any.
     pub control: Option<crate::control_link::ControlLink>,
 }
@@ -50,6 +52,7 @@ impl AgentConfig {
             stop_timeout: Duration::from_secs(10),
             migration_address: None,
             max_migrations: crate::manager::migrate::DEFAULT_MAX_MIGRATIONS,
+            forward_moved_for: crate::forwarding::DEFAULT_FORWARD_FOR,
             control: None,
         }
     }

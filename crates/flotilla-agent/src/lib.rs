@@ -15,6 +15,7 @@ pub mod config;
 pub mod control_link;
 pub mod disks;
 pub mod error;
+pub mod forwarding;
 pub mod fsutil;
 pub mod http;
 pub mod manager;

@@ -136,7 +136,7 @@ pub fn tap_name(vm_id: &str, index: usize) -> String {
     format!("fl{short}n{index}")
 }
 
-fn ip(args: &[&str]) -> Result<String, NetworkError> {
+pub(crate) fn ip(args: &[&str]) -> Result<String, NetworkError> {
     let out = Command::new("ip").args(args).output()?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())

@@ -132,6 +132,9 @@ pub async fn run_agent(
 
     network::ensure_bridge(&config.bridge, &config.subnet)
         .with_context(|| format!("setting up bridge {}", config.bridge))?;
+    if let Err(e) = crate::forwarding::enable_ip_forwarding() {
+        tracing::warn!(error = %e, "could not turn on IPv4 forwarding: VMs are reachable from this host only");
+    }
 
     let snapshots =
         flotilla_snapshot::SnapshotStore::open(&config.snapshots_dir()).with_context(|| {
@@ -143,6 +146,8 @@ pub async fn run_agent(
     let token = crate::auth::load_or_create_token(&config.data_dir)?;
     let manager = VmManager::new(config.clone(), accel, qemu_version, images, snapshots);
     manager.adopt_all().await.context("re-adopting VMs")?;
+    manager.inner.forwards.restore();
+    let forwards = tokio::spawn(manager.inner.forwards.clone().expire_loop());
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -192,8 +197,12 @@ pub async fn run_agent(
     if let Some(h) = heartbeats {
         h.abort();
     }
+    forwards.abort();
     if on_exit == OnExit::StopVms {
         stop_everything(&manager).await;
+        for addr in manager.inner.forwards.addresses() {
+            manager.inner.forwards.remove(addr);
+        }
         if let Err(e) = network::delete_bridge(&config.bridge) {
             tracing::warn!(error = %e, "could not remove the bridge");
         }

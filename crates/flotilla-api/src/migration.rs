@@ -29,6 +29,15 @@ pub struct MigrateVmRequest {
     /// What to do when the pre-copy is predicted not to converge.
     #[serde(default)]
     pub on_no_convergence: ConvergencePolicy,
+    /// Encrypt the memory stream and the disk exports with TLS (a key made
+    /// for this migration alone). Turn off only on a migration network
+    /// that is trusted: TLS costs CPU time, and under TCG a longer pause.
+    #[serde(default = "encrypted_by_default")]
+    pub tls: bool,
+}
+
+fn encrypted_by_default() -> bool {
+    true
 }
 
 /// What a migration does when its pre-copy will not converge within the
@@ -194,6 +203,9 @@ pub struct MigrationInfo {
     /// The disk copy's bandwidth limit, bytes per second.
     #[serde(default)]
     pub disk_sync_limit_bps: Option<u64>,
+    /// Whether the stream and the disk exports use TLS.
+    #[serde(default = "encrypted_by_default")]
+    pub tls: bool,
     #[serde(default)]
     pub disk_total_bytes: u64,
     /// Milliseconds from the start to the switch-over, and to the end.

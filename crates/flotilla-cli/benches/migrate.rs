@@ -87,8 +87,12 @@ fn mib(b: u64) -> f64 {
 }
 
 /// Flotilla: a VM on `a` migrated to `b` through the agents' API.
-fn flotilla_case(a: &TestHost, b: &TestHost, memory_mib: u64, writer: bool) -> Row {
-    let name = format!("m{memory_mib}{}", if writer { "w" } else { "" });
+fn flotilla_case(a: &TestHost, b: &TestHost, memory_mib: u64, writer: bool, tls: bool) -> Row {
+    let name = format!(
+        "m{memory_mib}{}{}",
+        if writer { "w" } else { "" },
+        if tls { "t" } else { "" }
+    );
     api_ok(
         a,
         "POST",
@@ -118,7 +122,7 @@ fn flotilla_case(a: &TestHost, b: &TestHost, memory_mib: u64, writer: bool) -> R
         a,
         "POST",
         &format!("/v1/vms/{name}/migrate?wait=true"),
-        Some(json!({ "target": b.endpoint, "target_token": b.agent_token() })),
+        Some(json!({ "target": b.endpoint, "target_token": b.agent_token(), "tls": tls })),
     );
     let total = t.elapsed().as_secs_f64();
     assert_eq!(m["phase"], "completed", "{m:#}");
@@ -129,13 +133,11 @@ fn flotilla_case(a: &TestHost, b: &TestHost, memory_mib: u64, writer: bool) -> R
     let received = arrivals.len();
     let gap = largest_gap(arrivals);
     api_ok(b, "DELETE", &format!("/v1/vms/{name}?force=true"), None);
-    // Where the switch-over's time goes, from both agents' logs.
+    // Where the time goes: this migration's steps in both agents' logs.
+    let id = m["id"].as_str().unwrap_or("-").to_string();
     for host in [a, b] {
         let log = std::fs::read_to_string(host.data_path().join("agent.log")).unwrap_or_default();
-        for line in log
-            .lines()
-            .filter(|l| l.contains("switched over") || l.contains("continued here"))
-        {
+        for line in log.lines().filter(|l| l.contains(&id)) {
             eprintln!("{line}");
         }
     }
@@ -174,10 +176,19 @@ fn baseline_case(
     image: (&Path, &Path, &Path),
     memory_mib: u64,
     writer: bool,
+    tls: bool,
     rt: &tokio::runtime::Runtime,
 ) -> Row {
     let (kernel, initrd, rootfs) = image;
     let dir = tempfile::tempdir().expect("tempdir");
+    // Over TLS: the same pre-shared key scheme as Flotilla's.
+    let psk_dir = dir.path().join("tls");
+    std::fs::create_dir_all(&psk_dir).expect("dir");
+    std::fs::write(
+        psk_dir.join("keys.psk"),
+        format!("qemu:{}\n", "ab".repeat(32)),
+    )
+    .expect("psk");
     let root = dir.path().join("root.qcow2");
     let made = std::process::Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
@@ -195,7 +206,7 @@ fn baseline_case(
             .exec_ip(&["link", "set", "dev", "fltbase", "master", "flbr0", "up"])
             .expect("tap up");
     }
-    let spawn = |side: &str, ns: &str, incoming: Option<String>| {
+    let spawn = |side: &str, ns: &str, incoming: bool| {
         let side_dir = dir.path().join(side);
         std::fs::create_dir_all(&side_dir).expect("dir");
         let cmdline = "console=ttyS0 quiet panic=-1 nolapic_timer flotilla.root=/dev/vda \
@@ -226,12 +237,19 @@ fn baseline_case(
             "unix:{},server=on,wait=off",
             side_dir.join("qmp.sock").display()
         ));
-        if let Some(uri) = incoming {
-            cmd.arg("-incoming").arg(uri);
+        if tls {
+            let endpoint = if incoming { "server" } else { "client" };
+            cmd.arg("-object").arg(format!(
+                "tls-creds-psk,id=tls0,endpoint={endpoint},dir={}",
+                psk_dir.display()
+            ));
+        }
+        if incoming {
+            cmd.args(["-incoming", "defer"]);
         }
         BareQemu::spawn(in_netns(ns, cmd)).expect("qemu")
     };
-    let _source = spawn("a", &a.netns.name, None);
+    let _source = spawn("a", &a.netns.name, false);
     let target_uri = format!("tcp:{}:4444", b.netns.ns_ip);
     rt.block_on(async {
         let (guest, _) =
@@ -254,15 +272,31 @@ fn baseline_case(
                 .expect("guest command");
         }
     });
-    let _target = spawn("b", &b.netns.name, Some(target_uri.clone()));
+    let _target = spawn("b", &b.netns.name, true);
     let stop = Arc::new(AtomicBool::new(false));
     let ra = receiver(a.netns.name.clone(), stop.clone());
     let rb = receiver(b.netns.name.clone(), stop.clone());
     std::thread::sleep(Duration::from_secs(2));
+    let creds = json!({ "tls-creds": if tls { "tls0" } else { "" } });
     let info = rt.block_on(async {
+        let target =
+            QmpClient::connect_retry(&dir.path().join("b/qmp.sock"), Duration::from_secs(10))
+                .await
+                .expect("qmp");
+        target
+            .execute::<Value>("migrate-set-parameters", Some(creds.clone()))
+            .await
+            .expect("tls");
+        target
+            .execute::<Value>("migrate-incoming", Some(json!({ "uri": target_uri })))
+            .await
+            .expect("incoming");
         let qmp = QmpClient::connect_retry(&dir.path().join("a/qmp.sock"), Duration::from_secs(10))
             .await
             .expect("qmp");
+        qmp.execute::<Value>("migrate-set-parameters", Some(creds))
+            .await
+            .expect("tls");
         qmp.execute::<Value>("migrate", Some(json!({ "uri": target_uri })))
             .await
             .expect("migrate");
@@ -312,14 +346,25 @@ fn main() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
 
     let cases = [(256, false), (256, true), (1024, false)];
+    let label = |tls: bool| if tls { "TLS" } else { "plain TCP" };
     println!(
         "| case | | total | pause (QEMU) | pause seen by guest traffic | memory sent | disk sync |"
     );
     println!("| --- | --- | --- | --- | --- | --- | --- |");
     for (memory, writer) in cases {
-        let ours = flotilla_case(&a, &b, memory, writer);
-        let base = baseline_case(&a, &b, (&kernel, &initrd, &rootfs), memory, writer, &rt);
-        for (who, r) in [("Flotilla", &ours), ("QEMU alone", &base)] {
+        let mut rows = Vec::new();
+        for tls in [false, true] {
+            let image = (kernel.as_path(), initrd.as_path(), rootfs.as_path());
+            rows.push((
+                format!("Flotilla, {}", label(tls)),
+                flotilla_case(&a, &b, memory, writer, tls),
+            ));
+            rows.push((
+                format!("QEMU alone, {}", label(tls)),
+                baseline_case(&a, &b, image, memory, writer, tls, &rt),
+            ));
+        }
+        for (who, r) in &rows {
             println!(
                 "| {} | {who} | {:.3} s | {} ms | {} | {:.1} MiB of {:.0} MiB | {} |",
                 r.case,

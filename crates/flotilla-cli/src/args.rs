@@ -352,6 +352,10 @@ pub struct AgentArgs {
     /// target); more wait for a slot.
     #[arg(long, default_value_t = 2)]
     pub max_migrations: usize,
+    /// Seconds this host keeps forwarding a VM's address to the host it
+    /// moved to (until routes and neighbours elsewhere have caught up).
+    #[arg(long, default_value_t = 120)]
+    pub forward_moved_secs: u64,
 }
 
 #[derive(Debug, Args)]
@@ -515,6 +519,10 @@ pub enum VmCommand {
         /// guest until it does (auto-converge), or cancel.
         #[arg(long, default_value = "auto-converge", value_parser = ["auto-converge", "cancel"])]
         on_no_convergence: String,
+        /// Send memory and disks unencrypted: only on a trusted migration
+        /// network (TLS with a key made per migration is the default).
+        #[arg(long)]
+        no_tls: bool,
         /// Return at once instead of following the migration to its end.
         #[arg(long)]
         no_wait: bool,

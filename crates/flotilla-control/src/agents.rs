@@ -174,6 +174,7 @@ impl AgentClient {
             max_bandwidth_mibps: None,
             disk_sync_mibps: None,
             on_no_convergence: Default::default(),
+            tls: true,
         };
         // As long as a large VM may take to move.
         let call = self

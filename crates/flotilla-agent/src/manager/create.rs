@@ -185,7 +185,8 @@ impl VmManager {
     /// the admission lock, so two creates never get the same ones.
     pub(crate) fn allocate_nics(&self, id: &str, count: usize) -> AgentResult<Vec<NicRecord>> {
         let cfg = &self.inner.config;
-        let mut used_ips = HashSet::new();
+        // Addresses still forwarded to VMs that moved away are not free yet.
+        let mut used_ips: HashSet<_> = self.inner.forwards.addresses().into_iter().collect();
         let mut used_macs = HashSet::new();
         for e in self.vms().values() {
             for n in &e.lock().record.nics {

@@ -265,7 +265,9 @@ impl VmManager {
                         entry.lock().runtime.guest = Some(client);
                         entry.readiness.set(Readiness::Ready);
                     }
-                    None => self.spawn_readiness_with_clock(entry.clone(), generation, started),
+                    None => {
+                        self.spawn_readiness_with_clock(entry.clone(), generation, started);
+                    }
                 }
             }
             Err(e) => {
@@ -436,13 +438,14 @@ impl VmManager {
     }
 
     /// Readiness, then the guest's clock set to the host's: after a resume
-    /// it still shows the moment of the suspend.
+    /// it still shows the moment of the suspend. The handle ends when the
+    /// clock is set (or cannot be).
     pub(crate) fn spawn_readiness_with_clock(
         &self,
         entry: Arc<VmEntry>,
         generation: u64,
         since: Instant,
-    ) {
+    ) -> tokio::task::JoinHandle<()> {
         self.spawn_readiness(entry.clone(), generation, Some(since));
         tokio::spawn(async move {
             let mut rx = entry.readiness.subscribe();
@@ -459,7 +462,7 @@ impl VmManager {
                 Ok(ms) => tracing::info!(adjusted_by_ms = ms, "guest clock corrected after resume"),
                 Err(e) => tracing::warn!(error = %e, "could not correct the guest clock"),
             }
-        });
+        })
     }
 }
 

@@ -40,6 +40,7 @@ fn config_from(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
     c.ready_timeout = Duration::from_secs(args.ready_timeout);
     c.migration_address = args.migration_address;
     c.max_migrations = args.max_migrations;
+    c.forward_moved_for = Duration::from_secs(args.forward_moved_secs);
     if let Some(url) = &args.control_plane {
         let token = args.control_token.clone().context(
             "--control-plane needs --control-token (an admin token of the control plane)",

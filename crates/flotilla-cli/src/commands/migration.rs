@@ -57,6 +57,7 @@ pub struct MigrateArgs {
     pub bandwidth: Option<u64>,
     pub disk_bandwidth: Option<u64>,
     pub on_no_convergence: flotilla_api::migration::ConvergencePolicy,
+    pub tls: bool,
     pub no_wait: bool,
 }
 
@@ -68,6 +69,7 @@ pub async fn migrate(client: &Client, json: bool, a: MigrateArgs) -> anyhow::Res
         max_bandwidth_mibps: a.bandwidth,
         disk_sync_mibps: a.disk_bandwidth,
         on_no_convergence: a.on_no_convergence,
+        tls: a.tls,
     };
     let started: MigrationInfo = client
         .post(&format!("/v1/vms/{}/migrate", a.name), &req)

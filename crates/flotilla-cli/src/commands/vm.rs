@@ -88,6 +88,7 @@ pub async fn run(client: &Client, json: bool, cmd: VmCommand) -> anyhow::Result<
             bandwidth,
             disk_bandwidth,
             on_no_convergence,
+            no_tls,
             no_wait,
         } => {
             let args = super::migration::MigrateArgs {
@@ -101,6 +102,7 @@ pub async fn run(client: &Client, json: bool, cmd: VmCommand) -> anyhow::Result<
                     "cancel" => flotilla_api::migration::ConvergencePolicy::Cancel,
                     _ => flotilla_api::migration::ConvergencePolicy::AutoConverge,
                 },
+                tls: !no_tls,
                 no_wait,
             };
             return super::migration::migrate(client, json, args).await;

@@ -118,6 +118,7 @@ fn a_running_vm_moves_with_its_memory_disk_and_processes() {
     assert_eq!(m["phase"], "completed", "{m:#}");
     assert!(m["transferred_bytes"].as_u64().unwrap() > 0, "{m:#}");
     assert!(m["downtime_ms"].as_u64().is_some(), "{m:#}");
+    assert_eq!(m["tls"], true, "TLS by default: {m:#}");
 
     // It runs on b, the same VM: address, files, and the counting process.
     let moved: Value = b.cli_json(&["vm", "inspect", "mover"]);
@@ -149,23 +150,33 @@ fn a_running_vm_moves_with_its_memory_disk_and_processes() {
 
     // It keeps working there: a stop and a start from its own disk.
     assert!(b.cli(&["vm", "stop", "mover"]).status.success());
-    assert!(b.cli(&["vm", "start", "mover", "--wait"]).status.success());
+    let started = b.cli(&["vm", "start", "mover", "--wait"]);
+    assert!(
+        started.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&started.stderr),
+        b.agent_log_tail()
+    );
     let (_, out, _) = exec(&b, "mover", &["md5sum", "/root/disk.bin"]);
     assert!(
         before.contains(out.split_whitespace().next().unwrap()),
         "{out}"
     );
     // Suspended and resumed there (its QEMU then runs with the snapshot
-    // file format set), and back to a over TCP all the same.
+    // file format set), and back to a over TCP all the same, unencrypted
+    // this time.
     assert!(b.cli(&["vm", "suspend", "mover"]).status.success());
     assert!(b.cli(&["vm", "resume", "mover", "--wait"]).status.success());
-    let out = migrate(&b, &a, "mover", &[]);
+    let out = migrate(&b, &a, "mover", &["--no-tls"]);
     assert!(
         out.status.success(),
         "{}\n{}",
         String::from_utf8_lossy(&out.stderr),
         b.agent_log_tail()
     );
+    let back: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(back["tls"], false, "{back:#}");
+    assert_eq!(migration(&a, back["id"].as_str().unwrap())["tls"], false);
     let (_, out, _) = exec(&a, "mover", &["md5sum", "/root/disk.bin"]);
     assert!(
         before.contains(out.split_whitespace().next().unwrap()),
@@ -425,5 +436,142 @@ fn a_host_takes_part_in_a_limited_number_of_migrations_at_once() {
         assert_eq!(m["phase"], "completed", "{m:#}");
     }
     assert_eq!(b.cli_json::<Vec<Value>>(&["vm", "ls"]).len(), 2);
+    assert_clean(&a);
+}
+
+/// A client on a third host holds a TCP connection to a guest (a router
+/// sends it the VM's packets through a); the VM moves to b while they talk.
+/// a forwards what still comes to it, b answers directly, and the talk goes
+/// on; a's forward ends when its window does.
+#[test]
+fn a_tcp_connection_from_another_host_survives_the_migration() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    let fabric = Arc::new(Fabric::create().expect("fabric"));
+    let options = HostOptions {
+        fabric: Some(fabric.clone()),
+        agent_args: vec!["--forward-moved-secs".into(), "4".into()],
+        ..HostOptions::default()
+    };
+    let a = TestHost::start_with(options.clone()).expect("host a");
+    let b = TestHost::start_with(options).expect("host b");
+    let client = flotilla_testkit::NetNs::create_on(&fabric).expect("client host");
+
+    let vm = run_vm(&a, "served");
+    let ip = vm["nics"][0]["ip"].as_str().unwrap().to_string();
+    let (code, _, err) = exec(
+        &a,
+        "served",
+        &["sh", "-c", "setsid nc -l -p 7000 -e cat >/dev/null 2>&1 &"],
+    );
+    assert_eq!(code, 0, "{err}");
+    client
+        .exec_ip(&["route", "add", &format!("{ip}/32"), "via", &a.netns.ns_ip])
+        .expect("the client's route to the VM");
+
+    // The client: a line out, the same line back, again and again.
+    let (stop, echoed) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let talk = {
+        let (ns, ip, stop, echoed) = (
+            client.name.clone(),
+            ip.clone(),
+            stop.clone(),
+            echoed.clone(),
+        );
+        std::thread::spawn(move || -> Result<(), String> {
+            let netns =
+                std::fs::File::open(format!("/var/run/netns/{ns}")).map_err(|e| e.to_string())?;
+            nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| e.to_string())?;
+            let addr: std::net::SocketAddr = format!("{ip}:7000").parse().unwrap();
+            // The guest's nc may take a moment to listen.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let stream = loop {
+                match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+                    Ok(s) => break s,
+                    Err(e) if Instant::now() > deadline => return Err(format!("connect: {e}")),
+                    Err(_) => std::thread::sleep(Duration::from_millis(200)),
+                }
+            };
+            stream
+                .set_read_timeout(Some(Duration::from_secs(20)))
+                .map_err(|e| e.to_string())?;
+            let mut reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
+            let mut writer = stream;
+            for n in 0u64.. {
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+                writeln!(writer, "line {n}").map_err(|e| format!("send {n}: {e}"))?;
+                let mut back = String::new();
+                reader
+                    .read_line(&mut back)
+                    .map_err(|e| format!("echo of {n}: {e}"))?;
+                if back != format!("line {n}\n") {
+                    return Err(format!("echo of {n} was {back:?}"));
+                }
+                echoed.store(n + 1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(())
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while echoed.load(Ordering::Relaxed) < 5 {
+        assert!(
+            Instant::now() < deadline && !talk.is_finished(),
+            "no echo before the move"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let out = migrate(&a, &b, "served", &[]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        b.agent_log_tail()
+    );
+    // The client still sends to a, which forwards to b.
+    let route = a
+        .netns
+        .exec_ip(&["route", "show", &format!("{ip}/32")])
+        .unwrap();
+    assert!(
+        route.contains(&format!("via {}", b.netns.ns_ip)),
+        "a's forward: {route:?}"
+    );
+    let after_move = echoed.load(Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while echoed.load(Ordering::Relaxed) < after_move + 20 {
+        assert!(
+            Instant::now() < deadline && !talk.is_finished(),
+            "the connection stalled after the move at {}",
+            echoed.load(Ordering::Relaxed)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::Relaxed);
+    talk.join()
+        .expect("client thread")
+        .expect("the connection survives");
+
+    // The forward ends after its window (4 s here).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let route = a
+            .netns
+            .exec_ip(&["route", "show", &format!("{ip}/32")])
+            .unwrap();
+        if route.trim().is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a still forwards: {route:?}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
     assert_clean(&a);
 }

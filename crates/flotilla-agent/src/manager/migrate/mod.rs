@@ -24,12 +24,16 @@ use crate::record::now_rfc3339;
 
 /// A migration's record as kept on disk: what the API shows, and the
 /// peer's token (a source needs it to finish a migration after a restart).
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 struct Stored {
     #[serde(flatten)]
     info: MigrationInfo,
     #[serde(default)]
     peer_token: Option<String>,
+    /// The target's address between the hosts (a source's record): where
+    /// the VM's addresses are forwarded after the switch-over.
+    #[serde(default)]
+    forward_via: Option<std::net::Ipv4Addr>,
 }
 
 /// The migrations of this host, in memory and on disk.
@@ -112,6 +116,21 @@ impl MigrationBook {
         self.items().get(id).and_then(|s| s.peer_token.clone())
     }
 
+    fn forward_via(&self, id: &str) -> Option<std::net::Ipv4Addr> {
+        self.items().get(id).and_then(|s| s.forward_via)
+    }
+
+    /// Notes (on disk) where the VM's addresses go after the switch-over.
+    fn set_forward_via(&self, id: &str, via: std::net::Ipv4Addr) {
+        let mut items = self.items();
+        if let Some(stored) = items.get_mut(id) {
+            stored.forward_via = Some(via);
+            if let Err(e) = self.write(stored) {
+                tracing::warn!(migration = id, error = %e, "saving the migration record");
+            }
+        }
+    }
+
     /// Writes a record (write-then-rename, private: it may hold a token).
     /// Called with the map locked, so writes of one record never cross.
     fn write(&self, stored: &Stored) -> AgentResult<()> {
@@ -134,7 +153,11 @@ impl MigrationBook {
                 None,
             ));
         }
-        let stored = Stored { info, peer_token };
+        let stored = Stored {
+            info,
+            peer_token,
+            forward_via: None,
+        };
         self.write(&stored)?;
         items.insert(stored.info.id.clone(), stored);
         Ok(())
@@ -161,10 +184,7 @@ impl MigrationBook {
         let Some(stored) = items.get_mut(id) else {
             return Err(AgentError::MigrationNotFound { id: id.to_string() });
         };
-        let mut changed = Stored {
-            info: stored.info.clone(),
-            peer_token: stored.peer_token.clone(),
-        };
+        let mut changed = stored.clone();
         f(&mut changed.info);
         self.write(&changed)?;
         *stored = changed;
@@ -263,6 +283,7 @@ fn new_record(id: &str, vm: &str, role: MigrationRole, peer: &str) -> MigrationI
         prediction: None,
         throttle_percent: None,
         disk_sync_limit_bps: None,
+        tls: true,
         disk_total_bytes: 0,
         switch_over_ms: None,
         total_ms: None,
@@ -305,8 +326,23 @@ pub(crate) fn file_sha256(path: &Path) -> AgentResult<String> {
 /// Where a VM's migration keeps its TLS key (`keys.psk`), in its directory.
 pub(crate) const TLS_DIR: &str = "migration-tls";
 
+/// The finite-field Diffie-Hellman group `ffdhe2048` of RFC 7919, in the
+/// PKCS#3 form QEMU reads as `dh-params.pem`. Without that file QEMU
+/// generates fresh parameters for each server credential it makes, which
+/// took 0.2-0.3 s (more on a busy host) on the migration's critical path;
+/// a standard, well-vetted group is as safe.
+const DH_PARAMS_PEM: &str = "\
+-----BEGIN DH PARAMETERS-----\n\
+MIIBCAKCAQEA//////////+t+FRYortKmq/cViAnPTzx2LnFg84tNpWp4TZBFGQz\n\
++8yTnc4kmz75fS/jY2MMddj2gbICrsRhetPfHtXV/WVhJDP1H18GbtCFY2VVPe0a\n\
+87VXE15/V8k1mE8McODmi3fipona8+/och3xWKE2rec1MKzKT0g6eXq8CrGCsyT7\n\
+YdEIqUuyyOP7uWrat2DX9GgdT0Kj3jlN9K5W7edjcrsZCwenyO4KbXCeAvzhzffi\n\
+7MA0BM0oNC9hkXL+nOmFg/+OTxIy7vKBg8P+OxtMb61zO7X8vC7CIAXFjvGDfRaD\n\
+ssbzSibBsu/6iGtCOGEoXJf//////////wIBAg==\n\
+-----END DH PARAMETERS-----\n";
+
 /// Writes a migration's pre-shared key for QEMU's TLS credentials: a
-/// private directory with `keys.psk` (`qemu:<hex>`).
+/// private directory with `keys.psk` (`qemu:<hex>`) and `dh-params.pem`.
 pub(crate) fn write_psk(vm_dir: &Path, hex_key: &str) -> AgentResult<PathBuf> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let dir = vm_dir.join(TLS_DIR);
@@ -326,6 +362,7 @@ pub(crate) fn write_psk(vm_dir: &Path, hex_key: &str) -> AgentResult<PathBuf> {
         .open(dir.join("keys.psk"))
         .map_err(io)?;
     std::io::Write::write_all(&mut f, format!("qemu:{hex_key}\n").as_bytes()).map_err(io)?;
+    std::fs::write(dir.join("dh-params.pem"), DH_PARAMS_PEM).map_err(io)?;
     Ok(dir)
 }
 

@@ -175,7 +175,8 @@ impl VmManager {
         let ip = self.migration_ip()?;
         let entry = self.entry(name)?;
         let id = format!("m-{:016x}", rand::random::<u64>());
-        let info = new_record(&id, name, MigrationRole::Source, &req.target);
+        let mut info = new_record(&id, name, MigrationRole::Source, &req.target);
+        info.tls = req.tls;
         {
             let _op = entry.op_lock.lock().await;
             let mut s = entry.lock();
@@ -327,10 +328,16 @@ impl VmManager {
                 .collect();
             // A key for this migration alone: the stream and the exports
             // only talk to the target.
-            let key = hex::encode(rand::random::<[u8; 32]>());
-            let tls_dir = super::write_psk(&self.vm_dir(&record.name), &key)?;
-            live::add_tls(&qmp, &tls_dir).await?;
-            live::export_disks(&qmp, export_at, &disks, true).await?;
+            let key = match req.tls {
+                true => {
+                    let key = hex::encode(rand::random::<[u8; 32]>());
+                    let tls_dir = super::write_psk(&self.vm_dir(&record.name), &key)?;
+                    live::add_tls(&qmp, &tls_dir).await?;
+                    Some(key)
+                }
+                false => None,
+            };
+            live::export_disks(&qmp, export_at, &disks, req.tls).await?;
             let vm = {
                 let (record, manager) = (record.clone(), self.clone());
                 tokio::task::spawn_blocking(move || manager.migrating_vm(&record, export_at))
@@ -345,7 +352,7 @@ impl VmManager {
                 ),
                 vm,
                 disk_sync_bps: req.disk_sync_mibps.map(|m| m << 20),
-                tls_psk: Some(key),
+                tls_psk: key,
             };
             // A busy target (its migration slots taken) is asked again.
             let ready: IncomingMigrationReady = loop {
@@ -379,7 +386,14 @@ impl VmManager {
         }
         .await;
         let to = match prepared {
-            Ok(to) => to,
+            Ok(to) => {
+                let ms = started.elapsed().as_millis() as u64;
+                tracing::info!(migration = %id, ms, tls = req.tls, "target prepared");
+                if let std::net::IpAddr::V4(via) = to.ip() {
+                    book.set_forward_via(id, via);
+                }
+                to
+            }
             Err(e) => {
                 return self
                     .stay(
@@ -400,8 +414,11 @@ impl VmManager {
             max_bandwidth_bps: req.max_bandwidth_mibps.map(|m| m << 20),
             auto_converge: req.on_no_convergence == ConvergencePolicy::AutoConverge,
         };
-        match self.precopy(&qmp, id, to, limits).await {
-            Ok(None) => {}
+        match self.precopy(&qmp, id, to, limits, req.tls).await {
+            Ok(None) => {
+                let ms = started.elapsed().as_millis() as u64;
+                tracing::info!(migration = %id, ms, "memory sent");
+            }
             Ok(Some((phase, why))) => {
                 return self.stay(entry, id, peer, &qmp, &exports, phase, why).await
             }
@@ -554,10 +571,11 @@ impl VmManager {
         id: &str,
         to: std::net::SocketAddr,
         limits: LiveLimits,
+        tls: bool,
     ) -> AgentResult<Option<(MigrationPhase, String)>> {
         let book = &self.inner.migrations;
         let mut events = qmp.events();
-        live::start_outgoing(qmp, to, limits, true).await?;
+        live::start_outgoing(qmp, to, limits, tls).await?;
         let mut last_saved = Instant::now();
         let mut watch =
             super::converge::Watch::new(limits.max_downtime_ms.unwrap_or(300), Instant::now());
@@ -640,6 +658,7 @@ impl VmManager {
     /// (serving them meanwhile). A target that cannot be asked is waited
     /// for: it may well run the VM.
     pub(super) async fn await_target_sync(&self, id: &str, peer: &Peer) -> Outcome {
+        self.forward_moved(id).await;
         let book = &self.inner.migrations;
         let mut unreachable_since: Option<Instant> = None;
         loop {
@@ -675,6 +694,33 @@ impl VmManager {
                 }
             }
         }
+    }
+
+    /// The VM runs on the target now: traffic for its addresses that still
+    /// comes here is routed there (see [`crate::forwarding`]).
+    async fn forward_moved(&self, id: &str) {
+        let book = &self.inner.migrations;
+        let (Ok(info), Some(via)) = (book.get(id), book.forward_via(id)) else {
+            return;
+        };
+        let Some(entry) = self.vms().get(&info.vm).cloned() else {
+            return;
+        };
+        let addrs: Vec<std::net::Ipv4Addr> =
+            entry.lock().record.nics.iter().map(|n| n.ip).collect();
+        let (forwards, window) = (
+            self.inner.forwards.clone(),
+            self.inner.config.forward_moved_for,
+        );
+        let vm = info.vm.clone();
+        let added = tokio::task::spawn_blocking(move || {
+            for addr in addrs {
+                if let Err(e) = forwards.add(addr, &vm, via, window) {
+                    tracing::warn!(%addr, %via, error = %e, "could not forward a moved VM's address");
+                }
+            }
+        });
+        let _ = added.await;
     }
 
     /// What the target needs to recreate `record`, with the disks exported

@@ -29,6 +29,10 @@ use crate::runtime::Readiness;
 /// saw it complete.
 const ARRIVAL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The longest a disk sync waits for the guest to settle after the
+/// switch-over.
+const SYNC_GRACE: Duration = Duration::from_secs(2);
+
 impl VmManager {
     /// Prepares to receive `req.vm`: checks it can take it, makes its
     /// directory and disks, and starts a QEMU listening for the stream.
@@ -50,6 +54,7 @@ impl VmManager {
         &self,
         req: IncomingMigrationRequest,
     ) -> AgentResult<IncomingMigrationReady> {
+        let began = std::time::Instant::now();
         let ip = self.migration_ip()?;
         let vm = req.vm.clone();
         crate::spec::validate_name("vm.name", &vm.name, 63)?;
@@ -126,6 +131,7 @@ impl VmManager {
         // Recorded before QEMU starts, so the source can always have this
         // half removed by the migration's id.
         let mut info = new_record(&req.id, &vm.name, MigrationRole::Target, &req.source);
+        info.tls = req.tls_psk.is_some();
         info.disk_sync_limit_bps = req.disk_sync_bps;
         if let Err(e) = self.inner.migrations.put(info, None) {
             self.remove_incoming(&entry).await;
@@ -159,7 +165,8 @@ impl VmManager {
         self.inner
             .migrations
             .update(&req.id, true, |m| m.phase = MigrationPhase::PreCopy);
-        tracing::info!(vm = %vm.name, migration = %req.id, port, "waiting for an incoming migration");
+        let ms = began.elapsed().as_millis() as u64;
+        tracing::info!(vm = %vm.name, migration = %req.id, port, ms, "waiting for an incoming migration");
         Ok(IncomingMigrationReady {
             host: ip.to_string(),
             port,
@@ -492,6 +499,12 @@ impl VmManager {
         generation: u64,
         since: Instant,
     ) {
+        // A VM coming back: this host forwarded its addresses away.
+        let addrs: Vec<std::net::Ipv4Addr> =
+            entry.lock().record.nics.iter().map(|n| n.ip).collect();
+        for addr in addrs {
+            self.inner.forwards.remove(addr);
+        }
         for attempt in 0..10 {
             match qmp.cont().await {
                 Ok(()) => break,
@@ -518,14 +531,22 @@ impl VmManager {
         }
         // The guest agent's channel reconnects, and the guest clock is set
         // right after the pause.
-        self.spawn_readiness_with_clock(entry.clone(), generation, since);
+        let settled = self.spawn_readiness_with_clock(entry.clone(), generation, since);
         self.inner
             .migrations
             .update(id, true, |m| m.phase = MigrationPhase::DiskSync);
         let manager = self.clone();
         let id = id.to_string();
         let syncing = entry.clone();
-        tokio::spawn(async move { manager.sync_disks(syncing, id).await });
+        tokio::spawn(async move {
+            // The guest's first moments here are its slowest (under TCG
+            // its code is translated afresh): the copy, which takes a core,
+            // waits until the guest agent has answered and its clock is
+            // set, or SYNC_GRACE. Competing with it, the guest's pause grew
+            // 1.5-3x.
+            let _ = tokio::time::timeout(SYNC_GRACE, settled).await;
+            manager.sync_disks(syncing, id).await
+        });
     }
 
     /// Copies each disk's remaining data from the source, then drops the
