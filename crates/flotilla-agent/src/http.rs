@@ -53,6 +53,7 @@ pub fn router(manager: VmManager, token: crate::auth::TokenCheck) -> Router {
             "/v1/migrations/{id}/switch-over",
             post(migrations::switch_over),
         )
+        .route("/v1/migrations/{id}/recover", post(migrations::recover))
         .route("/v1/vms/{name}/clone", post(snapshots::clone_vm))
         .route("/v1/vms/{name}/move-disk", post(snapshots::move_disk))
         .route(

@@ -51,6 +51,12 @@ pub enum ConvergencePolicy {
     AutoConverge,
     /// Cancel at once: the VM runs on where it was.
     Cancel,
+    /// Switch to post-copy: the VM continues on the target at once and
+    /// fetches the pages it has not received from the source as it touches
+    /// them, while the source sends the rest. It always converges, but
+    /// from the switch until the last page has arrived the VM needs both
+    /// hosts: losing either loses the VM.
+    PostCopy,
 }
 
 /// A VM as the target must recreate it: its identity and shape.
@@ -119,6 +125,9 @@ pub struct IncomingMigrationRequest {
     /// TLS; made by the source for this migration alone.
     #[serde(default)]
     pub tls_psk: Option<String>,
+    /// The stream may switch to post-copy (both QEMUs must allow it).
+    #[serde(default)]
+    pub post_copy: bool,
 }
 
 /// The target's answer: where its QEMU listens for the memory stream.
@@ -206,6 +215,10 @@ pub struct MigrationInfo {
     /// Whether the stream and the disk exports use TLS.
     #[serde(default = "encrypted_by_default")]
     pub tls: bool,
+    /// Whether memory switched to post-copy (the VM ran on the target
+    /// while the source still sent pages).
+    #[serde(default)]
+    pub post_copy: bool,
     #[serde(default)]
     pub disk_total_bytes: u64,
     /// Milliseconds from the start to the switch-over, and to the end.

@@ -516,9 +516,14 @@ pub enum VmCommand {
         #[arg(long)]
         disk_bandwidth: Option<u64>,
         /// When the memory copy is predicted not to converge: throttle the
-        /// guest until it does (auto-converge), or cancel.
-        #[arg(long, default_value = "auto-converge", value_parser = ["auto-converge", "cancel"])]
+        /// guest until it does (auto-converge), switch to post-copy (the VM
+        /// runs on the target at once and fetches the pages it lacks), or
+        /// cancel.
+        #[arg(long, default_value = "auto-converge", value_parser = ["auto-converge", "post-copy", "cancel"])]
         on_no_convergence: String,
+        /// Short for --on-no-convergence post-copy.
+        #[arg(long, conflicts_with = "on_no_convergence")]
+        post_copy: bool,
         /// Send memory and disks unencrypted: only on a trusted migration
         /// network (TLS with a key made per migration is the default).
         #[arg(long)]

@@ -108,6 +108,9 @@ pub struct LiveLimits {
     pub max_bandwidth_bps: Option<u64>,
     /// Throttle the guest's vCPUs while the stream does not converge.
     pub auto_converge: bool,
+    /// Allow a switch to post-copy ([`start_post_copy`]); the target must
+    /// allow it too.
+    pub post_copy: bool,
 }
 
 /// QEMU's defaults, restored after a migration so its limits never stay
@@ -117,7 +120,11 @@ const DEFAULT_BANDWIDTH_BPS: u64 = 128 << 20;
 
 /// A stream over TCP: the file formats other operations may have set
 /// (`mapped-ram`, `multifd`, or a resumed VM's `-global`) are switched off.
-async fn stream_capabilities(qmp: &QmpClient, auto_converge: bool) -> Result<(), QmpError> {
+async fn stream_capabilities(
+    qmp: &QmpClient,
+    auto_converge: bool,
+    post_copy: bool,
+) -> Result<(), QmpError> {
     qmp.execute::<Value>(
         "migrate-set-capabilities",
         Some(json!({ "capabilities": [
@@ -126,6 +133,7 @@ async fn stream_capabilities(qmp: &QmpClient, auto_converge: bool) -> Result<(),
             // MIGRATION events: the end is seen at once, not at a poll.
             { "capability": "events", "state": true },
             { "capability": "auto-converge", "state": auto_converge },
+            { "capability": "postcopy-ram", "state": post_copy },
         ] })),
     )
     .await?;
@@ -139,6 +147,8 @@ pub async fn set_limits(qmp: &QmpClient, limits: LiveLimits) -> Result<(), QmpEr
         Some(json!({
             "downtime-limit": limits.max_downtime_ms.unwrap_or(DEFAULT_DOWNTIME_MS),
             "max-bandwidth": limits.max_bandwidth_bps.unwrap_or(DEFAULT_BANDWIDTH_BPS),
+            // The limit holds after a switch to post-copy too (0: none).
+            "max-postcopy-bandwidth": limits.max_bandwidth_bps.unwrap_or(0),
         })),
     )
     .await?;
@@ -196,7 +206,7 @@ pub async fn start_outgoing(
     limits: LiveLimits,
     tls: bool,
 ) -> Result<(), QmpError> {
-    stream_capabilities(qmp, limits.auto_converge).await?;
+    stream_capabilities(qmp, limits.auto_converge, limits.post_copy).await?;
     set_limits(qmp, limits).await?;
     stream_tls(qmp, tls.then_some(crate::config::TLS_CLIENT_ID)).await?;
     qmp.execute::<Value>("migrate", Some(json!({ "uri": format!("tcp:{to}") })))
@@ -210,8 +220,9 @@ pub async fn listen_incoming(
     qmp: &QmpClient,
     host: std::net::IpAddr,
     tls: bool,
+    post_copy: bool,
 ) -> Result<u16, QmpError> {
-    stream_capabilities(qmp, false).await?;
+    stream_capabilities(qmp, false, post_copy).await?;
     stream_tls(qmp, tls.then_some(crate::config::TLS_SERVER_ID)).await?;
     let at = SocketAddr::new(host, 0);
     qmp.execute::<Value>(
@@ -227,6 +238,55 @@ pub async fn listen_incoming(
         .and_then(|p| p.parse().ok())
         .ok_or_else(|| QmpError::Protocol(format!("no listening port in {v}")))?;
     Ok(port)
+}
+
+/// Switches a running pre-copy to post-copy: the source stops the VM and
+/// sends its device state; the target may then run it, fetching the pages
+/// it lacks from the source, which sends the rest meanwhile.
+pub async fn start_post_copy(qmp: &QmpClient) -> Result<(), QmpError> {
+    qmp.execute::<Value>("migrate-start-postcopy", None).await?;
+    Ok(())
+}
+
+/// Whether an incoming QEMU has the device state of a post-copy and may be
+/// continued (it received everything but pages).
+pub async fn post_copy_ready(qmp: &QmpClient) -> Result<bool, QmpError> {
+    let p = progress(qmp).await?;
+    if p.status != "postcopy-active" {
+        return Ok(false);
+    }
+    // Until the source's "run" command has been loaded the run state is
+    // `inmigrate`; after it, paused (the QEMU was started with -S).
+    Ok(qmp.query_status().await?.status != "inmigrate")
+}
+
+/// After a cut during post-copy both QEMUs wait (`postcopy-paused`), the
+/// VM on the target stalled on pages it lacks. The target listens again at
+/// `at` for the source to resume ([`resume_outgoing`]).
+pub async fn listen_recover(qmp: &QmpClient, at: SocketAddr) -> Result<(), QmpError> {
+    qmp.execute::<Value>(
+        "migrate-recover",
+        Some(json!({ "uri": format!("tcp:{at}") })),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Pauses a post-copy whose stream is stuck (a network that stays cut),
+/// on either side, so that it can be resumed on a new connection.
+pub async fn pause_post_copy(qmp: &QmpClient) -> Result<(), QmpError> {
+    qmp.execute::<Value>("migrate-pause", None).await?;
+    Ok(())
+}
+
+/// Resumes a paused post-copy to a target listening again at `to`.
+pub async fn resume_outgoing(qmp: &QmpClient, to: SocketAddr) -> Result<(), QmpError> {
+    qmp.execute::<Value>(
+        "migrate",
+        Some(json!({ "uri": format!("tcp:{to}"), "resume": true })),
+    )
+    .await?;
+    Ok(())
 }
 
 /// Cancels an outgoing migration and waits until QEMU is done with it (the

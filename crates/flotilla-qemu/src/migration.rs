@@ -63,6 +63,8 @@ async fn set_mapped_ram(qmp: &QmpClient) -> Result<(), QmpError> {
         Some(json!({ "capabilities": [
             { "capability": "mapped-ram", "state": true },
             { "capability": "multifd", "state": true },
+            // A live migration's; QEMU refuses it with mapped-ram.
+            { "capability": "postcopy-ram", "state": false },
         ] })),
     )
     .await?;

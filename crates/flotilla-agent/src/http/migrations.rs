@@ -98,6 +98,17 @@ pub async fn switch_over(
     ))
 }
 
+#[utoipa::path(post, path = "/v1/migrations/{id}/recover", responses((status = 200, body = IncomingMigrationReady),
+    (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn recover(
+    State(m): State<VmManager>,
+    Path(id): Path<String>,
+) -> Result<Json<IncomingMigrationReady>, ApiError> {
+    Ok(Json(
+        detached(async move { m.recover_incoming(&id).await }).await?,
+    ))
+}
+
 #[utoipa::path(delete, path = "/v1/migrations/{id}", responses((status = 204),
     (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn remove(

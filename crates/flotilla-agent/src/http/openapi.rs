@@ -41,6 +41,7 @@ use utoipa::OpenApi;
         super::migrations::cancel,
         super::migrations::incoming,
         super::migrations::switch_over,
+        super::migrations::recover,
         super::migrations::remove,
     ),
     components(schemas(

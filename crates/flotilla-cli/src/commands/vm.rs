@@ -88,6 +88,7 @@ pub async fn run(client: &Client, json: bool, cmd: VmCommand) -> anyhow::Result<
             bandwidth,
             disk_bandwidth,
             on_no_convergence,
+            post_copy,
             no_tls,
             no_wait,
         } => {
@@ -99,6 +100,8 @@ pub async fn run(client: &Client, json: bool, cmd: VmCommand) -> anyhow::Result<
                 bandwidth,
                 disk_bandwidth,
                 on_no_convergence: match on_no_convergence.as_str() {
+                    _ if post_copy => flotilla_api::migration::ConvergencePolicy::PostCopy,
+                    "post-copy" => flotilla_api::migration::ConvergencePolicy::PostCopy,
                     "cancel" => flotilla_api::migration::ConvergencePolicy::Cancel,
                     _ => flotilla_api::migration::ConvergencePolicy::AutoConverge,
                 },

@@ -575,3 +575,79 @@ fn a_tcp_connection_from_another_host_survives_the_migration() {
     }
     assert_clean(&a);
 }
+
+/// A guest that dirties memory faster than the stream may send it, with
+/// post-copy as the policy: the VM goes over anyway and runs on the target
+/// while its last pages follow. The stream's connection is reset during
+/// the post-copy: both sides pause and resume on a new one. Nothing is lost.
+#[test]
+fn a_stream_that_cannot_converge_switches_to_post_copy() {
+    let (_fabric, a, b) = two_hosts();
+    run_vm(&a, "hot");
+    start_workload(&a, "hot");
+    let before = sums(&a, "hot");
+    // 32 MB rewritten over and over: the post-copy has that much to send.
+    let (code, _, _) = exec(
+        &a,
+        "hot",
+        &["sh", "-c", "head -c 32000000 /dev/urandom > /tmp/hot && setsid sh -c 'while :; do dd if=/tmp/hot of=/tmp/dirty bs=1M conv=notrunc 2>/dev/null; done' >/dev/null 2>&1 &"],
+    );
+    assert_eq!(code, 0);
+    let counted = counter(&a, "hot", "/tmp/counter");
+
+    let id = start_migration(&a, &b, "hot", &["--bandwidth", "8", "--post-copy"]);
+    wait_phase(&a, &id, |p| p != "preparing" && p != "pre_copy");
+    // Every TCP connection between the hosts reset, the stream's too.
+    let killed = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &a.netns.name,
+            "ss",
+            "-K",
+            "dst",
+            &b.netns.ns_ip,
+        ])
+        .output()
+        .expect("ss");
+    assert!(
+        killed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&killed.stderr)
+    );
+    let m = wait_phase(&a, &id, |p| p != "disk_sync");
+    let log = std::fs::read_to_string(a.data_path().join("agent.log")).unwrap_or_default();
+    assert_eq!(
+        m["phase"],
+        "completed",
+        "{m:#}\n--- source ---\n{}\n--- target ---\n{}",
+        a.agent_log_tail(),
+        b.agent_log_tail()
+    );
+    assert!(
+        log.contains("post-copy resumed after a cut"),
+        "{}",
+        a.agent_log_tail()
+    );
+    assert_eq!(m["post_copy"], true, "{m:#}");
+    assert!(m["prediction"].is_string(), "{m:#}");
+    let target_side = migration(&b, m["id"].as_str().unwrap());
+    assert_eq!(target_side["post_copy"], true, "{target_side:#}");
+
+    assert_eq!(sums(&b, "hot"), before, "memory and disk contents");
+    let later = counter(&b, "hot", "/tmp/counter");
+    assert!(
+        later > counted,
+        "the counter goes on: {later} after {counted}"
+    );
+    assert_clean(&a);
+    // Its QEMU is an ordinary one afterwards: a suspend (a file save, which
+    // QEMU refuses while post-copy is allowed) and a resume work.
+    assert!(
+        b.cli(&["vm", "suspend", "hot"]).status.success(),
+        "{}",
+        b.agent_log_tail()
+    );
+    assert!(b.cli(&["vm", "resume", "hot", "--wait"]).status.success());
+    assert_eq!(sums(&b, "hot"), before);
+}

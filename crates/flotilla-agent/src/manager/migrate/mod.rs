@@ -284,6 +284,7 @@ fn new_record(id: &str, vm: &str, role: MigrationRole, peer: &str) -> MigrationI
         throttle_percent: None,
         disk_sync_limit_bps: None,
         tls: true,
+        post_copy: false,
         disk_total_bytes: 0,
         switch_over_ms: None,
         total_ms: None,
@@ -321,6 +322,15 @@ pub(crate) fn file_sha256(path: &Path) -> AgentResult<String> {
         .unwrap_or_else(|p| p.into_inner())
         .insert(stamp, sum.clone());
     Ok(sum)
+}
+
+/// A free TCP port on `ip` (for disk exports, a resumed stream).
+fn free_port(ip: std::net::IpAddr) -> AgentResult<u16> {
+    let l = std::net::TcpListener::bind((ip, 0))
+        .map_err(|e| AgentError::io(format!("finding a free port on {ip}"), e))?;
+    l.local_addr()
+        .map(|a| a.port())
+        .map_err(|e| AgentError::io("finding a free port", e))
 }
 
 /// Where a VM's migration keeps its TLS key (`keys.psk`), in its directory.

@@ -132,13 +132,25 @@ impl Peer {
     }
 }
 
-/// A free TCP port on `ip` for the disk exports.
-fn free_port(ip: std::net::IpAddr) -> AgentResult<u16> {
-    let l = std::net::TcpListener::bind((ip, 0))
-        .map_err(|e| AgentError::io(format!("finding a free port on {ip}"), e))?;
-    l.local_addr()
-        .map(|a| a.port())
-        .map_err(|e| AgentError::io("finding a free port", e))
+/// Whether a post-copy's stream is stuck: nothing sent for
+/// [`super::converge::STALL_LIMIT`].
+#[derive(Default)]
+pub(super) struct PostCopyWatch {
+    last: Option<(u64, Instant)>,
+}
+
+impl PostCopyWatch {
+    fn stuck(&mut self, transferred: u64, now: Instant) -> bool {
+        match self.last {
+            Some((bytes, since)) if bytes == transferred => {
+                now.duration_since(since) >= super::converge::STALL_LIMIT
+            }
+            _ => {
+                self.last = Some((transferred, now));
+                false
+            }
+        }
+    }
 }
 
 /// How a migration ended, for the source's cleanup.
@@ -320,7 +332,7 @@ impl VmManager {
         // Until the target has taken the stream, any failure ends here: the
         // VM runs on, the exports and the target's half go.
         let prepared = async {
-            let export_at = std::net::SocketAddr::new(ip, free_port(ip)?);
+            let export_at = std::net::SocketAddr::new(ip, super::free_port(ip)?);
             let disks: Vec<(String, String)> = record
                 .disks
                 .iter()
@@ -353,6 +365,7 @@ impl VmManager {
                 vm,
                 disk_sync_bps: req.disk_sync_mibps.map(|m| m << 20),
                 tls_psk: key,
+                post_copy: req.on_no_convergence == ConvergencePolicy::PostCopy,
             };
             // A busy target (its migration slots taken) is asked again.
             let ready: IncomingMigrationReady = loop {
@@ -413,6 +426,7 @@ impl VmManager {
             max_downtime_ms: req.max_downtime_ms,
             max_bandwidth_bps: req.max_bandwidth_mibps.map(|m| m << 20),
             auto_converge: req.on_no_convergence == ConvergencePolicy::AutoConverge,
+            post_copy: req.on_no_convergence == ConvergencePolicy::PostCopy,
         };
         match self.precopy(&qmp, id, to, limits, req.tls).await {
             Ok(None) => {
@@ -579,9 +593,10 @@ impl VmManager {
         let mut last_saved = Instant::now();
         let mut watch =
             super::converge::Watch::new(limits.max_downtime_ms.unwrap_or(300), Instant::now());
+        let mut post_copy_started = false;
         loop {
             let p = live::progress(qmp).await?;
-            if !p.is_finished() {
+            if !p.is_finished() && !post_copy_started {
                 let stop = match watch.observe(&p, Instant::now()) {
                     super::converge::Verdict::Fine => None,
                     super::converge::Verdict::Stalled => Some(format!(
@@ -591,11 +606,20 @@ impl VmManager {
                     super::converge::Verdict::WontConverge(why) => {
                         let throttled = p.cpu_throttle_percent;
                         book.update(id, true, |m| m.prediction = Some(why.clone()));
-                        // Auto-converge gets every chance up to its
-                        // strongest throttle.
-                        match limits.auto_converge && throttled < 99 {
-                            true => None,
-                            false => Some(format!("predicted not to converge: {why}")),
+                        if limits.post_copy {
+                            // The VM goes over now; its pages follow.
+                            live::start_post_copy(qmp).await?;
+                            post_copy_started = true;
+                            book.update(id, true, |m| m.post_copy = true);
+                            tracing::info!(migration = id, reason = %why, "switching to post-copy");
+                            None
+                        } else {
+                            // Auto-converge gets every chance up to its
+                            // strongest throttle.
+                            match limits.auto_converge && throttled < 99 {
+                                true => None,
+                                false => Some(format!("predicted not to converge: {why}")),
+                            }
                         }
                     }
                 };
@@ -624,7 +648,9 @@ impl VmManager {
                 }
             });
             match p.status.as_str() {
-                "completed" => return Ok(None),
+                // In post-copy the device state is on its way and the
+                // source's part is to serve pages: the switch-over is due.
+                "completed" | "postcopy-active" => return Ok(None),
                 "failed" | "cancelled" => {
                     let why = p
                         .error
@@ -661,8 +687,21 @@ impl VmManager {
         self.forward_moved(id).await;
         let book = &self.inner.migrations;
         let mut unreachable_since: Option<Instant> = None;
+        let mut last_recovery: Option<Instant> = None;
+        let mut post_copy = PostCopyWatch::default();
         loop {
             tokio::time::sleep(Duration::from_millis(100)).await;
+            if last_recovery.is_none_or(|t| t.elapsed() > PEER_RETRY) {
+                if let Some(done) = self.recover_post_copy(id, peer, &mut post_copy).await {
+                    last_recovery = Some(Instant::now());
+                    if let Err(e) = done {
+                        tracing::warn!(migration = id, error = %e, "resuming the post-copy");
+                        book.update(id, false, |m| {
+                            m.error = Some(format!("post-copy paused: {e}; retrying"))
+                        });
+                    }
+                }
+            }
             match peer.migration(id).await {
                 Ok(t) => {
                     unreachable_since = None;
@@ -694,6 +733,54 @@ impl VmManager {
                 }
             }
         }
+    }
+
+    /// A post-copy whose stream was cut pauses on both sides, the VM on the
+    /// target waiting for pages only this host has: once the network is
+    /// back, the target listens again and this QEMU resumes sending.
+    /// `None` when there is nothing to recover.
+    async fn recover_post_copy(
+        &self,
+        id: &str,
+        peer: &Peer,
+        watch: &mut PostCopyWatch,
+    ) -> Option<AgentResult<()>> {
+        let info = self.inner.migrations.get(id).ok()?;
+        if !info.post_copy {
+            return None;
+        }
+        let qmp = self.vms().get(&info.vm)?.lock().runtime.qmp.clone()?;
+        let p = live::progress(&qmp).await.ok()?;
+        if p.status == "postcopy-active" && watch.stuck(p.transferred_bytes, Instant::now()) {
+            // A cut that lasts: TCP would wait minutes before it gives up.
+            tracing::warn!(
+                migration = id,
+                "post-copy sent nothing for a while; pausing it to resume on a new connection"
+            );
+            if let Err(e) = live::pause_post_copy(&qmp).await {
+                return Some(Err(e.into()));
+            }
+            return Some(Ok(()));
+        }
+        if p.status != "postcopy-paused" {
+            return None;
+        }
+        let resumed = async {
+            let ready: IncomingMigrationReady = peer
+                .call(
+                    reqwest::Method::POST,
+                    &format!("/v1/migrations/{id}/recover"),
+                    None::<&()>,
+                )
+                .await?;
+            let host: std::net::IpAddr = ready.host.parse().map_err(|e| {
+                AgentError::Peer(format!("the target listens at a bad address: {e}"))
+            })?;
+            live::resume_outgoing(&qmp, std::net::SocketAddr::new(host, ready.port)).await?;
+            tracing::info!(migration = id, "post-copy resumed after a cut");
+            Ok(())
+        };
+        Some(resumed.await)
     }
 
     /// The VM runs on the target now: traffic for its addresses that still
@@ -824,5 +911,22 @@ impl VmManager {
         if let Err(e) = self.delete(&name, true).await {
             tracing::error!(vm = %name, error = %e, "removing the migrated VM's leftovers");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_post_copy_is_stuck_only_after_sending_nothing_for_the_limit() {
+        let t0 = Instant::now();
+        let mut w = PostCopyWatch::default();
+        assert!(!w.stuck(100, t0));
+        assert!(!w.stuck(100, t0 + Duration::from_secs(5)));
+        // Progress restarts the clock.
+        assert!(!w.stuck(200, t0 + Duration::from_secs(9)));
+        assert!(!w.stuck(200, t0 + Duration::from_secs(18)));
+        assert!(w.stuck(200, t0 + Duration::from_secs(19)));
     }
 }

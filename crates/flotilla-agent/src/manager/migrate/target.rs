@@ -149,7 +149,7 @@ impl VmManager {
                 .finish(&req.id, MigrationPhase::Failed, Some(e.to_string()), 0);
             return Err(e);
         }
-        let port = match self.start_incoming(&entry, ip, tls).await {
+        let port = match self.start_incoming(&entry, ip, tls, req.post_copy).await {
             Ok(port) => port,
             Err(e) => {
                 self.remove_incoming(&entry).await;
@@ -347,6 +347,7 @@ impl VmManager {
         entry: &Arc<VmEntry>,
         ip: std::net::IpAddr,
         tls: bool,
+        post_copy: bool,
     ) -> AgentResult<u16> {
         let (record, generation) = {
             let mut s = entry.lock();
@@ -370,7 +371,7 @@ impl VmManager {
             s.runtime.qmp = Some(qmp.clone());
             self.save(&s)?;
         }
-        Ok(live::listen_incoming(&qmp, ip, tls).await?)
+        Ok(live::listen_incoming(&qmp, ip, tls, post_copy).await?)
     }
 
     /// A QEMU that dies before the migration is complete (a failed or cut
@@ -462,6 +463,12 @@ impl VmManager {
             let p = live::progress(&qmp).await?;
             match p.status.as_str() {
                 "completed" => break,
+                "postcopy-active" if live::post_copy_ready(&qmp).await? => {
+                    self.inner
+                        .migrations
+                        .update(id, true, |m| m.post_copy = true);
+                    break;
+                }
                 "failed" | "cancelled" => {
                     return Err(AgentError::Peer(format!(
                         "the memory stream {}: {}",
@@ -601,6 +608,15 @@ impl VmManager {
             }
             let total: u64 = pending.iter().map(|(_, b)| b).sum();
             let Some((disk, _)) = pending.first().cloned() else {
+                // In post-copy the source still holds pages this QEMU has
+                // not received: it may go only when memory is whole too.
+                if let Some(qmp) = &qmp {
+                    let status = live::progress(qmp).await.map(|p| p.status);
+                    if status.is_ok_and(|s| s.starts_with("postcopy")) {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                }
                 // Whole (also when it stopped right after the last copy).
                 self.finish_sync(&entry, &id, started);
                 return;
@@ -645,6 +661,50 @@ impl VmManager {
                 }
             }
         }
+    }
+
+    /// A post-copy cut mid-way: this QEMU listens again for the source to
+    /// resume sending the pages the VM still lacks.
+    pub async fn recover_incoming(&self, id: &str) -> AgentResult<IncomingMigrationReady> {
+        super::check_id(id)?;
+        let info = self.inner.migrations.get(id)?;
+        let entry = self.entry(&info.vm)?;
+        let qmp = entry
+            .lock()
+            .runtime
+            .qmp
+            .clone()
+            .ok_or_else(|| AgentError::conflict("the VM's QEMU is not connected", None))?;
+        let mut status = live::progress(&qmp).await?.status;
+        if info.role == MigrationRole::Target && status == "postcopy-active" {
+            // The source saw the stream stuck; this side may not have yet.
+            live::pause_post_copy(&qmp).await?;
+            for _ in 0..50 {
+                status = live::progress(&qmp).await?.status;
+                if status != "postcopy-active" {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        if info.role != MigrationRole::Target || status != "postcopy-paused" {
+            return Err(AgentError::conflict(
+                format!("migration {id} has no paused post-copy here (its stream is {status})"),
+                None,
+            ));
+        }
+        let ip = self.migration_ip()?;
+        let at = std::net::SocketAddr::new(ip, super::free_port(ip)?);
+        live::listen_recover(&qmp, at).await?;
+        tracing::info!(
+            migration = id,
+            port = at.port(),
+            "listening to resume a post-copy"
+        );
+        Ok(IncomingMigrationReady {
+            host: ip.to_string(),
+            port: at.port(),
+        })
     }
 
     /// Removes what a migration made here before the switch-over (the
