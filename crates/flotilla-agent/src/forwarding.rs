@@ -47,14 +47,22 @@ fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+
 /// Turns on IPv4 forwarding (for this network namespace): VMs' traffic to
-/// and from other hosts, and forwards, pass through the host.
-pub fn enable_ip_forwarding() -> std::io::Result<()> {
-    let path = "/proc/sys/net/ipv4/ip_forward";
-    if std::fs::read_to_string(path)?.trim() != "1" {
-        std::fs::write(path, "1")?;
+/// and from other hosts, and forwards, pass through the host. Returns
+/// whether it was on before.
+pub fn enable_ip_forwarding() -> std::io::Result<bool> {
+    let was_on = std::fs::read_to_string(IP_FORWARD)?.trim() == "1";
+    if !was_on {
+        std::fs::write(IP_FORWARD, "1")?;
     }
-    Ok(())
+    Ok(was_on)
+}
+
+/// Turns IPv4 forwarding off again (an embedded `flotilla up` leaving).
+pub fn disable_ip_forwarding() -> std::io::Result<()> {
+    std::fs::write(IP_FORWARD, "0")
 }
 
 impl Forwards {
@@ -105,13 +113,8 @@ impl Forwards {
         via: Ipv4Addr,
         window: Duration,
     ) -> Result<(), NetworkError> {
-        ip(&[
-            "route",
-            "replace",
-            &format!("{addr}/32"),
-            "via",
-            &via.to_string(),
-        ])?;
+        // Recorded first: a route made just before a crash is still found
+        // (and ended) by the next agent.
         let mut items = self.items();
         items.insert(
             addr,
@@ -122,6 +125,14 @@ impl Forwards {
             },
         );
         self.save(&items);
+        drop(items);
+        ip(&[
+            "route",
+            "replace",
+            &format!("{addr}/32"),
+            "via",
+            &via.to_string(),
+        ])?;
         tracing::info!(%addr, %via, vm, secs = window.as_secs(), "forwarding a moved VM's address");
         Ok(())
     }

@@ -132,9 +132,10 @@ pub async fn run_agent(
 
     network::ensure_bridge(&config.bridge, &config.subnet)
         .with_context(|| format!("setting up bridge {}", config.bridge))?;
-    if let Err(e) = crate::forwarding::enable_ip_forwarding() {
+    let forwarding_was_on = crate::forwarding::enable_ip_forwarding().unwrap_or_else(|e| {
         tracing::warn!(error = %e, "could not turn on IPv4 forwarding: VMs are reachable from this host only");
-    }
+        true
+    });
 
     let snapshots =
         flotilla_snapshot::SnapshotStore::open(&config.snapshots_dir()).with_context(|| {
@@ -202,6 +203,12 @@ pub async fn run_agent(
         stop_everything(&manager).await;
         for addr in manager.inner.forwards.addresses() {
             manager.inner.forwards.remove(addr);
+        }
+        // The host is left as it was found.
+        if !forwarding_was_on {
+            if let Err(e) = crate::forwarding::disable_ip_forwarding() {
+                tracing::warn!(error = %e, "could not turn IPv4 forwarding off again");
+            }
         }
         if let Err(e) = network::delete_bridge(&config.bridge) {
             tracing::warn!(error = %e, "could not remove the bridge");

@@ -974,3 +974,123 @@ async fn tags_change_in_place_and_groups_follow() {
     let (_, b) = api.call("GET", "/v1/instances/db", Some(&acme), None).await;
     assert_eq!(b["tags"], json!({"group": "b", "tier": "gold"}));
 }
+
+/// A move whose workflow ended without recording where the VM went (an
+/// attempt that gave up) is settled by the hosts' reports: the target
+/// reporting the VM running makes it the instance's host; the source
+/// reporting it running, not moving, ends the move where it was.
+#[tokio::test]
+async fn heartbeats_settle_a_move_left_unrecorded() {
+    use flotilla_api::control::ReportedVm;
+    use flotilla_api::VmState;
+    use flotilla_control::store::NewInstance;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&format!("sqlite://{}", dir.path().join("c.db").display()))
+        .await
+        .unwrap();
+    let cp = ControlPlane::new(store, ControlSettings::default());
+    cp.store().create_tenant("t-1", "acme").await.unwrap();
+    let admin = Caller {
+        token_id: "tok".into(),
+        tenant_id: None,
+        admin: true,
+        host: None,
+    };
+    let beat = |vms: Vec<(&str, VmState)>| HostHeartbeat {
+        endpoint: "http://127.0.0.1:9".into(),
+        agent_token: None,
+        capacity: Resources {
+            vcpus: 8,
+            memory_mib: 8192,
+        },
+        labels: BTreeMap::new(),
+        vms: vms
+            .into_iter()
+            .map(|(name, state)| ReportedVm {
+                name: name.into(),
+                state,
+                ip: None,
+            })
+            .collect(),
+    };
+    for h in ["h1", "h2"] {
+        cp.heartbeat(&admin, h, &beat(vec![])).await.unwrap();
+    }
+    let op = |id: &str, targets: Vec<String>| flotilla_control::store::OperationRow {
+        id: id.into(),
+        tenant_id: Some("t-1".into()),
+        kind: "run".into(),
+        targets,
+        state: flotilla_api::control::OperationState::Succeeded,
+        steps: vec![],
+        input: json!("run"),
+        error: None,
+        created_at: 1,
+        updated_at: 1,
+    };
+    let inst = |name: &str| NewInstance {
+        id: format!("i-{name}"),
+        tenant_id: "t-1".into(),
+        name: name.into(),
+        image: None,
+        vcpus: 1,
+        memory_mib: 256,
+        tags: BTreeMap::new(),
+        operation: None,
+    };
+    let versions = BTreeMap::from([("h1".to_string(), 0)]);
+    cp.store()
+        .commit_run(
+            &[(inst("went"), "h1".into()), (inst("stayed"), "h1".into())],
+            &versions,
+            None,
+            &op("op-run", vec!["i-went".into(), "i-stayed".into()]),
+            "me",
+            0,
+        )
+        .await
+        .unwrap();
+    let h2 = cp.store().host("h2").await.unwrap().unwrap();
+    for id in ["i-went", "i-stayed"] {
+        let version = cp.store().host("h2").await.unwrap().unwrap().version;
+        cp.store()
+            .begin_migration(id, "h1", "h2", version)
+            .await
+            .unwrap();
+    }
+    let _ = h2;
+    let wait_quiet = || tokio::time::sleep(Duration::from_millis(2100));
+    // Reports just after a change are not trusted (they may be older).
+    wait_quiet().await;
+    // Still moving on the source: nothing changes.
+    cp.heartbeat(
+        &admin,
+        "h1",
+        &beat(vec![
+            ("i-went", VmState::Migrating),
+            ("i-stayed", VmState::Migrating),
+        ]),
+    )
+    .await
+    .unwrap();
+    let went = cp.store().instance("i-went").await.unwrap().unwrap();
+    assert_eq!(went.migrating_to.as_deref(), Some("h2"));
+    // One arrived on h2; the other runs on at h1.
+    cp.heartbeat(&admin, "h2", &beat(vec![("i-went", VmState::Running)]))
+        .await
+        .unwrap();
+    wait_quiet().await;
+    cp.heartbeat(&admin, "h1", &beat(vec![("i-stayed", VmState::Running)]))
+        .await
+        .unwrap();
+    let went = cp.store().instance("i-went").await.unwrap().unwrap();
+    assert_eq!(
+        (went.host.as_deref(), went.migrating_to.as_deref()),
+        (Some("h2"), None)
+    );
+    let stayed = cp.store().instance("i-stayed").await.unwrap().unwrap();
+    assert_eq!(
+        (stayed.host.as_deref(), stayed.migrating_to.as_deref()),
+        (Some("h1"), None)
+    );
+}

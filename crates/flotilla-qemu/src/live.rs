@@ -252,7 +252,7 @@ pub async fn start_post_copy(qmp: &QmpClient) -> Result<(), QmpError> {
 /// continued (it received everything but pages).
 pub async fn post_copy_ready(qmp: &QmpClient) -> Result<bool, QmpError> {
     let p = progress(qmp).await?;
-    if p.status != "postcopy-active" {
+    if !p.status.starts_with("postcopy") {
         return Ok(false);
     }
     // Until the source's "run" command has been loaded the run state is
@@ -264,7 +264,7 @@ pub async fn post_copy_ready(qmp: &QmpClient) -> Result<bool, QmpError> {
 /// VM on the target stalled on pages it lacks. The target listens again at
 /// `at` for the source to resume ([`resume_outgoing`]).
 pub async fn listen_recover(qmp: &QmpClient, at: SocketAddr) -> Result<(), QmpError> {
-    qmp.execute::<Value>(
+    qmp.execute_oob::<Value>(
         "migrate-recover",
         Some(json!({ "uri": format!("tcp:{at}") })),
     )
@@ -275,7 +275,7 @@ pub async fn listen_recover(qmp: &QmpClient, at: SocketAddr) -> Result<(), QmpEr
 /// Pauses a post-copy whose stream is stuck (a network that stays cut),
 /// on either side, so that it can be resumed on a new connection.
 pub async fn pause_post_copy(qmp: &QmpClient) -> Result<(), QmpError> {
-    qmp.execute::<Value>("migrate-pause", None).await?;
+    qmp.execute_oob::<Value>("migrate-pause", None).await?;
     Ok(())
 }
 

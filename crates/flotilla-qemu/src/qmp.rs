@@ -51,6 +51,8 @@ struct Inner {
     lines: mpsc::Sender<Vec<u8>>,
     next_id: AtomicU64,
     greeting: QmpGreeting,
+    /// Out-of-band execution was negotiated.
+    oob: bool,
     tasks: [AbortHandle; 2],
 }
 
@@ -63,7 +65,8 @@ impl Drop for Inner {
 }
 
 impl QmpClient {
-    /// Connects, reads the greeting and negotiates capabilities (none).
+    /// Connects, reads the greeting and negotiates capabilities: out-of-band
+    /// execution when offered ([`execute_oob`](Self::execute_oob)).
     /// QEMU serves one QMP client at a time: while another is connected the
     /// greeting never comes and this times out.
     pub async fn connect(path: &Path, timeout: Duration) -> Result<QmpClient, QmpError> {
@@ -81,13 +84,18 @@ impl QmpClient {
             .ok_or(QmpError::Disconnected)?;
         let greeting = wire::parse_greeting(greeting)?;
         let mut write = write;
+        let oob = greeting.capabilities.iter().any(|c| c == "oob");
+        let negotiate: &[u8] = match oob {
+            true => b"{\"execute\":\"qmp_capabilities\",\"arguments\":{\"enable\":[\"oob\"]},\"id\":0}\n",
+            false => b"{\"execute\":\"qmp_capabilities\",\"id\":0}\n",
+        };
         write
-            .write_all(b"{\"execute\":\"qmp_capabilities\",\"id\":0}\n")
+            .write_all(negotiate)
             .await
             .map_err(conn::write_error)?;
         until(deadline, "qmp_capabilities", conn::negotiate(&mut reader)).await?;
         tracing::debug!(path = %path.display(), version = ?greeting.version, "QMP connected");
-        Ok(Self::start(reader, write, greeting))
+        Ok(Self::start(reader, write, greeting, oob))
     }
 
     /// Like [`connect`](Self::connect), but keeps retrying while the socket
@@ -117,6 +125,7 @@ impl QmpClient {
         reader: BufReader<OwnedReadHalf>,
         writer: OwnedWriteHalf,
         greeting: QmpGreeting,
+        oob: bool,
     ) -> Self {
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let shared = Arc::new(Shared {
@@ -136,6 +145,7 @@ impl QmpClient {
                 lines,
                 next_id: AtomicU64::new(1),
                 greeting,
+                oob,
                 tasks: [reader_task.abort_handle(), writer_task.abort_handle()],
             }),
         }
@@ -158,6 +168,29 @@ impl QmpClient {
             .await
     }
 
+    /// Runs a command QEMU allows out of band (`migrate-pause`,
+    /// `migrate-recover`): answered by the monitor's own thread even while
+    /// QEMU's main loop is blocked, e.g. on a guest page a paused post-copy
+    /// has not delivered. In band where QEMU offers no out-of-band.
+    pub async fn execute_oob<R: DeserializeOwned>(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<R, QmpError> {
+        let key = if self.inner.oob {
+            "exec-oob"
+        } else {
+            "execute"
+        };
+        let value = self
+            .send_raw(key, command, arguments, DEFAULT_COMMAND_TIMEOUT)
+            .await?;
+        serde_json::from_value(value).map_err(|source| QmpError::Decode {
+            command: command.to_string(),
+            source,
+        })
+    }
+
     /// Runs a command and decodes its `return` value into `R`.
     pub async fn execute_timeout<R: DeserializeOwned>(
         &self,
@@ -178,6 +211,16 @@ impl QmpClient {
         arguments: Option<Value>,
         timeout: Duration,
     ) -> Result<Value, QmpError> {
+        self.send_raw("execute", command, arguments, timeout).await
+    }
+
+    async fn send_raw(
+        &self,
+        key: &str,
+        command: &str,
+        arguments: Option<Value>,
+        timeout: Duration,
+    ) -> Result<Value, QmpError> {
         let shared = &self.inner.shared;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -192,7 +235,7 @@ impl QmpClient {
         }
         let _guard = PendingGuard { shared, id };
 
-        let mut message = json!({ "execute": command, "id": id });
+        let mut message = json!({ key: command, "id": id });
         if let Some(arguments) = arguments {
             message["arguments"] = arguments;
         }

@@ -55,6 +55,17 @@ impl ControlPlane {
         beat: &HostHeartbeat,
     ) -> ControlResult<()> {
         let reported: BTreeMap<&str, _> = beat.vms.iter().map(|v| (v.name.as_str(), v)).collect();
+        // Moves whose workflow ended without recording where the VM went
+        // (an attempt that gave up): this host runs it now.
+        for inst in self.store().instances_moving_to(host).await? {
+            let arrived = reported
+                .get(inst.id.as_str())
+                .is_some_and(|vm| !matches!(vm.state, VmState::Incoming | VmState::Creating));
+            if arrived && !self.operation_running(&inst).await? {
+                tracing::info!(instance = %inst.name, host, "its VM runs here: the move is recorded");
+                self.store().end_migration(&inst.id, true).await?;
+            }
+        }
         for inst in self.store().instances_on_host(host).await? {
             if inst.desired == DesiredState::Terminated {
                 self.finish_termination(&inst, reported.contains_key(inst.id.as_str()))
@@ -65,6 +76,17 @@ impl ControlPlane {
                 // An operation just recorded what it saw; this report may
                 // have been composed before that.
                 Some(_) if now_ms() - inst.updated_at < JUST_SEEN_MS => continue,
+                // A move that ended without a record (see above), with the
+                // VM still here: it stays.
+                Some(vm)
+                    if inst.migrating_to.is_some()
+                        && vm.state != VmState::Migrating
+                        && !self.operation_running(&inst).await? =>
+                {
+                    tracing::info!(instance = %inst.name, host, "its VM stayed here: the move is over");
+                    self.store().end_migration(&inst.id, false).await?;
+                    observed_from_vm(vm.state)
+                }
                 Some(vm) => observed_from_vm(vm.state),
                 None if inst.observed == ObservedState::Pending => continue,
                 // Moving: it leaves this host before the move is recorded.
@@ -85,6 +107,19 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// Whether the instance's last operation still runs (a workflow that
+    /// will record its outcome itself).
+    async fn operation_running(&self, inst: &InstanceRow) -> ControlResult<bool> {
+        let Some(op_id) = &inst.operation else {
+            return Ok(false);
+        };
+        Ok(self
+            .store()
+            .operation(op_id)
+            .await?
+            .is_some_and(|op| op.state == flotilla_api::control::OperationState::Running))
+    }
+
     /// An instance meant to be gone whose terminate is not running (it
     /// failed, say while its host was down): gone from its host too, its
     /// record goes; still there, a new terminate starts.
@@ -93,12 +128,8 @@ impl ControlPlane {
         inst: &InstanceRow,
         on_host: bool,
     ) -> ControlResult<()> {
-        if let Some(op_id) = &inst.operation {
-            if let Some(op) = self.store().operation(op_id).await? {
-                if op.state == flotilla_api::control::OperationState::Running {
-                    return Ok(());
-                }
-            }
+        if self.operation_running(inst).await? {
+            return Ok(());
         }
         if !on_host {
             tracing::info!(instance = %inst.name, "its VM is gone: terminate completed");

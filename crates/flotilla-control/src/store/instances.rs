@@ -216,6 +216,13 @@ impl Store {
         Ok(())
     }
 
+    /// Instances being moved to `host`.
+    pub async fn instances_moving_to(&self, host: &str) -> StoreResult<Vec<InstanceRow>> {
+        let sql = format!("SELECT {READ_COLUMNS} FROM instances WHERE migrating_to = $1");
+        let rows = sqlx::query(&sql).bind(host).fetch_all(self.pool()).await?;
+        rows.iter().map(instance).collect()
+    }
+
     /// Ends a move: the instance is on its target (`moved`) or stays.
     pub async fn end_migration(&self, id: &str, moved: bool) -> StoreResult<()> {
         let sql = match moved {

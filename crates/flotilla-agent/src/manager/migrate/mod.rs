@@ -385,10 +385,12 @@ pub(crate) fn remove_psk(vm_dir: &Path) {
 /// source yet: snapshots, clones, suspends and disk moves, which copy those
 /// files, wait until the sync is done.
 pub(crate) fn check_disks_whole(record: &crate::record::VmRecord) -> AgentResult<()> {
-    if record.disks.iter().any(|d| d.sync_from.is_some()) {
+    // Until the migration has ended here (a post-copy still receives pages
+    // after the disks are whole) nothing may take the VM's state either.
+    if record.migration.is_some() || record.disks.iter().any(|d| d.sync_from.is_some()) {
         return Err(AgentError::conflict(
             format!(
-                "VM {:?} is still copying its disks from the host it was migrated from",
+                "VM {:?} is still receiving its disks or memory from the host it was migrated from",
                 record.name
             ),
             Some("wait until `flotilla migration ls` shows its migration completed".into()),

@@ -260,11 +260,13 @@ impl VmManager {
         if !matches!(
             info.phase,
             MigrationPhase::Preparing | MigrationPhase::PreCopy
-        ) {
+        ) || info.post_copy
+        {
             return Err(AgentError::conflict(
                 format!(
-                    "migration {id} is {:?}: past the switch-over, it can no longer be cancelled",
-                    info.phase
+                    "migration {id} is {:?}{}: past the switch-over, it can no longer be cancelled",
+                    info.phase,
+                    if info.post_copy { " in post-copy" } else { "" }
                 ),
                 None,
             ));
@@ -454,6 +456,14 @@ impl VmManager {
         // Memory is over and the VM is paused here: hand it over.
         let handing = Instant::now();
         let switched = async {
+            // In post-copy QEMU reports the state before it has paused the
+            // VM and inactivated the disks; reactivation comes after that.
+            for _ in 0..100 {
+                if !qmp.query_status().await?.running {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             let nodes: Vec<String> = exports.iter().map(|e| format!("disk-{e}")).collect();
             live::reactivate_for_reads(&qmp, &nodes).await?;
             peer.call::<MigrationInfo>(
@@ -505,6 +515,13 @@ impl VmManager {
         why: String,
     ) -> Outcome {
         self.unprepare(entry, qmp, exports).await;
+        // A stream that failed after QEMU paused the VM (its last round, or
+        // a post-copy that began) leaves it paused: it runs on here.
+        if !qmp.query_status().await.map(|s| s.running).unwrap_or(true) {
+            if let Err(e) = qmp.cont().await {
+                tracing::error!(migration = id, error = %e, "continuing the VM here");
+            }
+        }
         self.back_to_running(entry, id);
         // Asked until the target answers (a cut network comes back): its
         // half holds a QEMU, a name and capacity there.
@@ -539,9 +556,16 @@ impl VmManager {
         why: String,
     ) -> Outcome {
         let book = &self.inner.migrations;
+        let post_copy = book.get(id).is_ok_and(|m| m.post_copy);
         loop {
             let running = qmp.query_status().await.map(|s| s.running);
-            if let Ok(true) = running {
+            if post_copy && running.as_ref().is_ok_and(|r| *r) {
+                // After a switch to post-copy the target may hold the VM's
+                // newest state: never run here before it says it does not.
+                if let Err(e) = qmp.stop().await {
+                    tracing::error!(migration = id, error = %e, "pausing the VM here");
+                }
+            } else if let Ok(true) = running {
                 let _ = live::cancel(qmp, Duration::from_secs(10)).await;
                 if qmp.query_status().await.map(|s| s.running).unwrap_or(false) {
                     return self
@@ -556,9 +580,18 @@ impl VmManager {
                         tracing::error!(migration = id, error = %e, "continuing the VM here");
                     }
                     self.back_to_running(entry, id);
+                    // QEMU cannot cancel a post-copy: its stream stays paused
+                    // until the QEMU is restarted.
+                    let stuck = match live::progress(qmp).await {
+                        Ok(p) if p.status.starts_with("postcopy") => {
+                            "; its QEMU still holds the unfinished post-copy: stop and start \
+                             the VM before it can be moved or suspended again"
+                        }
+                        _ => "",
+                    };
                     return Outcome::Stayed(
                         MigrationPhase::Failed,
-                        format!("{why}; the target never ran it, so it continues here"),
+                        format!("{why}; the target never ran it, so it continues here{stuck}"),
                     );
                 }
                 Err(PeerError::Refused { status: 409, .. }) => {
@@ -648,9 +681,11 @@ impl VmManager {
                 }
             });
             match p.status.as_str() {
-                // In post-copy the device state is on its way and the
-                // source's part is to serve pages: the switch-over is due.
-                "completed" | "postcopy-active" => return Ok(None),
+                // In post-copy (also paused or recovering) the device state
+                // is on its way and the source's part is to serve pages:
+                // the switch-over is due, and a cancel is no longer possible.
+                "completed" => return Ok(None),
+                s if s.starts_with("postcopy") => return Ok(None),
                 "failed" | "cancelled" => {
                     let why = p
                         .error
@@ -757,6 +792,7 @@ impl VmManager {
                 migration = id,
                 "post-copy sent nothing for a while; pausing it to resume on a new connection"
             );
+            watch.last = None;
             if let Err(e) = live::pause_post_copy(&qmp).await {
                 return Some(Err(e.into()));
             }
@@ -777,6 +813,7 @@ impl VmManager {
                 AgentError::Peer(format!("the target listens at a bad address: {e}"))
             })?;
             live::resume_outgoing(&qmp, std::net::SocketAddr::new(host, ready.port)).await?;
+            watch.last = None;
             tracing::info!(migration = id, "post-copy resumed after a cut");
             Ok(())
         };

@@ -29,6 +29,9 @@ use crate::runtime::Readiness;
 /// saw it complete.
 const ARRIVAL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a prepared target waits for its source's stream to begin.
+const NO_STREAM_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// The longest a disk sync waits for the guest to settle after the
 /// switch-over.
 const SYNC_GRACE: Duration = Duration::from_secs(2);
@@ -363,6 +366,9 @@ impl VmManager {
         let (process, qmp) = self.launch_with(&record, config).await?;
         self.spawn_monitor(entry.clone(), process.clone(), generation);
         self.spawn_incoming_watch(entry.clone(), process.clone(), record.migration.clone());
+        if let Some(id) = record.migration.clone() {
+            self.spawn_arrival_watchdog(id);
+        }
         {
             let mut s = entry.lock();
             s.record.process = Some(process.identity);
@@ -415,6 +421,39 @@ impl VmManager {
         });
     }
 
+    /// A source that vanished before its stream began (crashed, cut off)
+    /// would leave this half waiting for ever, holding a QEMU, capacity and
+    /// a migration slot. A source starts its stream as soon as this host is
+    /// prepared; when nothing has arrived after [`NO_STREAM_TIMEOUT`] this
+    /// half goes, and a source that shows up later keeps its VM.
+    fn spawn_arrival_watchdog(&self, id: String) {
+        let manager = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(NO_STREAM_TIMEOUT).await;
+            let Ok(info) = manager.inner.migrations.get(&id) else {
+                return;
+            };
+            if info.phase.is_finished() || info.switch_over_ms.is_some() {
+                return;
+            }
+            let Ok(entry) = manager.entry(&info.vm) else {
+                return;
+            };
+            let Some(qmp) = entry.lock().runtime.qmp.clone() else {
+                return;
+            };
+            // `setup`: listening, no connection yet.
+            match live::progress(&qmp).await {
+                Ok(p) if p.status == "setup" || p.status == "none" => {}
+                _ => return,
+            }
+            tracing::warn!(migration = %id, "no stream arrived from the source; removing this half");
+            if let Err(e) = manager.abort_incoming(&id).await {
+                tracing::warn!(migration = %id, error = %e, "could not remove the half");
+            }
+        });
+    }
+
     /// The source has sent everything and paused its VM: run it here.
     pub async fn switch_over(&self, id: &str) -> AgentResult<MigrationInfo> {
         let info = self.inner.migrations.get(id)?;
@@ -463,7 +502,7 @@ impl VmManager {
             let p = live::progress(&qmp).await?;
             match p.status.as_str() {
                 "completed" => break,
-                "postcopy-active" if live::post_copy_ready(&qmp).await? => {
+                s if s.starts_with("postcopy") && live::post_copy_ready(&qmp).await? => {
                     self.inner
                         .migrations
                         .update(id, true, |m| m.post_copy = true);
@@ -610,10 +649,14 @@ impl VmManager {
             let Some((disk, _)) = pending.first().cloned() else {
                 // In post-copy the source still holds pages this QEMU has
                 // not received: it may go only when memory is whole too.
-                if let Some(qmp) = &qmp {
+                // An unanswered query (a QEMU stalled on a missing page)
+                // is asked again; a QEMU that ended has no memory to wait
+                // for.
+                let post_copy = self.inner.migrations.get(&id).is_ok_and(|m| m.post_copy);
+                if let (true, true, Some(qmp)) = (post_copy, state.has_process(), &qmp) {
                     let status = live::progress(qmp).await.map(|p| p.status);
-                    if status.is_ok_and(|s| s.starts_with("postcopy")) {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    if !status.is_ok_and(|s| s == "completed" || s == "none") {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
                         continue;
                     }
                 }
@@ -675,27 +718,30 @@ impl VmManager {
             .qmp
             .clone()
             .ok_or_else(|| AgentError::conflict("the VM's QEMU is not connected", None))?;
-        let mut status = live::progress(&qmp).await?.status;
-        if info.role == MigrationRole::Target && status == "postcopy-active" {
-            // The source saw the stream stuck; this side may not have yet.
-            live::pause_post_copy(&qmp).await?;
-            for _ in 0..50 {
-                status = live::progress(&qmp).await?.status;
-                if status != "postcopy-active" {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-        if info.role != MigrationRole::Target || status != "postcopy-paused" {
+        if info.role != MigrationRole::Target || !info.post_copy || info.phase.is_finished() {
             return Err(AgentError::conflict(
-                format!("migration {id} has no paused post-copy here (its stream is {status})"),
+                format!("migration {id} has no post-copy in progress here"),
                 None,
             ));
         }
+        // Only out-of-band commands here: QEMU's main loop may be waiting
+        // for a guest page the cut stream has not delivered. The source saw
+        // the stream broken or stuck; this side may not have yet.
+        let _ = live::pause_post_copy(&qmp).await;
         let ip = self.migration_ip()?;
         let at = std::net::SocketAddr::new(ip, super::free_port(ip)?);
-        live::listen_recover(&qmp, at).await?;
+        // Refused until the pause has taken effect.
+        let mut tries = 0;
+        while let Err(e) = live::listen_recover(&qmp, at).await {
+            tries += 1;
+            if tries == 50 {
+                return Err(AgentError::conflict(
+                    format!("migration {id}: QEMU does not listen again: {e}"),
+                    None,
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         tracing::info!(
             migration = id,
             port = at.port(),
