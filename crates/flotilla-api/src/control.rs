@@ -329,6 +329,9 @@ pub struct PlacementExplanation {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct HostVerdict {
     pub host: String,
+    /// The host's labels (zone, rack, ...), which the rules weigh.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
     /// Why the host was filtered out; none if it passed.
     pub rejected: Option<String>,
     /// Its ranking score if it passed (higher is better).
@@ -376,6 +379,9 @@ pub struct CloneInstanceRequest {
 pub struct MigrateInstanceRequest {
     #[serde(default)]
     pub to: Option<String>,
+    /// Limits, convergence policy and encryption of the migration.
+    #[serde(default)]
+    pub options: crate::migration::MigrationOptions,
 }
 
 /// Changes to an instance (`PATCH /v1/instances/{name}`), as a JSON merge

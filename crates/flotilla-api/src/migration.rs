@@ -40,6 +40,50 @@ fn encrypted_by_default() -> bool {
     true
 }
 
+/// How a migration is to go, as a control plane asks for it (the same
+/// fields as in [`MigrateVmRequest`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationOptions {
+    #[serde(default)]
+    pub max_downtime_ms: Option<u64>,
+    #[serde(default)]
+    pub max_bandwidth_mibps: Option<u64>,
+    #[serde(default)]
+    pub disk_sync_mibps: Option<u64>,
+    #[serde(default)]
+    pub on_no_convergence: ConvergencePolicy,
+    #[serde(default = "encrypted_by_default")]
+    pub tls: bool,
+}
+
+impl Default for MigrationOptions {
+    fn default() -> Self {
+        MigrationOptions {
+            max_downtime_ms: None,
+            max_bandwidth_mibps: None,
+            disk_sync_mibps: None,
+            on_no_convergence: ConvergencePolicy::default(),
+            tls: true,
+        }
+    }
+}
+
+impl MigrateVmRequest {
+    /// A request to move a VM to the agent at `target` with `options`.
+    pub fn new(target: String, target_token: Option<String>, options: MigrationOptions) -> Self {
+        MigrateVmRequest {
+            target,
+            target_token,
+            max_downtime_ms: options.max_downtime_ms,
+            max_bandwidth_mibps: options.max_bandwidth_mibps,
+            disk_sync_mibps: options.disk_sync_mibps,
+            on_no_convergence: options.on_no_convergence,
+            tls: options.tls,
+        }
+    }
+}
+
 /// What a migration does when its pre-copy will not converge within the
 /// pause allowed (the guest dirties memory about as fast as it is sent).
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, ToSchema, PartialEq, Eq)]

@@ -208,6 +208,8 @@ pub enum InstanceCommand {
         /// The host; without it, placement picks one (never the current).
         #[arg(long)]
         to: Option<String>,
+        #[command(flatten)]
+        options: MigrationFlags,
         #[arg(long)]
         wait: bool,
     },
@@ -506,28 +508,8 @@ pub enum VmCommand {
         /// The target agent's API token (its data directory's agent.token).
         #[arg(long, env = "FLOTILLA_TARGET_TOKEN", hide_env_values = true)]
         to_token: Option<String>,
-        /// The longest pause to plan for at the switch-over.
-        #[arg(long)]
-        max_downtime_ms: Option<u64>,
-        /// Bandwidth limit of the memory stream in MiB/s.
-        #[arg(long)]
-        bandwidth: Option<u64>,
-        /// Bandwidth limit of the disk copy after the switch-over, in MiB/s.
-        #[arg(long)]
-        disk_bandwidth: Option<u64>,
-        /// When the memory copy is predicted not to converge: throttle the
-        /// guest until it does (auto-converge), switch to post-copy (the VM
-        /// runs on the target at once and fetches the pages it lacks), or
-        /// cancel.
-        #[arg(long, default_value = "auto-converge", value_parser = ["auto-converge", "post-copy", "cancel"])]
-        on_no_convergence: String,
-        /// Short for --on-no-convergence post-copy.
-        #[arg(long, conflicts_with = "on_no_convergence")]
-        post_copy: bool,
-        /// Send memory and disks unencrypted: only on a trusted migration
-        /// network (TLS with a key made per migration is the default).
-        #[arg(long)]
-        no_tls: bool,
+        #[command(flatten)]
+        options: MigrationFlags,
         /// Return at once instead of following the migration to its end.
         #[arg(long)]
         no_wait: bool,
@@ -665,4 +647,49 @@ pub struct VmExecArgs {
     /// The command and its arguments (after `--`).
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
+}
+
+/// How a live migration goes (`vm migrate`, `instance migrate`).
+#[derive(Debug, Args)]
+pub struct MigrationFlags {
+    /// The longest pause to plan for at the switch-over.
+    #[arg(long)]
+    pub max_downtime_ms: Option<u64>,
+    /// Bandwidth limit of the memory stream in MiB/s (post-copy included).
+    #[arg(long)]
+    pub bandwidth: Option<u64>,
+    /// Bandwidth limit of the disk copy after the switch-over, in MiB/s.
+    #[arg(long)]
+    pub disk_bandwidth: Option<u64>,
+    /// When the memory copy is predicted not to converge: throttle the
+    /// guest until it does (auto-converge), switch to post-copy (the VM
+    /// runs on the target at once and fetches the pages it lacks), or
+    /// cancel.
+    #[arg(long, default_value = "auto-converge", value_parser = ["auto-converge", "post-copy", "cancel"])]
+    pub on_no_convergence: String,
+    /// Short for --on-no-convergence post-copy.
+    #[arg(long, conflicts_with = "on_no_convergence")]
+    pub post_copy: bool,
+    /// Send memory and disks unencrypted: only on a trusted migration
+    /// network (TLS with a key made per migration is the default).
+    #[arg(long)]
+    pub no_tls: bool,
+}
+
+impl MigrationFlags {
+    pub fn options(&self) -> flotilla_api::migration::MigrationOptions {
+        use flotilla_api::migration::ConvergencePolicy;
+        flotilla_api::migration::MigrationOptions {
+            max_downtime_ms: self.max_downtime_ms,
+            max_bandwidth_mibps: self.bandwidth,
+            disk_sync_mibps: self.disk_bandwidth,
+            on_no_convergence: match self.on_no_convergence.as_str() {
+                _ if self.post_copy => ConvergencePolicy::PostCopy,
+                "post-copy" => ConvergencePolicy::PostCopy,
+                "cancel" => ConvergencePolicy::Cancel,
+                _ => ConvergencePolicy::AutoConverge,
+            },
+            tls: !self.no_tls,
+        }
+    }
 }

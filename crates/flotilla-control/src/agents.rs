@@ -165,17 +165,14 @@ impl AgentClient {
         source: &AgentAddr,
         name: &str,
         target: &AgentAddr,
+        options: &flotilla_api::migration::MigrationOptions,
     ) -> Result<flotilla_api::migration::MigrationInfo, AgentCallError> {
         let url = format!("{}/v1/vms/{name}/migrate?wait=true", source.endpoint);
-        let request = flotilla_api::migration::MigrateVmRequest {
-            target: target.endpoint.clone(),
-            target_token: target.token.clone(),
-            max_downtime_ms: None,
-            max_bandwidth_mibps: None,
-            disk_sync_mibps: None,
-            on_no_convergence: Default::default(),
-            tls: true,
-        };
+        let request = flotilla_api::migration::MigrateVmRequest::new(
+            target.endpoint.clone(),
+            target.token.clone(),
+            options.clone(),
+        );
         // As long as a large VM may take to move.
         let call = self
             .http

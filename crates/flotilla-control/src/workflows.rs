@@ -34,6 +34,8 @@ pub enum OperationInput {
     Migrate {
         #[serde(default)]
         to: Option<String>,
+        #[serde(default)]
+        options: flotilla_api::migration::MigrationOptions,
     },
 }
 
@@ -372,7 +374,9 @@ async fn act(
                     seen_at: now_ms(),
                 }))
             }
-            OperationInput::Migrate { to } => migrate_step(cp, inst, to.as_deref()).await,
+            OperationInput::Migrate { to, options } => {
+                migrate_step(cp, inst, to.as_deref(), options).await
+            }
             OperationInput::Clone { source } => {
                 let mut tags = inst.tags.clone();
                 tags.insert("flotilla.instance".into(), inst.name.clone());
@@ -405,6 +409,7 @@ async fn migrate_step(
     cp: &ControlPlane,
     inst: &InstanceRow,
     to: Option<&str>,
+    options: &flotilla_api::migration::MigrationOptions,
 ) -> ControlResult<Option<ObservedUpdate>> {
     let agents = &cp.inner.agents;
     let store = cp.store();
@@ -484,7 +489,7 @@ async fn migrate_step(
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
             }
-            Some(_) => match agents.migrate_vm(&source, &inst.id, &target).await {
+            Some(_) => match agents.migrate_vm(&source, &inst.id, &target, options).await {
                 Ok(m) if m.phase == flotilla_api::migration::MigrationPhase::Completed => {}
                 // Removed on the target after it took over: gone from
                 // both; the next round finds that out.

@@ -385,6 +385,14 @@ async fn bad_requests_and_policies_are_refused_with_the_reason() {
         .await;
     assert_eq!(s, 200);
     assert_eq!(b["chosen"], "h1");
+    // Each verdict shows the host's labels, which the rules weigh.
+    let h1 = b["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["host"] == "h1")
+        .unwrap();
+    assert!(h1["labels"]["zone"].is_string(), "{b}");
     let (s, b) = api
         .call("GET", "/v1/instances?page_size=0", Some(&acme), None)
         .await;

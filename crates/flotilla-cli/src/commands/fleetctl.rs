@@ -272,14 +272,21 @@ pub async fn instance(c: &Client, json: bool, cmd: InstanceCommand) -> anyhow::R
                     .hosts
                     .iter()
                     .map(|v| {
+                        let labels = v
+                            .labels
+                            .iter()
+                            .map(|(k, val)| format!("{k}={val}"))
+                            .collect::<Vec<_>>()
+                            .join(",");
                         vec![
                             v.host.clone(),
+                            labels,
                             v.score.map_or("-".into(), |s| format!("{s:.3}")),
                             opt(&v.rejected),
                         ]
                     })
                     .collect::<Vec<_>>();
-                output::table(&["HOST", "SCORE", "REJECTED"], &rows);
+                output::table(&["HOST", "LABELS", "SCORE", "REJECTED"], &rows);
             }
         }
         InstanceCommand::Ls { tags, state, host } => {
@@ -359,9 +366,17 @@ pub async fn instance(c: &Client, json: bool, cmd: InstanceCommand) -> anyhow::R
             let verb = format!("cloned from {source} on");
             return report_made(c, json, result, wait, &verb).await;
         }
-        InstanceCommand::Migrate { name, to, wait } => {
+        InstanceCommand::Migrate {
+            name,
+            to,
+            options,
+            wait,
+        } => {
             let path = format!("/v1/instances/{}/migrate", encode(&name));
-            let body = flotilla_api::control::MigrateInstanceRequest { to };
+            let body = flotilla_api::control::MigrateInstanceRequest {
+                to,
+                options: options.options(),
+            };
             let req = c.request(Method::POST, &path).json(&body);
             return act_request(c, json, req, wait).await;
         }

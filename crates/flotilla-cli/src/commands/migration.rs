@@ -53,24 +53,12 @@ pub struct MigrateArgs {
     pub name: String,
     pub to: String,
     pub to_token: Option<String>,
-    pub max_downtime_ms: Option<u64>,
-    pub bandwidth: Option<u64>,
-    pub disk_bandwidth: Option<u64>,
-    pub on_no_convergence: flotilla_api::migration::ConvergencePolicy,
-    pub tls: bool,
+    pub options: flotilla_api::migration::MigrationOptions,
     pub no_wait: bool,
 }
 
 pub async fn migrate(client: &Client, json: bool, a: MigrateArgs) -> anyhow::Result<ExitCode> {
-    let req = MigrateVmRequest {
-        target: a.to.clone(),
-        target_token: a.to_token,
-        max_downtime_ms: a.max_downtime_ms,
-        max_bandwidth_mibps: a.bandwidth,
-        disk_sync_mibps: a.disk_bandwidth,
-        on_no_convergence: a.on_no_convergence,
-        tls: a.tls,
-    };
+    let req = MigrateVmRequest::new(a.to.clone(), a.to_token, a.options);
     let started: MigrationInfo = client
         .post(&format!("/v1/vms/{}/migrate", a.name), &req)
         .await?;

@@ -84,28 +84,14 @@ pub async fn run(client: &Client, json: bool, cmd: VmCommand) -> anyhow::Result<
             name,
             to,
             to_token,
-            max_downtime_ms,
-            bandwidth,
-            disk_bandwidth,
-            on_no_convergence,
-            post_copy,
-            no_tls,
+            options,
             no_wait,
         } => {
             let args = super::migration::MigrateArgs {
                 name,
                 to,
                 to_token,
-                max_downtime_ms,
-                bandwidth,
-                disk_bandwidth,
-                on_no_convergence: match on_no_convergence.as_str() {
-                    _ if post_copy => flotilla_api::migration::ConvergencePolicy::PostCopy,
-                    "post-copy" => flotilla_api::migration::ConvergencePolicy::PostCopy,
-                    "cancel" => flotilla_api::migration::ConvergencePolicy::Cancel,
-                    _ => flotilla_api::migration::ConvergencePolicy::AutoConverge,
-                },
-                tls: !no_tls,
+                options: options.options(),
                 no_wait,
             };
             return super::migration::migrate(client, json, args).await;

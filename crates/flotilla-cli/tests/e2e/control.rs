@@ -490,11 +490,21 @@ fn instances_live_migrate_and_a_drain_empties_a_host() {
     );
     assert_eq!(s, 200, "{b}");
 
-    // Placement picks the other host: its only choice but its own.
+    // Placement picks the other host: its only choice but its own. The
+    // migration's options reach the agents.
     let (ok, out, err) = cli(
         &cp,
         &acme,
-        &["--json", "instance", "migrate", "db", "--wait"],
+        &[
+            "--json",
+            "instance",
+            "migrate",
+            "db",
+            "--no-tls",
+            "--max-downtime-ms",
+            "200",
+            "--wait",
+        ],
     );
     assert!(
         ok,
@@ -506,6 +516,11 @@ fn instances_live_migrate_and_a_drain_empties_a_host() {
     assert_eq!(op["state"], "succeeded", "{op:#}");
     let (_, inst) = cp.api("GET", "/v1/instances/db", Some(&acme), None);
     assert_eq!(inst["host"], other, "{inst:#}");
+    let (_, moves) = agent_other.api("GET", "/v1/migrations", None);
+    assert!(
+        moves.as_array().unwrap().iter().any(|m| m["tls"] == false),
+        "{moves:#}"
+    );
     assert!(instance_vms(agent_of).is_empty());
     assert_eq!(instance_vms(agent_other).len(), 1);
     let (s, b) = cp.api(

@@ -200,7 +200,7 @@ pub async fn migrate_instance(
     let q = query(q)?;
     let req = body(req)?;
     let op = cp
-        .migrate_instance(&caller, q.tenant.as_deref(), &name, req.to)
+        .migrate_instance(&caller, q.tenant.as_deref(), &name, req.to, req.options)
         .await?;
     Ok((StatusCode::ACCEPTED, Json(convert::operation(op))))
 }

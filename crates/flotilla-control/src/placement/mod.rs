@@ -426,6 +426,7 @@ pub fn explain(
             let rejected = reject_reason(h, demand, policy);
             HostVerdict {
                 host: h.name.clone(),
+                labels: h.labels.clone(),
                 score: rejected.is_none().then(|| score(h, demand, policy)),
                 rejected,
             }

@@ -197,7 +197,10 @@ impl ControlPlane {
         self.begin_operation(
             None,
             &new_id("op"),
-            OperationInput::Migrate { to: None },
+            OperationInput::Migrate {
+                to: None,
+                options: Default::default(),
+            },
             targets,
             None,
         )

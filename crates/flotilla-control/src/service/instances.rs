@@ -122,6 +122,7 @@ impl ControlPlane {
         tenant: Option<&str>,
         name: &str,
         to: Option<String>,
+        options: flotilla_api::migration::MigrationOptions,
     ) -> ControlResult<OperationRow> {
         let inst = self.instance(caller, tenant, name).await?;
         if inst.desired == DesiredState::Terminated {
@@ -147,7 +148,7 @@ impl ControlPlane {
         self.begin_operation(
             Some(&tenant_id),
             &new_id("op"),
-            OperationInput::Migrate { to },
+            OperationInput::Migrate { to, options },
             vec![inst.id],
             None,
         )
