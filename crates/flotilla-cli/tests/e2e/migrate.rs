@@ -21,6 +21,14 @@ fn two_hosts() -> (Arc<Fabric>, TestHost, TestHost) {
     (fabric, a, b)
 }
 
+/// Data on the disk, so that its copy takes a while (only what the guest
+/// wrote crosses: the target has the image under it).
+fn fill_disk(host: &TestHost, vm: &str, bytes: u64) {
+    let cmd = format!("head -c {bytes} /dev/urandom > /root/fill && sync");
+    let (code, _, err) = exec(host, vm, &["sh", "-c", &cmd]);
+    assert_eq!(code, 0, "{err}");
+}
+
 /// Memory (tmpfs) and disk contents, and a counter that keeps going.
 fn start_workload(host: &TestHost, vm: &str) {
     let (code, _, err) = exec(
@@ -136,9 +144,23 @@ fn a_running_vm_moves_with_its_memory_disk_and_processes() {
         on_disk > later,
         "it writes the disk on b: {on_disk} after {later}"
     );
-    // Its disks are b's own now: no link to a.
+    // Its disks are b's own now, no link to a: the root disk an overlay
+    // over b's copy of the image (only the overlay crossed), as a VM made
+    // on b has.
     let disks = moved["disks"].as_array().unwrap();
-    assert!(disks.iter().all(|d| d["backing"].is_null()), "{moved:#}");
+    let root = disks.iter().find(|d| d["name"] == "root").unwrap();
+    let base = root["backing"].as_str().unwrap_or_default();
+    assert!(
+        base.starts_with(&*b.data_path().to_string_lossy()) && base.ends_with("base.qcow2"),
+        "{moved:#}"
+    );
+    assert!(
+        disks
+            .iter()
+            .filter(|d| d["name"] != "root")
+            .all(|d| d["backing"].is_null()),
+        "{moved:#}"
+    );
     let target_side = migration(&b, m["id"].as_str().unwrap());
     assert_eq!(target_side["phase"], "completed", "{target_side:#}");
     assert!(target_side["disk_total_bytes"].as_u64().unwrap() > 0);
@@ -190,6 +212,7 @@ fn agents_restarted_during_the_disk_sync_finish_the_migration() {
     let (_fabric, mut a, mut b) = two_hosts();
     run_vm(&a, "steady");
     start_workload(&a, "steady");
+    fill_disk(&a, "steady", 40_000_000);
     let before = sums(&a, "steady");
     // A slow disk copy, so the agents can be killed in the middle of it.
     let id = start_migration(&a, &b, "steady", &["--disk-bandwidth", "8"]);
@@ -208,6 +231,11 @@ fn agents_restarted_during_the_disk_sync_finish_the_migration() {
     // The target agent dies too: the copy goes on under its next agent.
     b.kill_agent(nix::sys::signal::Signal::SIGKILL);
     b.start_agent().expect("b's agent restarts");
+    assert_eq!(
+        migration(&a, &id)["phase"],
+        "disk_sync",
+        "the kills came in the copy"
+    );
     let m = wait_phase(&a, &id, |p| p != "disk_sync");
     assert_eq!(
         m["phase"],
@@ -386,10 +414,17 @@ fn cut_networks_and_streams_that_cannot_converge_are_handled() {
 
     // Cut during the disk sync: the VM runs on b, reads wait for the
     // link, and the copy finishes when it is back.
+    fill_disk(&a, "busy", 40_000_000);
     let id = start_migration(&a, &b, "busy", &["--disk-bandwidth", "16"]);
     wait_phase(&a, &id, |p| p == "disk_sync");
     link(&a, false);
     std::thread::sleep(Duration::from_secs(3));
+    // (a cannot be asked while its link is down; b can.)
+    assert_eq!(
+        migration(&b, &id)["phase"],
+        "disk_sync",
+        "the cut came in the copy"
+    );
     link(&a, true);
     let m = wait_phase(&a, &id, |p| p != "disk_sync");
     assert_eq!(m["phase"], "completed", "{m:#}");
@@ -414,7 +449,8 @@ fn a_host_takes_part_in_a_limited_number_of_migrations_at_once() {
     run_vm(&a, "one");
     run_vm(&a, "two");
     // The first holds b's only slot through a slow disk copy.
-    let first = start_migration(&a, &b, "one", &["--disk-bandwidth", "64"]);
+    fill_disk(&a, "one", 40_000_000);
+    let first = start_migration(&a, &b, "one", &["--disk-bandwidth", "8"]);
     wait_phase(&a, &first, |p| p == "disk_sync");
     let second = start_migration(&a, &b, "two", &[]);
     // The second waits for it: b says it is busy, a asks again.

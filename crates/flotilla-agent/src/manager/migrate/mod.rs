@@ -437,11 +437,7 @@ impl super::VmManager {
             (
                 s.record.name.clone(),
                 s.record.migration.clone().unwrap_or_default(),
-                s.record
-                    .disks
-                    .iter()
-                    .map(|d| d.name.clone())
-                    .collect::<Vec<_>>(),
+                source::export_names(&s.record),
             )
         };
         let Ok(info) = self.inner.migrations.get(&id) else {
