@@ -141,20 +141,6 @@ pub struct NbdBacking {
     /// Over TLS with the migration's pre-shared key ([`QemuConfig::tls_psk_dir`]).
     #[serde(default)]
     pub tls: bool,
-    /// The export holds the bytes of a qcow2 overlay (the source's file
-    /// node) whose backing is this local copy of the same base image: only
-    /// the overlay's own clusters cross the network. None: the export is
-    /// the whole disk as the guest sees it.
-    #[serde(default)]
-    pub base: Option<PathBuf>,
-    /// The base's format (`qcow2` when not given).
-    #[serde(default)]
-    pub base_format: Option<String>,
-}
-
-/// Node name of the local base under a layered NBD backing.
-pub fn base_node_name(drive_id: &str) -> String {
-    format!("{drive_id}-base")
 }
 
 /// Ids of the TLS credentials a migration uses, as server (this QEMU
@@ -350,7 +336,7 @@ fn blockdev_json(drive: &DriveConfig) -> String {
     });
     if let Some(nbd) = &drive.nbd_backing {
         node["backing"] = serde_json::json!({
-            "driver": if nbd.base.is_some() { "qcow2" } else { "raw" },
+            "driver": "raw",
             "node-name": format!("{}-src", drive.id),
             "read-only": true,
             "file": {
@@ -363,14 +349,6 @@ fn blockdev_json(drive: &DriveConfig) -> String {
         });
         if nbd.tls {
             node["backing"]["file"]["tls-creds"] = serde_json::json!(TLS_CLIENT_ID);
-        }
-        if let Some(base) = &nbd.base {
-            node["backing"]["backing"] = serde_json::json!({
-                "driver": nbd.base_format.as_deref().unwrap_or("qcow2"),
-                "node-name": base_node_name(&drive.id),
-                "read-only": true,
-                "file": { "driver": "file", "filename": base.to_string_lossy(), "read-only": true },
-            });
         }
     }
     node.to_string()

@@ -21,8 +21,7 @@ fn two_hosts() -> (Arc<Fabric>, TestHost, TestHost) {
     (fabric, a, b)
 }
 
-/// Data on the disk, so that its copy takes a while (only what the guest
-/// wrote crosses: the target has the image under it).
+/// Data on the disk, so that its copy takes a while.
 fn fill_disk(host: &TestHost, vm: &str, bytes: u64) {
     let cmd = format!("head -c {bytes} /dev/urandom > /root/fill && sync");
     let (code, _, err) = exec(host, vm, &["sh", "-c", &cmd]);
@@ -144,23 +143,9 @@ fn a_running_vm_moves_with_its_memory_disk_and_processes() {
         on_disk > later,
         "it writes the disk on b: {on_disk} after {later}"
     );
-    // Its disks are b's own now, no link to a: the root disk an overlay
-    // over b's copy of the image (only the overlay crossed), as a VM made
-    // on b has.
+    // Its disks are b's own now: no link to a.
     let disks = moved["disks"].as_array().unwrap();
-    let root = disks.iter().find(|d| d["name"] == "root").unwrap();
-    let base = root["backing"].as_str().unwrap_or_default();
-    assert!(
-        base.starts_with(&*b.data_path().to_string_lossy()) && base.ends_with("base.qcow2"),
-        "{moved:#}"
-    );
-    assert!(
-        disks
-            .iter()
-            .filter(|d| d["name"] != "root")
-            .all(|d| d["backing"].is_null()),
-        "{moved:#}"
-    );
+    assert!(disks.iter().all(|d| d["backing"].is_null()), "{moved:#}");
     let target_side = migration(&b, m["id"].as_str().unwrap());
     assert_eq!(target_side["phase"], "completed", "{target_side:#}");
     assert!(target_side["disk_total_bytes"].as_u64().unwrap() > 0);
@@ -449,8 +434,7 @@ fn a_host_takes_part_in_a_limited_number_of_migrations_at_once() {
     run_vm(&a, "one");
     run_vm(&a, "two");
     // The first holds b's only slot through a slow disk copy.
-    fill_disk(&a, "one", 40_000_000);
-    let first = start_migration(&a, &b, "one", &["--disk-bandwidth", "8"]);
+    let first = start_migration(&a, &b, "one", &["--disk-bandwidth", "64"]);
     wait_phase(&a, &first, |p| p == "disk_sync");
     let second = start_migration(&a, &b, "two", &[]);
     // The second waits for it: b says it is busy, a asks again.

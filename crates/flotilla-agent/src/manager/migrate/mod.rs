@@ -437,7 +437,11 @@ impl super::VmManager {
             (
                 s.record.name.clone(),
                 s.record.migration.clone().unwrap_or_default(),
-                source::export_names(&s.record),
+                s.record
+                    .disks
+                    .iter()
+                    .map(|d| d.name.clone())
+                    .collect::<Vec<_>>(),
             )
         };
         let Ok(info) = self.inner.migrations.get(&id) else {

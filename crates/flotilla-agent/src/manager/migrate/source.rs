@@ -14,8 +14,7 @@ use std::time::{Duration, Instant};
 
 use flotilla_api::migration::{
     ConvergencePolicy, IncomingMigrationReady, IncomingMigrationRequest, MigrateVmRequest,
-    MigratingDisk, MigratingLayer, MigratingNic, MigratingVm, MigrationInfo, MigrationPhase,
-    MigrationRole,
+    MigratingDisk, MigratingNic, MigratingVm, MigrationInfo, MigrationPhase, MigrationRole,
 };
 use flotilla_api::{ErrorBody, VmState};
 use flotilla_qemu::live::{self, LiveLimits};
@@ -131,34 +130,6 @@ impl Peer {
         .await
         .map(|_| ())
     }
-}
-
-/// A VM's disk exports: each disk as the guest sees it, and an overlay's
-/// own bytes apart.
-pub(super) fn export_names(record: &VmRecord) -> Vec<String> {
-    record
-        .disks
-        .iter()
-        .flat_map(|d| {
-            let layer = on_image_base(d).then(|| layer_export(&d.name));
-            std::iter::once(d.name.clone()).chain(layer)
-        })
-        .collect()
-}
-
-/// Whether a disk is an overlay right over its image's root disk (pinned in
-/// the VM's directory), which a target with the same image has too.
-fn on_image_base(d: &crate::record::DiskRecord) -> bool {
-    d.backing
-        .as_deref()
-        .and_then(|b| b.file_name())
-        .is_some_and(|f| f == crate::manager::create::BASE_DISK)
-}
-
-/// The export of a disk's own bytes (its overlay over the image's base);
-/// the dot keeps it apart from disk names.
-fn layer_export(disk: &str) -> String {
-    format!("{disk}.layer")
 }
 
 /// Whether a post-copy's stream is stuck: nothing sent for
@@ -355,7 +326,7 @@ impl VmManager {
                 "the VM's QEMU is not connected".into(),
             );
         };
-        let exports = export_names(&record);
+        let exports: Vec<String> = record.disks.iter().map(|d| d.name.clone()).collect();
         if book.cancel_requested(id) {
             self.back_to_running(entry, id);
             return Outcome::Stayed(MigrationPhase::Cancelled, "cancelled on request".into());
@@ -381,24 +352,11 @@ impl VmManager {
                 false => None,
             };
             live::export_disks(&qmp, export_at, &disks, req.tls).await?;
-            // An overlay that cannot be exported apart goes whole.
-            let mut layered = std::collections::HashSet::new();
-            for d in record.disks.iter().filter(|d| on_image_base(d)) {
-                match live::export_layer(&qmp, &d.path, &layer_export(&d.name)).await {
-                    Ok(()) => {
-                        layered.insert(d.name.clone());
-                    }
-                    Err(e) => tracing::info!(migration = id, disk = %d.name, error = %e,
-                        "the disk goes whole (its overlay cannot be exported apart)"),
-                }
-            }
             let vm = {
                 let (record, manager) = (record.clone(), self.clone());
-                tokio::task::spawn_blocking(move || {
-                    manager.migrating_vm(&record, export_at, &layered)
-                })
-                .await
-                .map_err(|e| AgentError::io("describing the VM", std::io::Error::other(e)))??
+                tokio::task::spawn_blocking(move || manager.migrating_vm(&record, export_at))
+                    .await
+                    .map_err(|e| AgentError::io("describing the VM", std::io::Error::other(e)))??
             };
             let request = IncomingMigrationRequest {
                 id: id.to_string(),
@@ -506,11 +464,7 @@ impl VmManager {
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            let nodes: Vec<String> = record
-                .disks
-                .iter()
-                .map(|d| format!("disk-{}", d.name))
-                .collect();
+            let nodes: Vec<String> = exports.iter().map(|e| format!("disk-{e}")).collect();
             live::reactivate_for_reads(&qmp, &nodes).await?;
             peer.call::<MigrationInfo>(
                 reqwest::Method::POST,
@@ -899,7 +853,6 @@ impl VmManager {
         &self,
         record: &VmRecord,
         nbd: std::net::SocketAddr,
-        layered: &std::collections::HashSet<String>,
     ) -> AgentResult<MigratingVm> {
         let disks = record
             .disks
@@ -914,13 +867,6 @@ impl VmManager {
                     nbd_host: nbd.ip().to_string(),
                     nbd_port: nbd.port(),
                     nbd_export: d.name.clone(),
-                    layer: match (&d.backing, layered.contains(&d.name)) {
-                        (Some(base), true) => Some(MigratingLayer {
-                            nbd_export: layer_export(&d.name),
-                            base_sha256: file_sha256(base)?,
-                        }),
-                        _ => None,
-                    },
                 })
             })
             .collect::<AgentResult<Vec<_>>>()?;

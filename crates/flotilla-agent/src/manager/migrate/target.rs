@@ -17,7 +17,7 @@ use flotilla_qemu::NbdBacking;
 use super::{file_sha256, new_record};
 use crate::error::{AgentError, AgentResult};
 use crate::fsutil::sync_dir;
-use crate::manager::create::{pin, BASE_DISK, INITRD, KERNEL, ROOT_DISK};
+use crate::manager::create::{pin, INITRD, KERNEL, ROOT_DISK};
 use crate::manager::{VmEntry, VmManager};
 use crate::network::tap_name;
 use crate::record::{
@@ -31,12 +31,6 @@ const ARRIVAL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a prepared target waits for its source's stream to begin.
 const NO_STREAM_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// This host's copy of a migrating VM's base image.
-struct LocalBase {
-    sha256: String,
-    format: String,
-}
 
 /// The longest a disk sync waits for the guest to settle after the
 /// switch-over.
@@ -117,25 +111,6 @@ impl VmManager {
                 Some("both hosts need the same image (same kernel and initramfs)".into()),
             ));
         }
-        // The same base image here: layered disks copy only their overlay.
-        let local_base = match (&image.rootfs, vm.disks.iter().any(|d| d.layer.is_some())) {
-            (Some(rootfs), true) => {
-                let rootfs = rootfs.clone();
-                let sum = tokio::task::spawn_blocking(move || file_sha256(&rootfs))
-                    .await
-                    .map_err(|e| {
-                        AgentError::io("hashing the root disk", std::io::Error::other(e))
-                    })??;
-                Some(LocalBase {
-                    sha256: sum,
-                    format: image
-                        .rootfs_format
-                        .clone()
-                        .unwrap_or_else(|| "qcow2".into()),
-                })
-            }
-            _ => None,
-        };
         let _name = self.reserve_vm_name(&vm.name)?;
         let entry = {
             let _admission = self.inner.admission.lock().await;
@@ -149,8 +124,7 @@ impl VmManager {
                 },
             )?;
             self.check_identity_free(&vm)?;
-            let record =
-                self.incoming_record(&vm, &req.id, req.tls_psk.is_some(), local_base.as_ref())?;
+            let record = self.incoming_record(&vm, &req.id, req.tls_psk.is_some())?;
             let sizes: Vec<u64> = vm.disks.iter().map(|d| d.size_bytes).collect();
             self.materialize_incoming(&record, &sizes, &image)?;
             let entry = VmEntry::new(record);
@@ -250,7 +224,6 @@ impl VmManager {
         vm: &MigratingVm,
         migration: &str,
         tls: bool,
-        local_base: Option<&LocalBase>,
     ) -> AgentResult<VmRecord> {
         let dir = self.vm_dir(&vm.name);
         let bad = |what: &str, v: &str| {
@@ -291,27 +264,18 @@ impl VmManager {
                         d.name
                     )));
                 }
-                // Layered: the overlay's bytes over this host's copy of the
-                // base; otherwise the whole disk as the guest sees it.
-                let layer = d.layer.as_ref().zip(local_base).filter(|(l, b)| l.base_sha256 == b.sha256);
-                let base = dir.join(BASE_DISK);
                 Ok(DiskRecord {
                     name: d.name.clone(),
                     path: dir.join(file),
                     format: "qcow2".into(),
                     size_mib: d.size_mib,
-                    backing: layer.is_some().then(|| base.clone()),
+                    backing: None,
                     read_only: d.read_only,
                     sync_from: Some(NbdBacking {
                         host: d.nbd_host.clone(),
                         port: d.nbd_port,
-                        export: match layer {
-                            Some((l, _)) => l.nbd_export.clone(),
-                            None => d.nbd_export.clone(),
-                        },
+                        export: d.nbd_export.clone(),
                         tls,
-                        base: layer.is_some().then(|| base.clone()),
-                        base_format: layer.map(|(_, b)| b.format.clone()),
                     }),
                 })
             })
@@ -364,13 +328,6 @@ impl VmManager {
             if let Some(initrd) = &image.initrd {
                 pin(initrd, &tmp.join(INITRD))
                     .map_err(|e| AgentError::io("pinning the initramfs", e))?;
-            }
-            if record.disks.iter().any(|d| d.backing.is_some()) {
-                let rootfs = image.rootfs.as_deref().ok_or_else(|| {
-                    AgentError::conflict("this host's image has no root disk", None)
-                })?;
-                pin(rootfs, &tmp.join(BASE_DISK))
-                    .map_err(|e| AgentError::io("pinning the base disk", e))?;
             }
             for (d, bytes) in record.disks.iter().zip(sizes) {
                 let at = tmp.join(d.path.file_name().unwrap_or_default());
@@ -664,14 +621,12 @@ impl VmManager {
         loop {
             let (qmp, pending, state) = {
                 let s = entry.lock();
-                let pending: Vec<(String, u64, bool)> = s
+                let pending: Vec<(String, u64)> = s
                     .record
                     .disks
                     .iter()
-                    .filter_map(|d| {
-                        let layered = d.sync_from.as_ref()?.base.is_some();
-                        Some((d.name.clone(), d.size_mib << 20, layered))
-                    })
+                    .filter(|d| d.sync_from.is_some())
+                    .map(|d| (d.name.clone(), d.size_mib << 20))
                     .collect();
                 (s.runtime.qmp.clone(), pending, s.record.state)
             };
@@ -690,8 +645,8 @@ impl VmManager {
                 );
                 return;
             }
-            let total: u64 = pending.iter().map(|(_, b, _)| b).sum();
-            let Some((disk, _, layered)) = pending.first().cloned() else {
+            let total: u64 = pending.iter().map(|(_, b)| b).sum();
+            let Some((disk, _)) = pending.first().cloned() else {
                 // In post-copy the source still holds pages this QEMU has
                 // not received: it may go only when memory is whole too.
                 // An unanswered query (a QEMU stalled on a missing page)
@@ -726,14 +681,7 @@ impl VmManager {
             });
             let node = format!("disk-{disk}");
             let limit = book.get(&id).ok().and_then(|m| m.disk_sync_limit_bps);
-            // Layered: the copy stops at the local base, which stays the
-            // disk's backing (named in its header as a new VM's is).
-            let base_node = flotilla_qemu::config::base_node_name(&node);
-            let base = layered.then_some(live::StreamBase {
-                node: &base_node,
-                backing_file: BASE_DISK,
-            });
-            let copied = live::stream_from_backing(&qmp, &node, limit, base, |done, _| {
+            let copied = live::stream_from_backing(&qmp, &node, limit, |done, _| {
                 book.update(&id, false, |m| m.disk_synced_bytes = done);
             })
             .await;
