@@ -151,6 +151,20 @@ pub struct MigratingDisk {
     pub nbd_host: String,
     pub nbd_port: u16,
     pub nbd_export: String,
+    /// The disk is an overlay over its image's root disk, also exported as
+    /// its own bytes: a target with the same base copies only the overlay.
+    #[serde(default)]
+    pub layer: Option<MigratingLayer>,
+}
+
+/// A disk's own clusters, exported apart from its base.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MigratingLayer {
+    /// Export (on the same server) of the overlay's qcow2 bytes.
+    pub nbd_export: String,
+    /// SHA-256 of the base image file under it.
+    pub base_sha256: String,
 }
 
 /// `POST /v1/migrations/incoming` on the target: make a QEMU ready to

@@ -141,6 +141,78 @@ pub struct NbdBacking {
     /// Over TLS with the migration's pre-shared key ([`QemuConfig::tls_psk_dir`]).
     #[serde(default)]
     pub tls: bool,
+    /// The disk is an overlay over an image this host has too: once the
+    /// source is paused its overlay's own bytes are exported apart, and the
+    /// disk can read them over the local base instead, so that only the
+    /// overlay's clusters cross ([`crate::live::move_to_layer`]).
+    #[serde(default)]
+    pub layer: Option<LayerBacking>,
+    /// The disk reads from `layer` now, no longer from `export`.
+    #[serde(default)]
+    pub on_layer: bool,
+}
+
+/// An overlay's bytes exported apart, and the local copy of its base.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerBacking {
+    pub export: String,
+    pub base: PathBuf,
+    /// `qcow2` or `raw`.
+    pub base_format: String,
+}
+
+/// Node name of the local base under a layered NBD backing (the dot keeps
+/// it apart from drive ids).
+pub fn base_node_name(drive_id: &str) -> String {
+    format!("{drive_id}.base")
+}
+
+/// Node name of a drive's file node, named so that the drive can be
+/// reopened with another backing ([`crate::live::move_to_layer`]).
+pub fn file_node_name(drive_id: &str) -> String {
+    format!("{drive_id}.file")
+}
+
+/// Node name of the NBD backing a drive starts with (either kind).
+pub fn nbd_node_name(drive_id: &str) -> String {
+    format!("{drive_id}-src")
+}
+
+/// A layered NBD backing as a block node: the overlay's bytes read as
+/// qcow2 over NBD, over the local base.
+pub fn layered_backing_json(
+    node_name: &str,
+    drive_id: &str,
+    nbd: &NbdBacking,
+    layer: &LayerBacking,
+) -> serde_json::Value {
+    serde_json::json!({
+        "driver": "qcow2",
+        "node-name": node_name,
+        "read-only": true,
+        "file": nbd_json(nbd, &layer.export),
+        "backing": {
+            "driver": layer.base_format,
+            "node-name": base_node_name(drive_id),
+            "read-only": true,
+            "file": { "driver": "file", "filename": layer.base.to_string_lossy(), "read-only": true },
+        },
+    })
+}
+
+fn nbd_json(nbd: &NbdBacking, export: &str) -> serde_json::Value {
+    let mut file = serde_json::json!({
+        "driver": "nbd",
+        "server": { "type": "inet", "host": nbd.host, "port": nbd.port.to_string() },
+        "export": export,
+        // A short network cut stalls reads instead of failing them.
+        "reconnect-delay": 30,
+    });
+    if nbd.tls {
+        file["tls-creds"] = serde_json::json!(TLS_CLIENT_ID);
+    }
+    file
 }
 
 /// Ids of the TLS credentials a migration uses, as server (this QEMU
@@ -330,26 +402,23 @@ fn blockdev_json(drive: &DriveConfig) -> String {
         "read-only": drive.read_only,
         "file": {
             "driver": "file",
+            "node-name": file_node_name(&drive.id),
             "filename": drive.path.to_string_lossy(),
             "read-only": drive.read_only,
         },
     });
     if let Some(nbd) = &drive.nbd_backing {
-        node["backing"] = serde_json::json!({
-            "driver": "raw",
-            "node-name": format!("{}-src", drive.id),
-            "read-only": true,
-            "file": {
-                "driver": "nbd",
-                "server": { "type": "inet", "host": nbd.host, "port": nbd.port.to_string() },
-                "export": nbd.export,
-                // A short network cut stalls reads instead of failing them.
-                "reconnect-delay": 30,
-            },
-        });
-        if nbd.tls {
-            node["backing"]["file"]["tls-creds"] = serde_json::json!(TLS_CLIENT_ID);
-        }
+        node["backing"] = match &nbd.layer {
+            Some(layer) if nbd.on_layer => {
+                layered_backing_json(&nbd_node_name(&drive.id), &drive.id, nbd, layer)
+            }
+            _ => serde_json::json!({
+                "driver": "raw",
+                "node-name": nbd_node_name(&drive.id),
+                "read-only": true,
+                "file": nbd_json(nbd, &nbd.export),
+            }),
+        };
     }
     node.to_string()
 }

@@ -37,7 +37,9 @@ pub use accel::{
     check_kvm_device, detect_accel, detect_accel_with_device, run_probe, AccelDecision, AccelProbe,
     ProbeOutcome, DEFAULT_PROBE_TIMEOUT, PROBE_CMDLINE, PROBE_MARKER,
 };
-pub use config::{Accel, AccelChoice, DriveConfig, NbdBacking, NicConfig, QemuConfig};
+pub use config::{
+    Accel, AccelChoice, DriveConfig, LayerBacking, NbdBacking, NicConfig, QemuConfig,
+};
 pub use error::{QemuError, QmpError};
 pub use identity::ProcessIdentity;
 pub use nix::sys::signal::Signal;

@@ -13,6 +13,14 @@
 //!   [`stream_from_backing`] copies the rest in the background and drops the
 //!   backing, after which the source may go.
 //!
+//! Layered disks: an overlay over an image both hosts have is also exported
+//! as its own bytes ([`export_layer`]) once the source is paused at the
+//! switch-over (an export's size is fixed when it is made, and the overlay
+//! grows while the VM runs). The target then moves its disk onto those
+//! bytes, read as qcow2 over NBD with its local copy of the image as their
+//! backing ([`move_to_layer`], a `blockdev-reopen`), and the stream stops at
+//! that base: only the overlay's clusters cross.
+//!
 //! The source's copy never changes after the switch-over, so until the sync
 //! is done it stays a consistent image of the disk as it was then.
 
@@ -334,7 +342,54 @@ pub async fn export_disks(
     Ok(())
 }
 
-/// Ends the NBD exports (nothing to do when there are none).
+/// Also exports the bytes of image file `path` (a disk's qcow2 overlay)
+/// read-only as `export`, on the server [`export_disks`] started. The file
+/// gets a node of its own: the disk's file node cannot be exported, as its
+/// format node needs a right (resize) an export does not share. Without
+/// locking, which would refuse a second opener of a file in use; reads go
+/// through the same page cache as the disk's writes.
+pub async fn export_layer(
+    qmp: &QmpClient,
+    path: &std::path::Path,
+    export: &str,
+) -> Result<(), QmpError> {
+    let node = layer_node(export);
+    // One left by an earlier attempt would block the name.
+    let _ = qmp
+        .execute::<Value>("blockdev-del", Some(json!({ "node-name": node })))
+        .await;
+    qmp.execute::<Value>(
+        "blockdev-add",
+        Some(json!({
+            "driver": "file", "node-name": node, "filename": path.to_string_lossy(),
+            "read-only": true, "locking": "off",
+        })),
+    )
+    .await?;
+    let exported = qmp
+        .execute::<Value>(
+            "block-export-add",
+            Some(json!({
+                "type": "nbd", "id": format!("sync-{export}"), "node-name": node,
+                "name": export, "writable": false, "allow-inactive": true,
+            })),
+        )
+        .await;
+    if let Err(e) = exported {
+        let _ = qmp
+            .execute::<Value>("blockdev-del", Some(json!({ "node-name": node })))
+            .await;
+        return Err(e);
+    }
+    Ok(())
+}
+
+fn layer_node(export: &str) -> String {
+    format!("{export}-bytes")
+}
+
+/// Ends the NBD exports (nothing to do when there are none) and the nodes
+/// of [`export_layer`].
 pub async fn unexport_disks(qmp: &QmpClient, exports: &[String]) {
     for export in exports {
         let _ = qmp
@@ -345,6 +400,73 @@ pub async fn unexport_disks(qmp: &QmpClient, exports: &[String]) {
             .await;
     }
     let _ = qmp.execute::<Value>("nbd-server-stop", None).await;
+    // A deleted export lets go of its node a moment later.
+    let nodes: Option<Vec<Value>> = qmp
+        .execute("query-named-block-nodes", Some(json!({ "flat": true })))
+        .await
+        .ok();
+    for export in exports {
+        let node = layer_node(export);
+        let exists = nodes
+            .as_ref()
+            .is_none_or(|n| n.iter().any(|n| n["node-name"] == node.as_str()));
+        if !exists {
+            continue;
+        }
+        for _ in 0..50 {
+            let gone = qmp
+                .execute::<Value>("blockdev-del", Some(json!({ "node-name": node })))
+                .await;
+            if gone.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Moves a running disk's backing from the source's whole-disk export to
+/// its overlay's bytes over the local base (`nbd.layer`), which hold the
+/// same data now that the source is paused: a sync from there copies only
+/// the overlay's clusters. On an error the disk keeps its old backing.
+pub async fn move_to_layer(
+    qmp: &QmpClient,
+    drive_id: &str,
+    format: &str,
+    nbd: &crate::config::NbdBacking,
+) -> Result<(), QmpError> {
+    let Some(layer) = &nbd.layer else {
+        return Err(QmpError::Protocol(
+            "the disk has no layer to move to".into(),
+        ));
+    };
+    let node = format!("{drive_id}.layer");
+    qmp.execute::<Value>(
+        "blockdev-add",
+        Some(crate::config::layered_backing_json(
+            &node, drive_id, nbd, layer,
+        )),
+    )
+    .await?;
+    let reopened = qmp
+        .execute::<Value>(
+            "blockdev-reopen",
+            Some(json!({ "options": [{
+                "driver": format,
+                "node-name": drive_id,
+                "file": crate::config::file_node_name(drive_id),
+                "read-only": false,
+                "backing": node,
+            }] })),
+        )
+        .await;
+    if let Err(e) = reopened {
+        let _ = qmp
+            .execute::<Value>("blockdev-del", Some(json!({ "node-name": node })))
+            .await;
+        return Err(e);
+    }
+    Ok(())
 }
 
 /// After the switch-over the source's disks are inactive, and an inactive
@@ -361,6 +483,14 @@ pub async fn reactivate_for_reads(qmp: &QmpClient, nodes: &[String]) -> Result<(
     Ok(())
 }
 
+/// Where a layered disk sync stops: the local base stays the disk's
+/// backing, named `backing_file` in its header.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamBase<'a> {
+    pub node: &'a str,
+    pub backing_file: &'a str,
+}
+
 /// Copies into the disk `node` everything its (NBD) backing still holds,
 /// at most `speed` bytes per second, then drops the backing. `progress`
 /// gets (bytes done, bytes total).
@@ -368,6 +498,7 @@ pub async fn stream_from_backing(
     qmp: &QmpClient,
     node: &str,
     speed: Option<u64>,
+    base: Option<StreamBase<'_>>,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<(), BlockError> {
     let job = format!("sync-{node}");
@@ -377,6 +508,10 @@ pub async fn stream_from_backing(
         let mut args = json!({ "job-id": job, "device": node, "auto-dismiss": false });
         if let Some(bps) = speed {
             args["speed"] = json!(bps);
+        }
+        if let Some(base) = base {
+            args["base-node"] = json!(base.node);
+            args["backing-file"] = json!(base.backing_file);
         }
         qmp.execute::<Value>("block-stream", Some(args)).await?;
     }

@@ -112,8 +112,20 @@ fn a_running_vm_moves_with_its_memory_disk_and_processes() {
     std::thread::sleep(Duration::from_millis(300));
     let before = sums(&a, "mover");
     let counted = counter(&a, "mover", "/tmp/counter");
+    // New data on the disk while memory is copied: its overlay grows.
+    let (code, _, _) = exec(
+        &a,
+        "mover",
+        &["sh", "-c", "setsid sh -c 'sleep 1; head -c 20000000 /dev/urandom > /root/grow && sync && md5sum /root/grow > /root/grow.md5 && sync' >/dev/null 2>&1 &"],
+    );
+    assert_eq!(code, 0);
 
-    let out = migrate(&a, &b, "mover", &["--max-downtime-ms", "100"]);
+    let out = migrate(
+        &a,
+        &b,
+        "mover",
+        &["--max-downtime-ms", "100", "--bandwidth", "16"],
+    );
     assert!(
         out.status.success(),
         "{}\n--- source ---\n{}\n--- target ---\n{}",
@@ -143,9 +155,24 @@ fn a_running_vm_moves_with_its_memory_disk_and_processes() {
         on_disk > later,
         "it writes the disk on b: {on_disk} after {later}"
     );
-    // Its disks are b's own now: no link to a.
+    // Data written during the copy of memory is there whole.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while exec(&b, "mover", &["test", "-s", "/root/grow.md5"]).0 != 0 {
+        assert!(Instant::now() < deadline, "the writer never finished");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (code, out, err) = exec(&b, "mover", &["md5sum", "-c", "/root/grow.md5"]);
+    assert_eq!(code, 0, "{out} {err}");
+    // Its disks are b's own now, no link to a: the root disk an overlay
+    // over b's copy of the image (only the overlay crossed), as a VM made
+    // on b has.
     let disks = moved["disks"].as_array().unwrap();
-    assert!(disks.iter().all(|d| d["backing"].is_null()), "{moved:#}");
+    let root = disks.iter().find(|d| d["name"] == "root").unwrap();
+    let base = root["backing"].as_str().unwrap_or_default();
+    assert!(
+        base.starts_with(&*b.data_path().to_string_lossy()) && base.ends_with("base.qcow2"),
+        "{moved:#}"
+    );
     let target_side = migration(&b, m["id"].as_str().unwrap());
     assert_eq!(target_side["phase"], "completed", "{target_side:#}");
     assert!(target_side["disk_total_bytes"].as_u64().unwrap() > 0);

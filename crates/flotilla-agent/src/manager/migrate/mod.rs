@@ -292,8 +292,9 @@ fn new_record(id: &str, vm: &str, role: MigrationRole, peer: &str) -> MigrationI
     }
 }
 
-/// The SHA-256 of a file (a kernel, an initramfs), remembered by the
-/// file's identity and stamps: VMs pin their image's files by hard link, so
+/// The SHA-256 of a file (a kernel, an initramfs, an image's root disk),
+/// remembered by the file's identity and modification time: VMs pin their
+/// image's files by hard link (which changes the ctime, not the mtime), so
 /// one hash serves every VM of an image, and a migration does not wait for it.
 pub(crate) fn file_sha256(path: &Path) -> AgentResult<String> {
     use sha2::{Digest, Sha256};
@@ -308,7 +309,7 @@ pub(crate) fn file_sha256(path: &Path) -> AgentResult<String> {
         meta.ino(),
         meta.size(),
         meta.mtime(),
-        meta.ctime(),
+        meta.mtime_nsec(),
     );
     let known = KNOWN.get_or_init(Default::default);
     if let Some(sum) = known.lock().unwrap_or_else(|p| p.into_inner()).get(&stamp) {
@@ -437,11 +438,7 @@ impl super::VmManager {
             (
                 s.record.name.clone(),
                 s.record.migration.clone().unwrap_or_default(),
-                s.record
-                    .disks
-                    .iter()
-                    .map(|d| d.name.clone())
-                    .collect::<Vec<_>>(),
+                source::export_names(&s.record),
             )
         };
         let Ok(info) = self.inner.migrations.get(&id) else {

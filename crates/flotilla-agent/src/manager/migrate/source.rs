@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use flotilla_api::migration::{
     ConvergencePolicy, IncomingMigrationReady, IncomingMigrationRequest, MigrateVmRequest,
-    MigratingDisk, MigratingNic, MigratingVm, MigrationInfo, MigrationPhase, MigrationRole,
+    MigratingDisk, MigratingLayer, MigratingNic, MigratingVm, MigrationInfo, MigrationPhase,
+    MigrationRole,
 };
 use flotilla_api::{ErrorBody, VmState};
 use flotilla_qemu::live::{self, LiveLimits};
@@ -130,6 +131,34 @@ impl Peer {
         .await
         .map(|_| ())
     }
+}
+
+/// A VM's disk exports: each disk as the guest sees it, and an overlay's
+/// own bytes apart.
+pub(super) fn export_names(record: &VmRecord) -> Vec<String> {
+    record
+        .disks
+        .iter()
+        .flat_map(|d| {
+            let layer = on_image_base(d).then(|| layer_export(&d.name));
+            std::iter::once(d.name.clone()).chain(layer)
+        })
+        .collect()
+}
+
+/// Whether a disk is an overlay right over its image's root disk (pinned in
+/// the VM's directory), which a target with the same image has too.
+fn on_image_base(d: &crate::record::DiskRecord) -> bool {
+    d.backing
+        .as_deref()
+        .and_then(|b| b.file_name())
+        .is_some_and(|f| f == crate::manager::create::BASE_DISK)
+}
+
+/// The export of a disk's own bytes (its overlay over the image's base);
+/// the dot keeps it apart from disk names.
+fn layer_export(disk: &str) -> String {
+    format!("{disk}.layer")
 }
 
 /// Whether a post-copy's stream is stuck: nothing sent for
@@ -326,7 +355,7 @@ impl VmManager {
                 "the VM's QEMU is not connected".into(),
             );
         };
-        let exports: Vec<String> = record.disks.iter().map(|d| d.name.clone()).collect();
+        let exports = export_names(&record);
         if book.cancel_requested(id) {
             self.back_to_running(entry, id);
             return Outcome::Stayed(MigrationPhase::Cancelled, "cancelled on request".into());
@@ -464,8 +493,21 @@ impl VmManager {
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            let nodes: Vec<String> = exports.iter().map(|e| format!("disk-{e}")).collect();
+            let nodes: Vec<String> = record
+                .disks
+                .iter()
+                .map(|d| format!("disk-{}", d.name))
+                .collect();
             live::reactivate_for_reads(&qmp, &nodes).await?;
+            // Paused, the overlays no longer grow: their own bytes can be
+            // exported (a target with the same image then copies only
+            // them). One that cannot be goes whole.
+            for d in record.disks.iter().filter(|d| on_image_base(d)) {
+                if let Err(e) = live::export_layer(&qmp, &d.path, &layer_export(&d.name)).await {
+                    tracing::info!(migration = id, disk = %d.name, error = %e,
+                        "the disk's overlay cannot be exported apart; it goes whole");
+                }
+            }
             peer.call::<MigrationInfo>(
                 reqwest::Method::POST,
                 &format!("/v1/migrations/{id}/switch-over"),
@@ -867,6 +909,14 @@ impl VmManager {
                     nbd_host: nbd.ip().to_string(),
                     nbd_port: nbd.port(),
                     nbd_export: d.name.clone(),
+                    // Exported at the switch-over.
+                    layer: match (&d.backing, on_image_base(d)) {
+                        (Some(base), true) => Some(MigratingLayer {
+                            nbd_export: layer_export(&d.name),
+                            base_sha256: file_sha256(base)?,
+                        }),
+                        _ => None,
+                    },
                 })
             })
             .collect::<AgentResult<Vec<_>>>()?;

@@ -12,12 +12,12 @@ use flotilla_api::migration::{
 };
 use flotilla_api::{Resources, VmState};
 use flotilla_qemu::live;
-use flotilla_qemu::NbdBacking;
+use flotilla_qemu::{LayerBacking, NbdBacking};
 
 use super::{file_sha256, new_record};
 use crate::error::{AgentError, AgentResult};
 use crate::fsutil::sync_dir;
-use crate::manager::create::{pin, INITRD, KERNEL, ROOT_DISK};
+use crate::manager::create::{pin, BASE_DISK, INITRD, KERNEL, ROOT_DISK};
 use crate::manager::{VmEntry, VmManager};
 use crate::network::tap_name;
 use crate::record::{
@@ -31,6 +31,12 @@ const ARRIVAL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a prepared target waits for its source's stream to begin.
 const NO_STREAM_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// This host's copy of a migrating VM's base image.
+struct LocalBase {
+    sha256: String,
+    format: String,
+}
 
 /// The longest a disk sync waits for the guest to settle after the
 /// switch-over.
@@ -111,6 +117,25 @@ impl VmManager {
                 Some("both hosts need the same image (same kernel and initramfs)".into()),
             ));
         }
+        // The same base image here: layered disks copy only their overlay.
+        let local_base = match (&image.rootfs, vm.disks.iter().any(|d| d.layer.is_some())) {
+            (Some(rootfs), true) => {
+                let rootfs = rootfs.clone();
+                let sum = tokio::task::spawn_blocking(move || file_sha256(&rootfs))
+                    .await
+                    .map_err(|e| {
+                        AgentError::io("hashing the root disk", std::io::Error::other(e))
+                    })??;
+                Some(LocalBase {
+                    sha256: sum,
+                    format: image
+                        .rootfs_format
+                        .clone()
+                        .unwrap_or_else(|| "qcow2".into()),
+                })
+            }
+            _ => None,
+        };
         let _name = self.reserve_vm_name(&vm.name)?;
         let entry = {
             let _admission = self.inner.admission.lock().await;
@@ -124,7 +149,8 @@ impl VmManager {
                 },
             )?;
             self.check_identity_free(&vm)?;
-            let record = self.incoming_record(&vm, &req.id, req.tls_psk.is_some())?;
+            let record =
+                self.incoming_record(&vm, &req.id, req.tls_psk.is_some(), local_base.as_ref())?;
             let sizes: Vec<u64> = vm.disks.iter().map(|d| d.size_bytes).collect();
             self.materialize_incoming(&record, &sizes, &image)?;
             let entry = VmEntry::new(record);
@@ -224,6 +250,7 @@ impl VmManager {
         vm: &MigratingVm,
         migration: &str,
         tls: bool,
+        local_base: Option<&LocalBase>,
     ) -> AgentResult<VmRecord> {
         let dir = self.vm_dir(&vm.name);
         let bad = |what: &str, v: &str| {
@@ -264,6 +291,19 @@ impl VmManager {
                         d.name
                     )));
                 }
+                // The whole disk as the guest sees it until the switch-over;
+                // then, for a root disk over the same image as here, its
+                // overlay's bytes over this host's copy of the image.
+                let layer = d
+                    .layer
+                    .as_ref()
+                    .zip(local_base)
+                    .filter(|(l, b)| d.name == "root" && l.base_sha256 == b.sha256)
+                    .map(|(l, b)| LayerBacking {
+                        export: l.nbd_export.clone(),
+                        base: dir.join(BASE_DISK),
+                        base_format: b.format.clone(),
+                    });
                 Ok(DiskRecord {
                     name: d.name.clone(),
                     path: dir.join(file),
@@ -276,6 +316,8 @@ impl VmManager {
                         port: d.nbd_port,
                         export: d.nbd_export.clone(),
                         tls,
+                        layer,
+                        on_layer: false,
                     }),
                 })
             })
@@ -328,6 +370,14 @@ impl VmManager {
             if let Some(initrd) = &image.initrd {
                 pin(initrd, &tmp.join(INITRD))
                     .map_err(|e| AgentError::io("pinning the initramfs", e))?;
+            }
+            let layered = |d: &DiskRecord| d.sync_from.as_ref().is_some_and(|s| s.layer.is_some());
+            if record.disks.iter().any(layered) {
+                let rootfs = image.rootfs.as_deref().ok_or_else(|| {
+                    AgentError::conflict("this host's image has no root disk", None)
+                })?;
+                pin(rootfs, &tmp.join(BASE_DISK))
+                    .map_err(|e| AgentError::io("pinning the base disk", e))?;
             }
             for (d, bytes) in record.disks.iter().zip(sizes) {
                 let at = tmp.join(d.path.file_name().unwrap_or_default());
@@ -591,8 +641,46 @@ impl VmManager {
             // set, or SYNC_GRACE. Competing with it, the guest's pause grew
             // 1.5-3x.
             let _ = tokio::time::timeout(SYNC_GRACE, settled).await;
+            manager.move_disks_to_layers(&syncing).await;
             manager.sync_disks(syncing, id).await
         });
+    }
+
+    /// Disks over an image this host has too move onto their overlay's bytes
+    /// (exported by the paused source) over the local image: then only the
+    /// overlay is copied, and the disk stays an overlay over the image, as a
+    /// VM made here has. A disk that cannot move is copied whole.
+    async fn move_disks_to_layers(&self, entry: &Arc<VmEntry>) {
+        let (qmp, disks) = {
+            let s = entry.lock();
+            (s.runtime.qmp.clone(), s.record.disks.clone())
+        };
+        let Some(qmp) = qmp else { return };
+        for d in disks {
+            let Some(nbd) = d
+                .sync_from
+                .as_ref()
+                .filter(|n| n.layer.is_some() && !n.on_layer)
+            else {
+                continue;
+            };
+            let drive = format!("disk-{}", d.name);
+            if let Err(e) = live::move_to_layer(&qmp, &drive, &d.format, nbd).await {
+                tracing::info!(disk = %d.name, error = %e, "its overlay cannot be read apart; the disk is copied whole");
+                continue;
+            }
+            let mut s = entry.lock();
+            if let Some(disk) = s.record.disks.iter_mut().find(|x| x.name == d.name) {
+                if let Some(from) = disk.sync_from.as_mut() {
+                    from.on_layer = true;
+                }
+                disk.backing = nbd.layer.as_ref().map(|l| l.base.clone());
+            }
+            if let Err(e) = self.save(&s) {
+                tracing::error!(error = %e, "saving the record after moving a disk onto its overlay");
+            }
+            tracing::info!(disk = %d.name, "reading the overlay over this host's image");
+        }
     }
 
     /// Copies each disk's remaining data from the source, then drops the
@@ -621,12 +709,14 @@ impl VmManager {
         loop {
             let (qmp, pending, state) = {
                 let s = entry.lock();
-                let pending: Vec<(String, u64)> = s
+                let pending: Vec<(String, u64, bool)> = s
                     .record
                     .disks
                     .iter()
-                    .filter(|d| d.sync_from.is_some())
-                    .map(|d| (d.name.clone(), d.size_mib << 20))
+                    .filter_map(|d| {
+                        let layered = d.sync_from.as_ref()?.on_layer;
+                        Some((d.name.clone(), d.size_mib << 20, layered))
+                    })
                     .collect();
                 (s.runtime.qmp.clone(), pending, s.record.state)
             };
@@ -645,8 +735,8 @@ impl VmManager {
                 );
                 return;
             }
-            let total: u64 = pending.iter().map(|(_, b)| b).sum();
-            let Some((disk, _)) = pending.first().cloned() else {
+            let total: u64 = pending.iter().map(|(_, b, _)| b).sum();
+            let Some((disk, _, layered)) = pending.first().cloned() else {
                 // In post-copy the source still holds pages this QEMU has
                 // not received: it may go only when memory is whole too.
                 // An unanswered query (a QEMU stalled on a missing page)
@@ -681,7 +771,14 @@ impl VmManager {
             });
             let node = format!("disk-{disk}");
             let limit = book.get(&id).ok().and_then(|m| m.disk_sync_limit_bps);
-            let copied = live::stream_from_backing(&qmp, &node, limit, |done, _| {
+            // Layered: the copy stops at the local base, which stays the
+            // disk's backing (named in its header as a new VM's is).
+            let base_node = flotilla_qemu::config::base_node_name(&node);
+            let base = layered.then_some(live::StreamBase {
+                node: &base_node,
+                backing_file: BASE_DISK,
+            });
+            let copied = live::stream_from_backing(&qmp, &node, limit, base, |done, _| {
                 book.update(&id, false, |m| m.disk_synced_bytes = done);
             })
             .await;
