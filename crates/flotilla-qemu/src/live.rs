@@ -354,10 +354,6 @@ pub async fn export_layer(
     export: &str,
 ) -> Result<(), QmpError> {
     let node = layer_node(export);
-    // One left by an earlier attempt would block the name.
-    let _ = qmp
-        .execute::<Value>("blockdev-del", Some(json!({ "node-name": node })))
-        .await;
     qmp.execute::<Value>(
         "blockdev-add",
         Some(json!({
@@ -407,9 +403,10 @@ pub async fn unexport_disks(qmp: &QmpClient, exports: &[String]) {
         .ok();
     for export in exports {
         let node = layer_node(export);
-        let exists = nodes
-            .as_ref()
-            .is_none_or(|n| n.iter().any(|n| n["node-name"] == node.as_str()));
+        let exists = match &nodes {
+            Some(n) => n.iter().any(|n| n["node-name"] == node.as_str()),
+            None => export.ends_with(".layer"),
+        };
         if !exists {
             continue;
         }
@@ -467,6 +464,18 @@ pub async fn move_to_layer(
         return Err(e);
     }
     Ok(())
+}
+
+/// Drops the node [`move_to_layer`] added, once a sync has taken the disk
+/// off it (nothing to do when there is none): it would keep its link to
+/// the source.
+pub async fn drop_layer_node(qmp: &QmpClient, drive_id: &str) {
+    let _ = qmp
+        .execute::<Value>(
+            "blockdev-del",
+            Some(json!({ "node-name": format!("{drive_id}.layer") })),
+        )
+        .await;
 }
 
 /// After the switch-over the source's disks are inactive, and an inactive

@@ -911,9 +911,10 @@ impl VmManager {
                     nbd_export: d.name.clone(),
                     // Exported at the switch-over.
                     layer: match (&d.backing, on_image_base(d)) {
-                        (Some(base), true) => Some(MigratingLayer {
+                        // Not hashable: copied whole.
+                        (Some(base), true) => file_sha256(base).ok().map(|sum| MigratingLayer {
                             nbd_export: layer_export(&d.name),
-                            base_sha256: file_sha256(base)?,
+                            base_sha256: sum,
                         }),
                         _ => None,
                     },

@@ -120,14 +120,14 @@ impl VmManager {
         // The same base image here: layered disks copy only their overlay.
         let local_base = match (&image.rootfs, vm.disks.iter().any(|d| d.layer.is_some())) {
             (Some(rootfs), true) => {
+                // Not hashable: the disks are copied whole.
                 let rootfs = rootfs.clone();
-                let sum = tokio::task::spawn_blocking(move || file_sha256(&rootfs))
+                let sum = tokio::task::spawn_blocking(move || file_sha256(&rootfs).ok())
                     .await
-                    .map_err(|e| {
-                        AgentError::io("hashing the root disk", std::io::Error::other(e))
-                    })??;
-                Some(LocalBase {
-                    sha256: sum,
+                    .ok()
+                    .flatten();
+                sum.map(|sha256| LocalBase {
+                    sha256,
                     format: image
                         .rootfs_format
                         .clone()
@@ -656,6 +656,20 @@ impl VmManager {
             (s.runtime.qmp.clone(), s.record.disks.clone())
         };
         let Some(qmp) = qmp else { return };
+        // In post-copy, moving a disk waits for its in-flight reads, which
+        // may wait for pages: such disks are copied whole.
+        let post_copy = entry
+            .lock()
+            .record
+            .migration
+            .as_ref()
+            .and_then(|id| self.inner.migrations.get(id).ok())
+            .is_some_and(|m| m.post_copy);
+        if post_copy
+            && live::progress(&qmp).await.map(|p| p.status).ok().as_deref() != Some("completed")
+        {
+            return;
+        }
         for d in disks {
             let Some(nbd) = d
                 .sync_from
@@ -782,6 +796,9 @@ impl VmManager {
                 book.update(&id, false, |m| m.disk_synced_bytes = done);
             })
             .await;
+            // The node a live move added is off the chain now (or was never
+            // used, after an agent restart): it goes.
+            live::drop_layer_node(&qmp, &node).await;
             match copied {
                 Ok(()) => {
                     let mut s = entry.lock();
