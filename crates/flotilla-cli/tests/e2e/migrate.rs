@@ -157,7 +157,11 @@ fn a_running_vm_moves_with_its_memory_disk_and_processes() {
     );
     // Data written during the copy of memory is there whole.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while exec(&b, "mover", &["test", "-s", "/root/grow.md5"]).0 != 0 {
+    let written = || {
+        let probe = "test -s /root/grow.md5 && echo done || echo writing";
+        exec(&b, "mover", &["sh", "-c", probe]).1.trim() == "done"
+    };
+    while !written() {
         assert!(Instant::now() < deadline, "the writer never finished");
         std::thread::sleep(Duration::from_millis(200));
     }
