@@ -21,7 +21,8 @@ fn two_hosts() -> (Arc<Fabric>, TestHost, TestHost) {
     (fabric, a, b)
 }
 
-/// Data on the disk, so that its copy takes a while.
+/// Data on the disk, so that its copy takes a while (only what the guest
+/// wrote crosses when the target has the image under it).
 fn fill_disk(host: &TestHost, vm: &str, bytes: u64) {
     let cmd = format!("head -c {bytes} /dev/urandom > /root/fill && sync");
     let (code, _, err) = exec(host, vm, &["sh", "-c", &cmd]);
@@ -464,8 +465,10 @@ fn a_host_takes_part_in_a_limited_number_of_migrations_at_once() {
     .expect("host b");
     run_vm(&a, "one");
     run_vm(&a, "two");
-    // The first holds b's only slot through a slow disk copy.
-    let first = start_migration(&a, &b, "one", &["--disk-bandwidth", "64"]);
+    // The first holds b's only slot through a slow disk copy (of what the
+    // guest wrote: b has the image under it).
+    fill_disk(&a, "one", 40_000_000);
+    let first = start_migration(&a, &b, "one", &["--disk-bandwidth", "8"]);
     wait_phase(&a, &first, |p| p == "disk_sync");
     let second = start_migration(&a, &b, "two", &[]);
     // The second waits for it: b says it is busy, a asks again.
