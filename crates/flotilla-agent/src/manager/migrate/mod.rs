@@ -485,7 +485,13 @@ impl super::VmManager {
         tracing::info!(migration = %id, "going on with a disk sync");
         let manager = self.clone();
         let entry = entry.clone();
-        tokio::spawn(async move { manager.sync_disks(entry, id).await });
+        tokio::spawn(async move {
+            // A move onto the overlay an earlier agent did not get to (or
+            // did without recording it: then this one fails, and the disk
+            // is copied whole).
+            manager.move_disks_to_layers(&entry).await;
+            manager.sync_disks(entry, id).await
+        });
     }
 
     /// Whether the VM of `record` is the source's copy of a VM that moved

@@ -650,7 +650,7 @@ impl VmManager {
     /// (exported by the paused source) over the local image: then only the
     /// overlay is copied, and the disk stays an overlay over the image, as a
     /// VM made here has. A disk that cannot move is copied whole.
-    async fn move_disks_to_layers(&self, entry: &Arc<VmEntry>) {
+    pub(super) async fn move_disks_to_layers(&self, entry: &Arc<VmEntry>) {
         let (qmp, disks) = {
             let s = entry.lock();
             (s.runtime.qmp.clone(), s.record.disks.clone())
