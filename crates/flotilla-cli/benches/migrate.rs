@@ -63,6 +63,20 @@ fn receiver(netns: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec
     })
 }
 
+/// Stops both hosts' receivers a second after the migration; returns how
+/// many ticks arrived and the largest gap between them.
+fn stop_receivers(
+    stop: &AtomicBool,
+    ra: std::thread::JoinHandle<Vec<Instant>>,
+    rb: std::thread::JoinHandle<Vec<Instant>>,
+) -> (usize, Duration) {
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    let mut arrivals = ra.join().expect("receiver");
+    arrivals.extend(rb.join().expect("receiver"));
+    (arrivals.len(), largest_gap(arrivals))
+}
+
 fn largest_gap(mut arrivals: Vec<Instant>) -> Duration {
     arrivals.sort();
     arrivals
@@ -126,12 +140,7 @@ fn flotilla_case(a: &TestHost, b: &TestHost, memory_mib: u64, writer: bool, tls:
     );
     let total = t.elapsed().as_secs_f64();
     assert_eq!(m["phase"], "completed", "{m:#}");
-    std::thread::sleep(Duration::from_secs(1));
-    stop.store(true, Ordering::Relaxed);
-    let mut arrivals = ra.join().expect("receiver");
-    arrivals.extend(rb.join().expect("receiver"));
-    let received = arrivals.len();
-    let gap = largest_gap(arrivals);
+    let (received, gap) = stop_receivers(&stop, ra, rb);
     api_ok(b, "DELETE", &format!("/v1/vms/{name}?force=true"), None);
     // Where the time goes: this migration's steps in both agents' logs.
     let id = m["id"].as_str().unwrap_or("-").to_string();
@@ -309,12 +318,7 @@ fn baseline_case(
             }
         }
     });
-    std::thread::sleep(Duration::from_secs(1));
-    stop.store(true, Ordering::Relaxed);
-    let mut arrivals = ra.join().expect("receiver");
-    arrivals.extend(rb.join().expect("receiver"));
-    let received = arrivals.len();
-    let gap = largest_gap(arrivals);
+    let (received, gap) = stop_receivers(&stop, ra, rb);
     for host in [a, b] {
         let _ = host.netns.exec_ip(&["link", "del", "fltbase"]);
     }

@@ -461,6 +461,41 @@ async fn idempotency_keys_and_pages() {
     );
 }
 
+/// A 1-vCPU instance `i-NAME` of tenant `t-1`, as the store records it.
+fn instance_of_t1(name: &str) -> flotilla_control::store::NewInstance {
+    flotilla_control::store::NewInstance {
+        id: format!("i-{name}"),
+        tenant_id: "t-1".into(),
+        name: name.into(),
+        image: None,
+        vcpus: 1,
+        memory_mib: 256,
+        tags: BTreeMap::new(),
+        operation: None,
+    }
+}
+
+/// An operation of tenant `t-1` as the store records it.
+fn operation_of_t1(
+    id: &str,
+    kind: &str,
+    targets: Vec<String>,
+    state: flotilla_api::control::OperationState,
+) -> flotilla_control::store::OperationRow {
+    flotilla_control::store::OperationRow {
+        id: id.into(),
+        tenant_id: Some("t-1".into()),
+        kind: kind.into(),
+        targets,
+        state,
+        steps: vec![],
+        input: json!(kind),
+        error: None,
+        created_at: 1,
+        updated_at: 1,
+    }
+}
+
 fn tenant_caller(tenant: &str) -> Caller {
     Caller {
         token_id: "tok".into(),
@@ -780,7 +815,6 @@ async fn a_group_spreads_over_racks_with_max_per_label() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_takes_over_operations_of_a_dead_one() {
     use flotilla_api::control::OperationState;
-    use flotilla_control::store::{NewInstance, OperationRow};
     let pg = PgServer::start().unwrap();
     let url = pg.url("takeover").unwrap();
     let store = Store::open(&url).await.unwrap();
@@ -796,28 +830,15 @@ async fn a_replica_takes_over_operations_of_a_dead_one() {
         vms: vec![],
     };
     store.record_heartbeat("h1", &beat).await.unwrap();
-    let op = |id: &str, target: &str| OperationRow {
-        id: id.into(),
-        tenant_id: Some("t-1".into()),
-        kind: "terminate".into(),
-        targets: vec![target.into()],
-        state: OperationState::Running,
-        steps: vec![],
-        input: json!("terminate"),
-        error: None,
-        created_at: 1,
-        updated_at: 1,
+    let op = |id: &str, target: &str| {
+        operation_of_t1(
+            id,
+            "terminate",
+            vec![target.into()],
+            OperationState::Running,
+        )
     };
-    let inst = |name: &str| NewInstance {
-        id: format!("i-{name}"),
-        tenant_id: "t-1".into(),
-        name: name.into(),
-        image: None,
-        vcpus: 1,
-        memory_mib: 256,
-        tags: BTreeMap::new(),
-        operation: None,
-    };
+    let inst = instance_of_t1;
     let versions = BTreeMap::from([("h1".to_string(), 0)]);
     // The dead replica's lease ran out; the live one's holds.
     store
@@ -991,7 +1012,6 @@ async fn tags_change_in_place_and_groups_follow() {
 async fn heartbeats_settle_a_move_left_unrecorded() {
     use flotilla_api::control::ReportedVm;
     use flotilla_api::VmState;
-    use flotilla_control::store::NewInstance;
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&format!("sqlite://{}", dir.path().join("c.db").display()))
         .await
@@ -1024,28 +1044,15 @@ async fn heartbeats_settle_a_move_left_unrecorded() {
     for h in ["h1", "h2"] {
         cp.heartbeat(&admin, h, &beat(vec![])).await.unwrap();
     }
-    let op = |id: &str, targets: Vec<String>| flotilla_control::store::OperationRow {
-        id: id.into(),
-        tenant_id: Some("t-1".into()),
-        kind: "run".into(),
-        targets,
-        state: flotilla_api::control::OperationState::Succeeded,
-        steps: vec![],
-        input: json!("run"),
-        error: None,
-        created_at: 1,
-        updated_at: 1,
+    let op = |id: &str, targets: Vec<String>| {
+        operation_of_t1(
+            id,
+            "run",
+            targets,
+            flotilla_api::control::OperationState::Succeeded,
+        )
     };
-    let inst = |name: &str| NewInstance {
-        id: format!("i-{name}"),
-        tenant_id: "t-1".into(),
-        name: name.into(),
-        image: None,
-        vcpus: 1,
-        memory_mib: 256,
-        tags: BTreeMap::new(),
-        operation: None,
-    };
+    let inst = instance_of_t1;
     let versions = BTreeMap::from([("h1".to_string(), 0)]);
     cp.store()
         .commit_run(

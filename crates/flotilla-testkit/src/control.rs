@@ -54,6 +54,7 @@ impl ControlPlaneProcess {
                 .timeout(Duration::from_secs(120))
                 .build()?,
         };
+        crate::claims::claim(&crate::claims::Resource::Dir(cp.dir.path().to_path_buf()));
         cp.spawn()?;
         Ok(cp)
     }
@@ -182,5 +183,6 @@ impl ControlPlaneProcess {
 impl Drop for ControlPlaneProcess {
     fn drop(&mut self) {
         self.kill();
+        crate::claims::release(&crate::claims::Resource::Dir(self.dir.path().to_path_buf()));
     }
 }

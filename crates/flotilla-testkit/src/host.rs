@@ -83,6 +83,7 @@ impl TestHost {
         let data_dir = tempfile::Builder::new()
             .prefix("flotilla-test-")
             .tempdir()?;
+        crate::claims::claim(&crate::claims::Resource::Dir(data_dir.path().to_path_buf()));
         if let Some(mib) = options.data_dir_size_mib {
             let out = Command::new("mount")
                 .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
@@ -311,5 +312,9 @@ impl Drop for TestHost {
         if self.options.data_dir_size_mib.is_some() {
             let _ = Command::new("umount").arg(self.data_dir.path()).output();
         }
+        // The directory itself goes with `data_dir` right after this.
+        crate::claims::release(&crate::claims::Resource::Dir(
+            self.data_dir.path().to_path_buf(),
+        ));
     }
 }

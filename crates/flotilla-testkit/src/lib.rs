@@ -6,9 +6,11 @@
 //! listening on the namespace's address. QEMU processes the agent starts live
 //! in that namespace, so bridges and taps never leak into the host's.
 //! Dropping a `TestHost` kills everything it started and removes the
-//! namespace and the data directory, also when a test fails.
+//! namespace and the data directory, also when a test fails; what a test
+//! process that was killed left behind, the next one removes ([`claims`]).
 
 mod bare;
+pub mod claims;
 mod control;
 mod host;
 pub mod netns;

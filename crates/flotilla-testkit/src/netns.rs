@@ -12,7 +12,7 @@ pub struct NetNs {
     pub host_ip: String,
 }
 
-fn ip(args: &[&str]) -> anyhow::Result<String> {
+pub(crate) fn ip(args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new("ip")
         .args(args)
         .output()
@@ -49,6 +49,7 @@ impl Fabric {
         let prefix = [198, 18 + (r >> 8) as u8 % 2, r as u8];
         let gateway = format!("{}.{}.{}.1", prefix[0], prefix[1], prefix[2]);
         ip(&["link", "add", &bridge, "type", "bridge"])?;
+        crate::claims::claim(&crate::claims::Resource::Link(bridge.clone()));
         let fabric = Fabric {
             bridge: bridge.clone(),
             gateway: gateway.clone(),
@@ -72,6 +73,7 @@ impl Fabric {
 impl Drop for Fabric {
     fn drop(&mut self) {
         let _ = ip(&["link", "del", &self.bridge]);
+        crate::claims::release(&crate::claims::Resource::Link(self.bridge.clone()));
     }
 }
 
@@ -85,6 +87,10 @@ impl NetNs {
         let ns_veth = format!("fv{tag:06x}n");
         let ns_ip = fabric.next_address();
         ip(&["netns", "add", &name])?;
+        crate::claims::claim(&crate::claims::Resource::NetNs {
+            name: name.clone(),
+            host_veth: host_veth.clone(),
+        });
         let ns = NetNs {
             name: name.clone(),
             host_veth: host_veth.clone(),
@@ -115,6 +121,10 @@ impl NetNs {
         let host_ip = std::net::Ipv4Addr::from(base + 1).to_string();
         let ns_ip = std::net::Ipv4Addr::from(base + 2).to_string();
         ip(&["netns", "add", &name])?;
+        crate::claims::claim(&crate::claims::Resource::NetNs {
+            name: name.clone(),
+            host_veth: host_veth.clone(),
+        });
         let ns = NetNs {
             name: name.clone(),
             host_veth: host_veth.clone(),
@@ -156,5 +166,9 @@ impl Drop for NetNs {
         // Deleting the namespace removes its bridge, taps and the veth peer.
         let _ = ip(&["netns", "del", &self.name]);
         let _ = ip(&["link", "del", &self.host_veth]);
+        crate::claims::release(&crate::claims::Resource::NetNs {
+            name: self.name.clone(),
+            host_veth: self.host_veth.clone(),
+        });
     }
 }

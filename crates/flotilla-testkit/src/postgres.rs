@@ -46,6 +46,7 @@ impl PgServer {
             .context("no `postgres` user (the postgresql package creates it)")?;
         let (uid, gid) = (user.uid.as_raw(), user.gid.as_raw());
         let dir = tempfile::Builder::new().prefix("flotilla-pg-").tempdir()?;
+        crate::claims::claim(&crate::claims::Resource::Dir(dir.path().to_path_buf()));
         nix::unistd::chown(dir.path(), Some(user.uid), Some(user.gid))?;
         let data = dir.path().join("data");
         let out = Command::new(bin.join("initdb"))
@@ -130,6 +131,13 @@ impl PgServer {
 
 impl Drop for PgServer {
     fn drop(&mut self) {
+        self.stop();
+        crate::claims::release(&crate::claims::Resource::Dir(self.dir.path().to_path_buf()));
+    }
+}
+
+impl PgServer {
+    fn stop(&mut self) {
         // SIGINT: PostgreSQL's fast shutdown.
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);

@@ -4,6 +4,17 @@ use std::path::Path;
 
 /// Pids of QEMU processes whose command line mentions `dir`.
 pub fn qemu_pids_under(dir: &Path) -> Vec<i32> {
+    pids_matching(dir, true)
+}
+
+/// Pids of other processes whose command line mentions `dir` (agents,
+/// control planes, QEMUs).
+pub fn pids_mentioning(dir: &Path) -> Vec<i32> {
+    pids_matching(dir, false)
+}
+
+fn pids_matching(dir: &Path, qemu_only: bool) -> Vec<i32> {
+    let me = std::process::id() as i32;
     let needle = dir.display().to_string();
     let mut pids = Vec::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -17,7 +28,8 @@ pub fn qemu_pids_under(dir: &Path) -> Vec<i32> {
             continue;
         };
         let cmd = String::from_utf8_lossy(&cmd);
-        if cmd.contains("qemu-system") && cmd.contains(&needle) && process_alive(pid) {
+        let qemu = !qemu_only || cmd.contains("qemu-system");
+        if pid != me && qemu && cmd.contains(&needle) && process_alive(pid) {
             pids.push(pid);
         }
     }
