@@ -52,7 +52,7 @@ impl AgentConfig {
             stop_timeout: Duration::from_secs(10),
             migration_address: None,
             max_migrations: crate::manager::migrate::DEFAULT_MAX_MIGRATIONS,
-            forward_moved_for: crate::forwarding::DEFAULT_FORWARD_FOR,
+            forward_moved_for: crate::routes::DEFAULT_FORWARD_FOR,
             control: None,
         }
     }

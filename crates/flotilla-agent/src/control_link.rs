@@ -1,11 +1,14 @@
 //! The agent's link to a control plane: a heartbeat every few seconds with
-//! the host's endpoint, capacity, labels and every VM's state. The first
-//! heartbeat registers the host; missing ones mark it down.
+//! the host's endpoint, capacity, labels, VM subnet and every VM's state.
+//! The first heartbeat registers the host; missing ones mark it down. The
+//! reply carries the cluster's VM routes when they changed, which the agent
+//! applies (see [`crate::routes`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use flotilla_api::control::{HostHeartbeat, ReportedVm};
+use flotilla_api::control::{HeartbeatReply, HostHeartbeat, ReportedVm, VmRoutes};
 
 use crate::VmManager;
 
@@ -38,13 +41,15 @@ pub async fn heartbeat_loop(manager: VmManager, link: ControlLink, agent_token: 
     let mut failing = false;
     loop {
         let info = manager.host_info();
+        let vms = manager.list();
         let beat = HostHeartbeat {
+            vm_subnet: Some(manager.inner.config.subnet.to_string()),
+            routes_version: manager.inner.routes.cluster_version(),
             endpoint: link.advertise.clone(),
             agent_token: Some(agent_token.clone()),
             capacity: info.capacity,
             labels: link.labels.clone(),
-            vms: manager
-                .list()
+            vms: vms
                 .into_iter()
                 .map(|vm| ReportedVm {
                     ip: vm.nics.first().map(|n| n.ip.clone()),
@@ -65,6 +70,18 @@ pub async fn heartbeat_loop(manager: VmManager, link: ControlLink, agent_token: 
                     tracing::info!(control = %link.url, "heartbeats reach the control plane again");
                 }
                 failing = false;
+                // An older control plane answers 204 without a body.
+                let reply: HeartbeatReply = r.json().await.unwrap_or_default();
+                if let Some(routes) = reply.routes {
+                    let manager = manager.clone();
+                    let applied = tokio::task::spawn_blocking(move || {
+                        apply_routes(&manager, routes);
+                    })
+                    .await;
+                    if let Err(e) = applied {
+                        tracing::warn!(error = %e, "applying VM routes failed");
+                    }
+                }
             }
             Ok(r) => {
                 let status = r.status();
@@ -81,4 +98,29 @@ pub async fn heartbeat_loop(manager: VmManager, link: ControlLink, agent_token: 
         }
         tokio::time::sleep(link.interval).await;
     }
+}
+
+/// Applies the control plane's VM routes (entries that do not parse are
+/// skipped with a warning: one bad row must not cut the rest off). The
+/// VMs here are read now: one that arrived since the heartbeat was sent
+/// (its record exists from the migration's start) keeps its address.
+fn apply_routes(manager: &VmManager, routes: VmRoutes) {
+    let local: HashSet<Ipv4Addr> = manager
+        .list()
+        .iter()
+        .flat_map(|vm| vm.nics.iter().filter_map(|n| n.ip.parse().ok()))
+        .collect();
+    let mut table = BTreeMap::new();
+    for r in &routes.routes {
+        match (r.ip.parse::<Ipv4Addr>(), r.via.parse::<Ipv4Addr>()) {
+            (Ok(ip), Ok(via)) => {
+                table.insert(ip, via);
+            }
+            _ => tracing::warn!(ip = %r.ip, via = %r.via, host = %r.host, "unusable VM route"),
+        }
+    }
+    manager
+        .inner
+        .routes
+        .set_cluster(routes.version, table, &local);
 }

@@ -85,7 +85,7 @@ pub(crate) struct Inner {
     /// Live migrations this host takes part in, as source or target.
     pub migrations: migrate::MigrationBook,
     /// Addresses of VMs that moved away, routed to their new hosts.
-    pub forwards: Arc<crate::forwarding::Forwards>,
+    pub routes: Arc<crate::routes::Routes>,
 }
 
 /// A name held for an operation in flight; released when dropped.
@@ -121,7 +121,7 @@ impl VmManager {
     ) -> Self {
         let config_migrations_dir = config.data_dir.join("migrations");
         let max_migrations = config.max_migrations;
-        let forwards = Arc::new(crate::forwarding::Forwards::open(&config.data_dir));
+        let routes = Arc::new(crate::routes::Routes::open(&config.data_dir));
         VmManager {
             inner: Arc::new(Inner {
                 config,
@@ -134,7 +134,7 @@ impl VmManager {
                 bases_lock: tokio::sync::Mutex::new(()),
                 pending_names: Mutex::new(Default::default()),
                 migrations: migrate::MigrationBook::open(&config_migrations_dir, max_migrations),
-                forwards,
+                routes,
             }),
         }
     }

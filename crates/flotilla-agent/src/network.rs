@@ -5,20 +5,16 @@
 //! calls are idempotent so a restarted agent can run them again.
 
 use std::collections::HashSet;
-use std::fmt;
 use std::net::Ipv4Addr;
 use std::process::Command;
-use std::str::FromStr;
 
+pub use flotilla_api::net::{Subnet, SubnetError};
 use rand::Rng;
-use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
-    #[error(
-        "invalid subnet {input:?}: {reason} (expected CIDR like 10.77.0.0/24, prefix 16..=29)"
-    )]
-    InvalidSubnet { input: String, reason: String },
+    #[error(transparent)]
+    InvalidSubnet(#[from] SubnetError),
     #[error("no free address left in subnet {subnet}")]
     SubnetExhausted { subnet: Subnet },
     #[error("`ip {args}` failed: {stderr}")]
@@ -27,93 +23,9 @@ pub enum NetworkError {
     Spawn(#[from] std::io::Error),
 }
 
-/// An IPv4 subnet in CIDR form.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct Subnet {
-    network: Ipv4Addr,
-    prefix_len: u8,
-}
-
-impl Subnet {
-    pub fn new(network: Ipv4Addr, prefix_len: u8) -> Self {
-        let mask = Self::mask_of(prefix_len);
-        Subnet {
-            network: Ipv4Addr::from(u32::from(network) & mask),
-            prefix_len,
-        }
-    }
-
-    fn mask_of(prefix_len: u8) -> u32 {
-        if prefix_len == 0 {
-            0
-        } else {
-            u32::MAX << (32 - prefix_len as u32)
-        }
-    }
-
-    pub fn prefix_len(&self) -> u8 {
-        self.prefix_len
-    }
-
-    /// The first host address, held by the bridge and used as the VMs' gateway.
-    pub fn gateway(&self) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self.network) + 1)
-    }
-
-    /// Addresses VMs may get: everything but network, gateway and broadcast.
-    pub fn vm_addresses(&self) -> impl Iterator<Item = Ipv4Addr> {
-        let base = u32::from(self.network);
-        let size = 1u32 << (32 - self.prefix_len as u32);
-        (2..size - 1).map(move |i| Ipv4Addr::from(base + i))
-    }
-
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        u32::from(ip) & Self::mask_of(self.prefix_len) == u32::from(self.network)
-    }
-}
-
-impl fmt::Display for Subnet {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.network, self.prefix_len)
-    }
-}
-
-impl FromStr for Subnet {
-    type Err = NetworkError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = |reason: &str| NetworkError::InvalidSubnet {
-            input: s.to_string(),
-            reason: reason.to_string(),
-        };
-        let (addr, prefix) = s.split_once('/').ok_or_else(|| bad("missing /prefix"))?;
-        let network: Ipv4Addr = addr.parse().map_err(|_| bad("not an IPv4 address"))?;
-        let prefix_len: u8 = prefix.parse().map_err(|_| bad("prefix is not a number"))?;
-        if !(16..=29).contains(&prefix_len) {
-            return Err(bad("prefix out of range"));
-        }
-        Ok(Subnet::new(network, prefix_len))
-    }
-}
-
-impl TryFrom<String> for Subnet {
-    type Error = NetworkError;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        s.parse()
-    }
-}
-
-impl From<Subnet> for String {
-    fn from(s: Subnet) -> String {
-        s.to_string()
-    }
-}
-
 /// The first address of `subnet` not in `used`.
 pub fn allocate_ip(subnet: &Subnet, used: &HashSet<Ipv4Addr>) -> Result<Ipv4Addr, NetworkError> {
-    subnet
-        .vm_addresses()
-        .find(|ip| !used.contains(ip))
+    flotilla_api::net::first_free(subnet, used)
         .ok_or(NetworkError::SubnetExhausted { subnet: *subnet })
 }
 
@@ -180,6 +92,27 @@ pub fn ensure_bridge(bridge: &str, subnet: &Subnet) -> Result<(), NetworkError> 
         ip(&["addr", "add", &cidr, "dev", bridge])?;
     }
     ip(&["link", "set", "dev", bridge, "up"])?;
+    answer_arp_for_routed_addresses(bridge)?;
+    Ok(())
+}
+
+/// Proxy ARP on the bridge: a VM asking for an address of its subnet that
+/// lives on another host (routed there, see [`crate::routes`]) gets the
+/// bridge's MAC and sends through this host. At once: the kernel's default
+/// waits up to 0.8 s before a proxy answer.
+fn answer_arp_for_routed_addresses(bridge: &str) -> Result<(), NetworkError> {
+    for (path, value) in [
+        (format!("/proc/sys/net/ipv4/conf/{bridge}/proxy_arp"), "1"),
+        (
+            format!("/proc/sys/net/ipv4/neigh/{bridge}/proxy_delay"),
+            "0",
+        ),
+    ] {
+        std::fs::write(&path, value).map_err(|e| NetworkError::Command {
+            args: format!("write {value} to {path}"),
+            stderr: e.to_string(),
+        })?;
+    }
     Ok(())
 }
 
@@ -210,24 +143,6 @@ pub fn delete_tap(tap: &str) -> Result<(), NetworkError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn subnet_parsing_and_gateway() {
-        let s: Subnet = "10.77.0.9/24".parse().unwrap();
-        assert_eq!(s.to_string(), "10.77.0.0/24");
-        assert_eq!(s.gateway(), Ipv4Addr::new(10, 77, 0, 1));
-        assert_eq!(s.vm_addresses().count(), 253);
-        assert!(s.contains(Ipv4Addr::new(10, 77, 0, 200)));
-        assert!(!s.contains(Ipv4Addr::new(10, 78, 0, 2)));
-    }
-
-    #[test]
-    fn subnet_errors_say_what_is_accepted() {
-        for bad in ["10.0.0.0", "10.0.0.0/8", "x/24", "10.0.0.0/abc"] {
-            let err = bad.parse::<Subnet>().unwrap_err().to_string();
-            assert!(err.contains("expected CIDR"), "{err}");
-        }
-    }
 
     #[test]
     fn allocation_skips_used_and_reports_exhaustion() {

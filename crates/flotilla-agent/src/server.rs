@@ -132,7 +132,7 @@ pub async fn run_agent(
 
     network::ensure_bridge(&config.bridge, &config.subnet)
         .with_context(|| format!("setting up bridge {}", config.bridge))?;
-    let forwarding_was_on = crate::forwarding::enable_ip_forwarding().unwrap_or_else(|e| {
+    let forwarding_was_on = crate::routes::enable_ip_forwarding().unwrap_or_else(|e| {
         tracing::warn!(error = %e, "could not turn on IPv4 forwarding: VMs are reachable from this host only");
         true
     });
@@ -147,8 +147,8 @@ pub async fn run_agent(
     let token = crate::auth::load_or_create_token(&config.data_dir)?;
     let manager = VmManager::new(config.clone(), accel, qemu_version, images, snapshots);
     manager.adopt_all().await.context("re-adopting VMs")?;
-    manager.inner.forwards.restore();
-    let forwards = tokio::spawn(manager.inner.forwards.clone().expire_loop());
+    manager.inner.routes.restore();
+    let expiring = tokio::spawn(manager.inner.routes.clone().expire_loop());
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -198,15 +198,13 @@ pub async fn run_agent(
     if let Some(h) = heartbeats {
         h.abort();
     }
-    forwards.abort();
+    expiring.abort();
     if on_exit == OnExit::StopVms {
         stop_everything(&manager).await;
-        for addr in manager.inner.forwards.addresses() {
-            manager.inner.forwards.remove(addr);
-        }
+        manager.inner.routes.clear();
         // The host is left as it was found.
         if !forwarding_was_on {
-            if let Err(e) = crate::forwarding::disable_ip_forwarding() {
+            if let Err(e) = crate::routes::disable_ip_forwarding() {
                 tracing::warn!(error = %e, "could not turn IPv4 forwarding off again");
             }
         }

@@ -42,6 +42,8 @@ pub struct VmSpec {
     pub wait_ready: bool,
     /// `base` or a snapshot's name or id.
     pub from_snapshot: Option<String>,
+    /// The first NIC's address, when the caller picked it.
+    pub ip: Option<std::net::Ipv4Addr>,
     /// The shape fields the request gave explicitly (a VM from a named
     /// snapshot takes the snapshot's shape; a different one is refused).
     pub explicit_shape: (Option<u32>, Option<u64>, Option<u32>),
@@ -151,6 +153,18 @@ impl VmSpec {
             ));
         }
         validate_tags(&req.tags)?;
+        let ip = match &req.ip {
+            None => None,
+            Some(_) if nics == 0 => {
+                return Err(invalid("ip", "a VM without NICs has no address to set"))
+            }
+            Some(text) => Some(text.parse().map_err(|_| {
+                invalid(
+                    "ip",
+                    format!("{text:?} is not an IPv4 address (e.g. 10.77.0.5)"),
+                )
+            })?),
+        };
         if let Some(image) = &req.image {
             if image.is_empty() {
                 return Err(invalid("image", "must not be empty when given"));
@@ -171,6 +185,7 @@ impl VmSpec {
             }
         }
         Ok(VmSpec {
+            ip,
             from_snapshot: req.from_snapshot,
             explicit_shape: (req.vcpus, req.memory_mib, req.nics),
             name: req.name,

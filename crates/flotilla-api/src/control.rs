@@ -72,6 +72,42 @@ pub struct HostHeartbeat {
     /// Every VM on the host with its state, for reconciliation.
     #[serde(default)]
     pub vms: Vec<ReportedVm>,
+    /// The host's VM subnet (CIDR), shared by the hosts a VM can move
+    /// between: the control plane gives new instances addresses in it that
+    /// no other instance holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_subnet: Option<String>,
+    /// The version of the VM routes the host applied last (from the last
+    /// reply); the reply carries the routes only when they changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes_version: Option<String>,
+}
+
+/// The control plane's answer to a heartbeat.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct HeartbeatReply {
+    /// Where every instance on another host lives, when that changed since
+    /// the version the heartbeat named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes: Option<VmRoutes>,
+}
+
+/// The cluster's VM routes as one host sees them: each address of an
+/// instance elsewhere, reached via that instance's host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmRoutes {
+    pub version: String,
+    pub routes: Vec<VmRoute>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+pub struct VmRoute {
+    /// The instance's address.
+    pub ip: String,
+    /// Its host's address on the network between the hosts.
+    pub via: String,
+    /// Its host's name (for people reading the table).
+    pub host: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -14,6 +14,7 @@ pub mod host;
 pub mod http;
 pub mod image;
 pub mod migration;
+pub mod net;
 pub mod snapshot;
 pub mod vm;
 

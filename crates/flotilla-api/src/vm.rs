@@ -172,6 +172,10 @@ pub struct CreateVmRequest {
     /// Number of NICs on the host bridge (default 1, at most 4).
     #[serde(default)]
     pub nics: Option<u32>,
+    /// The first NIC's address, in the host's VM subnet (default: the next
+    /// free one). A control plane hands out addresses unique across hosts.
+    #[serde(default)]
+    pub ip: Option<String>,
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
     /// Start the VM right away (default true).

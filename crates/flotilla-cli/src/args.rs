@@ -604,6 +604,10 @@ pub struct VmRunArgs {
     /// Number of NICs on the host bridge.
     #[arg(long)]
     pub nics: Option<u32>,
+    /// The first NIC's address, in the host's VM subnet (default: the next
+    /// free one).
+    #[arg(long)]
+    pub ip: Option<std::net::Ipv4Addr>,
     /// Extra kernel command line.
     #[arg(long)]
     pub cmdline: Option<String>,

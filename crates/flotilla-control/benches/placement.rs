@@ -189,6 +189,7 @@ fn api_reads(placed: &[(usize, usize)]) {
                         memory_mib: 1024,
                         tags: BTreeMap::from([("group".to_string(), format!("g{g}"))]),
                         operation: None,
+                        ip: None,
                     },
                     format!("h{h:05}"),
                 )
@@ -208,6 +209,8 @@ fn api_reads(placed: &[(usize, usize)]) {
                 capacity: Resources { vcpus: 16, memory_mib: 65536 },
                 labels: BTreeMap::from([("zone".to_string(), format!("z{}", i % 10))]),
                 vms: vec![],
+                vm_subnet: None,
+                routes_version: None,
             };
             store.record_heartbeat(&format!("h{i:05}"), &beat).await.unwrap();
         }

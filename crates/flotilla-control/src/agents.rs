@@ -27,6 +27,18 @@ impl AgentCallError {
     pub fn is_conflict(&self) -> bool {
         matches!(self, AgentCallError::Api { status: 409, .. })
     }
+
+    /// A create refused because the thing exists (not for another conflict,
+    /// such as an address taken).
+    pub fn is_already_exists(&self) -> bool {
+        matches!(
+            self,
+            AgentCallError::Api {
+                code: Some(flotilla_api::ErrorCode::AlreadyExists),
+                ..
+            }
+        )
+    }
 }
 
 /// Where an agent answers, and the API token it asks for (from its

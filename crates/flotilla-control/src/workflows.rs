@@ -320,15 +320,30 @@ async fn act(
                     cmdline_extra: None,
                     disks: Vec::new(),
                     nics: None,
+                    ip: inst.ip.clone(),
                     tags,
                     start: Some(true),
                     wait_ready: Some(false),
                     from_snapshot: None,
                 };
-                let vm = match agents.create_vm(&agent, &request).await {
+                let mut created = agents.create_vm(&agent, &request).await;
+                if let Err(e) = &created {
+                    if request.ip.is_some() && e.is_conflict() && !e.is_already_exists() {
+                        // The address went to a VM made on the host directly
+                        // since its last heartbeat: the agent picks one it
+                        // does not route elsewhere, and it is recorded below.
+                        tracing::warn!(instance = %inst.name, error = %e, "address taken; the agent picks one");
+                        let request = CreateVmRequest {
+                            ip: None,
+                            ..request
+                        };
+                        created = agents.create_vm(&agent, &request).await;
+                    }
+                }
+                let vm = match created {
                     Ok(vm) => vm,
                     // Made by an earlier attempt of this step.
-                    Err(e) if e.is_conflict() => {
+                    Err(e) if e.is_already_exists() => {
                         agents.vm(&agent, &inst.id).await.map_err(agent_error)?
                     }
                     Err(e) => return Err(agent_error(e)),

@@ -122,7 +122,7 @@ impl Api {
                 Some(beat),
             )
             .await;
-        assert_eq!(s, 204, "{b}");
+        assert_eq!(s, 200, "{b}");
     }
 }
 
@@ -208,7 +208,7 @@ async fn tokens_decide_who_may_do_what() {
             Some(beat.clone()),
         )
         .await;
-    assert_eq!(s, 204);
+    assert_eq!(s, 200);
     let (s, _) = api
         .call("POST", "/v1/hosts/h2/heartbeat", Some(&host), Some(beat))
         .await;
@@ -472,6 +472,7 @@ fn instance_of_t1(name: &str) -> flotilla_control::store::NewInstance {
         memory_mib: 256,
         tags: BTreeMap::new(),
         operation: None,
+        ip: None,
     }
 }
 
@@ -524,6 +525,8 @@ async fn two_replicas_never_double_book_a_host() {
             },
             labels: BTreeMap::from([("zone".into(), zone.into())]),
             vms: vec![],
+            vm_subnet: Some("10.77.0.0/24".into()),
+            routes_version: None,
         };
         a.store().record_heartbeat(name, &beat).await.unwrap();
     }
@@ -546,12 +549,20 @@ async fn two_replicas_never_double_book_a_host() {
         let caller = caller.clone();
         let req = request(format!("fill-{i}"), None, BTreeMap::new());
         tasks.push(tokio::spawn(async move {
-            cp.run_instances(&caller, None, &req).await.is_ok()
+            let placed = cp.run_instances(&caller, None, &req).await.ok();
+            placed.map(|(_, inst)| inst[0].ip.clone())
         }));
     }
+    let mut addresses = std::collections::BTreeSet::new();
     let mut placed = 0;
     for t in tasks {
-        placed += usize::from(t.await.unwrap());
+        if let Some(ip) = t.await.unwrap() {
+            placed += 1;
+            // Both hosts share the VM subnet: addresses are unique across them.
+            let ip = ip.expect("an address from the host's subnet");
+            assert!(ip.starts_with("10.77.0."), "{ip}");
+            assert!(addresses.insert(ip.clone()), "{ip} handed out twice");
+        }
     }
     assert_eq!(placed, 8);
     for h in a.store().list_hosts().await.unwrap() {
@@ -568,6 +579,8 @@ async fn two_replicas_never_double_book_a_host() {
             },
             labels: BTreeMap::new(),
             vms: vec![],
+            vm_subnet: None,
+            routes_version: None,
         };
         a.store().record_heartbeat(h, &beat).await.unwrap();
     }
@@ -605,6 +618,8 @@ async fn two_replicas_never_double_book_a_host() {
             },
             labels: BTreeMap::from([("rack".into(), rack.into())]),
             vms: vec![],
+            vm_subnet: None,
+            routes_version: None,
         };
         a.store().record_heartbeat(h, &beat).await.unwrap();
     }
@@ -782,7 +797,7 @@ async fn a_group_spreads_over_racks_with_max_per_label() {
                 Some(beat),
             )
             .await;
-        assert_eq!(s, 204);
+        assert_eq!(s, 200);
     }
     let acme = api.tenant("acme").await;
     let body = json!({"name": "db", "count": 2, "tags": {"group": "db"}, "placement": {"max_per_label": {"rack": 1}}});
@@ -819,16 +834,7 @@ async fn a_replica_takes_over_operations_of_a_dead_one() {
     let url = pg.url("takeover").unwrap();
     let store = Store::open(&url).await.unwrap();
     store.create_tenant("t-1", "acme").await.unwrap();
-    let beat = HostHeartbeat {
-        endpoint: "http://127.0.0.1:9".into(),
-        agent_token: None,
-        capacity: Resources {
-            vcpus: 8,
-            memory_mib: 8192,
-        },
-        labels: BTreeMap::new(),
-        vms: vec![],
-    };
+    let beat = empty_host("http://127.0.0.1:9");
     store.record_heartbeat("h1", &beat).await.unwrap();
     let op = |id: &str, target: &str| {
         operation_of_t1(
@@ -1004,14 +1010,25 @@ async fn tags_change_in_place_and_groups_follow() {
     assert_eq!(b["tags"], json!({"group": "b", "tier": "gold"}));
 }
 
-/// A move whose workflow ended without recording where the VM went (an
-/// attempt that gave up) is settled by the hosts' reports: the target
-/// reporting the VM running makes it the instance's host; the source
-/// reporting it running, not moving, ends the move where it was.
-#[tokio::test]
-async fn heartbeats_settle_a_move_left_unrecorded() {
-    use flotilla_api::control::ReportedVm;
-    use flotilla_api::VmState;
+/// A heartbeat of an 8-vCPU, 8 GiB host at `endpoint` with no VMs.
+fn empty_host(endpoint: &str) -> HostHeartbeat {
+    HostHeartbeat {
+        endpoint: endpoint.into(),
+        agent_token: None,
+        capacity: Resources {
+            vcpus: 8,
+            memory_mib: 8192,
+        },
+        labels: BTreeMap::new(),
+        vms: vec![],
+        vm_subnet: None,
+        routes_version: None,
+    }
+}
+
+/// A control plane on a fresh SQLite file with tenant `t-1`, and an admin
+/// caller.
+async fn sqlite_control_plane() -> (tempfile::TempDir, ControlPlane, Caller) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&format!("sqlite://{}", dir.path().join("c.db").display()))
         .await
@@ -1024,6 +1041,18 @@ async fn heartbeats_settle_a_move_left_unrecorded() {
         admin: true,
         host: None,
     };
+    (dir, cp, admin)
+}
+
+/// A move whose workflow ended without recording where the VM went (an
+/// attempt that gave up) is settled by the hosts' reports: the target
+/// reporting the VM running makes it the instance's host; the source
+/// reporting it running, not moving, ends the move where it was.
+#[tokio::test]
+async fn heartbeats_settle_a_move_left_unrecorded() {
+    use flotilla_api::control::ReportedVm;
+    use flotilla_api::VmState;
+    let (_dir, cp, admin) = sqlite_control_plane().await;
     let beat = |vms: Vec<(&str, VmState)>| HostHeartbeat {
         endpoint: "http://127.0.0.1:9".into(),
         agent_token: None,
@@ -1031,6 +1060,8 @@ async fn heartbeats_settle_a_move_left_unrecorded() {
             vcpus: 8,
             memory_mib: 8192,
         },
+        vm_subnet: None,
+        routes_version: None,
         labels: BTreeMap::new(),
         vms: vms
             .into_iter()
@@ -1108,4 +1139,95 @@ async fn heartbeats_settle_a_move_left_unrecorded() {
         (stayed.host.as_deref(), stayed.migrating_to.as_deref()),
         (Some("h1"), None)
     );
+}
+
+/// Each host's heartbeat reply routes the instances on the other hosts via
+/// them, and only when the table changed; a bad subnet is refused.
+#[tokio::test]
+async fn heartbeat_replies_route_other_hosts_instances() {
+    let (_dir, cp, admin) = sqlite_control_plane().await;
+    let beat = |n: u8, subnet: &str, known: Option<String>| HostHeartbeat {
+        vm_subnet: Some(subnet.into()),
+        routes_version: known,
+        ..empty_host(&format!("http://198.18.0.{n}:7777"))
+    };
+    let err = cp
+        .heartbeat(&admin, "h1", &beat(2, "10.77.0.0/8", None))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("vm_subnet"), "{err}");
+    for (h, n) in [("h1", 2), ("h2", 3)] {
+        let reply = cp
+            .heartbeat(&admin, h, &beat(n, "10.77.0.0/24", None))
+            .await
+            .unwrap();
+        assert_eq!(reply.routes.map(|r| r.routes.len()), Some(0));
+    }
+    // A VM made on h1 directly (no instance) holds 10.77.0.2.
+    let standalone = HostHeartbeat {
+        vms: vec![flotilla_api::control::ReportedVm {
+            name: "by-hand".into(),
+            state: flotilla_api::VmState::Running,
+            ip: Some("10.77.0.2".into()),
+        }],
+        ..beat(2, "10.77.0.0/24", None)
+    };
+    cp.heartbeat(&admin, "h1", &standalone).await.unwrap();
+    // One instance on each host, placed one per host.
+    let policy = PlacementPolicy {
+        max_per_host: Some(1),
+        ..Default::default()
+    };
+    let req = RunInstancesRequest {
+        name: "pair".into(),
+        count: 2,
+        image: None,
+        vcpus: 1,
+        memory_mib: 256,
+        tags: BTreeMap::from([("group".to_string(), "pair".to_string())]),
+        placement: Some(policy),
+    };
+    let (_, placed) = cp
+        .run_instances(&tenant_caller("t-1"), None, &req)
+        .await
+        .unwrap();
+    let on = |host: &str| {
+        placed
+            .iter()
+            .find(|i| i.host.as_deref() == Some(host))
+            .and_then(|i| i.ip.clone())
+            .expect("an instance with an address")
+    };
+    let (ip1, ip2) = (on("h1"), on("h2"));
+    assert_ne!(ip1, ip2);
+    for ip in [&ip1, &ip2] {
+        assert_ne!(
+            ip, "10.77.0.2",
+            "an address a host reported is not handed out"
+        );
+    }
+    let reply = cp
+        .heartbeat(&admin, "h1", &beat(2, "10.77.0.0/24", None))
+        .await
+        .unwrap();
+    let routes = reply.routes.expect("routes");
+    assert_eq!(
+        routes.routes,
+        vec![flotilla_api::control::VmRoute {
+            ip: ip2.clone(),
+            via: "198.18.0.3".into(),
+            host: "h2".into()
+        }]
+    );
+    // The host has this table: nothing is sent again.
+    let again = cp
+        .heartbeat(&admin, "h1", &beat(2, "10.77.0.0/24", Some(routes.version)))
+        .await
+        .unwrap();
+    assert!(again.routes.is_none());
+    let reply = cp
+        .heartbeat(&admin, "h2", &beat(3, "10.77.0.0/24", None))
+        .await
+        .unwrap();
+    assert_eq!(reply.routes.expect("routes").routes[0].ip, ip1);
 }

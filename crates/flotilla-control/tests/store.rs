@@ -33,6 +33,8 @@ fn beat(vcpus: u32) -> HostHeartbeat {
         },
         labels: BTreeMap::from([("zone".into(), "z1".into())]),
         vms: vec![],
+        vm_subnet: None,
+        routes_version: None,
     }
 }
 
@@ -49,6 +51,7 @@ fn instance(tenant: &str, name: &str, tags: &[(&str, &str)]) -> NewInstance {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         operation: None,
+        ip: None,
     }
 }
 

@@ -192,6 +192,7 @@ impl VmManager {
             cmdline_extra: Some(shape.cmdline_extra.to_string()),
             disks: Vec::new(),
             nics: Some(shape.nics as u32),
+            ip: None,
             tags: Default::default(),
             start: Some(true),
             wait_ready: Some(true),

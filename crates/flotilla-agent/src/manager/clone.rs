@@ -68,6 +68,7 @@ impl VmManager {
                 memory,
                 memory_fresh: true,
                 start: true,
+                ip: None,
             })
             .await;
         let _ = std::fs::remove_file(&staging);

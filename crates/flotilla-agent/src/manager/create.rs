@@ -125,7 +125,7 @@ impl VmManager {
         image: &flotilla_image::Image,
     ) -> AgentResult<VmRecord> {
         let id = new_vm_id();
-        let nics = self.allocate_nics(&id, spec.nics as usize)?;
+        let nics = self.allocate_nics(&id, spec.nics as usize, spec.ip)?;
         let dir = self.vm_dir(&spec.name);
         let mut disks = Vec::new();
         if let Some(rootfs) = &image.rootfs {
@@ -181,12 +181,19 @@ impl VmManager {
         })
     }
 
-    /// Addresses and MACs no other VM has, for a new VM `id`. Call under
-    /// the admission lock, so two creates never get the same ones.
-    pub(crate) fn allocate_nics(&self, id: &str, count: usize) -> AgentResult<Vec<NicRecord>> {
+    /// Addresses and MACs no other VM has, for a new VM `id` (its first NIC
+    /// at `requested`, if given). Call under the admission lock, so two
+    /// creates never get the same ones.
+    pub(crate) fn allocate_nics(
+        &self,
+        id: &str,
+        count: usize,
+        requested: Option<std::net::Ipv4Addr>,
+    ) -> AgentResult<Vec<NicRecord>> {
         let cfg = &self.inner.config;
-        // Addresses still forwarded to VMs that moved away are not free yet.
-        let mut used_ips: HashSet<_> = self.inner.forwards.addresses().into_iter().collect();
+        // Addresses routed to VMs elsewhere (other hosts' VMs, VMs that
+        // moved away) are not free here.
+        let mut used_ips: HashSet<_> = self.inner.routes.addresses().into_iter().collect();
         let mut used_macs = HashSet::new();
         for e in self.vms().values() {
             for n in &e.lock().record.nics {
@@ -194,9 +201,26 @@ impl VmManager {
                 used_macs.insert(n.mac.clone());
             }
         }
+        if let Some(ip) = requested {
+            if !cfg.subnet.is_vm_address(ip) {
+                return Err(AgentError::InvalidArgument(format!(
+                    "ip {ip} is not a VM address of this host's subnet {} (not its network, gateway or broadcast address)",
+                    cfg.subnet
+                )));
+            }
+            if used_ips.contains(&ip) {
+                return Err(AgentError::conflict(
+                    format!("ip {ip} is taken (by a VM here, or routed to one on another host)"),
+                    Some("leave ip out to get the next free address".to_string()),
+                ));
+            }
+        }
         let mut nics = Vec::new();
         for i in 0..count {
-            let ip = allocate_ip(&cfg.subnet, &used_ips)?;
+            let ip = match requested.filter(|_| i == 0) {
+                Some(ip) => ip,
+                None => allocate_ip(&cfg.subnet, &used_ips)?,
+            };
             used_ips.insert(ip);
             let mac = allocate_mac(&used_macs);
             used_macs.insert(mac.clone());

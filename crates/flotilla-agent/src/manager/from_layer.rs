@@ -57,6 +57,8 @@ pub(crate) struct FromLayer<'a> {
     /// first restore need not verify the layer it was just stored as.
     pub memory_fresh: bool,
     pub start: bool,
+    /// The first NIC's address, when the caller picked it.
+    pub ip: Option<std::net::Ipv4Addr>,
 }
 
 impl VmManager {
@@ -134,7 +136,7 @@ impl VmManager {
                 .collect();
             let record = VmRecord {
                 format_version: RECORD_FORMAT_VERSION,
-                nics: self.allocate_nics(&id, nic_count)?,
+                nics: self.allocate_nics(&id, nic_count, from.ip)?,
                 id,
                 name: from.name.to_string(),
                 image,

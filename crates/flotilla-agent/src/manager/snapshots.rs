@@ -346,6 +346,7 @@ impl VmManager {
                 memory,
                 memory_fresh: false,
                 start: spec.start,
+                ip: spec.ip,
             })
             .await;
         let _ = std::fs::remove_file(&staging);
@@ -367,6 +368,7 @@ impl VmManager {
             cmdline_extra: None,
             disks: Vec::new(),
             nics: req.nics,
+            ip: None,
             tags: Default::default(),
             start: None,
             wait_ready: None,

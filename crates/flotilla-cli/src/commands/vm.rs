@@ -180,6 +180,7 @@ fn create_request(a: VmRunArgs) -> CreateVmRequest {
             .map(|(name, size_mib)| DiskSpec { name, size_mib })
             .collect(),
         nics: a.nics,
+        ip: a.ip.map(|ip| ip.to_string()),
         tags: a.tags.into_iter().collect(),
         start: Some(!a.no_start),
         wait_ready: Some(a.wait),

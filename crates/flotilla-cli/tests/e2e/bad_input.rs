@@ -59,6 +59,17 @@ fn bad_create_requests_are_refused_and_leave_nothing() {
     let (s, _) = host.api("POST", "/v1/vms", Some(json!({ "name": "x", "vcpus": 0 })));
     assert_eq!(s, 400);
 
+    // An address must be IPv4, and a VM address of the host's subnet.
+    for (ip, says) in [
+        ("ten", "not an IPv4 address"),
+        ("10.99.0.5", "subnet"),
+        ("10.77.0.1", "gateway"),
+    ] {
+        let (s, b) = host.api("POST", "/v1/vms", Some(json!({ "name": "x", "ip": ip })));
+        assert_eq!(s, 400, "{ip}: {b}");
+        assert!(error_of(&b).contains(says), "{ip}: {b}");
+    }
+
     // The CLI shows one line and a hint.
     let out = host.cli(&["vm", "run", "y", "--image", "nope"]);
     assert!(!out.status.success());
@@ -80,9 +91,18 @@ fn bad_create_requests_are_refused_and_leave_nothing() {
     assert_eq!(s, 409, "{b}");
     assert!(error_of(&b).contains("already exists"), "{b}");
     assert_eq!(host.qemu_pids().len(), 1);
+    // Another VM's address is taken.
+    let (_, dup) = host.api("GET", "/v1/vms/dup", None);
+    let taken = dup["nics"][0]["ip"].as_str().expect("an address");
+    let (s, b) = host.api("POST", "/v1/vms", Some(json!({ "name": "x", "ip": taken })));
+    assert_eq!(s, 409, "{b}");
+    assert!(error_of(&b).contains("taken"), "{b}");
 
-    // Capacity counts running VMs: 1024 MiB holds 4 of 256, not 5.
-    for i in 0..3 {
+    // Capacity counts running VMs: 1024 MiB holds 4 of 256, not 5. The
+    // first is given its address.
+    let vm: serde_json::Value = host.cli_json(&["vm", "run", "fill-0", "--ip", "10.77.0.200"]);
+    assert_eq!(vm["nics"][0]["ip"], "10.77.0.200", "{vm}");
+    for i in 1..3 {
         host.cli_json::<serde_json::Value>(&["vm", "run", &format!("fill-{i}")]);
     }
     let (s, b) = host.api("POST", "/v1/vms", Some(json!({ "name": "one-too-many" })));

@@ -420,6 +420,28 @@ fn two_replicas_on_postgresql_share_state_and_take_over_runs() {
     assert_eq!(made, ["w-1", "w-2", "w-3"]);
 }
 
+/// Waits for `hosts` hosts to be up, then makes tenant `acme`: the admin
+/// token and acme's.
+fn hosts_up_and_tenant(cp: &ControlPlaneProcess, hosts: usize) -> (String, String) {
+    cp.wait_for(
+        &format!("{hosts} hosts up"),
+        "/v1/hosts",
+        None,
+        Duration::from_secs(30),
+        |b| {
+            b.as_array()
+                .is_some_and(|a| a.len() == hosts && a.iter().all(|h| h["state"] == "up"))
+        },
+    );
+    let admin = cp.admin_token.clone();
+    assert!(cli(cp, &admin, &["tenant", "create", "acme"]).0);
+    let acme = cli(cp, &admin, &["token", "create", "--tenant", "acme"])
+        .1
+        .trim()
+        .to_string();
+    (admin, acme)
+}
+
 /// A host on the cluster fabric, heartbeating to `cp`.
 fn fabric_host(
     cp: &ControlPlaneProcess,
@@ -447,22 +469,7 @@ fn instances_live_migrate_and_a_drain_empties_a_host() {
     let fabric = std::sync::Arc::new(flotilla_testkit::Fabric::create().expect("fabric"));
     let h1 = fabric_host(&cp, &fabric, "h1");
     let h2 = fabric_host(&cp, &fabric, "h2");
-    cp.wait_for(
-        "both hosts",
-        "/v1/hosts",
-        None,
-        Duration::from_secs(30),
-        |b| {
-            b.as_array()
-                .is_some_and(|a| a.len() == 2 && a.iter().all(|h| h["state"] == "up"))
-        },
-    );
-    let admin = cp.admin_token.clone();
-    assert!(cli(&cp, &admin, &["tenant", "create", "acme"]).0);
-    let acme = cli(&cp, &admin, &["token", "create", "--tenant", "acme"])
-        .1
-        .trim()
-        .to_string();
+    let (admin, acme) = hosts_up_and_tenant(&cp, 2);
     let (s, b) = cp.api(
         "POST",
         "/v1/instances",
@@ -564,4 +571,120 @@ fn instances_live_migrate_and_a_drain_empties_a_host() {
     let (_, inst) = cp.api("GET", "/v1/instances/db", Some(&acme), None);
     assert_eq!(inst["host"], first, "{inst:#}");
     assert_eq!(instance_vms(agent_of).len(), 1);
+}
+
+/// Polls `check` every 200 ms until it holds or `secs` pass.
+fn eventually(what: &str, secs: u64, mut check: impl FnMut() -> Result<(), String>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        match check() {
+            Ok(()) => return,
+            Err(e) if std::time::Instant::now() > deadline => panic!("{what}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// The cluster VM network: instances on different hosts get addresses
+/// unique across them and reach each other (routes from the control
+/// plane, proxy ARP on the bridges); after one moves, every host routes
+/// its address to its new host and they still reach each other.
+#[test]
+fn instances_on_different_hosts_reach_each_other_before_and_after_a_move() {
+    let cp = ControlPlaneProcess::start().expect("control plane");
+    let fabric = std::sync::Arc::new(flotilla_testkit::Fabric::create().expect("fabric"));
+    let hosts = [
+        fabric_host(&cp, &fabric, "h1"),
+        fabric_host(&cp, &fabric, "h2"),
+        fabric_host(&cp, &fabric, "h3"),
+    ];
+    let host = |name: &str| &hosts[name[1..].parse::<usize>().unwrap() - 1];
+    let (admin, acme) = hosts_up_and_tenant(&cp, 3);
+    // h3 is kept free for the move.
+    assert!(cli(&cp, &admin, &["hosts", "cordon", "h3"]).0);
+    let (s, b) = cp.api(
+        "POST",
+        "/v1/instances",
+        Some(&acme),
+        Some(
+            json!({"name": "pair", "count": 2, "tags": {"group": "pair"},
+                    "placement": {"max_per_host": 1}}),
+        ),
+    );
+    assert_eq!(s, 201, "{b}");
+    let op = wait_op(&cp, &acme, b["operation"].as_str().unwrap());
+    assert_eq!(op["state"], "succeeded", "{op}");
+    assert!(cli(&cp, &admin, &["hosts", "uncordon", "h3"]).0);
+    let instance = |name: &str| {
+        cp.api("GET", &format!("/v1/instances/{name}"), Some(&acme), None)
+            .1
+    };
+    let (one, two) = (instance("pair-1"), instance("pair-2"));
+    let ip = |i: &Value| i["ip"].as_str().expect("an address").to_string();
+    let (ip1, ip2) = (ip(&one), ip(&two));
+    assert_ne!(ip1, ip2, "addresses are unique across hosts");
+    let host_of = |i: &Value| i["host"].as_str().unwrap().to_string();
+    let (host1, host2) = (host_of(&one), host_of(&two));
+    assert_ne!(host1, host2);
+    // The VM has the address the control plane gave it.
+    let id2 = instance_vms(host(&host2))[0].clone();
+    assert_eq!(id2["nics"][0]["ip"], ip2.as_str(), "{id2:#}");
+
+    let ping = |from: &str, to: &str| -> Result<(), String> {
+        let (s, b) = cp.api(
+            "POST",
+            &format!("/v1/instances/{from}/exec"),
+            Some(&acme),
+            Some(json!({"argv": ["ping", "-c", "1", "-W", "1", to]})),
+        );
+        if s == 200 && b["exit_code"] == 0 {
+            Ok(())
+        } else {
+            Err(format!("{s} {b}"))
+        }
+    };
+    let route = |on: &str, to: &str| -> String {
+        host(on)
+            .netns
+            .exec_ip(&["route", "show", &format!("{to}/32")])
+            .unwrap_or_default()
+    };
+    let via = |on: &str| host(on).netns.ns_ip.clone();
+    eventually("pair-1 reaching pair-2 across hosts", 30, || {
+        ping("pair-1", &ip2)
+    });
+    eventually("pair-2 reaching pair-1 across hosts", 30, || {
+        ping("pair-2", &ip1)
+    });
+    let r = route(&host1, &ip2);
+    assert!(r.contains(&format!("via {}", via(&host2))), "{r}");
+    assert!(
+        route(&host2, &ip2).is_empty(),
+        "no route away from a VM's own host"
+    );
+
+    // pair-2 moves to h3: every host's route follows it, and the pair
+    // still reach each other.
+    let (ok, out, err) = cli(
+        &cp,
+        &acme,
+        &[
+            "--json", "instance", "migrate", "pair-2", "--to", "h3", "--no-tls", "--wait",
+        ],
+    );
+    assert!(ok, "{out} {err}");
+    let op: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(op["state"], "succeeded", "{op:#}");
+    eventually("the network converging on h3", 30, || {
+        let r = route(&host1, &ip2);
+        if r.contains(&format!("via {}", via("h3"))) && route("h3", &ip2).is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{host1}: {r:?}; h3: {:?}", route("h3", &ip2)))
+        }
+    });
+    let r = route("h3", &ip1);
+    assert!(r.contains(&format!("via {}", via(&host1))), "{r}");
+    eventually("pair-1 reaching pair-2 on h3", 30, || ping("pair-1", &ip2));
+    eventually("pair-2 on h3 reaching pair-1", 30, || ping("pair-2", &ip1));
 }

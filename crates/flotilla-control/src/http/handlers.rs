@@ -8,8 +8,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use flotilla_api::control::{
-    CloneInstanceRequest, CreateTenantRequest, CreateTokenRequest, FleetSelector, Host,
-    HostHeartbeat, Instance, MigrateInstanceRequest, ObservedState, Operation, Page,
+    CloneInstanceRequest, CreateTenantRequest, CreateTokenRequest, FleetSelector, HeartbeatReply,
+    Host, HostHeartbeat, Instance, MigrateInstanceRequest, ObservedState, Operation, Page,
     PlacementExplanation, Policy, PolicyDocument, RunInstancesRequest, RunInstancesResult, Tenant,
     TokenCreated, UpdateInstanceRequest,
 };
@@ -153,16 +153,16 @@ pub async fn get_host(
 }
 
 #[utoipa::path(post, path = "/v1/hosts/{name}/heartbeat", request_body = HostHeartbeat,
-    responses((status = 204, description = "recorded")))]
+    responses((status = 200, body = HeartbeatReply,
+        description = "recorded; the VM routes when they changed")))]
 pub async fn heartbeat(
     State(cp): State<ControlPlane>,
     caller: Caller,
     Path(name): Path<String>,
     req: Result<Json<HostHeartbeat>, JsonRejection>,
-) -> ApiResult<StatusCode> {
+) -> ApiResult<Json<HeartbeatReply>> {
     let beat = body(req)?;
-    cp.heartbeat(&caller, &name, &beat).await?;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(Json(cp.heartbeat(&caller, &name, &beat).await?))
 }
 
 #[utoipa::path(post, path = "/v1/hosts/{name}/cordon", responses((status = 200, body = Host)))]

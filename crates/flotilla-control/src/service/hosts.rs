@@ -1,6 +1,8 @@
 //! Hosts: heartbeats (registration, reconciliation of what they report),
 //! cordons, and marking down the ones that went quiet.
 
+use flotilla_api::control::HeartbeatReply;
+
 use super::*;
 
 impl ControlPlane {
@@ -11,7 +13,7 @@ impl ControlPlane {
         caller: &Caller,
         name: &str,
         beat: &HostHeartbeat,
-    ) -> ControlResult<()> {
+    ) -> ControlResult<HeartbeatReply> {
         if !(caller.admin || caller.host.as_deref() == Some(name)) {
             return Err(ControlError::new(
                 ErrorCode::PermissionDenied,
@@ -25,6 +27,11 @@ impl ControlPlane {
                 "invalid endpoint {:?}: expected http://HOST:PORT",
                 beat.endpoint
             )));
+        }
+        if let Some(subnet) = &beat.vm_subnet {
+            subnet
+                .parse::<flotilla_api::net::Subnet>()
+                .map_err(|e| ControlError::invalid(format!("vm_subnet: {e}")))?;
         }
         let known = self.store().host(name).await?;
         let was_down = self.store().record_heartbeat(name, beat).await?;
@@ -43,7 +50,12 @@ impl ControlPlane {
         if changed {
             self.fleet_changed().await;
         }
-        self.reconcile_host(name, beat).await
+        self.reconcile_host(name, beat).await?;
+        Ok(HeartbeatReply {
+            routes: self
+                .routes_reply(name, beat.routes_version.as_deref())
+                .await?,
+        })
     }
 
     /// Observed state of the instances on `host` from its report. An

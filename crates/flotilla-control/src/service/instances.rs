@@ -322,6 +322,9 @@ impl ControlPlane {
             memory_mib: source.memory_mib,
             tags,
             operation: Some(op_id.clone()),
+            // The source's agent gives the clone an address it does not
+            // route elsewhere; the heartbeats report it.
+            ip: None,
         };
         let op = self.new_operation(
             Some(&source.tenant_id),

@@ -18,13 +18,14 @@ use crate::error::{ControlError, ControlResult};
 use crate::fleet_cache::{self, FleetView};
 use crate::placement::{self, Demand, HostView, Sourced, DEFAULT_GROUP_TAG};
 use crate::store::{
-    new_id, now_ms, GroupGuard, HostRow, InstanceFilter, InstanceRow, NewInstance, OperationRow,
-    PolicyRow, Store, StoreError, TenantRow,
+    new_id, now_ms, GroupGuard, HostRow, InstanceAddress, InstanceFilter, InstanceRow, NewInstance,
+    OperationRow, PolicyRow, Store, StoreError, TenantRow,
 };
 use crate::workflows::{self, OperationInput};
 
 mod hosts;
 mod instances;
+mod network;
 mod operations;
 mod placing;
 mod policies;

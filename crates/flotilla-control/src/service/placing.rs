@@ -198,6 +198,7 @@ impl ControlPlane {
                 memory_mib: req.memory_mib,
                 tags: req.tags.clone(),
                 operation: Some(op_id.clone()),
+                ip: None,
             })
             .collect();
         let targets = news.iter().map(|n| n.id.clone()).collect();
@@ -311,11 +312,17 @@ impl ControlPlane {
             for &i in &chosen {
                 versions.insert(fleet.hosts[i].name.clone(), fleet.versions[i]);
             }
-            let placed: Vec<(NewInstance, String)> = news
+            let mut placed: Vec<(NewInstance, String)> = news
                 .iter()
                 .zip(&chosen)
                 .map(|(n, &i)| (n.clone(), fleet.hosts[i].name.clone()))
                 .collect();
+            if let Err(e) = self.assign_addresses(&mut placed).await {
+                for &i in &chosen {
+                    fleet.remove_usage(i, demand.vcpus, demand.memory_mib);
+                }
+                return Err(e);
+            }
             let committed = self
                 .store()
                 .commit_run(

@@ -26,6 +26,8 @@ pub struct HostRow {
     pub version: i64,
     /// The agent's API token, as its last heartbeat gave it.
     pub agent_token: Option<String>,
+    /// The host's VM subnet (CIDR), as its last heartbeat gave it.
+    pub vm_subnet: Option<String>,
     /// Held by the instances placed here.
     pub used_vcpus: u64,
     pub used_memory_mib: u64,
@@ -42,6 +44,15 @@ pub struct GroupGuard {
     pub version: i64,
 }
 
+/// Where an instance's address lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceAddress {
+    pub ip: String,
+    pub host: String,
+    /// The host agent's endpoint (its address is the route's next hop).
+    pub endpoint: String,
+}
+
 /// A decision to put an instance on a host, valid while the host's version
 /// is still the one read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,7 +62,7 @@ pub struct Placement {
 }
 
 const HOST_COLUMNS: &str = "name, endpoint, vcpus, memory_mib, labels, down, cordoned, \
-                            last_heartbeat, registered_at, version, agent_token";
+                            last_heartbeat, registered_at, version, agent_token, vm_subnet";
 
 fn host(row: &sqlx::any::AnyRow) -> StoreResult<HostRow> {
     let labels: String = row.try_get("labels")?;
@@ -67,6 +78,7 @@ fn host(row: &sqlx::any::AnyRow) -> StoreResult<HostRow> {
         registered_at: row.try_get("registered_at")?,
         version: row.try_get("version")?,
         agent_token: row.try_get("agent_token")?,
+        vm_subnet: row.try_get("vm_subnet")?,
         used_vcpus: 0,
         used_memory_mib: 0,
         instances: 0,
@@ -97,11 +109,13 @@ impl Store {
             .await?;
         sqlx::query(
             "INSERT INTO hosts (name, endpoint, vcpus, memory_mib, labels, down, cordoned,
-                                last_heartbeat, registered_at, version, agent_token)
-             VALUES ($1, $2, $3, $4, $5, 0, 0, $6, $6, 0, $7)
+                                last_heartbeat, registered_at, version, agent_token, vm_subnet,
+                                vm_addresses)
+             VALUES ($1, $2, $3, $4, $5, 0, 0, $6, $6, 0, $7, $8, $9)
              ON CONFLICT (name) DO UPDATE SET endpoint = $2, vcpus = $3, memory_mib = $4,
                 labels = $5, down = 0, last_heartbeat = $6,
-                agent_token = COALESCE($7, hosts.agent_token),
+                agent_token = COALESCE($7, hosts.agent_token), vm_subnet = $8,
+                vm_addresses = $9,
                 version = CASE WHEN hosts.vcpus <> $3 OR hosts.memory_mib <> $4
                                     OR hosts.labels <> $5 OR hosts.down <> 0
                                THEN hosts.version + 1 ELSE hosts.version END",
@@ -113,9 +127,53 @@ impl Store {
         .bind(to_json(&beat.labels))
         .bind(now)
         .bind(beat.agent_token.as_deref())
+        .bind(beat.vm_subnet.as_deref())
+        .bind(to_json(
+            &beat
+                .vms
+                .iter()
+                .filter_map(|v| v.ip.as_deref())
+                .collect::<Vec<_>>(),
+        ))
         .execute(self.pool())
         .await?;
         Ok(was_down == Some(1))
+    }
+
+    /// Every instance's address with its host and the host's endpoint: the
+    /// cluster's VM routes.
+    pub async fn instance_addresses(&self) -> StoreResult<Vec<InstanceAddress>> {
+        let rows = sqlx::query(
+            "SELECT i.ip, i.host, h.endpoint FROM instances i JOIN hosts h ON h.name = i.host
+             WHERE i.ip IS NOT NULL",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(InstanceAddress {
+                    ip: r.try_get("ip")?,
+                    host: r.try_get("host")?,
+                    endpoint: r.try_get("endpoint")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Every address an instance holds, or a VM on a host had at its last
+    /// heartbeat (VMs made on a host directly included).
+    pub async fn used_addresses(&self) -> StoreResult<Vec<String>> {
+        let mut used: Vec<String> =
+            sqlx::query_scalar("SELECT ip FROM instances WHERE ip IS NOT NULL")
+                .fetch_all(self.pool())
+                .await?;
+        let reported: Vec<Option<String>> = sqlx::query_scalar("SELECT vm_addresses FROM hosts")
+            .fetch_all(self.pool())
+            .await?;
+        for list in reported.into_iter().flatten() {
+            used.extend(from_json::<Vec<String>>("host VM addresses", &list)?);
+        }
+        Ok(used)
     }
 
     /// Every host with what its instances hold, by name.

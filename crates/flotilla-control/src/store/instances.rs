@@ -18,6 +18,9 @@ pub struct NewInstance {
     pub memory_mib: u64,
     pub tags: BTreeMap<String, String>,
     pub operation: Option<String>,
+    /// The address handed out for it (unique across hosts), if its host's
+    /// VM subnet is known.
+    pub ip: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -139,9 +142,13 @@ pub(crate) async fn apply_observed(
     tx: &mut Transaction<'_, Any>,
     u: &ObservedUpdate,
 ) -> StoreResult<()> {
+    // An address another instance holds is not taken over (two hosts
+    // that gave the same one out on their own): the first keeps it.
     sqlx::query(
-        "UPDATE instances SET observed = $1, ip = COALESCE($2, ip), last_error = $3,
-            updated_at = $4 WHERE id = $5 AND updated_at <= $6",
+        "UPDATE instances SET observed = $1,
+            ip = CASE WHEN EXISTS (SELECT 1 FROM instances o WHERE o.ip = $2 AND o.id <> $5)
+                      THEN ip ELSE COALESCE($2, ip) END,
+            last_error = $3, updated_at = $4 WHERE id = $5 AND updated_at <= $6",
     )
     .bind(enum_text(&u.observed))
     .bind(u.ip.as_deref())
@@ -154,6 +161,14 @@ pub(crate) async fn apply_observed(
     Ok(())
 }
 
+/// Whether `e` is the unique index on instance addresses refusing a row.
+fn is_ip_taken(e: &sqlx::Error) -> bool {
+    e.as_database_error().is_some_and(|d| {
+        d.is_unique_violation()
+            && (d.constraint() == Some("instances_by_ip") || d.message().contains("instances.ip"))
+    })
+}
+
 pub(crate) async fn insert_instance(
     tx: &mut Transaction<'_, Any>,
     i: &NewInstance,
@@ -162,7 +177,7 @@ pub(crate) async fn insert_instance(
     let now = now_ms();
     sqlx::query(&format!(
         "INSERT INTO instances ({COLUMNS})
-         VALUES ($1, $2, $3, $4, 'running', 'pending', $5, $6, $7, NULL, $8, $9, NULL, $10, $10)"
+         VALUES ($1, $2, $3, $4, 'running', 'pending', $5, $6, $7, $8, $9, $10, NULL, $11, $11)"
     ))
     .bind(&i.id)
     .bind(&i.tenant_id)
@@ -171,12 +186,19 @@ pub(crate) async fn insert_instance(
     .bind(i.image.as_deref())
     .bind(i64::from(i.vcpus))
     .bind(i.memory_mib as i64)
+    .bind(i.ip.as_deref())
     .bind(to_json(&i.tags))
     .bind(i.operation.as_deref())
     .bind(now)
     .execute(&mut **tx)
     .await
-    .map_err(|e| StoreError::unique(e, format!("instance {:?}", i.name)))?;
+    .map_err(|e| {
+        // Another placement took the address meanwhile: decide again.
+        if is_ip_taken(&e) {
+            return StoreError::Contended;
+        }
+        StoreError::unique(e, format!("instance {:?}", i.name))
+    })?;
     insert_tags(tx, &i.id, &i.tags).await
 }
 

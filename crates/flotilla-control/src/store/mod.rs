@@ -15,7 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use sqlx::any::{install_default_drivers, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
-pub use hosts::{GroupGuard, HostRow, Placement};
+pub use hosts::{GroupGuard, HostRow, InstanceAddress, Placement};
 pub use instances::{InstanceFilter, InstanceRow, NewInstance, ObservedUpdate};
 pub use operations::OperationRow;
 pub use policies::PolicyRow;

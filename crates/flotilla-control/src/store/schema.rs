@@ -135,4 +135,21 @@ pub(crate) const MIGRATIONS: &[(i64, &[&str])] = &[
             "ALTER TABLE instances ADD COLUMN migrating_to TEXT",
         ],
     ),
+    (
+        8,
+        &[
+            // The host's VM subnet, from its heartbeats: new instances get
+            // addresses in it.
+            "ALTER TABLE hosts ADD COLUMN vm_subnet TEXT",
+            // Every address its VMs have (instances or not), from its
+            // heartbeats: not handed out to instances elsewhere.
+            "ALTER TABLE hosts ADD COLUMN vm_addresses TEXT",
+            // Addresses are unique across hosts (the VM routes depend on
+            // it). Duplicates reported before are forgotten, to be learnt
+            // again from the next heartbeats.
+            "UPDATE instances SET ip = NULL WHERE ip IN
+                (SELECT ip FROM instances WHERE ip IS NOT NULL GROUP BY ip HAVING COUNT(*) > 1)",
+            "CREATE UNIQUE INDEX instances_by_ip ON instances (ip)",
+        ],
+    ),
 ];

@@ -863,7 +863,7 @@ impl VmManager {
     }
 
     /// The VM runs on the target now: traffic for its addresses that still
-    /// comes here is routed there (see [`crate::forwarding`]).
+    /// comes here is routed there (see [`crate::routes`]).
     async fn forward_moved(&self, id: &str) {
         let book = &self.inner.migrations;
         let (Ok(info), Some(via)) = (book.get(id), book.forward_via(id)) else {
@@ -875,7 +875,7 @@ impl VmManager {
         let addrs: Vec<std::net::Ipv4Addr> =
             entry.lock().record.nics.iter().map(|n| n.ip).collect();
         let (forwards, window) = (
-            self.inner.forwards.clone(),
+            self.inner.routes.clone(),
             self.inner.config.forward_moved_for,
         );
         let vm = info.vm.clone();

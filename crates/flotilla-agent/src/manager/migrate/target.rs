@@ -595,11 +595,12 @@ impl VmManager {
         generation: u64,
         since: Instant,
     ) {
-        // A VM coming back: this host forwarded its addresses away.
+        // Its addresses are here now: not forwarded away (a VM coming
+        // back), nor routed to the host it came from.
         let addrs: Vec<std::net::Ipv4Addr> =
             entry.lock().record.nics.iter().map(|n| n.ip).collect();
         for addr in addrs {
-            self.inner.forwards.remove(addr);
+            self.inner.routes.arrived(addr);
         }
         for attempt in 0..10 {
             match qmp.cont().await {
