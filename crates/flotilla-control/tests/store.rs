@@ -202,7 +202,28 @@ async fn hosts_heartbeats_down_and_placement_versions() {
             .unwrap_err();
         assert!(matches!(lost, StoreError::Contended));
         assert_eq!(store.group_version("t-1", "group", "g").await.unwrap(), 1);
+        // What a host holds changing (an instance leaving or changing its
+        // tags) gives it a new version: a placement decided on the old set
+        // (hard affinity near or away from instances there) decides again.
+        let before = store.host("h1").await.unwrap().unwrap().version;
         store.delete_instance("i-e").await.unwrap();
+        let c = store.instance("i-c").await.unwrap().unwrap();
+        store
+            .update_tags(&c, &BTreeMap::from([("app".into(), "db".into())]))
+            .await
+            .unwrap();
+        let after = store.host("h1").await.unwrap().unwrap().version;
+        assert_eq!(after, before + 2);
+        // An address another instance holds is not taken over.
+        store
+            .set_observed("i-d", ObservedState::Running, Some("10.0.0.9"), None)
+            .await
+            .unwrap();
+        store
+            .set_observed("i-a", ObservedState::Running, Some("10.0.0.9"), None)
+            .await
+            .unwrap();
+        assert_eq!(store.instance("i-a").await.unwrap().unwrap().ip, None);
         store.delete_instance("i-c").await.unwrap();
         store.delete_instance("i-d").await.unwrap();
         // Missed heartbeats: down, and its instances unknown (not dropped).

@@ -161,6 +161,22 @@ pub(crate) async fn apply_observed(
     Ok(())
 }
 
+/// A new version for the hosts an instance is on or moving to: what a
+/// host holds changes (an instance leaves, moves or changes tags), so a
+/// placement decided on the old set (hard affinity near or away from
+/// instances there) commits only after deciding again.
+async fn bump_hosts_of(tx: &mut Transaction<'_, Any>, id: &str) -> StoreResult<()> {
+    sqlx::query(
+        "UPDATE hosts SET version = version + 1 WHERE name IN
+            (SELECT host FROM instances WHERE id = $1
+             UNION SELECT migrating_to FROM instances WHERE id = $1)",
+    )
+    .bind(id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
 /// Whether `e` is the unique index on instance addresses refusing a row.
 fn is_ip_taken(e: &sqlx::Error) -> bool {
     e.as_database_error().is_some_and(|d| {
@@ -247,6 +263,8 @@ impl Store {
 
     /// Ends a move: the instance is on its target (`moved`) or stays.
     pub async fn end_migration(&self, id: &str, moved: bool) -> StoreResult<()> {
+        let mut tx = self.pool().begin().await?;
+        bump_hosts_of(&mut tx, id).await?;
         let sql = match moved {
             true => {
                 "UPDATE instances SET host = migrating_to, migrating_to = NULL, updated_at = $1
@@ -257,8 +275,9 @@ impl Store {
         sqlx::query(sql)
             .bind(now_ms())
             .bind(id)
-            .execute(self.pool())
+            .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -285,6 +304,7 @@ impl Store {
         if updated.rows_affected() == 0 {
             return Err(StoreError::Contended);
         }
+        bump_hosts_of(&mut tx, id).await?;
         sqlx::query("DELETE FROM instance_tags WHERE instance_id = $1")
             .bind(id)
             .execute(&mut *tx)
@@ -465,6 +485,7 @@ impl Store {
 
     pub async fn delete_instance(&self, id: &str) -> StoreResult<()> {
         let mut tx = self.pool().begin().await?;
+        bump_hosts_of(&mut tx, id).await?;
         sqlx::query("DELETE FROM instance_tags WHERE instance_id = $1")
             .bind(id)
             .execute(&mut *tx)
