@@ -15,6 +15,11 @@ pub struct AgentConfig {
     /// VM records, disks, sockets and images live under here.
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
+    /// Serve the API over HTTPS with the agent's own certificate (made on
+    /// first start under `tls/`); plain HTTP only on a trusted network.
+    pub tls: bool,
+    /// SHA-256 of the certificate served, once the agent has loaded it.
+    pub tls_fingerprint: Option<String>,
     pub qemu_binary: PathBuf,
     pub accel: AccelChoice,
     /// The host bridge every VM NIC joins.
@@ -43,6 +48,8 @@ impl AgentConfig {
         AgentConfig {
             data_dir,
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 7777)),
+            tls: true,
+            tls_fingerprint: None,
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
             accel: AccelChoice::Auto,
             bridge: "flbr0".to_string(),
@@ -72,6 +79,20 @@ impl AgentConfig {
 
     pub fn snapshots_dir(&self) -> PathBuf {
         self.data_dir.join("snapshots")
+    }
+
+    /// The API's TLS certificate and key.
+    pub fn tls_dir(&self) -> PathBuf {
+        self.data_dir.join("tls")
+    }
+
+    /// `https` or `http`, as the API is served.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
     }
 }
 

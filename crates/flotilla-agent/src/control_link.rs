@@ -47,6 +47,7 @@ pub async fn heartbeat_loop(manager: VmManager, link: ControlLink, agent_token: 
             routes_version: manager.inner.routes.cluster_version(),
             endpoint: link.advertise.clone(),
             agent_token: Some(agent_token.clone()),
+            tls_fingerprint: manager.inner.config.tls_fingerprint.clone(),
             capacity: info.capacity,
             labels: link.labels.clone(),
             vms: vms

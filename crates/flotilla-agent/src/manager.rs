@@ -301,6 +301,7 @@ impl VmManager {
             subnet: cfg.subnet.to_string(),
             vm_count: self.vms().len(),
             data_dir: cfg.data_dir.display().to_string(),
+            tls_fingerprint: cfg.tls_fingerprint.clone(),
         }
     }
 

@@ -2,9 +2,10 @@
 //! accelerator, set up the bridge, re-adopt VMs, then serve the API until
 //! asked to stop.
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::os::fd::AsRawFd;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -145,6 +146,15 @@ pub async fn run_agent(
             )
         })?;
     let token = crate::auth::load_or_create_token(&config.data_dir)?;
+    let identity = match config.tls {
+        true => {
+            let id = flotilla_tls::load_or_create(&config.tls_dir(), &certificate_names(&config))
+                .context("loading the agent's TLS certificate")?;
+            config.tls_fingerprint = Some(id.fingerprint.clone());
+            Some(id)
+        }
+        false => None,
+    };
     let manager = VmManager::new(config.clone(), accel, qemu_version, images, snapshots);
     manager.adopt_all().await.context("re-adopting VMs")?;
     manager.inner.routes.restore();
@@ -157,7 +167,13 @@ pub async fn run_agent(
         manager: manager.clone(),
         local_addr: listener.local_addr()?,
     };
-    tracing::info!(addr = %handle.local_addr, data_dir = %config.data_dir.display(), "agent serving");
+    tracing::info!(
+        addr = %handle.local_addr,
+        scheme = config.scheme(),
+        tls_fingerprint = config.tls_fingerprint.as_deref().unwrap_or("-"),
+        data_dir = %config.data_dir.display(),
+        "agent serving"
+    );
     let heartbeats = config.control.clone().map(|link| {
         tracing::info!(control = %link.url, host = %link.host_name, "heartbeating to the control plane");
         tokio::spawn(crate::control_link::heartbeat_loop(
@@ -171,16 +187,37 @@ pub async fn run_agent(
     // Requests in flight get a short grace period after the shutdown signal;
     // a long exec or --wait must not keep the agent from stopping.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let serve = axum::serve(
-        listener,
-        http::router(manager.clone(), crate::auth::TokenCheck::new(&token)),
-    )
-    .with_graceful_shutdown({
+    let router = http::router(manager.clone(), crate::auth::TokenCheck::new(&token));
+    let stopped = {
         let mut rx = stop_rx.clone();
         async move {
             let _ = rx.wait_for(|s| *s).await;
         }
-    });
+    };
+    let serve: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> = match &identity
+    {
+        None => Box::pin(
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stopped)
+                .into_future(),
+        ),
+        Some(id) => {
+            let tls = flotilla_tls::server_config(id).context("TLS setup")?;
+            let tls = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(tls));
+            let server_handle = axum_server::Handle::new();
+            let on_stop = server_handle.clone();
+            tokio::spawn(async move {
+                stopped.await;
+                on_stop.graceful_shutdown(None);
+            });
+            let listener = listener.into_std()?;
+            Box::pin(
+                axum_server::from_tcp_rustls(listener, tls)
+                    .handle(server_handle)
+                    .serve(router.into_make_service()),
+            )
+        }
+    };
     let signal = async move {
         shutdown.await;
         let _ = stop_tx.send(true);
@@ -230,4 +267,24 @@ async fn stop_everything(manager: &VmManager) {
         }
     });
     futures::future::join_all(stops).await;
+}
+
+/// Names and addresses for the certificate, for clients that check names
+/// (ours pin the certificate instead): the listen and migration addresses,
+/// this host's name, and loopback.
+fn certificate_names(config: &AgentConfig) -> Vec<String> {
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    let listen = config.listen.ip();
+    if !listen.is_unspecified() {
+        names.push(listen.to_string());
+    }
+    if let Some(a) = config.migration_address {
+        names.push(a.to_string());
+    }
+    if let Ok(h) = nix::unistd::gethostname() {
+        names.push(h.to_string_lossy().into_owned());
+    }
+    names.sort();
+    names.dedup();
+    names
 }

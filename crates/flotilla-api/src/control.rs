@@ -65,6 +65,10 @@ pub struct HostHeartbeat {
     /// only over this host-token channel and never shown by the API.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_token: Option<String>,
+    /// SHA-256 of the agent's TLS certificate, which the control plane
+    /// pins when it calls an `https://` endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_fingerprint: Option<String>,
     pub capacity: Resources,
     /// Labels for placement: `area`, `zone`, `rack`, `hw-gen`, anything.
     #[serde(default)]
@@ -139,6 +143,13 @@ pub struct Host {
     pub allocated: Resources,
     pub instances: u64,
     pub labels: BTreeMap<String, String>,
+    /// The host's VM subnet, as its agent reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_subnet: Option<String>,
+    /// SHA-256 of the agent's TLS certificate, which the control plane
+    /// trusts alone when it calls the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_fingerprint: Option<String>,
     /// RFC 3339.
     pub last_heartbeat: String,
     /// RFC 3339.

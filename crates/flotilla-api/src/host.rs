@@ -26,4 +26,8 @@ pub struct HostInfo {
     pub subnet: String,
     pub vm_count: usize,
     pub data_dir: String,
+    /// SHA-256 of the certificate the API is served with (HTTPS), which
+    /// clients pin; none when it is served over plain HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_fingerprint: Option<String>,
 }

@@ -14,6 +14,10 @@ pub struct MigrateVmRequest {
     /// The target agent's API token.
     #[serde(default)]
     pub target_token: Option<String>,
+    /// SHA-256 of the target agent's TLS certificate (needed for an
+    /// `https://` target: the certificate is pinned).
+    #[serde(default)]
+    pub target_fingerprint: Option<String>,
     /// The longest guest pause to plan for at the switch-over (QEMU's
     /// default, 300 ms, when not given).
     #[serde(default)]
@@ -70,11 +74,18 @@ impl Default for MigrationOptions {
 }
 
 impl MigrateVmRequest {
-    /// A request to move a VM to the agent at `target` with `options`.
-    pub fn new(target: String, target_token: Option<String>, options: MigrationOptions) -> Self {
+    /// A request to move a VM to the agent at `target` (with its token and
+    /// certificate fingerprint) with `options`.
+    pub fn new(
+        target: String,
+        target_token: Option<String>,
+        target_fingerprint: Option<String>,
+        options: MigrationOptions,
+    ) -> Self {
         MigrateVmRequest {
             target,
             target_token,
+            target_fingerprint,
             max_downtime_ms: options.max_downtime_ms,
             max_bandwidth_mibps: options.max_bandwidth_mibps,
             disk_sync_mibps: options.disk_sync_mibps,

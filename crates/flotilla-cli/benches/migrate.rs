@@ -136,7 +136,10 @@ fn flotilla_case(a: &TestHost, b: &TestHost, memory_mib: u64, writer: bool, tls:
         a,
         "POST",
         &format!("/v1/vms/{name}/migrate?wait=true"),
-        Some(json!({ "target": b.endpoint, "target_token": b.agent_token(), "tls": tls })),
+        Some(
+            json!({ "target": b.endpoint, "target_token": b.agent_token(),
+                     "target_fingerprint": b.fingerprint(), "tls": tls }),
+        ),
     );
     let total = t.elapsed().as_secs_f64();
     assert_eq!(m["phase"], "completed", "{m:#}");

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::units::{parse_disk, parse_key_value, parse_mib};
 
-pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:7777";
+pub const DEFAULT_ENDPOINT: &str = "https://127.0.0.1:7777";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -30,6 +30,11 @@ pub struct Cli {
         hide_env_values = true
     )]
     pub agent_token: Option<String>,
+    /// SHA-256 of the agent's TLS certificate, which the CLI trusts alone
+    /// (default: the certificate in a local agent's data directory;
+    /// `flotilla host` on the agent's machine shows it).
+    #[arg(long, global = true, env = "FLOTILLA_AGENT_FINGERPRINT")]
+    pub agent_fingerprint: Option<String>,
     /// Print JSON instead of tables, for scripts.
     #[arg(long, global = true)]
     pub json: bool,
@@ -304,9 +309,13 @@ pub struct AgentArgs {
     /// VM records, disks and images live here.
     #[arg(long, env = "FLOTILLA_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Address of the HTTP API.
+    /// Address of the API (HTTPS with the agent's own certificate).
     #[arg(long, default_value = "127.0.0.1:7777")]
     pub listen: SocketAddr,
+    /// Serve the API over plain HTTP: only on a trusted network, or behind
+    /// a proxy that adds TLS (API tokens and migration keys cross it).
+    #[arg(long)]
+    pub plain_http: bool,
     /// Accelerator: auto (prove KVM works, else TCG), kvm or tcg.
     #[arg(long, default_value = "auto", env = "FLOTILLA_ACCEL")]
     pub accel: String,
@@ -337,7 +346,8 @@ pub struct AgentArgs {
     /// the hostname, lowercased, other characters made '-').
     #[arg(long, requires = "control_plane")]
     pub host_name: Option<String>,
-    /// The URL the control plane reaches this agent at (default: http://<listen>).
+    /// The URL the control plane reaches this agent at (default:
+    /// https://<listen>, or http:// with --plain-http).
     #[arg(long, requires = "control_plane")]
     pub advertise: Option<String>,
     /// A placement label of this host, KEY=VALUE (repeat for more).
@@ -502,12 +512,16 @@ pub enum VmCommand {
     /// it already runs there.
     Migrate {
         name: String,
-        /// The target host's agent, e.g. http://10.0.0.6:7777.
+        /// The target host's agent, e.g. https://10.0.0.6:7777.
         #[arg(long)]
         to: String,
         /// The target agent's API token (its data directory's agent.token).
         #[arg(long, env = "FLOTILLA_TARGET_TOKEN", hide_env_values = true)]
         to_token: Option<String>,
+        /// SHA-256 of the target agent's TLS certificate (`flotilla host`
+        /// on the target shows it).
+        #[arg(long, env = "FLOTILLA_TARGET_FINGERPRINT")]
+        to_fingerprint: Option<String>,
         #[command(flatten)]
         options: MigrationFlags,
         /// Return at once instead of following the migration to its end.

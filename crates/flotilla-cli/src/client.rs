@@ -45,17 +45,35 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(endpoint: &str) -> anyhow::Result<Client> {
+    /// A client of `endpoint`; an `https://` one trusts only the
+    /// certificate with `fingerprint`.
+    pub fn new(endpoint: &str, fingerprint: Option<&str>) -> anyhow::Result<Client> {
         let endpoint = endpoint.trim_end_matches('/').to_string();
-        if !endpoint.starts_with("http://") {
+        let mut builder = reqwest::Client::builder();
+        if endpoint.starts_with("https://") {
+            let Some(fingerprint) = fingerprint else {
+                return Err(CliError::new(
+                    format!("no certificate fingerprint to trust {endpoint} by"),
+                    Some("pass --agent-fingerprint or set FLOTILLA_AGENT_FINGERPRINT (`flotilla host` on the agent's machine shows it; a local agent's is read from its data directory, FLOTILLA_DATA_DIR)".into()),
+                )
+                .into());
+            };
+            let tls = flotilla_tls::pinned_client_config(fingerprint).map_err(|e| {
+                CliError::new(
+                    e.to_string(),
+                    Some("`flotilla host` on the agent's machine shows its fingerprint".into()),
+                )
+            })?;
+            builder = builder.use_preconfigured_tls(tls);
+        } else if !endpoint.starts_with("http://") {
             return Err(CliError::new(
                 format!("endpoint {endpoint:?} is not supported"),
-                Some("use http://HOST:PORT, e.g. http://127.0.0.1:7777".into()),
+                Some("use https://HOST:PORT (or http:// for a server on plain HTTP), e.g. https://127.0.0.1:7777".into()),
             )
             .into());
         }
         Ok(Client {
-            http: reqwest::Client::builder().build()?,
+            http: builder.build()?,
             endpoint,
             token: None,
             server: "agent",
@@ -64,15 +82,19 @@ impl Client {
 
     /// A client of the agent at `endpoint`, sending its API token if known
     /// (without one the agent's 401 says where to find it).
-    pub fn agent(endpoint: &str, token: Option<String>) -> anyhow::Result<Client> {
-        let mut c = Client::new(endpoint)?;
+    pub fn agent(
+        endpoint: &str,
+        token: Option<String>,
+        fingerprint: Option<&str>,
+    ) -> anyhow::Result<Client> {
+        let mut c = Client::new(endpoint, fingerprint)?;
         c.token = token;
         Ok(c)
     }
 
     /// A client of the control plane at `endpoint`, sending `token`.
     pub fn control(endpoint: &str, token: Option<&str>) -> anyhow::Result<Client> {
-        let mut c = Client::new(endpoint)?;
+        let mut c = Client::new(endpoint, None)?;
         c.server = "control plane";
         c.token = Some(token.map(str::to_string).ok_or_else(|| {
             CliError::new(
@@ -96,7 +118,18 @@ impl Client {
     /// Sends the request and checks the status; an error body becomes a [`CliError`].
     pub async fn send(&self, req: RequestBuilder) -> anyhow::Result<Response> {
         let resp = req.send().await.map_err(|e| {
+            let cause = root_cause(&e);
+            if cause.contains("invalid peer certificate") {
+                return CliError::new(
+                    format!(
+                        "the {} at {} is not the one trusted: its certificate is not the one with the fingerprint given ({cause})",
+                        self.server, self.endpoint
+                    ),
+                    Some("check --agent-fingerprint / FLOTILLA_AGENT_FINGERPRINT against `flotilla host` on the agent's machine (an agent with a new data directory has a new certificate)".into()),
+                );
+            }
             let hint = match self.server {
+                "agent" if self.endpoint.starts_with("http://") => "start it with `flotilla up`, or point --endpoint / FLOTILLA_ENDPOINT at it (agents serve HTTPS unless started with --plain-http: https://HOST:PORT)",
                 "agent" => "start it with `flotilla up`, or point --endpoint / FLOTILLA_ENDPOINT at it",
                 _ => "start it with `flotilla control`, or point --control-url / FLOTILLA_CONTROL_URL at it",
             };

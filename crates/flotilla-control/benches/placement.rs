@@ -206,6 +206,7 @@ fn api_reads(placed: &[(usize, usize)]) {
             let beat = HostHeartbeat {
                 endpoint: "http://127.0.0.1:9".into(),
                 agent_token: None,
+                tls_fingerprint: None,
                 capacity: Resources { vcpus: 16, memory_mib: 65536 },
                 labels: BTreeMap::from([("zone".to_string(), format!("z{}", i % 10))]),
                 vms: vec![],

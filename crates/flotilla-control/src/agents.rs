@@ -2,6 +2,8 @@
 //! on the agent's side or checked first, so a step can be repeated after a
 //! crash.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flotilla_api::{CreateVmRequest, ErrorBody, VmInfo};
@@ -41,12 +43,13 @@ impl AgentCallError {
     }
 }
 
-/// Where an agent answers, and the API token it asks for (from its
-/// heartbeats; none from an agent that sent none).
+/// Where an agent answers, the API token it asks for and its certificate's
+/// fingerprint (from its heartbeats; none from an agent that sent none).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentAddr {
     pub endpoint: String,
     pub token: Option<String>,
+    pub fingerprint: Option<String>,
 }
 
 impl From<&crate::store::HostRow> for AgentAddr {
@@ -54,6 +57,7 @@ impl From<&crate::store::HostRow> for AgentAddr {
         AgentAddr {
             endpoint: host.endpoint.clone(),
             token: host.agent_token.clone(),
+            fingerprint: host.tls_fingerprint.clone(),
         }
     }
 }
@@ -69,22 +73,50 @@ impl AgentAddr {
 
 #[derive(Debug, Clone)]
 pub struct AgentClient {
-    http: reqwest::Client,
+    plain: reqwest::Client,
+    /// A client per pinned certificate (an agent serving HTTPS).
+    pinned: Arc<Mutex<HashMap<String, reqwest::Client>>>,
+}
+
+fn client_builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(180))
+        .connect_timeout(Duration::from_secs(5))
 }
 
 impl Default for AgentClient {
     fn default() -> Self {
         AgentClient {
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(180))
-                .connect_timeout(Duration::from_secs(5))
-                .build()
-                .unwrap_or_default(),
+            plain: client_builder().build().unwrap_or_default(),
+            pinned: Default::default(),
         }
     }
 }
 
 impl AgentClient {
+    /// The client for `agent`: one that trusts only its certificate when it
+    /// gave a fingerprint (a client with no trusted certificate at all if
+    /// that fails, so a call fails rather than trusting anyone).
+    fn http(&self, agent: &AgentAddr) -> reqwest::Client {
+        let Some(fingerprint) = &agent.fingerprint else {
+            return self.plain.clone();
+        };
+        let mut pinned = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
+        pinned
+            .entry(fingerprint.clone())
+            .or_insert_with(|| {
+                let builder = match flotilla_tls::pinned_client_config(fingerprint) {
+                    Ok(tls) => client_builder().use_preconfigured_tls(tls),
+                    Err(e) => {
+                        tracing::warn!(endpoint = %agent.endpoint, error = %e, "unusable agent fingerprint");
+                        client_builder()
+                    }
+                };
+                builder.build().unwrap_or_default()
+            })
+            .clone()
+    }
+
     async fn call<T: DeserializeOwned>(
         &self,
         agent: &AgentAddr,
@@ -123,19 +155,20 @@ impl AgentClient {
         request: &CreateVmRequest,
     ) -> Result<VmInfo, AgentCallError> {
         let url = format!("{}/v1/vms", agent.endpoint);
-        self.call(agent, self.http.post(url).json(request)).await
+        self.call(agent, self.http(agent).post(url).json(request))
+            .await
     }
 
     pub async fn vm(&self, agent: &AgentAddr, name: &str) -> Result<VmInfo, AgentCallError> {
         let url = format!("{}/v1/vms/{name}", agent.endpoint);
-        self.call(agent, self.http.get(url)).await
+        self.call(agent, self.http(agent).get(url)).await
     }
 
     /// Removes the VM, stopping it first; a VM already gone is fine.
     pub async fn delete_vm(&self, agent: &AgentAddr, name: &str) -> Result<(), AgentCallError> {
         let url = format!("{}/v1/vms/{name}?force=true", agent.endpoint);
         match self
-            .call::<serde_json::Value>(agent, self.http.delete(url))
+            .call::<serde_json::Value>(agent, self.http(agent).delete(url))
             .await
         {
             Ok(_) => Ok(()),
@@ -153,8 +186,8 @@ impl AgentClient {
     ) -> Result<VmInfo, AgentCallError> {
         let url = format!("{}/v1/vms/{name}/{action}", agent.endpoint);
         let request = match action {
-            "stop" => self.http.post(url).json(&serde_json::json!({})),
-            _ => self.http.post(url),
+            "stop" => self.http(agent).post(url).json(&serde_json::json!({})),
+            _ => self.http(agent).post(url),
         };
         self.call(agent, request).await
     }
@@ -167,7 +200,8 @@ impl AgentClient {
         request: &flotilla_api::CloneVmRequest,
     ) -> Result<flotilla_api::CloneResult, AgentCallError> {
         let url = format!("{}/v1/vms/{source}/clone", agent.endpoint);
-        self.call(agent, self.http.post(url).json(request)).await
+        self.call(agent, self.http(agent).post(url).json(request))
+            .await
     }
 
     /// Live-migrates VM `name` from `source` to `target` and waits for the
@@ -183,11 +217,12 @@ impl AgentClient {
         let request = flotilla_api::migration::MigrateVmRequest::new(
             target.endpoint.clone(),
             target.token.clone(),
+            target.fingerprint.clone(),
             options.clone(),
         );
         // As long as a large VM may take to move.
         let call = self
-            .http
+            .http(source)
             .post(url)
             .timeout(Duration::from_secs(3600))
             .json(&request);
@@ -200,7 +235,7 @@ impl AgentClient {
         agent: &AgentAddr,
     ) -> Result<Vec<flotilla_api::migration::MigrationInfo>, AgentCallError> {
         let url = format!("{}/v1/migrations", agent.endpoint);
-        self.call(agent, self.http.get(url)).await
+        self.call(agent, self.http(agent).get(url)).await
     }
 
     /// Sends an exec to the VM and hands back the agent's answer as is
@@ -218,7 +253,7 @@ impl AgentClient {
         let limit = Duration::from_millis(request.timeout_ms.unwrap_or(3_600_000))
             + Duration::from_secs(60);
         agent
-            .authorize(self.http.post(url))
+            .authorize(self.http(agent).post(url))
             .timeout(limit)
             .json(request)
             .send()

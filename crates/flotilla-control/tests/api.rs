@@ -519,6 +519,7 @@ async fn two_replicas_never_double_book_a_host() {
         let beat = HostHeartbeat {
             endpoint: "http://127.0.0.1:9".into(),
             agent_token: None,
+            tls_fingerprint: None,
             capacity: Resources {
                 vcpus: 4,
                 memory_mib: 8192,
@@ -573,6 +574,7 @@ async fn two_replicas_never_double_book_a_host() {
         let beat = HostHeartbeat {
             endpoint: "http://127.0.0.1:9".into(),
             agent_token: None,
+            tls_fingerprint: None,
             capacity: Resources {
                 vcpus: 64,
                 memory_mib: 65536,
@@ -612,6 +614,7 @@ async fn two_replicas_never_double_book_a_host() {
         let beat = HostHeartbeat {
             endpoint: "http://127.0.0.1:9".into(),
             agent_token: None,
+            tls_fingerprint: None,
             capacity: Resources {
                 vcpus: 64,
                 memory_mib: 65536,
@@ -1015,6 +1018,7 @@ fn empty_host(endpoint: &str) -> HostHeartbeat {
     HostHeartbeat {
         endpoint: endpoint.into(),
         agent_token: None,
+        tls_fingerprint: None,
         capacity: Resources {
             vcpus: 8,
             memory_mib: 8192,
@@ -1056,6 +1060,7 @@ async fn heartbeats_settle_a_move_left_unrecorded() {
     let beat = |vms: Vec<(&str, VmState)>| HostHeartbeat {
         endpoint: "http://127.0.0.1:9".into(),
         agent_token: None,
+        tls_fingerprint: None,
         capacity: Resources {
             vcpus: 8,
             memory_mib: 8192,
@@ -1156,6 +1161,13 @@ async fn heartbeat_replies_route_other_hosts_instances() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("vm_subnet"), "{err}");
+    // An HTTPS agent names its certificate: the control plane trusts it alone.
+    let https = HostHeartbeat {
+        endpoint: "https://198.18.0.2:7777".into(),
+        ..beat(2, "10.77.0.0/24", None)
+    };
+    let err = cp.heartbeat(&admin, "h1", &https).await.unwrap_err();
+    assert!(err.to_string().contains("fingerprint"), "{err}");
     for (h, n) in [("h1", 2), ("h2", 3)] {
         let reply = cp
             .heartbeat(&admin, h, &beat(n, "10.77.0.0/24", None))

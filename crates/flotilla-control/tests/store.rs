@@ -27,6 +27,7 @@ fn beat(vcpus: u32) -> HostHeartbeat {
     HostHeartbeat {
         endpoint: "http://127.0.0.1:9".into(),
         agent_token: None,
+        tls_fingerprint: None,
         capacity: Resources {
             vcpus,
             memory_mib: 4096,
@@ -96,6 +97,7 @@ async fn hosts_heartbeats_down_and_placement_versions() {
         // The agent's token is kept from the last beat that gave one.
         let with_token = HostHeartbeat {
             agent_token: Some("fla_x".into()),
+            tls_fingerprint: None,
             ..beat(4)
         };
         store.record_heartbeat("h1", &with_token).await.unwrap();

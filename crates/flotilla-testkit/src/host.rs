@@ -63,6 +63,18 @@ pub struct TestHost {
     options: HostOptions,
     agent: Option<Child>,
     http: reqwest::blocking::Client,
+    /// The certificate fingerprint `http` trusts.
+    trusted: Option<String>,
+}
+
+/// A blocking client of an agent's API: trusting only the certificate with
+/// `fingerprint`, if given.
+fn api_client(fingerprint: Option<&str>) -> anyhow::Result<reqwest::blocking::Client> {
+    let mut builder = reqwest::blocking::Client::builder().timeout(Duration::from_secs(300));
+    if let Some(f) = fingerprint {
+        builder = builder.use_preconfigured_tls(flotilla_tls::pinned_client_config(f)?);
+    }
+    Ok(builder.build()?)
 }
 
 impl TestHost {
@@ -93,16 +105,20 @@ impl TestHost {
                 bail!("mounting a tmpfs: {}", String::from_utf8_lossy(&out.stderr));
             }
         }
-        let endpoint = format!("http://{}:{AGENT_PORT}", netns.ns_ip);
+        // Agents serve HTTPS unless a test asks for plain HTTP.
+        let scheme = match options.agent_args.iter().any(|a| a == "--plain-http") {
+            true => "http",
+            false => "https",
+        };
+        let endpoint = format!("{scheme}://{}:{AGENT_PORT}", netns.ns_ip);
         let mut host = TestHost {
             netns,
             data_dir,
             endpoint,
             options,
             agent: None,
-            http: reqwest::blocking::Client::builder()
-                .timeout(Duration::from_secs(300))
-                .build()?,
+            http: api_client(None)?,
+            trusted: None,
         };
         if host.options.with_default_image {
             host.register_default_image()?;
@@ -178,6 +194,14 @@ impl TestHost {
         self.agent = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
+            // The agent makes its certificate on its first start.
+            if let Some(f) = self
+                .fingerprint()
+                .filter(|f| self.trusted.as_ref() != Some(f))
+            {
+                self.http = api_client(Some(&f))?;
+                self.trusted = Some(f);
+            }
             if let Ok(r) = self.http.get(format!("{}/healthz", self.endpoint)).send() {
                 if r.status().is_success() {
                     return Ok(());
@@ -223,9 +247,30 @@ impl TestHost {
             .unwrap_or_default()
     }
 
+    /// The fingerprint of the agent's certificate (when it serves HTTPS).
+    pub fn fingerprint(&self) -> Option<String> {
+        if !self.endpoint.starts_with("https://") {
+            return None;
+        }
+        flotilla_tls::fingerprint_of_file(
+            &self.data_path().join("tls").join(flotilla_tls::CERT_FILE),
+        )
+        .ok()
+    }
+
+    /// A client of this host's API (trusting its certificate), for tests
+    /// that make their own calls.
+    pub fn http_client(&self) -> reqwest::blocking::Client {
+        self.http.clone()
+    }
+
     /// Runs the CLI against this host.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(flotilla_bin())
+        let mut command = Command::new(flotilla_bin());
+        if let Some(f) = self.fingerprint() {
+            command.env("FLOTILLA_AGENT_FINGERPRINT", f);
+        }
+        command
             .env("FLOTILLA_AGENT_TOKEN", self.agent_token())
             .arg("--endpoint")
             .arg(&self.endpoint)

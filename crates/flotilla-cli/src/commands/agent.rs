@@ -16,6 +16,7 @@ fn config_from(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
     let mut c = AgentConfig::with_defaults(data_dir);
     c.listen = args.listen;
+    c.tls = !args.plain_http;
     c.qemu_binary = args.qemu.clone();
     c.accel = args
         .accel
@@ -62,7 +63,7 @@ fn config_from(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
             advertise: args
                 .advertise
                 .clone()
-                .unwrap_or_else(|| format!("http://{}", args.listen)),
+                .unwrap_or_else(|| format!("{}://{}", c.scheme(), args.listen)),
             labels: args.labels.iter().cloned().collect(),
             interval: Duration::from_secs(args.heartbeat_interval.max(1)),
         });
@@ -132,9 +133,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     };
     let (config, control, token_file) = with_embedded_control(config, args.control_listen).await?;
     let control_url = format!("http://{}", args.control_listen);
+    let scheme = config.scheme();
     let result = run_agent(config, on_exit, ctrl_c_or_term(), |h| {
         eprintln!(
-            "Flotilla is up: agent on http://{}, control plane on {control_url} (tenant {DEFAULT_TENANT}, token in {}). In another terminal:\n  flotilla vm run demo --wait\n  flotilla vm exec demo -- uname -a\n  FLOTILLA_TOKEN=$(cat {}) flotilla instance run web --count 2 --wait\nCtrl-C stops the VMs and exits{}.",
+            "Flotilla is up: agent on {scheme}://{}, control plane on {control_url} (tenant {DEFAULT_TENANT}, token in {}). In another terminal:\n  flotilla vm run demo --wait\n  flotilla vm exec demo -- uname -a\n  FLOTILLA_TOKEN=$(cat {}) flotilla instance run web --count 2 --wait\nCtrl-C stops the VMs and exits{}.",
             h.local_addr,
             token_file.display(),
             token_file.display(),
@@ -202,7 +204,7 @@ async fn with_embedded_control(
             url,
             token: host_token.trim().to_string(),
             host_name: LOCAL_HOST.into(),
-            advertise: format!("http://{}", config.listen),
+            advertise: format!("{}://{}", config.scheme(), config.listen),
             labels: Default::default(),
             interval: Duration::from_secs(3),
         });

@@ -53,12 +53,13 @@ pub struct MigrateArgs {
     pub name: String,
     pub to: String,
     pub to_token: Option<String>,
+    pub to_fingerprint: Option<String>,
     pub options: flotilla_api::migration::MigrationOptions,
     pub no_wait: bool,
 }
 
 pub async fn migrate(client: &Client, json: bool, a: MigrateArgs) -> anyhow::Result<ExitCode> {
-    let req = MigrateVmRequest::new(a.to.clone(), a.to_token, a.options);
+    let req = MigrateVmRequest::new(a.to.clone(), a.to_token, a.to_fingerprint, a.options);
     let started: MigrationInfo = client
         .post(&format!("/v1/vms/{}/migrate", a.name), &req)
         .await?;

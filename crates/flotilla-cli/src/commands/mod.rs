@@ -30,7 +30,17 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Client::control(&cli.control_url, token.as_deref())
     };
     let agent_token = cli.agent_token.clone().or_else(local_agent_token);
-    let agent = || Client::agent(&cli.endpoint, agent_token.clone());
+    let agent_fingerprint = cli
+        .agent_fingerprint
+        .clone()
+        .or_else(local_agent_fingerprint);
+    let agent = || {
+        Client::agent(
+            &cli.endpoint,
+            agent_token.clone(),
+            agent_fingerprint.as_deref(),
+        )
+    };
     match cli.command {
         Command::Up(args) => agent::up(args).await,
         Command::Agent(args) => agent::agent(args).await,
@@ -65,6 +75,10 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("network:    bridge {} on {}", host.bridge, host.subnet);
                 println!("vms:        {}", host.vm_count);
                 println!("data dir:   {}", host.data_dir);
+                match &host.tls_fingerprint {
+                    Some(f) => println!("tls:        HTTPS, certificate sha256 {f}"),
+                    None => println!("tls:        none (plain HTTP)"),
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -85,11 +99,22 @@ pub fn default_data_dir() -> std::path::PathBuf {
     base.join("flotilla")
 }
 
+/// The data directory of a local agent: FLOTILLA_DATA_DIR or the default.
+fn local_data_dir() -> std::path::PathBuf {
+    std::env::var_os("FLOTILLA_DATA_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(default_data_dir)
+}
+
+/// The fingerprint of a local agent's certificate, from its data directory.
+fn local_agent_fingerprint() -> Option<String> {
+    let cert = local_data_dir().join("tls").join(flotilla_tls::CERT_FILE);
+    flotilla_tls::fingerprint_of_file(&cert).ok()
+}
+
 /// The API token of a local agent, from its data directory.
 fn local_agent_token() -> Option<String> {
-    let dir = std::env::var_os("FLOTILLA_DATA_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(default_data_dir);
+    let dir = local_data_dir();
     std::fs::read_to_string(dir.join(flotilla_agent::auth::TOKEN_FILE))
         .ok()
         .map(|s| s.trim().to_string())
@@ -99,9 +124,7 @@ fn local_agent_token() -> Option<String> {
 /// A token of a local `flotilla up` (its admin's, or its default
 /// tenant's), for when no token is given.
 fn local_token(admin: bool) -> Option<String> {
-    let dir = std::env::var_os("FLOTILLA_DATA_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(default_data_dir);
+    let dir = local_data_dir();
     let file = match admin {
         true => flotilla_control::server::ADMIN_TOKEN_FILE.to_string(),
         false => format!("{}.token", agent::DEFAULT_TENANT),

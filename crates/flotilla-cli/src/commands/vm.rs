@@ -84,6 +84,7 @@ pub async fn run(client: &Client, json: bool, cmd: VmCommand) -> anyhow::Result<
             name,
             to,
             to_token,
+            to_fingerprint,
             options,
             no_wait,
         } => {
@@ -91,6 +92,7 @@ pub async fn run(client: &Client, json: bool, cmd: VmCommand) -> anyhow::Result<
                 name,
                 to,
                 to_token,
+                to_fingerprint,
                 options: options.options(),
                 no_wait,
             };

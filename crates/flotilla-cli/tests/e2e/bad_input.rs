@@ -219,7 +219,7 @@ fn the_agent_api_needs_the_agents_token() {
         ..HostOptions::default()
     })
     .expect("test host");
-    let http = reqwest::blocking::Client::new();
+    let http = host.http_client();
     let call = |token: Option<&str>, path: &str| {
         let mut req = http.get(format!("{}{path}", host.endpoint));
         if let Some(t) = token {
@@ -257,10 +257,17 @@ fn the_agent_api_needs_the_agents_token() {
     assert_eq!(mode & 0o077, 0, "{mode:o}");
 
     // A CLI without the token is told where to find it.
+    let fingerprint = host.fingerprint().expect("HTTPS");
     let out = std::process::Command::new(flotilla_testkit::flotilla_bin())
         .env_remove("FLOTILLA_AGENT_TOKEN")
         .env("FLOTILLA_DATA_DIR", "/nonexistent")
-        .args(["--endpoint", &host.endpoint, "vm", "ls"])
+        .args([
+            "--endpoint",
+            &host.endpoint,
+            "--agent-fingerprint",
+            &fingerprint,
+        ])
+        .args(["vm", "ls"])
         .output()
         .expect("flotilla");
     assert!(!out.status.success());
@@ -277,4 +284,65 @@ fn the_agent_api_needs_the_agents_token() {
         .output()
         .expect("flotilla");
     assert!(out.status.success(), "{}", stderr_of(&out));
+}
+
+/// The agent's API is HTTPS with the agent's own certificate: the host
+/// shows its fingerprint; a client trusting another certificate, or none,
+/// is refused before any request (token included) is sent; the
+/// certificate outlives a restart.
+#[test]
+fn the_agent_api_is_https_with_a_pinned_certificate() {
+    let mut host = TestHost::start_with(HostOptions {
+        with_default_image: false,
+        ..HostOptions::default()
+    })
+    .expect("test host");
+    assert!(host.endpoint.starts_with("https://"));
+    let fingerprint = host.fingerprint().expect("a certificate");
+    let info: serde_json::Value = host.cli_json(&["host"]);
+    assert_eq!(info["tls_fingerprint"], fingerprint.as_str(), "{info}");
+    let token = host.agent_token();
+    let cli = |fingerprint: Option<&str>, endpoint: &str| {
+        let mut c = std::process::Command::new(flotilla_testkit::flotilla_bin());
+        c.env("FLOTILLA_DATA_DIR", "/nonexistent")
+            .env("FLOTILLA_AGENT_TOKEN", &token)
+            .args(["--endpoint", endpoint]);
+        if let Some(f) = fingerprint {
+            c.args(["--agent-fingerprint", f]);
+        }
+        c.args(["vm", "ls"]).output().expect("flotilla")
+    };
+    // Another certificate's fingerprint: the connection is refused.
+    let other = "ab".repeat(32);
+    let endpoint = host.endpoint.clone();
+    let out = cli(Some(&other), &endpoint);
+    assert!(!out.status.success());
+    let err = stderr_of(&out);
+    assert!(err.contains("not the one trusted"), "{err}");
+    // None at all: told how to get it.
+    let out = cli(None, &endpoint);
+    assert!(!out.status.success());
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("fingerprint") && err.contains("flotilla host"),
+        "{err}"
+    );
+    // Not a fingerprint.
+    let out = cli(Some("sha256:xyz"), &endpoint);
+    assert!(
+        stderr_of(&out).contains("64 hex digits"),
+        "{}",
+        stderr_of(&out)
+    );
+    // Plain HTTP to an HTTPS agent: told about https://.
+    let plain = host.endpoint.replace("https://", "http://");
+    let out = cli(None, &plain);
+    assert!(!out.status.success());
+    assert!(stderr_of(&out).contains("https://"), "{}", stderr_of(&out));
+    // The right one works; the certificate is kept across a restart.
+    assert!(cli(Some(&fingerprint), &endpoint).status.success());
+    host.kill_agent(nix::sys::signal::Signal::SIGTERM);
+    host.start_agent().expect("agent restarts");
+    assert_eq!(host.fingerprint().as_deref(), Some(fingerprint.as_str()));
+    assert!(cli(Some(&fingerprint), &endpoint).status.success());
 }

@@ -371,9 +371,10 @@ fn a_clones_disk_moves_to_its_own_volume_while_it_runs() {
         let old = before["disks"][0]["path"].as_str().unwrap().to_string();
         std::thread::scope(|s| {
             let endpoint = host.endpoint.clone();
+            let http = host.http_client();
             let token = host.agent_token();
             s.spawn(move || {
-                let _ = reqwest::blocking::Client::new()
+                let _ = http
                     .post(format!("{endpoint}/v1/vms/c/move-disk"))
                     .bearer_auth(&token)
                     .json(&serde_json::json!({ "volume": "other" }))
@@ -473,10 +474,10 @@ fn bad_clone_requests_are_refused_and_a_killed_agent_leaves_the_source_running()
         let calls: Vec<_> = (0..2)
             .map(|_| {
                 let endpoint = host.endpoint.clone();
+                let http = host.http_client();
                 let token = host.agent_token();
                 s.spawn(move || {
-                    reqwest::blocking::Client::new()
-                        .post(format!("{endpoint}/v1/vms/src/clone"))
+                    http.post(format!("{endpoint}/v1/vms/src/clone"))
                         .bearer_auth(&token)
                         .json(&serde_json::json!({ "name": "twin" }))
                         .send()
@@ -498,10 +499,11 @@ fn bad_clone_requests_are_refused_and_a_killed_agent_leaves_the_source_running()
         let name = format!("c{delay_ms}");
         std::thread::scope(|s| {
             let endpoint = host.endpoint.clone();
+            let http = host.http_client();
             let token = host.agent_token();
             let name = name.clone();
             s.spawn(move || {
-                let _ = reqwest::blocking::Client::new()
+                let _ = http
                     .post(format!("{endpoint}/v1/vms/src/clone"))
                     .bearer_auth(&token)
                     .json(&serde_json::json!({ "name": name }))

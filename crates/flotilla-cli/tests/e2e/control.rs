@@ -448,6 +448,16 @@ fn fabric_host(
     fabric: &std::sync::Arc<flotilla_testkit::Fabric>,
     name: &str,
 ) -> TestHost {
+    fabric_host_with(cp, fabric, name, &[])
+}
+
+/// A host on the cluster fabric with more agent arguments.
+fn fabric_host_with(
+    cp: &ControlPlaneProcess,
+    fabric: &std::sync::Arc<flotilla_testkit::Fabric>,
+    name: &str,
+    agent_args: &[&str],
+) -> TestHost {
     let (s, t) = cp.api("POST", "/v1/tokens", None, Some(json!({"host": name})));
     assert_eq!(s, 201, "{t}");
     TestHost::start_with(HostOptions {
@@ -458,6 +468,7 @@ fn fabric_host(
             labels: vec![],
         }),
         fabric: Some(fabric.clone()),
+        agent_args: agent_args.iter().map(|a| a.to_string()).collect(),
         ..HostOptions::default()
     })
     .expect("test host")
@@ -593,13 +604,24 @@ fn eventually(what: &str, secs: u64, mut check: impl FnMut() -> Result<(), Strin
 fn instances_on_different_hosts_reach_each_other_before_and_after_a_move() {
     let cp = ControlPlaneProcess::start().expect("control plane");
     let fabric = std::sync::Arc::new(flotilla_testkit::Fabric::create().expect("fabric"));
+    // h3 serves plain HTTP (a trusted network): the control plane and a
+    // migration's source reach it without a certificate.
     let hosts = [
         fabric_host(&cp, &fabric, "h1"),
         fabric_host(&cp, &fabric, "h2"),
-        fabric_host(&cp, &fabric, "h3"),
+        fabric_host_with(&cp, &fabric, "h3", &["--plain-http"]),
     ];
     let host = |name: &str| &hosts[name[1..].parse::<usize>().unwrap() - 1];
     let (admin, acme) = hosts_up_and_tenant(&cp, 3);
+    // The control plane trusts each agent by the certificate its
+    // heartbeats name.
+    let (_, h1) = cp.api("GET", "/v1/hosts/h1", None, None);
+    assert_eq!(
+        h1["tls_fingerprint"],
+        json!(host("h1").fingerprint()),
+        "{h1}"
+    );
+    assert_eq!(h1["vm_subnet"], "10.77.0.0/24", "{h1}");
     // h3 is kept free for the move.
     assert!(cli(&cp, &admin, &["hosts", "cordon", "h3"]).0);
     let (s, b) = cp.api(

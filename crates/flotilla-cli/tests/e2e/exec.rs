@@ -47,6 +47,10 @@ fn exec_passes_env_cwd_stdin_and_exit_codes() {
     // stdin through the CLI.
     let mut child = Command::new(flotilla_bin())
         .env("FLOTILLA_AGENT_TOKEN", host.agent_token())
+        .env(
+            "FLOTILLA_AGENT_FINGERPRINT",
+            host.fingerprint().expect("HTTPS"),
+        )
         .args([
             "--endpoint",
             &host.endpoint,

@@ -59,6 +59,7 @@ fn counter(host: &TestHost, vm: &str, path: &str) -> u64 {
 
 fn migrate(from: &TestHost, to: &TestHost, vm: &str, extra: &[&str]) -> std::process::Output {
     let token = to.agent_token();
+    let fingerprint = to.fingerprint().expect("the target serves HTTPS");
     let mut args = vec![
         "--json",
         "vm",
@@ -68,6 +69,8 @@ fn migrate(from: &TestHost, to: &TestHost, vm: &str, extra: &[&str]) -> std::pro
         &to.endpoint,
         "--to-token",
         &token,
+        "--to-fingerprint",
+        &fingerprint,
     ];
     args.extend_from_slice(extra);
     from.cli(&args)
@@ -343,6 +346,14 @@ fn a_cancelled_or_refused_migration_leaves_the_vm_where_it_was() {
     let out = a.cli(&["vm", "migrate", "stay", "--to", "ftp://x"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("http://"));
+    // An HTTPS target is trusted by its certificate only.
+    let out = a.cli(&["vm", "migrate", "stay", "--to", &small.endpoint]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("fingerprint is needed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The host's link to the fabric (its veth's end in the caller's namespace).

@@ -220,10 +220,11 @@ fn agent_killed_mid_suspend_leaves_the_vm_running_or_completely_suspended() {
     for delay_ms in [150u64, 400] {
         std::thread::scope(|s| {
             let endpoint = host.endpoint.clone();
+            let http = host.http_client();
             let token = host.agent_token();
             s.spawn(move || {
                 // Cut off when the agent dies; the outcome is checked below.
-                let _ = reqwest::blocking::Client::new()
+                let _ = http
                     .post(format!("{endpoint}/v1/vms/victim/suspend"))
                     .bearer_auth(&token)
                     .send();

@@ -15,7 +15,8 @@ fn up_serves_and_ctrl_c_stops_everything() {
         .prefix("flotilla-up-")
         .tempdir()
         .expect("tempdir");
-    let endpoint = format!("http://{}:7777", ns.ns_ip);
+    // HTTPS: the CLI trusts the agent's certificate from its data directory.
+    let endpoint = format!("https://{}:7777", ns.ns_ip);
     let log = std::fs::File::create(data.path().join("up.log")).expect("log");
     let mut up = Command::new("ip")
         .args(["netns", "exec", &ns.name])

@@ -39,6 +39,8 @@ pub fn host(h: HostRow) -> Host {
         },
         instances: h.instances,
         labels: h.labels,
+        vm_subnet: h.vm_subnet,
+        tls_fingerprint: h.tls_fingerprint,
         last_heartbeat: rfc3339(h.last_heartbeat),
         registered_at: rfc3339(h.registered_at),
         name: h.name,

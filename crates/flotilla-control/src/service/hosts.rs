@@ -28,6 +28,8 @@ impl ControlPlane {
                 beat.endpoint
             )));
         }
+        flotilla_tls::check_pin(&beat.endpoint, beat.tls_fingerprint.as_deref())
+            .map_err(|e| ControlError::invalid(format!("tls_fingerprint: {e}")))?;
         if let Some(subnet) = &beat.vm_subnet {
             subnet
                 .parse::<flotilla_api::net::Subnet>()

@@ -28,6 +28,8 @@ pub struct HostRow {
     pub agent_token: Option<String>,
     /// The host's VM subnet (CIDR), as its last heartbeat gave it.
     pub vm_subnet: Option<String>,
+    /// The agent's TLS certificate fingerprint, as its last heartbeat gave it.
+    pub tls_fingerprint: Option<String>,
     /// Held by the instances placed here.
     pub used_vcpus: u64,
     pub used_memory_mib: u64,
@@ -62,7 +64,8 @@ pub struct Placement {
 }
 
 const HOST_COLUMNS: &str = "name, endpoint, vcpus, memory_mib, labels, down, cordoned, \
-                            last_heartbeat, registered_at, version, agent_token, vm_subnet";
+                            last_heartbeat, registered_at, version, agent_token, vm_subnet, \
+                            tls_fingerprint";
 
 fn host(row: &sqlx::any::AnyRow) -> StoreResult<HostRow> {
     let labels: String = row.try_get("labels")?;
@@ -79,6 +82,7 @@ fn host(row: &sqlx::any::AnyRow) -> StoreResult<HostRow> {
         version: row.try_get("version")?,
         agent_token: row.try_get("agent_token")?,
         vm_subnet: row.try_get("vm_subnet")?,
+        tls_fingerprint: row.try_get("tls_fingerprint")?,
         used_vcpus: 0,
         used_memory_mib: 0,
         instances: 0,
@@ -110,12 +114,12 @@ impl Store {
         sqlx::query(
             "INSERT INTO hosts (name, endpoint, vcpus, memory_mib, labels, down, cordoned,
                                 last_heartbeat, registered_at, version, agent_token, vm_subnet,
-                                vm_addresses)
-             VALUES ($1, $2, $3, $4, $5, 0, 0, $6, $6, 0, $7, $8, $9)
+                                vm_addresses, tls_fingerprint)
+             VALUES ($1, $2, $3, $4, $5, 0, 0, $6, $6, 0, $7, $8, $9, $10)
              ON CONFLICT (name) DO UPDATE SET endpoint = $2, vcpus = $3, memory_mib = $4,
                 labels = $5, down = 0, last_heartbeat = $6,
                 agent_token = COALESCE($7, hosts.agent_token), vm_subnet = $8,
-                vm_addresses = $9,
+                vm_addresses = $9, tls_fingerprint = $10,
                 version = CASE WHEN hosts.vcpus <> $3 OR hosts.memory_mib <> $4
                                     OR hosts.labels <> $5 OR hosts.down <> 0
                                THEN hosts.version + 1 ELSE hosts.version END",
@@ -135,6 +139,7 @@ impl Store {
                 .filter_map(|v| v.ip.as_deref())
                 .collect::<Vec<_>>(),
         ))
+        .bind(beat.tls_fingerprint.as_deref())
         .execute(self.pool())
         .await?;
         Ok(was_down == Some(1))

@@ -152,4 +152,12 @@ pub(crate) const MIGRATIONS: &[(i64, &[&str])] = &[
             "CREATE UNIQUE INDEX instances_by_ip ON instances (ip)",
         ],
     ),
+    (
+        9,
+        &[
+            // The agent's TLS certificate fingerprint, from its heartbeats:
+            // the control plane's calls to an HTTPS agent trust only it.
+            "ALTER TABLE hosts ADD COLUMN tls_fingerprint TEXT",
+        ],
+    ),
 ];

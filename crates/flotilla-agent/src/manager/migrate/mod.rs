@@ -30,6 +30,9 @@ struct Stored {
     info: MigrationInfo,
     #[serde(default)]
     peer_token: Option<String>,
+    /// The peer agent's TLS certificate fingerprint (a source's record).
+    #[serde(default)]
+    peer_fingerprint: Option<String>,
     /// The target's address between the hosts (a source's record): where
     /// the VM's addresses are forwarded after the switch-over.
     #[serde(default)]
@@ -112,8 +115,14 @@ impl MigrationBook {
             .ok_or_else(|| AgentError::MigrationNotFound { id: id.to_string() })
     }
 
-    fn peer_token(&self, id: &str) -> Option<String> {
-        self.items().get(id).and_then(|s| s.peer_token.clone())
+    /// How to call the other agent of migration `id` (a source's record).
+    fn peer(&self, id: &str, endpoint: &str) -> source::Peer {
+        let (token, fingerprint) = self
+            .items()
+            .get(id)
+            .map(|s| (s.peer_token.clone(), s.peer_fingerprint.clone()))
+            .unwrap_or_default();
+        source::Peer::new(endpoint, token, fingerprint)
     }
 
     fn forward_via(&self, id: &str) -> Option<std::net::Ipv4Addr> {
@@ -145,7 +154,12 @@ impl MigrationBook {
     }
 
     /// Adds a record and writes it; an id already known is refused.
-    fn put(&self, info: MigrationInfo, peer_token: Option<String>) -> AgentResult<()> {
+    fn put(
+        &self,
+        info: MigrationInfo,
+        peer_token: Option<String>,
+        peer_fingerprint: Option<String>,
+    ) -> AgentResult<()> {
         let mut items = self.items();
         if items.contains_key(&info.id) {
             return Err(AgentError::conflict(
@@ -156,6 +170,7 @@ impl MigrationBook {
         let stored = Stored {
             info,
             peer_token,
+            peer_fingerprint,
             forward_via: None,
         };
         self.write(&stored)?;
@@ -453,7 +468,7 @@ impl super::VmManager {
             return;
         };
         tracing::warn!(vm = %name, migration = %id, "taking up an interrupted migration");
-        let peer = source::Peer::new(&info.peer, self.inner.migrations.peer_token(&id));
+        let peer = self.inner.migrations.peer(&id, &info.peer);
         let (manager, entry, qmp) = (self.clone(), entry.clone(), qmp.clone());
         tokio::spawn(async move {
             let why = "the source agent restarted during the migration".to_string();
@@ -523,7 +538,7 @@ impl super::VmManager {
             self.clear_migration(entry);
             return;
         };
-        let peer = source::Peer::new(&info.peer, self.inner.migrations.peer_token(&id));
+        let peer = self.inner.migrations.peer(&id, &info.peer);
         let (manager, entry) = (self.clone(), entry.clone());
         tokio::spawn(async move {
             let started = std::time::Instant::now();

@@ -65,15 +65,24 @@ pub(super) struct Peer {
 }
 
 impl Peer {
-    pub(super) fn new(endpoint: &str, token: Option<String>) -> Peer {
+    /// The agent at `endpoint`, trusted by its certificate's `fingerprint`
+    /// when it serves HTTPS (checked before it is stored).
+    pub(super) fn new(endpoint: &str, token: Option<String>, fingerprint: Option<String>) -> Peer {
+        let mut builder = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .connect_timeout(Duration::from_secs(5));
+        if let Some(f) = &fingerprint {
+            match flotilla_tls::pinned_client_config(f) {
+                Ok(tls) => builder = builder.use_preconfigured_tls(tls),
+                Err(e) => {
+                    tracing::error!(endpoint, error = %e, "the peer's fingerprint is unusable")
+                }
+            }
+        }
         Peer {
             endpoint: endpoint.trim_end_matches('/').to_string(),
             token,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(60))
-                .connect_timeout(Duration::from_secs(5))
-                .build()
-                .unwrap_or_default(),
+            http: builder.build().unwrap_or_default(),
         }
     }
 
@@ -199,10 +208,12 @@ impl VmManager {
     pub async fn migrate(&self, name: &str, req: MigrateVmRequest) -> AgentResult<MigrationInfo> {
         if !(req.target.starts_with("http://") || req.target.starts_with("https://")) {
             return Err(AgentError::InvalidArgument(format!(
-                "target {:?} is not an agent URL: expected http://HOST:PORT",
+                "target {:?} is not an agent URL: expected https://HOST:PORT (or http:// for an agent serving plain HTTP)",
                 req.target
             )));
         }
+        flotilla_tls::check_pin(&req.target, req.target_fingerprint.as_deref())
+            .map_err(|e| AgentError::InvalidArgument(format!("target_fingerprint: {e}")))?;
         for (field, v) in [
             ("max_bandwidth_mibps", req.max_bandwidth_mibps),
             ("disk_sync_mibps", req.disk_sync_mibps),
@@ -244,9 +255,11 @@ impl VmManager {
             }
             // The migration's record first: a VM marked migrating always
             // has one to be taken up from.
-            self.inner
-                .migrations
-                .put(info.clone(), req.target_token.clone())?;
+            self.inner.migrations.put(
+                info.clone(),
+                req.target_token.clone(),
+                req.target_fingerprint.clone(),
+            )?;
             self.transition(&mut s, VmState::Migrating)?;
             s.record.migration = Some(id.clone());
             if let Err(e) = self.save(&s) {
@@ -261,7 +274,11 @@ impl VmManager {
         tracing::info!(vm = name, migration = %id, target = %req.target, "migration started");
         let manager = self.clone();
         tokio::spawn(async move {
-            let peer = Peer::new(&req.target, req.target_token.clone());
+            let peer = Peer::new(
+                &req.target,
+                req.target_token.clone(),
+                req.target_fingerprint.clone(),
+            );
             let book = &manager.inner.migrations;
             book.update(&id, false, |m| {
                 m.error = Some("waiting for one of this host's migration slots".into())
@@ -390,7 +407,8 @@ impl VmManager {
             let request = IncomingMigrationRequest {
                 id: id.to_string(),
                 source: format!(
-                    "http://{}",
+                    "{}://{}",
+                    self.inner.config.scheme(),
                     std::net::SocketAddr::new(ip, self.inner.config.listen.port())
                 ),
                 vm,

@@ -162,7 +162,7 @@ impl VmManager {
         let mut info = new_record(&req.id, &vm.name, MigrationRole::Target, &req.source);
         info.tls = req.tls_psk.is_some();
         info.disk_sync_limit_bps = req.disk_sync_bps;
-        if let Err(e) = self.inner.migrations.put(info, None) {
+        if let Err(e) = self.inner.migrations.put(info, None, None) {
             self.remove_incoming(&entry).await;
             return Err(e);
         }
@@ -881,7 +881,7 @@ impl VmManager {
                 let mut tomb = new_record(id, "", MigrationRole::Target, "");
                 tomb.phase = MigrationPhase::Cancelled;
                 tomb.error = Some("removed before it was made".into());
-                let _ = self.inner.migrations.put(tomb, None);
+                let _ = self.inner.migrations.put(tomb, None, None);
                 return Ok(());
             }
         };
