@@ -4,7 +4,7 @@
 //! reply carries the cluster's VM routes when they changed, which the agent
 //! applies (see [`crate::routes`]).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
@@ -101,21 +101,17 @@ pub async fn heartbeat_loop(manager: VmManager, link: ControlLink, agent_token: 
     }
 }
 
-/// Applies the control plane's VM routes (entries that do not parse are
-/// skipped with a warning: one bad row must not cut the rest off). The
-/// VMs here are read now: one that arrived since the heartbeat was sent
-/// (its record exists from the migration's start) keeps its address.
+/// Takes the control plane's VM routes (entries that do not parse are
+/// skipped with a warning: one bad row must not cut the rest off) and
+/// brings the host's routes and filter up to date.
 fn apply_routes(manager: &VmManager, routes: VmRoutes) {
-    let local: HashSet<Ipv4Addr> = manager
-        .list()
-        .iter()
-        .flat_map(|vm| vm.nics.iter().filter_map(|n| n.ip.parse().ok()))
-        .collect();
     let mut table = BTreeMap::new();
+    let mut groups = BTreeMap::new();
     for r in &routes.routes {
         match (r.ip.parse::<Ipv4Addr>(), r.via.parse::<Ipv4Addr>()) {
             (Ok(ip), Ok(via)) => {
                 table.insert(ip, via);
+                groups.insert(ip, r.group.clone().unwrap_or_default());
             }
             _ => tracing::warn!(ip = %r.ip, via = %r.via, host = %r.host, "unusable VM route"),
         }
@@ -123,5 +119,6 @@ fn apply_routes(manager: &VmManager, routes: VmRoutes) {
     manager
         .inner
         .routes
-        .set_cluster(routes.version, table, &local);
+        .set_cluster(routes.version, table, groups);
+    manager.sync_network();
 }

@@ -17,6 +17,7 @@ pub mod disks;
 pub mod error;
 pub mod fsutil;
 pub mod http;
+pub mod isolation;
 pub mod manager;
 pub mod network;
 pub mod record;

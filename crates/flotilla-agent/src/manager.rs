@@ -84,8 +84,11 @@ pub(crate) struct Inner {
     pub pending_names: Mutex<std::collections::HashSet<String>>,
     /// Live migrations this host takes part in, as source or target.
     pub migrations: migrate::MigrationBook,
-    /// Addresses of VMs that moved away, routed to their new hosts.
+    /// Routes to VM addresses on other hosts (the cluster's, and forwards
+    /// of VMs that moved away).
     pub routes: Arc<crate::routes::Routes>,
+    /// The filter keeping network groups (tenants) apart.
+    pub isolation: crate::isolation::Isolation,
 }
 
 /// A name held for an operation in flight; released when dropped.
@@ -135,6 +138,7 @@ impl VmManager {
                 pending_names: Mutex::new(Default::default()),
                 migrations: migrate::MigrationBook::open(&config_migrations_dir, max_migrations),
                 routes,
+                isolation: crate::isolation::Isolation::new(),
             }),
         }
     }
@@ -285,6 +289,42 @@ impl VmManager {
         Ok(info)
     }
 
+    /// Every VM address this host knows with its network group: its own
+    /// VMs', then those elsewhere (routes and forwards).
+    pub fn network_members(&self) -> BTreeMap<std::net::Ipv4Addr, String> {
+        let mut members = self.inner.routes.groups();
+        for e in self.vms().values() {
+            let s = e.lock();
+            let group = crate::isolation::group_of(&s.record.tags);
+            for n in &s.record.nics {
+                members.insert(n.ip, group.clone());
+            }
+        }
+        members
+    }
+
+    /// Brings the host's routes to VMs elsewhere and the network groups'
+    /// filter up to date (blocking: runs `ip` and `nft` when something
+    /// changed).
+    pub fn sync_network(&self) {
+        // A VM still arriving runs on its source: its address is routed
+        // there until it is here.
+        let running_here: std::collections::HashSet<std::net::Ipv4Addr> = self
+            .vms()
+            .values()
+            .filter_map(|e| {
+                let s = e.lock();
+                (s.record.state != VmState::Incoming)
+                    .then(|| s.record.nics.iter().map(|n| n.ip).collect::<Vec<_>>())
+            })
+            .flatten()
+            .collect();
+        self.inner.routes.reconcile(&running_here);
+        if let Err(e) = self.inner.isolation.apply(self.network_members()) {
+            tracing::warn!(error = %e, "could not apply the network groups");
+        }
+    }
+
     pub fn host_info(&self) -> HostInfo {
         let cfg = &self.inner.config;
         HostInfo {
@@ -302,6 +342,7 @@ impl VmManager {
             vm_count: self.vms().len(),
             data_dir: cfg.data_dir.display().to_string(),
             tls_fingerprint: cfg.tls_fingerprint.clone(),
+            network_isolation: self.inner.isolation.available(),
         }
     }
 

@@ -97,12 +97,18 @@ pub fn ensure_bridge(bridge: &str, subnet: &Subnet) -> Result<(), NetworkError> 
 }
 
 /// Proxy ARP on the bridge: a VM asking for an address of its subnet that
-/// lives on another host (routed there, see [`crate::routes`]) gets the
-/// bridge's MAC and sends through this host. At once: the kernel's default
-/// waits up to 0.8 s before a proxy answer.
+/// lives on another host (routed there, see [`crate::routes`]), or on an
+/// isolated port of the same bridge (`proxy_arp_pvlan`), gets the bridge's
+/// MAC and sends through this host. At once: the kernel's default waits up
+/// to 0.8 s before a proxy answer. (An ICMP redirect the host may send a
+/// VM changes nothing: asked for the other VM, the bridge still answers.)
 fn answer_arp_for_routed_addresses(bridge: &str) -> Result<(), NetworkError> {
     for (path, value) in [
         (format!("/proc/sys/net/ipv4/conf/{bridge}/proxy_arp"), "1"),
+        (
+            format!("/proc/sys/net/ipv4/conf/{bridge}/proxy_arp_pvlan"),
+            "1",
+        ),
         (
             format!("/proc/sys/net/ipv4/neigh/{bridge}/proxy_delay"),
             "0",
@@ -130,6 +136,22 @@ pub fn ensure_tap(tap: &str, bridge: &str) -> Result<(), NetworkError> {
     }
     // One command for both: every `ip` costs a fork on a resume's path.
     ip(&["link", "set", "dev", tap, "master", bridge, "up"])?;
+    // An isolated port: VMs on the bridge do not talk at layer 2, so their
+    // traffic passes the host's filter (see `crate::isolation`). Through
+    // sysfs: no fork on a resume's path.
+    let isolated = format!("/sys/class/net/{tap}/brport/isolated");
+    if std::fs::write(&isolated, "1").is_err() {
+        ip(&[
+            "link",
+            "set",
+            "dev",
+            tap,
+            "type",
+            "bridge_slave",
+            "isolated",
+            "on",
+        ])?;
+    }
     Ok(())
 }
 

@@ -14,9 +14,11 @@
 //!   gets an ICMP redirect from the kernel. Forwards are kept on disk, so
 //!   an agent restarted in that window still ends them.
 //!
-//! A forward wins over the table; an address of a VM on this host is never
-//! routed away. Routes are marked with their own protocol number, so a
-//! restarted agent finds and reconciles the ones it made.
+//! A forward wins over the table; the table never routes away an address
+//! of a VM running here (the table may not know yet that it arrived). The
+//! routes are marked with their own protocol number, so a restarted agent
+//! finds the ones it made, keeps their addresses from new VMs, and
+//! reconciles them with the next table.
 //!
 //! The VM network is routed: the agent turns on IPv4 forwarding, as any
 //! host whose VMs talk beyond it needs.
@@ -39,6 +41,9 @@ pub const DEFAULT_FORWARD_FOR: Duration = Duration::from_secs(120);
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Forward {
     pub vm: String,
+    /// The VM's network group (tenant).
+    #[serde(default)]
+    pub group: String,
     /// The new host's address on the network between the hosts.
     pub via: Ipv4Addr,
     /// Seconds since the epoch after which the route goes.
@@ -49,25 +54,30 @@ pub struct Forward {
 /// proto 248`); unassigned in iproute2's table.
 const ROUTE_PROTO: &str = "248";
 
-/// The control plane's table as last applied.
+/// The control plane's table as last received.
 #[derive(Debug, Default)]
 struct ClusterTable {
     version: Option<String>,
-    /// Address -> the host it lives on (addresses of VMs here left out).
-    routes: BTreeMap<Ipv4Addr, Ipv4Addr>,
+    /// Address -> the host it lives on, as sent (an address of a VM here
+    /// is left out when routes are made, not here: the VM may leave).
+    table: BTreeMap<Ipv4Addr, Ipv4Addr>,
+    /// Address -> its VM's network group.
+    groups: BTreeMap<Ipv4Addr, String>,
 }
 
 /// This host's routes to VM addresses elsewhere: forwards (in memory and
-/// in `forwards.json`) and the cluster table.
+/// in `forwards.json`) and the cluster table, made into kernel routes by
+/// [`Routes::reconcile`].
 pub struct Routes {
     path: PathBuf,
     items: Mutex<BTreeMap<Ipv4Addr, Forward>>,
     cluster: Mutex<ClusterTable>,
-}
-
-/// What one route should be, given the forward and table entries for it.
-fn wanted(forward: Option<&Forward>, cluster: Option<&Ipv4Addr>) -> Option<Ipv4Addr> {
-    forward.map(|f| f.via).or(cluster.copied())
+    /// Addresses of the VMs running here, as last told.
+    local: Mutex<HashSet<Ipv4Addr>>,
+    /// The kernel's routes as this agent (or an earlier one) made them;
+    /// held while routes are changed, one change at a time. Data locks
+    /// (`cluster`, `items`, `local`) are only taken briefly, after it.
+    applied: Mutex<BTreeMap<Ipv4Addr, Ipv4Addr>>,
 }
 
 fn route_replace(addr: Ipv4Addr, via: Ipv4Addr) -> Result<(), NetworkError> {
@@ -133,7 +143,7 @@ pub fn disable_ip_forwarding() -> std::io::Result<()> {
 
 impl Routes {
     /// Reads the forwards a previous agent left (an unreadable file is
-    /// treated as none, with a warning).
+    /// treated as none, with a warning) and the routes it made.
     pub fn open(data_dir: &Path) -> Routes {
         let path = data_dir.join("forwards.json");
         let items = match std::fs::read(&path) {
@@ -143,19 +153,35 @@ impl Routes {
             }),
             Err(_) => BTreeMap::new(),
         };
+        // Routes an earlier agent made stay until a table or forward says
+        // otherwise, and their addresses are not given to new VMs.
+        let applied = kernel_routes().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "could not list the routes an earlier agent made");
+            BTreeMap::new()
+        });
         Routes {
             path,
             items: Mutex::new(items),
             cluster: Mutex::new(ClusterTable::default()),
+            local: Mutex::new(HashSet::new()),
+            applied: Mutex::new(applied),
         }
+    }
+
+    fn items(&self) -> std::sync::MutexGuard<'_, BTreeMap<Ipv4Addr, Forward>> {
+        self.items.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn cluster(&self) -> std::sync::MutexGuard<'_, ClusterTable> {
         self.cluster.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn items(&self) -> std::sync::MutexGuard<'_, BTreeMap<Ipv4Addr, Forward>> {
-        self.items.lock().unwrap_or_else(|p| p.into_inner())
+    fn local(&self) -> std::sync::MutexGuard<'_, HashSet<Ipv4Addr>> {
+        self.local.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn applied(&self) -> std::sync::MutexGuard<'_, BTreeMap<Ipv4Addr, Ipv4Addr>> {
+        self.applied.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn save(&self, items: &BTreeMap<Ipv4Addr, Forward>) {
@@ -176,170 +202,183 @@ impl Routes {
         self.items().keys().copied().collect()
     }
 
-    /// Addresses routed away (forwards and the cluster table): not to be
+    /// Addresses routed away, or that the table places elsewhere: not to be
     /// given to new VMs here.
     pub fn addresses(&self) -> Vec<Ipv4Addr> {
-        let cluster = self.cluster();
         let mut all: Vec<Ipv4Addr> = self.items().keys().copied().collect();
-        all.extend(cluster.routes.keys().copied());
+        all.extend(self.cluster().table.keys().copied());
+        // Not under `applied`'s lock for long: a reconcile may hold it
+        // while it runs `ip`.
+        if let Ok(applied) = self.applied.try_lock() {
+            all.extend(applied.keys().copied());
+        }
         all
     }
 
-    /// The version of the cluster table applied last.
+    /// The network group of every address routed away.
+    pub fn groups(&self) -> BTreeMap<Ipv4Addr, String> {
+        let mut groups = self.cluster().groups.clone();
+        for (addr, f) in self.items().iter() {
+            groups.insert(*addr, f.group.clone());
+        }
+        groups
+    }
+
+    /// The version of the cluster table received last.
     pub fn cluster_version(&self) -> Option<String> {
         self.cluster().version.clone()
     }
 
-    /// Applies the control plane's table `version`: routes for addresses
-    /// now elsewhere, none for those gone, never one for an address in
-    /// `local` (a VM here, which the table may not know yet: it just
-    /// arrived). The first table after a start also removes routes an
-    /// earlier agent made that no table or forward wants any more.
+    /// Takes the control plane's table `version` (every instance elsewhere,
+    /// with its group); [`Routes::reconcile`] makes the routes.
     pub fn set_cluster(
         &self,
         version: String,
         table: BTreeMap<Ipv4Addr, Ipv4Addr>,
-        local: &HashSet<Ipv4Addr>,
+        groups: BTreeMap<Ipv4Addr, String>,
     ) {
-        // Lock order everywhere: the table, then the forwards.
         let mut cluster = self.cluster();
-        let forwards = self.items().clone();
-        let before: BTreeMap<Ipv4Addr, Ipv4Addr> = if cluster.version.is_none() {
-            kernel_routes().unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "could not list the routes an earlier agent made");
-                BTreeMap::new()
-            })
-        } else {
-            cluster.routes.clone()
+        cluster.version = Some(version);
+        cluster.groups = groups;
+        cluster.table = table;
+    }
+
+    /// Makes the kernel's routes what the forwards and the table want, with
+    /// `local` the addresses of the VMs running here (never routed away
+    /// unless forwarded: the table may not know yet that one arrived, or
+    /// left). Routes that could not be made are tried again next time.
+    pub fn reconcile(&self, local: &HashSet<Ipv4Addr>) {
+        *self.local() = local.clone();
+        self.apply();
+    }
+
+    /// [`Routes::reconcile`] with the VMs last told.
+    fn apply(&self) {
+        let mut applied = self.applied();
+        let wanted: BTreeMap<Ipv4Addr, Ipv4Addr> = {
+            let cluster = self.cluster();
+            let local = self.local();
+            let mut wanted: BTreeMap<Ipv4Addr, Ipv4Addr> = cluster
+                .table
+                .iter()
+                .filter(|(addr, _)| !local.contains(addr))
+                .map(|(a, v)| (*a, *v))
+                .collect();
+            for (addr, f) in self.items().iter() {
+                wanted.insert(*addr, f.via);
+            }
+            wanted
         };
-        let table: BTreeMap<Ipv4Addr, Ipv4Addr> = table
-            .into_iter()
-            .filter(|(addr, _)| !local.contains(addr))
-            .collect();
-        let mut failed = false;
-        let every: std::collections::BTreeSet<&Ipv4Addr> =
-            before.keys().chain(table.keys()).collect();
+        let every: std::collections::BTreeSet<Ipv4Addr> =
+            applied.keys().chain(wanted.keys()).copied().collect();
         for addr in every {
-            let had = wanted(forwards.get(addr), before.get(addr));
-            let want = wanted(forwards.get(addr), table.get(addr));
-            if cluster.version.is_some() && had == want {
-                continue;
-            }
-            match want {
-                Some(via) => {
-                    if let Err(e) = route_replace(*addr, via) {
-                        tracing::warn!(%addr, %via, error = %e, "could not route a VM address");
-                        failed = true;
+            match (applied.get(&addr).copied(), wanted.get(&addr).copied()) {
+                (had, Some(via)) if had != Some(via) => match route_replace(addr, via) {
+                    Ok(()) => {
+                        applied.insert(addr, via);
                     }
+                    Err(e) => {
+                        tracing::warn!(%addr, %via, error = %e, "could not route a VM address");
+                        applied.remove(&addr);
+                    }
+                },
+                (Some(_), None) => {
+                    route_del(addr);
+                    applied.remove(&addr);
                 }
-                None => route_del(*addr),
+                _ => {}
             }
         }
-        tracing::debug!(version, routes = table.len(), "VM routes applied");
-        // A failed route is tried again with the next table.
-        cluster.version = (!failed).then_some(version);
-        cluster.routes = table;
     }
 
-    /// A VM with `addr` runs here now (it came back, or arrived): no route
-    /// takes its address away, whatever the table said.
+    /// A VM with `addr` runs here now (it came back, or arrived): its
+    /// forward ends and no route takes its address away.
     pub fn arrived(&self, addr: Ipv4Addr) {
-        let mut cluster = self.cluster();
-        let routed = cluster.routes.remove(&addr);
-        let mut items = self.items();
-        let forwarded = items.remove(&addr);
-        if let Some(f) = &forwarded {
-            self.save(&items);
-            tracing::info!(%addr, vm = %f.vm, "forward ended: the VM is here");
+        {
+            let mut items = self.items();
+            if let Some(f) = items.remove(&addr) {
+                self.save(&items);
+                tracing::info!(%addr, vm = %f.vm, "forward ended: the VM is here");
+            }
         }
-        if forwarded.is_some() || routed.is_some() {
-            route_del(addr);
-        }
+        self.local().insert(addr);
+        self.apply();
     }
 
-    /// Routes `addr` (VM `vm`'s) to `via` for `window`.
+    /// Routes `addr` (VM `vm`'s, of network `group`) to `via` for `window`
+    /// (a new window if it was forwarded already).
     pub fn add(
         &self,
         addr: Ipv4Addr,
         vm: &str,
+        group: &str,
         via: Ipv4Addr,
         window: Duration,
     ) -> Result<(), NetworkError> {
         // Recorded first: a route made just before a crash is still found
         // (and ended) by the next agent.
-        let _cluster = self.cluster();
-        let mut items = self.items();
-        items.insert(
-            addr,
-            Forward {
-                vm: vm.to_string(),
-                via,
-                until_unix: now_unix() + window.as_secs(),
-            },
-        );
-        self.save(&items);
-        drop(items);
-        route_replace(addr, via)?;
+        {
+            let mut items = self.items();
+            items.insert(
+                addr,
+                Forward {
+                    vm: vm.to_string(),
+                    group: group.to_string(),
+                    via,
+                    until_unix: now_unix() + window.as_secs(),
+                },
+            );
+            self.save(&items);
+        }
+        self.apply();
+        if self.applied().get(&addr) != Some(&via) {
+            return Err(NetworkError::Command {
+                args: format!("route replace {addr}/32 via {via}"),
+                stderr: "the route could not be made (see the warning above)".into(),
+            });
+        }
         tracing::info!(%addr, %via, vm, secs = window.as_secs(), "forwarding a moved VM's address");
         Ok(())
     }
 
-    /// Ends the forward of `addr`, if any (its time is up, or the agent
-    /// leaves); the table's route for it, if any, takes over.
-    pub fn remove(&self, addr: Ipv4Addr) {
-        let cluster = self.cluster();
-        let mut items = self.items();
-        let Some(f) = items.remove(&addr) else {
-            return;
-        };
-        self.save(&items);
-        drop(items);
-        match cluster.routes.get(&addr).copied() {
-            Some(via) => {
-                if let Err(e) = route_replace(addr, via) {
-                    tracing::warn!(%addr, %via, error = %e, "could not route a VM address");
-                }
-            }
-            None => route_del(addr),
-        }
-        tracing::info!(%addr, vm = %f.vm, "forward ended");
-    }
-
-    /// Removes every route this agent made (an embedded agent leaving).
-    pub fn clear(&self) {
-        for addr in self.forwarded() {
-            self.remove(addr);
-        }
-        let mut cluster = self.cluster();
-        for addr in std::mem::take(&mut cluster.routes).into_keys() {
-            route_del(addr);
-        }
-        cluster.version = None;
-    }
-
-    /// Puts back the routes of forwards still in their window (after a
-    /// host restart) and ends those past it.
-    pub fn restore(&self) {
-        self.expire();
-        for (addr, f) in self.forwards() {
-            if let Err(e) = route_replace(addr, f.via) {
-                tracing::warn!(%addr, error = %e, "could not restore a forward");
-            }
-        }
-    }
-
-    /// Ends the forwards whose window is over.
+    /// Ends every forward whose window is over (checked under the lock, so
+    /// one renewed meanwhile stays); the table's routes take over.
     pub fn expire(&self) {
         let now = now_unix();
-        let over: Vec<Ipv4Addr> = self
-            .items()
-            .iter()
-            .filter(|(_, f)| f.until_unix <= now)
-            .map(|(a, _)| *a)
-            .collect();
-        for addr in over {
-            self.remove(addr);
+        let ended: Vec<(Ipv4Addr, Forward)> = {
+            let mut items = self.items();
+            let over: Vec<Ipv4Addr> = items
+                .iter()
+                .filter(|(_, f)| f.until_unix <= now)
+                .map(|(a, _)| *a)
+                .collect();
+            let ended: Vec<_> = over
+                .into_iter()
+                .filter_map(|a| items.remove(&a).map(|f| (a, f)))
+                .collect();
+            if !ended.is_empty() {
+                self.save(&items);
+            }
+            ended
+        };
+        if ended.is_empty() {
+            return;
         }
+        self.apply();
+        for (addr, f) in ended {
+            tracing::info!(%addr, vm = %f.vm, "forward ended");
+        }
+    }
+
+    /// Removes every route and forward (an embedded agent leaving).
+    pub fn clear(&self) {
+        {
+            let mut items = self.items();
+            items.clear();
+            self.save(&items);
+        }
+        *self.cluster() = ClusterTable::default();
+        self.apply();
     }
 
     /// Ends forwards as their windows close, for as long as the agent runs.
@@ -366,6 +405,7 @@ mod tests {
             Ipv4Addr::new(10, 77, 0, 5),
             Forward {
                 vm: "web".into(),
+                group: "t-1".into(),
                 via: Ipv4Addr::new(192, 0, 2, 7),
                 until_unix: now_unix() + 60,
             },

@@ -157,8 +157,10 @@ pub async fn run_agent(
     };
     let manager = VmManager::new(config.clone(), accel, qemu_version, images, snapshots);
     manager.adopt_all().await.context("re-adopting VMs")?;
-    manager.inner.routes.restore();
+    // Forwards an earlier agent left, and the filter, before serving.
+    manager.sync_network();
     let expiring = tokio::spawn(manager.inner.routes.clone().expire_loop());
+    let isolating = tokio::spawn(isolation_loop(manager.clone()));
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -236,9 +238,11 @@ pub async fn run_agent(
         h.abort();
     }
     expiring.abort();
+    isolating.abort();
     if on_exit == OnExit::StopVms {
         stop_everything(&manager).await;
         manager.inner.routes.clear();
+        manager.inner.isolation.clear();
         // The host is left as it was found.
         if !forwarding_was_on {
             if let Err(e) = crate::routes::disable_ip_forwarding() {
@@ -287,4 +291,16 @@ fn certificate_names(config: &AgentConfig) -> Vec<String> {
     names.sort();
     names.dedup();
     names
+}
+
+/// Keeps the routes and the network groups' filter in step with the VMs,
+/// the route table and the forwards (also brought up to date before a VM
+/// starts and when a route table arrives); nothing runs while nothing
+/// changed.
+async fn isolation_loop(manager: VmManager) {
+    loop {
+        let m = manager.clone();
+        let _ = tokio::task::spawn_blocking(move || m.sync_network()).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }

@@ -112,7 +112,16 @@ pub struct VmRoute {
     pub via: String,
     /// Its host's name (for people reading the table).
     pub host: String,
+    /// Its network group (its tenant): VMs of different groups do not
+    /// reach each other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
+
+/// The VM tag naming a VM's network group: VMs of different groups (the
+/// control plane sets its tenant's id) do not reach each other; VMs
+/// without it form a group of their own.
+pub const NETWORK_GROUP_TAG: &str = "flotilla.tenant";
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ReportedVm {

@@ -30,4 +30,8 @@ pub struct HostInfo {
     /// clients pin; none when it is served over plain HTTP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_fingerprint: Option<String>,
+    /// Whether VMs of different network groups (tenants) are kept apart
+    /// (needs nftables on the host).
+    #[serde(default)]
+    pub network_isolation: bool,
 }

@@ -48,10 +48,25 @@ impl Client {
     /// A client of `endpoint`; an `https://` one trusts only the
     /// certificate with `fingerprint`.
     pub fn new(endpoint: &str, fingerprint: Option<&str>) -> anyhow::Result<Client> {
+        Self::of("agent", endpoint, fingerprint)
+    }
+
+    fn of(
+        server: &'static str,
+        endpoint: &str,
+        fingerprint: Option<&str>,
+    ) -> anyhow::Result<Client> {
         let endpoint = endpoint.trim_end_matches('/').to_string();
         let mut builder = reqwest::Client::builder();
         if endpoint.starts_with("https://") {
             let Some(fingerprint) = fingerprint else {
+                if server != "agent" {
+                    return Err(CliError::new(
+                        format!("{endpoint}: the control plane serves plain HTTP"),
+                        Some("use http://HOST:PORT".into()),
+                    )
+                    .into());
+                }
                 return Err(CliError::new(
                     format!("no certificate fingerprint to trust {endpoint} by"),
                     Some("pass --agent-fingerprint or set FLOTILLA_AGENT_FINGERPRINT (`flotilla host` on the agent's machine shows it; a local agent's is read from its data directory, FLOTILLA_DATA_DIR)".into()),
@@ -76,7 +91,7 @@ impl Client {
             http: builder.build()?,
             endpoint,
             token: None,
-            server: "agent",
+            server,
         })
     }
 
@@ -94,8 +109,7 @@ impl Client {
 
     /// A client of the control plane at `endpoint`, sending `token`.
     pub fn control(endpoint: &str, token: Option<&str>) -> anyhow::Result<Client> {
-        let mut c = Client::new(endpoint, None)?;
-        c.server = "control plane";
+        let mut c = Client::of("control plane", endpoint, None)?;
         c.token = Some(token.map(str::to_string).ok_or_else(|| {
             CliError::new(
                 "no API token for the control plane",

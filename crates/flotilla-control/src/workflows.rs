@@ -14,6 +14,18 @@ use crate::error::{ControlError, ControlResult};
 use crate::service::{observed_from_vm, ControlPlane};
 use crate::store::{now_ms, InstanceRow, ObservedUpdate, OperationRow};
 
+/// The tags of an instance's VM: its own, its name, and its tenant (its
+/// network group: other tenants' VMs do not reach it).
+fn vm_tags(inst: &InstanceRow) -> std::collections::BTreeMap<String, String> {
+    let mut tags = inst.tags.clone();
+    tags.insert("flotilla.instance".into(), inst.name.clone());
+    tags.insert(
+        flotilla_api::control::NETWORK_GROUP_TAG.into(),
+        inst.tenant_id.clone(),
+    );
+    tags
+}
+
 /// What an operation does to its targets.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -310,8 +322,7 @@ async fn act(
         let agents = &cp.inner.agents;
         match input {
             OperationInput::Run => {
-                let mut tags = inst.tags.clone();
-                tags.insert("flotilla.instance".into(), inst.name.clone());
+                let tags = vm_tags(inst);
                 let request = CreateVmRequest {
                     name: inst.id.clone(),
                     image: inst.image.clone(),
@@ -393,8 +404,7 @@ async fn act(
                 migrate_step(cp, inst, to.as_deref(), options).await
             }
             OperationInput::Clone { source } => {
-                let mut tags = inst.tags.clone();
-                tags.insert("flotilla.instance".into(), inst.name.clone());
+                let tags = vm_tags(inst);
                 let request = flotilla_api::CloneVmRequest {
                     name: inst.id.clone(),
                     disk: flotilla_api::CloneDisk::Cow,

@@ -1228,7 +1228,8 @@ async fn heartbeat_replies_route_other_hosts_instances() {
         vec![flotilla_api::control::VmRoute {
             ip: ip2.clone(),
             via: "198.18.0.3".into(),
-            host: "h2".into()
+            host: "h2".into(),
+            group: Some("t-1".into()),
         }]
     );
     // The host has this table: nothing is sent again.

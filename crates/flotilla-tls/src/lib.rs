@@ -47,6 +47,8 @@ pub enum TlsError {
         "{0} is served over HTTPS: its certificate's fingerprint is needed (`flotilla host` on its machine shows it)"
     )]
     FingerprintMissing(String),
+    #[error("{0} is plain HTTP, yet a certificate fingerprint is given: use https://")]
+    FingerprintOnPlainHttp(String),
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> TlsError {
@@ -93,6 +95,9 @@ pub fn parse_fingerprint(text: &str) -> Result<String, TlsError> {
 /// that parses, and one at all for an `https://` endpoint.
 pub fn check_pin(endpoint: &str, fingerprint: Option<&str>) -> Result<(), TlsError> {
     match fingerprint {
+        Some(_) if endpoint.starts_with("http://") => {
+            Err(TlsError::FingerprintOnPlainHttp(endpoint.to_string()))
+        }
         Some(f) => parse_fingerprint(f).map(|_| ()),
         None if endpoint.starts_with("https://") => {
             Err(TlsError::FingerprintMissing(endpoint.to_string()))
@@ -114,18 +119,22 @@ pub fn fingerprint_of_file(path: &Path) -> Result<String, TlsError> {
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename, so a
-/// crash never leaves half a key.
+/// crash never leaves half a key; the file has `mode` whatever a leftover
+/// temporary file had.
 fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), TlsError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let _ = fs::remove_file(&tmp);
     let mut f = fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(mode)
         .open(&tmp)
         .map_err(io(format!("writing {}", tmp.display())))?;
-    f.write_all(bytes)
+    f.set_permissions(fs::Permissions::from_mode(mode))
+        .and_then(|()| f.write_all(bytes))
         .and_then(|()| f.sync_all())
         .map_err(io(format!("writing {}", tmp.display())))?;
     fs::rename(&tmp, path).map_err(io(format!("renaming to {}", path.display())))
@@ -137,7 +146,12 @@ pub fn load_or_create(dir: &Path, names: &[String]) -> Result<Identity, TlsError
     let cert_path = dir.join(CERT_FILE);
     let key_path = dir.join(KEY_FILE);
     if !(cert_path.is_file() && key_path.is_file()) {
-        fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io(format!("creating {}", dir.display())))?;
         let made = rcgen::generate_simple_self_signed(names.to_vec())?;
         // The key first: a certificate without its key is never found.
         write_atomic(&key_path, made.key_pair.serialize_pem().as_bytes(), 0o600)?;
@@ -271,6 +285,17 @@ mod tests {
     #[test]
     fn an_identity_is_made_once_and_kept() {
         let dir = tempfile::tempdir().unwrap();
+        // A temporary file an interrupted write left, readable by all, does
+        // not make the key readable by all.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::write(dir.path().join("agent.key.tmp"), b"x").unwrap();
+            fs::set_permissions(
+                dir.path().join("agent.key.tmp"),
+                fs::Permissions::from_mode(0o644),
+            )
+            .unwrap();
+        }
         let names = vec!["127.0.0.1".to_string(), "localhost".to_string()];
         let first = load_or_create(dir.path(), &names).unwrap();
         let again = load_or_create(dir.path(), &names).unwrap();
@@ -300,6 +325,7 @@ mod tests {
             assert!(err.contains("64 hex digits"), "{err}");
         }
         assert!(check_pin("http://10.0.0.5:7777", None).is_ok());
+        assert!(check_pin("http://10.0.0.5:7777", Some(&hex)).is_err());
         assert!(check_pin("https://10.0.0.5:7777", Some(&hex)).is_ok());
         let err = check_pin("https://10.0.0.5:7777", None).unwrap_err();
         assert!(err.to_string().contains("fingerprint is needed"), "{err}");

@@ -35,7 +35,14 @@ impl VmManager {
                     s.record.tags.clone(),
                 )
             };
-            let tags = req.tags.clone().unwrap_or(tags);
+            // A clone stays in its source's network group, whatever tags
+            // it is given.
+            let group = tags.get(flotilla_api::control::NETWORK_GROUP_TAG).cloned();
+            let mut tags = req.tags.clone().unwrap_or(tags);
+            match group {
+                Some(g) => tags.insert(flotilla_api::control::NETWORK_GROUP_TAG.into(), g),
+                None => tags.remove(flotilla_api::control::NETWORK_GROUP_TAG),
+            };
             match (state, head) {
                 (VmState::Running, _) => {
                     let c = self

@@ -250,6 +250,9 @@ impl VmManager {
         for nic in &record.nics {
             network::ensure_tap(&nic.tap, &cfg.bridge)?;
         }
+        // Its address joins its network group before the guest runs.
+        let manager = self.clone();
+        let _ = tokio::task::spawn_blocking(move || manager.sync_network()).await;
         std::fs::create_dir_all(cfg.sockets_dir())
             .map_err(|e| AgentError::io("creating the sockets directory", e))?;
         qemu_config.validate()?;

@@ -42,6 +42,14 @@ fn config_from(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
     c.migration_address = args.migration_address;
     c.max_migrations = args.max_migrations;
     c.forward_moved_for = Duration::from_secs(args.forward_moved_secs);
+    if let Some(adv) = &args.advertise {
+        let scheme = format!("{}://", c.scheme());
+        if !adv.starts_with(&scheme) {
+            anyhow::bail!(
+                "--advertise {adv}: this agent serves {scheme}HOST:PORT (HTTPS unless --plain-http)"
+            );
+        }
+    }
     if let Some(url) = &args.control_plane {
         let token = args.control_token.clone().context(
             "--control-plane needs --control-token (an admin token of the control plane)",

@@ -72,7 +72,16 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     host.allocated.vcpus,
                     host.allocated.memory_mib
                 );
-                println!("network:    bridge {} on {}", host.bridge, host.subnet);
+                println!(
+                    "network:    bridge {} on {}; tenants {}",
+                    host.bridge,
+                    host.subnet,
+                    if host.network_isolation {
+                        "kept apart (nftables)"
+                    } else {
+                        "NOT kept apart (install nftables)"
+                    }
+                );
                 println!("vms:        {}", host.vm_count);
                 println!("data dir:   {}", host.data_dir);
                 match &host.tls_fingerprint {

@@ -636,7 +636,6 @@ fn instances_on_different_hosts_reach_each_other_before_and_after_a_move() {
     assert_eq!(s, 201, "{b}");
     let op = wait_op(&cp, &acme, b["operation"].as_str().unwrap());
     assert_eq!(op["state"], "succeeded", "{op}");
-    assert!(cli(&cp, &admin, &["hosts", "uncordon", "h3"]).0);
     let instance = |name: &str| {
         cp.api("GET", &format!("/v1/instances/{name}"), Some(&acme), None)
             .1
@@ -652,11 +651,11 @@ fn instances_on_different_hosts_reach_each_other_before_and_after_a_move() {
     let id2 = instance_vms(host(&host2))[0].clone();
     assert_eq!(id2["nics"][0]["ip"], ip2.as_str(), "{id2:#}");
 
-    let ping = |from: &str, to: &str| -> Result<(), String> {
+    let ping_as = |token: &str, from: &str, to: &str| -> Result<(), String> {
         let (s, b) = cp.api(
             "POST",
             &format!("/v1/instances/{from}/exec"),
-            Some(&acme),
+            Some(token),
             Some(json!({"argv": ["ping", "-c", "1", "-W", "1", to]})),
         );
         if s == 200 && b["exit_code"] == 0 {
@@ -665,6 +664,7 @@ fn instances_on_different_hosts_reach_each_other_before_and_after_a_move() {
             Err(format!("{s} {b}"))
         }
     };
+    let ping = |from: &str, to: &str| ping_as(&acme, from, to);
     let route = |on: &str, to: &str| -> String {
         host(on)
             .netns
@@ -684,6 +684,40 @@ fn instances_on_different_hosts_reach_each_other_before_and_after_a_move() {
         route(&host2, &ip2).is_empty(),
         "no route away from a VM's own host"
     );
+
+    // Another tenant's instance, on one of the pair's hosts: it and the
+    // pair do not reach each other, on that host or across hosts.
+    assert!(cli(&cp, &admin, &["tenant", "create", "rival"]).0);
+    let rival = cli(&cp, &admin, &["token", "create", "--tenant", "rival"])
+        .1
+        .trim()
+        .to_string();
+    let (s, b) = cp.api(
+        "POST",
+        "/v1/instances",
+        Some(&rival),
+        Some(json!({"name": "spy"})),
+    );
+    assert_eq!(s, 201, "{b}");
+    let op = wait_op(&cp, &rival, b["operation"].as_str().unwrap());
+    assert_eq!(op["state"], "succeeded", "{op}");
+    let spy_ip = ip(&cp.api("GET", "/v1/instances/spy", Some(&rival), None).1);
+    eventually("spy's guest answering", 30, || {
+        let (s, b) = cp.api(
+            "POST",
+            "/v1/instances/spy/exec",
+            Some(&rival),
+            Some(json!({"argv": ["true"]})),
+        );
+        (s == 200).then_some(()).ok_or(format!("{s} {b}"))
+    });
+    for to in [&ip1, &ip2] {
+        assert!(ping_as(&rival, "spy", to).is_err(), "spy reached {to}");
+    }
+    for from in ["pair-1", "pair-2"] {
+        assert!(ping(from, &spy_ip).is_err(), "{from} reached spy");
+    }
+    assert!(cli(&cp, &admin, &["hosts", "uncordon", "h3"]).0);
 
     // pair-2 moves to h3: every host's route follows it, and the pair
     // still reach each other.
@@ -709,4 +743,8 @@ fn instances_on_different_hosts_reach_each_other_before_and_after_a_move() {
     assert!(r.contains(&format!("via {}", via(&host1))), "{r}");
     eventually("pair-1 reaching pair-2 on h3", 30, || ping("pair-1", &ip2));
     eventually("pair-2 on h3 reaching pair-1", 30, || ping("pair-2", &ip1));
+    assert!(
+        ping_as(&rival, "spy", &ip2).is_err(),
+        "spy reached pair-2 on h3"
+    );
 }

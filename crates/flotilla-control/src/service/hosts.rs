@@ -109,9 +109,17 @@ impl ControlPlane {
                 None if now_ms() - inst.updated_at < RECENT_MS => continue,
                 None => ObservedState::Unknown,
             };
-            let ip = reported
+            let mut ip = reported
                 .get(inst.id.as_str())
                 .and_then(|vm| vm.ip.as_deref());
+            if let Some(addr) = ip.filter(|a| Some(*a) != inst.ip.as_deref()) {
+                // Another instance's address (two hosts gave it out on
+                // their own): the first keeps it; not rewritten every beat.
+                if self.store().address_held(addr, &inst.id).await? {
+                    tracing::warn!(instance = %inst.name, host, ip = addr, "its VM reports an address another instance holds");
+                    ip = None;
+                }
+            }
             if observed != inst.observed || (ip.is_some() && ip != inst.ip.as_deref()) {
                 self.store()
                     .set_observed(&inst.id, observed, ip, inst.last_error.as_deref())

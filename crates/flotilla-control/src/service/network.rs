@@ -14,7 +14,13 @@ use super::*;
 /// The IPv4 address in an agent endpoint (`http://10.0.0.5:7777`): the
 /// next hop of routes to its VMs. None for a name or a bad URL.
 pub(crate) fn endpoint_address(endpoint: &str) -> Option<Ipv4Addr> {
-    reqwest::Url::parse(endpoint).ok()?.host_str()?.parse().ok()
+    let ip: Ipv4Addr = reqwest::Url::parse(endpoint)
+        .ok()?
+        .host_str()?
+        .parse()
+        .ok()?;
+    // Not a next hop other hosts can use.
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
 }
 
 /// A version naming the table's contents: equal tables, equal versions,
@@ -22,7 +28,13 @@ pub(crate) fn endpoint_address(endpoint: &str) -> Option<Ipv4Addr> {
 fn table_version(routes: &[VmRoute]) -> String {
     let mut h = Sha256::new();
     for r in routes {
-        h.update(format!("{} {} {}\n", r.ip, r.via, r.host));
+        h.update(format!(
+            "{} {} {} {}\n",
+            r.ip,
+            r.via,
+            r.host,
+            r.group.as_deref().unwrap_or("")
+        ));
     }
     h.finalize()[..8]
         .iter()
@@ -41,6 +53,7 @@ pub(crate) fn routes_for(host: &str, addresses: Vec<InstanceAddress>) -> VmRoute
                 via: endpoint_address(&a.endpoint)?.to_string(),
                 ip: a.ip,
                 host: a.host,
+                group: Some(a.tenant_id),
             })
         })
         .collect();
@@ -119,6 +132,7 @@ mod tests {
         InstanceAddress {
             ip: ip.into(),
             host: host.into(),
+            tenant_id: "t-1".into(),
             endpoint: endpoint.into(),
         }
     }
@@ -136,7 +150,8 @@ mod tests {
             vec![VmRoute {
                 ip: "10.77.0.3".into(),
                 via: "198.18.0.3".into(),
-                host: "h2".into()
+                host: "h2".into(),
+                group: Some("t-1".into()),
             }]
         );
         // Same contents, same version; another host's table differs.
@@ -151,6 +166,7 @@ mod tests {
             Some(Ipv4Addr::new(10, 0, 0, 5))
         );
         assert_eq!(endpoint_address("https://host.example:7777"), None);
+        assert_eq!(endpoint_address("https://127.0.0.1:7777"), None);
         assert_eq!(endpoint_address("not a url"), None);
     }
 }

@@ -51,6 +51,8 @@ pub struct GroupGuard {
 pub struct InstanceAddress {
     pub ip: String,
     pub host: String,
+    /// The instance's tenant: its network group.
+    pub tenant_id: String,
     /// The host agent's endpoint (its address is the route's next hop).
     pub endpoint: String,
 }
@@ -149,8 +151,8 @@ impl Store {
     /// cluster's VM routes.
     pub async fn instance_addresses(&self) -> StoreResult<Vec<InstanceAddress>> {
         let rows = sqlx::query(
-            "SELECT i.ip, i.host, h.endpoint FROM instances i JOIN hosts h ON h.name = i.host
-             WHERE i.ip IS NOT NULL",
+            "SELECT i.ip, i.host, i.tenant_id, h.endpoint FROM instances i
+             JOIN hosts h ON h.name = i.host WHERE i.ip IS NOT NULL",
         )
         .fetch_all(self.pool())
         .await?;
@@ -159,10 +161,22 @@ impl Store {
                 Ok(InstanceAddress {
                     ip: r.try_get("ip")?,
                     host: r.try_get("host")?,
+                    tenant_id: r.try_get("tenant_id")?,
                     endpoint: r.try_get("endpoint")?,
                 })
             })
             .collect()
+    }
+
+    /// Whether an instance other than `id` holds address `ip`.
+    pub async fn address_held(&self, ip: &str, id: &str) -> StoreResult<bool> {
+        let held: Option<String> =
+            sqlx::query_scalar("SELECT id FROM instances WHERE ip = $1 AND id <> $2")
+                .bind(ip)
+                .bind(id)
+                .fetch_optional(self.pool())
+                .await?;
+        Ok(held.is_some())
     }
 
     /// Every address an instance holds, or a VM on a host had at its last

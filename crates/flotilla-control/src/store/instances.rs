@@ -292,6 +292,8 @@ impl Store {
     ) -> StoreResult<()> {
         let (id, old, tenant_id) = (&instance.id, &instance.tags, &instance.tenant_id);
         let mut tx = self.pool().begin().await?;
+        // Hosts first, as every writer does: no lock-order deadlock.
+        bump_hosts_of(&mut tx, id).await?;
         let updated = sqlx::query(
             "UPDATE instances SET tags = $1, updated_at = $2 WHERE id = $3 AND tags = $4",
         )
@@ -304,7 +306,6 @@ impl Store {
         if updated.rows_affected() == 0 {
             return Err(StoreError::Contended);
         }
-        bump_hosts_of(&mut tx, id).await?;
         sqlx::query("DELETE FROM instance_tags WHERE instance_id = $1")
             .bind(id)
             .execute(&mut *tx)
@@ -441,6 +442,10 @@ impl Store {
     ) -> StoreResult<()> {
         let mut tx = self.pool().begin().await?;
         for id in &op.targets {
+            if desired == Some(DesiredState::Terminated) {
+                // It stops counting where it is (groups, affinity).
+                bump_hosts_of(&mut tx, id).await?;
+            }
             // A terminate decided meanwhile is not undone by another action.
             let done = sqlx::query(
                 "UPDATE instances SET desired = COALESCE($1, desired), operation = $2,

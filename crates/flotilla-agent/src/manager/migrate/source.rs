@@ -334,6 +334,10 @@ impl VmManager {
         let book = &self.inner.migrations;
         match outcome {
             Outcome::Moved => {
+                // The window counts from now: other hosts route the address
+                // here until the control plane records the move, which
+                // comes after this release.
+                self.forward_moved(id).await;
                 self.release_moved(entry).await;
                 book.finish(id, MigrationPhase::Completed, None, total);
                 tracing::info!(vm = %name, migration = id, ms = total, "migration completed");
@@ -890,8 +894,13 @@ impl VmManager {
         let Some(entry) = self.vms().get(&info.vm).cloned() else {
             return;
         };
-        let addrs: Vec<std::net::Ipv4Addr> =
-            entry.lock().record.nics.iter().map(|n| n.ip).collect();
+        let (addrs, group): (Vec<std::net::Ipv4Addr>, String) = {
+            let s = entry.lock();
+            (
+                s.record.nics.iter().map(|n| n.ip).collect(),
+                crate::isolation::group_of(&s.record.tags),
+            )
+        };
         let (forwards, window) = (
             self.inner.routes.clone(),
             self.inner.config.forward_moved_for,
@@ -899,7 +908,7 @@ impl VmManager {
         let vm = info.vm.clone();
         let added = tokio::task::spawn_blocking(move || {
             for addr in addrs {
-                if let Err(e) = forwards.add(addr, &vm, via, window) {
+                if let Err(e) = forwards.add(addr, &vm, &group, via, window) {
                     tracing::warn!(%addr, %via, error = %e, "could not forward a moved VM's address");
                 }
             }

@@ -595,13 +595,6 @@ impl VmManager {
         generation: u64,
         since: Instant,
     ) {
-        // Its addresses are here now: not forwarded away (a VM coming
-        // back), nor routed to the host it came from.
-        let addrs: Vec<std::net::Ipv4Addr> =
-            entry.lock().record.nics.iter().map(|n| n.ip).collect();
-        for addr in addrs {
-            self.inner.routes.arrived(addr);
-        }
         for attempt in 0..10 {
             match qmp.cont().await {
                 Ok(()) => break,
@@ -616,6 +609,18 @@ impl VmManager {
             running_us = since.elapsed().as_micros() as u64,
             "continued here"
         );
+        // Its addresses are here now: not forwarded away (a VM coming
+        // back), nor routed to the host it came from. After `cont`: the
+        // routes' `ip` calls must not lengthen the pause.
+        let addrs: Vec<std::net::Ipv4Addr> =
+            entry.lock().record.nics.iter().map(|n| n.ip).collect();
+        let routes = self.inner.routes.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for addr in addrs {
+                routes.arrived(addr);
+            }
+        })
+        .await;
         {
             let mut s = entry.lock();
             if let Err(e) = self.transition(&mut s, VmState::Running) {
