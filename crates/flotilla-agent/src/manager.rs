@@ -89,6 +89,9 @@ pub(crate) struct Inner {
     pub routes: Arc<crate::routes::Routes>,
     /// The filter keeping network groups (tenants) apart.
     pub isolation: crate::isolation::Isolation,
+    /// Held while the routes are brought up to date, so an older view of
+    /// the VMs never undoes a newer one.
+    pub network_sync: Mutex<()>,
 }
 
 /// A name held for an operation in flight; released when dropped.
@@ -125,6 +128,7 @@ impl VmManager {
         let config_migrations_dir = config.data_dir.join("migrations");
         let max_migrations = config.max_migrations;
         let routes = Arc::new(crate::routes::Routes::open(&config.data_dir));
+        let config_subnet = config.subnet;
         VmManager {
             inner: Arc::new(Inner {
                 config,
@@ -138,7 +142,8 @@ impl VmManager {
                 pending_names: Mutex::new(Default::default()),
                 migrations: migrate::MigrationBook::open(&config_migrations_dir, max_migrations),
                 routes,
-                isolation: crate::isolation::Isolation::new(),
+                isolation: crate::isolation::Isolation::new(config_subnet),
+                network_sync: Mutex::new(()),
             }),
         }
     }
@@ -289,39 +294,73 @@ impl VmManager {
         Ok(info)
     }
 
-    /// Every VM address this host knows with its network group: its own
-    /// VMs', then those elsewhere (routes and forwards).
-    pub fn network_members(&self) -> BTreeMap<std::net::Ipv4Addr, String> {
-        let mut members = self.inner.routes.groups();
+    /// Every VM address this host knows with its network group (its own
+    /// VMs', then those elsewhere: routes and forwards), and its taps with
+    /// the address each may send from.
+    pub fn membership(&self) -> crate::isolation::Membership {
+        let mut m = crate::isolation::Membership {
+            groups: self.inner.routes.groups(),
+            ports: BTreeMap::new(),
+        };
         for e in self.vms().values() {
             let s = e.lock();
             let group = crate::isolation::group_of(&s.record.tags);
             for n in &s.record.nics {
-                members.insert(n.ip, group.clone());
+                m.groups.insert(n.ip, group.clone());
+                m.ports.insert(n.tap.clone(), n.ip);
             }
         }
-        members
+        m
+    }
+
+    /// Brings the network groups' filter up to date (blocking: runs `nft`
+    /// when something changed).
+    pub fn sync_isolation(&self) -> Result<(), crate::network::NetworkError> {
+        self.inner.isolation.apply(|| self.membership())
     }
 
     /// Brings the host's routes to VMs elsewhere and the network groups'
     /// filter up to date (blocking: runs `ip` and `nft` when something
     /// changed).
     pub fn sync_network(&self) {
-        // A VM still arriving runs on its source: its address is routed
-        // there until it is here.
-        let running_here: std::collections::HashSet<std::net::Ipv4Addr> = self
-            .vms()
+        {
+            let _one_at_a_time = self
+                .inner
+                .network_sync
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            self.inner.routes.reconcile(&self.running_here());
+        }
+        if let Err(e) = self.sync_isolation() {
+            tracing::warn!(error = %e, "could not apply the network groups");
+        }
+    }
+
+    /// The addresses of the VMs that run on this host: not one still
+    /// arriving by migration (it runs on its source until the switch-over).
+    fn running_here(&self) -> std::collections::HashSet<std::net::Ipv4Addr> {
+        self.vms()
             .values()
             .filter_map(|e| {
                 let s = e.lock();
-                (s.record.state != VmState::Incoming)
-                    .then(|| s.record.nics.iter().map(|n| n.ip).collect::<Vec<_>>())
+                let arriving = s.record.state == VmState::Incoming
+                    || (s.record.state == VmState::Creating && s.record.migration.is_some());
+                (!arriving).then(|| s.record.nics.iter().map(|n| n.ip).collect::<Vec<_>>())
             })
             .flatten()
-            .collect();
-        self.inner.routes.reconcile(&running_here);
-        if let Err(e) = self.inner.isolation.apply(self.network_members()) {
-            tracing::warn!(error = %e, "could not apply the network groups");
+            .collect()
+    }
+
+    /// A VM that arrived by migration now runs here (recorded as running):
+    /// its addresses are no longer routed to its source nor forwarded away.
+    pub fn vm_arrived(&self, addrs: &[std::net::Ipv4Addr]) {
+        let _one_at_a_time = self
+            .inner
+            .network_sync
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for addr in addrs {
+            self.inner.routes.arrived(*addr);
         }
     }
 

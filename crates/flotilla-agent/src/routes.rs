@@ -109,7 +109,10 @@ fn kernel_routes() -> Result<BTreeMap<Ipv4Addr, Ipv4Addr>, NetworkError> {
         gateway: Option<String>,
     }
     let out = ip(&["-4", "-j", "route", "show", "proto", ROUTE_PROTO])?;
-    let rows: Vec<Row> = serde_json::from_str(out.trim()).unwrap_or_default();
+    let rows: Vec<Row> = serde_json::from_str(out.trim()).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "unreadable route list from `ip -j`");
+        Vec::new()
+    });
     Ok(rows
         .into_iter()
         .filter_map(|r| Some((r.dst.parse().ok()?, r.gateway?.parse().ok()?)))
@@ -153,16 +156,26 @@ impl Routes {
             }),
             Err(_) => BTreeMap::new(),
         };
-        // Routes an earlier agent made stay until a table or forward says
-        // otherwise, and their addresses are not given to new VMs.
+        // Routes an earlier agent made stay (as the table, until one
+        // arrives: the control plane may be out of reach), and their
+        // addresses are not given to new VMs.
         let applied = kernel_routes().unwrap_or_else(|e| {
             tracing::warn!(error = %e, "could not list the routes an earlier agent made");
             BTreeMap::new()
         });
+        let inherited = ClusterTable {
+            version: None,
+            table: applied
+                .iter()
+                .filter(|(addr, _)| !items.contains_key(*addr))
+                .map(|(a, v)| (*a, *v))
+                .collect(),
+            groups: BTreeMap::new(),
+        };
         Routes {
             path,
             items: Mutex::new(items),
-            cluster: Mutex::new(ClusterTable::default()),
+            cluster: Mutex::new(inherited),
             local: Mutex::new(HashSet::new()),
             applied: Mutex::new(applied),
         }
@@ -202,16 +215,12 @@ impl Routes {
         self.items().keys().copied().collect()
     }
 
-    /// Addresses routed away, or that the table places elsewhere: not to be
-    /// given to new VMs here.
+    /// Addresses routed away, or that the table places elsewhere (the
+    /// routes an earlier agent made included): not to be given to new VMs
+    /// here.
     pub fn addresses(&self) -> Vec<Ipv4Addr> {
         let mut all: Vec<Ipv4Addr> = self.items().keys().copied().collect();
         all.extend(self.cluster().table.keys().copied());
-        // Not under `applied`'s lock for long: a reconcile may hold it
-        // while it runs `ip`.
-        if let Ok(applied) = self.applied.try_lock() {
-            all.extend(applied.keys().copied());
-        }
         all
     }
 
@@ -219,7 +228,10 @@ impl Routes {
     pub fn groups(&self) -> BTreeMap<Ipv4Addr, String> {
         let mut groups = self.cluster().groups.clone();
         for (addr, f) in self.items().iter() {
-            groups.insert(*addr, f.group.clone());
+            // A forward an older agent wrote has no group: the table's holds.
+            if !f.group.is_empty() || !groups.contains_key(addr) {
+                groups.insert(*addr, f.group.clone());
+            }
         }
         groups
     }
@@ -277,9 +289,10 @@ impl Routes {
                     Ok(()) => {
                         applied.insert(addr, via);
                     }
+                    // The old route (if any) stays as it was; tried again
+                    // next time.
                     Err(e) => {
                         tracing::warn!(%addr, %via, error = %e, "could not route a VM address");
-                        applied.remove(&addr);
                     }
                 },
                 (Some(_), None) => {
@@ -413,7 +426,8 @@ mod tests {
         f.save(&items);
         let again = Routes::open(dir.path());
         assert_eq!(again.forwards(), items);
-        assert_eq!(again.addresses(), vec![Ipv4Addr::new(10, 77, 0, 5)]);
+        assert_eq!(again.forwarded(), vec![Ipv4Addr::new(10, 77, 0, 5)]);
+        assert!(again.addresses().contains(&Ipv4Addr::new(10, 77, 0, 5)));
     }
 
     #[test]

@@ -36,13 +36,12 @@ impl VmManager {
                 )
             };
             // A clone stays in its source's network group, whatever tags
-            // it is given.
+            // it is given (a source without one: the group asked for).
             let group = tags.get(flotilla_api::control::NETWORK_GROUP_TAG).cloned();
             let mut tags = req.tags.clone().unwrap_or(tags);
-            match group {
-                Some(g) => tags.insert(flotilla_api::control::NETWORK_GROUP_TAG.into(), g),
-                None => tags.remove(flotilla_api::control::NETWORK_GROUP_TAG),
-            };
+            if let Some(g) = group {
+                tags.insert(flotilla_api::control::NETWORK_GROUP_TAG.into(), g);
+            }
             match (state, head) {
                 (VmState::Running, _) => {
                     let c = self

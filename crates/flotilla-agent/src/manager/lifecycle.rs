@@ -250,9 +250,14 @@ impl VmManager {
         for nic in &record.nics {
             network::ensure_tap(&nic.tap, &cfg.bridge)?;
         }
-        // Its address joins its network group before the guest runs.
+        // Its address joins its network group before the guest runs; if
+        // the filter cannot be applied, the VM does not start.
         let manager = self.clone();
-        let _ = tokio::task::spawn_blocking(move || manager.sync_network()).await;
+        tokio::task::spawn_blocking(move || manager.sync_isolation())
+            .await
+            .map_err(|e| {
+                AgentError::io("applying the network groups", std::io::Error::other(e))
+            })??;
         std::fs::create_dir_all(cfg.sockets_dir())
             .map_err(|e| AgentError::io("creating the sockets directory", e))?;
         qemu_config.validate()?;

@@ -582,6 +582,30 @@ fn instances_live_migrate_and_a_drain_empties_a_host() {
     let (_, inst) = cp.api("GET", "/v1/instances/db", Some(&acme), None);
     assert_eq!(inst["host"], first, "{inst:#}");
     assert_eq!(instance_vms(agent_of).len(), 1);
+
+    // Stopped behind the control plane's back (on its agent), an instance
+    // meant to run is started again (its VM keeps its name, the instance's
+    // id, wherever it moves).
+    let (s, b) = agent_of.api(
+        "POST",
+        &format!("/v1/vms/{id}/stop"),
+        Some(json!({"force": true})),
+    );
+    assert_eq!(s, 200, "{b}");
+    eventually("the control plane starting db again", 60, || {
+        let (_, vm) = agent_of.api("GET", &format!("/v1/vms/{id}"), None);
+        let (_, inst) = cp.api("GET", "/v1/instances/db", Some(&acme), None);
+        match (vm["state"].as_str(), inst["observed"].as_str()) {
+            (Some("running"), Some("running")) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    let (_, ops) = cp.api("GET", "/v1/operations", Some(&acme), None);
+    assert!(
+        ops.as_array()
+            .is_some_and(|a| a.iter().any(|o| o["kind"] == "start")),
+        "{ops:#}"
+    );
 }
 
 /// Polls `check` every 200 ms until it holds or `secs` pass.
@@ -717,6 +741,25 @@ fn instances_on_different_hosts_reach_each_other_before_and_after_a_move() {
     for from in ["pair-1", "pair-2"] {
         assert!(ping(from, &spy_ip).is_err(), "{from} reached spy");
     }
+    // Nor from an address it takes for itself: a tap sends only from its
+    // VM's own address.
+    let (s, b) = cp.api(
+        "POST",
+        "/v1/instances/spy/exec",
+        Some(&rival),
+        Some(json!({"argv": ["ip", "addr", "add", "10.77.0.250/24", "dev", "eth0"]})),
+    );
+    assert!(s == 200 && b["exit_code"] == 0, "{s} {b}");
+    let (s, b) = cp.api(
+        "POST",
+        "/v1/instances/spy/exec",
+        Some(&rival),
+        Some(json!({"argv": ["ping", "-c", "1", "-W", "1", "-I", "10.77.0.250", &ip1]})),
+    );
+    assert!(
+        s == 200 && b["exit_code"] != 0,
+        "spy reached pair-1 as 10.77.0.250: {b}"
+    );
     assert!(cli(&cp, &admin, &["hosts", "uncordon", "h3"]).0);
 
     // pair-2 moves to h3: every host's route follows it, and the pair

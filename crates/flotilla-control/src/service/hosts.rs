@@ -125,6 +125,43 @@ impl ControlPlane {
                     .set_observed(&inst.id, observed, ip, inst.last_error.as_deref())
                     .await?;
             }
+            self.restart_if_down(&inst, observed).await?;
+        }
+        Ok(())
+    }
+
+    /// Desired running, found stopped or crashed on its host (its guest
+    /// powered off, it crashed, someone stopped it on the agent): started
+    /// again by an operation, once it has been so for [`RESTART_AFTER_MS`]
+    /// (so a VM that keeps crashing is started at most that often).
+    async fn restart_if_down(
+        &self,
+        inst: &InstanceRow,
+        observed: ObservedState,
+    ) -> ControlResult<()> {
+        let down = matches!(observed, ObservedState::Stopped | ObservedState::Failed);
+        if inst.desired != DesiredState::Running
+            || !down
+            || inst.observed != observed
+            || inst.migrating_to.is_some()
+            || now_ms() - inst.updated_at < RESTART_AFTER_MS
+            || self.operation_running(inst).await?
+        {
+            return Ok(());
+        }
+        tracing::warn!(instance = %inst.name, ?observed, "desired running: starting it again");
+        let started = self
+            .begin_operation(
+                Some(&inst.tenant_id),
+                &new_id("op"),
+                OperationInput::Start,
+                vec![inst.id.clone()],
+                DesiredState::Running,
+            )
+            .await;
+        // Another change got there first (a stop, a terminate): it stands.
+        if let Err(e) = started {
+            tracing::info!(instance = %inst.name, error = %e, "not started again");
         }
         Ok(())
     }

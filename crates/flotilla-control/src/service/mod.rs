@@ -76,6 +76,10 @@ const RECENT_MS: i64 = 10_000;
 /// What an operation saw of an instance outranks heartbeats for this long.
 const JUST_SEEN_MS: i64 = 2_000;
 
+/// How long an instance meant to run is seen stopped or crashed before it
+/// is started again.
+const RESTART_AFTER_MS: i64 = 5_000;
+
 /// How many times a placement retries after losing a race for a host.
 const PLACEMENT_ATTEMPTS: usize = 16;
 

@@ -177,6 +177,26 @@ async fn bump_hosts_of(tx: &mut Transaction<'_, Any>, id: &str) -> StoreResult<(
     Ok(())
 }
 
+/// [`bump_hosts_of`] for many instances at once.
+async fn bump_hosts_of_all(tx: &mut Transaction<'_, Any>, ids: &[String]) -> StoreResult<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
+    let list = list.join(", ");
+    let sql = format!(
+        "UPDATE hosts SET version = version + 1 WHERE name IN
+            (SELECT host FROM instances WHERE id IN ({list})
+             UNION SELECT migrating_to FROM instances WHERE id IN ({list}))"
+    );
+    let mut q = sqlx::query(&sql);
+    for id in ids {
+        q = q.bind(id);
+    }
+    q.execute(&mut **tx).await?;
+    Ok(())
+}
+
 /// Whether `e` is the unique index on instance addresses refusing a row.
 fn is_ip_taken(e: &sqlx::Error) -> bool {
     e.as_database_error().is_some_and(|d| {
@@ -441,11 +461,13 @@ impl Store {
         lease_until: i64,
     ) -> StoreResult<()> {
         let mut tx = self.pool().begin().await?;
+        if desired == Some(DesiredState::Terminated) {
+            // They stop counting where they are (groups, affinity). All
+            // hosts first, in one statement, as every writer locks hosts
+            // before instances.
+            bump_hosts_of_all(&mut tx, &op.targets).await?;
+        }
         for id in &op.targets {
-            if desired == Some(DesiredState::Terminated) {
-                // It stops counting where it is (groups, affinity).
-                bump_hosts_of(&mut tx, id).await?;
-            }
             // A terminate decided meanwhile is not undone by another action.
             let done = sqlx::query(
                 "UPDATE instances SET desired = COALESCE($1, desired), operation = $2,

@@ -609,18 +609,6 @@ impl VmManager {
             running_us = since.elapsed().as_micros() as u64,
             "continued here"
         );
-        // Its addresses are here now: not forwarded away (a VM coming
-        // back), nor routed to the host it came from. After `cont`: the
-        // routes' `ip` calls must not lengthen the pause.
-        let addrs: Vec<std::net::Ipv4Addr> =
-            entry.lock().record.nics.iter().map(|n| n.ip).collect();
-        let routes = self.inner.routes.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            for addr in addrs {
-                routes.arrived(addr);
-            }
-        })
-        .await;
         {
             let mut s = entry.lock();
             if let Err(e) = self.transition(&mut s, VmState::Running) {
@@ -631,6 +619,14 @@ impl VmManager {
                 tracing::error!(migration = id, error = %e, "saving the record after the switch-over");
             }
         }
+        // Its addresses are here now (recorded as running first, so no
+        // later sync routes them back): not forwarded away (a VM coming
+        // back), nor routed to the host it came from. After `cont`: the
+        // routes' `ip` calls must not lengthen the pause.
+        let addrs: Vec<std::net::Ipv4Addr> =
+            entry.lock().record.nics.iter().map(|n| n.ip).collect();
+        let manager = self.clone();
+        let _ = tokio::task::spawn_blocking(move || manager.vm_arrived(&addrs)).await;
         // The guest agent's channel reconnects, and the guest clock is set
         // right after the pause.
         let settled = self.spawn_readiness_with_clock(entry.clone(), generation, since);
