@@ -254,6 +254,99 @@ proptest! {
     }
 }
 
+proptest! {
+    /// Runs of placements in a row (each counting the ones before, as a
+    /// run does) never break hard affinity, hard anti-affinity, a
+    /// `max_per_label` limit or capacity, on either path; a placement is
+    /// refused only when no host passes.
+    #[test]
+    fn runs_of_placements_keep_affinity_and_label_limits(
+        hosts in prop::collection::vec(arb_host(), 1..14),
+        near in prop::collection::vec(any::<bool>(), 14),
+        away in prop::collection::vec(any::<bool>(), 14),
+        use_near in any::<bool>(),
+        use_away in any::<bool>(),
+        zone_max in prop::option::of(1u32..3),
+        count in 1usize..10,
+        sampled in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let mut hosts = hosts;
+        for (i, h) in hosts.iter_mut().enumerate() {
+            h.name = format!("h{i}");
+            h.group_count = 0;
+        }
+        let set_of = |pick: &[bool]| -> BTreeSet<String> {
+            hosts.iter().enumerate().filter(|(i, _)| pick[*i]).map(|(_, h)| h.name.clone()).collect()
+        };
+        let (near_set, away_set) = (set_of(&near), set_of(&away));
+        let mut policy = PlacementPolicy::default();
+        let mut sets = Vec::new();
+        let rule = |value: &str, toward: bool| flotilla_api::control::AffinityRule {
+            tag: "app".into(),
+            value: value.into(),
+            toward,
+            hard: true,
+            weight: 1.0,
+        };
+        if use_near {
+            policy.affinity.push(rule("db", true));
+            sets.push(near_set.clone());
+        }
+        if use_away {
+            policy.affinity.push(rule("cache", false));
+            sets.push(away_set.clone());
+        }
+        if let Some(m) = zone_max {
+            policy.max_per_label.insert("zone".into(), m);
+        }
+        let mut counts = vec![0u32; hosts.len()];
+        for n in 0..count {
+            let views: Vec<HostView> = hosts
+                .iter()
+                .zip(&counts)
+                .map(|(h, c)| HostView { group_count: *c, ..h.clone() })
+                .collect();
+            let demand = Demand {
+                full_domains: full_domains(&policy, views.iter().map(|v| (&v.labels, v.group_count))),
+                affinity_hosts: sets.clone(),
+                ..Demand::new(1, 256)
+            };
+            let count_of = |i: usize| counts[i];
+            let chosen = if sampled {
+                choose_sampled(&views, &demand, &policy, &count_of, seed.wrapping_add(n as u64))
+            } else {
+                choose_index(&views, &demand, &policy, &count_of)
+            };
+            let Some(i) = chosen else {
+                prop_assert!(views.iter().all(|h| reject_reason(h, &demand, &policy).is_some()));
+                break;
+            };
+            let h = &views[i];
+            prop_assert!(!h.down && !h.cordoned);
+            prop_assert!(h.used_vcpus < u64::from(h.vcpus), "{} is full", h.name);
+            if use_near {
+                prop_assert!(near_set.contains(&h.name), "{} holds no db", h.name);
+            }
+            if use_away {
+                prop_assert!(!away_set.contains(&h.name), "{} holds a cache", h.name);
+            }
+            counts[i] += 1;
+            hosts[i].used_vcpus += 1;
+            hosts[i].used_memory_mib += 256;
+            if let Some(m) = zone_max {
+                let mut per_zone: BTreeMap<&String, u32> = BTreeMap::new();
+                for (h, c) in hosts.iter().zip(&counts) {
+                    if let Some(z) = h.labels.get("zone") {
+                        *per_zone.entry(z).or_default() += c;
+                    }
+                }
+                prop_assert!(per_zone.values().all(|&c| c <= m), "{per_zone:?} over {m}");
+            }
+        }
+    }
+}
+
 #[test]
 fn large_fleets_are_sampled_yet_spread() {
     let hosts: Vec<HostView> = (0..2000)
