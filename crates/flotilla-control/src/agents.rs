@@ -30,6 +30,13 @@ impl AgentCallError {
         matches!(self, AgentCallError::Api { status: 409, .. })
     }
 
+    /// The agent answered and said no for a reason of its own (4xx), other
+    /// than the thing existing already: another host may well say yes.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, AgentCallError::Api { status, .. } if (400..500).contains(status))
+            && !self.is_already_exists()
+    }
+
     /// A create refused because the thing exists (not for another conflict,
     /// such as an address taken).
     pub fn is_already_exists(&self) -> bool {

@@ -27,10 +27,15 @@ fn vm_tags(inst: &InstanceRow) -> std::collections::BTreeMap<String, String> {
 }
 
 /// What an operation does to its targets.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OperationInput {
     Run,
+    /// A run whose request carried placement rules of its own: kept, so an
+    /// instance its host refuses is placed again under the same rules.
+    RunWith {
+        placement: flotilla_api::control::PlacementPolicy,
+    },
     Terminate,
     Start,
     Stop,
@@ -54,7 +59,7 @@ pub enum OperationInput {
 impl OperationInput {
     pub fn kind(&self) -> &'static str {
         match self {
-            OperationInput::Run => "run",
+            OperationInput::Run | OperationInput::RunWith { .. } => "run",
             OperationInput::Terminate => "terminate",
             OperationInput::Start => "start",
             OperationInput::Stop => "stop",
@@ -274,6 +279,93 @@ async fn made(
     }))
 }
 
+/// How many hosts a run tries for one instance whose agents refuse it.
+const HOSTS_PER_INSTANCE: usize = 3;
+
+/// Makes the instance's VM on its host. A host whose agent refuses it (no
+/// such image there, no room by the agent's own count, ...) is left for
+/// another its policy (with the run's own rules, `request`) allows, up to
+/// [`HOSTS_PER_INSTANCE`] hosts; the instance's record moves with it, so
+/// its room is never held on a host that does not run it.
+async fn create_instance_vm(
+    cp: &ControlPlane,
+    inst: &InstanceRow,
+    request: Option<&flotilla_api::control::PlacementPolicy>,
+) -> ControlResult<Option<ObservedUpdate>> {
+    let mut inst = inst.clone();
+    let mut refused: Vec<String> = Vec::new();
+    loop {
+        let agent = agent_of(cp, &inst).await?;
+        let e = match create_on(cp, &agent, &inst).await {
+            Ok(vm) => {
+                let ip = vm.nics.first().map(|n| n.ip.clone());
+                return made(cp, &agent, &inst.id, observed_from_vm(vm.state), ip).await;
+            }
+            Err(e) if e.is_refusal() && refused.len() + 1 < HOSTS_PER_INSTANCE => e,
+            Err(e) => return Err(agent_error(e)),
+        };
+        let from = inst.host.clone().unwrap_or_default();
+        tracing::warn!(instance = %inst.name, host = %from, error = %e, "its host refused it; placing it elsewhere");
+        refused.push(from.clone());
+        let to = cp
+            .place_elsewhere(&inst, &refused, request)
+            .await
+            .map_err(|pe| {
+                ControlError::conflict(format!("{e}; no other host takes it: {}", pe.message))
+            })?;
+        // An address of another subnet does not fit the new host: its
+        // agent picks one, recorded when the VM is made.
+        let subnet_of = |h: Option<crate::store::HostRow>| h.and_then(|h| h.vm_subnet);
+        if subnet_of(cp.store().host(&from).await?) != subnet_of(cp.store().host(&to).await?) {
+            inst.ip = None;
+        }
+        inst.host = Some(to);
+    }
+}
+
+/// Creates the instance's VM on `agent` (an earlier attempt's VM is taken
+/// as made).
+async fn create_on(
+    cp: &ControlPlane,
+    agent: &AgentAddr,
+    inst: &InstanceRow,
+) -> Result<flotilla_api::VmInfo, crate::agents::AgentCallError> {
+    let agents = &cp.inner.agents;
+    let request = CreateVmRequest {
+        name: inst.id.clone(),
+        image: inst.image.clone(),
+        vcpus: Some(inst.vcpus),
+        memory_mib: Some(inst.memory_mib),
+        cmdline_extra: None,
+        disks: Vec::new(),
+        nics: None,
+        ip: inst.ip.clone(),
+        tags: vm_tags(inst),
+        start: Some(true),
+        wait_ready: Some(false),
+        from_snapshot: None,
+    };
+    let mut created = agents.create_vm(agent, &request).await;
+    if let Err(e) = &created {
+        if request.ip.is_some() && e.is_conflict() && !e.is_already_exists() {
+            // The address went to a VM made on the host directly since its
+            // last heartbeat: the agent picks one it does not route
+            // elsewhere, and it is recorded when the VM is made.
+            tracing::warn!(instance = %inst.name, error = %e, "address taken; the agent picks one");
+            let request = CreateVmRequest {
+                ip: None,
+                ..request
+            };
+            created = agents.create_vm(agent, &request).await;
+        }
+    }
+    match created {
+        // Made by an earlier attempt of this step.
+        Err(e) if e.is_already_exists() => agents.vm(agent, &inst.id).await,
+        other => other,
+    }
+}
+
 fn agent_error(e: crate::agents::AgentCallError) -> ControlError {
     ControlError::new(flotilla_api::ErrorCode::Conflict, e.to_string())
 }
@@ -296,7 +388,9 @@ async fn run_step(
         Err(e) => {
             // The instance stays, with the reason; a terminate can be retried.
             let observed = match input {
-                OperationInput::Run | OperationInput::Clone { .. } => ObservedState::Failed,
+                OperationInput::Run
+                | OperationInput::RunWith { .. }
+                | OperationInput::Clone { .. } => ObservedState::Failed,
                 _ => inst.observed,
             };
             let seen = ObservedUpdate {
@@ -321,46 +415,9 @@ async fn act(
     {
         let agents = &cp.inner.agents;
         match input {
-            OperationInput::Run => {
-                let tags = vm_tags(inst);
-                let request = CreateVmRequest {
-                    name: inst.id.clone(),
-                    image: inst.image.clone(),
-                    vcpus: Some(inst.vcpus),
-                    memory_mib: Some(inst.memory_mib),
-                    cmdline_extra: None,
-                    disks: Vec::new(),
-                    nics: None,
-                    ip: inst.ip.clone(),
-                    tags,
-                    start: Some(true),
-                    wait_ready: Some(false),
-                    from_snapshot: None,
-                };
-                let mut created = agents.create_vm(&agent, &request).await;
-                if let Err(e) = &created {
-                    if request.ip.is_some() && e.is_conflict() && !e.is_already_exists() {
-                        // The address went to a VM made on the host directly
-                        // since its last heartbeat: the agent picks one it
-                        // does not route elsewhere, and it is recorded below.
-                        tracing::warn!(instance = %inst.name, error = %e, "address taken; the agent picks one");
-                        let request = CreateVmRequest {
-                            ip: None,
-                            ..request
-                        };
-                        created = agents.create_vm(&agent, &request).await;
-                    }
-                }
-                let vm = match created {
-                    Ok(vm) => vm,
-                    // Made by an earlier attempt of this step.
-                    Err(e) if e.is_already_exists() => {
-                        agents.vm(&agent, &inst.id).await.map_err(agent_error)?
-                    }
-                    Err(e) => return Err(agent_error(e)),
-                };
-                let ip = vm.nics.first().map(|n| n.ip.clone());
-                made(cp, &agent, &inst.id, observed_from_vm(vm.state), ip).await
+            OperationInput::Run => create_instance_vm(cp, inst, None).await,
+            OperationInput::RunWith { placement } => {
+                create_instance_vm(cp, inst, Some(placement)).await
             }
             OperationInput::Terminate => {
                 agents

@@ -1234,10 +1234,14 @@ async fn heartbeat_replies_route_other_hosts_instances() {
     );
     // The host has this table: nothing is sent again.
     let again = cp
-        .heartbeat(&admin, "h1", &beat(2, "10.77.0.0/24", Some(routes.version)))
+        .heartbeat(
+            &admin,
+            "h1",
+            &beat(2, "10.77.0.0/24", Some(routes.version.clone())),
+        )
         .await
         .unwrap();
-    assert!(again.routes.is_none());
+    assert!(again.routes.is_none(), "{routes:?} then {:?}", again.routes);
     let reply = cp
         .heartbeat(&admin, "h2", &beat(3, "10.77.0.0/24", None))
         .await

@@ -458,6 +458,24 @@ fn fabric_host_with(
     name: &str,
     agent_args: &[&str],
 ) -> TestHost {
+    fabric_host_from(
+        cp,
+        fabric,
+        name,
+        HostOptions {
+            agent_args: agent_args.iter().map(|a| a.to_string()).collect(),
+            ..HostOptions::default()
+        },
+    )
+}
+
+/// A host on the cluster fabric from `options`, heartbeating to `cp`.
+fn fabric_host_from(
+    cp: &ControlPlaneProcess,
+    fabric: &std::sync::Arc<flotilla_testkit::Fabric>,
+    name: &str,
+    options: HostOptions,
+) -> TestHost {
     let (s, t) = cp.api("POST", "/v1/tokens", None, Some(json!({"host": name})));
     assert_eq!(s, 201, "{t}");
     TestHost::start_with(HostOptions {
@@ -468,10 +486,53 @@ fn fabric_host_with(
             labels: vec![],
         }),
         fabric: Some(fabric.clone()),
-        agent_args: agent_args.iter().map(|a| a.to_string()).collect(),
-        ..HostOptions::default()
+        ..options
     })
     .expect("test host")
+}
+
+/// An instance whose host's agent refuses it (here: that host lacks the
+/// image) is placed on another host its policy allows; the run succeeds
+/// and the refusing host holds nothing.
+#[test]
+fn an_instance_its_host_refuses_is_placed_on_another() {
+    let cp = ControlPlaneProcess::start().expect("control plane");
+    let fabric = std::sync::Arc::new(flotilla_testkit::Fabric::create().expect("fabric"));
+    let _h1 = fabric_host(&cp, &fabric, "h1");
+    let h2 = fabric_host_from(
+        &cp,
+        &fabric,
+        "h2",
+        HostOptions {
+            with_default_image: false,
+            ..HostOptions::default()
+        },
+    );
+    let (_, acme) = hosts_up_and_tenant(&cp, 2);
+    // Two at once spread over both hosts; h2's agent has no image.
+    let (s, b) = cp.api(
+        "POST",
+        "/v1/instances",
+        Some(&acme),
+        Some(json!({"name": "w", "count": 2})),
+    );
+    assert_eq!(s, 201, "{b}");
+    let placed: Vec<&str> = b["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["host"].as_str())
+        .collect();
+    assert!(placed.contains(&"h2"), "{b}");
+    let op = wait_op(&cp, &acme, b["operation"].as_str().unwrap());
+    assert_eq!(op["state"], "succeeded", "{op:#}\n{}", h2.agent_log_tail());
+    for name in ["w-1", "w-2"] {
+        let (_, inst) = cp.api("GET", &format!("/v1/instances/{name}"), Some(&acme), None);
+        assert_eq!(inst["host"], "h1", "{inst:#}");
+    }
+    let (_, host) = cp.api("GET", "/v1/hosts/h2", None, None);
+    assert_eq!(host["instances"], 0, "{host:#}");
+    assert!(instance_vms(&h2).is_empty());
 }
 
 #[test]

@@ -97,7 +97,10 @@ impl ControlPlane {
             OperationInput::Stop => DesiredState::Stopped,
             OperationInput::Suspend => DesiredState::Suspended,
             OperationInput::Resume => DesiredState::Running,
-            OperationInput::Run | OperationInput::Clone { .. } | OperationInput::Migrate { .. } => {
+            OperationInput::Run
+            | OperationInput::RunWith { .. }
+            | OperationInput::Clone { .. }
+            | OperationInput::Migrate { .. } => {
                 return Err(ControlError::invalid(
                     "runs, clones and migrations have their own calls (POST /v1/instances, .../clone, .../migrate)",
                 ))

@@ -202,7 +202,13 @@ impl ControlPlane {
             })
             .collect();
         let targets = news.iter().map(|n| n.id.clone()).collect();
-        let op = self.new_operation(Some(&tenant_id), &op_id, OperationInput::Run, targets);
+        let input = match &req.placement {
+            Some(p) => OperationInput::RunWith {
+                placement: p.clone(),
+            },
+            None => OperationInput::Run,
+        };
+        let op = self.new_operation(Some(&tenant_id), &op_id, input, targets);
         let demand = Demand::new(req.vcpus, req.memory_mib);
         self.place_run(&tenant_id, &news, &demand, &policy, &op)
             .await?;
@@ -385,38 +391,95 @@ impl ControlPlane {
         let policy = self
             .effective_policy(&inst.tenant_id, &inst.tags, None)
             .await?;
-        let group = Self::group_of(&policy, &inst.tags);
+        self.claim_other_host(
+            inst,
+            &policy,
+            from,
+            |host| to.is_none_or(|t| t == host),
+            |host, version| async move {
+                self.store()
+                    .begin_migration(&inst.id, from, &host, version)
+                    .await
+            },
+        )
+        .await
+    }
+
+    /// Places an instance whose host's agent refused to make it (no such
+    /// image there, no room by the agent's own count, ...) on another host
+    /// its policy (with the run's own rules, `request`) allows, never one
+    /// that refused it before; returns the new host.
+    pub(crate) async fn place_elsewhere(
+        &self,
+        inst: &InstanceRow,
+        refused_by: &[String],
+        request: Option<&PlacementPolicy>,
+    ) -> ControlResult<String> {
+        let from = inst
+            .host
+            .as_deref()
+            .ok_or_else(|| ControlError::conflict(format!("instance {} has no host", inst.name)))?;
+        let policy = self
+            .effective_policy(&inst.tenant_id, &inst.tags, request)
+            .await?;
+        let to = self
+            .claim_other_host(
+                inst,
+                &policy,
+                from,
+                |host| !refused_by.iter().any(|r| r == host),
+                |host, version| async move {
+                    self.store()
+                        .place_again(&inst.id, from, &host, version)
+                        .await
+                },
+            )
+            .await?;
+        tracing::info!(instance = %inst.name, from, to = %to, "placed again");
+        Ok(to)
+    }
+
+    /// The best host for `inst` under `policy` other than `from` (where it
+    /// is, and does not count against itself) among those `usable` allows,
+    /// claimed by `commit` with the version it was chosen at; decided again
+    /// when another placement got there first.
+    async fn claim_other_host<Fut>(
+        &self,
+        inst: &InstanceRow,
+        policy: &PlacementPolicy,
+        from: &str,
+        usable: impl Fn(&str) -> bool,
+        commit: impl Fn(String, i64) -> Fut,
+    ) -> ControlResult<String>
+    where
+        Fut: std::future::Future<Output = Result<(), StoreError>>,
+    {
+        let group = Self::group_of(policy, &inst.tags);
         for _ in 0..PLACEMENT_ATTEMPTS {
             let (mut views, versions) = self.host_views(&inst.tenant_id, group).await?;
             for v in &mut views {
-                // Never its own host; only the one asked for, if any.
-                if v.name == from || to.is_some_and(|t| t != v.name) {
-                    v.cordoned = true;
-                }
-                // It leaves its own host: it does not count against itself.
                 if v.name == from {
                     v.group_count = v.group_count.saturating_sub(1);
+                }
+                if v.name == from || !usable(&v.name) {
+                    v.cordoned = true;
                 }
             }
             let demand = Demand {
                 full_domains: placement::full_domains(
-                    &policy,
+                    policy,
                     views.iter().map(|v| (&v.labels, v.group_count)),
                 ),
-                affinity_hosts: self.affinity_hosts(&inst.tenant_id, &policy).await?,
+                affinity_hosts: self.affinity_hosts(&inst.tenant_id, policy).await?,
                 ..Demand::new(inst.vcpus, inst.memory_mib)
             };
-            let Some(chosen) = placement::choose(&views, &demand, &policy) else {
-                let explanation = placement::explain(&views, &demand, &policy);
+            let Some(chosen) = placement::choose(&views, &demand, policy) else {
+                let explanation = placement::explain(&views, &demand, policy);
                 return Err(no_host_error(&inst.name, &explanation));
             };
             let name = chosen.name.clone();
             let version = versions.get(&name).copied().unwrap_or(0);
-            match self
-                .store()
-                .begin_migration(&inst.id, from, &name, version)
-                .await
-            {
+            match commit(name.clone(), version).await {
                 Ok(()) => {
                     self.fleet_changed().await;
                     return Ok(name);

@@ -177,6 +177,18 @@ async fn bump_hosts_of(tx: &mut Transaction<'_, Any>, id: &str) -> StoreResult<(
     Ok(())
 }
 
+/// Room on `host` for a decision made at `version`: a new version if it is
+/// still that one (false if another placement got there first).
+async fn claim_host(tx: &mut Transaction<'_, Any>, host: &str, version: i64) -> StoreResult<bool> {
+    let done =
+        sqlx::query("UPDATE hosts SET version = version + 1 WHERE name = $1 AND version = $2")
+            .bind(host)
+            .bind(version)
+            .execute(&mut **tx)
+            .await?;
+    Ok(done.rows_affected() > 0)
+}
+
 /// [`bump_hosts_of`] for many instances at once.
 async fn bump_hosts_of_all(tx: &mut Transaction<'_, Any>, ids: &[String]) -> StoreResult<()> {
     if ids.is_empty() {
@@ -251,12 +263,7 @@ impl Store {
         to_version: i64,
     ) -> StoreResult<()> {
         let mut tx = self.pool().begin().await?;
-        let claimed =
-            sqlx::query("UPDATE hosts SET version = version + 1 WHERE name = $1 AND version = $2")
-                .bind(to)
-                .bind(to_version)
-                .execute(&mut *tx)
-                .await?;
+        let claimed = claim_host(&mut tx, to, to_version).await?;
         let moving = sqlx::query(
             "UPDATE instances SET migrating_to = $1, updated_at = $2
              WHERE id = $3 AND host = $4 AND migrating_to IS NULL",
@@ -267,7 +274,49 @@ impl Store {
         .bind(from)
         .execute(&mut *tx)
         .await?;
-        if claimed.rows_affected() == 0 || moving.rows_affected() == 0 {
+        if !claimed || moving.rows_affected() == 0 {
+            return Err(StoreError::Contended);
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Moves an instance not made yet (`pending`) from `from`, whose agent
+    /// refused to make it, to `to`: valid only if `to` is still at
+    /// `to_version`. Both hosts get a new version (hosts locked in name
+    /// order, as concurrent moves the other way may run).
+    pub async fn place_again(
+        &self,
+        id: &str,
+        from: &str,
+        to: &str,
+        to_version: i64,
+    ) -> StoreResult<()> {
+        let mut tx = self.pool().begin().await?;
+        let mut claimed = true;
+        let mut hosts = [from, to];
+        hosts.sort();
+        for host in hosts {
+            if host == to {
+                claimed &= claim_host(&mut tx, to, to_version).await?;
+            } else {
+                sqlx::query("UPDATE hosts SET version = version + 1 WHERE name = $1")
+                    .bind(from)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        let moved = sqlx::query(
+            "UPDATE instances SET host = $1, updated_at = $2
+             WHERE id = $3 AND host = $4 AND observed = 'pending' AND migrating_to IS NULL",
+        )
+        .bind(to)
+        .bind(now_ms())
+        .bind(id)
+        .bind(from)
+        .execute(&mut *tx)
+        .await?;
+        if !claimed || moved.rows_affected() == 0 {
             return Err(StoreError::Contended);
         }
         tx.commit().await?;
