@@ -209,11 +209,36 @@ fn the_control_plane_places_and_drives_real_agents() {
         "{out} {err}"
     );
 
-    // Suspend one, resume the fleet by tag, through the control plane.
+    // Stopped through the control plane it stays stopped (desired stopped:
+    // not started again), until started.
+    let (ok, out, err) = cli(&cp, &acme, &["instance", "stop", "batch-1", "--wait"]);
+    assert!(ok, "{out} {err}");
+    let (_, b) = cp.api("GET", "/v1/instances/batch-1", Some(&acme), None);
+    assert_eq!(
+        (&b["desired"], &b["observed"]),
+        (&json!("stopped"), &json!("stopped")),
+        "{b}"
+    );
+    std::thread::sleep(Duration::from_secs(7));
+    let (_, b) = cp.api("GET", "/v1/instances/batch-1", Some(&acme), None);
+    assert_eq!(b["observed"], "stopped", "{b}");
+    let (ok, out, err) = cli(&cp, &acme, &["instance", "start", "batch-1", "--wait"]);
+    assert!(ok, "{out} {err}");
+    let (_, b) = cp.api("GET", "/v1/instances/batch-1", Some(&acme), None);
+    assert_eq!(b["observed"], "running", "{b}");
+
+    // Suspend the fleet by tag, resume it by tag, through the control plane.
     let (ok, out, err) = cli(
         &cp,
         &acme,
-        &["instance", "suspend", "web-2", "--wait", "--json"],
+        &[
+            "instance",
+            "suspend",
+            "--tag",
+            "group=web",
+            "--wait",
+            "--json",
+        ],
     );
     assert!(ok, "{out} {err}");
     let (_, b) = cp.api("GET", "/v1/instances/web-2", Some(&acme), None);
