@@ -8,6 +8,30 @@ use flotilla_testkit::{flotilla_bin, guest_agent_bin, qemu_pids_under, NetNs};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+/// Whatever happens to the test (a failed assertion included), the `up`
+/// it started and its QEMUs do not outlive it; a test process killed from
+/// outside leaves the claim, and the next one reaps them.
+struct Cleanup {
+    dir: std::path::PathBuf,
+    up: i32,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        // On success `up` has exited and been reaped: its pid may be
+        // another process's by now.
+        if std::thread::panicking() {
+            let _ = kill(Pid::from_raw(self.up), Signal::SIGKILL);
+            for pid in qemu_pids_under(&self.dir) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+        flotilla_testkit::claims::release(&flotilla_testkit::claims::Resource::Dir(
+            self.dir.clone(),
+        ));
+    }
+}
+
 #[test]
 fn up_serves_and_ctrl_c_stops_everything() {
     let ns = NetNs::create().expect("namespace");
@@ -15,6 +39,9 @@ fn up_serves_and_ctrl_c_stops_everything() {
         .prefix("flotilla-up-")
         .tempdir()
         .expect("tempdir");
+    flotilla_testkit::claims::claim(&flotilla_testkit::claims::Resource::Dir(
+        data.path().to_path_buf(),
+    ));
     // HTTPS: the CLI trusts the agent's certificate from its data directory.
     let endpoint = format!("https://{}:7777", ns.ns_ip);
     let log = std::fs::File::create(data.path().join("up.log")).expect("log");
@@ -32,6 +59,10 @@ fn up_serves_and_ctrl_c_stops_everything() {
         .stderr(log)
         .spawn()
         .expect("flotilla up");
+    let _cleanup = Cleanup {
+        dir: data.path().to_path_buf(),
+        up: up.id() as i32,
+    };
     let cli = |args: &[&str]| {
         // The agent's token from the data directory, as a local user's CLI
         // finds it.
