@@ -210,11 +210,6 @@ impl Routes {
         self.items().clone()
     }
 
-    /// Addresses forwarded to VMs that moved away.
-    pub fn forwarded(&self) -> Vec<Ipv4Addr> {
-        self.items().keys().copied().collect()
-    }
-
     /// Addresses routed away, or that the table places elsewhere (the
     /// routes an earlier agent made included): not to be given to new VMs
     /// here.
@@ -426,7 +421,6 @@ mod tests {
         f.save(&items);
         let again = Routes::open(dir.path());
         assert_eq!(again.forwards(), items);
-        assert_eq!(again.forwarded(), vec![Ipv4Addr::new(10, 77, 0, 5)]);
         assert!(again.addresses().contains(&Ipv4Addr::new(10, 77, 0, 5)));
     }
 

@@ -296,11 +296,11 @@ fn certificate_names(config: &AgentConfig) -> Vec<String> {
 /// Keeps the routes and the network groups' filter in step with the VMs,
 /// the route table and the forwards (also brought up to date before a VM
 /// starts and when a route table arrives); nothing runs while nothing
-/// changed.
+/// changed. The first run is the start-up's own, before serving.
 async fn isolation_loop(manager: VmManager) {
     loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
         let m = manager.clone();
         let _ = tokio::task::spawn_blocking(move || m.sync_network()).await;
-        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
