@@ -40,6 +40,26 @@ pub struct AgentConfig {
     pub forward_moved_for: Duration,
     /// The control plane to heartbeat to, if any.
     pub control: Option<crate::control_link::ControlLink>,
+    /// How a resume or a start from a snapshot brings back guest memory.
+    pub restore_memory: RestoreMemory,
+    /// Disk space VMs may take in all, reported to a control plane for
+    /// placement (default: the data directory's file system size).
+    pub disk_capacity_mib: Option<u64>,
+}
+
+/// How guest memory comes back from a snapshot's memory image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RestoreMemory {
+    /// QEMU reads it all into the VM's own memory before the VM runs: the
+    /// fastest resume and suspend.
+    #[default]
+    Load,
+    /// The image is mapped copy-on-write as guest memory: pages the guest
+    /// only reads stay page cache, shared by every VM mapping the same image
+    /// (VMs started from one base snapshot) and reclaimable, so a VM holds
+    /// about a third of the private memory; its suspends are slower (the
+    /// save reads the whole mapping through the page cache).
+    Map,
 }
 
 impl AgentConfig {
@@ -61,6 +81,8 @@ impl AgentConfig {
             max_migrations: crate::manager::migrate::DEFAULT_MAX_MIGRATIONS,
             forward_moved_for: crate::routes::DEFAULT_FORWARD_FOR,
             control: None,
+            restore_memory: RestoreMemory::Load,
+            disk_capacity_mib: None,
         }
     }
 

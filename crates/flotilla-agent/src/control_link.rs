@@ -49,6 +49,7 @@ pub async fn heartbeat_loop(manager: VmManager, link: ControlLink, agent_token: 
             agent_token: Some(agent_token.clone()),
             tls_fingerprint: manager.inner.config.tls_fingerprint.clone(),
             capacity: info.capacity,
+            disk: info.disk,
             labels: link.labels.clone(),
             vms: vms
                 .into_iter()

@@ -382,7 +382,21 @@ impl VmManager {
             data_dir: cfg.data_dir.display().to_string(),
             tls_fingerprint: cfg.tls_fingerprint.clone(),
             network_isolation: self.inner.isolation.available(),
+            disk: self.disk_space(),
         }
+    }
+
+    /// The data directory's file system: its size (or the configured
+    /// capacity, if smaller) and what is free on it now.
+    pub fn disk_space(&self) -> Option<flotilla_api::DiskSpace> {
+        let cfg = &self.inner.config;
+        let fs = nix::sys::statvfs::statvfs(&cfg.data_dir).ok()?;
+        let unit = fs.fragment_size() as u64;
+        let size_mib = (fs.blocks() as u64 * unit) >> 20;
+        Some(flotilla_api::DiskSpace {
+            capacity_mib: cfg.disk_capacity_mib.map_or(size_mib, |c| c.min(size_mib)),
+            free_mib: (fs.blocks_available() as u64 * unit) >> 20,
+        })
     }
 
     /// Console output of a VM: its serial log from `offset`, or its last

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::host::Resources;
+use crate::host::{DiskSpace, Resources};
 use crate::vm::VmState;
 
 /// A tenant: the owner of instances, policies and tokens.
@@ -70,6 +70,9 @@ pub struct HostHeartbeat {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_fingerprint: Option<String>,
     pub capacity: Resources,
+    /// Disk space for VMs: capacity and what is free now.
+    #[serde(default)]
+    pub disk: Option<DiskSpace>,
     /// Labels for placement: `area`, `zone`, `rack`, `hw-gen`, anything.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -150,6 +153,11 @@ pub struct Host {
     pub capacity: Resources,
     /// Held by the instances placed on the host.
     pub allocated: Resources,
+    /// Disk space: what the host has for VMs, what its instances are
+    /// counted for, what is free on its disk (absent until an agent that
+    /// reports it heartbeats).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<HostDisk>,
     pub instances: u64,
     pub labels: BTreeMap<String, String>,
     /// The host's VM subnet, as its agent reports it.
@@ -183,6 +191,10 @@ pub struct RunInstancesRequest {
     /// Placement rules for this request, on top of the tenant's.
     #[serde(default)]
     pub placement: Option<PlacementPolicy>,
+    /// Disk space each instance is counted for on its host: its root
+    /// disk's growth and its snapshots (default 2048).
+    #[serde(default = "default_disk_mib")]
+    pub disk_mib: u64,
 }
 
 fn one() -> u32 {
@@ -191,6 +203,24 @@ fn one() -> u32 {
 
 fn default_memory_mib() -> u64 {
     256
+}
+
+/// Disk room an instance is counted for when its request names none: the
+/// default image's root disk (512 MiB) grown full, plus a few snapshots.
+pub const DEFAULT_INSTANCE_DISK_MIB: u64 = 2048;
+
+fn default_disk_mib() -> u64 {
+    DEFAULT_INSTANCE_DISK_MIB
+}
+
+/// A host's disk space as the control plane counts it, in MiB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HostDisk {
+    pub capacity_mib: u64,
+    /// What its instances are counted for.
+    pub allocated_mib: u64,
+    /// Free on its disk at its last heartbeat.
+    pub free_mib: u64,
 }
 
 /// What the user asked an instance to be.
@@ -230,6 +260,9 @@ pub struct Instance {
     pub image: Option<String>,
     pub vcpus: u32,
     pub memory_mib: u64,
+    /// Disk space the instance is counted for on its host.
+    #[serde(default)]
+    pub disk_mib: u64,
     pub ip: Option<String>,
     pub tags: BTreeMap<String, String>,
     /// The operation that last acted on it.
@@ -301,6 +334,12 @@ pub struct PlacementPolicy {
     /// Memory placed per host MiB (default 1.0).
     #[serde(default)]
     pub memory_overcommit: Option<f64>,
+    /// Instances' disk space placed per MiB of a host's disk capacity
+    /// (default 1.0; disks are thin, so e.g. 2.0 is common). Whatever the
+    /// ratio, a host whose disk has less free than an instance's
+    /// `disk_mib` takes no more.
+    #[serde(default)]
+    pub disk_overcommit: Option<f64>,
     /// At most this many of the tenant's instances carrying `group` tag
     /// value per host (spread); hard.
     #[serde(default)]

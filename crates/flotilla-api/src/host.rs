@@ -9,6 +9,16 @@ pub struct Resources {
     pub memory_mib: u64,
 }
 
+/// The disk space of a host's data directory, in MiB.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DiskSpace {
+    /// What VMs' disks and snapshots may take in all (the file system's
+    /// size unless the agent was given less).
+    pub capacity_mib: u64,
+    /// Free on the file system now.
+    pub free_mib: u64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct HostInfo {
     pub hostname: String,
@@ -34,4 +44,7 @@ pub struct HostInfo {
     /// (needs nftables on the host).
     #[serde(default)]
     pub network_isolation: bool,
+    /// The data directory's disk space (none if it cannot be measured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskSpace>,
 }

@@ -21,7 +21,7 @@ pub mod vm;
 pub use error::{ErrorBody, ErrorCode, ErrorDetail};
 pub use exec::{ExecEvent, ExecRequest, ExecResult};
 pub use fleet::{FleetItem, FleetRequest, FleetResult};
-pub use host::{HostInfo, Resources};
+pub use host::{DiskSpace, HostInfo, Resources};
 pub use image::{ImageInfo, RegisterImageRequest};
 pub use snapshot::{
     BaseSnapshotRequest, CloneDisk, CloneResult, CloneVmRequest, CreateSnapshotRequest,

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use flotilla_guest_protocol::client::GuestClient;
 use flotilla_guest_protocol::ExecRequest;
 use flotilla_qemu::QmpClient;
-use flotilla_testkit::{bare_qemu_command, BareQemu, TestHost};
+use flotilla_testkit::{bare_qemu_command, BareQemu, HostOptions, TestHost};
 use serde_json::{json, Value};
 
 const MEMORY_MIB: u64 = 256;
@@ -145,43 +145,16 @@ fn main() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
 
     // Flotilla: two suspends with a small change between them.
-    api_ok(
-        &host,
-        "POST",
-        "/v1/vms",
-        Some(json!({ "name": "snap", "memory_mib": MEMORY_MIB, "wait_ready": true })),
-    );
-    flotilla_exec(&host, "snap", WORKLOAD);
-    let t = Instant::now();
-    let first = api_ok(&host, "POST", "/v1/vms/snap/suspend", None);
-    let suspend1 = t.elapsed().as_secs_f64();
-    let layer1 = first["snapshot"].as_str().expect("layer").to_string();
-    let t = Instant::now();
-    api_ok(&host, "POST", "/v1/vms/snap/resume?wait=true", None);
-    flotilla_exec(&host, "snap", "true");
-    let resume1 = t.elapsed().as_secs_f64();
-    flotilla_exec(&host, "snap", SMALL_CHANGE);
-    let t = Instant::now();
-    let second = api_ok(&host, "POST", "/v1/vms/snap/suspend", None);
-    let suspend2 = t.elapsed().as_secs_f64();
-    let layer2 = second["snapshot"].as_str().expect("layer").to_string();
-    let t = Instant::now();
-    api_ok(&host, "POST", "/v1/vms/snap/resume?wait=true", None);
-    flotilla_exec(&host, "snap", "true");
-    let mut resumes = vec![t.elapsed().as_secs_f64()];
-    for _ in 1..REPEAT {
-        api_ok(&host, "POST", "/v1/vms/snap/suspend", None);
-        let t = Instant::now();
-        api_ok(&host, "POST", "/v1/vms/snap/resume?wait=true", None);
-        flotilla_exec(&host, "snap", "true");
-        resumes.push(t.elapsed().as_secs_f64());
-    }
-    let resume2 = median(&mut resumes);
-    let layers = host.data_path().join("snapshots/layers");
-    let (bytes1, bytes2) = (
-        dir_bytes(&layers.join(&layer1)),
-        dir_bytes(&layers.join(&layer2)),
-    );
+    let load = suspend_cycle(&host);
+    let Cycle {
+        suspend1,
+        suspend2,
+        resume1,
+        resume2,
+        bytes1,
+        bytes2,
+        memory: resumed_memory,
+    } = load;
 
     // Baseline: the same guest under a bare QEMU, same workload, full saves.
     let dir = tempfile::tempdir().expect("tempdir");
@@ -193,7 +166,7 @@ fn main() {
         .expect("qemu-img");
     assert!(made.success());
     let (base1, base2) = (dir.path().join("full1.bin"), dir.path().join("full2.bin"));
-    let (save1, save2, restore2) = rt.block_on(async {
+    let (save1, save2, restore2, restored_memory) = rt.block_on(async {
         let q = spawn_bare(&kernel, &initrd, dir.path(), None);
         guest_exec(dir.path(), WORKLOAD).await;
         let save1 = bare_save(dir.path(), &base1).await;
@@ -210,6 +183,7 @@ fn main() {
         );
         std::fs::copy(&root, &saved_root).expect("keep the saved disk");
         let mut restores = Vec::new();
+        let mut restored_memory = MemoryUse::default();
         for _ in 0..REPEAT {
             std::fs::copy(&saved_root, &root).expect("restore the saved disk");
             let t = Instant::now();
@@ -217,10 +191,11 @@ fn main() {
             wait_running(dir.path()).await;
             guest_exec(dir.path(), "true").await;
             restores.push(t.elapsed().as_secs_f64());
+            restored_memory = memory_of(q.pid());
             drop(q);
         }
         let restore2 = median(&mut restores);
-        (save1, save2, restore2)
+        (save1, save2, restore2, restored_memory)
     });
     let (full1, full2) = (allocated(&base1), allocated(&base2));
 
@@ -250,7 +225,14 @@ fn main() {
     );
     println!("| resume until exec answers (after the second; median of {REPEAT}) | {resume2:.3} s | {restore2:.3} s | {:.2}x |", resume2 / restore2);
     println!("| resume until exec answers (after the first) | {resume1:.3} s | | |");
-    api_ok(&host, "DELETE", "/v1/vms/snap?force=true", None);
+    println!(
+        "| a resumed VM's QEMU after one exec: resident / private memory | {:.1} / {:.1} MiB | {:.1} / {:.1} MiB | {:.2}x private |",
+        mib(resumed_memory.resident),
+        mib(resumed_memory.anonymous),
+        mib(restored_memory.resident),
+        mib(restored_memory.anonymous),
+        resumed_memory.anonymous as f64 / restored_memory.anonymous.max(1) as f64
+    );
 
     // Clones of a running VM holding the same workload. QEMU's own way to
     // the same result is a full save (the source paused throughout) and a
@@ -326,6 +308,8 @@ fn main() {
         "| making the image's base snapshot (once per image and shape) | {base_made:.2} s | | |"
     );
 
+    let load_density = density(&host);
+
     // A fleet of 20, each with a little state of its own, suspended and
     // resumed by tag, four at a time.
     std::thread::scope(|s| {
@@ -366,9 +350,184 @@ fn main() {
             None,
         );
     }
+    drop(host);
+
+    // The same cycle and starts on a host that maps memory images
+    // copy-on-write instead of loading them.
+    let host = TestHost::start_with(HostOptions {
+        agent_args: vec!["--restore-memory".into(), "map".into()],
+        ..Default::default()
+    })
+    .expect("test host");
+    let map = suspend_cycle(&host);
+    let map_density = density(&host);
+    println!();
+    println!(
+        "Guest memory restore modes (`flotilla agent --restore-memory load|map`), same workload:"
+    );
+    println!();
+    println!("| metric | load (default) | map |");
+    println!("| --- | --- | --- |");
+    for (metric, l, m) in [
+        ("first snapshot: time", load.suspend1, map.suspend1),
+        ("second snapshot: time", load.suspend2, map.suspend2),
+        (
+            "resume until exec answers (after the first)",
+            load.resume1,
+            map.resume1,
+        ),
+        (
+            "resume until exec answers (after the second; median of 5)",
+            load.resume2,
+            map.resume2,
+        ),
+    ] {
+        println!("| {metric} | {l:.3} s | {m:.3} s |");
+    }
+    let show = |m: &MemoryUse| {
+        format!(
+            "{:.1} / {:.1} / {:.1} MiB",
+            mib(m.resident),
+            mib(m.proportional),
+            mib(m.anonymous)
+        )
+    };
+    println!(
+        "| a resumed VM's QEMU after one exec: resident / proportional / private | {} | {} |",
+        show(&load.memory),
+        show(&map.memory)
+    );
+    println!(
+        "| {DENSITY} VMs from the base snapshot, per VM: resident / proportional / private | {} | {} |",
+        show(&load_density),
+        show(&map_density)
+    );
+}
+
+/// What one suspend-and-resume cycle measured.
+#[derive(Debug, Clone, Copy)]
+struct Cycle {
+    suspend1: f64,
+    suspend2: f64,
+    resume1: f64,
+    /// Median of [`REPEAT`] resumes after the second suspend.
+    resume2: f64,
+    bytes1: u64,
+    bytes2: u64,
+    /// The resumed VM's QEMU after an exec.
+    memory: MemoryUse,
+}
+
+/// A VM holding [`WORKLOAD`] suspended, resumed, changed a little,
+/// suspended again and resumed [`REPEAT`] times.
+fn suspend_cycle(host: &TestHost) -> Cycle {
+    api_ok(
+        host,
+        "POST",
+        "/v1/vms",
+        Some(json!({ "name": "snap", "memory_mib": MEMORY_MIB, "wait_ready": true })),
+    );
+    flotilla_exec(host, "snap", WORKLOAD);
+    let t = Instant::now();
+    let first = api_ok(host, "POST", "/v1/vms/snap/suspend", None);
+    let suspend1 = t.elapsed().as_secs_f64();
+    let layer1 = first["snapshot"].as_str().expect("layer").to_string();
+    let t = Instant::now();
+    api_ok(host, "POST", "/v1/vms/snap/resume?wait=true", None);
+    flotilla_exec(host, "snap", "true");
+    let resume1 = t.elapsed().as_secs_f64();
+    flotilla_exec(host, "snap", SMALL_CHANGE);
+    let t = Instant::now();
+    let second = api_ok(host, "POST", "/v1/vms/snap/suspend", None);
+    let suspend2 = t.elapsed().as_secs_f64();
+    let layer2 = second["snapshot"].as_str().expect("layer").to_string();
+    let mut resumes = Vec::new();
+    for i in 0..REPEAT {
+        if i > 0 {
+            api_ok(host, "POST", "/v1/vms/snap/suspend", None);
+        }
+        let t = Instant::now();
+        api_ok(host, "POST", "/v1/vms/snap/resume?wait=true", None);
+        flotilla_exec(host, "snap", "true");
+        resumes.push(t.elapsed().as_secs_f64());
+    }
+    let pid = api_ok(host, "GET", "/v1/vms/snap", None)["pid"]
+        .as_i64()
+        .expect("pid") as i32;
+    let memory = memory_of(pid);
+    let layers = host.data_path().join("snapshots/layers");
+    let cycle = Cycle {
+        suspend1,
+        suspend2,
+        resume1,
+        resume2: median(&mut resumes),
+        bytes1: dir_bytes(&layers.join(&layer1)),
+        bytes2: dir_bytes(&layers.join(&layer2)),
+        memory,
+    };
+    api_ok(host, "DELETE", "/v1/vms/snap?force=true", None);
+    cycle
+}
+
+/// Memory per VM of [`DENSITY`] VMs started from the image's base snapshot,
+/// each after one exec.
+fn density(host: &TestHost) -> MemoryUse {
+    let request = |i: usize| json!({ "name": format!("dense-{i}"), "memory_mib": MEMORY_MIB, "from_snapshot": "base" });
+    let pids: Vec<i32> = (0..DENSITY)
+        .map(|i| {
+            let vm = api_ok(host, "POST", "/v1/vms", Some(request(i)));
+            vm["pid"].as_i64().expect("pid") as i32
+        })
+        .collect();
+    for i in 0..DENSITY {
+        flotilla_exec(host, &format!("dense-{i}"), "true");
+    }
+    let uses: Vec<MemoryUse> = pids.iter().map(|p| memory_of(*p)).collect();
+    let per_vm = |f: fn(&MemoryUse) -> u64| uses.iter().map(f).sum::<u64>() / DENSITY as u64;
+    for i in 0..DENSITY {
+        api_ok(
+            host,
+            "DELETE",
+            &format!("/v1/vms/dense-{i}?force=true"),
+            None,
+        );
+    }
+    MemoryUse {
+        resident: per_vm(|m| m.resident),
+        proportional: per_vm(|m| m.proportional),
+        anonymous: per_vm(|m| m.anonymous),
+    }
 }
 
 const FLEET: usize = 20;
+const DENSITY: usize = 10;
+
+/// A process's memory, in bytes: resident (shared pages in full),
+/// proportional (shared pages divided among their sharers), and anonymous
+/// (its own, which the kernel cannot drop and read back from a file).
+#[derive(Debug, Default, Clone, Copy)]
+struct MemoryUse {
+    resident: u64,
+    proportional: u64,
+    anonymous: u64,
+}
+
+fn memory_of(pid: i32) -> MemoryUse {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let field = |name: &str| {
+        rollup
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    MemoryUse {
+        resident: field("Rss:"),
+        proportional: field("Pss:"),
+        anonymous: field("Anonymous:"),
+    }
+}
 const REPEAT: usize = 5;
 
 fn median(v: &mut [f64]) -> f64 {

@@ -175,6 +175,10 @@ pub struct InstanceRunArgs {
     /// Memory, e.g. 256M or 1G.
     #[arg(long, value_parser = parse_mib, default_value = "256")]
     pub memory: u64,
+    /// Disk space each instance is counted for on its host (its root
+    /// disk's growth and snapshots), e.g. 4G.
+    #[arg(long, value_parser = parse_mib, default_value = "2048")]
+    pub disk: u64,
     #[arg(long = "tag", value_parser = parse_key_value)]
     pub tags: Vec<(String, String)>,
     /// A placement policy: JSON inline or @FILE.
@@ -333,6 +337,10 @@ pub struct AgentArgs {
     /// Memory VMs may hold in all, e.g. 8G (default: host memory less 1 GiB).
     #[arg(long, value_parser = parse_mib)]
     pub capacity_memory: Option<u64>,
+    /// Disk space VMs may take in all, e.g. 200G, reported to a control
+    /// plane for placement (default: the data directory's file system size).
+    #[arg(long, value_parser = parse_mib)]
+    pub capacity_disk: Option<u64>,
     /// Seconds a start waits for the guest agent when asked to wait.
     #[arg(long, default_value_t = 120)]
     pub ready_timeout: u64,
@@ -368,6 +376,13 @@ pub struct AgentArgs {
     /// moved to (until routes and neighbours elsewhere have caught up).
     #[arg(long, default_value_t = 120)]
     pub forward_moved_secs: u64,
+    /// How resumes and starts from snapshots bring back guest memory:
+    /// `load` (read it all before the VM runs: fastest) or `map` (map the
+    /// snapshot's image copy-on-write: VMs from one snapshot share the pages
+    /// they only read, about a third of the private memory per VM, slower
+    /// suspends).
+    #[arg(long, default_value = "load", value_parser = ["load", "map"])]
+    pub restore_memory: String,
 }
 
 #[derive(Debug, Args)]

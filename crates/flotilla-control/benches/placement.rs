@@ -41,6 +41,9 @@ fn main() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let mut hosts: Vec<HostView> = (0..HOSTS)
         .map(|i| HostView {
+            disk_mib: 0,
+            used_disk_mib: 0,
+            disk_free_mib: None,
             name: format!("h{i:05}"),
             labels: BTreeMap::from([
                 ("zone".to_string(), format!("z{}", i % 10)),
@@ -181,6 +184,7 @@ fn api_reads(placed: &[(usize, usize)]) {
             .map(|(i, (g, h))| {
                 (
                     NewInstance {
+                        disk_mib: 0,
                         id: format!("i-{i:08}"),
                         tenant_id: "t-bench".into(),
                         name: format!("inst-{i:06}"),
@@ -204,6 +208,7 @@ fn api_reads(placed: &[(usize, usize)]) {
         // the runs' operations fail fast in the background).
         for i in 0..HOSTS {
             let beat = HostHeartbeat {
+                disk: None,
                 endpoint: "http://127.0.0.1:9".into(),
                 agent_token: None,
                 tls_fingerprint: None,
@@ -223,6 +228,7 @@ fn api_reads(placed: &[(usize, usize)]) {
         let t = Instant::now();
         for i in 0..RUNS {
             let req = RunInstancesRequest {
+                disk_mib: flotilla_api::control::DEFAULT_INSTANCE_DISK_MIB,
                 name: format!("new-{i:05}"),
                 count: 1,
                 image: None,
@@ -242,6 +248,7 @@ fn api_reads(placed: &[(usize, usize)]) {
         let t = Instant::now();
         for i in 0..BATCHES {
             let req = RunInstancesRequest {
+                disk_mib: flotilla_api::control::DEFAULT_INSTANCE_DISK_MIB,
                 name: format!("batch-{i:03}"),
                 count: 100,
                 image: None,

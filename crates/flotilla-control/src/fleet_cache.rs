@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use crate::placement::HostView;
+use crate::placement::{Demand, HostView};
 use crate::store::{HostRow, Store, StoreResult};
 
 /// Placements by other replicas and terminations show up within this.
@@ -32,6 +32,9 @@ pub fn view_of(h: HostRow) -> HostView {
         memory_mib: h.memory_mib,
         used_vcpus: h.used_vcpus,
         used_memory_mib: h.used_memory_mib,
+        disk_mib: h.disk_mib,
+        used_disk_mib: h.used_disk_mib,
+        disk_free_mib: h.disk_free_mib,
         group_count: 0,
     }
 }
@@ -77,16 +80,18 @@ impl FleetView {
 
     /// Counts a placement on host `i`: tentatively while a batch is
     /// decided, for good once it is committed.
-    pub fn add_usage(&mut self, i: usize, vcpus: u32, memory_mib: u64) {
+    pub fn add_usage(&mut self, i: usize, demand: &Demand) {
         let h = &mut self.hosts[i];
-        h.used_vcpus += u64::from(vcpus);
-        h.used_memory_mib += memory_mib;
+        h.used_vcpus += u64::from(demand.vcpus);
+        h.used_memory_mib += demand.memory_mib;
+        h.used_disk_mib += demand.disk_mib;
     }
 
     /// Takes back a tentative placement on host `i`.
-    pub fn remove_usage(&mut self, i: usize, vcpus: u32, memory_mib: u64) {
+    pub fn remove_usage(&mut self, i: usize, demand: &Demand) {
         let h = &mut self.hosts[i];
-        h.used_vcpus = h.used_vcpus.saturating_sub(u64::from(vcpus));
-        h.used_memory_mib = h.used_memory_mib.saturating_sub(memory_mib);
+        h.used_vcpus = h.used_vcpus.saturating_sub(u64::from(demand.vcpus));
+        h.used_memory_mib = h.used_memory_mib.saturating_sub(demand.memory_mib);
+        h.used_disk_mib = h.used_disk_mib.saturating_sub(demand.disk_mib);
     }
 }

@@ -464,6 +464,7 @@ async fn idempotency_keys_and_pages() {
 /// A 1-vCPU instance `i-NAME` of tenant `t-1`, as the store records it.
 fn instance_of_t1(name: &str) -> flotilla_control::store::NewInstance {
     flotilla_control::store::NewInstance {
+        disk_mib: 0,
         id: format!("i-{name}"),
         tenant_id: "t-1".into(),
         name: name.into(),
@@ -517,6 +518,7 @@ async fn two_replicas_never_double_book_a_host() {
     a.store().create_tenant("t-1", "acme").await.unwrap();
     for (name, zone) in [("h1", "z1"), ("h2", "z2")] {
         let beat = HostHeartbeat {
+            disk: None,
             endpoint: "http://127.0.0.1:9".into(),
             agent_token: None,
             tls_fingerprint: None,
@@ -535,6 +537,7 @@ async fn two_replicas_never_double_book_a_host() {
     let request = |name: String,
                    policy: Option<PlacementPolicy>,
                    tags: BTreeMap<String, String>| RunInstancesRequest {
+        disk_mib: flotilla_api::control::DEFAULT_INSTANCE_DISK_MIB,
         name,
         count: 1,
         image: None,
@@ -572,6 +575,7 @@ async fn two_replicas_never_double_book_a_host() {
     // Anti-affinity: one of the group per host, asked 6 times at once.
     for h in ["h1", "h2"] {
         let beat = HostHeartbeat {
+            disk: None,
             endpoint: "http://127.0.0.1:9".into(),
             agent_token: None,
             tls_fingerprint: None,
@@ -612,6 +616,7 @@ async fn two_replicas_never_double_book_a_host() {
     // group's version keeps two replicas from filling one rack twice.
     for (h, rack) in [("h1", "r1"), ("h2", "r1"), ("h3", "r2")] {
         let beat = HostHeartbeat {
+            disk: None,
             endpoint: "http://127.0.0.1:9".into(),
             agent_token: None,
             tls_fingerprint: None,
@@ -827,6 +832,122 @@ async fn a_group_spreads_over_racks_with_max_per_label() {
     assert!(message(&b).contains("max_per_label rack 1"), "{b}");
 }
 
+/// Instances are counted for their disk space against their host's disk
+/// capacity (with the policy's overcommit), and a host whose disk is nearly
+/// full takes none, whatever the ratio.
+#[tokio::test]
+async fn disk_space_is_counted_and_full_disks_take_nothing() {
+    let api = Api::start().await;
+    let beat = |capacity: u64, free: u64| {
+        json!({
+            "endpoint": "http://127.0.0.1:9",
+            "capacity": {"vcpus": 8, "memory_mib": 8192},
+            "disk": {"capacity_mib": capacity, "free_mib": free},
+        })
+    };
+    let (s, _) = api
+        .call(
+            "POST",
+            "/v1/hosts/h1/heartbeat",
+            Some(ADMIN),
+            Some(beat(5000, 5000)),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let acme = api.tenant("acme").await;
+    // Two of the default 2048 MiB fit in 5000; a third does not.
+    let (s, b) = api
+        .call(
+            "POST",
+            "/v1/instances",
+            Some(&acme),
+            Some(json!({"name": "a", "count": 2})),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    assert_eq!(b["instances"][0]["disk_mib"], 2048, "{b}");
+    let (s, b) = api
+        .call(
+            "POST",
+            "/v1/instances",
+            Some(&acme),
+            Some(json!({"name": "b"})),
+        )
+        .await;
+    assert_eq!(s, 409, "{b}");
+    assert!(
+        message(&b).contains("needs 2048 MiB of disk, 904 of 5000 MiB unallocated"),
+        "{b}"
+    );
+    // A smaller one fits; the host shows what is counted.
+    let (s, b) = api
+        .call(
+            "POST",
+            "/v1/instances",
+            Some(&acme),
+            Some(json!({"name": "b", "disk_mib": 512})),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    let (_, h) = api.call("GET", "/v1/hosts/h1", Some(ADMIN), None).await;
+    assert_eq!(
+        h["disk"],
+        json!({"capacity_mib": 5000, "allocated_mib": 4608, "free_mib": 5000}),
+        "{h}"
+    );
+    // Thin disks: a global policy lets the host be overcommitted, until
+    // the disk itself is nearly full.
+    let (s, b) = api
+        .call(
+            "PUT",
+            "/v1/policies/thin",
+            Some(ADMIN),
+            Some(json!({"placement": {"disk_overcommit": 4.0}})),
+        )
+        .await;
+    assert!(s < 300, "{s} {b}");
+    let (s, b) = api
+        .call(
+            "POST",
+            "/v1/instances",
+            Some(&acme),
+            Some(json!({"name": "c"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    api.call(
+        "POST",
+        "/v1/hosts/h1/heartbeat",
+        Some(ADMIN),
+        Some(beat(5000, 1000)),
+    )
+    .await;
+    let (s, b) = api
+        .call(
+            "POST",
+            "/v1/instances",
+            Some(&acme),
+            Some(json!({"name": "d"})),
+        )
+        .await;
+    assert_eq!(s, 409, "{b}");
+    assert!(
+        message(&b).contains("the host's disk has 1000 MiB free"),
+        "{b}"
+    );
+    // Bad sizes are refused with the range.
+    let (s, b) = api
+        .call(
+            "POST",
+            "/v1/instances",
+            Some(&acme),
+            Some(json!({"name": "e", "disk_mib": 1})),
+        )
+        .await;
+    assert_eq!(s, 400, "{b}");
+    assert!(message(&b).contains("disk_mib 1 is out of range"), "{b}");
+}
+
 /// A replica on PostgreSQL takes over an operation whose driver died (its
 /// lease ran out) and drives it to its end; one whose lease holds is left
 /// alone.
@@ -1016,6 +1137,7 @@ async fn tags_change_in_place_and_groups_follow() {
 /// A heartbeat of an 8-vCPU, 8 GiB host at `endpoint` with no VMs.
 fn empty_host(endpoint: &str) -> HostHeartbeat {
     HostHeartbeat {
+        disk: None,
         endpoint: endpoint.into(),
         agent_token: None,
         tls_fingerprint: None,
@@ -1058,6 +1180,7 @@ async fn heartbeats_settle_a_move_left_unrecorded() {
     use flotilla_api::VmState;
     let (_dir, cp, admin) = sqlite_control_plane().await;
     let beat = |vms: Vec<(&str, VmState)>| HostHeartbeat {
+        disk: None,
         endpoint: "http://127.0.0.1:9".into(),
         agent_token: None,
         tls_fingerprint: None,
@@ -1152,6 +1275,7 @@ async fn heartbeats_settle_a_move_left_unrecorded() {
 async fn heartbeat_replies_route_other_hosts_instances() {
     let (_dir, cp, admin) = sqlite_control_plane().await;
     let beat = |n: u8, subnet: &str, known: Option<String>| HostHeartbeat {
+        disk: None,
         vm_subnet: Some(subnet.into()),
         routes_version: known,
         ..empty_host(&format!("http://198.18.0.{n}:7777"))
@@ -1163,6 +1287,7 @@ async fn heartbeat_replies_route_other_hosts_instances() {
     assert!(err.to_string().contains("vm_subnet"), "{err}");
     // An HTTPS agent names its certificate: the control plane trusts it alone.
     let https = HostHeartbeat {
+        disk: None,
         endpoint: "https://198.18.0.2:7777".into(),
         ..beat(2, "10.77.0.0/24", None)
     };
@@ -1177,6 +1302,7 @@ async fn heartbeat_replies_route_other_hosts_instances() {
     }
     // A VM made on h1 directly (no instance) holds 10.77.0.2.
     let standalone = HostHeartbeat {
+        disk: None,
         vms: vec![flotilla_api::control::ReportedVm {
             name: "by-hand".into(),
             state: flotilla_api::VmState::Running,
@@ -1191,6 +1317,7 @@ async fn heartbeat_replies_route_other_hosts_instances() {
         ..Default::default()
     };
     let req = RunInstancesRequest {
+        disk_mib: flotilla_api::control::DEFAULT_INSTANCE_DISK_MIB,
         name: "pair".into(),
         count: 2,
         image: None,

@@ -25,6 +25,7 @@ async fn stores(test: &str) -> (Vec<Store>, tempfile::TempDir, PgServer) {
 
 fn beat(vcpus: u32) -> HostHeartbeat {
     HostHeartbeat {
+        disk: None,
         endpoint: "http://127.0.0.1:9".into(),
         agent_token: None,
         tls_fingerprint: None,
@@ -41,6 +42,7 @@ fn beat(vcpus: u32) -> HostHeartbeat {
 
 fn instance(tenant: &str, name: &str, tags: &[(&str, &str)]) -> NewInstance {
     NewInstance {
+        disk_mib: 0,
         id: format!("i-{name}"),
         tenant_id: tenant.into(),
         name: name.into(),
@@ -96,6 +98,7 @@ async fn hosts_heartbeats_down_and_placement_versions() {
         assert_eq!(h.agent_token, None);
         // The agent's token is kept from the last beat that gave one.
         let with_token = HostHeartbeat {
+            disk: None,
             agent_token: Some("fla_x".into()),
             tls_fingerprint: None,
             ..beat(4)

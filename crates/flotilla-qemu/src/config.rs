@@ -270,6 +270,21 @@ pub struct QemuConfig {
     /// a migration's stream and disk exports, made at start.
     #[serde(default)]
     pub tls_psk_dir: Option<PathBuf>,
+    /// Guest memory mapped copy-on-write from a file (see
+    /// [`crate::mapped_ram`]) instead of fresh anonymous memory.
+    #[serde(default)]
+    pub memory_file: Option<MemoryFile>,
+}
+
+/// A file region the guest's memory starts as: mapped private and
+/// read-only, so the guest's writes never reach the file and QEMU cannot
+/// change it (not even to discard pages).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryFile {
+    pub path: PathBuf,
+    /// Where the guest's first byte is in the file.
+    pub offset: u64,
 }
 
 impl QemuConfig {
@@ -289,13 +304,20 @@ impl QemuConfig {
             "-M",
             format!("microvm,acpi=off,memory-backend={MEMORY_BACKEND_ID}"),
         );
-        args.opt(
-            "-object",
-            format!(
+        let memory = match &self.memory_file {
+            None => format!(
                 "memory-backend-ram,id={MEMORY_BACKEND_ID},size={}M",
                 self.memory_mib
             ),
-        );
+            Some(file) => format!(
+                "memory-backend-file,id={MEMORY_BACKEND_ID},size={}M,mem-path={},offset={},\
+                 share=off,readonly=on,rom=off",
+                self.memory_mib,
+                escape_path(&file.path),
+                file.offset
+            ),
+        };
+        args.opt("-object", memory);
         if let Some(dir) = &self.tls_psk_dir {
             for (id, endpoint) in [(TLS_SERVER_ID, "server"), (TLS_CLIENT_ID, "client")] {
                 args.opt(

@@ -29,6 +29,7 @@ pub mod config;
 pub mod error;
 pub mod identity;
 pub mod live;
+pub mod mapped_ram;
 pub mod migration;
 pub mod process;
 pub mod qmp;
@@ -38,7 +39,7 @@ pub use accel::{
     ProbeOutcome, DEFAULT_PROBE_TIMEOUT, PROBE_CMDLINE, PROBE_MARKER,
 };
 pub use config::{
-    Accel, AccelChoice, DriveConfig, LayerBacking, NbdBacking, NicConfig, QemuConfig,
+    Accel, AccelChoice, DriveConfig, LayerBacking, MemoryFile, NbdBacking, NicConfig, QemuConfig,
 };
 pub use error::{QemuError, QmpError};
 pub use identity::ProcessIdentity;

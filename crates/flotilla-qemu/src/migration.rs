@@ -143,6 +143,31 @@ pub fn load_at_start(config: &mut crate::QemuConfig, path: &Path) {
     config.start_paused = true;
 }
 
+/// Like [`load_at_start`], but the guest's memory is mapped from `image`
+/// (copy-on-write, read as the guest touches it) instead of loaded: QEMU
+/// loads the rest of the state from `state_file`, written here. The image
+/// must not change while the VM runs (replace it, never write it in place).
+/// Errors if the image's layout is not one QEMU's loader and this mapping
+/// agree on; loading it with [`load_at_start`] still works then.
+pub fn map_at_start(
+    config: &mut crate::QemuConfig,
+    image: &Path,
+    state_file: &Path,
+) -> Result<(), crate::mapped_ram::MappedRamError> {
+    let layout = crate::mapped_ram::BlockLayout::find(
+        image,
+        crate::config::MEMORY_BACKEND_ID,
+        config.memory_mib << 20,
+    )?;
+    layout.write_state_file(image, state_file)?;
+    config.memory_file = Some(crate::MemoryFile {
+        path: image.to_path_buf(),
+        offset: layout.pages_offset,
+    });
+    load_at_start(config, state_file);
+    Ok(())
+}
+
 /// Waits until the state QEMU loads (see [`load_at_start`]) is in.
 pub async fn wait_incoming(
     qmp: &QmpClient,

@@ -22,7 +22,7 @@ pub use control::ControlPlaneProcess;
 pub use host::{ControlLinkOptions, HostOptions, TestHost};
 pub use netns::{Fabric, NetNs};
 pub use postgres::PgServer;
-pub use procs::{process_alive, qemu_pids_under};
+pub use procs::{mapped_files, process_alive, qemu_pids_under};
 
 use std::path::PathBuf;
 

@@ -36,6 +36,24 @@ fn pids_matching(dir: &Path, qemu_only: bool) -> Vec<i32> {
     pids
 }
 
+/// Files process `pid` maps whose name ends with `suffix`, as (inode,
+/// path): e.g. the memory image a restored VM's QEMU maps as guest memory.
+pub fn mapped_files(pid: i32, suffix: &str) -> Vec<(u64, String)> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    let mut files: Vec<(u64, String)> = maps
+        .lines()
+        .filter_map(|line| {
+            // address perms offset dev inode path
+            let mut fields = line.split_whitespace();
+            let inode = fields.nth(4)?.parse().ok()?;
+            let path = fields.collect::<Vec<_>>().join(" ");
+            path.ends_with(suffix).then_some((inode, path))
+        })
+        .collect();
+    files.dedup();
+    files
+}
+
 /// Alive and not a zombie.
 pub fn process_alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

@@ -63,6 +63,7 @@ use utoipa::OpenApi;
         flotilla_api::RegisterImageRequest,
         flotilla_api::HostInfo,
         flotilla_api::Resources,
+        flotilla_api::DiskSpace,
         flotilla_api::ErrorBody,
         flotilla_api::ErrorDetail,
         flotilla_api::ErrorCode,

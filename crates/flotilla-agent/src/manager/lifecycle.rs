@@ -350,6 +350,7 @@ impl VmManager {
                 .iter()
                 .any(|d| d.sync_from.as_ref().is_some_and(|s| s.tls))
                 .then(|| dir.join(super::migrate::TLS_DIR)),
+            memory_file: None,
         }
     }
 

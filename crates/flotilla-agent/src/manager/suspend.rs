@@ -1,6 +1,8 @@
 //! Suspend and resume: a VM's memory and root disk go into a snapshot layer
 //! (a diff against its previous one) and its QEMU ends; resume rebuilds the
-//! memory image from the layer chain and loads it into a fresh QEMU.
+//! memory image from the layer chain (unless the one kept from the suspend
+//! is still there) and a fresh QEMU loads it, or maps it as the guest's
+//! memory (`RestoreMemory::Map`).
 //!
 //! Failure rules: until the new layer is complete and recorded as pending,
 //! any failure rolls the VM back to running where it was; after that the
@@ -15,13 +17,14 @@ use std::time::{Duration, Instant};
 use flotilla_api::{VmInfo, VmState};
 use flotilla_guest_protocol::GuestClient;
 use flotilla_qemu::migration::{
-    load_at_start, load_from_file, save_to_file, set_link, wait_incoming,
+    load_at_start, map_at_start, save_to_file, set_link, wait_incoming,
 };
 use flotilla_qemu::{QemuProcess, QmpClient};
 use flotilla_snapshot::{LayerId, LayerManifest};
 
 use super::layers::{layer_disk, remove_tmp_disks, store_layer, Capture};
 use super::{VmEntry, VmManager};
+use crate::config::RestoreMemory;
 use crate::disks;
 use crate::error::{AgentError, AgentResult};
 use crate::record::VmRecord;
@@ -37,6 +40,9 @@ pub(crate) const MEMORY_IMAGE_LAYER: &str = "memory.img.layer";
 const MEMORY_TMP: &str = ".suspend-memory.tmp";
 const DISK_TMP_PREFIX: &str = ".suspend-disk";
 const RESUME_MEMORY_TMP: &str = ".resume-memory.tmp";
+/// The memory image without the guest's pages, for QEMU to load while it
+/// maps those from the image; removed once loaded.
+const RESUME_STATE_TMP: &str = ".resume-state.tmp";
 const SAVE_TIMEOUT: Duration = Duration::from_secs(120);
 const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
 const QUIT_WAIT: Duration = Duration::from_secs(5);
@@ -332,29 +338,42 @@ impl VmManager {
         }
         let mut config = self.qemu_config(record);
         // The image kept from the suspend (its marker names the head) is
-        // loaded while the chain is verified, and the VM runs only once it
-        // checks out; otherwise the image is rebuilt from the chain (verified
-        // as it goes) while QEMU starts.
+        // used while the chain is verified, and the VM runs only once it
+        // checks out; otherwise the image is rebuilt from the chain first
+        // (verified as it goes).
         let head_size = store.get(&head)?.memory_size;
         let reuse = memory_image_layer(&dir).as_deref() == Some(head.as_str())
             && std::fs::metadata(&memory).is_ok_and(|m| m.len() == head_size);
-        if reuse {
-            // The image is there: QEMU loads it as it starts.
-            load_at_start(&mut config, &memory);
-        } else {
-            config.incoming = Some("defer".into());
-        }
         let phases = Instant::now();
-        let mut check = Some({
+        let mut check_time = Duration::ZERO;
+        if !reuse {
             let (store, head, memory) = (store.clone(), head.clone(), memory.clone());
-            tokio::task::spawn_blocking(move || -> AgentResult<Duration> {
-                if reuse && !memory_just_captured {
-                    store.verify(&head)?;
-                } else if !reuse {
-                    let tmp = memory.with_file_name(RESUME_MEMORY_TMP);
-                    store.materialize_memory(&head, &tmp)?;
-                    replace_memory_image(&tmp, &head)?;
+            blocking("rebuilding the memory image", move || {
+                let tmp = memory.with_file_name(RESUME_MEMORY_TMP);
+                store.materialize_memory(&head, &tmp)?;
+                replace_memory_image(&tmp, &head)
+            })
+            .await?;
+            check_time = phases.elapsed();
+        }
+        // Loaded whole, or mapped (QEMU loads only the device state) if
+        // the host says so and the image's layout is the one we know.
+        let state_file = dir.join(RESUME_STATE_TMP);
+        let mapped = self.inner.config.restore_memory == RestoreMemory::Map
+            && match map_at_start(&mut config, &memory, &state_file) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(vm = %record.name, error = %e, "loading the memory image instead of mapping it");
+                    false
                 }
+            };
+        if !mapped {
+            load_at_start(&mut config, &memory);
+        }
+        let mut check = (reuse && !memory_just_captured).then(|| {
+            let (store, head) = (store.clone(), head.clone());
+            tokio::task::spawn_blocking(move || -> AgentResult<Duration> {
+                store.verify(&head)?;
                 Ok(phases.elapsed())
             })
         });
@@ -368,27 +387,18 @@ impl VmManager {
         let (process, qmp) = match launched {
             Ok(pq) => pq,
             Err(e) => {
+                let _ = std::fs::remove_file(&state_file);
                 if let Some(handle) = check.take() {
                     let _ = join_check(handle).await;
                 }
-                if reuse {
-                    // QEMU may have died loading the image it was given.
-                    let _ = std::fs::remove_file(dir.join(MEMORY_IMAGE_LAYER));
-                }
+                // QEMU may have died loading the image it was given.
+                let _ = std::fs::remove_file(dir.join(MEMORY_IMAGE_LAYER));
                 return Err(e);
             }
         };
-        let mut check_time = Duration::ZERO;
         let loaded = async {
-            if !reuse {
-                if let Some(handle) = check.take() {
-                    check_time = join_check(handle).await?;
-                }
-            }
-            let loaded = match reuse {
-                true => wait_incoming(&qmp, LOAD_TIMEOUT).await,
-                false => load_from_file(&qmp, &memory, LOAD_TIMEOUT).await,
-            };
+            let loaded = wait_incoming(&qmp, LOAD_TIMEOUT).await;
+            let _ = std::fs::remove_file(&state_file);
             loaded.map_err(|e| AgentError::Snapshot(format!("loading the VM's memory: {e}")))?;
             if let Some(handle) = check.take() {
                 check_time = join_check(handle).await?;
@@ -418,6 +428,7 @@ impl VmManager {
                 loaded_ms = loaded_at.as_millis() as u64,
                 total_ms = phases.elapsed().as_millis() as u64,
                 reused_memory = reuse,
+                mapped_memory = mapped,
                 "restore phases"
             );
             Ok::<_, AgentError>(guest)
@@ -427,11 +438,10 @@ impl VmManager {
             Ok(guest) => Ok((process, qmp, backings, guest)),
             Err(e) => {
                 let _ = process.kill().await;
-                if reuse {
-                    // Not trusted any more: the next resume rebuilds the
-                    // image from the chain.
-                    let _ = std::fs::remove_file(dir.join(MEMORY_IMAGE_LAYER));
-                }
+                let _ = std::fs::remove_file(&state_file);
+                // Not trusted any more: the next resume rebuilds the image
+                // from the chain.
+                let _ = std::fs::remove_file(dir.join(MEMORY_IMAGE_LAYER));
                 Err(e)
             }
         }
@@ -523,7 +533,11 @@ pub(crate) fn replace_memory_image(new: &Path, layer: &LayerId) -> AgentResult<(
 /// Removes what a suspend or resume may leave in a VM directory when
 /// interrupted.
 pub fn remove_leftovers(dir: &Path) {
-    for path in [dir.join(MEMORY_TMP), dir.join(RESUME_MEMORY_TMP)] {
+    for path in [
+        dir.join(MEMORY_TMP),
+        dir.join(RESUME_MEMORY_TMP),
+        dir.join(RESUME_STATE_TMP),
+    ] {
         let _ = std::fs::remove_file(path);
     }
     remove_tmp_disks(dir, DISK_TMP_PREFIX);

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use flotilla_agent::config::AgentConfig;
+use flotilla_agent::config::{AgentConfig, RestoreMemory};
 use flotilla_agent::server::{run_agent, OnExit};
 use flotilla_api::Resources;
 use flotilla_image::{ImageStore, DEFAULT_IMAGE};
@@ -38,10 +38,15 @@ fn config_from(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
         vcpus: args.capacity_vcpus.unwrap_or(d.vcpus),
         memory_mib: args.capacity_memory.unwrap_or(d.memory_mib),
     };
+    c.disk_capacity_mib = args.capacity_disk;
     c.ready_timeout = Duration::from_secs(args.ready_timeout);
     c.migration_address = args.migration_address;
     c.max_migrations = args.max_migrations;
     c.forward_moved_for = Duration::from_secs(args.forward_moved_secs);
+    c.restore_memory = match args.restore_memory.as_str() {
+        "map" => RestoreMemory::Map,
+        _ => RestoreMemory::Load,
+    };
     if let Some(adv) = &args.advertise {
         let scheme = format!("{}://", c.scheme());
         if !adv.starts_with(&scheme) {

@@ -108,7 +108,7 @@ fn parse_placement(text: String) -> anyhow::Result<PlacementPolicy> {
     Ok(serde_json::from_str(&text).map_err(|e| {
         CliError::new(
             format!("invalid placement policy: {e}"),
-            Some("fields: require_labels, forbid_labels, cpu_overcommit, memory_overcommit, max_per_host, group_tag, strategy, prefer_labels".into()),
+            Some("fields: require_labels, forbid_labels, cpu_overcommit, memory_overcommit, disk_overcommit, max_per_host, group_tag, strategy, prefer_labels".into()),
         )
     })?)
 }
@@ -180,6 +180,7 @@ fn run_request(args: InstanceRunArgs) -> anyhow::Result<RunInstancesRequest> {
         image: args.image,
         vcpus: args.vcpus,
         memory_mib: args.memory,
+        disk_mib: args.disk,
         tags: args.tags.into_iter().collect::<BTreeMap<_, _>>(),
         placement,
     })
@@ -539,6 +540,12 @@ pub async fn hosts(c: &Client, json: bool, cmd: HostsCommand) -> anyhow::Result<
                                 + if h.cordoned { ",cordoned" } else { "" },
                             format!("{}/{}", h.allocated.vcpus, h.capacity.vcpus),
                             format!("{}/{}", h.allocated.memory_mib, h.capacity.memory_mib),
+                            h.disk.map_or("-".into(), |d| {
+                                format!(
+                                    "{}/{} ({} free)",
+                                    d.allocated_mib, d.capacity_mib, d.free_mib
+                                )
+                            }),
                             h.instances.to_string(),
                             h.labels
                                 .iter()
@@ -555,6 +562,7 @@ pub async fn hosts(c: &Client, json: bool, cmd: HostsCommand) -> anyhow::Result<
                         "STATE",
                         "VCPUS",
                         "MEM MiB",
+                        "DISK MiB",
                         "INSTANCES",
                         "LABELS",
                         "ENDPOINT",

@@ -77,6 +77,17 @@ fn the_control_plane_places_and_drives_real_agents() {
                 .is_some_and(|a| a.len() == 2 && a.iter().all(|h| h["state"] == "up"))
         },
     );
+    // The agents report their data directory's disk space.
+    let (_, hosts) = cp.api("GET", "/v1/hosts", None, None);
+    for h in hosts.as_array().expect("hosts") {
+        let disk = &h["disk"];
+        assert!(disk["capacity_mib"].as_u64().unwrap_or(0) > 0, "{h}");
+        assert!(disk["free_mib"].as_u64().unwrap_or(0) > 0, "{h}");
+        assert!(
+            disk["free_mib"].as_u64() <= disk["capacity_mib"].as_u64(),
+            "{h}"
+        );
+    }
     // Tenant and token through the CLI, as an admin would.
     let admin = cp.admin_token.clone();
     let (ok, _, err) = cli(&cp, &admin, &["tenant", "create", "acme"]);

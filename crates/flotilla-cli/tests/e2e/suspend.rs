@@ -352,3 +352,75 @@ fn a_fleet_of_twenty_is_suspended_and_resumed_by_tag() {
     });
     assert_clean(&host);
 }
+
+fn md5sum(path: &std::path::Path) -> String {
+    let out = std::process::Command::new("md5sum")
+        .arg(path)
+        .output()
+        .expect("md5sum");
+    assert!(out.status.success(), "md5sum {}", path.display());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The memory image a VM's QEMU maps as guest memory, as (inode, path).
+fn mapped_image(vm: &serde_json::Value) -> Vec<(u64, String)> {
+    let pid = vm["pid"].as_i64().expect("pid") as i32;
+    flotilla_testkit::mapped_files(pid, "/memory.img")
+}
+
+#[test]
+fn with_mapped_memory_vms_share_the_snapshot_image_and_never_write_it() {
+    let host = TestHost::start_with(flotilla_testkit::HostOptions {
+        agent_args: vec!["--restore-memory".into(), "map".into()],
+        ..Default::default()
+    })
+    .expect("test host");
+    // Two VMs from the image's base snapshot map its one image.
+    let a: serde_json::Value = host.cli_json(&["vm", "run", "a", "--from-snapshot", "--wait"]);
+    let b: serde_json::Value = host.cli_json(&["vm", "run", "b", "--from-snapshot", "--wait"]);
+    let (in_a, in_b) = (mapped_image(&a), mapped_image(&b));
+    assert_eq!((in_a.len(), in_b.len()), (1, 1), "{in_a:?} {in_b:?}");
+    assert_eq!(in_a[0].0, in_b[0].0, "the same file: {in_a:?} {in_b:?}");
+    assert_ne!(
+        exec(&host, "a", &["hostname"]).1,
+        exec(&host, "b", &["hostname"]).1
+    );
+
+    // A suspend and resume brings back memory written since.
+    let (code, _, err) = exec(
+        &host,
+        "a",
+        &[
+            "sh",
+            "-c",
+            "head -c 8000000 /dev/urandom > /tmp/mem.bin && md5sum /tmp/mem.bin",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let before = exec(&host, "a", &["md5sum", "/tmp/mem.bin"]).1;
+    assert!(host.cli(&["vm", "suspend", "a"]).status.success());
+    let image = host.data_path().join("vms/a/memory.img");
+    let image_sum = md5sum(&image);
+    let r: serde_json::Value = host.cli_json(&["vm", "resume", "a", "--wait"]);
+    assert_eq!(r["state"], "running");
+    let mapped = mapped_image(&r);
+    assert_eq!(mapped.len(), 1, "{mapped:?}");
+    assert!(mapped[0].1.ends_with("/vms/a/memory.img"), "{mapped:?}");
+    assert_eq!(exec(&host, "a", &["md5sum", "/tmp/mem.bin"]).1, before);
+    // The guest writes its memory: none of it reaches the image.
+    let (code, _, _) = exec(
+        &host,
+        "a",
+        &["sh", "-c", "head -c 8000000 /dev/urandom > /tmp/more.bin"],
+    );
+    assert_eq!(code, 0);
+    assert_eq!(md5sum(&image), image_sum, "the memory image is unchanged");
+    for vm in ["a", "b"] {
+        assert!(host.cli(&["vm", "rm", "--force", vm]).status.success());
+    }
+    assert_clean(&host);
+}

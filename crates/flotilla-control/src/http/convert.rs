@@ -2,7 +2,7 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use flotilla_api::control::{Host, HostState, Instance, Operation, Policy, Tenant};
+use flotilla_api::control::{Host, HostDisk, HostState, Instance, Operation, Policy, Tenant};
 use flotilla_api::Resources;
 
 use crate::store::{HostRow, InstanceRow, OperationRow, PolicyRow, TenantRow};
@@ -37,6 +37,11 @@ pub fn host(h: HostRow) -> Host {
             vcpus: h.used_vcpus as u32,
             memory_mib: h.used_memory_mib,
         },
+        disk: (h.disk_mib > 0).then(|| HostDisk {
+            capacity_mib: h.disk_mib,
+            allocated_mib: h.used_disk_mib,
+            free_mib: h.disk_free_mib.unwrap_or(0),
+        }),
         instances: h.instances,
         labels: h.labels,
         vm_subnet: h.vm_subnet,
@@ -59,6 +64,7 @@ pub fn instance(i: InstanceRow) -> Instance {
         image: i.image,
         vcpus: i.vcpus,
         memory_mib: i.memory_mib,
+        disk_mib: i.disk_mib,
         ip: i.ip,
         tags: i.tags,
         operation: i.operation,

@@ -36,6 +36,7 @@ pub fn merge(policies: &[Sourced<'_>]) -> Result<PlacementPolicy, PolicyError> {
     };
     let cpu_ceiling = ceiling(|p| p.cpu_overcommit);
     let memory_ceiling = ceiling(|p| p.memory_overcommit);
+    let disk_ceiling = ceiling(|p| p.disk_overcommit);
     for Sourced { source, policy, .. } in policies {
         for (k, v) in &policy.require_labels {
             match out.require_labels.get(k) {
@@ -65,6 +66,7 @@ pub fn merge(policies: &[Sourced<'_>]) -> Result<PlacementPolicy, PolicyError> {
         );
         out.cpu_overcommit = min_opt(out.cpu_overcommit, policy.cpu_overcommit);
         out.memory_overcommit = min_opt(out.memory_overcommit, policy.memory_overcommit);
+        out.disk_overcommit = min_opt(out.disk_overcommit, policy.disk_overcommit);
         out.max_per_host = match (out.max_per_host, policy.max_per_host) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -90,6 +92,10 @@ pub fn merge(policies: &[Sourced<'_>]) -> Result<PlacementPolicy, PolicyError> {
     out.memory_overcommit = Some(
         out.memory_overcommit
             .map_or(memory_ceiling, |r| r.min(memory_ceiling)),
+    );
+    out.disk_overcommit = Some(
+        out.disk_overcommit
+            .map_or(disk_ceiling, |r| r.min(disk_ceiling)),
     );
     Ok(out)
 }

@@ -30,6 +30,11 @@ pub struct HostView {
     pub memory_mib: u64,
     pub used_vcpus: u64,
     pub used_memory_mib: u64,
+    /// Disk space for VMs (0: not reported, not checked), what instances
+    /// placed here are counted for, and what its disk had free last.
+    pub disk_mib: u64,
+    pub used_disk_mib: u64,
+    pub disk_free_mib: Option<u64>,
     /// Instances on the host in the request's group (see `group_tag`).
     pub group_count: u32,
 }
@@ -39,6 +44,7 @@ pub struct HostView {
 pub struct Demand {
     pub vcpus: u32,
     pub memory_mib: u64,
+    pub disk_mib: u64,
     /// Label values (`rack`, `r3`) whose hosts already hold as many of the
     /// group as `max_per_label` allows (see [`full_domains`]).
     pub full_domains: BTreeSet<(String, String)>,
@@ -52,8 +58,37 @@ impl Demand {
         Demand {
             vcpus,
             memory_mib,
+            disk_mib: 0,
             full_domains: BTreeSet::new(),
             affinity_hosts: Vec::new(),
+        }
+    }
+
+    pub fn with_disk(self, disk_mib: u64) -> Demand {
+        Demand { disk_mib, ..self }
+    }
+
+    /// Whether `host`'s disk takes this, and if not, why. A host that
+    /// reports no disk is not checked.
+    fn disk_reject(&self, host: &HostView, policy: &PlacementPolicy) -> Option<String> {
+        if host.disk_mib == 0 || self.disk_mib == 0 {
+            return None;
+        }
+        let ratio = policy.disk_overcommit.unwrap_or(1.0);
+        let limit = (host.disk_mib as f64 * ratio).floor() as u64;
+        if host.used_disk_mib + self.disk_mib > limit {
+            return Some(format!(
+                "needs {} MiB of disk, {} of {limit} MiB unallocated (disk_overcommit {ratio})",
+                self.disk_mib,
+                limit.saturating_sub(host.used_disk_mib)
+            ));
+        }
+        match host.disk_free_mib {
+            Some(free) if free < self.disk_mib => Some(format!(
+                "needs {} MiB of disk, the host's disk has {free} MiB free",
+                self.disk_mib
+            )),
+            _ => None,
         }
     }
 
@@ -181,6 +216,9 @@ pub fn reject_reason_with(
             demand.memory_mib,
             mem_limit.saturating_sub(host.used_memory_mib)
         ));
+    }
+    if let Some(why) = demand.disk_reject(host, policy) {
+        return Some(why);
     }
     if let Some(max) = policy.max_per_host {
         if group_count >= max {
@@ -372,6 +410,7 @@ fn reject_reason_fast(
         (host.memory_mib as f64 * policy.memory_overcommit.unwrap_or(1.0)).floor() as u64;
     host.used_vcpus + u64::from(demand.vcpus) <= cpu_limit
         && host.used_memory_mib + demand.memory_mib <= mem_limit
+        && demand.disk_reject(host, policy).is_none()
 }
 
 fn gcd(mut a: usize, mut b: usize) -> usize {

@@ -15,6 +15,9 @@ fn host(name: &str, zone: &str, used_vcpus: u64, group_count: u32) -> HostView {
         memory_mib: 4096,
         used_vcpus,
         used_memory_mib: used_vcpus * 256,
+        disk_mib: 0,
+        used_disk_mib: 0,
+        disk_free_mib: None,
         group_count,
     }
 }
@@ -24,7 +27,32 @@ const SMALL: Demand = Demand {
     affinity_hosts: Vec::new(),
     vcpus: 1,
     memory_mib: 256,
+    disk_mib: 1024,
 };
+
+#[test]
+fn disk_is_counted_against_capacity_and_checked_against_free_space() {
+    let mut h = host("a", "z1", 0, 0);
+    // Not reported: not checked.
+    assert_eq!(reject_reason(&h, &SMALL, &PlacementPolicy::default()), None);
+    h.disk_mib = 4096;
+    h.used_disk_mib = 3584;
+    let why = reject_reason(&h, &SMALL, &PlacementPolicy::default()).expect("full");
+    assert!(
+        why.contains("needs 1024 MiB of disk, 512 of 4096 MiB unallocated"),
+        "{why}"
+    );
+    let thin = PlacementPolicy {
+        disk_overcommit: Some(2.0),
+        ..Default::default()
+    };
+    assert_eq!(reject_reason(&h, &SMALL, &thin), None);
+    // Whatever the ratio, a disk with less free than asked takes nothing.
+    h.disk_free_mib = Some(1000);
+    let why = reject_reason(&h, &SMALL, &thin).expect("no free space");
+    assert!(why.contains("has 1000 MiB free"), "{why}");
+    assert_eq!(choose_sampled(&[h], &SMALL, &thin, &|_| 0, 1), None);
+}
 
 #[test]
 fn spread_prefers_fewer_of_the_group_then_emptier_hosts() {
@@ -161,9 +189,14 @@ fn arb_host() -> impl Strategy<Value = HostView> {
         1u32..16,
         0u64..20,
         0u32..4,
+        (
+            prop::sample::select(vec![0u64, 4096, 16384]),
+            0u64..16384,
+            prop::option::of(0u64..8192),
+        ),
     )
         .prop_map(
-            |(name, zone, down, cordoned, vcpus, used, group)| HostView {
+            |(name, zone, down, cordoned, vcpus, used, group, (disk, used_disk, free))| HostView {
                 name,
                 labels: BTreeMap::from([("zone".to_string(), zone.to_string())]),
                 down,
@@ -172,9 +205,19 @@ fn arb_host() -> impl Strategy<Value = HostView> {
                 memory_mib: u64::from(vcpus) * 1024,
                 used_vcpus: used,
                 used_memory_mib: used * 512,
+                disk_mib: disk,
+                used_disk_mib: used_disk.min(disk),
+                disk_free_mib: free,
                 group_count: group,
             },
         )
+}
+
+/// Whether `h` has disk room for `disk_mib` under `policy`.
+fn disk_fits(h: &HostView, disk_mib: u64, policy: &PlacementPolicy) -> bool {
+    let limit = (h.disk_mib as f64 * policy.disk_overcommit.unwrap_or(1.0)).floor() as u64;
+    h.disk_mib == 0
+        || (h.used_disk_mib + disk_mib <= limit && h.disk_free_mib.is_none_or(|f| f >= disk_mib))
 }
 
 fn arb_policy() -> impl Strategy<Value = PlacementPolicy> {
@@ -194,6 +237,7 @@ fn arb_policy() -> impl Strategy<Value = PlacementPolicy> {
                 .unwrap_or_default(),
             cpu_overcommit: over,
             memory_overcommit: over,
+            disk_overcommit: over,
             max_per_host: max,
             strategy: Some(if binpack {
                 PlacementStrategy::Binpack
@@ -213,7 +257,7 @@ proptest! {
         policy in arb_policy(),
         vcpus in 1u32..4,
     ) {
-        let demand = Demand::new(vcpus, u64::from(vcpus) * 256);
+        let demand = Demand::new(vcpus, u64::from(vcpus) * 256).with_disk(u64::from(vcpus) * 1024);
         let chosen = choose(&hosts, &demand, &policy);
         let any_fits = hosts.iter().any(|h| reject_reason(h, &demand, &policy).is_none());
         prop_assert_eq!(chosen.is_some(), any_fits);
@@ -221,6 +265,7 @@ proptest! {
             prop_assert!(!h.down && !h.cordoned);
             let cpu_limit = (f64::from(h.vcpus) * policy.cpu_overcommit.unwrap_or(1.0)).floor() as u64;
             prop_assert!(h.used_vcpus + u64::from(vcpus) <= cpu_limit);
+            prop_assert!(disk_fits(h, demand.disk_mib, &policy));
             for (k, v) in &policy.require_labels {
                 prop_assert_eq!(h.labels.get(k), Some(v));
             }
@@ -244,7 +289,7 @@ proptest! {
         vcpus in 1u32..4,
         seed in any::<u64>(),
     ) {
-        let demand = Demand::new(vcpus, u64::from(vcpus) * 256);
+        let demand = Demand::new(vcpus, u64::from(vcpus) * 256).with_disk(u64::from(vcpus) * 1024);
         let chosen = choose_sampled(&hosts, &demand, &policy, &|i| hosts[i].group_count, seed);
         let any_fits = hosts.iter().any(|h| reject_reason(h, &demand, &policy).is_none());
         prop_assert_eq!(chosen.is_some(), any_fits);
@@ -310,7 +355,7 @@ proptest! {
             let demand = Demand {
                 full_domains: full_domains(&policy, views.iter().map(|v| (&v.labels, v.group_count))),
                 affinity_hosts: sets.clone(),
-                ..Demand::new(1, 256)
+                ..Demand::new(1, 256).with_disk(1024)
             };
             let count_of = |i: usize| counts[i];
             let chosen = if sampled {
@@ -325,6 +370,7 @@ proptest! {
             let h = &views[i];
             prop_assert!(!h.down && !h.cordoned);
             prop_assert!(h.used_vcpus < u64::from(h.vcpus), "{} is full", h.name);
+            prop_assert!(disk_fits(h, 1024, &policy), "{}'s disk is full", h.name);
             if use_near {
                 prop_assert!(near_set.contains(&h.name), "{} holds no db", h.name);
             }
@@ -334,6 +380,7 @@ proptest! {
             counts[i] += 1;
             hosts[i].used_vcpus += 1;
             hosts[i].used_memory_mib += 256;
+            hosts[i].used_disk_mib += 1024;
             if let Some(m) = zone_max {
                 let mut per_zone: BTreeMap<&String, u32> = BTreeMap::new();
                 for (h, c) in hosts.iter().zip(&counts) {

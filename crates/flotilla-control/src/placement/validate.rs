@@ -30,6 +30,7 @@ pub fn validate(policy: &PlacementPolicy, at: &str) -> Result<(), PolicyError> {
     for (name, ratio) in [
         ("cpu_overcommit", policy.cpu_overcommit),
         ("memory_overcommit", policy.memory_overcommit),
+        ("disk_overcommit", policy.disk_overcommit),
     ] {
         if let Some(r) = ratio {
             if !r.is_finite() || !(0.1..=64.0).contains(&r) {

@@ -47,6 +47,7 @@ impl ControlPlane {
                     || h.vcpus != beat.capacity.vcpus
                     || h.memory_mib != beat.capacity.memory_mib
                     || h.labels != beat.labels
+                    || disk_moved(h, beat.disk)
             }
         };
         if changed {
@@ -281,4 +282,16 @@ impl ControlPlane {
         }
         Ok(())
     }
+}
+
+/// Whether a host's disk changed enough for placements to see it now
+/// rather than at the next reread: its capacity, or its free space by a
+/// tenth of it (at least 1 GiB).
+fn disk_moved(known: &crate::store::HostRow, now: Option<flotilla_api::DiskSpace>) -> bool {
+    let Some(now) = now else {
+        return known.disk_mib != 0;
+    };
+    let free_before = known.disk_free_mib.unwrap_or(0);
+    known.disk_mib != now.capacity_mib
+        || free_before.abs_diff(now.free_mib) >= (now.capacity_mib / 10).max(1024)
 }

@@ -314,7 +314,7 @@ impl ControlPlane {
             .effective_policy(&source.tenant_id, &tags, None)
             .await?;
         Self::check_group(&policy, &tags)?;
-        let mut demand = Demand::new(source.vcpus, source.memory_mib);
+        let mut demand = Demand::new(source.vcpus, source.memory_mib).with_disk(source.disk_mib);
         let op_id = new_id("op");
         let new = NewInstance {
             id: new_id("i"),
@@ -323,6 +323,7 @@ impl ControlPlane {
             image: source.image.clone(),
             vcpus: source.vcpus,
             memory_mib: source.memory_mib,
+            disk_mib: source.disk_mib,
             tags,
             operation: Some(op_id.clone()),
             // The source's agent gives the clone an address it does not

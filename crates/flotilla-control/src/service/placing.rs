@@ -129,7 +129,7 @@ impl ControlPlane {
                     views.iter().map(|v| (&v.labels, v.group_count)),
                 ),
                 affinity_hosts: self.affinity_hosts(&tenant_id, &policy).await?,
-                ..Demand::new(req.vcpus, req.memory_mib)
+                ..Demand::new(req.vcpus, req.memory_mib).with_disk(req.disk_mib)
             },
             &policy,
         ))
@@ -168,6 +168,12 @@ impl ControlPlane {
                 req.memory_mib
             )));
         }
+        if !(64..=64 * 1024 * 1024).contains(&req.disk_mib) {
+            return Err(ControlError::invalid(format!(
+                "disk_mib {} is out of range (64 to 67108864)",
+                req.disk_mib
+            )));
+        }
         check_tags(&req.tags)?;
         let policy = self
             .effective_policy(&tenant_id, &req.tags, req.placement.as_ref())
@@ -196,6 +202,7 @@ impl ControlPlane {
                 image: req.image.clone(),
                 vcpus: req.vcpus,
                 memory_mib: req.memory_mib,
+                disk_mib: req.disk_mib,
                 tags: req.tags.clone(),
                 operation: Some(op_id.clone()),
                 ip: None,
@@ -209,7 +216,7 @@ impl ControlPlane {
             None => OperationInput::Run,
         };
         let op = self.new_operation(Some(&tenant_id), &op_id, input, targets);
-        let demand = Demand::new(req.vcpus, req.memory_mib);
+        let demand = Demand::new(req.vcpus, req.memory_mib).with_disk(req.disk_mib);
         self.place_run(&tenant_id, &news, &demand, &policy, &op)
             .await?;
         workflows::spawn(self.clone(), op.clone());
@@ -267,7 +274,7 @@ impl ControlPlane {
                 match placement::choose_index(&fleet.hosts, &demand, policy, &count_of) {
                     Some(i) => {
                         // Counted for the next decisions, taken back below.
-                        fleet.add_usage(i, demand.vcpus, demand.memory_mib);
+                        fleet.add_usage(i, &demand);
                         let name = fleet.hosts[i].name.clone();
                         for (rule, hosts) in policy.affinity.iter().zip(near.iter_mut()) {
                             if new.tags.get(&rule.tag) == Some(&rule.value) {
@@ -304,7 +311,7 @@ impl ControlPlane {
                     placement::explain(&views, &demand, policy)
                 };
                 for &i in &chosen {
-                    fleet.remove_usage(i, demand.vcpus, demand.memory_mib);
+                    fleet.remove_usage(i, demand);
                 }
                 if !checked_fresh {
                     // The view may be behind: decide once more on a fresh one.
@@ -325,7 +332,7 @@ impl ControlPlane {
                 .collect();
             if let Err(e) = self.assign_addresses(&mut placed).await {
                 for &i in &chosen {
-                    fleet.remove_usage(i, demand.vcpus, demand.memory_mib);
+                    fleet.remove_usage(i, demand);
                 }
                 return Err(e);
             }
@@ -355,7 +362,7 @@ impl ControlPlane {
                 }
                 Err(StoreError::Contended) => {
                     for &i in &chosen {
-                        fleet.remove_usage(i, demand.vcpus, demand.memory_mib);
+                        fleet.remove_usage(i, demand);
                     }
                     let mut reread = std::collections::BTreeSet::new();
                     for &i in &chosen {
@@ -366,7 +373,7 @@ impl ControlPlane {
                 }
                 Err(e) => {
                     for &i in &chosen {
-                        fleet.remove_usage(i, demand.vcpus, demand.memory_mib);
+                        fleet.remove_usage(i, demand);
                     }
                     return Err(e.into());
                 }
@@ -471,7 +478,7 @@ impl ControlPlane {
                     views.iter().map(|v| (&v.labels, v.group_count)),
                 ),
                 affinity_hosts: self.affinity_hosts(&inst.tenant_id, policy).await?,
-                ..Demand::new(inst.vcpus, inst.memory_mib)
+                ..Demand::new(inst.vcpus, inst.memory_mib).with_disk(inst.disk_mib)
             };
             let Some(chosen) = placement::choose(&views, &demand, policy) else {
                 let explanation = placement::explain(&views, &demand, policy);

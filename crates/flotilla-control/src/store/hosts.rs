@@ -30,10 +30,24 @@ pub struct HostRow {
     pub vm_subnet: Option<String>,
     /// The agent's TLS certificate fingerprint, as its last heartbeat gave it.
     pub tls_fingerprint: Option<String>,
+    /// Disk space for VMs (0: not reported) and free now, per its last
+    /// heartbeat.
+    pub disk_mib: u64,
+    pub disk_free_mib: Option<u64>,
     /// Held by the instances placed here.
     pub used_vcpus: u64,
     pub used_memory_mib: u64,
+    pub used_disk_mib: u64,
     pub instances: u64,
+}
+
+/// What a host's instances hold.
+#[derive(Debug, Default, Clone, Copy)]
+struct Usage {
+    vcpus: u64,
+    memory_mib: u64,
+    disk_mib: u64,
+    instances: u64,
 }
 
 /// A placement group's version as read before deciding: `(tenant, tag,
@@ -67,7 +81,7 @@ pub struct Placement {
 
 const HOST_COLUMNS: &str = "name, endpoint, vcpus, memory_mib, labels, down, cordoned, \
                             last_heartbeat, registered_at, version, agent_token, vm_subnet, \
-                            tls_fingerprint";
+                            tls_fingerprint, disk_mib, disk_free_mib";
 
 fn host(row: &sqlx::any::AnyRow) -> StoreResult<HostRow> {
     let labels: String = row.try_get("labels")?;
@@ -85,8 +99,13 @@ fn host(row: &sqlx::any::AnyRow) -> StoreResult<HostRow> {
         agent_token: row.try_get("agent_token")?,
         vm_subnet: row.try_get("vm_subnet")?,
         tls_fingerprint: row.try_get("tls_fingerprint")?,
+        disk_mib: row.try_get::<i64, _>("disk_mib")? as u64,
+        disk_free_mib: row
+            .try_get::<Option<i64>, _>("disk_free_mib")?
+            .map(|m| m as u64),
         used_vcpus: 0,
         used_memory_mib: 0,
+        used_disk_mib: 0,
         instances: 0,
     })
 }
@@ -116,14 +135,15 @@ impl Store {
         sqlx::query(
             "INSERT INTO hosts (name, endpoint, vcpus, memory_mib, labels, down, cordoned,
                                 last_heartbeat, registered_at, version, agent_token, vm_subnet,
-                                vm_addresses, tls_fingerprint)
-             VALUES ($1, $2, $3, $4, $5, 0, 0, $6, $6, 0, $7, $8, $9, $10)
+                                vm_addresses, tls_fingerprint, disk_mib, disk_free_mib)
+             VALUES ($1, $2, $3, $4, $5, 0, 0, $6, $6, 0, $7, $8, $9, $10, $11, $12)
              ON CONFLICT (name) DO UPDATE SET endpoint = $2, vcpus = $3, memory_mib = $4,
                 labels = $5, down = 0, last_heartbeat = $6,
                 agent_token = COALESCE($7, hosts.agent_token), vm_subnet = $8,
-                vm_addresses = $9, tls_fingerprint = $10,
+                vm_addresses = $9, tls_fingerprint = $10, disk_mib = $11, disk_free_mib = $12,
                 version = CASE WHEN hosts.vcpus <> $3 OR hosts.memory_mib <> $4
                                     OR hosts.labels <> $5 OR hosts.down <> 0
+                                    OR hosts.disk_mib <> $11
                                THEN hosts.version + 1 ELSE hosts.version END",
         )
         .bind(name)
@@ -142,6 +162,8 @@ impl Store {
                 .collect::<Vec<_>>(),
         ))
         .bind(beat.tls_fingerprint.as_deref())
+        .bind(beat.disk.map_or(0, |d| d.capacity_mib as i64))
+        .bind(beat.disk.map(|d| d.free_mib as i64))
         .execute(self.pool())
         .await?;
         Ok(was_down == Some(1))
@@ -203,8 +225,13 @@ impl Store {
         let mut hosts = rows.iter().map(host).collect::<StoreResult<Vec<_>>>()?;
         let usage = self.usage_by_host().await?;
         for h in &mut hosts {
-            if let Some(&(v, m, n)) = usage.get(&h.name) {
-                (h.used_vcpus, h.used_memory_mib, h.instances) = (v, m, n);
+            if let Some(u) = usage.get(&h.name) {
+                (
+                    h.used_vcpus,
+                    h.used_memory_mib,
+                    h.used_disk_mib,
+                    h.instances,
+                ) = (u.vcpus, u.memory_mib, u.disk_mib, u.instances);
             }
         }
         Ok(hosts)
@@ -220,7 +247,8 @@ impl Store {
         };
         let usage = sqlx::query(
             "SELECT CAST(COALESCE(SUM(vcpus), 0) AS BIGINT) AS v,
-                    CAST(COALESCE(SUM(memory_mib), 0) AS BIGINT) AS m, COUNT(*) AS n
+                    CAST(COALESCE(SUM(memory_mib), 0) AS BIGINT) AS m,
+                    CAST(COALESCE(SUM(disk_mib), 0) AS BIGINT) AS d, COUNT(*) AS n
              FROM instances WHERE host = $1",
         )
         .bind(name)
@@ -228,14 +256,15 @@ impl Store {
         .await?;
         h.used_vcpus = usage.try_get::<i64, _>("v")? as u64;
         h.used_memory_mib = usage.try_get::<i64, _>("m")? as u64;
+        h.used_disk_mib = usage.try_get::<i64, _>("d")? as u64;
         h.instances = usage.try_get::<i64, _>("n")? as u64;
         Ok(Some(h))
     }
 
-    async fn usage_by_host(&self) -> StoreResult<HashMap<String, (u64, u64, u64)>> {
+    async fn usage_by_host(&self) -> StoreResult<HashMap<String, Usage>> {
         let rows = sqlx::query(
             "SELECT host, CAST(SUM(vcpus) AS BIGINT) AS v, CAST(SUM(memory_mib) AS BIGINT) AS m,
-                    COUNT(*) AS n
+                    CAST(SUM(disk_mib) AS BIGINT) AS d, COUNT(*) AS n
              FROM instances WHERE host IS NOT NULL GROUP BY host",
         )
         .fetch_all(self.pool())
@@ -243,19 +272,20 @@ impl Store {
         // An instance being migrated holds room on its target too.
         let moving = sqlx::query(
             "SELECT migrating_to AS host, CAST(SUM(vcpus) AS BIGINT) AS v,
-                    CAST(SUM(memory_mib) AS BIGINT) AS m, COUNT(*) AS n
+                    CAST(SUM(memory_mib) AS BIGINT) AS m, CAST(SUM(disk_mib) AS BIGINT) AS d,
+                    COUNT(*) AS n
              FROM instances WHERE migrating_to IS NOT NULL GROUP BY migrating_to",
         )
         .fetch_all(self.pool())
         .await?;
-        let mut usage: HashMap<String, (u64, u64, u64)> = HashMap::new();
+        let mut usage: HashMap<String, Usage> = HashMap::new();
         for r in rows.iter().chain(&moving) {
             let host: String = r.try_get("host")?;
-            let v: i64 = r.try_get("v")?;
-            let m: i64 = r.try_get("m")?;
-            let n: i64 = r.try_get("n")?;
             let u = usage.entry(host).or_default();
-            (u.0, u.1, u.2) = (u.0 + v as u64, u.1 + m as u64, u.2 + n as u64);
+            u.vcpus += r.try_get::<i64, _>("v")? as u64;
+            u.memory_mib += r.try_get::<i64, _>("m")? as u64;
+            u.disk_mib += r.try_get::<i64, _>("d")? as u64;
+            u.instances += r.try_get::<i64, _>("n")? as u64;
         }
         Ok(usage)
     }

@@ -16,6 +16,8 @@ pub struct NewInstance {
     pub image: Option<String>,
     pub vcpus: u32,
     pub memory_mib: u64,
+    /// Disk space it is counted for on its host.
+    pub disk_mib: u64,
     pub tags: BTreeMap<String, String>,
     pub operation: Option<String>,
     /// The address handed out for it (unique across hosts), if its host's
@@ -34,6 +36,7 @@ pub struct InstanceRow {
     pub image: Option<String>,
     pub vcpus: u32,
     pub memory_mib: u64,
+    pub disk_mib: u64,
     pub ip: Option<String>,
     pub tags: BTreeMap<String, String>,
     pub operation: Option<String>,
@@ -58,11 +61,11 @@ pub struct InstanceFilter {
 }
 
 const COLUMNS: &str = "id, tenant_id, name, host, desired, observed, image, vcpus, memory_mib, \
-                       ip, tags, operation, last_error, created_at, updated_at";
+                       ip, tags, operation, last_error, created_at, updated_at, disk_mib";
 /// What reads select: the inserted columns and those added later.
 const READ_COLUMNS: &str = "id, tenant_id, name, host, desired, observed, image, vcpus, \
                             memory_mib, ip, tags, operation, last_error, created_at, \
-                            updated_at, migrating_to";
+                            updated_at, migrating_to, disk_mib";
 
 fn enum_text<T: serde::Serialize>(v: &T) -> String {
     to_json(v).trim_matches('"').to_string()
@@ -86,6 +89,7 @@ fn instance(row: &sqlx::any::AnyRow) -> StoreResult<InstanceRow> {
         image: row.try_get("image")?,
         vcpus: row.try_get::<i64, _>("vcpus")? as u32,
         memory_mib: row.try_get::<i64, _>("memory_mib")? as u64,
+        disk_mib: row.try_get::<i64, _>("disk_mib")? as u64,
         ip: row.try_get("ip")?,
         tags: from_json("instance tags", &tags)?,
         operation: row.try_get("operation")?,
@@ -225,7 +229,8 @@ pub(crate) async fn insert_instance(
     let now = now_ms();
     sqlx::query(&format!(
         "INSERT INTO instances ({COLUMNS})
-         VALUES ($1, $2, $3, $4, 'running', 'pending', $5, $6, $7, $8, $9, $10, NULL, $11, $11)"
+         VALUES ($1, $2, $3, $4, 'running', 'pending', $5, $6, $7, $8, $9, $10, NULL, $11, $11,
+                 $12)"
     ))
     .bind(&i.id)
     .bind(&i.tenant_id)
@@ -238,6 +243,7 @@ pub(crate) async fn insert_instance(
     .bind(to_json(&i.tags))
     .bind(i.operation.as_deref())
     .bind(now)
+    .bind(i.disk_mib as i64)
     .execute(&mut **tx)
     .await
     .map_err(|e| {

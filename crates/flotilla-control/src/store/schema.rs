@@ -160,4 +160,15 @@ pub(crate) const MIGRATIONS: &[(i64, &[&str])] = &[
             "ALTER TABLE hosts ADD COLUMN tls_fingerprint TEXT",
         ],
     ),
+    (
+        10,
+        &[
+            // Disk space: each instance is counted for its `disk_mib`
+            // against its host's capacity; the host's free space as its
+            // last heartbeat measured it (0 and NULL: not reported).
+            "ALTER TABLE instances ADD COLUMN disk_mib BIGINT NOT NULL DEFAULT 0",
+            "ALTER TABLE hosts ADD COLUMN disk_mib BIGINT NOT NULL DEFAULT 0",
+            "ALTER TABLE hosts ADD COLUMN disk_free_mib BIGINT",
+        ],
+    ),
 ];

@@ -53,6 +53,7 @@ fn fixture() -> Fixture {
         start_paused: false,
         mapped_ram: false,
         tls_psk_dir: None,
+        memory_file: None,
     };
     Fixture { dir, config }
 }
@@ -179,6 +180,26 @@ fn kvm_paused_incoming_and_minimal_config() {
     assert!(args.iter().any(|a| a == "-S"));
     assert!(values_of(&args, "-device").is_empty());
     assert!(!args.iter().any(|a| a == "-initrd" || a == "-blockdev"));
+}
+
+#[test]
+fn memory_mapped_from_a_file_is_private_and_read_only() {
+    let mut f = fixture();
+    f.config.memory_file = Some(MemoryFile {
+        path: f.dir.path().join("memory.img"),
+        offset: 1 << 20,
+    });
+    assert_invalid(&f.config, "memory_file", "memory.img");
+    std::fs::write(f.dir.path().join("memory.img"), b"x").expect("write");
+    f.config.validate().expect("valid");
+    assert_eq!(
+        value_of(&f.config.to_args(), "-object"),
+        format!(
+            "memory-backend-file,id=mem,size=256M,mem-path={},offset=1048576,\
+             share=off,readonly=on,rom=off",
+            path_str(f.dir.path(), "memory.img")
+        )
+    );
 }
 
 #[test]

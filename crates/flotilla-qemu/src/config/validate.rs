@@ -43,6 +43,9 @@ pub(super) fn validate(config: &QemuConfig) -> Result<(), QemuError> {
         ));
     }
     existing_file("kernel", &config.kernel)?;
+    if let Some(memory) = &config.memory_file {
+        existing_file("memory_file", &memory.path)?;
+    }
     if let Some(initrd) = &config.initrd {
         existing_file("initrd", initrd)?;
     }

@@ -58,6 +58,7 @@ fn stub_config(dir: &Path) -> QemuConfig {
         start_paused: false,
         mapped_ram: false,
         tls_psk_dir: None,
+        memory_file: None,
     }
 }
 
