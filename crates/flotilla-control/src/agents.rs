@@ -30,10 +30,12 @@ impl AgentCallError {
         matches!(self, AgentCallError::Api { status: 409, .. })
     }
 
-    /// The agent answered and said no for a reason of its own (4xx), other
-    /// than the thing existing already: another host may well say yes.
+    /// The agent answered and said no for a reason of its own (4xx, with
+    /// its error body: a proxy's or another server's 4xx is not an agent's
+    /// answer), other than the thing existing already: another host may
+    /// well say yes.
     pub fn is_refusal(&self) -> bool {
-        matches!(self, AgentCallError::Api { status, .. } if (400..500).contains(status))
+        matches!(self, AgentCallError::Api { status, code: Some(_), .. } if (400..500).contains(status))
             && !self.is_already_exists()
     }
 
@@ -269,5 +271,34 @@ impl AgentClient {
                 endpoint: agent.endpoint.clone(),
                 reason: e.to_string(),
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(status: u16, code: Option<flotilla_api::ErrorCode>) -> AgentCallError {
+        AgentCallError::Api {
+            status,
+            code,
+            message: String::new(),
+        }
+    }
+
+    #[test]
+    fn only_an_agents_own_4xx_is_a_refusal() {
+        use flotilla_api::ErrorCode;
+        assert!(api(404, Some(ErrorCode::NotFound)).is_refusal());
+        assert!(api(409, Some(ErrorCode::Conflict)).is_refusal());
+        // A proxy's or another server's answer says nothing of the agent.
+        assert!(!api(404, None).is_refusal());
+        assert!(!api(409, Some(ErrorCode::AlreadyExists)).is_refusal());
+        assert!(!api(500, Some(ErrorCode::Internal)).is_refusal());
+        let unreachable = AgentCallError::Unreachable {
+            endpoint: "https://h1:7777".into(),
+            reason: "refused".into(),
+        };
+        assert!(!unreachable.is_refusal());
     }
 }

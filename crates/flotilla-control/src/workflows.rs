@@ -286,7 +286,9 @@ const HOSTS_PER_INSTANCE: usize = 3;
 /// such image there, no room by the agent's own count, ...) is left for
 /// another its policy (with the run's own rules, `request`) allows, up to
 /// [`HOSTS_PER_INSTANCE`] hosts; the instance's record moves with it, so
-/// its room is never held on a host that does not run it.
+/// its room is never held on a host that does not run it. Refused by them
+/// all, or with no other host to try, it is taken off the last one (no
+/// room, no address held) and fails.
 async fn create_instance_vm(
     cp: &ControlPlane,
     inst: &InstanceRow,
@@ -301,18 +303,24 @@ async fn create_instance_vm(
                 let ip = vm.nics.first().map(|n| n.ip.clone());
                 return made(cp, &agent, &inst.id, observed_from_vm(vm.state), ip).await;
             }
-            Err(e) if e.is_refusal() && refused.len() + 1 < HOSTS_PER_INSTANCE => e,
+            Err(e) if e.is_refusal() => e,
+            // The VM may exist (an agent that did not answer): the
+            // instance stays where it is, for a retry or the heartbeats.
             Err(e) => return Err(agent_error(e)),
         };
         let from = inst.host.clone().unwrap_or_default();
-        tracing::warn!(instance = %inst.name, host = %from, error = %e, "its host refused it; placing it elsewhere");
         refused.push(from.clone());
-        let to = cp
-            .place_elsewhere(&inst, &refused, request)
-            .await
-            .map_err(|pe| {
-                ControlError::conflict(format!("{e}; no other host takes it: {}", pe.message))
-            })?;
+        if refused.len() >= HOSTS_PER_INSTANCE {
+            return refused_everywhere(cp, &inst, &refused, e.to_string()).await;
+        }
+        tracing::warn!(instance = %inst.name, host = %from, error = %e, "its host refused it; placing it elsewhere");
+        let to = match cp.place_elsewhere(&inst, &refused, request).await {
+            Ok(to) => to,
+            Err(pe) => {
+                let why = format!("{e}; no other host takes it: {}", pe.message);
+                return refused_everywhere(cp, &inst, &refused, why).await;
+            }
+        };
         // An address of another subnet does not fit the new host: its
         // agent picks one, recorded when the VM is made.
         let subnet_of = |h: Option<crate::store::HostRow>| h.and_then(|h| h.vm_subnet);
@@ -321,6 +329,25 @@ async fn create_instance_vm(
         }
         inst.host = Some(to);
     }
+}
+
+/// Fails a run refused by every host it tried (the last one is where the
+/// instance is): the instance comes off that host, holding no room.
+async fn refused_everywhere(
+    cp: &ControlPlane,
+    inst: &InstanceRow,
+    refused: &[String],
+    why: String,
+) -> ControlResult<Option<ObservedUpdate>> {
+    if let Some(host) = &inst.host {
+        if cp.store().release_unmade(&inst.id, host).await? {
+            tracing::warn!(instance = %inst.name, refused_by = ?refused, "no host made it; it holds no room");
+        }
+    }
+    Err(ControlError::conflict(format!(
+        "refused by {}: {why}",
+        refused.join(", ")
+    )))
 }
 
 /// Creates the instance's VM on `agent` (an earlier attempt's VM is taken
@@ -411,6 +438,11 @@ async fn act(
     inst: &InstanceRow,
 ) -> ControlResult<Option<ObservedUpdate>> {
     let store = cp.store();
+    if matches!(input, OperationInput::Terminate) && inst.host.is_none() {
+        // Made nowhere (every host refused its run): only the record goes.
+        store.delete_instance(&inst.id).await?;
+        return Ok(None);
+    }
     let agent = agent_of(cp, inst).await?;
     {
         let agents = &cp.inner.agents;

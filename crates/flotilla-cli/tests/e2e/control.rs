@@ -569,6 +569,36 @@ fn an_instance_its_host_refuses_is_placed_on_another() {
     let (_, host) = cp.api("GET", "/v1/hosts/h2", None, None);
     assert_eq!(host["instances"], 0, "{host:#}");
     assert!(instance_vms(&h2).is_empty());
+
+    // An image no host has: refused by both, the run fails and the
+    // instance holds no room anywhere, until it is terminated.
+    let allocated =
+        |name: &str| cp.api("GET", &format!("/v1/hosts/{name}"), None, None).1["allocated"].clone();
+    let before = (allocated("h1"), allocated("h2"));
+    let (s, b) = cp.api(
+        "POST",
+        "/v1/instances",
+        Some(&acme),
+        Some(json!({"name": "nowhere", "image": "no-such-image"})),
+    );
+    assert_eq!(s, 201, "{b}");
+    let op = wait_op(&cp, &acme, b["operation"].as_str().unwrap());
+    assert_eq!(op["state"], "failed", "{op:#}");
+    let (_, inst) = cp.api("GET", "/v1/instances/nowhere", Some(&acme), None);
+    assert_eq!(inst["observed"], "failed", "{inst:#}");
+    assert!(inst["host"].is_null(), "{inst:#}");
+    let error = inst["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("refused by h") && error.contains("no-such-image"),
+        "{inst:#}"
+    );
+    assert_eq!((allocated("h1"), allocated("h2")), before);
+    let (s, b) = cp.api("DELETE", "/v1/instances/nowhere", Some(&acme), None);
+    assert!(s < 300, "{s} {b}");
+    let op = wait_op(&cp, &acme, b["id"].as_str().unwrap_or_default());
+    assert_eq!(op["state"], "succeeded", "{op:#}");
+    let (s, _) = cp.api("GET", "/v1/instances/nowhere", Some(&acme), None);
+    assert_eq!(s, 404);
 }
 
 #[test]

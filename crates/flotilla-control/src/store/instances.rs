@@ -329,6 +329,29 @@ impl Store {
         Ok(())
     }
 
+    /// Takes an instance not made yet (`pending`) off `host`, whose agent
+    /// refused to make it: it holds no room and no address any more (the
+    /// host gets a new version), and stays as a record of the failed run
+    /// until terminated. False if it is not pending on `host`.
+    pub async fn release_unmade(&self, id: &str, host: &str) -> StoreResult<bool> {
+        let mut tx = self.pool().begin().await?;
+        sqlx::query("UPDATE hosts SET version = version + 1 WHERE name = $1")
+            .bind(host)
+            .execute(&mut *tx)
+            .await?;
+        let released = sqlx::query(
+            "UPDATE instances SET host = NULL, ip = NULL, updated_at = $1
+             WHERE id = $2 AND host = $3 AND observed = 'pending' AND migrating_to IS NULL",
+        )
+        .bind(now_ms())
+        .bind(id)
+        .bind(host)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(released.rows_affected() > 0)
+    }
+
     /// Instances being moved to `host`.
     pub async fn instances_moving_to(&self, host: &str) -> StoreResult<Vec<InstanceRow>> {
         let sql = format!("SELECT {READ_COLUMNS} FROM instances WHERE migrating_to = $1");
