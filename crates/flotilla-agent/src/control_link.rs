@@ -4,7 +4,7 @@
 //! reply carries the cluster's VM routes when they changed, which the agent
 //! applies (see [`crate::routes`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
@@ -23,7 +23,33 @@ pub struct ControlLink {
     /// Where the control plane reaches this agent's API.
     pub advertise: String,
     pub labels: BTreeMap<String, String>,
+    /// Traits the operator gives this host (`gpu`, `ssd`, ...), on top of
+    /// those the agent finds (see [`found_traits`]).
+    pub traits: BTreeSet<String>,
     pub interval: Duration,
+}
+
+/// CPU flags placement can ask for, as `cpu-FLAG` traits.
+const CPU_TRAITS: &[&str] = &["avx2", "avx512f", "aes", "sha_ni"];
+
+/// What the agent finds this host is or can do: its accelerator (`kvm` or
+/// `tcg`), some CPU features (`cpu-avx2`, ...), and `network-isolation`
+/// when VMs of different tenants are kept apart.
+pub fn found_traits(manager: &VmManager, cpuinfo: &str) -> BTreeSet<String> {
+    let mut traits = BTreeSet::from([manager.inner.accel.accel.to_string()]);
+    let flags: BTreeSet<&str> = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("flags"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, f)| f.split_whitespace().collect())
+        .unwrap_or_default();
+    for flag in CPU_TRAITS.iter().filter(|f| flags.contains(*f)) {
+        traits.insert(format!("cpu-{}", flag.replace('_', "-")));
+    }
+    if manager.inner.isolation.available() {
+        traits.insert("network-isolation".into());
+    }
+    traits
 }
 
 /// Sends heartbeats until the task is dropped. Failures are logged and
@@ -39,8 +65,11 @@ pub async fn heartbeat_loop(manager: VmManager, link: ControlLink, agent_token: 
         link.host_name
     );
     let mut failing = false;
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     loop {
         let info = manager.host_info();
+        let mut traits = found_traits(&manager, &cpuinfo);
+        traits.extend(link.traits.iter().cloned());
         let vms = manager.list();
         let beat = HostHeartbeat {
             vm_subnet: Some(manager.inner.config.subnet.to_string()),
@@ -50,6 +79,7 @@ pub async fn heartbeat_loop(manager: VmManager, link: ControlLink, agent_token: 
             tls_fingerprint: manager.inner.config.tls_fingerprint.clone(),
             capacity: info.capacity,
             disk: info.disk,
+            traits,
             labels: link.labels.clone(),
             vms: vms
                 .into_iter()

@@ -73,6 +73,11 @@ pub struct HostHeartbeat {
     /// Disk space for VMs: capacity and what is free now.
     #[serde(default)]
     pub disk: Option<DiskSpace>,
+    /// What the host is or can do, for placement: found by the agent
+    /// (`kvm` or `tcg`, `cpu-avx2`, `cpu-avx512f`, `cpu-aes`,
+    /// `network-isolation`) and given by the operator (`--trait gpu`).
+    #[serde(default)]
+    pub traits: std::collections::BTreeSet<String>,
     /// Labels for placement: `area`, `zone`, `rack`, `hw-gen`, anything.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -160,6 +165,9 @@ pub struct Host {
     pub disk: Option<HostDisk>,
     pub instances: u64,
     pub labels: BTreeMap<String, String>,
+    /// What the host is or can do (see `HostHeartbeat::traits`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    pub traits: std::collections::BTreeSet<String>,
     /// The host's VM subnet, as its agent reports it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm_subnet: Option<String>,
@@ -195,6 +203,36 @@ pub struct RunInstancesRequest {
     /// disk's growth and its snapshots (default 2048).
     #[serde(default = "default_disk_mib")]
     pub disk_mib: u64,
+    /// Start from this snapshot of the tenant's instead of booting: the
+    /// instances run on the snapshot's host, with its vCPUs and memory
+    /// (`vcpus` and `memory_mib` are taken from it), each with its own
+    /// identity.
+    #[serde(default)]
+    pub from_snapshot: Option<String>,
+}
+
+/// A tenant's snapshot of an instance: kept on the instance's host, where
+/// instances can start from it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Snapshot {
+    pub id: String,
+    pub name: String,
+    pub tenant: String,
+    pub host: String,
+    /// The instance it was taken of.
+    pub instance: String,
+    pub image: Option<String>,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// RFC 3339.
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshotRequest {
+    /// Unique among the tenant's snapshots: `[a-z0-9][a-z0-9-]{0,62}`.
+    pub name: String,
 }
 
 fn one() -> u32 {
@@ -263,6 +301,9 @@ pub struct Instance {
     /// Disk space the instance is counted for on its host.
     #[serde(default)]
     pub disk_mib: u64,
+    /// The snapshot it started from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_snapshot: Option<String>,
     pub ip: Option<String>,
     pub tags: BTreeMap<String, String>,
     /// The operation that last acted on it.
@@ -328,6 +369,14 @@ pub struct PlacementPolicy {
     /// Hosts must not carry any of these label values.
     #[serde(default)]
     pub forbid_labels: BTreeMap<String, String>,
+    /// Hosts must have every one of these traits (what a host is or can
+    /// do: `kvm`, `tcg`, `cpu-avx2`, `network-isolation`, or an operator's
+    /// own such as `gpu`).
+    #[serde(default)]
+    pub require_traits: std::collections::BTreeSet<String>,
+    /// Hosts must have none of these traits.
+    #[serde(default)]
+    pub forbid_traits: std::collections::BTreeSet<String>,
     /// vCPUs placed per host vCPU (default 1.0; e.g. 4.0 to overcommit).
     #[serde(default)]
     pub cpu_overcommit: Option<f64>,

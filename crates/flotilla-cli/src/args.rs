@@ -184,6 +184,10 @@ pub struct InstanceRunArgs {
     /// A placement policy: JSON inline or @FILE.
     #[arg(long)]
     pub placement: Option<String>,
+    /// Start from this snapshot (see `instance snapshot`) on its host,
+    /// with its vCPUs and memory, instead of booting.
+    #[arg(long, conflicts_with = "image")]
+    pub from_snapshot: Option<String>,
     /// The same key again gets the first answer instead of new instances.
     #[arg(long)]
     pub idempotency_key: Option<String>,
@@ -262,6 +266,26 @@ pub enum InstanceCommand {
         tags: Vec<(String, String)>,
         #[arg(long)]
         wait: bool,
+    },
+    /// The tenant's snapshots of instances: take, list, inspect, remove.
+    #[command(subcommand)]
+    Snapshot(InstanceSnapshotCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InstanceSnapshotCommand {
+    /// Take a snapshot of an instance (kept on its host).
+    Create {
+        instance: String,
+        name: String,
+    },
+    Ls,
+    Inspect {
+        name: String,
+    },
+    /// Remove a snapshot (refused while an instance started from it needs it).
+    Rm {
+        name: String,
     },
 }
 
@@ -361,6 +385,10 @@ pub struct AgentArgs {
     /// A placement label of this host, KEY=VALUE (repeat for more).
     #[arg(long = "label", value_parser = parse_key_value, requires = "control_plane")]
     pub labels: Vec<(String, String)>,
+    /// A placement trait of this host, e.g. gpu (repeat for more); the
+    /// agent adds those it finds (kvm or tcg, cpu-avx2, network-isolation).
+    #[arg(long = "trait", requires = "control_plane")]
+    pub traits: Vec<String>,
     /// Seconds between heartbeats.
     #[arg(long, default_value_t = 3, requires = "control_plane")]
     pub heartbeat_interval: u64,

@@ -42,6 +42,7 @@ fn main() {
     let mut hosts: Vec<HostView> = (0..HOSTS)
         .map(|i| HostView {
             disk_mib: 0,
+            traits: Default::default(),
             used_disk_mib: 0,
             disk_free_mib: None,
             name: format!("h{i:05}"),
@@ -185,6 +186,7 @@ fn api_reads(placed: &[(usize, usize)]) {
                 (
                     NewInstance {
                         disk_mib: 0,
+                        from_snapshot: None,
                         id: format!("i-{i:08}"),
                         tenant_id: "t-bench".into(),
                         name: format!("inst-{i:06}"),
@@ -209,6 +211,7 @@ fn api_reads(placed: &[(usize, usize)]) {
         for i in 0..HOSTS {
             let beat = HostHeartbeat {
                 disk: None,
+                traits: Default::default(),
                 endpoint: "http://127.0.0.1:9".into(),
                 agent_token: None,
                 tls_fingerprint: None,
@@ -229,6 +232,7 @@ fn api_reads(placed: &[(usize, usize)]) {
         for i in 0..RUNS {
             let req = RunInstancesRequest {
                 disk_mib: flotilla_api::control::DEFAULT_INSTANCE_DISK_MIB,
+                from_snapshot: None,
                 name: format!("new-{i:05}"),
                 count: 1,
                 image: None,
@@ -249,6 +253,7 @@ fn api_reads(placed: &[(usize, usize)]) {
         for i in 0..BATCHES {
             let req = RunInstancesRequest {
                 disk_mib: flotilla_api::control::DEFAULT_INSTANCE_DISK_MIB,
+                from_snapshot: None,
                 name: format!("batch-{i:03}"),
                 count: 100,
                 image: None,

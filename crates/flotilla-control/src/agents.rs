@@ -201,6 +201,34 @@ impl AgentClient {
         self.call(agent, request).await
     }
 
+    /// Takes a named snapshot of a VM (running: paused briefly; or suspended).
+    pub async fn create_snapshot(
+        &self,
+        agent: &AgentAddr,
+        request: &flotilla_api::CreateSnapshotRequest,
+    ) -> Result<flotilla_api::SnapshotCreated, AgentCallError> {
+        let url = format!("{}/v1/snapshots", agent.endpoint);
+        self.call(agent, self.http(agent).post(url).json(request))
+            .await
+    }
+
+    /// Removes a named snapshot; one already gone is fine.
+    pub async fn delete_snapshot(
+        &self,
+        agent: &AgentAddr,
+        name: &str,
+    ) -> Result<(), AgentCallError> {
+        let url = format!("{}/v1/snapshots/{name}", agent.endpoint);
+        match self
+            .call::<serde_json::Value>(agent, self.http(agent).delete(url))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Clones VM `source` into a new VM `request.name` on the same host.
     pub async fn clone_vm(
         &self,

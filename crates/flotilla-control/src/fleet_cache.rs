@@ -26,6 +26,7 @@ pub fn view_of(h: HostRow) -> HostView {
     HostView {
         name: h.name,
         labels: h.labels,
+        traits: h.traits,
         down: h.down,
         cordoned: h.cordoned,
         vcpus: h.vcpus,

@@ -360,7 +360,8 @@ async fn create_on(
     let agents = &cp.inner.agents;
     let request = CreateVmRequest {
         name: inst.id.clone(),
-        image: inst.image.clone(),
+        // A snapshot names its own image.
+        image: inst.image.clone().filter(|_| inst.from_snapshot.is_none()),
         vcpus: Some(inst.vcpus),
         memory_mib: Some(inst.memory_mib),
         cmdline_extra: None,
@@ -370,7 +371,7 @@ async fn create_on(
         tags: vm_tags(inst),
         start: Some(true),
         wait_ready: Some(false),
-        from_snapshot: None,
+        from_snapshot: inst.from_snapshot.clone(),
     };
     let mut created = agents.create_vm(agent, &request).await;
     if let Err(e) = &created {

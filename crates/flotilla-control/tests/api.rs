@@ -465,6 +465,7 @@ async fn idempotency_keys_and_pages() {
 fn instance_of_t1(name: &str) -> flotilla_control::store::NewInstance {
     flotilla_control::store::NewInstance {
         disk_mib: 0,
+        from_snapshot: None,
         id: format!("i-{name}"),
         tenant_id: "t-1".into(),
         name: name.into(),
@@ -519,6 +520,7 @@ async fn two_replicas_never_double_book_a_host() {
     for (name, zone) in [("h1", "z1"), ("h2", "z2")] {
         let beat = HostHeartbeat {
             disk: None,
+            traits: Default::default(),
             endpoint: "http://127.0.0.1:9".into(),
             agent_token: None,
             tls_fingerprint: None,
@@ -538,6 +540,7 @@ async fn two_replicas_never_double_book_a_host() {
                    policy: Option<PlacementPolicy>,
                    tags: BTreeMap<String, String>| RunInstancesRequest {
         disk_mib: flotilla_api::control::DEFAULT_INSTANCE_DISK_MIB,
+        from_snapshot: None,
         name,
         count: 1,
         image: None,
@@ -576,6 +579,7 @@ async fn two_replicas_never_double_book_a_host() {
     for h in ["h1", "h2"] {
         let beat = HostHeartbeat {
             disk: None,
+            traits: Default::default(),
             endpoint: "http://127.0.0.1:9".into(),
             agent_token: None,
             tls_fingerprint: None,
@@ -617,6 +621,7 @@ async fn two_replicas_never_double_book_a_host() {
     for (h, rack) in [("h1", "r1"), ("h2", "r1"), ("h3", "r2")] {
         let beat = HostHeartbeat {
             disk: None,
+            traits: Default::default(),
             endpoint: "http://127.0.0.1:9".into(),
             agent_token: None,
             tls_fingerprint: None,
@@ -830,6 +835,88 @@ async fn a_group_spreads_over_racks_with_max_per_label() {
         .await;
     assert_eq!(s, 409, "{b}");
     assert!(message(&b).contains("max_per_label rack 1"), "{b}");
+}
+
+/// Hosts' traits (found by agents or given by operators) steer placement:
+/// required or forbidden, per policy or request; bad names are refused.
+#[tokio::test]
+async fn traits_steer_placement() {
+    let api = Api::start().await;
+    for (name, traits) in [("h1", json!(["tcg"])), ("h2", json!(["tcg", "gpu"]))] {
+        let beat = json!({
+            "endpoint": "http://127.0.0.1:9",
+            "capacity": {"vcpus": 8, "memory_mib": 8192},
+            "traits": traits,
+        });
+        let (s, b) = api
+            .call(
+                "POST",
+                &format!("/v1/hosts/{name}/heartbeat"),
+                Some(ADMIN),
+                Some(beat),
+            )
+            .await;
+        assert_eq!(s, 200, "{b}");
+    }
+    let (_, h) = api.call("GET", "/v1/hosts/h2", Some(ADMIN), None).await;
+    assert_eq!(h["traits"], json!(["gpu", "tcg"]), "{h}");
+    let acme = api.tenant("acme").await;
+    let run = |name: &str, placement: Value| json!({"name": name, "placement": placement});
+    let (s, b) = api
+        .call(
+            "POST",
+            "/v1/instances",
+            Some(&acme),
+            Some(run("ml", json!({"require_traits": ["gpu"]}))),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    assert_eq!(b["instances"][0]["host"], "h2");
+    let (s, b) = api
+        .call(
+            "POST",
+            "/v1/instances",
+            Some(&acme),
+            Some(run("web", json!({"forbid_traits": ["gpu"]}))),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    assert_eq!(b["instances"][0]["host"], "h1");
+    let (s, b) = api
+        .call(
+            "POST",
+            "/v1/instances",
+            Some(&acme),
+            Some(run("fast", json!({"require_traits": ["kvm"]}))),
+        )
+        .await;
+    assert_eq!(s, 409, "{b}");
+    assert!(
+        message(&b).contains("requires trait kvm, the host lacks it"),
+        "{b}"
+    );
+    let (s, b) = api
+        .call(
+            "POST",
+            "/v1/instances",
+            Some(&acme),
+            Some(run(
+                "odd",
+                json!({"require_traits": ["gpu"], "forbid_traits": ["gpu"]}),
+            )),
+        )
+        .await;
+    assert_eq!(s, 400, "{b}");
+    assert!(message(&b).contains("forbid_traits"), "{b}");
+    let beat = json!({
+        "endpoint": "http://127.0.0.1:9",
+        "capacity": {"vcpus": 8, "memory_mib": 8192},
+        "traits": ["Not A Trait"],
+    });
+    let (s, b) = api
+        .call("POST", "/v1/hosts/h3/heartbeat", Some(ADMIN), Some(beat))
+        .await;
+    assert_eq!(s, 400, "{b}");
 }
 
 /// Instances are counted for their disk space against their host's disk
@@ -1138,6 +1225,7 @@ async fn tags_change_in_place_and_groups_follow() {
 fn empty_host(endpoint: &str) -> HostHeartbeat {
     HostHeartbeat {
         disk: None,
+        traits: Default::default(),
         endpoint: endpoint.into(),
         agent_token: None,
         tls_fingerprint: None,
@@ -1181,6 +1269,7 @@ async fn heartbeats_settle_a_move_left_unrecorded() {
     let (_dir, cp, admin) = sqlite_control_plane().await;
     let beat = |vms: Vec<(&str, VmState)>| HostHeartbeat {
         disk: None,
+        traits: Default::default(),
         endpoint: "http://127.0.0.1:9".into(),
         agent_token: None,
         tls_fingerprint: None,
@@ -1276,6 +1365,7 @@ async fn heartbeat_replies_route_other_hosts_instances() {
     let (_dir, cp, admin) = sqlite_control_plane().await;
     let beat = |n: u8, subnet: &str, known: Option<String>| HostHeartbeat {
         disk: None,
+        traits: Default::default(),
         vm_subnet: Some(subnet.into()),
         routes_version: known,
         ..empty_host(&format!("http://198.18.0.{n}:7777"))
@@ -1288,6 +1378,7 @@ async fn heartbeat_replies_route_other_hosts_instances() {
     // An HTTPS agent names its certificate: the control plane trusts it alone.
     let https = HostHeartbeat {
         disk: None,
+        traits: Default::default(),
         endpoint: "https://198.18.0.2:7777".into(),
         ..beat(2, "10.77.0.0/24", None)
     };
@@ -1303,6 +1394,7 @@ async fn heartbeat_replies_route_other_hosts_instances() {
     // A VM made on h1 directly (no instance) holds 10.77.0.2.
     let standalone = HostHeartbeat {
         disk: None,
+        traits: Default::default(),
         vms: vec![flotilla_api::control::ReportedVm {
             name: "by-hand".into(),
             state: flotilla_api::VmState::Running,
@@ -1318,6 +1410,7 @@ async fn heartbeat_replies_route_other_hosts_instances() {
     };
     let req = RunInstancesRequest {
         disk_mib: flotilla_api::control::DEFAULT_INSTANCE_DISK_MIB,
+        from_snapshot: None,
         name: "pair".into(),
         count: 2,
         image: None,

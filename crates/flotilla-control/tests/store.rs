@@ -26,6 +26,7 @@ async fn stores(test: &str) -> (Vec<Store>, tempfile::TempDir, PgServer) {
 fn beat(vcpus: u32) -> HostHeartbeat {
     HostHeartbeat {
         disk: None,
+        traits: Default::default(),
         endpoint: "http://127.0.0.1:9".into(),
         agent_token: None,
         tls_fingerprint: None,
@@ -43,6 +44,7 @@ fn beat(vcpus: u32) -> HostHeartbeat {
 fn instance(tenant: &str, name: &str, tags: &[(&str, &str)]) -> NewInstance {
     NewInstance {
         disk_mib: 0,
+        from_snapshot: None,
         id: format!("i-{name}"),
         tenant_id: tenant.into(),
         name: name.into(),
@@ -99,6 +101,7 @@ async fn hosts_heartbeats_down_and_placement_versions() {
         // The agent's token is kept from the last beat that gave one.
         let with_token = HostHeartbeat {
             disk: None,
+            traits: Default::default(),
             agent_token: Some("fla_x".into()),
             tls_fingerprint: None,
             ..beat(4)
@@ -515,4 +518,56 @@ async fn a_bad_database_url_is_refused_clearly() {
         e.to_string().contains("sqlite://PATH or postgres://"),
         "{e}"
     );
+}
+
+#[tokio::test]
+async fn snapshots_are_named_per_tenant() {
+    use flotilla_control::store::SnapshotRow;
+    let (stores, _dir, _pg) = stores("snapshots").await;
+    for store in stores {
+        store.create_tenant("t-1", "acme").await.unwrap();
+        store.create_tenant("t-2", "other").await.unwrap();
+        let snap = |id: &str, tenant: &str, name: &str| SnapshotRow {
+            id: id.into(),
+            tenant_id: tenant.into(),
+            name: name.into(),
+            host: "h1".into(),
+            instance_name: "web".into(),
+            layer: "layer-1".into(),
+            image: None,
+            vcpus: 1,
+            memory_mib: 256,
+            disk_mib: 2048,
+            created_at: 0,
+        };
+        store
+            .insert_snapshot(&snap("s-1", "t-1", "gold"))
+            .await
+            .unwrap();
+        // The name is the tenant's: taken in t-1, free in t-2.
+        let dup = store.insert_snapshot(&snap("s-2", "t-1", "gold")).await;
+        assert!(matches!(dup, Err(StoreError::Duplicate(_))), "{dup:?}");
+        store
+            .insert_snapshot(&snap("s-3", "t-2", "gold"))
+            .await
+            .unwrap();
+        let mine = store.list_snapshots(Some("t-1")).await.unwrap();
+        assert_eq!(mine.len(), 1);
+        assert_eq!((mine[0].id.as_str(), mine[0].disk_mib), ("s-1", 2048));
+        assert!(mine[0].created_at > 0);
+        assert_eq!(store.list_snapshots(None).await.unwrap().len(), 2);
+        let found = store
+            .snapshot_by_name("t-2", "gold")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(found.id, "s-3");
+        assert!(store.delete_snapshot("s-3").await.unwrap());
+        assert!(store
+            .snapshot_by_name("t-2", "gold")
+            .await
+            .unwrap()
+            .is_none());
+        assert!(!store.delete_snapshot("s-3").await.unwrap());
+    }
 }

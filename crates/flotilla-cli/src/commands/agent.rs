@@ -78,6 +78,7 @@ fn config_from(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
                 .clone()
                 .unwrap_or_else(|| format!("{}://{}", c.scheme(), args.listen)),
             labels: args.labels.iter().cloned().collect(),
+            traits: args.traits.iter().cloned().collect(),
             interval: Duration::from_secs(args.heartbeat_interval.max(1)),
         });
     }
@@ -219,6 +220,7 @@ async fn with_embedded_control(
             host_name: LOCAL_HOST.into(),
             advertise: format!("{}://{}", config.scheme(), config.listen),
             labels: Default::default(),
+            traits: Default::default(),
             interval: Duration::from_secs(3),
         });
     }

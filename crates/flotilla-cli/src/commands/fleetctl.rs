@@ -6,16 +6,17 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use flotilla_api::control::{
-    CloneInstanceRequest, CreateTenantRequest, CreateTokenRequest, FleetSelector, Host, Instance,
-    Operation, OperationState, Page, PlacementExplanation, PlacementPolicy, Policy, PolicyDocument,
-    RunInstancesRequest, RunInstancesResult, Tenant, TokenCreated,
+    CloneInstanceRequest, CreateSnapshotRequest, CreateTenantRequest, CreateTokenRequest,
+    FleetSelector, Host, Instance, Operation, OperationState, Page, PlacementExplanation,
+    PlacementPolicy, Policy, PolicyDocument, RunInstancesRequest, RunInstancesResult, Snapshot,
+    Tenant, TokenCreated,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use reqwest::Method;
 
 use crate::args::{
-    HostsCommand, InstanceCommand, InstanceRunArgs, InstanceSelectArgs, OpCommand, PolicyCommand,
-    TenantCommand, TokenCommand,
+    HostsCommand, InstanceCommand, InstanceRunArgs, InstanceSelectArgs, InstanceSnapshotCommand,
+    OpCommand, PolicyCommand, TenantCommand, TokenCommand,
 };
 use crate::client::{CliError, Client};
 use crate::output::{self, opt};
@@ -183,6 +184,7 @@ fn run_request(args: InstanceRunArgs) -> anyhow::Result<RunInstancesRequest> {
         disk_mib: args.disk,
         tags: args.tags.into_iter().collect::<BTreeMap<_, _>>(),
         placement,
+        from_snapshot: args.from_snapshot,
     })
 }
 
@@ -351,6 +353,7 @@ pub async fn instance(c: &Client, json: bool, cmd: InstanceCommand) -> anyhow::R
         }
         InstanceCommand::Suspend(sel) => return select_act(c, json, "suspend", sel).await,
         InstanceCommand::Resume(sel) => return select_act(c, json, "resume", sel).await,
+        InstanceCommand::Snapshot(cmd) => return snapshot_command(c, json, cmd).await,
         InstanceCommand::Clone {
             source,
             name,
@@ -622,6 +625,66 @@ pub async fn op(c: &Client, json: bool, cmd: OpCommand) -> anyhow::Result<ExitCo
         OpCommand::Inspect { id } => {
             let o: Operation = c.get(&format!("/v1/operations/{}", encode(&id))).await?;
             output::json(&o)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn snapshot_command(
+    c: &Client,
+    json: bool,
+    cmd: InstanceSnapshotCommand,
+) -> anyhow::Result<ExitCode> {
+    let show = |snaps: &[Snapshot]| {
+        let rows = snaps
+            .iter()
+            .map(|s| {
+                vec![
+                    s.name.clone(),
+                    s.instance.clone(),
+                    s.host.clone(),
+                    s.vcpus.to_string(),
+                    s.memory_mib.to_string(),
+                    s.created_at.clone(),
+                ]
+            })
+            .collect::<Vec<_>>();
+        output::table(
+            &["NAME", "INSTANCE", "HOST", "VCPUS", "MEM MiB", "CREATED"],
+            &rows,
+        );
+    };
+    match cmd {
+        InstanceSnapshotCommand::Create { instance, name } => {
+            let path = format!("/v1/instances/{}/snapshots", encode(&instance));
+            let snap: Snapshot = c.post(&path, &CreateSnapshotRequest { name }).await?;
+            if json {
+                output::json(&snap)?;
+            } else {
+                println!(
+                    "snapshot {} of {} on {}",
+                    snap.name, snap.instance, snap.host
+                );
+            }
+        }
+        InstanceSnapshotCommand::Ls => {
+            let list: Vec<Snapshot> = c.get("/v1/snapshots").await?;
+            if json {
+                output::json(&list)?;
+            } else {
+                show(&list);
+            }
+        }
+        InstanceSnapshotCommand::Inspect { name } => {
+            let snap: Snapshot = c.get(&format!("/v1/snapshots/{}", encode(&name))).await?;
+            output::json(&snap)?;
+        }
+        InstanceSnapshotCommand::Rm { name } => {
+            c.delete(&format!("/v1/snapshots/{}", encode(&name)))
+                .await?;
+            if !json {
+                println!("removed snapshot {name}");
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -87,6 +87,9 @@ fn the_control_plane_places_and_drives_real_agents() {
             disk["free_mib"].as_u64() <= disk["capacity_mib"].as_u64(),
             "{h}"
         );
+        // And what they are: their accelerator at least.
+        let traits = h["traits"].as_array().expect("traits");
+        assert!(traits.iter().any(|t| t == "tcg" || t == "kvm"), "{h}");
     }
     // Tenant and token through the CLI, as an admin would.
     let admin = cp.admin_token.clone();
@@ -917,4 +920,127 @@ fn instances_on_different_hosts_reach_each_other_before_and_after_a_move() {
         ping_as(&rival, "spy", &ip2).is_err(),
         "spy reached pair-2 on h3"
     );
+}
+
+/// Runs `argv` in the tenant's instance through the control plane, retrying
+/// while its guest is not ready yet; returns stdout.
+fn exec_in(cp: &ControlPlaneProcess, token: &str, name: &str, argv: &[&str]) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (s, b) = cp.api(
+            "POST",
+            &format!("/v1/instances/{name}/exec"),
+            Some(token),
+            Some(json!({ "argv": argv })),
+        );
+        if s == 200 && b["exit_code"] == 0 {
+            return b["stdout"].as_str().unwrap_or_default().to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "exec in {name}: {s} {b}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn snapshots_are_tenant_resources_and_instances_start_from_them() {
+    let cp = ControlPlaneProcess::start().expect("control plane");
+    let _h1 = host(&cp, "h1", "z1");
+    let _h2 = host(&cp, "h2", "z2");
+    let (admin, acme) = hosts_up_and_tenant(&cp, 2);
+    assert!(cli(&cp, &admin, &["tenant", "create", "other"]).0);
+    let other = cli(&cp, &admin, &["token", "create", "--tenant", "other"])
+        .1
+        .trim()
+        .to_string();
+    let (s, b) = cp.api(
+        "POST",
+        "/v1/instances",
+        Some(&acme),
+        Some(json!({"name": "src"})),
+    );
+    assert_eq!(s, 201, "{b}");
+    let home = b["instances"][0]["host"].as_str().unwrap().to_string();
+    let op = wait_op(&cp, &acme, b["operation"].as_str().unwrap());
+    assert_eq!(op["state"], "succeeded", "{op:#}");
+    exec_in(
+        &cp,
+        &acme,
+        "src",
+        &["sh", "-c", "echo gold > /root/mark && sync"],
+    );
+
+    // Taken through the CLI; kept on the instance's host.
+    let (ok, out, err) = cli(
+        &cp,
+        &acme,
+        &["--json", "instance", "snapshot", "create", "src", "gold"],
+    );
+    assert!(ok, "{out} {err}");
+    let snap: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(
+        (snap["name"].as_str(), snap["host"].as_str()),
+        (Some("gold"), Some(home.as_str()))
+    );
+    let (s, b) = cp.api(
+        "POST",
+        "/v1/instances/src/snapshots",
+        Some(&acme),
+        Some(json!({"name": "gold"})),
+    );
+    assert_eq!(s, 409, "a second of the name: {b}");
+    // Another tenant sees none of it and cannot start from it.
+    let (s, _) = cp.api("GET", "/v1/snapshots/gold", Some(&other), None);
+    assert_eq!(s, 404);
+    let (_, list) = cp.api("GET", "/v1/snapshots", Some(&other), None);
+    assert_eq!(list, json!([]));
+    let (s, b) = cp.api(
+        "POST",
+        "/v1/instances",
+        Some(&other),
+        Some(json!({"name": "thief", "from_snapshot": "gold"})),
+    );
+    assert_eq!(s, 404, "{b}");
+    let (s, _) = cp.api("DELETE", "/v1/snapshots/gold", Some(&other), None);
+    assert_eq!(s, 404);
+
+    // Two instances from it: on its host, with its contents, each itself.
+    let (s, b) = cp.api(
+        "POST",
+        "/v1/instances",
+        Some(&acme),
+        Some(json!({"name": "copy", "count": 2, "from_snapshot": "gold"})),
+    );
+    assert_eq!(s, 201, "{b}");
+    for i in b["instances"].as_array().unwrap() {
+        assert_eq!(i["host"], home.as_str(), "{b}");
+    }
+    let op = wait_op(&cp, &acme, b["operation"].as_str().unwrap());
+    assert_eq!(op["state"], "succeeded", "{op:#}");
+    for name in ["copy-1", "copy-2"] {
+        assert_eq!(exec_in(&cp, &acme, name, &["cat", "/root/mark"]), "gold\n");
+        assert_eq!(exec_in(&cp, &acme, name, &["hostname"]).trim(), {
+            let (_, inst) = cp.api("GET", &format!("/v1/instances/{name}"), Some(&acme), None);
+            inst["id"].as_str().unwrap().to_string()
+        });
+    }
+    // Kept while instances started from it need it.
+    let (s, b) = cp.api("DELETE", "/v1/snapshots/gold", Some(&acme), None);
+    assert_eq!(s, 409, "{b}");
+    for name in ["copy-1", "copy-2"] {
+        let (_, b) = cp.api(
+            "DELETE",
+            &format!("/v1/instances/{name}"),
+            Some(&acme),
+            None,
+        );
+        let op = wait_op(&cp, &acme, b["id"].as_str().unwrap());
+        assert_eq!(op["state"], "succeeded", "{op:#}");
+    }
+    let (ok, out, err) = cli(&cp, &acme, &["instance", "snapshot", "rm", "gold"]);
+    assert!(ok, "{out} {err}");
+    let (_, list) = cp.api("GET", "/v1/snapshots", Some(&acme), None);
+    assert_eq!(list, json!([]));
 }

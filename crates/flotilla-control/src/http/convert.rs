@@ -2,10 +2,12 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use flotilla_api::control::{Host, HostDisk, HostState, Instance, Operation, Policy, Tenant};
+use flotilla_api::control::{
+    Host, HostDisk, HostState, Instance, Operation, Policy, Snapshot, Tenant,
+};
 use flotilla_api::Resources;
 
-use crate::store::{HostRow, InstanceRow, OperationRow, PolicyRow, TenantRow};
+use crate::store::{HostRow, InstanceRow, OperationRow, PolicyRow, SnapshotRow, TenantRow};
 
 /// Milliseconds since the epoch as RFC 3339 (UTC, milliseconds).
 pub fn rfc3339(ms: i64) -> String {
@@ -44,6 +46,7 @@ pub fn host(h: HostRow) -> Host {
         }),
         instances: h.instances,
         labels: h.labels,
+        traits: h.traits,
         vm_subnet: h.vm_subnet,
         tls_fingerprint: h.tls_fingerprint,
         last_heartbeat: rfc3339(h.last_heartbeat),
@@ -65,6 +68,7 @@ pub fn instance(i: InstanceRow) -> Instance {
         vcpus: i.vcpus,
         memory_mib: i.memory_mib,
         disk_mib: i.disk_mib,
+        from_snapshot: i.from_snapshot,
         ip: i.ip,
         tags: i.tags,
         operation: i.operation,
@@ -95,5 +99,19 @@ pub fn policy(p: PolicyRow) -> Policy {
         fleet: p.fleet,
         placement: p.placement,
         updated_at: rfc3339(p.updated_at),
+    }
+}
+
+pub fn snapshot(s: SnapshotRow) -> Snapshot {
+    Snapshot {
+        id: s.id,
+        name: s.name,
+        tenant: s.tenant_id,
+        host: s.host,
+        instance: s.instance_name,
+        image: s.image,
+        vcpus: s.vcpus,
+        memory_mib: s.memory_mib,
+        created_at: rfc3339(s.created_at),
     }
 }

@@ -8,10 +8,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use flotilla_api::control::{
-    CloneInstanceRequest, CreateTenantRequest, CreateTokenRequest, FleetSelector, HeartbeatReply,
-    Host, HostHeartbeat, Instance, MigrateInstanceRequest, ObservedState, Operation, Page,
-    PlacementExplanation, Policy, PolicyDocument, RunInstancesRequest, RunInstancesResult, Tenant,
-    TokenCreated, UpdateInstanceRequest,
+    CloneInstanceRequest, CreateSnapshotRequest, CreateTenantRequest, CreateTokenRequest,
+    FleetSelector, HeartbeatReply, Host, HostHeartbeat, Instance, MigrateInstanceRequest,
+    ObservedState, Operation, Page, PlacementExplanation, Policy, PolicyDocument,
+    RunInstancesRequest, RunInstancesResult, Snapshot, Tenant, TokenCreated, UpdateInstanceRequest,
 };
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -66,6 +66,10 @@ pub async fn healthz() -> &'static str {
         suspend_instance,
         resume_instance,
         clone_instance,
+        create_snapshot,
+        list_snapshots,
+        get_snapshot,
+        delete_snapshot,
         fleet_suspend,
         fleet_resume,
         explain,
@@ -481,6 +485,64 @@ pub async fn resume_instance(
     q: Result<Query<TenantQuery>, QueryRejection>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
     act(cp, caller, name, q, OperationInput::Resume).await
+}
+
+// ---- snapshots ----
+
+#[utoipa::path(post, path = "/v1/instances/{name}/snapshots", request_body = CreateSnapshotRequest,
+    responses((status = 201, body = Snapshot), (status = 409, body = flotilla_api::ErrorBody)))]
+pub async fn create_snapshot(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    Path(name): Path<String>,
+    q: Result<Query<TenantQuery>, QueryRejection>,
+    req: Result<Json<CreateSnapshotRequest>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Snapshot>)> {
+    let q = query(q)?;
+    let req = body(req)?;
+    let snap = cp
+        .create_snapshot(&caller, q.tenant.as_deref(), &name, &req)
+        .await?;
+    Ok((StatusCode::CREATED, Json(convert::snapshot(snap))))
+}
+
+#[utoipa::path(get, path = "/v1/snapshots", params(("tenant" = Option<String>, Query)),
+    responses((status = 200, body = Vec<Snapshot>)))]
+pub async fn list_snapshots(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    q: Result<Query<TenantQuery>, QueryRejection>,
+) -> ApiResult<Json<Vec<Snapshot>>> {
+    let q = query(q)?;
+    let list = cp.list_snapshots(&caller, q.tenant.as_deref()).await?;
+    Ok(Json(list.into_iter().map(convert::snapshot).collect()))
+}
+
+#[utoipa::path(get, path = "/v1/snapshots/{name}", responses((status = 200, body = Snapshot),
+    (status = 404, body = flotilla_api::ErrorBody)))]
+pub async fn get_snapshot(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    Path(name): Path<String>,
+    q: Result<Query<TenantQuery>, QueryRejection>,
+) -> ApiResult<Json<Snapshot>> {
+    let q = query(q)?;
+    let snap = cp.snapshot(&caller, q.tenant.as_deref(), &name).await?;
+    Ok(Json(convert::snapshot(snap)))
+}
+
+#[utoipa::path(delete, path = "/v1/snapshots/{name}", responses((status = 204),
+    (status = 409, body = flotilla_api::ErrorBody)))]
+pub async fn delete_snapshot(
+    State(cp): State<ControlPlane>,
+    caller: Caller,
+    Path(name): Path<String>,
+    q: Result<Query<TenantQuery>, QueryRejection>,
+) -> ApiResult<StatusCode> {
+    let q = query(q)?;
+    cp.delete_snapshot(&caller, q.tenant.as_deref(), &name)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[utoipa::path(post, path = "/v1/instances/{name}/clone", request_body = CloneInstanceRequest,

@@ -46,6 +46,12 @@ pub fn router(cp: ControlPlane) -> Router {
         .route("/v1/instances/{name}/suspend", post(suspend_instance))
         .route("/v1/instances/{name}/resume", post(resume_instance))
         .route("/v1/instances/{name}/clone", post(clone_instance))
+        .route("/v1/instances/{name}/snapshots", post(create_snapshot))
+        .route("/v1/snapshots", get(list_snapshots))
+        .route(
+            "/v1/snapshots/{name}",
+            get(get_snapshot).delete(delete_snapshot),
+        )
         .route("/v1/fleet/suspend", post(fleet_suspend))
         .route("/v1/fleet/resume", post(fleet_resume))
         .route("/v1/placement/explain", post(explain))

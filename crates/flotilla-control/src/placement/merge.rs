@@ -64,6 +64,32 @@ pub fn merge(policies: &[Sourced<'_>]) -> Result<PlacementPolicy, PolicyError> {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone())),
         );
+        for (t, required) in policy
+            .require_traits
+            .iter()
+            .map(|t| (t, true))
+            .chain(policy.forbid_traits.iter().map(|t| (t, false)))
+        {
+            let (same, other, field) = match required {
+                true => (
+                    &mut out.require_traits,
+                    &out.forbid_traits,
+                    "require_traits",
+                ),
+                false => (&mut out.forbid_traits, &out.require_traits, "forbid_traits"),
+            };
+            if other.contains(t) {
+                return Err(PolicyError {
+                    path: format!("{source}.{field}"),
+                    reason: format!(
+                        "{} trait {t:?}, which another policy {}",
+                        if required { "requires" } else { "forbids" },
+                        if required { "forbids" } else { "requires" }
+                    ),
+                });
+            }
+            same.insert(t.clone());
+        }
         out.cpu_overcommit = min_opt(out.cpu_overcommit, policy.cpu_overcommit);
         out.memory_overcommit = min_opt(out.memory_overcommit, policy.memory_overcommit);
         out.disk_overcommit = min_opt(out.disk_overcommit, policy.disk_overcommit);

@@ -14,7 +14,7 @@ use flotilla_api::control::{
 };
 
 pub use merge::{merge, Sourced};
-pub use validate::{validate, PolicyError};
+pub use validate::{valid_trait, validate, PolicyError};
 
 /// The tag naming an instance's group when the policy names none.
 pub const DEFAULT_GROUP_TAG: &str = "group";
@@ -24,6 +24,7 @@ pub const DEFAULT_GROUP_TAG: &str = "group";
 pub struct HostView {
     pub name: String,
     pub labels: BTreeMap<String, String>,
+    pub traits: BTreeSet<String>,
     pub down: bool,
     pub cordoned: bool,
     pub vcpus: u32,
@@ -51,6 +52,8 @@ pub struct Demand {
     /// For each of the policy's affinity rules, in order: the hosts that
     /// hold an instance it names.
     pub affinity_hosts: Vec<BTreeSet<String>>,
+    /// The one host it can go to, and why (e.g. its snapshot is kept there).
+    pub only_host: Option<(String, String)>,
 }
 
 impl Demand {
@@ -61,6 +64,7 @@ impl Demand {
             disk_mib: 0,
             full_domains: BTreeSet::new(),
             affinity_hosts: Vec::new(),
+            only_host: None,
         }
     }
 
@@ -173,6 +177,11 @@ pub fn reject_reason_with(
     demand: &Demand,
     policy: &PlacementPolicy,
 ) -> Option<String> {
+    if let Some((only, why)) = &demand.only_host {
+        if *only != host.name {
+            return Some(format!("{why}: only {only} can take it"));
+        }
+    }
     if host.down {
         return Some("the host is down (missed heartbeats)".into());
     }
@@ -198,6 +207,20 @@ pub fn reject_reason_with(
         if host.labels.get(key) == Some(banned) {
             return Some(format!("forbids label {key}={banned}"));
         }
+    }
+    if let Some(t) = policy
+        .require_traits
+        .iter()
+        .find(|t| !host.traits.contains(*t))
+    {
+        return Some(format!("requires trait {t}, the host lacks it"));
+    }
+    if let Some(t) = policy
+        .forbid_traits
+        .iter()
+        .find(|t| host.traits.contains(*t))
+    {
+        return Some(format!("forbids trait {t}, the host has it"));
     }
     let cpu_ratio = policy.cpu_overcommit.unwrap_or(1.0);
     let cpu_limit = (f64::from(host.vcpus) * cpu_ratio).floor() as u64;
@@ -377,6 +400,13 @@ fn reject_reason_fast(
     if host.down || host.cordoned {
         return false;
     }
+    if demand
+        .only_host
+        .as_ref()
+        .is_some_and(|(only, _)| *only != host.name)
+    {
+        return false;
+    }
     if policy.max_per_host.is_some_and(|max| group_count >= max) {
         return false;
     }
@@ -402,6 +432,11 @@ fn reject_reason_fast(
         .forbid_labels
         .iter()
         .any(|(k, v)| host.labels.get(k) == Some(v))
+    {
+        return false;
+    }
+    if !policy.require_traits.is_subset(&host.traits)
+        || !policy.forbid_traits.is_disjoint(&host.traits)
     {
         return false;
     }

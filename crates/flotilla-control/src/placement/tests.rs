@@ -9,6 +9,7 @@ fn host(name: &str, zone: &str, used_vcpus: u64, group_count: u32) -> HostView {
     HostView {
         name: name.into(),
         labels: BTreeMap::from([("zone".to_string(), zone.to_string())]),
+        traits: BTreeSet::from(["tcg".to_string()]),
         down: false,
         cordoned: false,
         vcpus: 4,
@@ -28,7 +29,92 @@ const SMALL: Demand = Demand {
     vcpus: 1,
     memory_mib: 256,
     disk_mib: 1024,
+    only_host: None,
 };
+
+#[test]
+fn traits_are_required_or_forbidden() {
+    let mut gpu = host("gpu", "z1", 2, 0);
+    gpu.traits.insert("gpu".into());
+    let hosts = [host("plain", "z1", 0, 0), gpu];
+    let needs_gpu = PlacementPolicy {
+        require_traits: BTreeSet::from(["gpu".to_string()]),
+        ..Default::default()
+    };
+    assert_eq!(
+        choose(&hosts, &SMALL, &needs_gpu).map(|h| h.name.as_str()),
+        Some("gpu")
+    );
+    assert_eq!(
+        choose_sampled(&hosts, &SMALL, &needs_gpu, &|_| 0, 3),
+        Some(1)
+    );
+    assert_eq!(
+        reject_reason(&hosts[0], &SMALL, &needs_gpu).as_deref(),
+        Some("requires trait gpu, the host lacks it")
+    );
+    let no_gpu = PlacementPolicy {
+        forbid_traits: BTreeSet::from(["gpu".to_string()]),
+        ..Default::default()
+    };
+    assert_eq!(
+        choose(&hosts, &SMALL, &no_gpu).map(|h| h.name.as_str()),
+        Some("plain")
+    );
+    assert_eq!(
+        reject_reason(&hosts[1], &SMALL, &no_gpu).as_deref(),
+        Some("forbids trait gpu, the host has it")
+    );
+    // Both at once is a contradiction, refused with its path.
+    let both = PlacementPolicy {
+        require_traits: BTreeSet::from(["gpu".to_string()]),
+        forbid_traits: BTreeSet::from(["gpu".to_string()]),
+        ..Default::default()
+    };
+    let e = validate(&both, "placement").unwrap_err();
+    assert_eq!(e.path, "placement.forbid_traits");
+    let bad = PlacementPolicy {
+        require_traits: BTreeSet::from(["GPU!".to_string()]),
+        ..Default::default()
+    };
+    assert_eq!(
+        validate(&bad, "placement").unwrap_err().path,
+        "placement.require_traits"
+    );
+    // Across policies too.
+    let merged = merge(&[
+        Sourced {
+            source: "tenant".into(),
+            policy: &needs_gpu,
+            global: false,
+        },
+        Sourced {
+            source: "placement".into(),
+            policy: &no_gpu,
+            global: false,
+        },
+    ]);
+    assert_eq!(merged.unwrap_err().path, "placement.forbid_traits");
+}
+
+#[test]
+fn a_demand_for_one_host_goes_there_or_nowhere() {
+    let hosts = [host("a", "z1", 0, 0), host("b", "z1", 3, 0)];
+    let pinned = Demand {
+        only_host: Some(("b".into(), "snapshot s is kept on b".into())),
+        ..Demand::new(1, 256)
+    };
+    let policy = PlacementPolicy::default();
+    assert_eq!(
+        choose(&hosts, &pinned, &policy).map(|h| h.name.as_str()),
+        Some("b")
+    );
+    assert_eq!(choose_sampled(&hosts, &pinned, &policy, &|_| 0, 7), Some(1));
+    let why = reject_reason(&hosts[0], &pinned, &policy).expect("not a");
+    assert_eq!(why, "snapshot s is kept on b: only b can take it");
+    let full = [host("a", "z1", 0, 0), host("b", "z1", 4, 0)];
+    assert_eq!(choose(&full, &pinned, &policy), None);
+}
 
 #[test]
 fn disk_is_counted_against_capacity_and_checked_against_free_space() {
@@ -205,6 +291,11 @@ fn arb_host() -> impl Strategy<Value = HostView> {
                 memory_mib: u64::from(vcpus) * 1024,
                 used_vcpus: used,
                 used_memory_mib: used * 512,
+                traits: if group % 2 == 0 {
+                    BTreeSet::from(["kvm".to_string()])
+                } else {
+                    BTreeSet::new()
+                },
                 disk_mib: disk,
                 used_disk_mib: used_disk.min(disk),
                 disk_free_mib: free,
@@ -227,8 +318,11 @@ fn arb_policy() -> impl Strategy<Value = PlacementPolicy> {
         prop::option::of(prop::sample::select(vec![0.5, 1.0, 2.0, 4.0])),
         prop::option::of(1u32..4),
         any::<bool>(),
+        0u8..3,
     )
-        .prop_map(|(req, forbid, over, max, binpack)| PlacementPolicy {
+        .prop_map(|(req, forbid, over, max, binpack, kvm)| PlacementPolicy {
+            require_traits: (kvm == 1).then(|| "kvm".to_string()).into_iter().collect(),
+            forbid_traits: (kvm == 2).then(|| "kvm".to_string()).into_iter().collect(),
             require_labels: req
                 .map(|z| BTreeMap::from([("zone".into(), z.into())]))
                 .unwrap_or_default(),
@@ -272,6 +366,8 @@ proptest! {
             for (k, v) in &policy.forbid_labels {
                 prop_assert_ne!(h.labels.get(k), Some(v));
             }
+            prop_assert!(policy.require_traits.is_subset(&h.traits));
+            prop_assert!(policy.forbid_traits.is_disjoint(&h.traits));
             if let Some(max) = policy.max_per_host {
                 prop_assert!(h.group_count < max);
             }

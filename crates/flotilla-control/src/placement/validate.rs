@@ -27,6 +27,25 @@ pub fn validate(policy: &PlacementPolicy, at: &str) -> Result<(), PolicyError> {
             ));
         }
     }
+    for t in &policy.forbid_traits {
+        if policy.require_traits.contains(t) {
+            return Err(err(
+                format!("{at}.forbid_traits"),
+                format!("forbids trait {t:?}, which {at}.require_traits requires"),
+            ));
+        }
+    }
+    for (field, traits) in [
+        ("require_traits", &policy.require_traits),
+        ("forbid_traits", &policy.forbid_traits),
+    ] {
+        if let Some(bad) = traits.iter().find(|t| !valid_trait(t)) {
+            return Err(err(
+                format!("{at}.{field}"),
+                format!("{bad:?} is not a trait name (1-63 of a-z, 0-9, '-', '.', ':')"),
+            ));
+        }
+    }
     for (name, ratio) in [
         ("cpu_overcommit", policy.cpu_overcommit),
         ("memory_overcommit", policy.memory_overcommit),
@@ -111,4 +130,11 @@ pub fn validate(policy: &PlacementPolicy, at: &str) -> Result<(), PolicyError> {
         }
     }
     Ok(())
+}
+
+/// A trait name: 1-63 characters of a-z, 0-9, `-`, `.` and `:`.
+pub fn valid_trait(t: &str) -> bool {
+    (1..=63).contains(&t.len())
+        && t.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.:".contains(&b))
 }

@@ -35,6 +35,11 @@ impl ControlPlane {
                 .parse::<flotilla_api::net::Subnet>()
                 .map_err(|e| ControlError::invalid(format!("vm_subnet: {e}")))?;
         }
+        if let Some(bad) = beat.traits.iter().find(|t| !placement::valid_trait(t)) {
+            return Err(ControlError::invalid(format!(
+                "traits: {bad:?} is not a trait name (1-63 of a-z, 0-9, '-', '.', ':')"
+            )));
+        }
         let known = self.store().host(name).await?;
         let was_down = self.store().record_heartbeat(name, beat).await?;
         if was_down {
@@ -47,6 +52,7 @@ impl ControlPlane {
                     || h.vcpus != beat.capacity.vcpus
                     || h.memory_mib != beat.capacity.memory_mib
                     || h.labels != beat.labels
+                    || h.traits != beat.traits
                     || disk_moved(h, beat.disk)
             }
         };

@@ -324,6 +324,7 @@ impl ControlPlane {
             vcpus: source.vcpus,
             memory_mib: source.memory_mib,
             disk_mib: source.disk_mib,
+            from_snapshot: None,
             tags,
             operation: Some(op_id.clone()),
             // The source's agent gives the clone an address it does not

@@ -29,6 +29,7 @@ mod network;
 mod operations;
 mod placing;
 mod policies;
+mod snapshots;
 mod tenants;
 
 /// Settings of one control plane replica.

@@ -107,6 +107,43 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// What each instance of a run is: the request's shape, or its
+    /// snapshot's (which also decides the host).
+    async fn run_shape(
+        &self,
+        tenant_id: &str,
+        req: &RunInstancesRequest,
+    ) -> ControlResult<RunShape> {
+        let Some(name) = &req.from_snapshot else {
+            return Ok(RunShape {
+                image: req.image.clone(),
+                demand: Demand::new(req.vcpus, req.memory_mib).with_disk(req.disk_mib),
+                snapshot: None,
+            });
+        };
+        if req.image.is_some() {
+            return Err(ControlError::invalid(
+                "image: an instance from a snapshot runs the snapshot's image; leave image out",
+            ));
+        }
+        let snap = self
+            .store()
+            .snapshot_by_name(tenant_id, name)
+            .await?
+            .ok_or_else(|| ControlError::not_found(format!("no snapshot {name:?}")))?;
+        Ok(RunShape {
+            image: snap.image.clone(),
+            demand: Demand {
+                only_host: Some((
+                    snap.host.clone(),
+                    format!("snapshot {name:?} is kept on {}", snap.host),
+                )),
+                ..Demand::new(snap.vcpus, snap.memory_mib).with_disk(req.disk_mib)
+            },
+            snapshot: Some(snap.id),
+        })
+    }
+
     pub async fn explain(
         &self,
         caller: &Caller,
@@ -114,6 +151,7 @@ impl ControlPlane {
         req: &RunInstancesRequest,
     ) -> ControlResult<PlacementExplanation> {
         let tenant_id = self.tenant_of(caller, tenant)?;
+        let shape = self.run_shape(&tenant_id, req).await?;
         let policy = self
             .effective_policy(&tenant_id, &req.tags, req.placement.as_ref())
             .await?;
@@ -129,7 +167,7 @@ impl ControlPlane {
                     views.iter().map(|v| (&v.labels, v.group_count)),
                 ),
                 affinity_hosts: self.affinity_hosts(&tenant_id, &policy).await?,
-                ..Demand::new(req.vcpus, req.memory_mib).with_disk(req.disk_mib)
+                ..shape.demand
             },
             &policy,
         ))
@@ -175,6 +213,7 @@ impl ControlPlane {
             )));
         }
         check_tags(&req.tags)?;
+        let shape = self.run_shape(&tenant_id, req).await?;
         let policy = self
             .effective_policy(&tenant_id, &req.tags, req.placement.as_ref())
             .await?;
@@ -199,10 +238,11 @@ impl ControlPlane {
                 id: new_id("i"),
                 tenant_id: tenant_id.clone(),
                 name: name.clone(),
-                image: req.image.clone(),
-                vcpus: req.vcpus,
-                memory_mib: req.memory_mib,
+                image: shape.image.clone(),
+                vcpus: shape.demand.vcpus,
+                memory_mib: shape.demand.memory_mib,
                 disk_mib: req.disk_mib,
+                from_snapshot: shape.snapshot.clone(),
                 tags: req.tags.clone(),
                 operation: Some(op_id.clone()),
                 ip: None,
@@ -216,8 +256,7 @@ impl ControlPlane {
             None => OperationInput::Run,
         };
         let op = self.new_operation(Some(&tenant_id), &op_id, input, targets);
-        let demand = Demand::new(req.vcpus, req.memory_mib).with_disk(req.disk_mib);
-        self.place_run(&tenant_id, &news, &demand, &policy, &op)
+        self.place_run(&tenant_id, &news, &shape.demand, &policy, &op)
             .await?;
         workflows::spawn(self.clone(), op.clone());
         let mut placed = Vec::with_capacity(news.len());
@@ -505,4 +544,12 @@ impl ControlPlane {
     pub(super) async fn fleet_changed(&self) {
         self.inner.fleet.lock().await.mark_stale();
     }
+}
+
+/// A run's instances as placement and the store see them.
+struct RunShape {
+    image: Option<String>,
+    demand: Demand,
+    /// The agent's name of the snapshot they start from.
+    snapshot: Option<String>,
 }

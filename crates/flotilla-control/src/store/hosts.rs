@@ -3,7 +3,7 @@
 //! every placement on the host: a placement commits only if the version it
 //! decided on is still current (optimistic concurrency across replicas).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use flotilla_api::control::HostHeartbeat;
 use sqlx::Row;
@@ -19,6 +19,7 @@ pub struct HostRow {
     pub vcpus: u32,
     pub memory_mib: u64,
     pub labels: BTreeMap<String, String>,
+    pub traits: BTreeSet<String>,
     pub down: bool,
     pub cordoned: bool,
     pub last_heartbeat: i64,
@@ -81,7 +82,7 @@ pub struct Placement {
 
 const HOST_COLUMNS: &str = "name, endpoint, vcpus, memory_mib, labels, down, cordoned, \
                             last_heartbeat, registered_at, version, agent_token, vm_subnet, \
-                            tls_fingerprint, disk_mib, disk_free_mib";
+                            tls_fingerprint, disk_mib, disk_free_mib, traits";
 
 fn host(row: &sqlx::any::AnyRow) -> StoreResult<HostRow> {
     let labels: String = row.try_get("labels")?;
@@ -91,6 +92,7 @@ fn host(row: &sqlx::any::AnyRow) -> StoreResult<HostRow> {
         vcpus: row.try_get::<i64, _>("vcpus")? as u32,
         memory_mib: row.try_get::<i64, _>("memory_mib")? as u64,
         labels: from_json("host labels", &labels)?,
+        traits: from_json("host traits", &row.try_get::<String, _>("traits")?)?,
         down: row.try_get::<i64, _>("down")? != 0,
         cordoned: row.try_get::<i64, _>("cordoned")? != 0,
         last_heartbeat: row.try_get("last_heartbeat")?,
@@ -135,15 +137,16 @@ impl Store {
         sqlx::query(
             "INSERT INTO hosts (name, endpoint, vcpus, memory_mib, labels, down, cordoned,
                                 last_heartbeat, registered_at, version, agent_token, vm_subnet,
-                                vm_addresses, tls_fingerprint, disk_mib, disk_free_mib)
-             VALUES ($1, $2, $3, $4, $5, 0, 0, $6, $6, 0, $7, $8, $9, $10, $11, $12)
+                                vm_addresses, tls_fingerprint, disk_mib, disk_free_mib, traits)
+             VALUES ($1, $2, $3, $4, $5, 0, 0, $6, $6, 0, $7, $8, $9, $10, $11, $12, $13)
              ON CONFLICT (name) DO UPDATE SET endpoint = $2, vcpus = $3, memory_mib = $4,
                 labels = $5, down = 0, last_heartbeat = $6,
                 agent_token = COALESCE($7, hosts.agent_token), vm_subnet = $8,
                 vm_addresses = $9, tls_fingerprint = $10, disk_mib = $11, disk_free_mib = $12,
+                traits = $13,
                 version = CASE WHEN hosts.vcpus <> $3 OR hosts.memory_mib <> $4
                                     OR hosts.labels <> $5 OR hosts.down <> 0
-                                    OR hosts.disk_mib <> $11
+                                    OR hosts.disk_mib <> $11 OR hosts.traits <> $13
                                THEN hosts.version + 1 ELSE hosts.version END",
         )
         .bind(name)
@@ -164,6 +167,7 @@ impl Store {
         .bind(beat.tls_fingerprint.as_deref())
         .bind(beat.disk.map_or(0, |d| d.capacity_mib as i64))
         .bind(beat.disk.map(|d| d.free_mib as i64))
+        .bind(to_json(&beat.traits))
         .execute(self.pool())
         .await?;
         Ok(was_down == Some(1))

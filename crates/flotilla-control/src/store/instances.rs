@@ -18,6 +18,8 @@ pub struct NewInstance {
     pub memory_mib: u64,
     /// Disk space it is counted for on its host.
     pub disk_mib: u64,
+    /// The snapshot it starts from (the agent's name for it), if any.
+    pub from_snapshot: Option<String>,
     pub tags: BTreeMap<String, String>,
     pub operation: Option<String>,
     /// The address handed out for it (unique across hosts), if its host's
@@ -37,6 +39,7 @@ pub struct InstanceRow {
     pub vcpus: u32,
     pub memory_mib: u64,
     pub disk_mib: u64,
+    pub from_snapshot: Option<String>,
     pub ip: Option<String>,
     pub tags: BTreeMap<String, String>,
     pub operation: Option<String>,
@@ -61,11 +64,12 @@ pub struct InstanceFilter {
 }
 
 const COLUMNS: &str = "id, tenant_id, name, host, desired, observed, image, vcpus, memory_mib, \
-                       ip, tags, operation, last_error, created_at, updated_at, disk_mib";
+                       ip, tags, operation, last_error, created_at, updated_at, disk_mib, \
+                       from_snapshot";
 /// What reads select: the inserted columns and those added later.
 const READ_COLUMNS: &str = "id, tenant_id, name, host, desired, observed, image, vcpus, \
                             memory_mib, ip, tags, operation, last_error, created_at, \
-                            updated_at, migrating_to, disk_mib";
+                            updated_at, migrating_to, disk_mib, from_snapshot";
 
 fn enum_text<T: serde::Serialize>(v: &T) -> String {
     to_json(v).trim_matches('"').to_string()
@@ -90,6 +94,7 @@ fn instance(row: &sqlx::any::AnyRow) -> StoreResult<InstanceRow> {
         vcpus: row.try_get::<i64, _>("vcpus")? as u32,
         memory_mib: row.try_get::<i64, _>("memory_mib")? as u64,
         disk_mib: row.try_get::<i64, _>("disk_mib")? as u64,
+        from_snapshot: row.try_get("from_snapshot")?,
         ip: row.try_get("ip")?,
         tags: from_json("instance tags", &tags)?,
         operation: row.try_get("operation")?,
@@ -230,7 +235,7 @@ pub(crate) async fn insert_instance(
     sqlx::query(&format!(
         "INSERT INTO instances ({COLUMNS})
          VALUES ($1, $2, $3, $4, 'running', 'pending', $5, $6, $7, $8, $9, $10, NULL, $11, $11,
-                 $12)"
+                 $12, $13)"
     ))
     .bind(&i.id)
     .bind(&i.tenant_id)
@@ -244,6 +249,7 @@ pub(crate) async fn insert_instance(
     .bind(i.operation.as_deref())
     .bind(now)
     .bind(i.disk_mib as i64)
+    .bind(i.from_snapshot.as_deref())
     .execute(&mut **tx)
     .await
     .map_err(|e| {

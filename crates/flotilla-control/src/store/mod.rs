@@ -8,6 +8,7 @@ mod instances;
 mod operations;
 mod policies;
 mod schema;
+mod snapshots;
 mod tenants;
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -19,6 +20,7 @@ pub use hosts::{GroupGuard, HostRow, InstanceAddress, Placement};
 pub use instances::{InstanceFilter, InstanceRow, NewInstance, ObservedUpdate};
 pub use operations::OperationRow;
 pub use policies::PolicyRow;
+pub use snapshots::SnapshotRow;
 pub use tenants::{TenantRow, TokenRow};
 
 #[derive(Debug, thiserror::Error)]

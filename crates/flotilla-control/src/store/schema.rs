@@ -171,4 +171,34 @@ pub(crate) const MIGRATIONS: &[(i64, &[&str])] = &[
             "ALTER TABLE hosts ADD COLUMN disk_free_mib BIGINT",
         ],
     ),
+    (
+        11,
+        &[
+            // Tenants' snapshots of instances, kept by their hosts' agents
+            // under the row's id.
+            "CREATE TABLE snapshots (
+                id TEXT PRIMARY KEY,
+                tenant_id TEXT NOT NULL REFERENCES tenants(id),
+                name TEXT NOT NULL,
+                host TEXT NOT NULL,
+                instance_name TEXT NOT NULL,
+                layer TEXT NOT NULL,
+                image TEXT,
+                vcpus BIGINT NOT NULL,
+                memory_mib BIGINT NOT NULL,
+                disk_mib BIGINT NOT NULL,
+                created_at BIGINT NOT NULL,
+                UNIQUE (tenant_id, name)
+            )",
+            // The snapshot (agent name) an instance starts from.
+            "ALTER TABLE instances ADD COLUMN from_snapshot TEXT",
+        ],
+    ),
+    (
+        12,
+        &[
+            // What a host is or can do (a JSON array), from its heartbeats.
+            "ALTER TABLE hosts ADD COLUMN traits TEXT NOT NULL DEFAULT '[]'",
+        ],
+    ),
 ];

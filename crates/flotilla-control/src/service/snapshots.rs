@@ -1,0 +1,125 @@
+//! Snapshots as tenant resources: taken of a tenant's instance by its host's
+//! agent (under the snapshot's id, so names of different tenants never
+//! meet on a host), listed and removed per tenant; instances start from one
+//! on its host (`RunInstancesRequest::from_snapshot`).
+
+use flotilla_api::control::CreateSnapshotRequest;
+
+use super::*;
+use crate::store::SnapshotRow;
+
+impl ControlPlane {
+    /// Takes a snapshot of the caller's instance on its host. The record is
+    /// written once the agent has the snapshot, so a listed snapshot always
+    /// exists; an agent that fails leaves nothing recorded.
+    pub async fn create_snapshot(
+        &self,
+        caller: &Caller,
+        tenant: Option<&str>,
+        instance: &str,
+        req: &CreateSnapshotRequest,
+    ) -> ControlResult<SnapshotRow> {
+        check_name("snapshot", &req.name)?;
+        let inst = self.instance(caller, tenant, instance).await?;
+        if self
+            .store()
+            .snapshot_by_name(&inst.tenant_id, &req.name)
+            .await?
+            .is_some()
+        {
+            return Err(ControlError::new(
+                ErrorCode::AlreadyExists,
+                format!("snapshot {:?} already exists", req.name),
+            ));
+        }
+        let (agent, vm) = self.exec_target(caller, tenant, instance).await?;
+        let id = crate::store::new_id("s");
+        let created = self
+            .agents()
+            .create_snapshot(
+                &agent,
+                &flotilla_api::CreateSnapshotRequest {
+                    vm,
+                    name: id.clone(),
+                },
+            )
+            .await
+            .map_err(|e| {
+                ControlError::conflict(format!("snapshot of instance {instance:?}: {e}"))
+            })?;
+        let row = SnapshotRow {
+            id,
+            tenant_id: inst.tenant_id.clone(),
+            name: req.name.clone(),
+            host: inst.host.clone().unwrap_or_default(),
+            instance_name: inst.name.clone(),
+            layer: created.snapshot.id,
+            image: inst.image.clone(),
+            vcpus: inst.vcpus,
+            memory_mib: inst.memory_mib,
+            disk_mib: inst.disk_mib,
+            created_at: crate::store::now_ms(),
+        };
+        if let Err(e) = self.store().insert_snapshot(&row).await {
+            // Another request took the name meanwhile: this one goes.
+            let _ = self.agents().delete_snapshot(&agent, &row.id).await;
+            return Err(match e {
+                StoreError::Duplicate(what) => {
+                    ControlError::new(ErrorCode::AlreadyExists, format!("{what} already exists"))
+                }
+                other => other.into(),
+            });
+        }
+        tracing::info!(snapshot = %row.name, instance, host = %row.host, "snapshot taken");
+        Ok(row)
+    }
+
+    /// The caller's snapshot `name` (404 for another tenant's).
+    pub async fn snapshot(
+        &self,
+        caller: &Caller,
+        tenant: Option<&str>,
+        name: &str,
+    ) -> ControlResult<SnapshotRow> {
+        let tenant_id = self.tenant_of(caller, tenant)?;
+        match self.store().snapshot_by_name(&tenant_id, name).await? {
+            Some(s) if caller.may_access(&s.tenant_id) => Ok(s),
+            _ => Err(ControlError::not_found(format!("no snapshot {name:?}"))),
+        }
+    }
+
+    /// The caller's snapshots; an admin's of every tenant, or of `tenant`.
+    pub async fn list_snapshots(
+        &self,
+        caller: &Caller,
+        tenant: Option<&str>,
+    ) -> ControlResult<Vec<SnapshotRow>> {
+        let tenant_id = match (&caller.tenant_id, tenant) {
+            (Some(own), _) => Some(own.clone()),
+            (None, t) if caller.admin => t.map(str::to_string),
+            (None, _) => return Err(no_tenant()),
+        };
+        Ok(self.store().list_snapshots(tenant_id.as_deref()).await?)
+    }
+
+    /// Removes the snapshot from its host, then its record. Refused (409)
+    /// while the host keeps it for something (an instance started from it).
+    pub async fn delete_snapshot(
+        &self,
+        caller: &Caller,
+        tenant: Option<&str>,
+        name: &str,
+    ) -> ControlResult<()> {
+        let snap = self.snapshot(caller, tenant, name).await?;
+        let host = self.store().host(&snap.host).await?;
+        if let Some(host) = host {
+            self.agents()
+                .delete_snapshot(&crate::agents::AgentAddr::from(&host), &snap.id)
+                .await
+                .map_err(|e| ControlError::conflict(format!("snapshot {name:?}: {e}")))?;
+        }
+        self.store().delete_snapshot(&snap.id).await?;
+        tracing::info!(snapshot = name, "snapshot removed");
+        Ok(())
+    }
+}

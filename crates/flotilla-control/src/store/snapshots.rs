@@ -1,0 +1,116 @@
+//! Snapshots of instances, as tenant resources: each names a snapshot its
+//! host's agent keeps (under the row's id), so instances can start from it
+//! on that host.
+
+use sqlx::Row;
+
+use super::{now_ms, Store, StoreError, StoreResult};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotRow {
+    /// Also the snapshot's name on its host's agent.
+    pub id: String,
+    pub tenant_id: String,
+    /// Unique within the tenant.
+    pub name: String,
+    /// Where the snapshot is kept: instances from it run there.
+    pub host: String,
+    /// The instance it was taken of (its name then).
+    pub instance_name: String,
+    /// The agent's layer id.
+    pub layer: String,
+    pub image: Option<String>,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_mib: u64,
+    pub created_at: i64,
+}
+
+const COLUMNS: &str = "id, tenant_id, name, host, instance_name, layer, image, vcpus, \
+                       memory_mib, disk_mib, created_at";
+
+fn snapshot(row: &sqlx::any::AnyRow) -> StoreResult<SnapshotRow> {
+    Ok(SnapshotRow {
+        id: row.try_get("id")?,
+        tenant_id: row.try_get("tenant_id")?,
+        name: row.try_get("name")?,
+        host: row.try_get("host")?,
+        instance_name: row.try_get("instance_name")?,
+        layer: row.try_get("layer")?,
+        image: row.try_get("image")?,
+        vcpus: row.try_get::<i64, _>("vcpus")? as u32,
+        memory_mib: row.try_get::<i64, _>("memory_mib")? as u64,
+        disk_mib: row.try_get::<i64, _>("disk_mib")? as u64,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+impl Store {
+    /// Records a snapshot its agent has made; `Duplicate` if the tenant
+    /// has one of that name.
+    pub async fn insert_snapshot(&self, s: &SnapshotRow) -> StoreResult<()> {
+        sqlx::query(&format!(
+            "INSERT INTO snapshots ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+        ))
+        .bind(&s.id)
+        .bind(&s.tenant_id)
+        .bind(&s.name)
+        .bind(&s.host)
+        .bind(&s.instance_name)
+        .bind(&s.layer)
+        .bind(s.image.as_deref())
+        .bind(i64::from(s.vcpus))
+        .bind(s.memory_mib as i64)
+        .bind(s.disk_mib as i64)
+        .bind(if s.created_at > 0 { s.created_at } else { now_ms() })
+        .execute(self.pool())
+        .await
+        .map_err(|e| StoreError::unique(e, format!("snapshot {:?}", s.name)))?;
+        Ok(())
+    }
+
+    pub async fn snapshot_by_name(
+        &self,
+        tenant_id: &str,
+        name: &str,
+    ) -> StoreResult<Option<SnapshotRow>> {
+        let row = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM snapshots WHERE tenant_id = $1 AND name = $2"
+        ))
+        .bind(tenant_id)
+        .bind(name)
+        .fetch_optional(self.pool())
+        .await?;
+        row.as_ref().map(snapshot).transpose()
+    }
+
+    /// The tenant's snapshots (every tenant's with `None`), by name.
+    pub async fn list_snapshots(&self, tenant_id: Option<&str>) -> StoreResult<Vec<SnapshotRow>> {
+        let rows = match tenant_id {
+            Some(t) => {
+                sqlx::query(&format!(
+                    "SELECT {COLUMNS} FROM snapshots WHERE tenant_id = $1 ORDER BY name"
+                ))
+                .bind(t)
+                .fetch_all(self.pool())
+                .await?
+            }
+            None => {
+                sqlx::query(&format!(
+                    "SELECT {COLUMNS} FROM snapshots ORDER BY tenant_id, name"
+                ))
+                .fetch_all(self.pool())
+                .await?
+            }
+        };
+        rows.iter().map(snapshot).collect()
+    }
+
+    pub async fn delete_snapshot(&self, id: &str) -> StoreResult<bool> {
+        let done = sqlx::query("DELETE FROM snapshots WHERE id = $1")
+            .bind(id)
+            .execute(self.pool())
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+}
