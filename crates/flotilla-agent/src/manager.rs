@@ -392,7 +392,10 @@ impl VmManager {
         let cfg = &self.inner.config;
         let fs = nix::sys::statvfs::statvfs(&cfg.data_dir).ok()?;
         let unit = fs.fragment_size() as u64;
-        let size_mib = (fs.blocks() as u64 * unit) >> 20;
+        // Whole GiB: a file system whose size drifts (ZFS, btrfs) would
+        // otherwise change the host's capacity, and so its placement
+        // version, at every heartbeat.
+        let size_mib = ((fs.blocks() as u64 * unit) >> 30) << 10;
         Some(flotilla_api::DiskSpace {
             capacity_mib: cfg.disk_capacity_mib.map_or(size_mib, |c| c.min(size_mib)),
             free_mib: (fs.blocks_available() as u64 * unit) >> 20,

@@ -211,6 +211,19 @@ pub struct RunInstancesRequest {
     pub from_snapshot: Option<String>,
 }
 
+/// The tag holding an instance's partition (`1`..=count) in a partition
+/// group (see [`PlacementPolicy::partitions`]).
+pub const PARTITION_TAG: &str = "flotilla.partition";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Partitions {
+    /// How many partitions (1 to 64).
+    pub count: u32,
+    /// The host label partitions do not share values of (e.g. `rack`).
+    pub label: String,
+}
+
 /// A tenant's snapshot of an instance: kept on the instance's host, where
 /// instances can start from it.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -400,6 +413,14 @@ pub struct PlacementPolicy {
     // unknown fields) still read the policies a newer one stored.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub max_per_label: BTreeMap<String, u32>,
+    /// A partition group (as EC2's): the group is split into `count`
+    /// partitions, and hosts sharing a value of `label` (a rack) hold
+    /// instances of one partition only, so a rack failure takes at most one
+    /// partition. Each instance carries its partition in tag
+    /// [`PARTITION_TAG`] (set at placement to the emptiest, or given in
+    /// the request to choose one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<Partitions>,
     /// The tag whose value defines the group for `max_per_host`,
     /// `max_per_label`, `spread` and `cluster` (default `group`).
     #[serde(default)]

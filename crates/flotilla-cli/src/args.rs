@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::units::{parse_disk, parse_key_value, parse_mib};
+use crate::units::{parse_disk, parse_key_value, parse_mib, parse_trait};
 
 pub const DEFAULT_ENDPOINT: &str = "https://127.0.0.1:7777";
 
@@ -387,7 +387,7 @@ pub struct AgentArgs {
     pub labels: Vec<(String, String)>,
     /// A placement trait of this host, e.g. gpu (repeat for more); the
     /// agent adds those it finds (kvm or tcg, cpu-avx2, network-isolation).
-    #[arg(long = "trait", requires = "control_plane")]
+    #[arg(long = "trait", value_parser = parse_trait, requires = "control_plane")]
     pub traits: Vec<String>,
     /// Seconds between heartbeats.
     #[arg(long, default_value_t = 3, requires = "control_plane")]

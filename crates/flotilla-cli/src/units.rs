@@ -35,6 +35,17 @@ pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
+/// A host trait name, as the control plane accepts it.
+pub fn parse_trait(s: &str) -> Result<String, String> {
+    if flotilla_control::placement::valid_trait(s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not a trait name: 1-63 characters of a-z, 0-9, '-', '.' and ':'"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -49,5 +60,13 @@ mod tests {
         assert_eq!(parse_disk("data:1G"), Ok(("data".into(), 1024)));
         assert!(parse_disk("data").is_err());
         assert_eq!(parse_key_value("a=b=c"), Ok(("a".into(), "b=c".into())));
+    }
+
+    #[test]
+    fn trait_names_follow_the_control_planes_rule() {
+        assert_eq!(parse_trait("gpu").as_deref(), Ok("gpu"));
+        assert_eq!(parse_trait("cpu-avx2").as_deref(), Ok("cpu-avx2"));
+        assert!(parse_trait("GPU").unwrap_err().contains("not a trait name"));
+        assert!(parse_trait("ssd_fast").is_err());
     }
 }

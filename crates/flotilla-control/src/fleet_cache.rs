@@ -86,6 +86,10 @@ impl FleetView {
         h.used_vcpus += u64::from(demand.vcpus);
         h.used_memory_mib += demand.memory_mib;
         h.used_disk_mib += demand.disk_mib;
+        // Free space as measured, less what this batch will take of it.
+        if let Some(free) = &mut h.disk_free_mib {
+            *free = free.saturating_sub(demand.disk_mib);
+        }
     }
 
     /// Takes back a tentative placement on host `i`.
@@ -94,5 +98,8 @@ impl FleetView {
         h.used_vcpus = h.used_vcpus.saturating_sub(u64::from(demand.vcpus));
         h.used_memory_mib = h.used_memory_mib.saturating_sub(demand.memory_mib);
         h.used_disk_mib = h.used_disk_mib.saturating_sub(demand.disk_mib);
+        if let Some(free) = &mut h.disk_free_mib {
+            *free += demand.disk_mib;
+        }
     }
 }

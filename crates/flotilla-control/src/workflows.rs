@@ -9,7 +9,7 @@ use flotilla_api::control::{ObservedState, OperationState};
 use flotilla_api::CreateVmRequest;
 use serde::{Deserialize, Serialize};
 
-use crate::agents::AgentAddr;
+use crate::agents::{AgentAddr, AgentCallError};
 use crate::error::{ControlError, ControlResult};
 use crate::service::{observed_from_vm, ControlPlane};
 use crate::store::{now_ms, InstanceRow, ObservedUpdate, OperationRow};
@@ -34,7 +34,7 @@ pub enum OperationInput {
     /// A run whose request carried placement rules of its own: kept, so an
     /// instance its host refuses is placed again under the same rules.
     RunWith {
-        placement: flotilla_api::control::PlacementPolicy,
+        placement: Box<flotilla_api::control::PlacementPolicy>,
     },
     Terminate,
     Start,
@@ -310,12 +310,15 @@ async fn create_instance_vm(
         };
         let from = inst.host.clone().unwrap_or_default();
         refused.push(from.clone());
-        if refused.len() >= HOSTS_PER_INSTANCE {
+        // From a snapshot, only its host can make it.
+        if refused.len() >= HOSTS_PER_INSTANCE || inst.from_snapshot.is_some() {
             return refused_everywhere(cp, &inst, &refused, e.to_string()).await;
         }
         tracing::warn!(instance = %inst.name, host = %from, error = %e, "its host refused it; placing it elsewhere");
         let to = match cp.place_elsewhere(&inst, &refused, request).await {
             Ok(to) => to,
+            // The store's own failure is not a refusal: the step runs again.
+            Err(pe) if pe.code == flotilla_api::ErrorCode::Internal => return Err(pe),
             Err(pe) => {
                 let why = format!("{e}; no other host takes it: {}", pe.message);
                 return refused_everywhere(cp, &inst, &refused, why).await;
@@ -342,6 +345,7 @@ async fn refused_everywhere(
     if let Some(host) = &inst.host {
         if cp.store().release_unmade(&inst.id, host).await? {
             tracing::warn!(instance = %inst.name, refused_by = ?refused, "no host made it; it holds no room");
+            cp.fleet_changed().await;
         }
     }
     Err(ControlError::conflict(format!(
@@ -356,7 +360,7 @@ async fn create_on(
     cp: &ControlPlane,
     agent: &AgentAddr,
     inst: &InstanceRow,
-) -> Result<flotilla_api::VmInfo, crate::agents::AgentCallError> {
+) -> Result<flotilla_api::VmInfo, AgentCallError> {
     let agents = &cp.inner.agents;
     let request = CreateVmRequest {
         name: inst.id.clone(),
@@ -388,8 +392,17 @@ async fn create_on(
         }
     }
     match created {
-        // Made by an earlier attempt of this step.
-        Err(e) if e.is_already_exists() => agents.vm(agent, &inst.id).await,
+        // Made by an earlier attempt of this step; still being made if the
+        // agent does not show it yet (its name is reserved first), which
+        // is no refusal: the step is tried again.
+        Err(e) if e.is_already_exists() => match agents.vm(agent, &inst.id).await {
+            Err(missing) if missing.is_not_found() => Err(AgentCallError::Api {
+                status: 503,
+                code: None,
+                message: format!("{e}; not shown by its agent yet"),
+            }),
+            other => other,
+        },
         other => other,
     }
 }
@@ -450,7 +463,7 @@ async fn act(
         match input {
             OperationInput::Run => create_instance_vm(cp, inst, None).await,
             OperationInput::RunWith { placement } => {
-                create_instance_vm(cp, inst, Some(placement)).await
+                create_instance_vm(cp, inst, Some(placement.as_ref())).await
             }
             OperationInput::Terminate => {
                 agents

@@ -837,6 +837,123 @@ async fn a_group_spreads_over_racks_with_max_per_label() {
     assert!(message(&b).contains("max_per_label rack 1"), "{b}");
 }
 
+/// A partition group: each instance gets a partition (the emptiest, or the
+/// one asked for), and a rack holds instances of one partition only.
+#[tokio::test]
+async fn partition_groups_keep_partitions_on_their_own_racks() {
+    let api = Api::start().await;
+    for (name, rack) in [
+        ("h1", "r1"),
+        ("h2", "r1"),
+        ("h3", "r2"),
+        ("h4", "r2"),
+        ("h5", "r3"),
+        ("h6", "r3"),
+    ] {
+        let beat = json!({
+            "endpoint": "http://127.0.0.1:9",
+            "capacity": {"vcpus": 8, "memory_mib": 8192},
+            "labels": {"rack": rack},
+        });
+        let (s, _) = api
+            .call(
+                "POST",
+                &format!("/v1/hosts/{name}/heartbeat"),
+                Some(ADMIN),
+                Some(beat),
+            )
+            .await;
+        assert_eq!(s, 200);
+    }
+    let acme = api.tenant("acme").await;
+    let (s, b) = api
+        .call(
+            "PUT",
+            "/v1/policies/db",
+            Some(&acme),
+            Some(json!({"fleet": {"group": "db"}, "placement": {"partitions": {"count": 3, "label": "rack"}}})),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let rack_of = |host: &str| match host {
+        "h1" | "h2" => "r1",
+        "h3" | "h4" => "r2",
+        _ => "r3",
+    };
+    let (s, b) = api
+        .call(
+            "POST",
+            "/v1/instances",
+            Some(&acme),
+            Some(json!({"name": "db", "count": 6, "tags": {"group": "db"}})),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    let mut racks: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+    let mut sizes: BTreeMap<String, u32> = BTreeMap::new();
+    for i in b["instances"].as_array().unwrap() {
+        let p = i["tags"]["flotilla.partition"]
+            .as_str()
+            .expect("a partition")
+            .to_string();
+        *sizes.entry(p.clone()).or_default() += 1;
+        racks
+            .entry(rack_of(i["host"].as_str().unwrap()).to_string())
+            .or_default()
+            .insert(p);
+    }
+    assert_eq!(
+        sizes.values().copied().collect::<Vec<_>>(),
+        vec![2, 2, 2],
+        "{b}"
+    );
+    assert!(
+        racks.values().all(|ps| ps.len() == 1),
+        "one partition per rack: {racks:?}"
+    );
+    // Asked for partition 2: on partition 2's rack.
+    let rack_of_2 = racks
+        .iter()
+        .find(|(_, ps)| ps.contains("2"))
+        .unwrap()
+        .0
+        .clone();
+    let (s, b) = api
+        .call(
+            "POST",
+            "/v1/instances",
+            Some(&acme),
+            Some(json!({"name": "db-x", "tags": {"group": "db", "flotilla.partition": "2"}})),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    assert_eq!(
+        rack_of(b["instances"][0]["host"].as_str().unwrap()),
+        rack_of_2
+    );
+    let (s, b) = api
+        .call(
+            "POST",
+            "/v1/instances",
+            Some(&acme),
+            Some(json!({"name": "db-y", "tags": {"group": "db", "flotilla.partition": "9"}})),
+        )
+        .await;
+    assert_eq!(s, 400, "{b}");
+    assert!(message(&b).contains("partitions 1 to 3"), "{b}");
+    // A fourth partition finds no rack of its own.
+    let (s, b) = api
+        .call(
+            "POST",
+            "/v1/instances",
+            Some(&acme),
+            Some(json!({"name": "db-z", "tags": {"group": "db"}, "placement": {"partitions": {"count": 4, "label": "rack"}}})),
+        )
+        .await;
+    assert_eq!(s, 409, "{b}");
+    assert!(message(&b).contains("this is partition 4"), "{b}");
+}
+
 /// Hosts' traits (found by agents or given by operators) steer placement:
 /// required or forbidden, per policy or request; bad names are refused.
 #[tokio::test]

@@ -562,6 +562,23 @@ async fn snapshots_are_named_per_tenant() {
             .unwrap()
             .unwrap();
         assert_eq!(found.id, "s-3");
+        // An instance to start from s-3, not made yet, needs it.
+        store.record_heartbeat("h1", &beat(4)).await.unwrap();
+        let h = store.host("h1").await.unwrap().unwrap();
+        let waiting = NewInstance {
+            from_snapshot: Some("s-3".into()),
+            ..instance("t-2", "copy", &[])
+        };
+        let p = Placement {
+            host: "h1".into(),
+            host_version: h.version,
+        };
+        store.commit_placement(&waiting, &p).await.unwrap();
+        assert_eq!(
+            store.unmade_from_snapshot("s-3").await.unwrap(),
+            vec!["copy"]
+        );
+        assert!(store.unmade_from_snapshot("s-1").await.unwrap().is_empty());
         assert!(store.delete_snapshot("s-3").await.unwrap());
         assert!(store
             .snapshot_by_name("t-2", "gold")

@@ -12,6 +12,11 @@
 //! cleared, so QEMU loads no page of it. The guest then reads its memory
 //! from the page cache as it touches it, and VMs mapping the same image
 //! share those pages until they write them.
+//!
+//! This relies on pages whose bitmap bit is clear being holes (zero) in
+//! the file, which holds for a single save of a paused VM into a new file,
+//! the only kind Flotilla makes. (A save that rewrote pages of an existing
+//! file would leave stale data behind a cleared bit.)
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -107,12 +112,14 @@ impl BlockLayout {
                 "version {version}, page size {page_size}"
             )));
         }
-        // The bitmap follows the header; the pages follow the bitmap.
-        let bitmap_len = length / PAGE_SIZE / 8;
+        // The bitmap follows the header; the pages follow it at the next
+        // alignment, as QEMU lays them out (a corrupt header never passes).
+        let bitmap_end = layout.bitmap_offset.checked_add(length / PAGE_SIZE / 8);
+        let pages_at = bitmap_end.map(|end| end.div_ceil(PAGES_ALIGNMENT) * PAGES_ALIGNMENT);
+        let file_needs = layout.pages_offset.checked_add(length);
         if layout.bitmap_offset != (header_at + HEADER_LEN) as u64
-            || !layout.pages_offset.is_multiple_of(PAGES_ALIGNMENT)
-            || layout.pages_offset < layout.bitmap_offset + bitmap_len
-            || file_len < layout.pages_offset + length
+            || pages_at != Some(layout.pages_offset)
+            || file_needs.is_none_or(|n| file_len < n)
         {
             return Err(unexpected(format!(
                 "bitmap at {}, pages at {}, file of {file_len} bytes",

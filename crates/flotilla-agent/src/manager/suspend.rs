@@ -359,14 +359,31 @@ impl VmManager {
         // Loaded whole, or mapped (QEMU loads only the device state) if
         // the host says so and the image's layout is the one we know.
         let state_file = dir.join(RESUME_STATE_TMP);
-        let mapped = self.inner.config.restore_memory == RestoreMemory::Map
-            && match map_at_start(&mut config, &memory, &state_file) {
-                Ok(()) => true,
-                Err(e) => {
-                    tracing::warn!(vm = %record.name, error = %e, "loading the memory image instead of mapping it");
-                    false
+        let mapped = match self.inner.config.restore_memory {
+            RestoreMemory::Load => false,
+            RestoreMemory::Map => {
+                let (image, state) = (memory.clone(), state_file.clone());
+                let mut mapping = config.clone();
+                let done = tokio::task::spawn_blocking(move || {
+                    map_at_start(&mut mapping, &image, &state).map(|()| mapping)
+                })
+                .await;
+                match done {
+                    Ok(Ok(with_mapping)) => {
+                        config = with_mapping;
+                        true
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(vm = %record.name, error = %e, "loading the memory image instead of mapping it");
+                        false
+                    }
+                    Err(e) => {
+                        tracing::warn!(vm = %record.name, error = %e, "loading the memory image instead of mapping it");
+                        false
+                    }
                 }
-            };
+            }
+        };
         if !mapped {
             load_at_start(&mut config, &memory);
         }

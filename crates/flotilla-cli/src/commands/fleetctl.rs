@@ -109,7 +109,7 @@ fn parse_placement(text: String) -> anyhow::Result<PlacementPolicy> {
     Ok(serde_json::from_str(&text).map_err(|e| {
         CliError::new(
             format!("invalid placement policy: {e}"),
-            Some("fields: require_labels, forbid_labels, cpu_overcommit, memory_overcommit, disk_overcommit, max_per_host, group_tag, strategy, prefer_labels".into()),
+            Some("fields: require_labels, forbid_labels, require_traits, forbid_traits, cpu_overcommit, memory_overcommit, disk_overcommit, max_per_host, max_per_label, partitions, group_tag, strategy, prefer_labels, affinity".into()),
         )
     })?)
 }

@@ -104,6 +104,9 @@ pub fn merge(policies: &[Sourced<'_>]) -> Result<PlacementPolicy, PolicyError> {
         if policy.group_tag.is_some() {
             out.group_tag = policy.group_tag.clone();
         }
+        if policy.partitions.is_some() {
+            out.partitions = policy.partitions.clone();
+        }
         if policy.strategy.is_some() {
             out.strategy = policy.strategy;
         }

@@ -54,6 +54,70 @@ pub struct Demand {
     pub affinity_hosts: Vec<BTreeSet<String>>,
     /// The one host it can go to, and why (e.g. its snapshot is kept there).
     pub only_host: Option<(String, String)>,
+    /// In a partition group: its partition, and which partitions hold
+    /// each value of the partition label already.
+    pub partition: Option<PartitionDemand>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PartitionDemand {
+    pub label: String,
+    pub mine: u32,
+    /// Label value (a rack) -> partitions of the group on its hosts.
+    pub taken: BTreeMap<String, BTreeSet<u32>>,
+}
+
+impl PartitionDemand {
+    /// Why `host` is not for this partition, if it is not.
+    fn reject(&self, host: &HostView) -> Option<String> {
+        let Some(value) = host.labels.get(&self.label) else {
+            return Some(format!(
+                "partitions by {}: the host has no {} label",
+                self.label, self.label
+            ));
+        };
+        let other = self
+            .taken
+            .get(value)
+            .and_then(|held| held.iter().find(|p| **p != self.mine))?;
+        Some(format!(
+            "{}={value} holds partition {other} of the group; this is partition {}",
+            self.label, self.mine
+        ))
+    }
+
+    /// Counts an instance of partition `mine` placed on `host`.
+    pub fn record(&mut self, host: &HostView) {
+        if let Some(value) = host.labels.get(&self.label) {
+            self.taken
+                .entry(value.clone())
+                .or_default()
+                .insert(self.mine);
+        }
+    }
+}
+
+/// Which partitions hold each value of `label`, from the group's instances
+/// as (host, partition) and the hosts' labels.
+pub fn partitions_taken<'m, 'l>(
+    label: &str,
+    members: impl IntoIterator<Item = (&'m str, u32)>,
+    labels_of: impl Fn(&str) -> Option<&'l BTreeMap<String, String>>,
+) -> BTreeMap<String, BTreeSet<u32>> {
+    let mut taken: BTreeMap<String, BTreeSet<u32>> = BTreeMap::new();
+    for (host, partition) in members {
+        if let Some(value) = labels_of(host).and_then(|l| l.get(label)) {
+            taken.entry(value.clone()).or_default().insert(partition);
+        }
+    }
+    taken
+}
+
+/// The partition (1-based) with the fewest of the group, lowest first.
+pub fn emptiest_partition(count: u32, members: &BTreeMap<u32, u32>) -> u32 {
+    (1..=count.max(1))
+        .min_by_key(|p| (members.get(p).copied().unwrap_or(0), *p))
+        .unwrap_or(1)
 }
 
 impl Demand {
@@ -65,6 +129,7 @@ impl Demand {
             full_domains: BTreeSet::new(),
             affinity_hosts: Vec::new(),
             only_host: None,
+            partition: None,
         }
     }
 
@@ -253,6 +318,9 @@ pub fn reject_reason_with(
     if let Some(why) = demand.affinity_reject(host, policy) {
         return Some(why);
     }
+    if let Some(why) = demand.partition.as_ref().and_then(|p| p.reject(host)) {
+        return Some(why);
+    }
     for (key, value) in host
         .labels
         .iter()
@@ -411,6 +479,13 @@ fn reject_reason_fast(
         return false;
     }
     if !policy.affinity.is_empty() && demand.affinity_reject(host, policy).is_some() {
+        return false;
+    }
+    if demand
+        .partition
+        .as_ref()
+        .is_some_and(|p| p.reject(host).is_some())
+    {
         return false;
     }
     if !demand.full_domains.is_empty()

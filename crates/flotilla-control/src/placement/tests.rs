@@ -30,7 +30,67 @@ const SMALL: Demand = Demand {
     memory_mib: 256,
     disk_mib: 1024,
     only_host: None,
+    partition: None,
 };
+
+#[test]
+fn partitions_keep_to_their_racks() {
+    let rack = |name: &str, r: &str| {
+        let mut h = host(name, "z1", 0, 0);
+        h.labels.insert("rack".into(), r.into());
+        h
+    };
+    let hosts = [
+        rack("a", "r1"),
+        rack("b", "r2"),
+        rack("c", "r3"),
+        host("d", "z1", 0, 0),
+    ];
+    let labels_of = |name: &str| hosts.iter().find(|h| h.name == name).map(|h| &h.labels);
+    // Partition 1 is on r1, partition 2 on r2.
+    let taken = partitions_taken("rack", [("a", 1), ("b", 2)], labels_of);
+    let mut p2 = PartitionDemand {
+        label: "rack".into(),
+        mine: 2,
+        taken,
+    };
+    let demand = Demand {
+        partition: Some(p2.clone()),
+        ..SMALL
+    };
+    let policy = PlacementPolicy::default();
+    assert_eq!(
+        reject_reason(&hosts[1], &demand, &policy),
+        None,
+        "its own rack"
+    );
+    assert_eq!(
+        reject_reason(&hosts[2], &demand, &policy),
+        None,
+        "a free rack"
+    );
+    assert_eq!(
+        reject_reason(&hosts[0], &demand, &policy).as_deref(),
+        Some("rack=r1 holds partition 1 of the group; this is partition 2")
+    );
+    assert_eq!(
+        reject_reason(&hosts[3], &demand, &policy).as_deref(),
+        Some("partitions by rack: the host has no rack label")
+    );
+    // Once partition 2 took r3 too, partition 3 has no rack left.
+    p2.record(&hosts[2]);
+    let p3 = Demand {
+        partition: Some(PartitionDemand { mine: 3, ..p2 }),
+        ..SMALL
+    };
+    assert_eq!(choose(&hosts, &p3, &policy), None);
+    assert_eq!(choose_sampled(&hosts, &p3, &policy, &|_| 0, 5), None);
+    // The emptiest partition comes next, the lowest of equals first.
+    let members = BTreeMap::from([(1, 2), (2, 1)]);
+    assert_eq!(emptiest_partition(3, &members), 3);
+    assert_eq!(emptiest_partition(2, &members), 2);
+    assert_eq!(emptiest_partition(3, &BTreeMap::new()), 1);
+}
 
 #[test]
 fn traits_are_required_or_forbidden() {
@@ -408,6 +468,7 @@ proptest! {
         use_near in any::<bool>(),
         use_away in any::<bool>(),
         zone_max in prop::option::of(1u32..3),
+        partitions in prop::option::of(1u32..4),
         count in 1usize..10,
         sampled in any::<bool>(),
         seed in any::<u64>(),
@@ -442,15 +503,33 @@ proptest! {
             policy.max_per_label.insert("zone".into(), m);
         }
         let mut counts = vec![0u32; hosts.len()];
+        // Partitions by zone: (host index, partition) of each placed.
+        let mut members: Vec<(usize, u32)> = Vec::new();
         for n in 0..count {
             let views: Vec<HostView> = hosts
                 .iter()
                 .zip(&counts)
                 .map(|(h, c)| HostView { group_count: *c, ..h.clone() })
                 .collect();
+            let partition = partitions.map(|p| {
+                let mut sizes = BTreeMap::new();
+                for (_, m) in &members {
+                    *sizes.entry(*m).or_insert(0) += 1;
+                }
+                PartitionDemand {
+                    label: "zone".into(),
+                    mine: emptiest_partition(p, &sizes),
+                    taken: partitions_taken(
+                        "zone",
+                        members.iter().map(|(i, m)| (views[*i].name.as_str(), *m)),
+                        |name| views.iter().find(|v| v.name == name).map(|v| &v.labels),
+                    ),
+                }
+            });
             let demand = Demand {
                 full_domains: full_domains(&policy, views.iter().map(|v| (&v.labels, v.group_count))),
                 affinity_hosts: sets.clone(),
+                partition: partition.clone(),
                 ..Demand::new(1, 256).with_disk(1024)
             };
             let count_of = |i: usize| counts[i];
@@ -472,6 +551,16 @@ proptest! {
             }
             if use_away {
                 prop_assert!(!away_set.contains(&h.name), "{} holds a cache", h.name);
+            }
+            if let Some(p) = &partition {
+                members.push((i, p.mine));
+                let mut per_zone: BTreeMap<&String, BTreeSet<u32>> = BTreeMap::new();
+                for (j, m) in &members {
+                    if let Some(z) = hosts[*j].labels.get("zone") {
+                        per_zone.entry(z).or_default().insert(*m);
+                    }
+                }
+                prop_assert!(per_zone.values().all(|ps| ps.len() == 1), "{per_zone:?}");
             }
             counts[i] += 1;
             hosts[i].used_vcpus += 1;

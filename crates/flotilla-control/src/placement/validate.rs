@@ -80,6 +80,17 @@ pub fn validate(policy: &PlacementPolicy, at: &str) -> Result<(), PolicyError> {
             ));
         }
     }
+    if let Some(p) = &policy.partitions {
+        if !(1..=64).contains(&p.count) {
+            return Err(err(
+                format!("{at}.partitions.count"),
+                format!("{} is out of range (1 to 64)", p.count),
+            ));
+        }
+        if p.label.is_empty() {
+            return Err(err(format!("{at}.partitions.label"), "must not be empty"));
+        }
+    }
     if let Some(tag) = &policy.group_tag {
         if tag.is_empty() {
             return Err(err(format!("{at}.group_tag"), "must not be empty"));

@@ -206,6 +206,16 @@ impl ControlPlane {
         name: &str,
     ) -> ControlResult<(crate::agents::AgentAddr, String)> {
         let inst = self.instance(caller, tenant, name).await?;
+        Ok((self.agent_of_instance(&inst).await?, inst.id))
+    }
+
+    /// The agent of the host `inst` is on (409 if it has none, or it is
+    /// down).
+    pub(crate) async fn agent_of_instance(
+        &self,
+        inst: &InstanceRow,
+    ) -> ControlResult<crate::agents::AgentAddr> {
+        let name = &inst.name;
         let host = inst.host.as_deref().ok_or_else(|| {
             ControlError::conflict(format!("instance {name:?} is not placed yet"))
         })?;
@@ -219,7 +229,7 @@ impl ControlPlane {
                 "instance {name:?} is on host {host}, which is down"
             )));
         }
-        Ok((crate::agents::AgentAddr::from(&row), inst.id))
+        Ok(crate::agents::AgentAddr::from(&row))
     }
 
     pub fn agents(&self) -> &AgentClient {

@@ -2,7 +2,10 @@
 //! (groups, affinity), explain, and runs decided on the cached fleet view and
 //! committed in one transaction.
 
+use flotilla_api::control::PARTITION_TAG;
+
 use super::*;
+use crate::placement::PartitionDemand;
 
 impl ControlPlane {
     /// Every host read from the store (for explain and clones), with its
@@ -93,8 +96,22 @@ impl ControlPlane {
         let limited = match (policy.max_per_host, policy.max_per_label.iter().next()) {
             (Some(max), _) => Some(format!("max_per_host {max}")),
             (None, Some((key, max))) => Some(format!("max_per_label {key} {max}")),
-            (None, None) => None,
+            (None, None) => policy
+                .partitions
+                .as_ref()
+                .map(|p| format!("partitions ({} by {})", p.count, p.label)),
         };
+        if let (Some(p), Some(given)) = (&policy.partitions, tags.get(PARTITION_TAG)) {
+            if !given
+                .parse::<u32>()
+                .is_ok_and(|n| (1..=p.count).contains(&n))
+            {
+                return Err(ControlError::invalid(format!(
+                    "tag {PARTITION_TAG}={given:?}: the group has partitions 1 to {}",
+                    p.count
+                )));
+            }
+        }
         if let Some(rule) = limited {
             if Self::group_of(policy, tags).is_none() {
                 let tag = policy.group_tag.as_deref().unwrap_or(DEFAULT_GROUP_TAG);
@@ -105,6 +122,76 @@ impl ControlPlane {
             }
         }
         Ok(())
+    }
+
+    /// The group's members in partitions (see `PlacementPolicy::partitions`),
+    /// as (host, partition, on it rather than moving to it).
+    async fn partition_members(
+        &self,
+        tenant_id: &str,
+        policy: &PlacementPolicy,
+        group: Option<(&str, &str)>,
+    ) -> ControlResult<Vec<(String, u32, bool)>> {
+        Ok(match (&policy.partitions, group) {
+            (Some(_), Some((tag, value))) => {
+                self.store()
+                    .group_partitions(tenant_id, tag, value, PARTITION_TAG)
+                    .await?
+            }
+            _ => Vec::new(),
+        })
+    }
+
+    /// Gives each instance of a run in a partition group its partition
+    /// (tag [`PARTITION_TAG`]): the one asked for, else the emptiest.
+    async fn assign_partitions(
+        &self,
+        tenant_id: &str,
+        policy: &PlacementPolicy,
+        news: &mut [NewInstance],
+    ) -> ControlResult<()> {
+        let (Some(partitions), Some(first)) = (&policy.partitions, news.first()) else {
+            return Ok(());
+        };
+        let members = self
+            .partition_members(tenant_id, policy, Self::group_of(policy, &first.tags))
+            .await?;
+        let mut counts: BTreeMap<u32, u32> = BTreeMap::new();
+        for (_, p, home) in &members {
+            if *home {
+                *counts.entry(*p).or_default() += 1;
+            }
+        }
+        for new in news {
+            let p = match new.tags.get(PARTITION_TAG).and_then(|v| v.parse().ok()) {
+                Some(p) => p,
+                None => placement::emptiest_partition(partitions.count, &counts),
+            };
+            new.tags.insert(PARTITION_TAG.into(), p.to_string());
+            *counts.entry(p).or_default() += 1;
+        }
+        Ok(())
+    }
+
+    /// The partition demand of an instance with `tags` (none outside a
+    /// partition group), given the group's members and the hosts' labels.
+    fn partition_demand<'a>(
+        policy: &PlacementPolicy,
+        tags: &BTreeMap<String, String>,
+        members: &[(String, u32, bool)],
+        labels_of: impl Fn(&str) -> Option<&'a BTreeMap<String, String>>,
+    ) -> Option<PartitionDemand> {
+        let partitions = policy.partitions.as_ref()?;
+        let mine = tags.get(PARTITION_TAG)?.parse().ok()?;
+        Some(PartitionDemand {
+            label: partitions.label.clone(),
+            mine,
+            taken: placement::partitions_taken(
+                &partitions.label,
+                members.iter().map(|(h, p, _)| (h.as_str(), *p)),
+                labels_of,
+            ),
+        })
     }
 
     /// What each instance of a run is: the request's shape, or its
@@ -138,7 +225,9 @@ impl ControlPlane {
                     snap.host.clone(),
                     format!("snapshot {name:?} is kept on {}", snap.host),
                 )),
-                ..Demand::new(snap.vcpus, snap.memory_mib).with_disk(req.disk_mib)
+                // Its instances need at least the room its source had.
+                ..Demand::new(snap.vcpus, snap.memory_mib)
+                    .with_disk(req.disk_mib.max(snap.disk_mib))
             },
             snapshot: Some(snap.id),
         })
@@ -156,9 +245,28 @@ impl ControlPlane {
             .effective_policy(&tenant_id, &req.tags, req.placement.as_ref())
             .await?;
         Self::check_group(&policy, &req.tags)?;
-        let (views, _) = self
-            .host_views(&tenant_id, Self::group_of(&policy, &req.tags))
+        let group = Self::group_of(&policy, &req.tags);
+        let (views, _) = self.host_views(&tenant_id, group).await?;
+        // As the first instance of such a run would be.
+        let mut one = [NewInstance {
+            id: String::new(),
+            tenant_id: tenant_id.clone(),
+            name: req.name.clone(),
+            image: None,
+            vcpus: shape.demand.vcpus,
+            memory_mib: shape.demand.memory_mib,
+            disk_mib: shape.demand.disk_mib,
+            from_snapshot: None,
+            tags: req.tags.clone(),
+            operation: None,
+            ip: None,
+        }];
+        self.assign_partitions(&tenant_id, &policy, &mut one)
             .await?;
+        let members = self.partition_members(&tenant_id, &policy, group).await?;
+        let partition = Self::partition_demand(&policy, &one[0].tags, &members, |h| {
+            views.iter().find(|v| v.name == h).map(|v| &v.labels)
+        });
         Ok(placement::explain(
             &views,
             &Demand {
@@ -167,6 +275,7 @@ impl ControlPlane {
                     views.iter().map(|v| (&v.labels, v.group_count)),
                 ),
                 affinity_hosts: self.affinity_hosts(&tenant_id, &policy).await?,
+                partition,
                 ..shape.demand
             },
             &policy,
@@ -232,7 +341,7 @@ impl ControlPlane {
             }
         }
         let op_id = new_id("op");
-        let news: Vec<NewInstance> = names
+        let mut news: Vec<NewInstance> = names
             .iter()
             .map(|name| NewInstance {
                 id: new_id("i"),
@@ -241,7 +350,7 @@ impl ControlPlane {
                 image: shape.image.clone(),
                 vcpus: shape.demand.vcpus,
                 memory_mib: shape.demand.memory_mib,
-                disk_mib: req.disk_mib,
+                disk_mib: shape.demand.disk_mib,
                 from_snapshot: shape.snapshot.clone(),
                 tags: req.tags.clone(),
                 operation: Some(op_id.clone()),
@@ -251,11 +360,13 @@ impl ControlPlane {
         let targets = news.iter().map(|n| n.id.clone()).collect();
         let input = match &req.placement {
             Some(p) => OperationInput::RunWith {
-                placement: p.clone(),
+                placement: Box::new(p.clone()),
             },
             None => OperationInput::Run,
         };
         let op = self.new_operation(Some(&tenant_id), &op_id, input, targets);
+        self.assign_partitions(&tenant_id, &policy, &mut news)
+            .await?;
         self.place_run(&tenant_id, &news, &shape.demand, &policy, &op)
             .await?;
         workflows::spawn(self.clone(), op.clone());
@@ -295,8 +406,10 @@ impl ControlPlane {
             let guard = self.group_guard(tenant_id, group).await?;
             let mut counts = self.group_counts(tenant_id, group).await?;
             let mut near = self.affinity_hosts(tenant_id, policy).await?;
+            let mut members = self.partition_members(tenant_id, policy, group).await?;
             let mut chosen: Vec<usize> = Vec::with_capacity(news.len());
-            let mut unplaced: Option<&NewInstance> = None;
+            // The first that fits nowhere, with what it asked for.
+            let mut unplaced: Option<(&NewInstance, Demand)> = None;
             for new in news {
                 let domains = placement::full_domains(
                     policy,
@@ -304,9 +417,13 @@ impl ControlPlane {
                         .iter()
                         .filter_map(|(h, n)| Some((&fleet.hosts[fleet.index_of(h)?].labels, *n))),
                 );
+                let partition = Self::partition_demand(policy, &new.tags, &members, |h| {
+                    fleet.index_of(h).map(|i| &fleet.hosts[i].labels)
+                });
                 let demand = Demand {
                     full_domains: domains,
                     affinity_hosts: near.clone(),
+                    partition,
                     ..demand.clone()
                 };
                 let count_of = |i: usize| counts.get(&fleet.hosts[i].name).copied().unwrap_or(0);
@@ -320,16 +437,19 @@ impl ControlPlane {
                                 hosts.insert(name.clone());
                             }
                         }
+                        if let Some(p) = &demand.partition {
+                            members.push((name.clone(), p.mine, true));
+                        }
                         *counts.entry(name).or_default() += 1;
                         chosen.push(i);
                     }
                     None => {
-                        unplaced = Some(new);
+                        unplaced = Some((new, demand));
                         break;
                     }
                 }
             }
-            if let Some(new) = unplaced {
+            if let Some((new, failed)) = unplaced {
                 let explanation = {
                     let views: Vec<HostView> = fleet
                         .hosts
@@ -339,15 +459,7 @@ impl ControlPlane {
                             ..h.clone()
                         })
                         .collect();
-                    let demand = Demand {
-                        full_domains: placement::full_domains(
-                            policy,
-                            views.iter().map(|v| (&v.labels, v.group_count)),
-                        ),
-                        affinity_hosts: near.clone(),
-                        ..demand.clone()
-                    };
-                    placement::explain(&views, &demand, policy)
+                    placement::explain(&views, &failed, policy)
                 };
                 for &i in &chosen {
                     fleet.remove_usage(i, demand);
@@ -503,6 +615,12 @@ impl ControlPlane {
         let group = Self::group_of(policy, &inst.tags);
         for _ in 0..PLACEMENT_ATTEMPTS {
             let (mut views, versions) = self.host_views(&inst.tenant_id, group).await?;
+            let members = self
+                .partition_members(&inst.tenant_id, policy, group)
+                .await?;
+            let partition = Self::partition_demand(policy, &inst.tags, &members, |h| {
+                views.iter().find(|v| v.name == h).map(|v| &v.labels)
+            });
             for v in &mut views {
                 if v.name == from {
                     v.group_count = v.group_count.saturating_sub(1);
@@ -517,6 +635,7 @@ impl ControlPlane {
                     views.iter().map(|v| (&v.labels, v.group_count)),
                 ),
                 affinity_hosts: self.affinity_hosts(&inst.tenant_id, policy).await?,
+                partition,
                 ..Demand::new(inst.vcpus, inst.memory_mib).with_disk(inst.disk_mib)
             };
             let Some(chosen) = placement::choose(&views, &demand, policy) else {
@@ -541,7 +660,7 @@ impl ControlPlane {
     }
 
     /// The cached fleet is reread before the next placement.
-    pub(super) async fn fleet_changed(&self) {
+    pub(crate) async fn fleet_changed(&self) {
         self.inner.fleet.lock().await.mark_stale();
     }
 }

@@ -32,7 +32,8 @@ impl ControlPlane {
                 format!("snapshot {:?} already exists", req.name),
             ));
         }
-        let (agent, vm) = self.exec_target(caller, tenant, instance).await?;
+        let agent = self.agent_of_instance(&inst).await?;
+        let vm = inst.id.clone();
         let id = crate::store::new_id("s");
         let created = self
             .agents()
@@ -111,6 +112,13 @@ impl ControlPlane {
         name: &str,
     ) -> ControlResult<()> {
         let snap = self.snapshot(caller, tenant, name).await?;
+        let waiting = self.store().unmade_from_snapshot(&snap.id).await?;
+        if !waiting.is_empty() {
+            return Err(ControlError::conflict(format!(
+                "snapshot {name:?} is needed by instances not made yet: {}",
+                waiting.join(", ")
+            )));
+        }
         let host = self.store().host(&snap.host).await?;
         if let Some(host) = host {
             self.agents()

@@ -249,19 +249,22 @@ impl Store {
         let Some(mut h) = row.as_ref().map(host).transpose()? else {
             return Ok(None);
         };
-        let usage = sqlx::query(
-            "SELECT CAST(COALESCE(SUM(vcpus), 0) AS BIGINT) AS v,
-                    CAST(COALESCE(SUM(memory_mib), 0) AS BIGINT) AS m,
-                    CAST(COALESCE(SUM(disk_mib), 0) AS BIGINT) AS d, COUNT(*) AS n
-             FROM instances WHERE host = $1",
-        )
-        .bind(name)
-        .fetch_one(self.pool())
-        .await?;
-        h.used_vcpus = usage.try_get::<i64, _>("v")? as u64;
-        h.used_memory_mib = usage.try_get::<i64, _>("m")? as u64;
-        h.used_disk_mib = usage.try_get::<i64, _>("d")? as u64;
-        h.instances = usage.try_get::<i64, _>("n")? as u64;
+        // Its instances, and those being moved to it (as `list_hosts`).
+        for column in ["host", "migrating_to"] {
+            let usage = sqlx::query(&format!(
+                "SELECT CAST(COALESCE(SUM(vcpus), 0) AS BIGINT) AS v,
+                        CAST(COALESCE(SUM(memory_mib), 0) AS BIGINT) AS m,
+                        CAST(COALESCE(SUM(disk_mib), 0) AS BIGINT) AS d, COUNT(*) AS n
+                 FROM instances WHERE {column} = $1"
+            ))
+            .bind(name)
+            .fetch_one(self.pool())
+            .await?;
+            h.used_vcpus += usage.try_get::<i64, _>("v")? as u64;
+            h.used_memory_mib += usage.try_get::<i64, _>("m")? as u64;
+            h.used_disk_mib += usage.try_get::<i64, _>("d")? as u64;
+            h.instances += usage.try_get::<i64, _>("n")? as u64;
+        }
         Ok(Some(h))
     }
 

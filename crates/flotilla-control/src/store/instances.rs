@@ -650,4 +650,41 @@ impl Store {
         }
         Ok(counts)
     }
+    /// The group's instances that carry a partition (tag `partition_tag`),
+    /// as (host, partition, where it is rather than where it moves to):
+    /// each on its host and on the host it is moving to.
+    pub async fn group_partitions(
+        &self,
+        tenant_id: &str,
+        key: &str,
+        value: &str,
+        partition_tag: &str,
+    ) -> StoreResult<Vec<(String, u32, bool)>> {
+        let rows = sqlx::query(
+            "SELECT i.host AS host, i.migrating_to AS moving, p.value AS partition
+             FROM instance_tags t
+             JOIN instances i ON i.id = t.instance_id
+             JOIN instance_tags p ON p.instance_id = i.id AND p.key = $4
+             WHERE t.key = $1 AND t.value = $2 AND i.tenant_id = $3
+               AND i.desired <> 'terminated'",
+        )
+        .bind(key)
+        .bind(value)
+        .bind(tenant_id)
+        .bind(partition_tag)
+        .fetch_all(self.pool())
+        .await?;
+        let mut members = Vec::new();
+        for r in &rows {
+            let Ok(partition) = r.try_get::<String, _>("partition")?.parse::<u32>() else {
+                continue;
+            };
+            for (column, home) in [("host", true), ("moving", false)] {
+                if let Some(host) = r.try_get::<Option<String>, _>(column)? {
+                    members.push((host, partition, home));
+                }
+            }
+        }
+        Ok(members)
+    }
 }

@@ -106,6 +106,18 @@ impl Store {
         rows.iter().map(snapshot).collect()
     }
 
+    /// Instances to start from snapshot `id` that their hosts have not
+    /// made yet (those made hold the snapshot on their host themselves).
+    pub async fn unmade_from_snapshot(&self, id: &str) -> StoreResult<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT name FROM instances WHERE from_snapshot = $1 AND observed = 'pending'
+             ORDER BY name",
+        )
+        .bind(id)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
     pub async fn delete_snapshot(&self, id: &str) -> StoreResult<bool> {
         let done = sqlx::query("DELETE FROM snapshots WHERE id = $1")
             .bind(id)
