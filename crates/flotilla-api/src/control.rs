@@ -237,8 +237,18 @@ pub struct Snapshot {
     pub image: Option<String>,
     pub vcpus: u32,
     pub memory_mib: u64,
+    /// `ready`, or `creating` while its host makes it (one whose host did
+    /// not answer stays so until removed).
+    pub state: SnapshotState,
     /// RFC 3339.
     pub created_at: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotState {
+    Creating,
+    Ready,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

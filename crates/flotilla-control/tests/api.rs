@@ -954,6 +954,77 @@ async fn partition_groups_keep_partitions_on_their_own_racks() {
     assert!(message(&b).contains("this is partition 4"), "{b}");
 }
 
+/// A snapshot whose host does not answer stays `creating`: listed, never
+/// started from, and its name stays taken.
+#[tokio::test]
+async fn a_snapshot_whose_host_does_not_answer_stays_creating() {
+    let api = Api::start().await;
+    let beat = json!({
+        "endpoint": "http://127.0.0.1:9",
+        "capacity": {"vcpus": 8, "memory_mib": 8192},
+    });
+    let (s, _) = api
+        .call("POST", "/v1/hosts/h1/heartbeat", Some(ADMIN), Some(beat))
+        .await;
+    assert_eq!(s, 200);
+    let acme = api.tenant("acme").await;
+    let (s, b) = api
+        .call(
+            "POST",
+            "/v1/instances",
+            Some(&acme),
+            Some(json!({"name": "src"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    let (s, b) = api
+        .call(
+            "POST",
+            "/v1/instances/src/snapshots",
+            Some(&acme),
+            Some(json!({"name": "gold"})),
+        )
+        .await;
+    assert_eq!(s, 503, "{b}");
+    assert!(
+        b["error"]["hint"]
+            .as_str()
+            .unwrap_or("")
+            .contains("stays creating"),
+        "{b}"
+    );
+    let (_, list) = api.call("GET", "/v1/snapshots", Some(&acme), None).await;
+    assert_eq!(list[0]["state"], "creating", "{list}");
+    let (s, b) = api
+        .call(
+            "POST",
+            "/v1/instances",
+            Some(&acme),
+            Some(json!({"name": "copy", "from_snapshot": "gold"})),
+        )
+        .await;
+    assert_eq!(s, 409, "{b}");
+    assert!(message(&b).contains("still being taken"), "{b}");
+    let (s, b) = api
+        .call(
+            "POST",
+            "/v1/instances/src/snapshots",
+            Some(&acme),
+            Some(json!({"name": "gold"})),
+        )
+        .await;
+    assert_eq!(s, 409, "the name is taken: {b}");
+    let (s, b) = api
+        .call(
+            "POST",
+            "/v1/instances/src/snapshots",
+            Some(&acme),
+            Some(json!({"name": "Bad Name"})),
+        )
+        .await;
+    assert_eq!(s, 400, "{b}");
+}
+
 /// Hosts' traits (found by agents or given by operators) steer placement:
 /// required or forbidden, per policy or request; bad names are refused.
 #[tokio::test]

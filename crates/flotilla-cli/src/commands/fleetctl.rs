@@ -641,6 +641,10 @@ async fn snapshot_command(
             .map(|s| {
                 vec![
                     s.name.clone(),
+                    serde_json::to_value(s.state)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default(),
                     s.instance.clone(),
                     s.host.clone(),
                     s.vcpus.to_string(),
@@ -650,7 +654,9 @@ async fn snapshot_command(
             })
             .collect::<Vec<_>>();
         output::table(
-            &["NAME", "INSTANCE", "HOST", "VCPUS", "MEM MiB", "CREATED"],
+            &[
+                "NAME", "STATE", "INSTANCE", "HOST", "VCPUS", "MEM MiB", "CREATED",
+            ],
             &rows,
         );
     };

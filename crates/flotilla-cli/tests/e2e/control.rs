@@ -984,6 +984,7 @@ fn snapshots_are_tenant_resources_and_instances_start_from_them() {
         (snap["name"].as_str(), snap["host"].as_str()),
         (Some("gold"), Some(home.as_str()))
     );
+    assert_eq!(snap["state"], "ready", "{snap}");
     let (s, b) = cp.api(
         "POST",
         "/v1/instances/src/snapshots",

@@ -3,7 +3,7 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use flotilla_api::control::{
-    Host, HostDisk, HostState, Instance, Operation, Policy, Snapshot, Tenant,
+    Host, HostDisk, HostState, Instance, Operation, Policy, Snapshot, SnapshotState, Tenant,
 };
 use flotilla_api::Resources;
 
@@ -104,6 +104,11 @@ pub fn policy(p: PolicyRow) -> Policy {
 
 pub fn snapshot(s: SnapshotRow) -> Snapshot {
     Snapshot {
+        state: if s.ready() {
+            SnapshotState::Ready
+        } else {
+            SnapshotState::Creating
+        },
         id: s.id,
         name: s.name,
         tenant: s.tenant_id,

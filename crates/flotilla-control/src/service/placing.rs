@@ -218,6 +218,11 @@ impl ControlPlane {
             .snapshot_by_name(tenant_id, name)
             .await?
             .ok_or_else(|| ControlError::not_found(format!("no snapshot {name:?}")))?;
+        if !snap.ready() {
+            return Err(ControlError::conflict(format!(
+                "snapshot {name:?} is still being taken (or its host never answered)"
+            )));
+        }
         Ok(RunShape {
             image: snap.image.clone(),
             demand: Demand {

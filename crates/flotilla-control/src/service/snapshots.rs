@@ -9,9 +9,12 @@ use super::*;
 use crate::store::SnapshotRow;
 
 impl ControlPlane {
-    /// Takes a snapshot of the caller's instance on its host. The record is
-    /// written once the agent has the snapshot, so a listed snapshot always
-    /// exists; an agent that fails leaves nothing recorded.
+    /// Takes a snapshot of the caller's instance on its host. The record
+    /// comes first, as `creating` (it claims the name and names what the
+    /// agent makes, so nothing is ever made that no record tracks); it is
+    /// `ready` once the agent has the snapshot, and goes if the agent says
+    /// no. An agent that does not answer leaves it `creating`: never used,
+    /// removed once its agent answers again.
     pub async fn create_snapshot(
         &self,
         caller: &Caller,
@@ -21,56 +24,54 @@ impl ControlPlane {
     ) -> ControlResult<SnapshotRow> {
         check_name("snapshot", &req.name)?;
         let inst = self.instance(caller, tenant, instance).await?;
-        if self
-            .store()
-            .snapshot_by_name(&inst.tenant_id, &req.name)
-            .await?
-            .is_some()
-        {
-            return Err(ControlError::new(
-                ErrorCode::AlreadyExists,
-                format!("snapshot {:?} already exists", req.name),
-            ));
-        }
         let agent = self.agent_of_instance(&inst).await?;
-        let vm = inst.id.clone();
-        let id = crate::store::new_id("s");
-        let created = self
-            .agents()
-            .create_snapshot(
-                &agent,
-                &flotilla_api::CreateSnapshotRequest {
-                    vm,
-                    name: id.clone(),
-                },
-            )
-            .await
-            .map_err(|e| {
-                ControlError::conflict(format!("snapshot of instance {instance:?}: {e}"))
-            })?;
-        let row = SnapshotRow {
-            id,
+        let mut row = SnapshotRow {
+            id: crate::store::new_id("s"),
             tenant_id: inst.tenant_id.clone(),
             name: req.name.clone(),
             host: inst.host.clone().unwrap_or_default(),
             instance_name: inst.name.clone(),
-            layer: created.snapshot.id,
+            layer: String::new(),
             image: inst.image.clone(),
             vcpus: inst.vcpus,
             memory_mib: inst.memory_mib,
             disk_mib: inst.disk_mib,
             created_at: crate::store::now_ms(),
         };
-        if let Err(e) = self.store().insert_snapshot(&row).await {
-            // Another request took the name meanwhile: this one goes.
-            let _ = self.agents().delete_snapshot(&agent, &row.id).await;
-            return Err(match e {
+        self.store()
+            .insert_snapshot(&row)
+            .await
+            .map_err(|e| match e {
                 StoreError::Duplicate(what) => {
                     ControlError::new(ErrorCode::AlreadyExists, format!("{what} already exists"))
                 }
                 other => other.into(),
-            });
-        }
+            })?;
+        let request = flotilla_api::CreateSnapshotRequest {
+            vm: inst.id.clone(),
+            name: row.id.clone(),
+        };
+        let created = match self.agents().create_snapshot(&agent, &request).await {
+            Ok(created) => created,
+            Err(e) if e.is_refusal() => {
+                self.store().delete_snapshot(&row.id).await?;
+                return Err(ControlError::conflict(format!(
+                    "snapshot of instance {instance:?}: {e}"
+                )));
+            }
+            Err(e) => {
+                return Err(ControlError::new(
+                    ErrorCode::Unavailable,
+                    format!("snapshot of instance {instance:?}: {e}"),
+                )
+                .with_hint(format!(
+                    "snapshot {:?} stays creating; remove it (instance snapshot rm) once its host answers",
+                    row.name
+                )))
+            }
+        };
+        row.layer = created.snapshot.id;
+        self.store().snapshot_ready(&row.id, &row.layer).await?;
         tracing::info!(snapshot = %row.name, instance, host = %row.host, "snapshot taken");
         Ok(row)
     }

@@ -17,13 +17,21 @@ pub struct SnapshotRow {
     pub host: String,
     /// The instance it was taken of (its name then).
     pub instance_name: String,
-    /// The agent's layer id.
+    /// The agent's layer id; empty while the agent is making it.
     pub layer: String,
     pub image: Option<String>,
     pub vcpus: u32,
     pub memory_mib: u64,
     pub disk_mib: u64,
     pub created_at: i64,
+}
+
+impl SnapshotRow {
+    /// Made by its agent (not still being made, or lost with an agent that
+    /// did not answer).
+    pub fn ready(&self) -> bool {
+        !self.layer.is_empty()
+    }
 }
 
 const COLUMNS: &str = "id, tenant_id, name, host, instance_name, layer, image, vcpus, \
@@ -104,6 +112,16 @@ impl Store {
             }
         };
         rows.iter().map(snapshot).collect()
+    }
+
+    /// Records the layer of a snapshot its agent has made: it is ready.
+    pub async fn snapshot_ready(&self, id: &str, layer: &str) -> StoreResult<()> {
+        sqlx::query("UPDATE snapshots SET layer = $1 WHERE id = $2")
+            .bind(layer)
+            .bind(id)
+            .execute(self.pool())
+            .await?;
+        Ok(())
     }
 
     /// Instances to start from snapshot `id` that their hosts have not
