@@ -1045,3 +1045,60 @@ fn snapshots_are_tenant_resources_and_instances_start_from_them() {
     let (_, list) = cp.api("GET", "/v1/snapshots", Some(&acme), None);
     assert_eq!(list, json!([]));
 }
+
+/// Drift: an instance whose VM its host no longer has is made again; a VM
+/// the control plane made whose instance is gone is removed; a VM made on
+/// the host directly is left alone.
+#[test]
+fn missing_vms_are_made_again_and_orphans_removed() {
+    let cp = ControlPlaneProcess::start().expect("control plane");
+    let h1 = host(&cp, "h1", "z1");
+    let (_, acme) = hosts_up_and_tenant(&cp, 1);
+    let (s, b) = cp.api(
+        "POST",
+        "/v1/instances",
+        Some(&acme),
+        Some(json!({"name": "web"})),
+    );
+    assert_eq!(s, 201, "{b}");
+    let id = b["instances"][0]["id"].as_str().unwrap().to_string();
+    let op = wait_op(&cp, &acme, b["operation"].as_str().unwrap());
+    assert_eq!(op["state"], "succeeded", "{op:#}");
+    for name in ["i-0123456789abcdef", "by-hand"] {
+        let (s, b) = h1.api(
+            "POST",
+            "/v1/vms",
+            Some(json!({"name": name, "start": false})),
+        );
+        assert_eq!(s, 201, "{b}");
+    }
+    let (s, b) = h1.api("DELETE", &format!("/v1/vms/{id}?force=true"), None);
+    assert!(s < 300, "{s} {b}");
+    let names = || -> Vec<String> {
+        let (_, b) = h1.api("GET", "/v1/vms", None);
+        b.as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|v| v["name"].as_str().map(str::to_string))
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let now = names();
+        let (_, inst) = cp.api("GET", "/v1/instances/web", Some(&acme), None);
+        let settled = now.contains(&id)
+            && !now.iter().any(|n| n == "i-0123456789abcdef")
+            && inst["observed"] == "running";
+        if settled {
+            assert!(now.iter().any(|n| n == "by-hand"), "{now:?}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not settled: {now:?} {inst:#}\n{}",
+            cp.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}

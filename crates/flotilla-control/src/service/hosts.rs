@@ -78,7 +78,10 @@ impl ControlPlane {
         let reported: BTreeMap<&str, _> = beat.vms.iter().map(|v| (v.name.as_str(), v)).collect();
         // Moves whose workflow ended without recording where the VM went
         // (an attempt that gave up): this host runs it now.
-        for inst in self.store().instances_moving_to(host).await? {
+        let moving_here = self.store().instances_moving_to(host).await?;
+        let mut known: std::collections::HashSet<String> =
+            moving_here.iter().map(|i| i.id.clone()).collect();
+        for inst in moving_here {
             let arrived = reported
                 .get(inst.id.as_str())
                 .is_some_and(|vm| !matches!(vm.state, VmState::Incoming | VmState::Creating));
@@ -88,6 +91,7 @@ impl ControlPlane {
             }
         }
         for inst in self.store().instances_on_host(host).await? {
+            known.insert(inst.id.clone());
             if inst.desired == DesiredState::Terminated {
                 self.finish_termination(&inst, reported.contains_key(inst.id.as_str()))
                     .await?;
@@ -114,7 +118,10 @@ impl ControlPlane {
                 None if inst.migrating_to.is_some() => continue,
                 // Just made: the heartbeat may have been composed before.
                 None if now_ms() - inst.updated_at < RECENT_MS => continue,
-                None => ObservedState::Unknown,
+                None => {
+                    self.recreate_if_missing(&inst).await?;
+                    ObservedState::Unknown
+                }
             };
             let mut ip = reported
                 .get(inst.id.as_str())
@@ -133,6 +140,66 @@ impl ControlPlane {
                     .await?;
             }
             self.restart_if_down(&inst, observed).await?;
+        }
+        self.remove_orphans(host, beat, &known).await
+    }
+
+    /// Desired running, and its host (up: it heartbeats) no longer has its
+    /// VM at all (removed on the agent directly, say) for a while: made
+    /// again, from its image or snapshot, by a run operation.
+    async fn recreate_if_missing(&self, inst: &InstanceRow) -> ControlResult<()> {
+        if inst.desired != DesiredState::Running
+            || inst.observed != ObservedState::Unknown
+            || inst.migrating_to.is_some()
+            || now_ms() - inst.updated_at < RESTART_AFTER_MS
+            || self.operation_running(inst).await?
+        {
+            return Ok(());
+        }
+        tracing::warn!(instance = %inst.name, host = ?inst.host, "its host has no VM for it: making it again");
+        let made = self
+            .begin_operation(
+                Some(&inst.tenant_id),
+                &new_id("op"),
+                OperationInput::Run,
+                vec![inst.id.clone()],
+                DesiredState::Running,
+            )
+            .await;
+        if let Err(e) = made {
+            tracing::info!(instance = %inst.name, error = %e, "not made again");
+        }
+        Ok(())
+    }
+
+    /// VMs the control plane made (named by an instance id) whose instance
+    /// is gone from the store (terminated while the host was away, say):
+    /// removed from the host. VMs made on the host directly are its own.
+    async fn remove_orphans(
+        &self,
+        host: &str,
+        beat: &HostHeartbeat,
+        known: &std::collections::HashSet<String>,
+    ) -> ControlResult<()> {
+        for vm in &beat.vms {
+            if !is_instance_id(&vm.name)
+                || known.contains(&vm.name)
+                || matches!(vm.state, VmState::Incoming | VmState::Creating)
+                || self.store().instance(&vm.name).await?.is_some()
+            {
+                continue;
+            }
+            let Some(row) = self.store().host(host).await? else {
+                return Ok(());
+            };
+            tracing::warn!(host, vm = %vm.name, "a VM of no instance: removing it");
+            let (cp, name) = (self.clone(), vm.name.clone());
+            tokio::spawn(async move {
+                let agent = crate::agents::AgentAddr::from(&row);
+                if let Err(e) = cp.agents().delete_vm(&agent, &name).await {
+                    tracing::warn!(vm = %name, error = %e, "could not remove the orphaned VM");
+                }
+            });
         }
         Ok(())
     }
@@ -300,4 +367,22 @@ fn disk_moved(known: &crate::store::HostRow, now: Option<flotilla_api::DiskSpace
     let free_before = known.disk_free_mib.unwrap_or(0);
     known.disk_mib != now.capacity_mib
         || free_before.abs_diff(now.free_mib) >= (now.capacity_mib / 10).max(1024)
+}
+
+/// Whether `name` is an instance id (`i-` and 16 hex digits): the names the
+/// control plane gives the VMs it makes.
+fn is_instance_id(name: &str) -> bool {
+    name.strip_prefix("i-")
+        .is_some_and(|hex| hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn instance_ids_are_told_from_other_names() {
+        assert!(super::is_instance_id("i-0123456789abcdef"));
+        assert!(!super::is_instance_id("i-0123"));
+        assert!(!super::is_instance_id("web-1"));
+        assert!(!super::is_instance_id("i-0123456789abcdeg"));
+    }
 }
