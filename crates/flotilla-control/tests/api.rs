@@ -459,6 +459,44 @@ async fn idempotency_keys_and_pages() {
         names,
         ["batch-1", "batch-2", "batch-3", "batch-4", "batch-5"]
     );
+    // Clones take keys too; a key names one request of one kind.
+    let clone = json!({"name": "copy"});
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        let (s, b) = api
+            .call_with(
+                "POST",
+                "/v1/instances/batch-1/clone",
+                Some(&acme),
+                Some(clone.clone()),
+                Some("c1"),
+            )
+            .await;
+        assert_eq!(s, 201, "{b}");
+        answers.push(b);
+    }
+    assert_eq!(answers[0], answers[1], "one clone, the same answer");
+    let (s, b) = api
+        .call_with(
+            "POST",
+            "/v1/instances/batch-2/clone",
+            Some(&acme),
+            Some(clone),
+            Some("c1"),
+        )
+        .await;
+    assert_eq!(s, 409, "another source is another request: {b}");
+    let (s, b) = api
+        .call_with(
+            "POST",
+            "/v1/instances/batch-1/clone",
+            Some(&acme),
+            Some(json!({"name": "copy-2"})),
+            Some("k1"),
+        )
+        .await;
+    assert_eq!(s, 409, "{b}");
+    assert!(message(&b).contains("different request"), "{b}");
 }
 
 /// A 1-vCPU instance `i-NAME` of tenant `t-1`, as the store records it.

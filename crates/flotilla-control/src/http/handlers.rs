@@ -244,6 +244,31 @@ pub async fn run_instances(
 ) -> ApiResult<Response> {
     let q = query(q)?;
     let req = body(req)?;
+    let tenant = q.tenant.as_deref();
+    idempotent(&cp, &caller, tenant, &headers, "", &req, || {
+        run(&cp, &caller, tenant, &req)
+    })
+    .await
+}
+
+/// Answers a create once per `Idempotency-Key` (if the request has one):
+/// the same key with the same request gets the first answer again, with
+/// another request a 409. `what` tells creates of different kinds apart
+/// (empty for runs, as keys were stored before there were others).
+async fn idempotent<Req, Res, Fut>(
+    cp: &ControlPlane,
+    caller: &Caller,
+    tenant: Option<&str>,
+    headers: &HeaderMap,
+    what: &str,
+    req: &Req,
+    make: impl FnOnce() -> Fut,
+) -> ApiResult<Response>
+where
+    Req: serde::Serialize,
+    Res: serde::Serialize,
+    Fut: std::future::Future<Output = ApiResult<Res>>,
+{
     let key = match headers.get(IDEMPOTENCY_HEADER) {
         None => None,
         Some(v) => Some(
@@ -253,7 +278,7 @@ pub async fn run_instances(
         ),
     };
     let Some(key) = key else {
-        let result = run(&cp, &caller, q.tenant.as_deref(), &req).await?;
+        let result = make().await?;
         return Ok((StatusCode::CREATED, Json(result)).into_response());
     };
     if key.is_empty() || key.len() > 200 {
@@ -261,8 +286,10 @@ pub async fn run_instances(
     }
     // Keys live in the tenant the call acts for (checked first: a token
     // that acts for no tenant reaches no tenant's keys).
-    let scope = cp.tenant_of(&caller, q.tenant.as_deref())?;
-    let hash = hex::encode(Sha256::digest(serde_json::to_vec(&req).unwrap_or_default()));
+    let scope = cp.tenant_of(caller, tenant)?;
+    let mut hashed = what.as_bytes().to_vec();
+    hashed.extend(serde_json::to_vec(req).unwrap_or_default());
+    let hash = hex::encode(Sha256::digest(&hashed));
     let store = cp.store();
     if !store
         .reserve_idempotency_key(&scope, &key, &hash)
@@ -295,7 +322,7 @@ pub async fn run_instances(
         let body: serde_json::Value = serde_json::from_str(&response).unwrap_or_default();
         return Ok((status, Json(body)).into_response());
     }
-    match run(&cp, &caller, q.tenant.as_deref(), &req).await {
+    match make().await {
         Ok(result) => {
             let text = serde_json::to_string(&result).unwrap_or_default();
             store
@@ -490,20 +517,25 @@ pub async fn resume_instance(
 // ---- snapshots ----
 
 #[utoipa::path(post, path = "/v1/instances/{name}/snapshots", request_body = CreateSnapshotRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "the same key gets the first answer again")),
     responses((status = 201, body = Snapshot), (status = 409, body = flotilla_api::ErrorBody)))]
 pub async fn create_snapshot(
     State(cp): State<ControlPlane>,
     caller: Caller,
+    headers: HeaderMap,
     Path(name): Path<String>,
     q: Result<Query<TenantQuery>, QueryRejection>,
     req: Result<Json<CreateSnapshotRequest>, JsonRejection>,
-) -> ApiResult<(StatusCode, Json<Snapshot>)> {
+) -> ApiResult<Response> {
     let q = query(q)?;
     let req = body(req)?;
-    let snap = cp
-        .create_snapshot(&caller, q.tenant.as_deref(), &name, &req)
-        .await?;
-    Ok((StatusCode::CREATED, Json(convert::snapshot(snap))))
+    let tenant = q.tenant.as_deref();
+    let what = format!("snapshot {name}");
+    idempotent(&cp, &caller, tenant, &headers, &what, &req, || async {
+        let snap = cp.create_snapshot(&caller, tenant, &name, &req).await?;
+        Ok(convert::snapshot(snap))
+    })
+    .await
 }
 
 #[utoipa::path(get, path = "/v1/snapshots", params(("tenant" = Option<String>, Query)),
@@ -546,26 +578,28 @@ pub async fn delete_snapshot(
 }
 
 #[utoipa::path(post, path = "/v1/instances/{name}/clone", request_body = CloneInstanceRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "the same key gets the first answer again")),
     responses((status = 201, body = RunInstancesResult), (status = 409, body = flotilla_api::ErrorBody)))]
 pub async fn clone_instance(
     State(cp): State<ControlPlane>,
     caller: Caller,
+    headers: HeaderMap,
     Path(name): Path<String>,
     q: Result<Query<TenantQuery>, QueryRejection>,
     req: Result<Json<CloneInstanceRequest>, JsonRejection>,
-) -> ApiResult<(StatusCode, Json<RunInstancesResult>)> {
+) -> ApiResult<Response> {
     let q = query(q)?;
     let req = body(req)?;
-    let (op, inst) = cp
-        .clone_instance(&caller, q.tenant.as_deref(), &name, &req)
-        .await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(RunInstancesResult {
+    let tenant = q.tenant.as_deref();
+    let what = format!("clone {name}");
+    idempotent(&cp, &caller, tenant, &headers, &what, &req, || async {
+        let (op, inst) = cp.clone_instance(&caller, tenant, &name, &req).await?;
+        Ok(RunInstancesResult {
             operation: op.id,
             instances: vec![convert::instance(inst)],
-        }),
-    ))
+        })
+    })
+    .await
 }
 
 async fn fleet(
