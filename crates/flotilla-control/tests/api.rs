@@ -497,6 +497,34 @@ async fn idempotency_keys_and_pages() {
         .await;
     assert_eq!(s, 409, "{b}");
     assert!(message(&b).contains("different request"), "{b}");
+    // Operations come in pages too, newest first: the clone, then the run.
+    let mut kinds = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let path = match &token {
+            Some(t) => format!("/v1/operations?page_size=1&page_token={t}"),
+            None => "/v1/operations?page_size=1".to_string(),
+        };
+        let (s, b) = api.call("GET", &path, Some(&acme), None).await;
+        assert_eq!(s, 200, "{b}");
+        assert!(b["items"].as_array().unwrap().len() <= 1, "{b}");
+        kinds.extend(
+            b["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|o| o["kind"].as_str().unwrap().to_string()),
+        );
+        token = b["next_page_token"].as_str().map(str::to_string);
+        if token.is_none() {
+            break;
+        }
+    }
+    assert_eq!(kinds, ["clone", "run"]);
+    let (s, _) = api
+        .call("GET", "/v1/operations?page_size=0", Some(&acme), None)
+        .await;
+    assert_eq!(s, 400);
 }
 
 /// A 1-vCPU instance `i-NAME` of tenant `t-1`, as the store records it.
@@ -1032,7 +1060,7 @@ async fn a_snapshot_whose_host_does_not_answer_stays_creating() {
         "{b}"
     );
     let (_, list) = api.call("GET", "/v1/snapshots", Some(&acme), None).await;
-    assert_eq!(list[0]["state"], "creating", "{list}");
+    assert_eq!(list["items"][0]["state"], "creating", "{list}");
     let (s, b) = api
         .call(
             "POST",

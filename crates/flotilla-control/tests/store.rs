@@ -474,7 +474,10 @@ async fn operations_leases_and_idempotency_keys() {
             store.operation("op-1").await.unwrap().unwrap().state,
             OperationState::Succeeded
         );
-        assert_eq!(store.list_operations(None, 10).await.unwrap().len(), 1);
+        assert_eq!(
+            store.list_operations(None, None, 10).await.unwrap().len(),
+            1
+        );
 
         assert!(store.reserve_idempotency_key("t", "k", "h1").await.unwrap());
         assert!(!store.reserve_idempotency_key("t", "k", "h1").await.unwrap());
@@ -551,11 +554,25 @@ async fn snapshots_are_named_per_tenant() {
             .insert_snapshot(&snap("s-3", "t-2", "gold"))
             .await
             .unwrap();
-        let mine = store.list_snapshots(Some("t-1")).await.unwrap();
+        let mine = store.list_snapshots(Some("t-1"), None, 100).await.unwrap();
         assert_eq!(mine.len(), 1);
         assert_eq!((mine[0].id.as_str(), mine[0].disk_mib), ("s-1", 2048));
         assert!(mine[0].created_at > 0);
-        assert_eq!(store.list_snapshots(None).await.unwrap().len(), 2);
+        assert_eq!(
+            store.list_snapshots(None, None, 100).await.unwrap().len(),
+            2
+        );
+        // Pages: by name, then id, from after the last of the one before.
+        let first = store.list_snapshots(None, None, 1).await.unwrap();
+        assert_eq!(first[0].id, "s-1");
+        let next = store
+            .list_snapshots(None, Some(("gold", "s-1")), 10)
+            .await
+            .unwrap();
+        assert_eq!(
+            next.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+            ["s-3"]
+        );
         let found = store
             .snapshot_by_name("t-2", "gold")
             .await

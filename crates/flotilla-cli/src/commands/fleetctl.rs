@@ -599,7 +599,8 @@ pub async fn hosts(c: &Client, json: bool, cmd: HostsCommand) -> anyhow::Result<
 pub async fn op(c: &Client, json: bool, cmd: OpCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         OpCommand::Ls { limit } => {
-            let ops: Vec<Operation> = c.get(&format!("/v1/operations?limit={limit}")).await?;
+            let page: Page<Operation> = c.get(&format!("/v1/operations?page_size={limit}")).await?;
+            let ops = page.items;
             if json {
                 output::json(&ops)?;
             } else {
@@ -674,7 +675,20 @@ async fn snapshot_command(
             }
         }
         InstanceSnapshotCommand::Ls => {
-            let list: Vec<Snapshot> = c.get("/v1/snapshots").await?;
+            let mut list: Vec<Snapshot> = Vec::new();
+            let mut token: Option<String> = None;
+            loop {
+                let path = match &token {
+                    Some(t) => format!("/v1/snapshots?page_token={}", encode(t)),
+                    None => "/v1/snapshots".to_string(),
+                };
+                let page: Page<Snapshot> = c.get(&path).await?;
+                list.extend(page.items);
+                token = page.next_page_token;
+                if token.is_none() {
+                    break;
+                }
+            }
             if json {
                 output::json(&list)?;
             } else {

@@ -732,7 +732,8 @@ fn instances_live_migrate_and_a_drain_empties_a_host() {
     });
     let (_, ops) = cp.api("GET", "/v1/operations", Some(&acme), None);
     assert!(
-        ops.as_array()
+        ops["items"]
+            .as_array()
             .is_some_and(|a| a.iter().any(|o| o["kind"] == "start")),
         "{ops:#}"
     );
@@ -996,7 +997,7 @@ fn snapshots_are_tenant_resources_and_instances_start_from_them() {
     let (s, _) = cp.api("GET", "/v1/snapshots/gold", Some(&other), None);
     assert_eq!(s, 404);
     let (_, list) = cp.api("GET", "/v1/snapshots", Some(&other), None);
-    assert_eq!(list, json!([]));
+    assert_eq!(list["items"], json!([]));
     let (s, b) = cp.api(
         "POST",
         "/v1/instances",
@@ -1043,7 +1044,7 @@ fn snapshots_are_tenant_resources_and_instances_start_from_them() {
     let (ok, out, err) = cli(&cp, &acme, &["instance", "snapshot", "rm", "gold"]);
     assert!(ok, "{out} {err}");
     let (_, list) = cp.api("GET", "/v1/snapshots", Some(&acme), None);
-    assert_eq!(list, json!([]));
+    assert_eq!(list["items"], json!([]));
 }
 
 /// Drift: an instance whose VM its host no longer has is made again; a VM

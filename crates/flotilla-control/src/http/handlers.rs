@@ -538,16 +538,49 @@ pub async fn create_snapshot(
     .await
 }
 
-#[utoipa::path(get, path = "/v1/snapshots", params(("tenant" = Option<String>, Query)),
-    responses((status = 200, body = Vec<Snapshot>)))]
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotsQuery {
+    #[serde(default)]
+    tenant: Option<String>,
+    #[serde(default)]
+    page_size: Option<u32>,
+    #[serde(default)]
+    page_token: Option<String>,
+}
+
+#[utoipa::path(get, path = "/v1/snapshots",
+    params(("tenant" = Option<String>, Query),
+           ("page_size" = Option<u32>, Query, description = "by name; 1 to 1000, default 100"),
+           ("page_token" = Option<String>, Query)),
+    responses((status = 200, body = Page<Snapshot>)))]
 pub async fn list_snapshots(
     State(cp): State<ControlPlane>,
     caller: Caller,
-    q: Result<Query<TenantQuery>, QueryRejection>,
-) -> ApiResult<Json<Vec<Snapshot>>> {
+    q: Result<Query<SnapshotsQuery>, QueryRejection>,
+) -> ApiResult<Json<Page<Snapshot>>> {
     let q = query(q)?;
-    let list = cp.list_snapshots(&caller, q.tenant.as_deref()).await?;
-    Ok(Json(list.into_iter().map(convert::snapshot).collect()))
+    let size = page_size(q.page_size)?;
+    let after = match &q.page_token {
+        None => None,
+        Some(t) => Some(
+            t.split_once(':')
+                .ok_or_else(|| ControlError::invalid(format!("invalid page_token {t:?}")))?,
+        ),
+    };
+    let mut list = cp
+        .list_snapshots(&caller, q.tenant.as_deref(), after, size + 1)
+        .await?;
+    let next_page_token = if list.len() > size as usize {
+        list.truncate(size as usize);
+        list.last().map(|s| format!("{}:{}", s.name, s.id))
+    } else {
+        None
+    };
+    Ok(Json(Page {
+        items: list.into_iter().map(convert::snapshot).collect(),
+        next_page_token,
+    }))
 }
 
 #[utoipa::path(get, path = "/v1/snapshots/{name}", responses((status = 200, body = Snapshot),
@@ -747,21 +780,56 @@ pub async fn delete_policy(
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OpsQuery {
+    /// The page size (older name).
     #[serde(default)]
     limit: Option<u32>,
+    #[serde(default)]
+    page_size: Option<u32>,
+    #[serde(default)]
+    page_token: Option<String>,
 }
 
-#[utoipa::path(get, path = "/v1/operations", params(("limit" = Option<u32>, Query, description = "newest first, default 100")),
-    responses((status = 200, body = Vec<Operation>)))]
+/// A page size given, 1 to 1000 (default 100).
+fn page_size(size: Option<u32>) -> ApiResult<u32> {
+    let size = size.unwrap_or(100);
+    if !(1..=1000).contains(&size) {
+        return Err(
+            ControlError::invalid(format!("page_size {size} is out of range (1 to 1000)")).into(),
+        );
+    }
+    Ok(size)
+}
+
+#[utoipa::path(get, path = "/v1/operations",
+    params(("page_size" = Option<u32>, Query, description = "newest first; 1 to 1000, default 100"),
+           ("page_token" = Option<String>, Query)),
+    responses((status = 200, body = Page<Operation>)))]
 pub async fn list_operations(
     State(cp): State<ControlPlane>,
     caller: Caller,
     q: Result<Query<OpsQuery>, QueryRejection>,
-) -> ApiResult<Json<Vec<Operation>>> {
+) -> ApiResult<Json<Page<Operation>>> {
     let q = query(q)?;
-    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-    let ops = cp.list_operations(&caller, limit).await?;
-    Ok(Json(ops.into_iter().map(convert::operation).collect()))
+    let size = page_size(q.page_size.or(q.limit))?;
+    let after = match &q.page_token {
+        None => None,
+        Some(t) => Some(
+            t.split_once(':')
+                .and_then(|(at, id)| Some((at.parse::<i64>().ok()?, id)))
+                .ok_or_else(|| ControlError::invalid(format!("invalid page_token {t:?}")))?,
+        ),
+    };
+    let mut ops = cp.list_operations(&caller, after, size + 1).await?;
+    let next_page_token = if ops.len() > size as usize {
+        ops.truncate(size as usize);
+        ops.last().map(|o| format!("{}:{}", o.created_at, o.id))
+    } else {
+        None
+    };
+    Ok(Json(Page {
+        items: ops.into_iter().map(convert::operation).collect(),
+        next_page_token,
+    }))
 }
 
 #[utoipa::path(get, path = "/v1/operations/{id}", responses((status = 200, body = Operation)))]

@@ -40,6 +40,7 @@ impl ControlPlane {
     pub async fn list_operations(
         &self,
         caller: &Caller,
+        after: Option<(i64, &str)>,
         limit: u32,
     ) -> ControlResult<Vec<OperationRow>> {
         let tenant = if caller.admin {
@@ -47,7 +48,7 @@ impl ControlPlane {
         } else {
             Some(caller.tenant_id.as_deref().ok_or_else(no_tenant)?)
         };
-        Ok(self.store().list_operations(tenant, limit).await?)
+        Ok(self.store().list_operations(tenant, after, limit).await?)
     }
 
     /// Takes over the operations no live replica drives (`all`: every

@@ -95,13 +95,18 @@ impl ControlPlane {
         &self,
         caller: &Caller,
         tenant: Option<&str>,
+        after: Option<(&str, &str)>,
+        limit: u32,
     ) -> ControlResult<Vec<SnapshotRow>> {
         let tenant_id = match (&caller.tenant_id, tenant) {
             (Some(own), _) => Some(own.clone()),
             (None, t) if caller.admin => t.map(str::to_string),
             (None, _) => return Err(no_tenant()),
         };
-        Ok(self.store().list_snapshots(tenant_id.as_deref()).await?)
+        Ok(self
+            .store()
+            .list_snapshots(tenant_id.as_deref(), after, limit)
+            .await?)
     }
 
     /// Removes the snapshot from its host, then its record. Refused (409)

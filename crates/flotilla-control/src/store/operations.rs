@@ -103,29 +103,26 @@ impl Store {
     }
 
     /// Newest first; `tenant_id` None lists every tenant's.
+    /// Operations newest first (of `tenant_id`, or all), from after
+    /// `after` (the `(created_at, id)` of the last one of a page).
     pub async fn list_operations(
         &self,
         tenant_id: Option<&str>,
+        after: Option<(i64, &str)>,
         limit: u32,
     ) -> StoreResult<Vec<OperationRow>> {
-        let rows = match tenant_id {
-            Some(t) => {
-                sqlx::query(&format!(
-                    "SELECT {COLUMNS} FROM operations WHERE tenant_id = $1
-                     ORDER BY created_at DESC, id LIMIT {limit}"
-                ))
-                .bind(t)
-                .fetch_all(self.pool())
-                .await?
-            }
-            None => {
-                sqlx::query(&format!(
-                    "SELECT {COLUMNS} FROM operations ORDER BY created_at DESC, id LIMIT {limit}"
-                ))
-                .fetch_all(self.pool())
-                .await?
-            }
-        };
+        let (at, id) = after.unwrap_or((i64::MAX, ""));
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM operations
+             WHERE ($1 = '' OR tenant_id = $1)
+               AND (created_at < $2 OR (created_at = $2 AND id > $3))
+             ORDER BY created_at DESC, id LIMIT {limit}"
+        ))
+        .bind(tenant_id.unwrap_or(""))
+        .bind(at)
+        .bind(id)
+        .fetch_all(self.pool())
+        .await?;
         rows.iter().map(operation).collect()
     }
 

@@ -92,25 +92,25 @@ impl Store {
         row.as_ref().map(snapshot).transpose()
     }
 
-    /// The tenant's snapshots (every tenant's with `None`), by name.
-    pub async fn list_snapshots(&self, tenant_id: Option<&str>) -> StoreResult<Vec<SnapshotRow>> {
-        let rows = match tenant_id {
-            Some(t) => {
-                sqlx::query(&format!(
-                    "SELECT {COLUMNS} FROM snapshots WHERE tenant_id = $1 ORDER BY name"
-                ))
-                .bind(t)
-                .fetch_all(self.pool())
-                .await?
-            }
-            None => {
-                sqlx::query(&format!(
-                    "SELECT {COLUMNS} FROM snapshots ORDER BY tenant_id, name"
-                ))
-                .fetch_all(self.pool())
-                .await?
-            }
-        };
+    /// The tenant's snapshots (every tenant's with `None`) by name, then
+    /// id, from after `after` (the `(name, id)` of the last of a page).
+    pub async fn list_snapshots(
+        &self,
+        tenant_id: Option<&str>,
+        after: Option<(&str, &str)>,
+        limit: u32,
+    ) -> StoreResult<Vec<SnapshotRow>> {
+        let (name, id) = after.unwrap_or(("", ""));
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM snapshots
+             WHERE ($1 = '' OR tenant_id = $1) AND (name > $2 OR (name = $2 AND id > $3))
+             ORDER BY name, id LIMIT {limit}"
+        ))
+        .bind(tenant_id.unwrap_or(""))
+        .bind(name)
+        .bind(id)
+        .fetch_all(self.pool())
+        .await?;
         rows.iter().map(snapshot).collect()
     }
 
