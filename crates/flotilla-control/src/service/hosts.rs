@@ -146,7 +146,9 @@ impl ControlPlane {
 
     /// Desired running, and its host (up: it heartbeats) no longer has its
     /// VM at all (removed on the agent directly, say) for a while: made
-    /// again, from its image or snapshot, by a run operation.
+    /// again, from its image or snapshot, by a run operation. Not after a
+    /// run that failed (its image or snapshot gone, say): that waits for
+    /// the user, rather than failing again every few seconds.
     async fn recreate_if_missing(&self, inst: &InstanceRow) -> ControlResult<()> {
         if inst.desired != DesiredState::Running
             || inst.observed != ObservedState::Unknown
@@ -155,6 +157,15 @@ impl ControlPlane {
             || self.operation_running(inst).await?
         {
             return Ok(());
+        }
+        if let Some(op_id) = &inst.operation {
+            let last = self.store().operation(op_id).await?;
+            if last.is_some_and(|op| {
+                op.kind == "run" && op.state == flotilla_api::control::OperationState::Failed
+            }) {
+                tracing::debug!(instance = %inst.name, "its last run failed: not made again");
+                return Ok(());
+            }
         }
         tracing::warn!(instance = %inst.name, host = ?inst.host, "its host has no VM for it: making it again");
         let made = self
