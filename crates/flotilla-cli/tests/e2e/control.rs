@@ -1103,3 +1103,101 @@ fn missing_vms_are_made_again_and_orphans_removed() {
         std::thread::sleep(Duration::from_millis(500));
     }
 }
+
+/// An agent killed in the middle of an operation: a fleet suspend of eight
+/// instances, the host's agent SIGKILLed once the first has been recorded
+/// and started again. The operation ends with the steps it could not do
+/// failed; every instance is either suspended or running where it was
+/// (the agent completes or rolls back a suspend it was in), nothing is
+/// lost, and the fleet suspend and resume then go through.
+#[test]
+fn an_agent_killed_mid_operation_loses_nothing() {
+    let cp = ControlPlaneProcess::start().expect("control plane");
+    let mut h1 = host(&cp, "h1", "z1");
+    let (_, acme) = hosts_up_and_tenant(&cp, 1);
+    let (s, b) = cp.api(
+        "POST",
+        "/v1/instances",
+        Some(&acme),
+        Some(json!({"name": "w", "count": 8, "tags": {"pool": "p"}})),
+    );
+    assert_eq!(s, 201, "{b}");
+    let op = wait_op(&cp, &acme, b["operation"].as_str().unwrap());
+    assert_eq!(op["state"], "succeeded", "{op:#}");
+    let names: Vec<String> = (1..=8).map(|i| format!("w-{i}")).collect();
+    for name in &names {
+        exec_in(
+            &cp,
+            &acme,
+            name,
+            &["sh", "-c", &format!("echo {name} > /tmp/mark")],
+        );
+    }
+
+    let (s, op) = cp.api(
+        "POST",
+        "/v1/fleet/suspend",
+        Some(&acme),
+        Some(json!({"tags": {"pool": "p"}})),
+    );
+    assert!(s < 300, "{s} {op}");
+    let op_id = op["id"].as_str().unwrap().to_string();
+    eventually("a first suspend recorded", 60, || {
+        let (_, op) = cp.api("GET", &format!("/v1/operations/{op_id}"), Some(&acme), None);
+        match op["steps"].as_array().map(Vec::len) {
+            Some(n) if n > 0 => Ok(()),
+            _ => Err(format!("{op}")),
+        }
+    });
+    h1.kill_agent(nix::sys::signal::Signal::SIGKILL);
+    let ended = wait_op(&cp, &acme, &op_id);
+    // The second four were under way: their steps failed, unreachable.
+    assert_eq!(ended["state"], "failed", "{ended:#}");
+    assert!(
+        ended["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("unreachable"),
+        "{ended:#}"
+    );
+    h1.start_agent().expect("agent again");
+    // Either way, each instance ends up suspended or running, as its
+    // host reports it.
+    eventually("instances settled", 90, || {
+        let (_, list) = cp.api("GET", "/v1/instances?tag=pool=p", Some(&acme), None);
+        let states: Vec<String> = list["items"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|i| i["observed"].as_str().unwrap_or_default().to_string())
+            .collect();
+        match states.len() == 8 && states.iter().all(|s| s == "suspended" || s == "running") {
+            true => Ok(()),
+            false => Err(format!("{states:?} after {ended}")),
+        }
+    });
+    for action in ["suspend", "resume"] {
+        let (s, op) = cp.api(
+            "POST",
+            &format!("/v1/fleet/{action}"),
+            Some(&acme),
+            Some(json!({"tags": {"pool": "p"}})),
+        );
+        assert!(s < 300, "{s} {op}");
+        let op = wait_op(&cp, &acme, op["id"].as_str().unwrap());
+        assert_eq!(
+            op["state"],
+            "succeeded",
+            "{action}: {op:#}\n{}",
+            h1.agent_log_tail()
+        );
+    }
+    for name in &names {
+        assert_eq!(
+            exec_in(&cp, &acme, name, &["cat", "/tmp/mark"]).trim(),
+            name.as_str(),
+            "{name}'s memory"
+        );
+    }
+}
