@@ -440,6 +440,10 @@ pub struct ControlArgs {
     /// replica takes it over after that.
     #[arg(long, default_value_t = 20)]
     pub lease_seconds: u64,
+    /// Seconds before a snapshot left `creating` (its host did not answer)
+    /// is settled with its host: ready if the host has it, gone if not.
+    #[arg(long, default_value_t = 300)]
+    pub snapshot_settle_secs: u64,
 }
 
 #[derive(Debug, Args)]

@@ -212,6 +212,15 @@ impl AgentClient {
             .await
     }
 
+    pub async fn snapshot(
+        &self,
+        agent: &AgentAddr,
+        name: &str,
+    ) -> Result<flotilla_api::SnapshotInfo, AgentCallError> {
+        let url = format!("{}/v1/snapshots/{name}", agent.endpoint);
+        self.call(agent, self.http(agent).get(url)).await
+    }
+
     /// Removes a named snapshot; one already gone is fine.
     pub async fn delete_snapshot(
         &self,

@@ -78,6 +78,9 @@ pub async fn run_control(config: ControlConfig) -> anyhow::Result<()> {
             if let Err(e) = background.adopt_operations(false).await {
                 tracing::warn!(error = %e, "taking over orphaned operations");
             }
+            if let Err(e) = background.settle_snapshots().await {
+                tracing::warn!(error = %e, "settling snapshots");
+            }
         }
     });
 

@@ -75,6 +75,8 @@ impl ControlPlaneProcess {
             .arg("--data-dir")
             .arg(self.dir.path())
             .args(["--admin-token", &self.admin_token, "--host-down-after", "4"])
+            // Snapshots left creating are settled within the tests' waits.
+            .args(["--snapshot-settle-secs", "3"])
             .args(["--lease-seconds", &self.lease_seconds.to_string()])
             .args(
                 self.database

@@ -15,6 +15,7 @@ pub async fn control(args: ControlArgs) -> anyhow::Result<ExitCode> {
     let settings = ControlSettings {
         host_down_after: Duration::from_secs(args.host_down_after.max(1)),
         lease: Duration::from_secs(args.lease_seconds.max(2)),
+        snapshot_settle_after: Duration::from_secs(args.snapshot_settle_secs),
         ..ControlSettings::default()
     };
     run_control(ControlConfig {

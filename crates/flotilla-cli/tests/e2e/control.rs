@@ -1201,3 +1201,48 @@ fn an_agent_killed_mid_operation_loses_nothing() {
         );
     }
 }
+
+/// A snapshot asked for while its host's agent is down stays `creating`
+/// (never started from); once the agent answers again and says it has no
+/// such snapshot, the control plane removes the record.
+#[test]
+fn a_snapshot_left_creating_is_settled_with_its_host() {
+    let cp = ControlPlaneProcess::start().expect("control plane");
+    let mut h1 = host(&cp, "h1", "z1");
+    let (_, acme) = hosts_up_and_tenant(&cp, 1);
+    let (s, b) = cp.api(
+        "POST",
+        "/v1/instances",
+        Some(&acme),
+        Some(json!({"name": "src"})),
+    );
+    assert_eq!(s, 201, "{b}");
+    let op = wait_op(&cp, &acme, b["operation"].as_str().unwrap());
+    assert_eq!(op["state"], "succeeded", "{op:#}");
+    h1.kill_agent(nix::sys::signal::Signal::SIGKILL);
+    let (s, b) = cp.api(
+        "POST",
+        "/v1/instances/src/snapshots",
+        Some(&acme),
+        Some(json!({"name": "lost"})),
+    );
+    assert_eq!(s, 503, "{b}");
+    let (_, snap) = cp.api("GET", "/v1/snapshots/lost", Some(&acme), None);
+    assert_eq!(snap["state"], "creating", "{snap}");
+    h1.start_agent().expect("agent again");
+    eventually("the snapshot settled", 60, || {
+        match cp.api("GET", "/v1/snapshots/lost", Some(&acme), None).0 {
+            404 => Ok(()),
+            s => Err(format!("{s}")),
+        }
+    });
+    // The name is free again, and a snapshot now is ready at once.
+    let (s, b) = cp.api(
+        "POST",
+        "/v1/instances/src/snapshots",
+        Some(&acme),
+        Some(json!({"name": "lost"})),
+    );
+    assert_eq!(s, 201, "{b}");
+    assert_eq!(b["state"], "ready", "{b}");
+}

@@ -41,6 +41,10 @@ pub struct ControlSettings {
     pub lease: Duration,
     /// Most instances one run may ask for.
     pub max_run_count: u32,
+    /// A snapshot still `creating` after this (its host did not answer
+    /// when it was taken) is settled with its host: ready if the host has
+    /// it, gone if not.
+    pub snapshot_settle_after: Duration,
 }
 
 impl Default for ControlSettings {
@@ -49,6 +53,8 @@ impl Default for ControlSettings {
             host_down_after: Duration::from_secs(15),
             lease: Duration::from_secs(20),
             max_run_count: 100,
+            // Longer than an agent call may take (see `agents`).
+            snapshot_settle_after: Duration::from_secs(300),
         }
     }
 }

@@ -136,4 +136,33 @@ impl ControlPlane {
         tracing::info!(snapshot = name, "snapshot removed");
         Ok(())
     }
+
+    /// Settles the snapshots left `creating` longer than
+    /// `snapshot_settle_after` (their host did not answer when they were
+    /// taken) with their hosts: ready if the host has it, gone if it says
+    /// it has none; a host that still does not answer is asked again later.
+    pub async fn settle_snapshots(&self) -> ControlResult<()> {
+        let before =
+            crate::store::now_ms() - self.inner.settings.snapshot_settle_after.as_millis() as i64;
+        for snap in self.store().creating_snapshots(before).await? {
+            let Some(host) = self.store().host(&snap.host).await? else {
+                continue;
+            };
+            let agent = crate::agents::AgentAddr::from(&host);
+            match self.agents().snapshot(&agent, &snap.id).await {
+                Ok(info) => {
+                    self.store().snapshot_ready(&snap.id, &info.id).await?;
+                    tracing::info!(snapshot = %snap.name, host = %snap.host, "snapshot found on its host: ready");
+                }
+                Err(e) if e.is_not_found() => {
+                    self.store().delete_snapshot(&snap.id).await?;
+                    tracing::warn!(snapshot = %snap.name, host = %snap.host, "snapshot never made on its host: removed");
+                }
+                Err(e) => {
+                    tracing::debug!(snapshot = %snap.name, error = %e, "snapshot not settled yet");
+                }
+            }
+        }
+        Ok(())
+    }
 }

@@ -114,6 +114,17 @@ impl Store {
         rows.iter().map(snapshot).collect()
     }
 
+    /// Snapshots still `creating` that were begun before `before_ms`.
+    pub async fn creating_snapshots(&self, before_ms: i64) -> StoreResult<Vec<SnapshotRow>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM snapshots WHERE layer = '' AND created_at < $1"
+        ))
+        .bind(before_ms)
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter().map(snapshot).collect()
+    }
+
     /// Records the layer of a snapshot its agent has made: it is ready.
     pub async fn snapshot_ready(&self, id: &str, layer: &str) -> StoreResult<()> {
         sqlx::query("UPDATE snapshots SET layer = $1 WHERE id = $2")
