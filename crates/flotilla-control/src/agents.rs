@@ -26,6 +26,14 @@ impl AgentCallError {
         matches!(self, AgentCallError::Api { status: 404, .. })
     }
 
+    /// The agent's error code, if it answered with its error body.
+    pub fn code(&self) -> Option<flotilla_api::ErrorCode> {
+        match self {
+            AgentCallError::Api { code, .. } => *code,
+            AgentCallError::Unreachable { .. } => None,
+        }
+    }
+
     pub fn is_conflict(&self) -> bool {
         matches!(self, AgentCallError::Api { status: 409, .. })
     }

@@ -32,6 +32,8 @@ pub struct ControlConfig {
 
 /// How often hosts and orphaned operations are checked.
 const CHECK_EVERY: Duration = Duration::from_secs(2);
+/// How often snapshots left `creating` are looked at.
+const SETTLE_EVERY: Duration = Duration::from_secs(5);
 
 /// The store's planner statistics are refreshed every this many checks
 /// (10 minutes).
@@ -78,7 +80,15 @@ pub async fn run_control(config: ControlConfig) -> anyhow::Result<()> {
             if let Err(e) = background.adopt_operations(false).await {
                 tracing::warn!(error = %e, "taking over orphaned operations");
             }
-            if let Err(e) = background.settle_snapshots().await {
+        }
+    });
+    // Apart: it calls agents, which may be slow to answer, and must not
+    // hold up marking hosts down.
+    let settling = cp.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(SETTLE_EVERY).await;
+            if let Err(e) = settling.settle_snapshots().await {
                 tracing::warn!(error = %e, "settling snapshots");
             }
         }

@@ -279,6 +279,10 @@ async fn made(
     }))
 }
 
+/// How many times (half a second apart) a VM whose name its agent has
+/// reserved is looked for before the step gives up.
+const SHOWN_WITHIN_TRIES: usize = 60;
+
 /// How many hosts a run tries for one instance whose agents refuse it.
 const HOSTS_PER_INSTANCE: usize = 3;
 
@@ -310,8 +314,12 @@ async fn create_instance_vm(
         };
         let from = inst.host.clone().unwrap_or_default();
         refused.push(from.clone());
-        // From a snapshot, only its host can make it.
-        if refused.len() >= HOSTS_PER_INSTANCE || inst.from_snapshot.is_some() {
+        // From a snapshot, only its host can make it; one made before (made
+        // again after its VM went) stays on its host.
+        if refused.len() >= HOSTS_PER_INSTANCE
+            || inst.from_snapshot.is_some()
+            || inst.observed != ObservedState::Pending
+        {
             return refused_everywhere(cp, &inst, &refused, e.to_string()).await;
         }
         tracing::warn!(instance = %inst.name, host = %from, error = %e, "its host refused it; placing it elsewhere");
@@ -392,17 +400,24 @@ async fn create_on(
         }
     }
     match created {
-        // Made by an earlier attempt of this step; still being made if the
-        // agent does not show it yet (its name is reserved first), which
-        // is no refusal: the step is tried again.
-        Err(e) if e.is_already_exists() => match agents.vm(agent, &inst.id).await {
-            Err(missing) if missing.is_not_found() => Err(AgentCallError::Api {
+        // Made by an earlier attempt of this step, or still being made:
+        // the agent reserves the name before it shows the VM, so it is
+        // asked again for a while (never a refusal).
+        Err(e) if e.is_already_exists() => {
+            for _ in 0..SHOWN_WITHIN_TRIES {
+                match agents.vm(agent, &inst.id).await {
+                    Err(missing) if missing.is_not_found() => {
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    }
+                    other => return other,
+                }
+            }
+            Err(AgentCallError::Api {
                 status: 503,
                 code: None,
                 message: format!("{e}; not shown by its agent yet"),
-            }),
-            other => other,
-        },
+            })
+        }
         other => other,
     }
 }

@@ -141,7 +141,7 @@ impl ControlPlane {
             }
             self.restart_if_down(&inst, observed).await?;
         }
-        self.remove_orphans(host, beat, &known).await
+        self.report_orphans(host, beat, &known).await
     }
 
     /// Desired running, and its host (up: it heartbeats) no longer has its
@@ -160,10 +160,14 @@ impl ControlPlane {
         }
         if let Some(op_id) = &inst.operation {
             let last = self.store().operation(op_id).await?;
-            if last.is_some_and(|op| {
-                op.kind == "run" && op.state == flotilla_api::control::OperationState::Failed
-            }) {
-                tracing::debug!(instance = %inst.name, "its last run failed: not made again");
+            // A clone is not made again from its image; an instance whose
+            // own run step failed waits for the user.
+            let own_failed = |op: &crate::store::OperationRow| {
+                let failed = format!("{} {}: failed", op.kind, inst.id);
+                op.steps.iter().any(|s| s.starts_with(&failed))
+            };
+            if last.is_some_and(|op| op.kind == "clone" || (op.kind == "run" && own_failed(&op))) {
+                tracing::debug!(instance = %inst.name, "made by a clone, or its run failed: not made again");
                 return Ok(());
             }
         }
@@ -184,9 +188,10 @@ impl ControlPlane {
     }
 
     /// VMs the control plane made (named by an instance id) whose instance
-    /// is gone from the store (terminated while the host was away, say):
-    /// removed from the host. VMs made on the host directly are its own.
-    async fn remove_orphans(
+    /// is gone from the store: reported, not removed (a control plane on a
+    /// restored or wrong database would otherwise destroy VMs it does not
+    /// know). VMs made on the host directly are its own.
+    async fn report_orphans(
         &self,
         host: &str,
         beat: &HostHeartbeat,
@@ -200,17 +205,8 @@ impl ControlPlane {
             {
                 continue;
             }
-            let Some(row) = self.store().host(host).await? else {
-                return Ok(());
-            };
-            tracing::warn!(host, vm = %vm.name, "a VM of no instance: removing it");
-            let (cp, name) = (self.clone(), vm.name.clone());
-            tokio::spawn(async move {
-                let agent = crate::agents::AgentAddr::from(&row);
-                if let Err(e) = cp.agents().delete_vm(&agent, &name).await {
-                    tracing::warn!(vm = %name, error = %e, "could not remove the orphaned VM");
-                }
-            });
+            // Every heartbeat: at debug, not to flood the log.
+            tracing::debug!(host, vm = %vm.name, "a VM the control plane made for an instance it no longer has");
         }
         Ok(())
     }

@@ -52,6 +52,13 @@ impl ControlPlane {
         name: &str,
         req: &flotilla_api::control::UpdateInstanceRequest,
     ) -> ControlResult<InstanceRow> {
+        if req.tags.contains_key(flotilla_api::control::PARTITION_TAG) {
+            // Where it runs follows from its partition: set at placement.
+            return Err(ControlError::invalid(format!(
+                "tag {}: an instance's partition is set when it is placed, not changed after",
+                flotilla_api::control::PARTITION_TAG
+            )));
+        }
         for _attempt in 0..5 {
             let inst = self.instance(caller, tenant, name).await?;
             if inst.desired == DesiredState::Terminated {
@@ -326,7 +333,7 @@ impl ControlPlane {
         Self::check_group(&policy, &tags)?;
         let mut demand = Demand::new(source.vcpus, source.memory_mib).with_disk(source.disk_mib);
         let op_id = new_id("op");
-        let new = NewInstance {
+        let mut new = NewInstance {
             id: new_id("i"),
             tenant_id: source.tenant_id.clone(),
             name: req.name.clone(),
@@ -341,6 +348,10 @@ impl ControlPlane {
             // route elsewhere; the heartbeats report it.
             ip: None,
         };
+        // In a partition group the clone gets a partition too; one whose
+        // racks are not the source host's is refused below.
+        self.assign_partitions(&source.tenant_id, &policy, std::slice::from_mut(&mut new))
+            .await?;
         let op = self.new_operation(
             Some(&source.tenant_id),
             &op_id,
@@ -363,6 +374,16 @@ impl ControlPlane {
             demand.full_domains =
                 placement::full_domains(&policy, views.iter().map(|v| (&v.labels, v.group_count)));
             demand.affinity_hosts = self.affinity_hosts(&source.tenant_id, &policy).await?;
+            let members = self
+                .partition_members(
+                    &source.tenant_id,
+                    &policy,
+                    Self::group_of(&policy, &new.tags),
+                )
+                .await?;
+            demand.partition = Self::partition_demand(&policy, &new.tags, &members, |h| {
+                views.iter().find(|v| v.name == h).map(|v| &v.labels)
+            });
             if let Some(reason) = placement::reject_reason(view, &demand, &policy) {
                 return Err(ControlError::new(
                     ErrorCode::InsufficientCapacity,

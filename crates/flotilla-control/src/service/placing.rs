@@ -126,7 +126,7 @@ impl ControlPlane {
 
     /// The group's members in partitions (see `PlacementPolicy::partitions`),
     /// as (host, partition, on it rather than moving to it).
-    async fn partition_members(
+    pub(super) async fn partition_members(
         &self,
         tenant_id: &str,
         policy: &PlacementPolicy,
@@ -144,7 +144,7 @@ impl ControlPlane {
 
     /// Gives each instance of a run in a partition group its partition
     /// (tag [`PARTITION_TAG`]): the one asked for, else the emptiest.
-    async fn assign_partitions(
+    pub(super) async fn assign_partitions(
         &self,
         tenant_id: &str,
         policy: &PlacementPolicy,
@@ -175,7 +175,7 @@ impl ControlPlane {
 
     /// The partition demand of an instance with `tags` (none outside a
     /// partition group), given the group's members and the hosts' labels.
-    fn partition_demand<'a>(
+    pub(super) fn partition_demand<'a>(
         policy: &PlacementPolicy,
         tags: &BTreeMap<String, String>,
         members: &[(String, u32, bool)],

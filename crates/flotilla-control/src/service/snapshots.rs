@@ -71,7 +71,14 @@ impl ControlPlane {
             }
         };
         row.layer = created.snapshot.id;
-        self.store().snapshot_ready(&row.id, &row.layer).await?;
+        if !self.store().snapshot_ready(&row.id, &row.layer).await? {
+            // Removed while the agent made it: it goes from the host too.
+            let _ = self.agents().delete_snapshot(&agent, &row.id).await;
+            return Err(ControlError::conflict(format!(
+                "snapshot {:?} was removed while it was being taken",
+                row.name
+            )));
+        }
         tracing::info!(snapshot = %row.name, instance, host = %row.host, "snapshot taken");
         Ok(row)
     }
@@ -148,13 +155,18 @@ impl ControlPlane {
             let Some(host) = self.store().host(&snap.host).await? else {
                 continue;
             };
+            if host.down {
+                continue;
+            }
             let agent = crate::agents::AgentAddr::from(&host);
             match self.agents().snapshot(&agent, &snap.id).await {
                 Ok(info) => {
-                    self.store().snapshot_ready(&snap.id, &info.id).await?;
-                    tracing::info!(snapshot = %snap.name, host = %snap.host, "snapshot found on its host: ready");
+                    if self.store().snapshot_ready(&snap.id, &info.id).await? {
+                        tracing::info!(snapshot = %snap.name, host = %snap.host, "snapshot found on its host: ready");
+                    }
                 }
-                Err(e) if e.is_not_found() => {
+                // The agent's own "no such snapshot", not any 404.
+                Err(e) if e.is_not_found() && e.code() == Some(ErrorCode::NotFound) => {
                     self.store().delete_snapshot(&snap.id).await?;
                     tracing::warn!(snapshot = %snap.name, host = %snap.host, "snapshot never made on its host: removed");
                 }

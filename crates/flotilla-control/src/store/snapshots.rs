@@ -126,13 +126,14 @@ impl Store {
     }
 
     /// Records the layer of a snapshot its agent has made: it is ready.
-    pub async fn snapshot_ready(&self, id: &str, layer: &str) -> StoreResult<()> {
-        sqlx::query("UPDATE snapshots SET layer = $1 WHERE id = $2")
+    /// False if the record went meanwhile (removed while it was made).
+    pub async fn snapshot_ready(&self, id: &str, layer: &str) -> StoreResult<bool> {
+        let done = sqlx::query("UPDATE snapshots SET layer = $1 WHERE id = $2 AND layer = ''")
             .bind(layer)
             .bind(id)
             .execute(self.pool())
             .await?;
-        Ok(())
+        Ok(done.rows_affected() > 0)
     }
 
     /// Instances to start from snapshot `id` that their hosts have not
