@@ -184,6 +184,11 @@ impl AgentClient {
     /// Removes the VM, stopping it first; a VM already gone is fine.
     pub async fn delete_vm(&self, agent: &AgentAddr, name: &str) -> Result<(), AgentCallError> {
         let url = format!("{}/v1/vms/{name}?force=true", agent.endpoint);
+        self.delete_if_there(agent, url).await
+    }
+
+    /// A DELETE for which "not found" means done.
+    async fn delete_if_there(&self, agent: &AgentAddr, url: String) -> Result<(), AgentCallError> {
         match self
             .call::<serde_json::Value>(agent, self.http(agent).delete(url))
             .await
@@ -236,14 +241,7 @@ impl AgentClient {
         name: &str,
     ) -> Result<(), AgentCallError> {
         let url = format!("{}/v1/snapshots/{name}", agent.endpoint);
-        match self
-            .call::<serde_json::Value>(agent, self.http(agent).delete(url))
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if e.is_not_found() => Ok(()),
-            Err(e) => Err(e),
-        }
+        self.delete_if_there(agent, url).await
     }
 
     /// Clones VM `source` into a new VM `request.name` on the same host.

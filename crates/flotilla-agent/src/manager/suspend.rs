@@ -368,14 +368,13 @@ impl VmManager {
                     map_at_start(&mut mapping, &image, &state).map(|()| mapping)
                 })
                 .await;
-                match done {
-                    Ok(Ok(with_mapping)) => {
+                match done
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()))
+                {
+                    Ok(with_mapping) => {
                         config = with_mapping;
                         true
-                    }
-                    Ok(Err(e)) => {
-                        tracing::warn!(vm = %record.name, error = %e, "loading the memory image instead of mapping it");
-                        false
                     }
                     Err(e) => {
                         tracing::warn!(vm = %record.name, error = %e, "loading the memory image instead of mapping it");

@@ -380,12 +380,7 @@ pub async fn list_instances(
     q: Result<Query<ListQuery>, QueryRejection>,
 ) -> ApiResult<Json<Page<Instance>>> {
     let q = query(q)?;
-    let size = q.page_size.unwrap_or(100);
-    if !(1..=1000).contains(&size) {
-        return Err(
-            ControlError::invalid(format!("page_size {size} is out of range (1 to 1000)")).into(),
-        );
-    }
+    let size = page_size(q.page_size)?;
     let mut tags = BTreeMap::new();
     for pair in q
         .tag
