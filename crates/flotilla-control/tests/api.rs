@@ -1571,7 +1571,7 @@ async fn heartbeats_settle_a_move_left_unrecorded() {
     for id in ["i-went", "i-stayed"] {
         let version = cp.store().host("h2").await.unwrap().unwrap().version;
         cp.store()
-            .begin_migration(id, "h1", "h2", version)
+            .begin_migration(id, "h1", "h2", version, None)
             .await
             .unwrap();
     }

@@ -210,6 +210,54 @@ async fn hosts_heartbeats_down_and_placement_versions() {
             .unwrap_err();
         assert!(matches!(lost, StoreError::Contended));
         assert_eq!(store.group_version("t-1", "group", "g").await.unwrap(), 1);
+        // Moves into the group are guarded alike: a move decided before a
+        // placement into the group commits only by deciding again.
+        store.record_heartbeat("h2", &beat(4)).await.unwrap();
+        let v2 = store.host("h2").await.unwrap().unwrap().version;
+        let moved = store
+            .begin_migration("i-e", "h1", "h2", v2, Some(&guard))
+            .await
+            .unwrap_err();
+        assert!(matches!(moved, StoreError::Contended));
+        let replaced = store
+            .place_again("i-e", "h1", "h2", v2, Some(&guard))
+            .await
+            .unwrap_err();
+        assert!(matches!(replaced, StoreError::Contended));
+        assert_eq!(
+            store
+                .instance("i-e")
+                .await
+                .unwrap()
+                .unwrap()
+                .host
+                .as_deref(),
+            Some("h1")
+        );
+        let current = flotilla_control::store::GroupGuard {
+            version: 1,
+            ..guard.clone()
+        };
+        store
+            .place_again("i-e", "h1", "h2", v2, Some(&current))
+            .await
+            .unwrap();
+        assert_eq!(store.group_version("t-1", "group", "g").await.unwrap(), 2);
+        assert_eq!(
+            store
+                .instance("i-e")
+                .await
+                .unwrap()
+                .unwrap()
+                .host
+                .as_deref(),
+            Some("h2")
+        );
+        let v1 = store.host("h1").await.unwrap().unwrap().version;
+        store
+            .place_again("i-e", "h2", "h1", v1, None)
+            .await
+            .unwrap();
         // What a host holds changing (an instance leaving or changing its
         // tags) gives it a new version: a placement decided on the old set
         // (hard affinity near or away from instances there) decides again.
@@ -239,8 +287,9 @@ async fn hosts_heartbeats_down_and_placement_versions() {
             .set_observed("i-a", ObservedState::Running, Some("10.0.0.2"), None)
             .await
             .unwrap();
-        let marked = store.mark_stale_hosts_down(i64::MAX).await.unwrap();
-        assert_eq!(marked, vec!["h1".to_string()]);
+        let mut marked = store.mark_stale_hosts_down(i64::MAX).await.unwrap();
+        marked.sort();
+        assert_eq!(marked, vec!["h1".to_string(), "h2".to_string()]);
         let a = store.instance("i-a").await.unwrap().unwrap();
         assert_eq!(
             (a.observed, a.ip.as_deref()),

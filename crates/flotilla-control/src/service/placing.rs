@@ -559,9 +559,9 @@ impl ControlPlane {
             &policy,
             from,
             |host| to.is_none_or(|t| t == host),
-            |host, version| async move {
+            |host, version, group| async move {
                 self.store()
-                    .begin_migration(&inst.id, from, &host, version)
+                    .begin_migration(&inst.id, from, &host, version, group.as_ref())
                     .await
             },
         )
@@ -591,9 +591,9 @@ impl ControlPlane {
                 &policy,
                 from,
                 |host| !refused_by.iter().any(|r| r == host),
-                |host, version| async move {
+                |host, version, group| async move {
                     self.store()
-                        .place_again(&inst.id, from, &host, version)
+                        .place_again(&inst.id, from, &host, version, group.as_ref())
                         .await
                 },
             )
@@ -604,21 +604,25 @@ impl ControlPlane {
 
     /// The best host for `inst` under `policy` other than `from` (where it
     /// is, and does not count against itself) among those `usable` allows,
-    /// claimed by `commit` with the version it was chosen at; decided again
-    /// when another placement got there first.
+    /// claimed by `commit` with the versions of the host and of the
+    /// instance's group it was chosen at (a move changes the group's counts
+    /// per host and rack as a run does); decided again when another
+    /// placement got there first.
     async fn claim_other_host<Fut>(
         &self,
         inst: &InstanceRow,
         policy: &PlacementPolicy,
         from: &str,
         usable: impl Fn(&str) -> bool,
-        commit: impl Fn(String, i64) -> Fut,
+        commit: impl Fn(String, i64, Option<GroupGuard>) -> Fut,
     ) -> ControlResult<String>
     where
         Fut: std::future::Future<Output = Result<(), StoreError>>,
     {
         let group = Self::group_of(policy, &inst.tags);
         for _ in 0..PLACEMENT_ATTEMPTS {
+            // Read before the counts it guards.
+            let guard = self.group_guard(&inst.tenant_id, group).await?;
             let (mut views, versions) = self.host_views(&inst.tenant_id, group).await?;
             let members = self
                 .partition_members(&inst.tenant_id, policy, group)
@@ -649,7 +653,7 @@ impl ControlPlane {
             };
             let name = chosen.name.clone();
             let version = versions.get(&name).copied().unwrap_or(0);
-            match commit(name.clone(), version).await {
+            match commit(name.clone(), version, guard).await {
                 Ok(()) => {
                     self.fleet_changed().await;
                     return Ok(name);

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use flotilla_api::control::HostHeartbeat;
-use sqlx::Row;
+use sqlx::{Any, Row, Transaction};
 
 use super::instances::{insert_instance, NewInstance};
 use super::operations::{insert_operation, OperationRow};
@@ -110,6 +110,33 @@ fn host(row: &sqlx::any::AnyRow) -> StoreResult<HostRow> {
         used_disk_mib: 0,
         instances: 0,
     })
+}
+
+/// A new version for the placement group if it is still at the version the
+/// decision was read at (false if another placement into the group got
+/// there first). Called after the transaction's host updates: hosts, then
+/// groups, is every writer's lock order.
+pub(crate) async fn claim_group(
+    tx: &mut Transaction<'_, Any>,
+    group: Option<&GroupGuard>,
+) -> StoreResult<bool> {
+    let Some(g) = group else {
+        return Ok(true);
+    };
+    let claimed = sqlx::query(
+        "INSERT INTO placement_groups (tenant_id, tag, value, version)
+         VALUES ($1, $2, $3, 1)
+         ON CONFLICT (tenant_id, tag, value) DO UPDATE
+         SET version = placement_groups.version + 1
+         WHERE placement_groups.version = $4",
+    )
+    .bind(&g.tenant_id)
+    .bind(&g.tag)
+    .bind(&g.value)
+    .bind(g.version)
+    .execute(&mut **tx)
+    .await?;
+    Ok(claimed.rows_affected() > 0)
 }
 
 impl Store {
@@ -383,24 +410,7 @@ impl Store {
         op: Option<(&OperationRow, &str, i64)>,
     ) -> StoreResult<()> {
         let mut tx = self.pool().begin().await?;
-        if let Some(g) = group {
-            let claimed = sqlx::query(
-                "INSERT INTO placement_groups (tenant_id, tag, value, version)
-                 VALUES ($1, $2, $3, 1)
-                 ON CONFLICT (tenant_id, tag, value) DO UPDATE
-                 SET version = placement_groups.version + 1
-                 WHERE placement_groups.version = $4",
-            )
-            .bind(&g.tenant_id)
-            .bind(&g.tag)
-            .bind(&g.value)
-            .bind(g.version)
-            .execute(&mut *tx)
-            .await?;
-            if claimed.rows_affected() == 0 {
-                return Err(StoreError::Contended);
-            }
-        }
+        // Hosts (in name order) before the group, as every writer locks them.
         for (host, version) in host_versions {
             let claimed = sqlx::query(
                 "UPDATE hosts SET version = version + 1 WHERE name = $1 AND version = $2",
@@ -412,6 +422,9 @@ impl Store {
             if claimed.rows_affected() == 0 {
                 return Err(StoreError::Contended);
             }
+        }
+        if !claim_group(&mut tx, group).await? {
+            return Err(StoreError::Contended);
         }
         for (instance, host) in placed {
             insert_instance(&mut tx, instance, Some(host)).await?;

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use flotilla_api::control::{DesiredState, ObservedState};
 use sqlx::{Any, Row, Transaction};
 
+use super::hosts::{claim_group, GroupGuard};
 use super::{from_json, now_ms, to_json, Store, StoreError, StoreResult};
 
 #[derive(Debug, Clone)]
@@ -265,7 +266,8 @@ pub(crate) async fn insert_instance(
 impl Store {
     /// Claims room on `to` for moving the instance there (it holds capacity
     /// on both hosts until [`Store::end_migration`]): valid only if `to` is
-    /// still at `to_version` and the instance is still on `from`, not
+    /// still at `to_version`, its placement group (if any) at the version
+    /// the move was decided on, and the instance still on `from`, not
     /// moving.
     pub async fn begin_migration(
         &self,
@@ -273,9 +275,11 @@ impl Store {
         from: &str,
         to: &str,
         to_version: i64,
+        group: Option<&GroupGuard>,
     ) -> StoreResult<()> {
         let mut tx = self.pool().begin().await?;
-        let claimed = claim_host(&mut tx, to, to_version).await?;
+        let claimed =
+            claim_host(&mut tx, to, to_version).await? && claim_group(&mut tx, group).await?;
         let moving = sqlx::query(
             "UPDATE instances SET migrating_to = $1, updated_at = $2
              WHERE id = $3 AND host = $4 AND migrating_to IS NULL",
@@ -295,14 +299,16 @@ impl Store {
 
     /// Moves an instance not made yet (`pending`) from `from`, whose agent
     /// refused to make it, to `to`: valid only if `to` is still at
-    /// `to_version`. Both hosts get a new version (hosts locked in name
-    /// order, as concurrent moves the other way may run).
+    /// `to_version` and the placement group (if any) at the version the
+    /// move was decided on. Both hosts get a new version (hosts locked in
+    /// name order, as concurrent moves the other way may run).
     pub async fn place_again(
         &self,
         id: &str,
         from: &str,
         to: &str,
         to_version: i64,
+        group: Option<&GroupGuard>,
     ) -> StoreResult<()> {
         let mut tx = self.pool().begin().await?;
         let mut claimed = true;
@@ -318,6 +324,7 @@ impl Store {
                     .await?;
             }
         }
+        claimed &= claim_group(&mut tx, group).await?;
         let moved = sqlx::query(
             "UPDATE instances SET host = $1, updated_at = $2
              WHERE id = $3 AND host = $4 AND observed = 'pending' AND migrating_to IS NULL",

@@ -26,7 +26,7 @@ pub use tenants::{TenantRow, TokenRow};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(sqlx::Error),
     #[error("{0} already exists")]
     Duplicate(String),
     /// A row that cannot be turned back into its type (written by a newer
@@ -38,6 +38,23 @@ pub enum StoreError {
     Contended,
     #[error("unsupported database URL {0:?} (expected sqlite://PATH or postgres://...)")]
     UnsupportedUrl(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    /// PostgreSQL ends one of two transactions that lock rows in opposite
+    /// orders (deadlock) or that cannot be serialized: like a lost
+    /// optimistic update, the caller decides again.
+    fn from(e: sqlx::Error) -> Self {
+        let retryable = e
+            .as_database_error()
+            .and_then(|d| d.code())
+            .is_some_and(|code| code == "40P01" || code == "40001");
+        if retryable {
+            StoreError::Contended
+        } else {
+            StoreError::Database(e)
+        }
+    }
 }
 
 impl StoreError {
