@@ -183,6 +183,15 @@ impl VmManager {
         })
     }
 
+    /// Whether `key` is held by a reservation now.
+    pub(crate) fn name_pending(&self, key: &str) -> bool {
+        self.inner
+            .pending_names
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(key)
+    }
+
     /// A new VM's name: free now and held until the returned reservation
     /// is dropped (the VM is in the map by then, or was never made).
     pub(crate) fn reserve_vm_name(&self, name: &str) -> AgentResult<NameReservation> {

@@ -11,12 +11,14 @@ use axum::http::StatusCode;
 use axum::Json;
 use flotilla_api::migration::{
     IncomingMigrationReady, IncomingMigrationRequest, MigrateVmRequest, MigrationInfo,
+    MigrationPhase,
 };
 use flotilla_api::ErrorBody;
 use serde::Deserialize;
 
 use super::vms::{detached, JsonBody};
 use super::ApiError;
+use crate::error::AgentError;
 use crate::VmManager;
 
 #[derive(Debug, Default, Deserialize)]
@@ -45,13 +47,27 @@ pub async fn migrate(
     if !q.wait {
         return Ok((StatusCode::ACCEPTED, Json(started)));
     }
+    let mut now = started;
     loop {
-        let now = m.migration(&started.id)?;
+        now = m
+            .migration_past(&now.id, now.phase, Duration::from_secs(10))
+            .await?;
         if now.phase.is_finished() {
             return Ok((StatusCode::OK, Json(now)));
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Longest wait a `GET /v1/migrations/{id}?phase=` may ask for.
+const MAX_PHASE_WAIT_MS: u64 = 10_000;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InspectQuery {
+    /// The phase the caller last saw: the answer comes once the migration
+    /// has left it (or after `wait_ms`).
+    phase: Option<MigrationPhase>,
+    wait_ms: Option<u64>,
 }
 
 #[utoipa::path(get, path = "/v1/migrations", responses((status = 200, body = Vec<MigrationInfo>)))]
@@ -59,12 +75,34 @@ pub async fn list(State(m): State<VmManager>) -> Json<Vec<MigrationInfo>> {
     Json(m.migrations())
 }
 
-#[utoipa::path(get, path = "/v1/migrations/{id}", responses((status = 200, body = MigrationInfo), (status = 404, body = ErrorBody)))]
+#[utoipa::path(get, path = "/v1/migrations/{id}",
+    params(
+        ("phase" = Option<MigrationPhase>, Query, description = "answer once the migration has left this phase (or after wait_ms)"),
+        ("wait_ms" = Option<u64>, Query, description = "longest wait for a phase change, in ms (default 1000, at most 10000)"),
+    ),
+    responses((status = 200, body = MigrationInfo), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn inspect(
     State(m): State<VmManager>,
     Path(id): Path<String>,
+    query: Result<Query<InspectQuery>, QueryRejection>,
 ) -> Result<Json<MigrationInfo>, ApiError> {
-    Ok(Json(m.migration(&id)?))
+    let Query(q) = query?;
+    match (q.phase, q.wait_ms) {
+        (None, None) => Ok(Json(m.migration(&id)?)),
+        (None, Some(_)) => Err(AgentError::InvalidArgument(
+            "wait_ms needs phase: the phase to wait past (e.g. ?phase=disk_sync&wait_ms=1000)"
+                .into(),
+        )
+        .into()),
+        (Some(_), Some(ms)) if ms > MAX_PHASE_WAIT_MS => Err(AgentError::InvalidArgument(format!(
+            "wait_ms {ms} is too long: at most {MAX_PHASE_WAIT_MS}"
+        ))
+        .into()),
+        (Some(phase), wait_ms) => {
+            let wait = Duration::from_millis(wait_ms.unwrap_or(1000));
+            Ok(Json(m.migration_past(&id, phase, wait).await?))
+        }
+    }
 }
 
 #[utoipa::path(post, path = "/v1/migrations/{id}/cancel", responses((status = 202, body = MigrationInfo),

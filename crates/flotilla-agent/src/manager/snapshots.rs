@@ -219,6 +219,15 @@ impl VmManager {
                 return Ok(layer);
             }
         }
+        // Not "no such snapshot" while it is being taken: a caller that
+        // settles its records by our answer (the control plane) must not
+        // take a long capture for one that never happened.
+        if self.name_pending(&name_holder(name_or_id)) {
+            return Err(AgentError::conflict(
+                format!("snapshot {name_or_id:?} is being taken"),
+                Some("ask again when it is done".to_string()),
+            ));
+        }
         Err(AgentError::SnapshotNotFound {
             name: name_or_id.to_string(),
         })

@@ -218,6 +218,43 @@ fn named_snapshots_start_vms_and_are_kept_while_used() {
     );
     assert_eq!(status, 409, "{body}");
 
+    // While a snapshot is being taken, asking for it says so (409), never
+    // "no such snapshot": whoever settles records by the answer (the
+    // control plane) must not take a long capture for a failed one.
+    write(&host, "src", "head -c 30000000 /dev/urandom > /tmp/fill");
+    let answers = std::thread::scope(|s| {
+        let taking = s.spawn(|| {
+            host.api(
+                "POST",
+                "/v1/snapshots",
+                Some(serde_json::json!({"vm": "src", "name": "taking"})),
+            )
+        });
+        let mut answers = Vec::new();
+        loop {
+            let done = taking.is_finished();
+            let (status, _) = host.api("GET", "/v1/snapshots/taking", None);
+            if answers.last() != Some(&status) {
+                answers.push(status);
+            }
+            if status == 200 || done {
+                break;
+            }
+        }
+        let (status, body) = taking.join().unwrap();
+        assert_eq!(status, 201, "{body}");
+        answers
+    });
+    let first_busy = answers.iter().position(|s| *s == 409);
+    assert!(first_busy.is_some(), "never seen being taken: {answers:?}");
+    assert_eq!(
+        answers[first_busy.unwrap()..],
+        [409, 200],
+        "being taken, then there: {answers:?}"
+    );
+    assert!(host.cli(&["snapshot", "rm", "taking"]).status.success());
+    write(&host, "src", "rm /tmp/fill");
+
     // A VM from the snapshot has the state of its moment, its own identity.
     let vm: Value = host.cli_json(&["vm", "run", "again", "--from-snapshot", "one", "--wait"]);
     assert_eq!(vm["state"], "running", "{vm:#}");

@@ -184,6 +184,26 @@ fn a_running_vm_moves_with_its_memory_disk_and_processes() {
     let target_side = migration(&b, m["id"].as_str().unwrap());
     assert_eq!(target_side["phase"], "completed", "{target_side:#}");
     assert!(target_side["disk_total_bytes"].as_u64().unwrap() > 0);
+    // Waiting past a phase it has left answers at once; a wait without a
+    // phase, or too long, is refused.
+    let path = format!("/v1/migrations/{}", m["id"].as_str().unwrap());
+    let (status, now) = b.api(
+        "GET",
+        &format!("{path}?phase=disk_sync&wait_ms=10000"),
+        None,
+    );
+    assert_eq!((status, now["phase"].as_str()), (200, Some("completed")));
+    let (status, err) = b.api("GET", &format!("{path}?wait_ms=100"), None);
+    assert_eq!(status, 400, "{err}");
+    assert!(err.to_string().contains("wait_ms needs phase"), "{err}");
+    let (status, err) = b.api(
+        "GET",
+        &format!("{path}?phase=disk_sync&wait_ms=60000"),
+        None,
+    );
+    assert_eq!(status, 400, "{err}");
+    let (status, _) = b.api("GET", &format!("{path}?phase=sideways"), None);
+    assert_eq!(status, 400);
 
     // Nothing of it is left on a.
     let left: Vec<Value> = a.cli_json(&["vm", "ls"]);

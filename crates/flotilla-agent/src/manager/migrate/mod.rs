@@ -15,6 +15,7 @@ mod target;
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use flotilla_api::migration::{MigrationInfo, MigrationPhase, MigrationRole};
 
@@ -50,6 +51,10 @@ pub struct MigrationBook {
     slots: std::sync::Arc<tokio::sync::Semaphore>,
     held: Mutex<BTreeMap<String, tokio::sync::OwnedSemaphorePermit>>,
     limit: usize,
+    /// Signalled on every change of a record: callers waiting for a phase
+    /// to end (the source for the target's disk sync, `?wait=true`) answer
+    /// at once instead of at their next poll.
+    changed: tokio::sync::watch::Sender<()>,
 }
 
 /// Migrations a host takes part in at once by default.
@@ -97,6 +102,32 @@ impl MigrationBook {
             slots: std::sync::Arc::new(tokio::sync::Semaphore::new(limit)),
             held: Mutex::new(BTreeMap::new()),
             limit,
+            changed: tokio::sync::watch::channel(()).0,
+        }
+    }
+
+    /// Migration `id` once its phase is no longer `phase` (or it is gone),
+    /// or as it is after `timeout`.
+    pub async fn wait_past(
+        &self,
+        id: &str,
+        phase: MigrationPhase,
+        timeout: Duration,
+    ) -> AgentResult<MigrationInfo> {
+        // Subscribed before reading: a change in between is not missed.
+        let mut changes = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let info = self.get(id)?;
+            if info.phase != phase {
+                return Ok(info);
+            }
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
+                return Ok(info);
+            }
         }
     }
 
@@ -175,6 +206,7 @@ impl MigrationBook {
         };
         self.write(&stored)?;
         items.insert(stored.info.id.clone(), stored);
+        self.changed.send_replace(());
         Ok(())
     }
 
@@ -191,6 +223,7 @@ impl MigrationBook {
                 tracing::warn!(migration = id, error = %e, "saving the migration record");
             }
         }
+        self.changed.send_replace(());
     }
 
     /// Changes a record only if the change is on disk first.
@@ -203,6 +236,7 @@ impl MigrationBook {
         f(&mut changed.info);
         self.write(&changed)?;
         *stored = changed;
+        self.changed.send_replace(());
         Ok(())
     }
 
@@ -261,6 +295,7 @@ impl MigrationBook {
     fn forget(&self, id: &str) {
         self.items().remove(id);
         let _ = std::fs::remove_file(self.dir.join(format!("{id}.json")));
+        self.changed.send_replace(());
     }
 
     fn request_cancel(&self, id: &str) {
@@ -422,6 +457,16 @@ impl super::VmManager {
 
     pub fn migration(&self, id: &str) -> AgentResult<MigrationInfo> {
         self.inner.migrations.get(id)
+    }
+
+    /// Migration `id` once it has left `phase`, or as it is after `timeout`.
+    pub async fn migration_past(
+        &self,
+        id: &str,
+        phase: MigrationPhase,
+        timeout: Duration,
+    ) -> AgentResult<MigrationInfo> {
+        self.inner.migrations.wait_past(id, phase, timeout).await
     }
 
     /// Where other hosts reach this one for migration streams and exports.
@@ -612,5 +657,67 @@ impl super::VmManager {
             Some("the target agent restarted before the switch-over".into()),
             0,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_wait_past_a_phase_answers_at_the_change_or_at_its_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let book = std::sync::Arc::new(MigrationBook::open(dir.path(), 2));
+        let id = "m-00000000000000aa";
+        book.put(
+            new_record(id, "vm", MigrationRole::Target, "peer"),
+            None,
+            None,
+        )
+        .unwrap();
+        // Already past it: at once.
+        let now = book
+            .wait_past(id, MigrationPhase::PreCopy, Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(now.phase, MigrationPhase::Preparing);
+        // Nothing changes: the record as it is, after the timeout.
+        let started = std::time::Instant::now();
+        let same = book
+            .wait_past(id, MigrationPhase::Preparing, Duration::from_millis(50))
+            .await
+            .unwrap();
+        assert_eq!(same.phase, MigrationPhase::Preparing);
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        // Progress alone does not answer; the phase changing does, at once.
+        let changer = book.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            changer.update(id, false, |m| m.transferred_bytes = 1);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            changer.update(id, true, |m| m.phase = MigrationPhase::PreCopy);
+        });
+        let started = std::time::Instant::now();
+        let moved = book
+            .wait_past(id, MigrationPhase::Preparing, Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(
+            (moved.phase, moved.transferred_bytes),
+            (MigrationPhase::PreCopy, 1)
+        );
+        assert!(started.elapsed() < Duration::from_secs(10));
+        // A record that goes away ends the wait with not found.
+        let forgetter = book.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            forgetter.forget(id);
+        });
+        assert!(book
+            .wait_past(id, MigrationPhase::PreCopy, Duration::from_secs(30))
+            .await
+            .is_err());
     }
 }

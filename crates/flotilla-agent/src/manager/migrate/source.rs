@@ -31,6 +31,8 @@ use crate::record::VmRecord;
 const PROGRESS_POLL: Duration = Duration::from_millis(25);
 /// How often an unreachable target is asked again.
 const PEER_RETRY: Duration = Duration::from_secs(1);
+/// Longest wait for the target's answer while it syncs disks.
+const SYNC_POLL: Duration = Duration::from_millis(500);
 
 /// Why a call to the target failed: it said no, or it could not be asked.
 #[derive(Debug)]
@@ -124,6 +126,29 @@ impl Peer {
         self.call(
             reqwest::Method::GET,
             &format!("/v1/migrations/{id}"),
+            None::<&()>,
+        )
+        .await
+    }
+
+    /// The target's view of migration `id`, once it has left `phase` or
+    /// after `wait` (the target answers a change at once).
+    pub(super) async fn migration_past(
+        &self,
+        id: &str,
+        phase: MigrationPhase,
+        wait: Duration,
+    ) -> Result<MigrationInfo, PeerError> {
+        let phase = serde_json::to_value(phase)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        self.call(
+            reqwest::Method::GET,
+            &format!(
+                "/v1/migrations/{id}?phase={phase}&wait_ms={}",
+                wait.as_millis()
+            ),
             None::<&()>,
         )
         .await
@@ -789,7 +814,7 @@ impl VmManager {
         let mut last_recovery: Option<Instant> = None;
         let mut post_copy = PostCopyWatch::default();
         loop {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            let asked = Instant::now();
             if last_recovery.is_none_or(|t| t.elapsed() > PEER_RETRY) {
                 if let Some(done) = self.recover_post_copy(id, peer, &mut post_copy).await {
                     last_recovery = Some(Instant::now());
@@ -801,7 +826,12 @@ impl VmManager {
                     }
                 }
             }
-            match peer.migration(id).await {
+            // Asked again every half second at most while the sync goes
+            // on (its progress shows here), answered as soon as it ends.
+            match peer
+                .migration_past(id, MigrationPhase::DiskSync, SYNC_POLL)
+                .await
+            {
                 Ok(t) => {
                     unreachable_since = None;
                     book.update(id, false, |m| {
@@ -818,6 +848,12 @@ impl VmManager {
                             ))
                         }
                         _ => {}
+                    }
+                    // An answer that did not wait (the target still
+                    // preparing, or not waiting at all) is not asked
+                    // again at once.
+                    if asked.elapsed() < SYNC_POLL / 5 {
+                        tokio::time::sleep(SYNC_POLL / 5).await;
                     }
                 }
                 Err(e) => {
