@@ -22,6 +22,7 @@ const QMP_ADOPT_DEADLINE: Duration = Duration::from_secs(5);
 impl VmManager {
     /// Loads the records and takes over the VMs they describe.
     pub async fn adopt_all(&self) -> AgentResult<()> {
+        self.remove_volume_leftovers();
         let vms_dir = self.config().vms_dir();
         let (records, errors) = record::load_all(&vms_dir)
             .map_err(|e| AgentError::io(format!("reading {}", vms_dir.display()), e))?;

@@ -103,6 +103,12 @@ impl AgentConfig {
         self.data_dir.join("snapshots")
     }
 
+    /// The host's volumes (data disks that outlive VMs). Not `volumes/`:
+    /// that holds root disks moved out of their VMs' directories.
+    pub fn data_volumes_dir(&self) -> PathBuf {
+        self.data_dir.join("data-volumes")
+    }
+
     /// The API's TLS certificate and key.
     pub fn tls_dir(&self) -> PathBuf {
         self.data_dir.join("tls")

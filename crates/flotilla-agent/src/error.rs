@@ -20,6 +20,8 @@ pub enum AgentError {
     VmExists { name: String },
     #[error("no snapshot named {name:?} (nor a layer with that id) on this host")]
     SnapshotNotFound { name: String },
+    #[error("no volume named {name:?} on this host")]
+    VolumeNotFound { name: String },
     #[error("{message}")]
     Conflict {
         message: String,
@@ -89,6 +91,7 @@ impl AgentError {
             }
             AgentError::VmNotFound { .. }
             | AgentError::SnapshotNotFound { .. }
+            | AgentError::VolumeNotFound { .. }
             | AgentError::MigrationNotFound { .. } => ErrorCode::NotFound,
             AgentError::Peer(_) => ErrorCode::Unavailable,
             AgentError::VmExists { .. } => ErrorCode::AlreadyExists,
@@ -134,6 +137,10 @@ impl AgentError {
             AgentError::SnapshotNotFound { .. } => {
                 Some("list snapshots with `flotilla snapshot ls`".into())
             }
+            AgentError::VolumeNotFound { .. } => Some(
+                "list volumes with `flotilla volume ls`; make one with `flotilla volume create`"
+                    .into(),
+            ),
             AgentError::VmExists { .. } => {
                 Some("pick another name, or remove the VM with `flotilla vm rm NAME`".into())
             }

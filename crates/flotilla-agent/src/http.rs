@@ -9,6 +9,7 @@ mod migrations;
 mod openapi;
 mod snapshots;
 mod vms;
+mod volumes;
 
 use axum::routing::{get, post};
 use axum::Router;
@@ -63,6 +64,11 @@ pub fn router(manager: VmManager, token: crate::auth::TokenCheck) -> Router {
         .route(
             "/v1/snapshots/{name}",
             get(snapshots::inspect).delete(snapshots::remove),
+        )
+        .route("/v1/volumes", get(volumes::list).post(volumes::create))
+        .route(
+            "/v1/volumes/{name}",
+            get(volumes::inspect).delete(volumes::remove),
         )
         .fallback(error::no_such_route)
         .method_not_allowed_fallback(error::method_not_allowed)

@@ -19,6 +19,7 @@ pub mod migrate;
 mod move_disk;
 mod snapshots;
 pub mod suspend;
+mod volumes;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

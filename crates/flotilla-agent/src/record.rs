@@ -59,6 +59,10 @@ pub struct DiskRecord {
     /// host's export, until its sync is done.
     #[serde(default)]
     pub sync_from: Option<flotilla_qemu::NbdBacking>,
+    /// The host's volume this disk is: not the VM's, so never copied into
+    /// its snapshots nor removed with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -192,6 +196,7 @@ impl VmRecord {
                     format: d.format.clone(),
                     virtual_size_mib: d.size_mib,
                     backing: d.backing.as_ref().map(|b| b.display().to_string()),
+                    volume: d.volume.clone(),
                 })
                 .collect(),
             created_at: self.created_at.clone(),

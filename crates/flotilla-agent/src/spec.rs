@@ -138,6 +138,22 @@ impl VmSpec {
                 ));
             }
             disk_names.push(d.name.clone());
+            if let Some(volume) = &d.volume {
+                validate_name(&format!("disks[{i}].volume"), volume, 63)?;
+                if d.size_mib != 0 {
+                    return Err(invalid(
+                        &format!("disks[{i}].size_mib"),
+                        "a volume has its own size: give size_mib or volume, not both",
+                    ));
+                }
+                if req.disks[..i].iter().any(|o| o.volume == d.volume) {
+                    return Err(invalid(
+                        &format!("disks[{i}].volume"),
+                        format!("{volume:?} is attached twice"),
+                    ));
+                }
+                continue;
+            }
             if d.size_mib == 0 || d.size_mib > MAX_DISK_MIB {
                 return Err(invalid(
                     &format!("disks[{i}].size_mib"),
@@ -239,10 +255,12 @@ mod tests {
             DiskSpec {
                 name: "data".into(),
                 size_mib: 10,
+                ..Default::default()
             },
             DiskSpec {
                 name: "data".into(),
                 size_mib: 10,
+                ..Default::default()
             },
         ];
         assert_eq!(VmSpec::from_request(r).unwrap_err().field, "disks[1].name");
@@ -250,8 +268,39 @@ mod tests {
         r.disks = vec![DiskSpec {
             name: "root".into(),
             size_mib: 10,
+            ..Default::default()
         }];
         assert!(VmSpec::from_request(r).is_err());
+    }
+
+    #[test]
+    fn volumes_are_attached_once_without_a_size() {
+        let volume = |disk: &str, volume: &str, size_mib| DiskSpec {
+            name: disk.into(),
+            size_mib,
+            volume: Some(volume.into()),
+        };
+        let mut r = req("a");
+        r.disks = vec![volume("data", "home", 0)];
+        assert!(VmSpec::from_request(r).is_ok());
+        let mut r = req("a");
+        r.disks = vec![volume("data", "home", 10)];
+        assert_eq!(
+            VmSpec::from_request(r).unwrap_err().field,
+            "disks[0].size_mib"
+        );
+        let mut r = req("a");
+        r.disks = vec![volume("one", "home", 0), volume("two", "home", 0)];
+        assert_eq!(
+            VmSpec::from_request(r).unwrap_err().field,
+            "disks[1].volume"
+        );
+        let mut r = req("a");
+        r.disks = vec![volume("data", "Home", 0)];
+        assert_eq!(
+            VmSpec::from_request(r).unwrap_err().field,
+            "disks[0].volume"
+        );
     }
 
     #[test]

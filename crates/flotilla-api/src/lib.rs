@@ -17,6 +17,7 @@ pub mod migration;
 pub mod net;
 pub mod snapshot;
 pub mod vm;
+pub mod volume;
 
 pub use error::{ErrorBody, ErrorCode, ErrorDetail};
 pub use exec::{ExecEvent, ExecRequest, ExecResult};
@@ -30,6 +31,7 @@ pub use snapshot::{
 pub use vm::{
     CreateVmRequest, DiskInfo, DiskSpec, GuestInfo, NicInfo, StopVmRequest, VmInfo, VmState,
 };
+pub use volume::{CreateVolumeRequest, VolumeInfo};
 
 /// Version prefix of every REST path.
 pub const API_PREFIX: &str = "/v1";

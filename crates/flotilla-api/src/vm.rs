@@ -143,13 +143,20 @@ impl fmt::Display for VmState {
     }
 }
 
-/// An extra, empty data disk.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+/// An extra data disk: a new empty one of `size_mib`, the VM's own, or
+/// the host's volume `volume`, attached as it is and kept when the VM goes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct DiskSpec {
     /// A short name, unique within the VM (`[a-z0-9-]`, up to 16 characters).
     pub name: String,
+    /// Size of a new disk; absent with `volume`.
+    #[serde(default)]
     pub size_mib: u64,
+    /// A volume of the host (`flotilla volume create`), attached to no
+    /// other VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -222,6 +229,9 @@ pub struct DiskInfo {
     pub virtual_size_mib: u64,
     /// The read-only image this disk is an overlay of.
     pub backing: Option<String>,
+    /// The host's volume this disk is (kept when the VM is removed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -76,6 +76,10 @@ pub enum Command {
     /// Snapshots: layers of VMs' memory and disk.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Volumes: data disks of this host that outlive VMs, attached to one
+    /// VM at a time (`vm run --volume NAME`).
+    #[command(subcommand)]
+    Volume(VolumeCommand),
     /// Live migrations this host takes part in.
     #[command(subcommand)]
     Migration(MigrationCommand),
@@ -630,6 +634,23 @@ pub enum SnapshotCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Make an empty volume.
+    Create {
+        name: String,
+        /// Size, e.g. 512M or 10G.
+        #[arg(long, value_parser = parse_mib)]
+        size: u64,
+    },
+    /// List the host's volumes and the VMs they are attached to.
+    Ls,
+    /// Show one volume.
+    Inspect { name: String },
+    /// Remove a volume and its data; refused while a VM has it attached.
+    Rm { name: String },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum FleetCommand {
     /// Suspend the selected VMs; one that fails keeps running.
     Suspend(FleetArgs),
@@ -662,6 +683,10 @@ pub struct VmRunArgs {
     /// Extra empty disk NAME:SIZE (repeatable), e.g. data:1G.
     #[arg(long = "disk", value_parser = parse_disk)]
     pub disks: Vec<(String, u64)>,
+    /// Attach the host's volume VOLUME as disk DISK (default: named as the
+    /// volume), repeatable: VOLUME[:DISK]. It stays when the VM goes.
+    #[arg(long = "volume", value_parser = parse_volume)]
+    pub volumes: Vec<(String, String)>,
     /// Number of NICs on the host bridge.
     #[arg(long)]
     pub nics: Option<u32>,
@@ -685,6 +710,16 @@ pub struct VmRunArgs {
     /// (made on first use for this image and shape) when no NAME is given.
     #[arg(long, value_name = "NAME", num_args = 0..=1, default_missing_value = "base")]
     pub from_snapshot: Option<String>,
+}
+
+fn parse_volume(s: &str) -> Result<(String, String), String> {
+    match s.split_once(':') {
+        Some((volume, disk)) if !volume.is_empty() && !disk.is_empty() => {
+            Ok((volume.to_string(), disk.to_string()))
+        }
+        Some(_) => Err(format!("{s:?} is not a volume: use VOLUME or VOLUME:DISK")),
+        None => Ok((s.to_string(), s.to_string())),
+    }
 }
 
 fn parse_clone_disk(s: &str) -> Result<flotilla_api::CloneDisk, String> {

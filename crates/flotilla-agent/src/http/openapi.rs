@@ -8,7 +8,7 @@ use utoipa::OpenApi;
 #[openapi(
     info(
         title = "Flotilla host agent API",
-        description = "VMs of one host: lifecycle, exec, console, images, snapshots, live migration."
+        description = "VMs of one host: lifecycle, exec, console, images, snapshots, volumes, live migration."
     ),
     paths(
         super::host::host_info,
@@ -43,12 +43,18 @@ use utoipa::OpenApi;
         super::migrations::switch_over,
         super::migrations::recover,
         super::migrations::remove,
+        super::volumes::list,
+        super::volumes::create,
+        super::volumes::inspect,
+        super::volumes::remove,
     ),
     components(schemas(
         flotilla_api::VmInfo,
         flotilla_api::VmState,
         flotilla_api::CreateVmRequest,
         flotilla_api::DiskSpec,
+        flotilla_api::CreateVolumeRequest,
+        flotilla_api::VolumeInfo,
         flotilla_api::NicInfo,
         flotilla_api::DiskInfo,
         flotilla_api::GuestInfo,

@@ -75,6 +75,11 @@ impl VmManager {
             let s = entry.lock();
             let name = &s.record.name;
             super::migrate::check_disks_whole(&s.record)?;
+            let what = match kind {
+                "clone" => "a clone",
+                _ => "a snapshot",
+            };
+            super::volumes::refuse_with_volumes(&s.record, what)?;
             if s.record.state != VmState::Running {
                 return Err(AgentError::conflict(
                     format!("VM {name:?} is {}: it must be running", s.record.state),

@@ -29,6 +29,7 @@ impl VmManager {
             let _op = src.op_lock.lock().await;
             let (state, head, tags) = {
                 let s = src.lock();
+                super::volumes::refuse_with_volumes(&s.record, "a clone")?;
                 (
                     s.record.state,
                     s.record.snapshot_head.clone(),

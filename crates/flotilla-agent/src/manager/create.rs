@@ -138,9 +138,14 @@ impl VmManager {
                 backing: Some(dir.join(BASE_DISK)),
                 read_only: false,
                 sync_from: None,
+                volume: None,
             });
         }
         for d in &spec.disks {
+            if let Some(volume) = &d.volume {
+                disks.push(self.volume_disk(&d.name, volume)?);
+                continue;
+            }
             disks.push(DiskRecord {
                 name: d.name.clone(),
                 path: dir.join(format!("disk-{}.qcow2", d.name)),
@@ -149,6 +154,7 @@ impl VmManager {
                 backing: None,
                 read_only: false,
                 sync_from: None,
+                volume: None,
             });
         }
         Ok(VmRecord {
@@ -255,7 +261,8 @@ impl VmManager {
             if let Some(rootfs) = &image.rootfs {
                 pin_into(rootfs, BASE_DISK)?;
             }
-            for d in &record.disks {
+            // A volume is there already, outside the VM's directory.
+            for d in record.disks.iter().filter(|d| d.volume.is_none()) {
                 let at = tmp.join(d.path.file_name().unwrap_or_default());
                 match &d.backing {
                     // Relative, so the overlay keeps working after the
@@ -309,13 +316,14 @@ impl VmManager {
         };
         let (id, snapshot_head) = id;
         self.removed_while_syncing(&entry.lock().record);
-        // Disks moved into volumes live outside the VM's directory.
+        // Disks moved into volume directories live outside the VM's
+        // directory, and go with it; the host's volumes stay.
         let outside: Vec<std::path::PathBuf> = entry
             .lock()
             .record
             .disks
             .iter()
-            .filter(|d| !d.path.starts_with(self.vm_dir(name)))
+            .filter(|d| d.volume.is_none() && !d.path.starts_with(self.vm_dir(name)))
             .map(|d| d.path.clone())
             .collect();
         let vms_dir = self.inner.config.vms_dir();

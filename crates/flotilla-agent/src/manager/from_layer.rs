@@ -132,6 +132,7 @@ impl VmManager {
                     sync_from: None,
                     name,
                     backing: Some(disk),
+                    volume: None,
                 })
                 .collect();
             let record = VmRecord {

@@ -78,7 +78,8 @@ impl VmManager {
             copied.pins.insert(PIN_INITRD.to_string(), initrd.clone());
         }
         let result = (|| {
-            for disk in &record.disks {
+            // The host's volumes are not the VM's: they stay as they are.
+            for disk in record.disks.iter().filter(|d| d.volume.is_none()) {
                 let tmp = dir.join(format!("{tmp_prefix}-{}.tmp", disk.name));
                 std::fs::copy(&disk.path, &tmp)
                     .map_err(|e| AgentError::io(format!("copying disk {}", disk.name), e))?;

@@ -69,6 +69,7 @@ impl VmManager {
                 )),
             )
         };
+        super::volumes::refuse_with_volumes(&entry.lock().record, "a snapshot")?;
         let _name = self.reserve_name(name_holder(name)).ok_or_else(taken)?;
         let _op = entry.op_lock.lock().await;
         if self.find_named(name)?.is_some() {

@@ -8,6 +8,7 @@ mod image;
 mod migration;
 mod snapshot;
 mod vm;
+mod volume;
 
 use std::process::ExitCode;
 
@@ -49,6 +50,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Vm(cmd) => vm::run(&agent()?, cli.json, cmd).await,
         Command::Fleet(cmd) => fleet::run(&agent()?, cli.json, cmd).await,
         Command::Snapshot(cmd) => snapshot::run(&agent()?, cli.json, cmd).await,
+        Command::Volume(cmd) => volume::run(&agent()?, cli.json, cmd).await,
         Command::Migration(cmd) => migration::run(&agent()?, cli.json, cmd).await,
         Command::Tenant(cmd) => fleetctl::tenant(&control()?, cli.json, cmd).await,
         Command::Token(cmd) => fleetctl::token(&control()?, cli.json, cmd).await,

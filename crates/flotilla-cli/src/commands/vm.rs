@@ -179,7 +179,16 @@ fn create_request(a: VmRunArgs) -> CreateVmRequest {
         disks: a
             .disks
             .into_iter()
-            .map(|(name, size_mib)| DiskSpec { name, size_mib })
+            .map(|(name, size_mib)| DiskSpec {
+                name,
+                size_mib,
+                volume: None,
+            })
+            .chain(a.volumes.into_iter().map(|(volume, name)| DiskSpec {
+                name,
+                size_mib: 0,
+                volume: Some(volume),
+            }))
             .collect(),
         nics: a.nics,
         ip: a.ip.map(|ip| ip.to_string()),
@@ -243,8 +252,13 @@ fn print_inspect(vm: &VmInfo) {
         );
     }
     for d in &vm.disks {
+        let volume = d
+            .volume
+            .as_ref()
+            .map(|v| format!(" (volume {v})"))
+            .unwrap_or_default();
         println!(
-            "disk {:<6}  {} MiB {} {}",
+            "disk {:<6}  {} MiB {} {}{volume}",
             d.name, d.virtual_size_mib, d.format, d.path
         );
     }

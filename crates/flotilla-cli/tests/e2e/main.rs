@@ -13,6 +13,7 @@ mod migrate;
 mod network;
 mod suspend;
 mod up;
+mod volumes;
 
 use std::time::{Duration, Instant};
 

@@ -374,6 +374,21 @@ fn a_cancelled_or_refused_migration_leaves_the_vm_where_it_was() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A VM with one of its host's volumes stays with it: refused up front.
+    a.cli_json::<Value>(&["volume", "create", "home", "--size", "16M"]);
+    a.cli_json::<Value>(&["vm", "run", "homebound", "--volume", "home", "--wait"]);
+    let out = migrate(&a, &b, "homebound", &[]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("volume \"home\""),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        a.cli_json::<Value>(&["vm", "inspect", "homebound"])["state"],
+        "running"
+    );
+    assert_clean(&b);
 }
 
 /// The host's link to the fabric (its veth's end in the caller's namespace).

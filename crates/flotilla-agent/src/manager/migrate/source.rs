@@ -272,6 +272,7 @@ impl VmManager {
                     Some("wait until `flotilla migration ls` shows it completed".into()),
                 ));
             }
+            crate::manager::volumes::refuse_with_volumes(&s.record, "a migration")?;
             if s.record.disks.iter().any(|d| d.read_only) {
                 return Err(AgentError::conflict(
                     format!("VM {name:?} has a read-only disk shared with another VM: it cannot leave this host"),

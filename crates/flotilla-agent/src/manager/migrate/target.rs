@@ -311,6 +311,7 @@ impl VmManager {
                     size_mib: d.size_mib,
                     backing: None,
                     read_only: d.read_only,
+                    volume: None,
                     sync_from: Some(NbdBacking {
                         host: d.nbd_host.clone(),
                         port: d.nbd_port,
