@@ -209,6 +209,11 @@ pub struct RunInstancesRequest {
     /// identity.
     #[serde(default)]
     pub from_snapshot: Option<String>,
+    /// Volumes of the tenant's to attach (a run of one instance): it runs
+    /// on their host, and gets them as data disks in name order after its
+    /// root disk (`/dev/vdb`, ...). They stay when it is terminated.
+    #[serde(default)]
+    pub volumes: Vec<String>,
 }
 
 /// The tag holding an instance's partition (`1`..=count) in a partition
@@ -242,6 +247,37 @@ pub struct Snapshot {
     pub state: SnapshotState,
     /// RFC 3339.
     pub created_at: String,
+}
+
+/// A tenant's volume: a data disk kept on one host, attached to at most one
+/// instance at a time (which runs on that host), outliving it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Volume {
+    pub id: String,
+    pub name: String,
+    pub tenant: String,
+    pub host: String,
+    pub size_mib: u64,
+    /// `ready`, or `creating` while its host makes it (one whose host did
+    /// not answer stays so until its host is asked again).
+    pub state: SnapshotState,
+    /// The instance it is attached to (its name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attached_to: Option<String>,
+    /// RFC 3339.
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVolumeRequest {
+    /// Unique among the tenant's volumes: `[a-z0-9][a-z0-9-]{0,62}`.
+    pub name: String,
+    pub size_mib: u64,
+    /// Rules for the host it is made on (and so where instances using it
+    /// run), on top of the tenant's policy.
+    #[serde(default)]
+    pub placement: Option<PlacementPolicy>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

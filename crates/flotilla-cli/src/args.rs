@@ -192,6 +192,11 @@ pub struct InstanceRunArgs {
     /// with its vCPUs and memory, instead of booting.
     #[arg(long, conflicts_with = "image")]
     pub from_snapshot: Option<String>,
+    /// Attach this volume of yours (see `instance volume`; repeatable): the
+    /// instance runs on its host and gets it as /dev/vdb, /dev/vdc, ... in
+    /// name order.
+    #[arg(long = "volume", conflicts_with = "from_snapshot")]
+    pub volumes: Vec<String>,
     /// The same key again gets the first answer instead of new instances.
     #[arg(long)]
     pub idempotency_key: Option<String>,
@@ -274,6 +279,32 @@ pub enum InstanceCommand {
     /// The tenant's snapshots of instances: take, list, inspect, remove.
     #[command(subcommand)]
     Snapshot(InstanceSnapshotCommand),
+    /// The tenant's volumes: data disks kept on one host, attached to one
+    /// instance at a time (`instance run --volume`), kept when it goes.
+    #[command(subcommand)]
+    Volume(InstanceVolumeCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InstanceVolumeCommand {
+    /// Make an empty volume on a host the tenant's policy allows.
+    Create {
+        name: String,
+        /// Size, e.g. 512M or 10G.
+        #[arg(long, value_parser = parse_mib)]
+        size: u64,
+        /// Placement rules for its host: JSON inline or @FILE.
+        #[arg(long)]
+        placement: Option<String>,
+    },
+    Ls,
+    Inspect {
+        name: String,
+    },
+    /// Remove a volume and its data (refused while attached).
+    Rm {
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -233,6 +233,7 @@ fn api_reads(placed: &[(usize, usize)]) {
             let req = RunInstancesRequest {
                 disk_mib: flotilla_api::control::DEFAULT_INSTANCE_DISK_MIB,
                 from_snapshot: None,
+                volumes: Vec::new(),
                 name: format!("new-{i:05}"),
                 count: 1,
                 image: None,
@@ -254,6 +255,7 @@ fn api_reads(placed: &[(usize, usize)]) {
             let req = RunInstancesRequest {
                 disk_mib: flotilla_api::control::DEFAULT_INSTANCE_DISK_MIB,
                 from_snapshot: None,
+                volumes: Vec::new(),
                 name: format!("batch-{i:03}"),
                 count: 100,
                 image: None,

@@ -244,6 +244,31 @@ impl AgentClient {
         self.delete_if_there(agent, url).await
     }
 
+    pub async fn create_volume(
+        &self,
+        agent: &AgentAddr,
+        request: &flotilla_api::CreateVolumeRequest,
+    ) -> Result<flotilla_api::VolumeInfo, AgentCallError> {
+        let url = format!("{}/v1/volumes", agent.endpoint);
+        self.call(agent, self.http(agent).post(url).json(request))
+            .await
+    }
+
+    pub async fn volume(
+        &self,
+        agent: &AgentAddr,
+        name: &str,
+    ) -> Result<flotilla_api::VolumeInfo, AgentCallError> {
+        let url = format!("{}/v1/volumes/{name}", agent.endpoint);
+        self.call(agent, self.http(agent).get(url)).await
+    }
+
+    /// Removes a volume; one already gone is fine.
+    pub async fn delete_volume(&self, agent: &AgentAddr, name: &str) -> Result<(), AgentCallError> {
+        let url = format!("{}/v1/volumes/{name}", agent.endpoint);
+        self.delete_if_there(agent, url).await
+    }
+
     /// Clones VM `source` into a new VM `request.name` on the same host.
     pub async fn clone_vm(
         &self,

@@ -59,6 +59,7 @@ impl From<StoreError> for ControlError {
             }
             StoreError::Contended => ControlError::conflict(e.to_string())
                 .with_hint("the request raced with another; send it again"),
+            StoreError::Refused(why) => ControlError::conflict(why),
             other => {
                 tracing::error!(error = %other, "state store");
                 ControlError::new(ErrorCode::Internal, other.to_string())

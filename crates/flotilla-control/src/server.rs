@@ -91,6 +91,9 @@ pub async fn run_control(config: ControlConfig) -> anyhow::Result<()> {
             if let Err(e) = settling.settle_snapshots().await {
                 tracing::warn!(error = %e, "settling snapshots");
             }
+            if let Err(e) = settling.settle_volumes().await {
+                tracing::warn!(error = %e, "settling volumes");
+            }
         }
     });
 

@@ -300,9 +300,10 @@ async fn create_instance_vm(
 ) -> ControlResult<Option<ObservedUpdate>> {
     let mut inst = inst.clone();
     let mut refused: Vec<String> = Vec::new();
+    let volumes = cp.store().volumes_of(&inst.id).await?;
     loop {
         let agent = agent_of(cp, &inst).await?;
-        let e = match create_on(cp, &agent, &inst).await {
+        let e = match create_on(cp, &agent, &inst, &volumes).await {
             Ok(vm) => {
                 let ip = vm.nics.first().map(|n| n.ip.clone());
                 return made(cp, &agent, &inst.id, observed_from_vm(vm.state), ip).await;
@@ -314,10 +315,11 @@ async fn create_instance_vm(
         };
         let from = inst.host.clone().unwrap_or_default();
         refused.push(from.clone());
-        // From a snapshot, only its host can make it; one made before (made
-        // again after its VM went) stays on its host.
+        // From a snapshot or with volumes, only their host can make it; one
+        // made before (made again after its VM went) stays on its host.
         if refused.len() >= HOSTS_PER_INSTANCE
             || inst.from_snapshot.is_some()
+            || !volumes.is_empty()
             || inst.observed != ObservedState::Pending
         {
             return refused_everywhere(cp, &inst, &refused, e.to_string()).await;
@@ -362,12 +364,13 @@ async fn refused_everywhere(
     )))
 }
 
-/// Creates the instance's VM on `agent` (an earlier attempt's VM is taken
-/// as made).
+/// Creates the instance's VM on `agent` with its volumes (ids) as data
+/// disks (an earlier attempt's VM is taken as made).
 async fn create_on(
     cp: &ControlPlane,
     agent: &AgentAddr,
     inst: &InstanceRow,
+    volumes: &[String],
 ) -> Result<flotilla_api::VmInfo, AgentCallError> {
     let agents = &cp.inner.agents;
     let request = CreateVmRequest {
@@ -377,7 +380,15 @@ async fn create_on(
         vcpus: Some(inst.vcpus),
         memory_mib: Some(inst.memory_mib),
         cmdline_extra: None,
-        disks: Vec::new(),
+        disks: volumes
+            .iter()
+            .enumerate()
+            .map(|(i, id)| flotilla_api::DiskSpec {
+                name: format!("vol{i}"),
+                size_mib: 0,
+                volume: Some(id.clone()),
+            })
+            .collect(),
         nics: None,
         ip: inst.ip.clone(),
         tags: vm_tags(inst),

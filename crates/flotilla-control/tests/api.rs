@@ -22,6 +22,7 @@ const ADMIN: &str = "flt_test_admin_token";
 struct Api {
     base: String,
     http: reqwest::Client,
+    store: Store,
     _dir: tempfile::TempDir,
 }
 
@@ -31,7 +32,7 @@ impl Api {
         let store = Store::open(&format!("sqlite://{}", dir.path().join("c.db").display()))
             .await
             .unwrap();
-        let cp = ControlPlane::new(store, ControlSettings::default());
+        let cp = ControlPlane::new(store.clone(), ControlSettings::default());
         cp.ensure_admin_token(ADMIN).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
@@ -43,6 +44,7 @@ impl Api {
         Api {
             base,
             http: reqwest::Client::new(),
+            store,
             _dir: dir,
         }
     }
@@ -607,6 +609,7 @@ async fn two_replicas_never_double_book_a_host() {
                    tags: BTreeMap<String, String>| RunInstancesRequest {
         disk_mib: flotilla_api::control::DEFAULT_INSTANCE_DISK_MIB,
         from_snapshot: None,
+        volumes: Vec::new(),
         name,
         count: 1,
         image: None,
@@ -1317,6 +1320,7 @@ async fn a_replica_takes_over_operations_of_a_dead_one() {
             &[(inst("a"), "h1".into())],
             &versions,
             None,
+            &[],
             &op("op-dead", "i-a"),
             "dead",
             0,
@@ -1329,6 +1333,7 @@ async fn a_replica_takes_over_operations_of_a_dead_one() {
             &[(inst("b"), "h1".into())],
             &versions,
             None,
+            &[],
             &op("op-live", "i-b"),
             "live",
             i64::MAX,
@@ -1561,6 +1566,7 @@ async fn heartbeats_settle_a_move_left_unrecorded() {
             &[(inst("went"), "h1".into()), (inst("stayed"), "h1".into())],
             &versions,
             None,
+            &[],
             &op("op-run", vec!["i-went".into(), "i-stayed".into()]),
             "me",
             0,
@@ -1665,6 +1671,7 @@ async fn heartbeat_replies_route_other_hosts_instances() {
     let req = RunInstancesRequest {
         disk_mib: flotilla_api::control::DEFAULT_INSTANCE_DISK_MIB,
         from_snapshot: None,
+        volumes: Vec::new(),
         name: "pair".into(),
         count: 2,
         image: None,
@@ -1721,4 +1728,154 @@ async fn heartbeat_replies_route_other_hosts_instances() {
         .await
         .unwrap();
     assert_eq!(reply.routes.expect("routes").routes[0].ip, ip1);
+}
+
+#[tokio::test]
+async fn volumes_are_tenant_resources_attached_to_one_instance() {
+    let api = Api::start().await;
+    api.host("h1", 8, "z1").await;
+    api.host("h2", 8, "z1").await;
+    let acme = api.tenant("acme").await;
+    let other = api.tenant("other").await;
+    // Bad input: what was wrong, what is accepted.
+    for (body, needle) in [
+        (json!({"name": "home", "size_mib": 0}), "size_mib"),
+        (json!({"name": "Home", "size_mib": 64}), "volume"),
+        (
+            json!({"name": "home", "size_mib": 64, "color": "red"}),
+            "color",
+        ),
+    ] {
+        let (s, b) = api
+            .call("POST", "/v1/volumes", Some(&acme), Some(body))
+            .await;
+        assert_eq!(s, 400, "{b}");
+        assert!(message(&b).contains(needle), "{b}");
+    }
+    // Its host does not answer: 503, and it stays creating, never used.
+    let (s, b) = api
+        .call(
+            "POST",
+            "/v1/volumes",
+            Some(&acme),
+            Some(json!({"name": "slow", "size_mib": 64})),
+        )
+        .await;
+    assert_eq!(s, 503, "{b}");
+    let (_, slow) = api.call("GET", "/v1/volumes/slow", Some(&acme), None).await;
+    assert_eq!(slow["state"], "creating", "{slow}");
+    let run = |name: &str, volumes: Value| json!({"name": name, "volumes": volumes});
+    let (s, b) = api
+        .call(
+            "POST",
+            "/v1/instances",
+            Some(&acme),
+            Some(run("x", json!(["slow"]))),
+        )
+        .await;
+    assert_eq!(s, 409, "{b}");
+    assert!(message(&b).contains("still being made"), "{b}");
+
+    // A volume its agent has made, on h2.
+    let tenant_id = api.store.tenant_by_name("acme").await.unwrap().unwrap().id;
+    api.store
+        .insert_volume(&flotilla_control::store::VolumeRow {
+            id: "v-data".into(),
+            tenant_id,
+            name: "data".into(),
+            host: "h2".into(),
+            size_mib: 64,
+            ready: true,
+            attached_to: None,
+            attached_name: None,
+            created_at: 0,
+        })
+        .await
+        .unwrap();
+    // Another tenant's: not found, whatever it does.
+    let (s, _) = api
+        .call("GET", "/v1/volumes/data", Some(&other), None)
+        .await;
+    assert_eq!(s, 404);
+    let (s, _) = api
+        .call("DELETE", "/v1/volumes/data", Some(&other), None)
+        .await;
+    assert_eq!(s, 404);
+    let (s, b) = api
+        .call(
+            "POST",
+            "/v1/instances",
+            Some(&other),
+            Some(run("y", json!(["data"]))),
+        )
+        .await;
+    assert_eq!(s, 404, "{b}");
+    // Runs that cannot have it.
+    for (body, status, needle) in [
+        (
+            json!({"name": "z", "count": 2, "volumes": ["data"]}),
+            400,
+            "one instance",
+        ),
+        (
+            json!({"name": "z", "volumes": ["data", "data"]}),
+            400,
+            "twice",
+        ),
+        (
+            json!({"name": "z", "from_snapshot": "gold", "volumes": ["data"]}),
+            400,
+            "snapshot",
+        ),
+    ] {
+        let (s, b) = api
+            .call("POST", "/v1/instances", Some(&acme), Some(body))
+            .await;
+        assert_eq!(s, status, "{b}");
+        assert!(message(&b).contains(needle), "{b}");
+    }
+
+    // The instance runs where its volume is.
+    let (s, b) = api
+        .call(
+            "POST",
+            "/v1/instances",
+            Some(&acme),
+            Some(run("db", json!(["data"]))),
+        )
+        .await;
+    assert_eq!(s, 201, "{b}");
+    assert_eq!(b["instances"][0]["host"], "h2", "{b}");
+    let (_, data) = api.call("GET", "/v1/volumes/data", Some(&acme), None).await;
+    assert_eq!(data["attached_to"], "db", "{data}");
+    let (s, b) = api
+        .call(
+            "POST",
+            "/v1/instances",
+            Some(&acme),
+            Some(run("db2", json!(["data"]))),
+        )
+        .await;
+    assert_eq!(s, 409, "{b}");
+    assert!(message(&b).contains("attached to instance \"db\""), "{b}");
+    let (s, b) = api
+        .call("DELETE", "/v1/volumes/data", Some(&acme), None)
+        .await;
+    assert_eq!(s, 409, "{b}");
+    // Pages.
+    let (_, page) = api
+        .call("GET", "/v1/volumes?page_size=1", Some(&acme), None)
+        .await;
+    assert_eq!(page["items"][0]["name"], "data", "{page}");
+    let token = page["next_page_token"].as_str().unwrap();
+    let (_, page) = api
+        .call(
+            "GET",
+            &format!("/v1/volumes?page_size=1&page_token={token}"),
+            Some(&acme),
+            None,
+        )
+        .await;
+    assert_eq!(page["items"][0]["name"], "slow", "{page}");
+    assert!(page["next_page_token"].is_null(), "{page}");
 }

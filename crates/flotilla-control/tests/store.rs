@@ -156,7 +156,7 @@ async fn hosts_heartbeats_down_and_placement_versions() {
         ];
         let stale = BTreeMap::from([("h1".to_string(), 0)]);
         let lost = store
-            .commit_run(&batch, &stale, None, &op, "r", i64::MAX)
+            .commit_run(&batch, &stale, None, &[], &op, "r", i64::MAX)
             .await
             .unwrap_err();
         assert!(matches!(lost, StoreError::Contended));
@@ -164,7 +164,7 @@ async fn hosts_heartbeats_down_and_placement_versions() {
         assert!(store.operation("op-batch").await.unwrap().is_none());
         let current = BTreeMap::from([("h1".to_string(), 1)]);
         store
-            .commit_run(&batch, &current, None, &op, "r", i64::MAX)
+            .commit_run(&batch, &current, None, &[], &op, "r", i64::MAX)
             .await
             .unwrap();
         assert!(store.instance("i-d").await.unwrap().is_some());
@@ -188,6 +188,7 @@ async fn hosts_heartbeats_down_and_placement_versions() {
                 &one,
                 &BTreeMap::from([("h1".to_string(), v)]),
                 Some(&guard),
+                &[],
                 &op_e,
                 "r",
                 1,
@@ -202,6 +203,7 @@ async fn hosts_heartbeats_down_and_placement_versions() {
                 &two,
                 &BTreeMap::from([("h1".to_string(), v + 1)]),
                 Some(&guard),
+                &[],
                 &op_f,
                 "r",
                 1,
@@ -652,5 +654,129 @@ async fn snapshots_are_named_per_tenant() {
             .unwrap()
             .is_none());
         assert!(!store.delete_snapshot("s-3").await.unwrap());
+    }
+}
+
+#[tokio::test]
+async fn volumes_attach_to_one_instance_of_their_tenant_and_host() {
+    use flotilla_control::store::VolumeRow;
+    let (stores, _dir, _pg) = stores("volumes").await;
+    for store in stores {
+        store.create_tenant("t-1", "acme").await.unwrap();
+        store.create_tenant("t-2", "other").await.unwrap();
+        for h in ["h1", "h2"] {
+            store.record_heartbeat(h, &beat(8)).await.unwrap();
+        }
+        let vol = |id: &str, tenant: &str, name: &str, ready: bool| VolumeRow {
+            id: id.into(),
+            tenant_id: tenant.into(),
+            name: name.into(),
+            host: "h1".into(),
+            size_mib: 64,
+            ready,
+            attached_to: None,
+            attached_name: None,
+            created_at: 0,
+        };
+        store
+            .insert_volume(&vol("v-1", "t-1", "home", true))
+            .await
+            .unwrap();
+        let dup = store.insert_volume(&vol("v-9", "t-1", "home", true)).await;
+        assert!(matches!(dup, Err(StoreError::Duplicate(_))), "{dup:?}");
+        store
+            .insert_volume(&vol("v-2", "t-1", "making", false))
+            .await
+            .unwrap();
+        store
+            .insert_volume(&vol("v-3", "t-2", "home", true))
+            .await
+            .unwrap();
+
+        let op = |id: &str, target: &str| OperationRow {
+            id: id.into(),
+            tenant_id: Some("t-1".into()),
+            kind: "run".into(),
+            targets: vec![target.into()],
+            state: OperationState::Running,
+            steps: vec![],
+            input: serde_json::json!("run"),
+            error: None,
+            created_at: 1,
+            updated_at: 1,
+        };
+        let run = |name: &'static str,
+                   tenant: &'static str,
+                   host: &'static str,
+                   volumes: Vec<&'static str>| {
+            let store = store.clone();
+            async move {
+                let version = store.host(host).await.unwrap().unwrap().version;
+                let volumes: Vec<String> = volumes.into_iter().map(String::from).collect();
+                store
+                    .commit_run(
+                        &[(instance(tenant, name, &[]), host.to_string())],
+                        &BTreeMap::from([(host.to_string(), version)]),
+                        None,
+                        &volumes,
+                        &op(&format!("op-{name}"), &format!("i-{name}")),
+                        "r",
+                        i64::MAX,
+                    )
+                    .await
+            }
+        };
+        run("a", "t-1", "h1", vec!["v-1"]).await.unwrap();
+        assert_eq!(store.volumes_of("i-a").await.unwrap(), vec!["v-1"]);
+        let home = store.volume_by_name("t-1", "home").await.unwrap().unwrap();
+        assert_eq!(
+            (home.attached_to.as_deref(), home.attached_name.as_deref()),
+            (Some("i-a"), Some("a"))
+        );
+        // Attached already, not ready, another tenant's, another host's:
+        // refused, and the run is not made at all.
+        for (name, tenant, host, volume) in [
+            ("b", "t-1", "h1", "v-1"),
+            ("c", "t-1", "h1", "v-2"),
+            ("d", "t-2", "h1", "v-1"),
+            ("e", "t-2", "h2", "v-3"),
+        ] {
+            let refused = run(name, tenant, host, vec![volume]).await.unwrap_err();
+            assert!(
+                matches!(refused, StoreError::Refused(_)),
+                "{name}: {refused:?}"
+            );
+            assert!(store
+                .instance(&format!("i-{name}"))
+                .await
+                .unwrap()
+                .is_none());
+            assert!(store
+                .operation(&format!("op-{name}"))
+                .await
+                .unwrap()
+                .is_none());
+        }
+        // Kept while attached; the instance going frees it.
+        let kept = store.delete_volume("v-1").await.unwrap_err();
+        assert!(matches!(kept, StoreError::Refused(_)), "{kept:?}");
+        store.delete_instance("i-a").await.unwrap();
+        assert!(store.volumes_of("i-a").await.unwrap().is_empty());
+        run("f", "t-1", "h1", vec!["v-1"]).await.unwrap();
+        store.delete_instance("i-f").await.unwrap();
+        store.delete_volume("v-1").await.unwrap();
+        // Pages, per tenant; the one not ready is listed as such.
+        let mine = store.list_volumes(Some("t-1"), None, 100).await.unwrap();
+        assert_eq!(mine.len(), 1);
+        assert!(!mine[0].ready);
+        assert_eq!(store.creating_volumes(i64::MAX).await.unwrap().len(), 1);
+        assert!(store.volume_ready("v-2").await.unwrap());
+        assert!(store.creating_volumes(i64::MAX).await.unwrap().is_empty());
+        let all = store.list_volumes(None, None, 1).await.unwrap();
+        let next = store
+            .list_volumes(None, Some((&all[0].name, &all[0].id)), 10)
+            .await
+            .unwrap();
+        assert_eq!(all.len() + next.len(), 2);
     }
 }

@@ -23,7 +23,7 @@ use crate::output::{self, opt};
 
 /// Path segments and query values are names and ids of `[a-z0-9-]`, or
 /// checked by the server; tags go through percent-encoding.
-fn encode(s: &str) -> String {
+pub(super) fn encode(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {
         match b {
@@ -99,7 +99,7 @@ pub async fn token(c: &Client, json: bool, cmd: TokenCommand) -> anyhow::Result<
 }
 
 /// A placement policy from JSON inline or `@FILE`.
-fn parse_placement(text: String) -> anyhow::Result<PlacementPolicy> {
+pub(super) fn parse_placement(text: String) -> anyhow::Result<PlacementPolicy> {
     let text = match text.strip_prefix('@') {
         Some(path) => std::fs::read_to_string(path).map_err(|e| {
             CliError::new(format!("cannot read placement policy {path}: {e}"), None)
@@ -185,6 +185,7 @@ fn run_request(args: InstanceRunArgs) -> anyhow::Result<RunInstancesRequest> {
         tags: args.tags.into_iter().collect::<BTreeMap<_, _>>(),
         placement,
         from_snapshot: args.from_snapshot,
+        volumes: args.volumes,
     })
 }
 
@@ -354,6 +355,7 @@ pub async fn instance(c: &Client, json: bool, cmd: InstanceCommand) -> anyhow::R
         InstanceCommand::Suspend(sel) => return select_act(c, json, "suspend", sel).await,
         InstanceCommand::Resume(sel) => return select_act(c, json, "resume", sel).await,
         InstanceCommand::Snapshot(cmd) => return snapshot_command(c, json, cmd).await,
+        InstanceCommand::Volume(cmd) => return super::instance_volume::run(c, json, cmd).await,
         InstanceCommand::Clone {
             source,
             name,

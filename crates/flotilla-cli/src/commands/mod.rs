@@ -5,6 +5,7 @@ mod control;
 mod fleet;
 mod fleetctl;
 mod image;
+mod instance_volume;
 mod migration;
 mod snapshot;
 mod vm;

@@ -1246,3 +1246,111 @@ fn a_snapshot_left_creating_is_settled_with_its_host() {
     assert_eq!(s, 201, "{b}");
     assert_eq!(b["state"], "ready", "{b}");
 }
+
+/// Volumes: made on a host by placement, attached to one instance at a
+/// time (which runs on its host), kept with their data when it goes.
+#[test]
+fn volumes_are_tenant_resources_that_outlive_instances() {
+    let cp = ControlPlaneProcess::start().expect("control plane");
+    let h1 = host(&cp, "h1", "z1");
+    let h2 = host(&cp, "h2", "z2");
+    let (_, acme) = hosts_up_and_tenant(&cp, 2);
+    let (ok, out, err) = cli(
+        &cp,
+        &acme,
+        &[
+            "--json", "instance", "volume", "create", "home", "--size", "64M",
+        ],
+    );
+    assert!(ok, "{out} {err}");
+    let vol: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(vol["state"], "ready", "{vol}");
+    let (home_host, other_host) = if vol["host"] == "h1" {
+        (&h1, &h2)
+    } else {
+        (&h2, &h1)
+    };
+    let (_, on_agent) = home_host.api("GET", "/v1/volumes", None);
+    assert_eq!(on_agent[0]["name"], vol["id"], "{on_agent}");
+    let (_, elsewhere) = other_host.api("GET", "/v1/volumes", None);
+    assert_eq!(elsewhere, json!([]));
+
+    let run = |name: &str| {
+        let (s, b) = cp.api(
+            "POST",
+            "/v1/instances",
+            Some(&acme),
+            Some(json!({"name": name, "volumes": ["home"]})),
+        );
+        assert_eq!(s, 201, "{b}");
+        assert_eq!(b["instances"][0]["host"], vol["host"], "{b}");
+        let op = wait_op(&cp, &acme, b["operation"].as_str().unwrap());
+        assert_eq!(op["state"], "succeeded", "{op:#}");
+    };
+    let terminate = |name: &str| {
+        let (_, b) = cp.api(
+            "DELETE",
+            &format!("/v1/instances/{name}"),
+            Some(&acme),
+            None,
+        );
+        let op = wait_op(&cp, &acme, b["id"].as_str().unwrap());
+        assert_eq!(op["state"], "succeeded", "{op:#}");
+    };
+    run("dev");
+    exec_in(
+        &cp,
+        &acme,
+        "dev",
+        &[
+            "sh",
+            "-c",
+            "printf kept-data | dd of=/dev/vdb bs=512 conv=sync,fsync 2>/dev/null",
+        ],
+    );
+    let (_, listed) = cp.api("GET", "/v1/volumes", Some(&acme), None);
+    assert_eq!(listed["items"][0]["attached_to"], "dev", "{listed}");
+    let (ok, _, err) = cli(&cp, &acme, &["instance", "volume", "rm", "home"]);
+    assert!(!ok && err.contains("attached to instance"), "{err}");
+    // It stays with its volume: no move, no snapshot without it.
+    let (s, b) = cp.api(
+        "POST",
+        "/v1/instances/dev/migrate",
+        Some(&acme),
+        Some(json!({})),
+    );
+    assert_eq!(s, 409, "{b}");
+    assert!(b.to_string().contains("volumes attached"), "{b}");
+    let (s, b) = cp.api(
+        "POST",
+        "/v1/instances/dev/snapshots",
+        Some(&acme),
+        Some(json!({"name": "snap"})),
+    );
+    assert_eq!(s, 409, "{b}");
+    assert!(b.to_string().contains("volume"), "{b}");
+
+    // The instance goes; the volume stays, with its data, for the next.
+    terminate("dev");
+    let (_, home) = cp.api("GET", "/v1/volumes/home", Some(&acme), None);
+    assert!(home.get("attached_to").is_none(), "{home}");
+    run("dev2");
+    let read = exec_in(
+        &cp,
+        &acme,
+        "dev2",
+        &[
+            "sh",
+            "-c",
+            "dd if=/dev/vdb bs=512 count=1 2>/dev/null | tr -d '\\000'",
+        ],
+    );
+    assert_eq!(read, "kept-data");
+    terminate("dev2");
+    let (ok, out, err) = cli(&cp, &acme, &["instance", "volume", "rm", "home"]);
+    assert!(ok, "{out} {err}");
+    let (_, on_agent) = home_host.api("GET", "/v1/volumes", None);
+    assert_eq!(on_agent, json!([]));
+    let (_, listed) = cp.api("GET", "/v1/volumes", Some(&acme), None);
+    assert_eq!(listed["items"], json!([]));
+}

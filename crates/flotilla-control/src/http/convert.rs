@@ -3,11 +3,13 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use flotilla_api::control::{
-    Host, HostDisk, HostState, Instance, Operation, Policy, Snapshot, SnapshotState, Tenant,
+    Host, HostDisk, HostState, Instance, Operation, Policy, Snapshot, SnapshotState, Tenant, Volume,
 };
 use flotilla_api::Resources;
 
-use crate::store::{HostRow, InstanceRow, OperationRow, PolicyRow, SnapshotRow, TenantRow};
+use crate::store::{
+    HostRow, InstanceRow, OperationRow, PolicyRow, SnapshotRow, TenantRow, VolumeRow,
+};
 
 /// Milliseconds since the epoch as RFC 3339 (UTC, milliseconds).
 pub fn rfc3339(ms: i64) -> String {
@@ -99,6 +101,23 @@ pub fn policy(p: PolicyRow) -> Policy {
         fleet: p.fleet,
         placement: p.placement,
         updated_at: rfc3339(p.updated_at),
+    }
+}
+
+pub fn volume(v: VolumeRow) -> Volume {
+    Volume {
+        state: if v.ready {
+            SnapshotState::Ready
+        } else {
+            SnapshotState::Creating
+        },
+        id: v.id,
+        name: v.name,
+        tenant: v.tenant_id,
+        host: v.host,
+        size_mib: v.size_mib,
+        attached_to: v.attached_name,
+        created_at: rfc3339(v.created_at),
     }
 }
 

@@ -24,13 +24,13 @@ use crate::service::ControlPlane;
 use crate::store::InstanceFilter;
 use crate::workflows::OperationInput;
 
-type ApiResult<T> = Result<T, ApiError>;
+pub(super) type ApiResult<T> = Result<T, ApiError>;
 
-fn body<T>(b: Result<Json<T>, JsonRejection>) -> ApiResult<T> {
+pub(super) fn body<T>(b: Result<Json<T>, JsonRejection>) -> ApiResult<T> {
     Ok(b?.0)
 }
 
-fn query<T>(q: Result<Query<T>, QueryRejection>) -> ApiResult<T> {
+pub(super) fn query<T>(q: Result<Query<T>, QueryRejection>) -> ApiResult<T> {
     Ok(q?.0)
 }
 
@@ -42,7 +42,7 @@ pub async fn healthz() -> &'static str {
 #[openapi(
     info(
         title = "Flotilla control plane",
-        description = "Tenants, hosts, instances, placement and operations"
+        description = "Tenants, hosts, instances, volumes, snapshots, placement and operations"
     ),
     paths(
         create_tenant,
@@ -70,6 +70,10 @@ pub async fn healthz() -> &'static str {
         list_snapshots,
         get_snapshot,
         delete_snapshot,
+        super::volumes::create_volume,
+        super::volumes::list_volumes,
+        super::volumes::get_volume,
+        super::volumes::delete_volume,
         fleet_suspend,
         fleet_resume,
         explain,
@@ -227,7 +231,7 @@ pub async fn uncordon(
 pub struct TenantQuery {
     /// For admin tokens: the tenant (id) to act for.
     #[serde(default)]
-    tenant: Option<String>,
+    pub(super) tenant: Option<String>,
 }
 
 const IDEMPOTENCY_HEADER: &str = "idempotency-key";
@@ -255,7 +259,7 @@ pub async fn run_instances(
 /// the same key with the same request gets the first answer again, with
 /// another request a 409. `what` tells creates of different kinds apart
 /// (empty for runs, as keys were stored before there were others).
-async fn idempotent<Req, Res, Fut>(
+pub(super) async fn idempotent<Req, Res, Fut>(
     cp: &ControlPlane,
     caller: &Caller,
     tenant: Option<&str>,
@@ -785,7 +789,7 @@ pub struct OpsQuery {
 }
 
 /// A page size given, 1 to 1000 (default 100).
-fn page_size(size: Option<u32>) -> ApiResult<u32> {
+pub(super) fn page_size(size: Option<u32>) -> ApiResult<u32> {
     let size = size.unwrap_or(100);
     if !(1..=1000).contains(&size) {
         return Err(

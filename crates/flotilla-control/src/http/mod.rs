@@ -4,6 +4,7 @@
 
 mod convert;
 mod handlers;
+mod volumes;
 
 pub use handlers::openapi_document;
 
@@ -51,6 +52,14 @@ pub fn router(cp: ControlPlane) -> Router {
         .route(
             "/v1/snapshots/{name}",
             get(get_snapshot).delete(delete_snapshot),
+        )
+        .route(
+            "/v1/volumes",
+            get(volumes::list_volumes).post(volumes::create_volume),
+        )
+        .route(
+            "/v1/volumes/{name}",
+            get(volumes::get_volume).delete(volumes::delete_volume),
         )
         .route("/v1/fleet/suspend", post(fleet_suspend))
         .route("/v1/fleet/resume", post(fleet_resume))

@@ -154,6 +154,7 @@ impl ControlPlane {
             }
         }
         self.check_not_being_made(&inst).await?;
+        self.check_movable(&inst).await?;
         let tenant_id = inst.tenant_id.clone();
         self.begin_operation(
             Some(&tenant_id),
@@ -399,6 +400,7 @@ impl ControlPlane {
                     &placed,
                     &host_versions,
                     guard.as_ref(),
+                    &[],
                     &op,
                     &self.inner.replica,
                     self.lease_until(),

@@ -31,6 +31,9 @@ mod placing;
 mod policies;
 mod snapshots;
 mod tenants;
+mod volumes;
+
+pub use volumes::MAX_VOLUME_MIB;
 
 /// Settings of one control plane replica.
 #[derive(Debug, Clone)]

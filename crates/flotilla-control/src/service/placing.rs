@@ -201,11 +201,33 @@ impl ControlPlane {
         tenant_id: &str,
         req: &RunInstancesRequest,
     ) -> ControlResult<RunShape> {
+        if req.from_snapshot.is_some() && !req.volumes.is_empty() {
+            return Err(ControlError::invalid(
+                "volumes: an instance from a snapshot has the snapshot's disks only; run it without volumes",
+            ));
+        }
+        let mut shape = self.run_shape_of_source(tenant_id, req).await?;
+        if let Some((ids, host)) = self.run_volumes(tenant_id, req).await? {
+            let why = format!("volume {:?} is kept on {host}", req.volumes[0]);
+            shape.demand.only_host = Some((host, why));
+            shape.volumes = ids;
+        }
+        Ok(shape)
+    }
+
+    /// Image, demand and snapshot of a run, from its request or the
+    /// snapshot it starts from.
+    async fn run_shape_of_source(
+        &self,
+        tenant_id: &str,
+        req: &RunInstancesRequest,
+    ) -> ControlResult<RunShape> {
         let Some(name) = &req.from_snapshot else {
             return Ok(RunShape {
                 image: req.image.clone(),
                 demand: Demand::new(req.vcpus, req.memory_mib).with_disk(req.disk_mib),
                 snapshot: None,
+                volumes: Vec::new(),
             });
         };
         if req.image.is_some() {
@@ -235,6 +257,7 @@ impl ControlPlane {
                     .with_disk(req.disk_mib.max(snap.disk_mib))
             },
             snapshot: Some(snap.id),
+            volumes: Vec::new(),
         })
     }
 
@@ -372,7 +395,7 @@ impl ControlPlane {
         let op = self.new_operation(Some(&tenant_id), &op_id, input, targets);
         self.assign_partitions(&tenant_id, &policy, &mut news)
             .await?;
-        self.place_run(&tenant_id, &news, &shape.demand, &policy, &op)
+        self.place_run(&tenant_id, &news, &shape, &policy, &op)
             .await?;
         workflows::spawn(self.clone(), op.clone());
         let mut placed = Vec::with_capacity(news.len());
@@ -393,10 +416,11 @@ impl ControlPlane {
         &self,
         tenant_id: &str,
         news: &[NewInstance],
-        demand: &Demand,
+        shape: &RunShape,
         policy: &PlacementPolicy,
         op: &OperationRow,
     ) -> ControlResult<()> {
+        let demand = &shape.demand;
         let Some(first) = news.first() else {
             return Ok(());
         };
@@ -498,6 +522,7 @@ impl ControlPlane {
                     &placed,
                     &versions,
                     guard.as_ref(),
+                    &shape.volumes,
                     op,
                     &self.inner.replica,
                     self.lease_until(),
@@ -551,6 +576,7 @@ impl ControlPlane {
         from: &str,
         to: Option<&str>,
     ) -> ControlResult<String> {
+        self.check_movable(inst).await?;
         let policy = self
             .effective_policy(&inst.tenant_id, &inst.tags, None)
             .await?;
@@ -566,6 +592,18 @@ impl ControlPlane {
             },
         )
         .await
+    }
+
+    /// An instance with volumes attached stays on their host.
+    pub(crate) async fn check_movable(&self, inst: &InstanceRow) -> ControlResult<()> {
+        if self.store().volumes_of(&inst.id).await?.is_empty() {
+            return Ok(());
+        }
+        Err(ControlError::conflict(format!(
+            "instance {:?} has volumes attached: they stay on {}, and so does it",
+            inst.name,
+            inst.host.as_deref().unwrap_or("their host")
+        )))
     }
 
     /// Places an instance whose host's agent refused to make it (no such
@@ -675,9 +713,11 @@ impl ControlPlane {
 }
 
 /// A run's instances as placement and the store see them.
-struct RunShape {
+pub(super) struct RunShape {
     image: Option<String>,
     demand: Demand,
     /// The agent's name of the snapshot they start from.
     snapshot: Option<String>,
+    /// Volumes (ids) attached to the run's one instance.
+    volumes: Vec<String>,
 }

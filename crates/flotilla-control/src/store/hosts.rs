@@ -382,24 +382,34 @@ impl Store {
     ) -> StoreResult<()> {
         let placed = [(instance.clone(), placement.host.clone())];
         let versions = BTreeMap::from([(placement.host.clone(), placement.host_version)]);
-        self.commit_placed(&placed, &versions, None, None).await
+        self.commit_placed(&placed, &versions, None, &[], None)
+            .await
     }
 
     /// Places a whole batch in one transaction: every host it uses must
     /// still be at the version the decisions were made on (`Contended`
     /// otherwise, and nothing is written); the instances and the operation
-    /// that creates them appear together or not at all.
+    /// that creates them appear together or not at all. `volumes` (ids) are
+    /// attached to the batch's one instance (a run with volumes has one).
+    #[allow(clippy::too_many_arguments)]
     pub async fn commit_run(
         &self,
         placed: &[(NewInstance, String)],
         host_versions: &BTreeMap<String, i64>,
         group: Option<&GroupGuard>,
+        volumes: &[String],
         op: &OperationRow,
         owner: &str,
         lease_until: i64,
     ) -> StoreResult<()> {
-        self.commit_placed(placed, host_versions, group, Some((op, owner, lease_until)))
-            .await
+        self.commit_placed(
+            placed,
+            host_versions,
+            group,
+            volumes,
+            Some((op, owner, lease_until)),
+        )
+        .await
     }
 
     async fn commit_placed(
@@ -407,6 +417,7 @@ impl Store {
         placed: &[(NewInstance, String)],
         host_versions: &BTreeMap<String, i64>,
         group: Option<&GroupGuard>,
+        volumes: &[String],
         op: Option<(&OperationRow, &str, i64)>,
     ) -> StoreResult<()> {
         let mut tx = self.pool().begin().await?;
@@ -428,6 +439,20 @@ impl Store {
         }
         for (instance, host) in placed {
             insert_instance(&mut tx, instance, Some(host)).await?;
+        }
+        if let (false, [(instance, host)]) = (volumes.is_empty(), placed) {
+            super::volumes::attach_volumes(
+                &mut tx,
+                &instance.id,
+                &instance.tenant_id,
+                host,
+                volumes,
+            )
+            .await?;
+        } else if !volumes.is_empty() {
+            return Err(StoreError::Refused(
+                "volumes are attached to a run of one instance".into(),
+            ));
         }
         if let Some((op, owner, lease_until)) = op {
             insert_operation(&mut tx, op, owner, lease_until).await?;

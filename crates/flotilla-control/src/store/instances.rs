@@ -604,6 +604,7 @@ impl Store {
     pub async fn delete_instance(&self, id: &str) -> StoreResult<()> {
         let mut tx = self.pool().begin().await?;
         bump_hosts_of(&mut tx, id).await?;
+        super::volumes::detach_volumes(&mut tx, id).await?;
         sqlx::query("DELETE FROM instance_tags WHERE instance_id = $1")
             .bind(id)
             .execute(&mut *tx)

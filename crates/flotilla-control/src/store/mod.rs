@@ -10,6 +10,7 @@ mod policies;
 mod schema;
 mod snapshots;
 mod tenants;
+mod volumes;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -22,6 +23,7 @@ pub use operations::OperationRow;
 pub use policies::PolicyRow;
 pub use snapshots::SnapshotRow;
 pub use tenants::{TenantRow, TokenRow};
+pub use volumes::VolumeRow;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -36,6 +38,9 @@ pub enum StoreError {
     /// An optimistic update lost to a concurrent one; the caller retries.
     #[error("a concurrent change got there first")]
     Contended,
+    /// A change the rows as they are do not allow (a retry would not help).
+    #[error("{0}")]
+    Refused(String),
     #[error("unsupported database URL {0:?} (expected sqlite://PATH or postgres://...)")]
     UnsupportedUrl(String),
 }

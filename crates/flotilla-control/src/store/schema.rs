@@ -201,4 +201,23 @@ pub(crate) const MIGRATIONS: &[(i64, &[&str])] = &[
             "ALTER TABLE hosts ADD COLUMN traits TEXT NOT NULL DEFAULT '[]'",
         ],
     ),
+    (
+        13,
+        &[
+            // Tenants' volumes, kept by their hosts' agents under the row's
+            // id; attached to at most one instance.
+            "CREATE TABLE volumes (
+                id TEXT PRIMARY KEY,
+                tenant_id TEXT NOT NULL REFERENCES tenants(id),
+                name TEXT NOT NULL,
+                host TEXT NOT NULL,
+                size_mib BIGINT NOT NULL,
+                ready BIGINT NOT NULL,
+                attached_to TEXT,
+                created_at BIGINT NOT NULL,
+                UNIQUE (tenant_id, name)
+            )",
+            "CREATE INDEX volumes_by_instance ON volumes (attached_to)",
+        ],
+    ),
 ];
