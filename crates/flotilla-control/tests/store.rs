@@ -692,6 +692,23 @@ async fn volumes_attach_to_one_instance_of_their_tenant_and_host() {
             .insert_volume(&vol("v-3", "t-2", "home", true))
             .await
             .unwrap();
+        // They take disk on their host, attached or not.
+        assert_eq!(store.host("h1").await.unwrap().unwrap().used_disk_mib, 192);
+        let listed = store.list_hosts().await.unwrap();
+        assert_eq!(listed[0].used_disk_mib, 192);
+        // A claim is valid at the version the host was chosen at only.
+        let v = store.host("h1").await.unwrap().unwrap().version;
+        let lost = store
+            .claim_volume(&vol("v-4", "t-1", "late", false), v + 1)
+            .await
+            .unwrap_err();
+        assert!(matches!(lost, StoreError::Contended), "{lost:?}");
+        store
+            .claim_volume(&vol("v-4", "t-1", "late", false), v)
+            .await
+            .unwrap();
+        assert_eq!(store.host("h1").await.unwrap().unwrap().version, v + 1);
+        store.delete_volume("v-4").await.unwrap();
 
         let op = |id: &str, target: &str| OperationRow {
             id: id.into(),

@@ -46,32 +46,53 @@ impl ControlPlane {
         let policy = self
             .effective_policy(&tenant_id, &BTreeMap::new(), req.placement.as_ref())
             .await?;
-        let (views, _) = self.host_views(&tenant_id, None).await?;
-        let demand = Demand {
-            affinity_hosts: self.affinity_hosts(&tenant_id, &policy).await?,
-            ..Demand::new(0, 0).with_disk(req.size_mib)
-        };
-        let Some(host) = placement::choose(&views, &demand, &policy) else {
-            let explanation = placement::explain(&views, &demand, &policy);
-            return Err(no_host_error(&req.name, &explanation));
-        };
-        let host = self
-            .store()
-            .host(&host.name)
-            .await?
-            .ok_or_else(|| ControlError::conflict("the chosen host went; send it again"))?;
-        let row = VolumeRow {
+        let mut row = VolumeRow {
             id: new_id("v"),
             tenant_id,
             name: req.name.clone(),
-            host: host.name.clone(),
+            host: String::new(),
             size_mib: req.size_mib,
             ready: false,
             attached_to: None,
             attached_name: None,
             created_at: now_ms(),
         };
-        self.store().insert_volume(&row).await?;
+        // Placed as an instance needing only disk, and claimed as one: a
+        // placement that decided on the host's old usage decides again.
+        let mut claimed = false;
+        for _ in 0..PLACEMENT_ATTEMPTS {
+            let (views, versions) = self.host_views(&row.tenant_id, None).await?;
+            let demand = Demand {
+                affinity_hosts: self.affinity_hosts(&row.tenant_id, &policy).await?,
+                ..Demand::new(0, 0).with_disk(req.size_mib)
+            };
+            let Some(chosen) = placement::choose(&views, &demand, &policy) else {
+                let explanation = placement::explain(&views, &demand, &policy);
+                return Err(no_host_error(&req.name, &explanation));
+            };
+            row.host = chosen.name.clone();
+            let version = versions.get(&row.host).copied().unwrap_or(0);
+            match self.store().claim_volume(&row, version).await {
+                Ok(()) => {
+                    claimed = true;
+                    break;
+                }
+                Err(StoreError::Contended) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if !claimed {
+            return Err(ControlError::conflict(format!(
+                "could not claim a host for volume {:?}: every attempt raced with other placements",
+                req.name
+            )));
+        }
+        self.fleet_changed().await;
+        let host = self
+            .store()
+            .host(&row.host)
+            .await?
+            .ok_or_else(|| ControlError::conflict("the chosen host went; send it again"))?;
         let request = flotilla_api::CreateVolumeRequest {
             name: row.id.clone(),
             size_mib: row.size_mib,
@@ -81,6 +102,7 @@ impl ControlPlane {
             Ok(_) => {}
             Err(e) if e.is_refusal() => {
                 self.store().delete_volume(&row.id).await?;
+                self.fleet_changed().await;
                 return Err(ControlError::conflict(format!(
                     "volume {:?} on {}: {e}",
                     row.name, row.host
@@ -166,6 +188,7 @@ impl ControlPlane {
                 .map_err(|e| ControlError::conflict(format!("volume {name:?}: {e}")))?;
         }
         self.store().delete_volume(&vol.id).await?;
+        self.fleet_changed().await;
         tracing::info!(volume = name, "volume removed");
         Ok(())
     }
@@ -244,6 +267,7 @@ impl ControlPlane {
                 }
                 Err(e) if e.is_not_found() && e.code() == Some(ErrorCode::NotFound) => {
                     self.store().delete_volume(&vol.id).await?;
+                    self.fleet_changed().await;
                     tracing::warn!(volume = %vol.name, host = %vol.host, "volume never made on its host: removed");
                 }
                 Err(e) => {

@@ -292,6 +292,13 @@ impl Store {
             h.used_disk_mib += usage.try_get::<i64, _>("d")? as u64;
             h.instances += usage.try_get::<i64, _>("n")? as u64;
         }
+        let volumes: i64 = sqlx::query_scalar(
+            "SELECT CAST(COALESCE(SUM(size_mib), 0) AS BIGINT) FROM volumes WHERE host = $1",
+        )
+        .bind(name)
+        .fetch_one(self.pool())
+        .await?;
+        h.used_disk_mib += volumes as u64;
         Ok(Some(h))
     }
 
@@ -312,7 +319,17 @@ impl Store {
         )
         .fetch_all(self.pool())
         .await?;
+        // Volumes take disk on their host, whatever they are attached to.
+        let volumes = sqlx::query(
+            "SELECT host, CAST(SUM(size_mib) AS BIGINT) AS d FROM volumes GROUP BY host",
+        )
+        .fetch_all(self.pool())
+        .await?;
         let mut usage: HashMap<String, Usage> = HashMap::new();
+        for r in &volumes {
+            let host: String = r.try_get("host")?;
+            usage.entry(host).or_default().disk_mib += r.try_get::<i64, _>("d")? as u64;
+        }
         for r in rows.iter().chain(&moving) {
             let host: String = r.try_get("host")?;
             let u = usage.entry(host).or_default();

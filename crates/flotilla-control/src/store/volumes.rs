@@ -88,27 +88,53 @@ pub(crate) async fn detach_volumes(
     Ok(())
 }
 
+async fn insert_volume(tx: &mut Transaction<'_, Any>, v: &VolumeRow) -> StoreResult<()> {
+    sqlx::query(&format!(
+        "INSERT INTO volumes ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, NULL, $7)"
+    ))
+    .bind(&v.id)
+    .bind(&v.tenant_id)
+    .bind(&v.name)
+    .bind(&v.host)
+    .bind(v.size_mib as i64)
+    .bind(i64::from(v.ready))
+    .bind(if v.created_at > 0 {
+        v.created_at
+    } else {
+        now_ms()
+    })
+    .execute(&mut **tx)
+    .await
+    .map_err(|e| StoreError::unique(e, format!("volume {:?}", v.name)))?;
+    Ok(())
+}
+
 impl Store {
-    /// Records a volume (before its agent makes it, as not ready);
-    /// `Duplicate` if the tenant has one of that name.
+    /// Records a volume placed on its host at `host_version` (before its
+    /// agent makes it, as not ready): the host gets a new version, as with
+    /// any placement; `Contended` if it is not at that version any more,
+    /// `Duplicate` if the tenant has a volume of that name.
+    pub async fn claim_volume(&self, v: &VolumeRow, host_version: i64) -> StoreResult<()> {
+        let mut tx = self.pool().begin().await?;
+        let claimed =
+            sqlx::query("UPDATE hosts SET version = version + 1 WHERE name = $1 AND version = $2")
+                .bind(&v.host)
+                .bind(host_version)
+                .execute(&mut *tx)
+                .await?;
+        if claimed.rows_affected() == 0 {
+            return Err(StoreError::Contended);
+        }
+        insert_volume(&mut tx, v).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records a volume without a placement check (imports, tests).
     pub async fn insert_volume(&self, v: &VolumeRow) -> StoreResult<()> {
-        sqlx::query(&format!(
-            "INSERT INTO volumes ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, NULL, $7)"
-        ))
-        .bind(&v.id)
-        .bind(&v.tenant_id)
-        .bind(&v.name)
-        .bind(&v.host)
-        .bind(v.size_mib as i64)
-        .bind(i64::from(v.ready))
-        .bind(if v.created_at > 0 {
-            v.created_at
-        } else {
-            now_ms()
-        })
-        .execute(self.pool())
-        .await
-        .map_err(|e| StoreError::unique(e, format!("volume {:?}", v.name)))?;
+        let mut tx = self.pool().begin().await?;
+        insert_volume(&mut tx, v).await?;
+        tx.commit().await?;
         Ok(())
     }
 
