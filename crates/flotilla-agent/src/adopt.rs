@@ -27,6 +27,9 @@ impl VmManager {
         let (records, errors) = record::load_all(&vms_dir)
             .map_err(|e| AgentError::io(format!("reading {}", vms_dir.display()), e))?;
         let unreadable = !errors.is_empty();
+        self.inner
+            .unreadable_records
+            .store(unreadable, std::sync::atomic::Ordering::Relaxed);
         for e in errors {
             tracing::error!(error = %e, "skipping a VM record that cannot be read; its files are kept");
         }

@@ -80,8 +80,9 @@ pub(crate) struct Inner {
     pub admission: tokio::sync::Mutex<()>,
     /// One base snapshot is made at a time.
     pub bases_lock: tokio::sync::Mutex<()>,
-    /// Names taken by operations still making their VM or snapshot
-    /// (`vm:NAME`, `snapshot:NAME`), so two at once cannot both take one.
+    /// Names taken by operations still making their VM, snapshot or
+    /// volume (`vm:NAME`, `snapshot:NAME`, `volume:NAME`), so two at once
+    /// cannot both take one.
     pub pending_names: Mutex<std::collections::HashSet<String>>,
     /// Live migrations this host takes part in, as source or target.
     pub migrations: migrate::MigrationBook,
@@ -93,6 +94,9 @@ pub(crate) struct Inner {
     /// Held while the routes are brought up to date, so an older view of
     /// the VMs never undoes a newer one.
     pub network_sync: Mutex<()>,
+    /// Some VM records could not be read at start: a volume may be
+    /// attached to one of those VMs, so none is removed or attached.
+    pub unreadable_records: std::sync::atomic::AtomicBool,
 }
 
 /// A name held for an operation in flight; released when dropped.
@@ -145,6 +149,7 @@ impl VmManager {
                 routes,
                 isolation: crate::isolation::Isolation::new(config_subnet),
                 network_sync: Mutex::new(()),
+                unreadable_records: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }

@@ -258,14 +258,24 @@ pub struct Volume {
     pub tenant: String,
     pub host: String,
     pub size_mib: u64,
-    /// `ready`, or `creating` while its host makes it (one whose host did
-    /// not answer stays so until its host is asked again).
-    pub state: SnapshotState,
+    pub state: VolumeState,
     /// The instance it is attached to (its name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attached_to: Option<String>,
     /// RFC 3339.
     pub created_at: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VolumeState {
+    /// Its host is making it (one whose host did not answer stays so until
+    /// the host is asked again: ready if it has it, gone if not).
+    Creating,
+    Ready,
+    /// Being removed from its host (one whose host did not answer stays so
+    /// until the host is asked again); never attached again.
+    Deleting,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

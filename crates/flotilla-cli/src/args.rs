@@ -749,7 +749,11 @@ fn parse_volume(s: &str) -> Result<(String, String), String> {
             Ok((volume.to_string(), disk.to_string()))
         }
         Some(_) => Err(format!("{s:?} is not a volume: use VOLUME or VOLUME:DISK")),
-        None => Ok((s.to_string(), s.to_string())),
+        // The disk is named as the volume, if that can name a disk.
+        None if s.len() <= 16 && s != "root" => Ok((s.to_string(), s.to_string())),
+        None => Err(format!(
+            "volume {s:?} cannot name its disk (at most 16 characters, not \"root\"): use VOLUME:DISK"
+        )),
     }
 }
 

@@ -1785,7 +1785,7 @@ async fn volumes_are_tenant_resources_attached_to_one_instance() {
             name: "data".into(),
             host: "h2".into(),
             size_mib: 64,
-            ready: true,
+            state: flotilla_api::control::VolumeState::Ready,
             attached_to: None,
             attached_name: None,
             created_at: 0,

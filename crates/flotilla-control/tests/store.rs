@@ -667,13 +667,18 @@ async fn volumes_attach_to_one_instance_of_their_tenant_and_host() {
         for h in ["h1", "h2"] {
             store.record_heartbeat(h, &beat(8)).await.unwrap();
         }
+        use flotilla_api::control::VolumeState;
         let vol = |id: &str, tenant: &str, name: &str, ready: bool| VolumeRow {
             id: id.into(),
             tenant_id: tenant.into(),
             name: name.into(),
             host: "h1".into(),
             size_mib: 64,
-            ready,
+            state: if ready {
+                VolumeState::Ready
+            } else {
+                VolumeState::Creating
+            },
             attached_to: None,
             attached_name: None,
             created_at: 0,
@@ -709,6 +714,7 @@ async fn volumes_attach_to_one_instance_of_their_tenant_and_host() {
             .unwrap();
         assert_eq!(store.host("h1").await.unwrap().unwrap().version, v + 1);
         store.delete_volume("v-4").await.unwrap();
+        assert!(store.volume_by_name("t-1", "late").await.unwrap().is_none());
 
         let op = |id: &str, target: &str| OperationRow {
             id: id.into(),
@@ -775,20 +781,37 @@ async fn volumes_attach_to_one_instance_of_their_tenant_and_host() {
                 .is_none());
         }
         // Kept while attached; the instance going frees it.
-        let kept = store.delete_volume("v-1").await.unwrap_err();
-        assert!(matches!(kept, StoreError::Refused(_)), "{kept:?}");
+        let home = store.volume_by_name("t-1", "home").await.unwrap().unwrap();
+        let kept = store.begin_volume_removal(&home).await.unwrap_err();
+        assert!(
+            kept.to_string().contains("attached to instance \"a\""),
+            "{kept:?}"
+        );
         store.delete_instance("i-a").await.unwrap();
         assert!(store.volumes_of("i-a").await.unwrap().is_empty());
         run("f", "t-1", "h1", vec!["v-1"]).await.unwrap();
         store.delete_instance("i-f").await.unwrap();
+        // Being removed: no run attaches it any more; a removal its host
+        // refused puts it back.
+        store.begin_volume_removal(&home).await.unwrap();
+        let refused = run("g", "t-1", "h1", vec!["v-1"]).await.unwrap_err();
+        assert!(matches!(refused, StoreError::Refused(_)), "{refused:?}");
+        assert_eq!(store.unsettled_volumes(i64::MAX).await.unwrap().len(), 2);
+        store
+            .end_volume_removal("v-1", VolumeState::Ready)
+            .await
+            .unwrap();
+        run("g", "t-1", "h1", vec!["v-1"]).await.unwrap();
+        store.delete_instance("i-g").await.unwrap();
+        store.begin_volume_removal(&home).await.unwrap();
         store.delete_volume("v-1").await.unwrap();
         // Pages, per tenant; the one not ready is listed as such.
         let mine = store.list_volumes(Some("t-1"), None, 100).await.unwrap();
         assert_eq!(mine.len(), 1);
-        assert!(!mine[0].ready);
-        assert_eq!(store.creating_volumes(i64::MAX).await.unwrap().len(), 1);
+        assert_eq!(mine[0].state, VolumeState::Creating);
+        assert_eq!(store.unsettled_volumes(i64::MAX).await.unwrap().len(), 1);
         assert!(store.volume_ready("v-2").await.unwrap());
-        assert!(store.creating_volumes(i64::MAX).await.unwrap().is_empty());
+        assert!(store.unsettled_volumes(i64::MAX).await.unwrap().is_empty());
         let all = store.list_volumes(None, None, 1).await.unwrap();
         let next = store
             .list_volumes(None, Some((&all[0].name, &all[0].id)), 10)

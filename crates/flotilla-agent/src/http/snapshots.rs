@@ -29,7 +29,8 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(made)))
 }
 
-#[utoipa::path(get, path = "/v1/snapshots/{name}", responses((status = 200, body = SnapshotInfo), (status = 404, body = ErrorBody)))]
+#[utoipa::path(get, path = "/v1/snapshots/{name}", responses((status = 200, body = SnapshotInfo), (status = 404, body = ErrorBody),
+    (status = 409, body = ErrorBody, description = "being taken")))]
 pub async fn inspect(
     State(m): State<VmManager>,
     Path(name): Path<String>,

@@ -25,7 +25,8 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(made)))
 }
 
-#[utoipa::path(get, path = "/v1/volumes/{name}", responses((status = 200, body = VolumeInfo), (status = 404, body = ErrorBody)))]
+#[utoipa::path(get, path = "/v1/volumes/{name}", responses((status = 200, body = VolumeInfo), (status = 404, body = ErrorBody),
+    (status = 409, body = ErrorBody, description = "being made or removed")))]
 pub async fn inspect(
     State(m): State<VmManager>,
     Path(name): Path<String>,

@@ -288,7 +288,18 @@ impl VmManager {
 
     /// Removes a stopped VM with its disks. `force` stops a running one first.
     pub async fn delete(&self, name: &str, force: bool) -> AgentResult<()> {
-        let entry = self.entry(name)?;
+        let entry = self.entry(name).map_err(|e| match e {
+            // Not "no such VM" while it is being made: whoever removes VMs
+            // by that answer (a control plane terminating an instance) would
+            // take it as gone, and the VM would appear after.
+            AgentError::VmNotFound { .. } if self.name_pending(&format!("vm:{name}")) => {
+                AgentError::conflict(
+                    format!("VM {name:?} is being created"),
+                    Some("remove it once it is made".into()),
+                )
+            }
+            e => e,
+        })?;
         if entry.lock().record.state.has_process() {
             if !force {
                 return Err(AgentError::conflict(

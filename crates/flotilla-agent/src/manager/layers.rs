@@ -23,6 +23,8 @@ pub const LABEL_NICS: &str = "nics";
 pub const LABEL_CMDLINE_EXTRA: &str = "cmdline_extra";
 /// The VM's data disks, comma-separated, in attachment order.
 pub const LABEL_DATA_DISKS: &str = "data_disks";
+/// Data disks that are the host's volumes (not in the layer).
+pub const LABEL_VOLUME_DISKS: &str = "volume_disks";
 /// Pinned-file roles.
 pub const PIN_KERNEL: &str = "kernel";
 pub const PIN_INITRD: &str = "initrd";
@@ -152,6 +154,15 @@ impl VmManager {
             .map(|d| d.name.as_str())
             .collect();
         labels.insert(LABEL_DATA_DISKS.into(), data.join(","));
+        let volumes: Vec<&str> = record
+            .disks
+            .iter()
+            .filter(|d| d.volume.is_some())
+            .map(|d| d.name.as_str())
+            .collect();
+        if !volumes.is_empty() {
+            labels.insert(LABEL_VOLUME_DISKS.into(), volumes.join(","));
+        }
         labels
     }
 }
@@ -249,7 +260,17 @@ pub(crate) fn data_disk_order(
         None if layer.extra_disks.is_empty() => Vec::new(),
         None => layer.extra_disks.keys().cloned().collect(),
     };
+    let volumes = layer.labels.get(LABEL_VOLUME_DISKS);
     for name in &names {
+        if volumes.is_some_and(|v| v.split(',').any(|n| n == name)) {
+            return Err(AgentError::conflict(
+                format!(
+                    "snapshot layer {} is of a VM with a volume attached (disk {name:?}): a VM started from it would lack it",
+                    layer.id
+                ),
+                None,
+            ));
+        }
         if store.extra_disk_path(&layer.id, name).is_none() {
             return Err(AgentError::conflict(
                 format!(

@@ -214,7 +214,7 @@ impl VmManager {
         s.record.pending_snapshot = None;
         // Their contents now live in the layer: each disk starts over as an
         // empty overlay on the layer's copy, ready for the resume.
-        for disk in &mut s.record.disks {
+        for disk in s.record.disks.iter_mut().filter(|d| d.volume.is_none()) {
             let Some(copy) = layer_disk(store, layer, &disk.name) else {
                 continue;
             };
@@ -321,7 +321,8 @@ impl VmManager {
         // time, so usually ready; made now otherwise. (A data disk the layer
         // has no copy of, from an older agent, stays as it is.)
         let mut backings = BTreeMap::new();
-        for disk in &record.disks {
+        // The host's volumes are attached as they are.
+        for disk in record.disks.iter().filter(|d| d.volume.is_none()) {
             let Some(copy) = layer_disk(&store, &head, &disk.name) else {
                 if disk.name == "root" {
                     return Err(AgentError::Snapshot(format!(
@@ -497,7 +498,7 @@ impl VmManager {
     /// (a data disk no layer holds, from an older agent, is real data).
     pub(crate) fn discard_layer_overlays(&self, record: &VmRecord) {
         let store_root = self.inner.snapshots.root();
-        for disk in &record.disks {
+        for disk in record.disks.iter().filter(|d| d.volume.is_none()) {
             if disk
                 .backing
                 .as_deref()

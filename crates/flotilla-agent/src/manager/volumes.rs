@@ -38,7 +38,41 @@ pub(crate) fn refuse_with_volumes(record: &VmRecord, what: &str) -> AgentResult<
     ))
 }
 
+fn holder(name: &str) -> String {
+    format!("volume:{name}")
+}
+
 impl VmManager {
+    /// Refused while VM records could not be read (a volume may be attached
+    /// to one of them).
+    fn check_records_readable(&self, what: &str) -> AgentResult<()> {
+        if !self
+            .inner
+            .unreadable_records
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Ok(());
+        }
+        Err(AgentError::conflict(
+            format!("{what}: some VM records could not be read at start, and one of those VMs may have the volume"),
+            Some("see the agent's log for the unreadable records; fix or remove them and restart the agent".into()),
+        ))
+    }
+
+    /// While volume `name` is being made, asking for it says so (not "no
+    /// such volume": a control plane settles its records by that answer).
+    fn not_found_unless_pending(&self, name: &str) -> AgentError {
+        if self.name_pending(&holder(name)) {
+            return AgentError::conflict(
+                format!("volume {name:?} is being made or removed"),
+                Some("ask again when it is done".into()),
+            );
+        }
+        AgentError::VolumeNotFound {
+            name: name.to_string(),
+        }
+    }
+
     fn volumes_dir(&self) -> PathBuf {
         self.inner.config.data_volumes_dir()
     }
@@ -70,44 +104,57 @@ impl VmManager {
                 req.size_mib
             )));
         }
+        let exists = || {
+            AgentError::conflict(
+                format!("a volume named {:?} exists on this host", req.name),
+                Some("pick another name, or remove it first (`flotilla volume rm NAME`)".into()),
+            )
+        };
+        let _name = self.reserve_name(holder(&req.name)).ok_or_else(exists)?;
         // Creates, attachments and removals of volumes take the admission
         // lock, as VM creates do: a volume is never attached while removed.
         let _admission = self.inner.admission.lock().await;
         let path = self.volume_path(&req.name);
         if path.exists() {
-            return Err(AgentError::conflict(
-                format!("a volume named {:?} exists on this host", req.name),
-                Some("pick another name, or remove it first (`flotilla volume rm NAME`)".into()),
-            ));
+            return Err(exists());
         }
         let dir = self.volumes_dir();
         std::fs::create_dir_all(&dir)
             .map_err(|e| AgentError::io("creating the volumes directory", e))?;
         let tmp = dir.join(format!("{TMP_PREFIX}{}{VOLUME_SUFFIX}", req.name));
-        let made = (|| -> AgentResult<()> {
-            crate::disks::create_blank(&tmp, req.size_mib)?;
-            std::fs::File::open(&tmp)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| AgentError::io("syncing the new volume", e))?;
-            std::fs::rename(&tmp, &path)
-                .map_err(|e| AgentError::io("placing the new volume", e))?;
-            sync_dir(&dir).map_err(|e| AgentError::io("syncing the volumes directory", e))
-        })();
-        if let Err(e) = made {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
+        let size_mib = req.size_mib;
+        // qemu-img and fsync: off the async threads.
+        let made = tokio::task::spawn_blocking(move || -> AgentResult<()> {
+            let made = (|| -> AgentResult<()> {
+                crate::disks::create_blank(&tmp, size_mib)?;
+                std::fs::File::open(&tmp)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| AgentError::io("syncing the new volume", e))?;
+                std::fs::rename(&tmp, &path)
+                    .map_err(|e| AgentError::io("placing the new volume", e))?;
+                sync_dir(&dir).map_err(|e| AgentError::io("syncing the volumes directory", e))
+            })();
+            if made.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            made
+        })
+        .await
+        .map_err(|e| AgentError::io("creating the volume", std::io::Error::other(e)))?;
+        made?;
         tracing::info!(volume = %req.name, size_mib = req.size_mib, "volume created");
-        self.volume_get(&req.name)
+        let name = req.name.clone();
+        let manager = self.clone();
+        tokio::task::spawn_blocking(move || manager.volume_get(&name))
+            .await
+            .map_err(|e| AgentError::io("reading the new volume", std::io::Error::other(e)))?
     }
 
     pub fn volume_get(&self, name: &str) -> AgentResult<VolumeInfo> {
         crate::spec::validate_name("name", name, 63).map_err(AgentError::from)?;
         let path = self.volume_path(name);
         let meta = std::fs::metadata(&path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => AgentError::VolumeNotFound {
-                name: name.to_string(),
-            },
+            std::io::ErrorKind::NotFound => self.not_found_unless_pending(name),
             _ => AgentError::io(format!("reading volume {name}"), e),
         })?;
         let (_, size_mib) = crate::disks::inspect(&path)?;
@@ -142,7 +189,8 @@ impl VmManager {
                 Ok(v) => out.push(v),
                 // Removed meanwhile.
                 Err(AgentError::VolumeNotFound { .. }) => {}
-                Err(e) => return Err(e),
+                // One that cannot be read does not hide the others.
+                Err(e) => tracing::warn!(volume = %name, error = %e, "listing a volume"),
             }
         }
         Ok(out)
@@ -151,6 +199,9 @@ impl VmManager {
     /// Removes a volume and its data; refused while a VM has it attached.
     pub async fn volume_remove(&self, name: &str) -> AgentResult<()> {
         crate::spec::validate_name("name", name, 63).map_err(AgentError::from)?;
+        let _name = self
+            .reserve_name(holder(name))
+            .ok_or_else(|| self.not_found_unless_pending(name))?;
         let _admission = self.inner.admission.lock().await;
         let path = self.volume_path(name);
         if !path.exists() {
@@ -158,6 +209,7 @@ impl VmManager {
                 name: name.to_string(),
             });
         }
+        self.check_records_readable(&format!("volume {name:?} is kept"))?;
         if let Some(vm) = self.volume_user(name) {
             return Err(AgentError::conflict(
                 format!("volume {name:?} is attached to VM {vm:?}"),
@@ -193,10 +245,15 @@ impl VmManager {
     ) -> AgentResult<crate::record::DiskRecord> {
         let path = self.volume_path(volume);
         if !path.exists() {
-            return Err(AgentError::VolumeNotFound {
-                name: volume.to_string(),
-            });
+            return Err(self.not_found_unless_pending(volume));
         }
+        if self.name_pending(&holder(volume)) {
+            return Err(AgentError::conflict(
+                format!("volume {volume:?} is being removed"),
+                None,
+            ));
+        }
+        self.check_records_readable(&format!("volume {volume:?} is not attached"))?;
         if let Some(vm) = self.volume_user(volume) {
             return Err(AgentError::conflict(
                 format!("volume {volume:?} is attached to VM {vm:?}"),

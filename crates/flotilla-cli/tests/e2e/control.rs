@@ -1328,7 +1328,20 @@ fn volumes_are_tenant_resources_that_outlive_instances() {
         Some(json!({"name": "snap"})),
     );
     assert_eq!(s, 409, "{b}");
-    assert!(b.to_string().contains("volume"), "{b}");
+    assert!(b.to_string().contains("volumes attached"), "{b}");
+    let (s, b) = cp.api(
+        "POST",
+        "/v1/instances/dev/clone",
+        Some(&acme),
+        Some(json!({"name": "copy"})),
+    );
+    assert_eq!(s, 409, "{b}");
+    let (_, all) = cp.api("GET", "/v1/instances", Some(&acme), None);
+    assert_eq!(
+        all["items"].as_array().unwrap().len(),
+        1,
+        "nothing recorded: {all}"
+    );
 
     // The instance goes; the volume stays, with its data, for the next.
     terminate("dev");

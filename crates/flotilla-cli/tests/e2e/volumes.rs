@@ -61,6 +61,10 @@ fn volumes_outlive_their_vms_and_attach_to_one_at_a_time() {
         &host.cli(&["vm", "run", "lost", "--volume", "nothing:data"]),
         "no volume named",
     );
+    refused(
+        &host.cli(&["vm", "run", "lost", "--volume", "a-volume-with-a-long-name"]),
+        "VOLUME:DISK",
+    );
 
     let one: Value = host.cli_json(&["vm", "run", "one", "--volume", "home:data", "--wait"]);
     let disk = &one["disks"][1];
@@ -102,6 +106,15 @@ fn volumes_outlive_their_vms_and_attach_to_one_at_a_time() {
     assert!(host.cli(&["vm", "suspend", "one"]).status.success());
     let after = std::fs::read(host.data_path().join("data-volumes/home.qcow2")).unwrap();
     assert!(before == after, "a suspend does not touch the volume");
+    // Its layer holds its own disks only: no VM starts from it.
+    let layer = inspect(&host, "one")["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    refused(
+        &host.cli(&["vm", "run", "copy", "--from-snapshot", &layer]),
+        "volume attached",
+    );
     assert!(host
         .cli(&["vm", "resume", "one", "--wait"])
         .status

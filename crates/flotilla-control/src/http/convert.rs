@@ -106,11 +106,7 @@ pub fn policy(p: PolicyRow) -> Policy {
 
 pub fn volume(v: VolumeRow) -> Volume {
     Volume {
-        state: if v.ready {
-            SnapshotState::Ready
-        } else {
-            SnapshotState::Creating
-        },
+        state: v.state,
         id: v.id,
         name: v.name,
         tenant: v.tenant_id,

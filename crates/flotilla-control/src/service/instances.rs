@@ -79,7 +79,7 @@ impl ControlPlane {
             }
             match self.store().update_tags(&inst, &tags).await {
                 Ok(()) => return self.instance(caller, tenant, name).await,
-                Err(crate::store::StoreError::Contended) => continue,
+                Err(e) if e.is_contention() => continue,
                 Err(e) => return Err(e.into()),
             }
         }
@@ -316,6 +316,7 @@ impl ControlPlane {
             )));
         };
         check_name("instance", &req.name)?;
+        self.check_copyable(&source, "a clone").await?;
         if self
             .store()
             .name_taken(&source.tenant_id, &req.name)
@@ -411,7 +412,7 @@ impl ControlPlane {
                     done = true;
                     break;
                 }
-                Err(StoreError::Contended) => continue,
+                Err(e) if e.is_contention() => continue,
                 Err(e) => return Err(e.into()),
             }
         }

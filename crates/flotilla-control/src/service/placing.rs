@@ -541,7 +541,7 @@ impl ControlPlane {
                     }
                     return Ok(());
                 }
-                Err(StoreError::Contended) => {
+                Err(e) if e.is_contention() => {
                     for &i in &chosen {
                         fleet.remove_usage(i, demand);
                     }
@@ -595,6 +595,18 @@ impl ControlPlane {
     }
 
     /// An instance with volumes attached stays on their host.
+    /// A clone or a snapshot holds an instance's own disks: refused for
+    /// one with volumes attached, before anything is recorded.
+    pub(crate) async fn check_copyable(&self, inst: &InstanceRow, what: &str) -> ControlResult<()> {
+        if self.store().volumes_of(&inst.id).await?.is_empty() {
+            return Ok(());
+        }
+        Err(ControlError::conflict(format!(
+            "instance {:?} has volumes attached: {what} would be made without them",
+            inst.name
+        )))
+    }
+
     pub(crate) async fn check_movable(&self, inst: &InstanceRow) -> ControlResult<()> {
         if self.store().volumes_of(&inst.id).await?.is_empty() {
             return Ok(());
@@ -696,7 +708,7 @@ impl ControlPlane {
                     self.fleet_changed().await;
                     return Ok(name);
                 }
-                Err(StoreError::Contended) => continue,
+                Err(e) if e.is_contention() => continue,
                 Err(e) => return Err(e.into()),
             }
         }

@@ -24,6 +24,7 @@ impl ControlPlane {
     ) -> ControlResult<SnapshotRow> {
         check_name("snapshot", &req.name)?;
         let inst = self.instance(caller, tenant, instance).await?;
+        self.check_copyable(&inst, "a snapshot").await?;
         let agent = self.agent_of_instance(&inst).await?;
         let mut row = SnapshotRow {
             id: crate::store::new_id("s"),

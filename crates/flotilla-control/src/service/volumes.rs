@@ -4,7 +4,7 @@
 //! time (`RunInstancesRequest::volumes`), which then runs on its host, and
 //! outliving it.
 
-use flotilla_api::control::CreateVolumeRequest;
+use flotilla_api::control::{CreateVolumeRequest, VolumeState};
 
 use super::*;
 use crate::store::VolumeRow;
@@ -52,7 +52,7 @@ impl ControlPlane {
             name: req.name.clone(),
             host: String::new(),
             size_mib: req.size_mib,
-            ready: false,
+            state: VolumeState::Creating,
             attached_to: None,
             attached_name: None,
             created_at: now_ms(),
@@ -77,7 +77,7 @@ impl ControlPlane {
                     claimed = true;
                     break;
                 }
-                Err(StoreError::Contended) => continue,
+                Err(e) if e.is_contention() => continue,
                 Err(e) => return Err(e.into()),
             }
         }
@@ -128,7 +128,10 @@ impl ControlPlane {
             )));
         }
         tracing::info!(volume = %row.name, host = %row.host, size_mib = row.size_mib, "volume made");
-        Ok(VolumeRow { ready: true, ..row })
+        Ok(VolumeRow {
+            state: VolumeState::Ready,
+            ..row
+        })
     }
 
     /// The caller's volume `name` (404 for another tenant's).
@@ -173,19 +176,39 @@ impl ControlPlane {
         name: &str,
     ) -> ControlResult<()> {
         let vol = self.volume(caller, tenant, name).await?;
-        if let Some(instance) = &vol.attached_name {
-            return Err(ControlError::conflict(format!(
-                "volume {name:?} is attached to instance {instance:?}"
-            ))
-            .with_hint(format!(
-                "terminate the instance first (`flotilla instance terminate {instance}`): the volume is kept"
-            )));
-        }
+        // Marked first: from then on no run attaches it, so it is never
+        // removed from its host under an instance made meanwhile.
+        self.store()
+            .begin_volume_removal(&vol)
+            .await
+            .map_err(|e| match (e, &vol.attached_name) {
+                (StoreError::Refused(why), Some(instance)) => ControlError::conflict(why)
+                    .with_hint(format!(
+                        "terminate the instance first (`flotilla instance terminate {instance}`): the volume is kept"
+                    )),
+                (e, _) => e.into(),
+            })?;
         if let Some(host) = self.store().host(&vol.host).await? {
-            self.agents()
-                .delete_volume(&crate::agents::AgentAddr::from(&host), &vol.id)
-                .await
-                .map_err(|e| ControlError::conflict(format!("volume {name:?}: {e}")))?;
+            let agent = crate::agents::AgentAddr::from(&host);
+            match self.agents().delete_volume(&agent, &vol.id).await {
+                Ok(()) => {}
+                Err(e) if e.is_refusal() => {
+                    // Its host keeps it (a VM there has it): as it was.
+                    let back = match vol.state {
+                        VolumeState::Deleting => VolumeState::Ready,
+                        other => other,
+                    };
+                    self.store().end_volume_removal(&vol.id, back).await?;
+                    return Err(ControlError::conflict(format!("volume {name:?}: {e}")));
+                }
+                Err(e) => {
+                    return Err(ControlError::new(
+                        ErrorCode::Unavailable,
+                        format!("volume {name:?} on {}: {e}", vol.host),
+                    )
+                    .with_hint("it stays deleting, removed once its host answers"))
+                }
+            }
         }
         self.store().delete_volume(&vol.id).await?;
         self.fleet_changed().await;
@@ -222,10 +245,18 @@ impl ControlPlane {
                 .volume_by_name(tenant_id, name)
                 .await?
                 .ok_or_else(|| ControlError::not_found(format!("no volume {name:?}")))?;
-            if !vol.ready {
-                return Err(ControlError::conflict(format!(
-                    "volume {name:?} is still being made (or its host never answered)"
-                )));
+            match vol.state {
+                VolumeState::Ready => {}
+                VolumeState::Creating => {
+                    return Err(ControlError::conflict(format!(
+                        "volume {name:?} is still being made (or its host never answered)"
+                    )))
+                }
+                VolumeState::Deleting => {
+                    return Err(ControlError::conflict(format!(
+                        "volume {name:?} is being removed"
+                    )))
+                }
             }
             if let Some(other) = &vol.attached_name {
                 return Err(ControlError::conflict(format!(
@@ -246,12 +277,13 @@ impl ControlPlane {
         Ok(host.map(|h| (ids, h)))
     }
 
-    /// Settles the volumes left creating longer than `snapshot_settle_after`
-    /// (their host did not answer when they were made): ready if the host
-    /// has it, gone if it says it has none.
+    /// Settles the volumes left creating or deleting longer than
+    /// `snapshot_settle_after` (their host did not answer): one being made
+    /// is ready if the host has it, gone if it says it has none; one being
+    /// removed is removed again.
     pub async fn settle_volumes(&self) -> ControlResult<()> {
         let before = now_ms() - self.inner.settings.snapshot_settle_after.as_millis() as i64;
-        for vol in self.store().creating_volumes(before).await? {
+        for vol in self.store().unsettled_volumes(before).await? {
             let Some(host) = self.store().host(&vol.host).await? else {
                 continue;
             };
@@ -259,6 +291,19 @@ impl ControlPlane {
                 continue;
             }
             let agent = crate::agents::AgentAddr::from(&host);
+            if vol.state == VolumeState::Deleting {
+                match self.agents().delete_volume(&agent, &vol.id).await {
+                    Ok(()) => {
+                        self.store().delete_volume(&vol.id).await?;
+                        self.fleet_changed().await;
+                        tracing::info!(volume = %vol.name, host = %vol.host, "volume removed from its host");
+                    }
+                    Err(e) => {
+                        tracing::debug!(volume = %vol.name, error = %e, "volume not removed yet")
+                    }
+                }
+                continue;
+            }
             match self.agents().volume(&agent, &vol.id).await {
                 Ok(_) => {
                     if self.store().volume_ready(&vol.id).await? {

@@ -28,7 +28,7 @@ pub use volumes::VolumeRow;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database: {0}")]
-    Database(sqlx::Error),
+    Database(#[from] sqlx::Error),
     #[error("{0} already exists")]
     Duplicate(String),
     /// A row that cannot be turned back into its type (written by a newer
@@ -45,24 +45,22 @@ pub enum StoreError {
     UnsupportedUrl(String),
 }
 
-impl From<sqlx::Error> for StoreError {
-    /// PostgreSQL ends one of two transactions that lock rows in opposite
-    /// orders (deadlock) or that cannot be serialized: like a lost
-    /// optimistic update, the caller decides again.
-    fn from(e: sqlx::Error) -> Self {
-        let retryable = e
-            .as_database_error()
-            .and_then(|d| d.code())
-            .is_some_and(|code| code == "40P01" || code == "40001");
-        if retryable {
-            StoreError::Contended
-        } else {
-            StoreError::Database(e)
+impl StoreError {
+    /// A placement lost to a concurrent one: decided again. Besides a lost
+    /// optimistic update, PostgreSQL may end one of two transactions that
+    /// lock rows in different orders (deadlock) or cannot be serialized.
+    /// (Elsewhere those stay database errors: a workflow step runs again.)
+    pub fn is_contention(&self) -> bool {
+        match self {
+            StoreError::Contended => true,
+            StoreError::Database(e) => e
+                .as_database_error()
+                .and_then(|d| d.code())
+                .is_some_and(|code| code == "40P01" || code == "40001"),
+            _ => false,
         }
     }
-}
 
-impl StoreError {
     fn corrupt(what: &str, reason: impl std::fmt::Display) -> Self {
         StoreError::Corrupt {
             what: what.to_string(),

@@ -212,7 +212,7 @@ pub(crate) const MIGRATIONS: &[(i64, &[&str])] = &[
                 name TEXT NOT NULL,
                 host TEXT NOT NULL,
                 size_mib BIGINT NOT NULL,
-                ready BIGINT NOT NULL,
+                state TEXT NOT NULL,
                 attached_to TEXT,
                 created_at BIGINT NOT NULL,
                 UNIQUE (tenant_id, name)

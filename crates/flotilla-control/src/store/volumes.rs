@@ -2,9 +2,10 @@
 //! (under the row's id), attached to at most one instance, which runs on
 //! that host.
 
+use flotilla_api::control::VolumeState;
 use sqlx::{Any, Row, Transaction};
 
-use super::{now_ms, Store, StoreError, StoreResult};
+use super::{from_json, now_ms, to_json, Store, StoreError, StoreResult};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct VolumeRow {
@@ -16,8 +17,7 @@ pub struct VolumeRow {
     /// Where it is kept: an instance it is attached to runs there.
     pub host: String,
     pub size_mib: u64,
-    /// False while its agent makes it (or if the agent did not answer).
-    pub ready: bool,
+    pub state: VolumeState,
     /// The instance (id) it is attached to.
     pub attached_to: Option<String>,
     /// That instance's name (read, never written).
@@ -25,9 +25,9 @@ pub struct VolumeRow {
     pub created_at: i64,
 }
 
-const COLUMNS: &str = "id, tenant_id, name, host, size_mib, ready, attached_to, created_at";
+const COLUMNS: &str = "id, tenant_id, name, host, size_mib, state, attached_to, created_at";
 /// Rows with the name of the instance each is attached to.
-const SELECT: &str = "SELECT v.id, v.tenant_id, v.name, v.host, v.size_mib, v.ready, \
+const SELECT: &str = "SELECT v.id, v.tenant_id, v.name, v.host, v.size_mib, v.state, \
                       v.attached_to, v.created_at, i.name AS attached_name \
                       FROM volumes v LEFT JOIN instances i ON i.id = v.attached_to";
 
@@ -38,7 +38,10 @@ fn volume(row: &sqlx::any::AnyRow) -> StoreResult<VolumeRow> {
         name: row.try_get("name")?,
         host: row.try_get("host")?,
         size_mib: row.try_get::<i64, _>("size_mib")? as u64,
-        ready: row.try_get::<i64, _>("ready")? != 0,
+        state: from_json(
+            "volume state",
+            &format!("\"{}\"", row.try_get::<String, _>("state")?),
+        )?,
         attached_to: row.try_get("attached_to")?,
         attached_name: row.try_get("attached_name")?,
         created_at: row.try_get("created_at")?,
@@ -58,7 +61,7 @@ pub(crate) async fn attach_volumes(
     for id in volumes {
         let done = sqlx::query(
             "UPDATE volumes SET attached_to = $1
-             WHERE id = $2 AND tenant_id = $3 AND host = $4 AND ready = 1
+             WHERE id = $2 AND tenant_id = $3 AND host = $4 AND state = 'ready'
                AND attached_to IS NULL",
         )
         .bind(instance)
@@ -69,7 +72,7 @@ pub(crate) async fn attach_volumes(
         .await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::Refused(format!(
-                "volume {id} is attached to another instance, not ready, or gone"
+                "a volume asked for ({id}) was attached to another instance, or is being made or removed, meanwhile"
             )));
         }
     }
@@ -88,6 +91,10 @@ pub(crate) async fn detach_volumes(
     Ok(())
 }
 
+fn state_text(s: VolumeState) -> String {
+    to_json(&s).trim_matches('"').to_string()
+}
+
 async fn insert_volume(tx: &mut Transaction<'_, Any>, v: &VolumeRow) -> StoreResult<()> {
     sqlx::query(&format!(
         "INSERT INTO volumes ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, NULL, $7)"
@@ -97,7 +104,7 @@ async fn insert_volume(tx: &mut Transaction<'_, Any>, v: &VolumeRow) -> StoreRes
     .bind(&v.name)
     .bind(&v.host)
     .bind(v.size_mib as i64)
-    .bind(i64::from(v.ready))
+    .bind(state_text(v.state))
     .bind(if v.created_at > 0 {
         v.created_at
     } else {
@@ -184,43 +191,71 @@ impl Store {
         )
     }
 
-    /// Volumes not ready that were begun before `before_ms`.
-    pub async fn creating_volumes(&self, before_ms: i64) -> StoreResult<Vec<VolumeRow>> {
-        let rows = sqlx::query(&format!("{SELECT} WHERE v.ready = 0 AND v.created_at < $1"))
-            .bind(before_ms)
-            .fetch_all(self.pool())
-            .await?;
+    /// Volumes still creating or deleting (their host did not answer)
+    /// since before `before_ms`.
+    pub async fn unsettled_volumes(&self, before_ms: i64) -> StoreResult<Vec<VolumeRow>> {
+        let rows = sqlx::query(&format!(
+            "{SELECT} WHERE v.state <> 'ready' AND v.created_at < $1"
+        ))
+        .bind(before_ms)
+        .fetch_all(self.pool())
+        .await?;
         rows.iter().map(volume).collect()
     }
 
-    /// Its agent has made it. False if the record went meanwhile.
+    /// Its agent has made it. False if the record went or is being
+    /// removed meanwhile.
     pub async fn volume_ready(&self, id: &str) -> StoreResult<bool> {
-        let done = sqlx::query("UPDATE volumes SET ready = 1 WHERE id = $1 AND ready = 0")
-            .bind(id)
-            .execute(self.pool())
-            .await?;
+        let done =
+            sqlx::query("UPDATE volumes SET state = 'ready' WHERE id = $1 AND state = 'creating'")
+                .bind(id)
+                .execute(self.pool())
+                .await?;
         Ok(done.rows_affected() > 0)
     }
 
-    /// Removes the record unless an instance has the volume attached
-    /// (`Refused` naming it then).
-    pub async fn delete_volume(&self, id: &str) -> StoreResult<()> {
-        let done = sqlx::query("DELETE FROM volumes WHERE id = $1 AND attached_to IS NULL")
+    /// Marks a volume attached to nothing as being removed, so that no run
+    /// attaches it from now on; `Refused` naming the instance it is
+    /// attached to.
+    pub async fn begin_volume_removal(&self, v: &VolumeRow) -> StoreResult<()> {
+        let done = sqlx::query(
+            "UPDATE volumes SET state = 'deleting' WHERE id = $1 AND attached_to IS NULL",
+        )
+        .bind(&v.id)
+        .execute(self.pool())
+        .await?;
+        if done.rows_affected() > 0 {
+            return Ok(());
+        }
+        let attached: Option<String> = sqlx::query_scalar(
+            "SELECT i.name FROM volumes v JOIN instances i ON i.id = v.attached_to
+             WHERE v.id = $1",
+        )
+        .bind(&v.id)
+        .fetch_optional(self.pool())
+        .await?;
+        Err(StoreError::Refused(match attached {
+            Some(instance) => format!("volume {:?} is attached to instance {instance:?}", v.name),
+            None => format!("volume {:?} is gone", v.name),
+        }))
+    }
+
+    /// Back to `state` after a removal its host refused.
+    pub async fn end_volume_removal(&self, id: &str, state: VolumeState) -> StoreResult<()> {
+        sqlx::query("UPDATE volumes SET state = $1 WHERE id = $2 AND state = 'deleting'")
+            .bind(state_text(state))
             .bind(id)
             .execute(self.pool())
             .await?;
-        if done.rows_affected() == 0 {
-            let attached: Option<Option<String>> =
-                sqlx::query_scalar("SELECT attached_to FROM volumes WHERE id = $1")
-                    .bind(id)
-                    .fetch_optional(self.pool())
-                    .await?;
-            if let Some(Some(instance)) = attached {
-                return Err(StoreError::Refused(format!(
-                    "volume {id} is attached to instance {instance}"
-                )));
-            }
-        }
+        Ok(())
+    }
+
+    /// Removes the record of a volume attached to nothing.
+    pub async fn delete_volume(&self, id: &str) -> StoreResult<()> {
+        sqlx::query("DELETE FROM volumes WHERE id = $1 AND attached_to IS NULL")
+            .bind(id)
+            .execute(self.pool())
+            .await?;
         Ok(())
     }
 }
