@@ -176,14 +176,35 @@ pub(crate) async fn apply_observed(
 /// placement decided on the old set (hard affinity near or away from
 /// instances there) commits only after deciding again.
 async fn bump_hosts_of(tx: &mut Transaction<'_, Any>, id: &str) -> StoreResult<()> {
-    sqlx::query(
-        "UPDATE hosts SET version = version + 1 WHERE name IN
-            (SELECT host FROM instances WHERE id = $1
-             UNION SELECT migrating_to FROM instances WHERE id = $1)",
-    )
-    .bind(id)
-    .execute(&mut **tx)
-    .await?;
+    bump_hosts_of_all(tx, std::slice::from_ref(&id.to_string())).await
+}
+
+/// [`bump_hosts_of`] for many instances at once. The hosts are updated one
+/// at a time in name order, as every writer locks them: two transactions
+/// never wait for each other's hosts (PostgreSQL would end one).
+async fn bump_hosts_of_all(tx: &mut Transaction<'_, Any>, ids: &[String]) -> StoreResult<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
+    let list = list.join(", ");
+    let sql = format!(
+        "SELECT host FROM instances WHERE id IN ({list}) AND host IS NOT NULL
+         UNION SELECT migrating_to FROM instances WHERE id IN ({list}) AND migrating_to IS NOT NULL"
+    );
+    let mut q = sqlx::query_scalar::<_, String>(&sql);
+    for id in ids {
+        q = q.bind(id);
+    }
+    let mut hosts = q.fetch_all(&mut **tx).await?;
+    hosts.sort();
+    hosts.dedup();
+    for host in hosts {
+        sqlx::query("UPDATE hosts SET version = version + 1 WHERE name = $1")
+            .bind(&host)
+            .execute(&mut **tx)
+            .await?;
+    }
     Ok(())
 }
 
@@ -197,26 +218,6 @@ async fn claim_host(tx: &mut Transaction<'_, Any>, host: &str, version: i64) -> 
             .execute(&mut **tx)
             .await?;
     Ok(done.rows_affected() > 0)
-}
-
-/// [`bump_hosts_of`] for many instances at once.
-async fn bump_hosts_of_all(tx: &mut Transaction<'_, Any>, ids: &[String]) -> StoreResult<()> {
-    if ids.is_empty() {
-        return Ok(());
-    }
-    let list: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
-    let list = list.join(", ");
-    let sql = format!(
-        "UPDATE hosts SET version = version + 1 WHERE name IN
-            (SELECT host FROM instances WHERE id IN ({list})
-             UNION SELECT migrating_to FROM instances WHERE id IN ({list}))"
-    );
-    let mut q = sqlx::query(&sql);
-    for id in ids {
-        q = q.bind(id);
-    }
-    q.execute(&mut **tx).await?;
-    Ok(())
 }
 
 /// Whether `e` is the unique index on instance addresses refusing a row.
