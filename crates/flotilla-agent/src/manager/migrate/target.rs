@@ -136,6 +136,10 @@ impl VmManager {
             }
             _ => None,
         };
+        let step = |what: &str| {
+            tracing::debug!(migration = %req.id, ms = began.elapsed().as_millis() as u64, "prepared: {what}");
+        };
+        step("checks");
         let _name = self.reserve_vm_name(&vm.name)?;
         let entry = {
             let _admission = self.inner.admission.lock().await;
@@ -157,6 +161,7 @@ impl VmManager {
             self.vms().insert(vm.name.clone(), entry.clone());
             entry
         };
+        step("disks");
         // Recorded before QEMU starts, so the source can always have this
         // half removed by the migration's id.
         let mut info = new_record(&req.id, &vm.name, MigrationRole::Target, &req.source);
@@ -178,6 +183,7 @@ impl VmManager {
                 .finish(&req.id, MigrationPhase::Failed, Some(e.to_string()), 0);
             return Err(e);
         }
+        step("record");
         let port = match self.start_incoming(&entry, ip, tls, req.post_copy).await {
             Ok(port) => port,
             Err(e) => {
@@ -414,7 +420,9 @@ impl VmManager {
         let mut config = self.qemu_config(&record);
         config.incoming = Some("defer".into());
         config.start_paused = true;
+        let launched = std::time::Instant::now();
         let (process, qmp) = self.launch_with(&record, config).await?;
+        tracing::debug!(vm = %record.name, ms = launched.elapsed().as_millis() as u64, "incoming QEMU up");
         self.spawn_monitor(entry.clone(), process.clone(), generation);
         self.spawn_incoming_watch(entry.clone(), process.clone(), record.migration.clone());
         if let Some(id) = record.migration.clone() {
