@@ -481,6 +481,7 @@ async fn act(
     if matches!(input, OperationInput::Terminate) && inst.host.is_none() {
         // Made nowhere (every host refused its run): only the record goes.
         store.delete_instance(&inst.id).await?;
+        cp.routes_changed().await;
         return Ok(None);
     }
     let agent = agent_of(cp, inst).await?;
@@ -497,6 +498,7 @@ async fn act(
                     .await
                     .map_err(agent_error)?;
                 store.delete_instance(&inst.id).await?;
+                cp.routes_changed().await;
                 Ok(None)
             }
             OperationInput::Start
@@ -580,6 +582,7 @@ async fn migrate_step(
         Some(row) => AgentAddr::from(&row),
         None => {
             store.end_migration(&inst.id, false).await?;
+            cp.routes_changed().await;
             return Err(ControlError::conflict(format!(
                 "host {target_host} is no longer registered"
             )));
@@ -618,11 +621,13 @@ async fn migrate_step(
             None => match agents.vm(&target, &inst.id).await {
                 Ok(vm) => {
                     store.end_migration(&inst.id, true).await?;
+                    cp.routes_changed().await;
                     tracing::info!(instance = %inst.name, from = %from, to = %target_host, "migrated");
                     return Ok(Some(seen(&vm)));
                 }
                 Err(e) if e.is_not_found() => {
                     store.end_migration(&inst.id, false).await?;
+                    cp.routes_changed().await;
                     return Err(ControlError::conflict(format!(
                         "instance {}'s VM is on neither {from} nor {target_host}",
                         inst.name
@@ -650,6 +655,7 @@ async fn migrate_step(
                 Ok(m) if m.switch_over_ms.is_some() => {}
                 Ok(m) => {
                     store.end_migration(&inst.id, false).await?;
+                    cp.routes_changed().await;
                     return Err(ControlError::conflict(format!(
                         "migration of {} to {target_host} {:?}: {}",
                         inst.name,
@@ -660,6 +666,7 @@ async fn migrate_step(
                 Err(e) if e.is_conflict() => {
                     // Not running (stopped, suspended): it stays.
                     store.end_migration(&inst.id, false).await?;
+                    cp.routes_changed().await;
                     return Err(agent_error(e));
                 }
                 Err(e) => {

@@ -88,6 +88,7 @@ impl ControlPlane {
             if arrived && !self.operation_running(&inst).await? {
                 tracing::info!(instance = %inst.name, host, "its VM runs here: the move is recorded");
                 self.store().end_migration(&inst.id, true).await?;
+                self.routes_changed().await;
             }
         }
         for inst in self.store().instances_on_host(host).await? {
@@ -110,6 +111,7 @@ impl ControlPlane {
                 {
                     tracing::info!(instance = %inst.name, host, "its VM stayed here: the move is over");
                     self.store().end_migration(&inst.id, false).await?;
+                    self.routes_changed().await;
                     observed_from_vm(vm.state)
                 }
                 Some(vm) => observed_from_vm(vm.state),

@@ -70,6 +70,8 @@ pub(crate) struct Inner {
     /// This replica's name in operation leases.
     pub replica: String,
     pub fleet: tokio::sync::Mutex<FleetView>,
+    /// The cluster's VM routes as last read, shared by heartbeat replies.
+    pub routes: tokio::sync::Mutex<network::RouteTable>,
     /// Operations this replica drives now.
     pub driving: std::sync::Mutex<std::collections::HashSet<String>>,
 }
@@ -141,6 +143,7 @@ impl ControlPlane {
                 settings,
                 replica: new_id("replica"),
                 fleet: Default::default(),
+                routes: Default::default(),
                 driving: Default::default(),
             }),
         }

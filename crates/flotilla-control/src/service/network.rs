@@ -42,12 +42,46 @@ fn table_version(routes: &[VmRoute]) -> String {
         .collect()
 }
 
-/// The routes `host` needs: every instance address on another host, via
-/// that host (a host whose endpoint has no IPv4 address is left out).
-pub(crate) fn routes_for(host: &str, addresses: Vec<InstanceAddress>) -> VmRoutes {
+/// How long a replica answers heartbeats from the route table it read:
+/// reading every instance's address for each heartbeat would cost
+/// O(instances) per heartbeat; this way it is once a second (and after
+/// this replica's own placements and moves), and a heartbeat whose host
+/// has the table costs a comparison.
+const ROUTES_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The cluster's whole route table (every instance address, via its host),
+/// as last read from the store.
+#[derive(Debug, Default)]
+pub(crate) struct RouteTable {
+    read_at: Option<std::time::Instant>,
+    routes: Arc<Vec<VmRoute>>,
+    version: String,
+}
+
+impl RouteTable {
+    pub(crate) fn mark_stale(&mut self) {
+        self.read_at = None;
+    }
+}
+
+/// The version of `host`'s part of the table with version `full`: equal
+/// on every replica, and different per host (each gets the others' routes).
+fn host_version(full: &str, host: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(full.as_bytes());
+    h.update(b" ");
+    h.update(host.as_bytes());
+    h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Every instance address via its host (a host whose endpoint has no IPv4
+/// address is left out), sorted, and the table's version.
+fn full_table(addresses: Vec<InstanceAddress>) -> (Vec<VmRoute>, String) {
     let mut routes: Vec<VmRoute> = addresses
         .into_iter()
-        .filter(|a| a.host != host)
         .filter_map(|a| {
             Some(VmRoute {
                 via: endpoint_address(&a.endpoint)?.to_string(),
@@ -58,10 +92,24 @@ pub(crate) fn routes_for(host: &str, addresses: Vec<InstanceAddress>) -> VmRoute
         })
         .collect();
     routes.sort();
+    let version = table_version(&routes);
+    (routes, version)
+}
+
+/// `host`'s part of a table: the routes to instances on other hosts.
+fn part_for(host: &str, routes: &[VmRoute], full_version: &str) -> VmRoutes {
     VmRoutes {
-        version: table_version(&routes),
-        routes,
+        version: host_version(full_version, host),
+        routes: routes.iter().filter(|r| r.host != host).cloned().collect(),
     }
+}
+
+/// The routes `host` needs: every instance address on another host, via
+/// that host.
+#[cfg(test)]
+pub(crate) fn routes_for(host: &str, addresses: Vec<InstanceAddress>) -> VmRoutes {
+    let (routes, version) = full_table(addresses);
+    part_for(host, &routes, &version)
 }
 
 impl ControlPlane {
@@ -71,8 +119,22 @@ impl ControlPlane {
         host: &str,
         known: Option<&str>,
     ) -> ControlResult<Option<VmRoutes>> {
-        let routes = routes_for(host, self.store().instance_addresses().await?);
-        Ok((known != Some(routes.version.as_str())).then_some(routes))
+        let (routes, full_version) = {
+            let mut table = self.inner.routes.lock().await;
+            if table.read_at.is_none_or(|t| t.elapsed() > ROUTES_TTL) {
+                let (routes, version) = full_table(self.store().instance_addresses().await?);
+                *table = RouteTable {
+                    read_at: Some(std::time::Instant::now()),
+                    routes: Arc::new(routes),
+                    version,
+                };
+            }
+            (table.routes.clone(), table.version.clone())
+        };
+        if known == Some(host_version(&full_version, host).as_str()) {
+            return Ok(None);
+        }
+        Ok(Some(part_for(host, &routes, &full_version)))
     }
 
     /// Gives each placed instance the first address of its host's VM subnet

@@ -539,6 +539,8 @@ impl ControlPlane {
                     for (new, host) in &placed {
                         tracing::info!(instance = %new.name, id = %new.id, host = %host, "placed");
                     }
+                    drop(fleet);
+                    self.routes_changed().await;
                     return Ok(());
                 }
                 Err(e) if e.is_contention() => {
@@ -721,6 +723,13 @@ impl ControlPlane {
     /// The cached fleet is reread before the next placement.
     pub(crate) async fn fleet_changed(&self) {
         self.inner.fleet.lock().await.mark_stale();
+        self.routes_changed().await;
+    }
+
+    /// Instances came, went or moved: the route table is read again at
+    /// the next heartbeat (other replicas' changes show within a second).
+    pub(crate) async fn routes_changed(&self) {
+        self.inner.routes.lock().await.mark_stale();
     }
 }
 
