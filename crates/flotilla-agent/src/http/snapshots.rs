@@ -8,7 +8,7 @@ use flotilla_api::{
     SnapshotCreated, SnapshotInfo, VmInfo,
 };
 
-use super::vms::{detached, JsonBody};
+use super::vms::{detached, off_thread, JsonBody};
 use super::ApiError;
 use crate::VmManager;
 
@@ -73,14 +73,4 @@ pub async fn move_disk(
     Ok(Json(
         detached(async move { m.move_disk(&name, req.volume.as_deref()).await }).await?,
     ))
-}
-
-/// Runs store work (file reads, removal) off the async threads.
-async fn off_thread<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, crate::AgentError> + Send + 'static,
-) -> Result<T, ApiError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r.map_err(ApiError::from),
-        Err(e) => Err(crate::AgentError::io("snapshot task", std::io::Error::other(e)).into()),
-    }
 }

@@ -221,6 +221,16 @@ pub(super) async fn detached<T: Send + 'static>(
     }
 }
 
+/// Runs blocking work (file reads, `qemu-img`) off the async threads.
+pub(super) async fn off_thread<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, crate::AgentError> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(ApiError::from),
+        Err(e) => Err(crate::AgentError::io("blocking task", std::io::Error::other(e)).into()),
+    }
+}
+
 /// Turns a channel of exec events into a stream of JSON lines.
 mod tokio_stream_shim {
     use std::pin::Pin;

@@ -5,7 +5,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use flotilla_api::{CreateVolumeRequest, ErrorBody, VolumeInfo};
 
-use super::vms::{detached, JsonBody};
+use super::vms::{detached, off_thread, JsonBody};
 use super::ApiError;
 use crate::VmManager;
 
@@ -42,14 +42,4 @@ pub async fn remove(
 ) -> Result<StatusCode, ApiError> {
     detached(async move { m.volume_remove(&name).await }).await?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-/// Volume reads run `qemu-img`: off the async threads.
-async fn off_thread<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, crate::AgentError> + Send + 'static,
-) -> Result<T, ApiError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r.map_err(ApiError::from),
-        Err(e) => Err(crate::AgentError::io("volume task", std::io::Error::other(e)).into()),
-    }
 }

@@ -23,6 +23,28 @@ use crate::output::{self, opt};
 
 /// Path segments and query values are names and ids of `[a-z0-9-]`, or
 /// checked by the server; tags go through percent-encoding.
+/// Every item of a paged list at `path` (a path without a query), page
+/// after page.
+pub(super) async fn every_page<T: serde::de::DeserializeOwned>(
+    c: &Client,
+    path: &str,
+) -> anyhow::Result<Vec<T>> {
+    let mut items = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let page_path = match &token {
+            Some(t) => format!("{path}?page_token={}", encode(t)),
+            None => path.to_string(),
+        };
+        let page: Page<T> = c.get(&page_path).await?;
+        items.extend(page.items);
+        token = page.next_page_token;
+        if token.is_none() {
+            return Ok(items);
+        }
+    }
+}
+
 pub(super) fn encode(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {
@@ -677,20 +699,7 @@ async fn snapshot_command(
             }
         }
         InstanceSnapshotCommand::Ls => {
-            let mut list: Vec<Snapshot> = Vec::new();
-            let mut token: Option<String> = None;
-            loop {
-                let path = match &token {
-                    Some(t) => format!("/v1/snapshots?page_token={}", encode(t)),
-                    None => "/v1/snapshots".to_string(),
-                };
-                let page: Page<Snapshot> = c.get(&path).await?;
-                list.extend(page.items);
-                token = page.next_page_token;
-                if token.is_none() {
-                    break;
-                }
-            }
+            let list: Vec<Snapshot> = every_page(c, "/v1/snapshots").await?;
             if json {
                 output::json(&list)?;
             } else {

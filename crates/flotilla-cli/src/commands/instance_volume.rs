@@ -3,9 +3,9 @@
 
 use std::process::ExitCode;
 
-use flotilla_api::control::{CreateVolumeRequest, Page, Volume};
+use flotilla_api::control::{CreateVolumeRequest, Volume};
 
-use super::fleetctl::{encode, parse_placement};
+use super::fleetctl::{encode, every_page, parse_placement};
 use crate::args::InstanceVolumeCommand;
 use crate::client::Client;
 use crate::output::{self, opt};
@@ -30,20 +30,7 @@ pub async fn run(c: &Client, json: bool, cmd: InstanceVolumeCommand) -> anyhow::
             }
         }
         InstanceVolumeCommand::Ls => {
-            let mut list: Vec<Volume> = Vec::new();
-            let mut token: Option<String> = None;
-            loop {
-                let path = match &token {
-                    Some(t) => format!("/v1/volumes?page_token={}", encode(t)),
-                    None => "/v1/volumes".to_string(),
-                };
-                let page: Page<Volume> = c.get(&path).await?;
-                list.extend(page.items);
-                token = page.next_page_token;
-                if token.is_none() {
-                    break;
-                }
-            }
+            let list: Vec<Volume> = every_page(c, "/v1/volumes").await?;
             if json {
                 output::json(&list)?;
             } else {

@@ -405,17 +405,13 @@ pub async fn list_instances(
         after: q.page_token,
         limit: size + 1,
     };
-    let mut rows = cp.list_instances(&caller, filter).await?;
-    let next_page_token = if rows.len() > size as usize {
-        rows.truncate(size as usize);
-        rows.last().map(|r| format!("{}:{}", r.name, r.id))
-    } else {
-        None
-    };
-    Ok(Json(Page {
-        items: rows.into_iter().map(convert::instance).collect(),
-        next_page_token,
-    }))
+    let rows = cp.list_instances(&caller, filter).await?;
+    Ok(Json(page_of(
+        rows,
+        size,
+        |r| format!("{}:{}", r.name, r.id),
+        convert::instance,
+    )))
 }
 
 #[utoipa::path(get, path = "/v1/instances/{name}", responses((status = 200, body = Instance), (status = 404, body = flotilla_api::ErrorBody)))]
@@ -560,26 +556,16 @@ pub async fn list_snapshots(
 ) -> ApiResult<Json<Page<Snapshot>>> {
     let q = query(q)?;
     let size = page_size(q.page_size)?;
-    let after = match &q.page_token {
-        None => None,
-        Some(t) => Some(
-            t.split_once(':')
-                .ok_or_else(|| ControlError::invalid(format!("invalid page_token {t:?}")))?,
-        ),
-    };
-    let mut list = cp
+    let after = name_token(q.page_token.as_deref())?;
+    let list = cp
         .list_snapshots(&caller, q.tenant.as_deref(), after, size + 1)
         .await?;
-    let next_page_token = if list.len() > size as usize {
-        list.truncate(size as usize);
-        list.last().map(|s| format!("{}:{}", s.name, s.id))
-    } else {
-        None
-    };
-    Ok(Json(Page {
-        items: list.into_iter().map(convert::snapshot).collect(),
-        next_page_token,
-    }))
+    Ok(Json(page_of(
+        list,
+        size,
+        |s| format!("{}:{}", s.name, s.id),
+        convert::snapshot,
+    )))
 }
 
 #[utoipa::path(get, path = "/v1/snapshots/{name}", responses((status = 200, body = Snapshot),
@@ -789,6 +775,37 @@ pub struct OpsQuery {
 }
 
 /// A page size given, 1 to 1000 (default 100).
+/// A page of `size` from `rows` (read with a limit of `size + 1`): the
+/// items, and the token of the next page (its last row's `key`) if more
+/// rows follow.
+pub(super) fn page_of<R, T>(
+    mut rows: Vec<R>,
+    size: u32,
+    key: impl Fn(&R) -> String,
+    item: impl Fn(R) -> T,
+) -> Page<T> {
+    let next_page_token = if rows.len() > size as usize {
+        rows.truncate(size as usize);
+        rows.last().map(key)
+    } else {
+        None
+    };
+    Page {
+        items: rows.into_iter().map(item).collect(),
+        next_page_token,
+    }
+}
+
+/// A `NAME:ID` page token, as names-then-ids pages use.
+pub(super) fn name_token(token: Option<&str>) -> ApiResult<Option<(&str, &str)>> {
+    token
+        .map(|t| {
+            t.split_once(':')
+                .ok_or_else(|| ControlError::invalid(format!("invalid page_token {t:?}")).into())
+        })
+        .transpose()
+}
+
 pub(super) fn page_size(size: Option<u32>) -> ApiResult<u32> {
     let size = size.unwrap_or(100);
     if !(1..=1000).contains(&size) {
@@ -818,17 +835,13 @@ pub async fn list_operations(
                 .ok_or_else(|| ControlError::invalid(format!("invalid page_token {t:?}")))?,
         ),
     };
-    let mut ops = cp.list_operations(&caller, after, size + 1).await?;
-    let next_page_token = if ops.len() > size as usize {
-        ops.truncate(size as usize);
-        ops.last().map(|o| format!("{}:{}", o.created_at, o.id))
-    } else {
-        None
-    };
-    Ok(Json(Page {
-        items: ops.into_iter().map(convert::operation).collect(),
-        next_page_token,
-    }))
+    let ops = cp.list_operations(&caller, after, size + 1).await?;
+    Ok(Json(page_of(
+        ops,
+        size,
+        |o| format!("{}:{}", o.created_at, o.id),
+        convert::operation,
+    )))
 }
 
 #[utoipa::path(get, path = "/v1/operations/{id}", responses((status = 200, body = Operation)))]

@@ -9,9 +9,10 @@ use flotilla_api::control::{CreateVolumeRequest, Page, Volume};
 use serde::Deserialize;
 
 use super::convert;
-use super::handlers::{body, idempotent, page_size, query, ApiResult, TenantQuery};
+use super::handlers::{
+    body, idempotent, name_token, page_of, page_size, query, ApiResult, TenantQuery,
+};
 use crate::auth::Caller;
-use crate::error::ControlError;
 use crate::service::ControlPlane;
 
 #[utoipa::path(post, path = "/v1/volumes", request_body = CreateVolumeRequest,
@@ -58,26 +59,16 @@ pub async fn list_volumes(
 ) -> ApiResult<Json<Page<Volume>>> {
     let q = query(q)?;
     let size = page_size(q.page_size)?;
-    let after = match &q.page_token {
-        None => None,
-        Some(t) => Some(
-            t.split_once(':')
-                .ok_or_else(|| ControlError::invalid(format!("invalid page_token {t:?}")))?,
-        ),
-    };
-    let mut list = cp
+    let after = name_token(q.page_token.as_deref())?;
+    let list = cp
         .list_volumes(&caller, q.tenant.as_deref(), after, size + 1)
         .await?;
-    let next_page_token = if list.len() > size as usize {
-        list.truncate(size as usize);
-        list.last().map(|v| format!("{}:{}", v.name, v.id))
-    } else {
-        None
-    };
-    Ok(Json(Page {
-        items: list.into_iter().map(convert::volume).collect(),
-        next_page_token,
-    }))
+    Ok(Json(page_of(
+        list,
+        size,
+        |v| format!("{}:{}", v.name, v.id),
+        convert::volume,
+    )))
 }
 
 #[utoipa::path(get, path = "/v1/volumes/{name}", responses((status = 200, body = Volume),

@@ -169,6 +169,16 @@ impl ControlPlane {
     }
 }
 
+/// Whose resources a list shows: the caller's tenant's; an admin's, every
+/// tenant's (`None`) or `tenant`'s.
+pub(super) fn list_scope(caller: &Caller, tenant: Option<&str>) -> ControlResult<Option<String>> {
+    match (&caller.tenant_id, tenant) {
+        (Some(own), _) => Ok(Some(own.clone())),
+        (None, t) if caller.admin => Ok(t.map(str::to_string)),
+        (None, _) => Err(no_tenant()),
+    }
+}
+
 pub(super) fn no_tenant() -> ControlError {
     ControlError::new(ErrorCode::PermissionDenied, "this token acts for no tenant")
 }

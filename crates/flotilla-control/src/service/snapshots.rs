@@ -106,11 +106,7 @@ impl ControlPlane {
         after: Option<(&str, &str)>,
         limit: u32,
     ) -> ControlResult<Vec<SnapshotRow>> {
-        let tenant_id = match (&caller.tenant_id, tenant) {
-            (Some(own), _) => Some(own.clone()),
-            (None, t) if caller.admin => t.map(str::to_string),
-            (None, _) => return Err(no_tenant()),
-        };
+        let tenant_id = list_scope(caller, tenant)?;
         Ok(self
             .store()
             .list_snapshots(tenant_id.as_deref(), after, limit)
