@@ -34,8 +34,9 @@ impl VmManager {
             tracing::error!(error = %e, "skipping a VM record that cannot be read; its files are kept");
         }
         let mut adopted_pids = HashSet::new();
-        for record in records {
+        for mut record in records {
             let name = record.name.clone();
+            self.find_placed_volumes(&mut record);
             let entry = VmEntry::new(record);
             self.vms().insert(name.clone(), entry.clone());
             if let Some(pid) = self.adopt_one(&entry).await {

@@ -166,6 +166,10 @@ pub struct MigratingDisk {
     /// its own bytes: a target with the same base copies only the overlay.
     #[serde(default)]
     pub layer: Option<MigratingLayer>,
+    /// The disk is the source host's volume of this name: it becomes the
+    /// target's volume of the same name once synced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
 }
 
 /// A disk's own clusters, exported apart from its base.

@@ -62,6 +62,29 @@ pub async fn device_file(qmp: &QmpClient, device: &str) -> Result<String, BlockE
 }
 
 /// Cancels disk moves (`move-*` jobs) a dead agent left running.
+/// Writes what QEMU holds in its caches for the disk attached as device
+/// `device` (data and qcow2 metadata) to its file and syncs it. A block job
+/// that copied data into a disk leaves the qcow2 metadata naming it in
+/// QEMU's cache until the guest next flushes; a QEMU killed before then
+/// loses the copy. QMP has no flush command of its own: the monitor's
+/// `qemu-io` runs one on the device.
+pub async fn flush(qmp: &QmpClient, device: &str) -> Result<(), BlockError> {
+    let said: Value = qmp
+        .execute(
+            "human-monitor-command",
+            Some(json!({ "command-line": format!("qemu-io -d {device} \"flush\"") })),
+        )
+        .await?;
+    let said = said.as_str().unwrap_or_default().trim();
+    if said.is_empty() {
+        return Ok(());
+    }
+    Err(BlockError::JobFailed {
+        job: format!("flush of {device}"),
+        reason: said.to_string(),
+    })
+}
+
 pub async fn cancel_moves(qmp: &QmpClient) -> Result<(), BlockError> {
     let jobs: Vec<JobInfo> = qmp.execute("query-block-jobs", None).await?;
     for job in jobs.iter().filter(|j| j.device.starts_with("move-")) {

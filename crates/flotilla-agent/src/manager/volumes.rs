@@ -4,7 +4,10 @@
 //! suspends untouched, and stays when the VM is removed.
 //!
 //! A VM's snapshots hold its own disks only, so a VM with a volume is not
-//! cloned, snapshot by name or migrated: each would make a VM without it.
+//! cloned or snapshot by name: each would make a VM without it. A VM that
+//! migrates takes its volumes along: synced in its directory on the target,
+//! they become the target's volumes when the sync is done, and the source
+//! removes its copies once the VM is gone from it.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
@@ -115,7 +118,8 @@ impl VmManager {
         // lock, as VM creates do: a volume is never attached while removed.
         let _admission = self.inner.admission.lock().await;
         let path = self.volume_path(&req.name);
-        if path.exists() {
+        // A VM arriving with a volume of that name claims it too.
+        if path.exists() || self.volume_user(&req.name).is_some() {
             return Err(exists());
         }
         let dir = self.volumes_dir();
@@ -222,6 +226,25 @@ impl VmManager {
         let _ = sync_dir(&self.volumes_dir());
         tracing::info!(volume = name, "volume removed");
         Ok(())
+    }
+
+    /// A migrated-in volume moved to the host's volumes by an agent that
+    /// died before it recorded the move: the record follows the file.
+    pub(crate) fn find_placed_volumes(&self, record: &mut VmRecord) {
+        let mut changed = false;
+        for disk in record.disks.iter_mut() {
+            let Some(volume) = &disk.volume else { continue };
+            let placed = self.volume_path(volume);
+            if !disk.path.exists() && placed.exists() {
+                disk.path = placed;
+                changed = true;
+            }
+        }
+        if changed {
+            if let Err(e) = record.save(&self.vm_dir(&record.name)) {
+                tracing::warn!(vm = %record.name, error = %e, "recording a placed volume");
+            }
+        }
     }
 
     /// Removes volumes left half made by an agent that died creating them.

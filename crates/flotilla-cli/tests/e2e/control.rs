@@ -1252,8 +1252,9 @@ fn a_snapshot_left_creating_is_settled_with_its_host() {
 #[test]
 fn volumes_are_tenant_resources_that_outlive_instances() {
     let cp = ControlPlaneProcess::start().expect("control plane");
-    let h1 = host(&cp, "h1", "z1");
-    let h2 = host(&cp, "h2", "z2");
+    let fabric = std::sync::Arc::new(flotilla_testkit::Fabric::create().expect("fabric"));
+    let h1 = fabric_host(&cp, &fabric, "h1");
+    let h2 = fabric_host(&cp, &fabric, "h2");
     let (_, acme) = hosts_up_and_tenant(&cp, 2);
     let (ok, out, err) = cli(
         &cp,
@@ -1275,7 +1276,7 @@ fn volumes_are_tenant_resources_that_outlive_instances() {
     let (_, elsewhere) = other_host.api("GET", "/v1/volumes", None);
     assert_eq!(elsewhere, json!([]));
 
-    let run = |name: &str| {
+    let run = |name: &str, on: &str| {
         let (s, b) = cp.api(
             "POST",
             "/v1/instances",
@@ -1283,7 +1284,7 @@ fn volumes_are_tenant_resources_that_outlive_instances() {
             Some(json!({"name": name, "volumes": ["home"]})),
         );
         assert_eq!(s, 201, "{b}");
-        assert_eq!(b["instances"][0]["host"], vol["host"], "{b}");
+        assert_eq!(b["instances"][0]["host"], on, "{b}");
         let op = wait_op(&cp, &acme, b["operation"].as_str().unwrap());
         assert_eq!(op["state"], "succeeded", "{op:#}");
     };
@@ -1297,7 +1298,9 @@ fn volumes_are_tenant_resources_that_outlive_instances() {
         let op = wait_op(&cp, &acme, b["id"].as_str().unwrap());
         assert_eq!(op["state"], "succeeded", "{op:#}");
     };
-    run("dev");
+    let first = vol["host"].as_str().unwrap().to_string();
+    let second = if first == "h1" { "h2" } else { "h1" };
+    run("dev", &first);
     exec_in(
         &cp,
         &acme,
@@ -1312,15 +1315,43 @@ fn volumes_are_tenant_resources_that_outlive_instances() {
     assert_eq!(listed["items"][0]["attached_to"], "dev", "{listed}");
     let (ok, _, err) = cli(&cp, &acme, &["instance", "volume", "rm", "home"]);
     assert!(!ok && err.contains("attached to instance"), "{err}");
-    // It stays with its volume: no move, no snapshot without it.
+    // It moves with its volume: the volume is the other host's then.
     let (s, b) = cp.api(
         "POST",
         "/v1/instances/dev/migrate",
         Some(&acme),
         Some(json!({})),
     );
-    assert_eq!(s, 409, "{b}");
-    assert!(b.to_string().contains("volumes attached"), "{b}");
+    assert_eq!(s, 202, "{b}");
+    let op = wait_op(&cp, &acme, b["id"].as_str().unwrap());
+    assert_eq!(op["state"], "succeeded", "{op:#}");
+    let (_, home) = cp.api("GET", "/v1/volumes/home", Some(&acme), None);
+    assert_eq!(home["host"], second, "{home}");
+    eventually("the volume on its new host", 30, || {
+        let (_, on_new) = other_host.api("GET", "/v1/volumes", None);
+        let (_, on_old) = home_host.api("GET", "/v1/volumes", None);
+        (on_new[0]["name"] == vol["id"] && on_old == json!([]))
+            .then_some(())
+            .ok_or(format!("{on_new} {on_old}"))
+    });
+    let read = exec_in(
+        &cp,
+        &acme,
+        "dev",
+        &[
+            "sh",
+            "-c",
+            "dd if=/dev/vdb bs=512 count=1 2>/dev/null | tr -d '\\000'",
+        ],
+    );
+    assert_eq!(
+        read,
+        "kept-data",
+        "--- h1 ---\n{}\n--- h2 ---\n{}",
+        h1.agent_log_tail(),
+        h2.agent_log_tail()
+    );
+    // No snapshot or clone without it.
     let (s, b) = cp.api(
         "POST",
         "/v1/instances/dev/snapshots",
@@ -1347,7 +1378,7 @@ fn volumes_are_tenant_resources_that_outlive_instances() {
     terminate("dev");
     let (_, home) = cp.api("GET", "/v1/volumes/home", Some(&acme), None);
     assert!(home.get("attached_to").is_none(), "{home}");
-    run("dev2");
+    run("dev2", second);
     let read = exec_in(
         &cp,
         &acme,
@@ -1362,7 +1393,7 @@ fn volumes_are_tenant_resources_that_outlive_instances() {
     terminate("dev2");
     let (ok, out, err) = cli(&cp, &acme, &["instance", "volume", "rm", "home"]);
     assert!(ok, "{out} {err}");
-    let (_, on_agent) = home_host.api("GET", "/v1/volumes", None);
+    let (_, on_agent) = other_host.api("GET", "/v1/volumes", None);
     assert_eq!(on_agent, json!([]));
     let (_, listed) = cp.api("GET", "/v1/volumes", Some(&acme), None);
     assert_eq!(listed["items"], json!([]));

@@ -374,21 +374,75 @@ fn a_cancelled_or_refused_migration_leaves_the_vm_where_it_was() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // A VM with one of its host's volumes stays with it: refused up front.
+    // A VM with one of its host's volumes takes it along: the target's
+    // volume once synced, with what the guest wrote; the source's copy goes.
     a.cli_json::<Value>(&["volume", "create", "home", "--size", "16M"]);
     a.cli_json::<Value>(&["vm", "run", "homebound", "--volume", "home", "--wait"]);
+    let (code, _, err) = exec(
+        &a,
+        "homebound",
+        &[
+            "sh",
+            "-c",
+            "printf travels | dd of=/dev/vdb bs=512 conv=sync,fsync 2>/dev/null",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    // A volume of that name on the target: refused up front, nothing moves.
+    b.cli_json::<Value>(&["volume", "create", "home", "--size", "16M"]);
     let out = migrate(&a, &b, "homebound", &[]);
     assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("volume \"home\""),
-        "{}",
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(said.contains("a volume named"), "{said}");
     assert_eq!(
         a.cli_json::<Value>(&["vm", "inspect", "homebound"])["state"],
         "running"
     );
-    assert_clean(&b);
+    assert!(b.cli(&["volume", "rm", "home"]).status.success());
+    let out = migrate(&a, &b, "homebound", &[]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        b.agent_log_tail()
+    );
+    let on_b: Vec<Value> = b.cli_json(&["volume", "ls"]);
+    assert_eq!(on_b.len(), 1, "{on_b:?}");
+    assert_eq!(on_b[0]["attached_to"], "homebound", "{on_b:?}");
+    let on_a: Vec<Value> = a.cli_json(&["volume", "ls"]);
+    assert!(on_a.is_empty(), "{on_a:?}");
+    let (_, out, _) = exec(
+        &b,
+        "homebound",
+        &[
+            "sh",
+            "-c",
+            "dd if=/dev/vdb bs=512 count=1 2>/dev/null | tr -d '\\000'",
+        ],
+    );
+    assert_eq!(out, "travels");
+    // Removing the VM there keeps the volume there.
+    assert!(b
+        .cli(&["vm", "rm", "--force", "homebound"])
+        .status
+        .success());
+    let kept: Value = b.cli_json(&["volume", "inspect", "home"]);
+    assert!(kept.get("attached_to").is_none(), "{kept:#}");
+    b.cli_json::<Value>(&["vm", "run", "reader", "--volume", "home", "--wait"]);
+    let (_, out, _) = exec(
+        &b,
+        "reader",
+        &[
+            "sh",
+            "-c",
+            "dd if=/dev/vdb bs=512 count=1 2>/dev/null | tr -d '\\000'",
+        ],
+    );
+    assert_eq!(out, "travels", "{}", b.agent_log_tail());
 }
 
 /// The host's link to the fabric (its veth's end in the caller's namespace).

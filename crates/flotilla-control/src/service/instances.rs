@@ -154,7 +154,6 @@ impl ControlPlane {
             }
         }
         self.check_not_being_made(&inst).await?;
-        self.check_movable(&inst).await?;
         let tenant_id = inst.tenant_id.clone();
         self.begin_operation(
             Some(&tenant_id),

@@ -578,14 +578,16 @@ impl ControlPlane {
         from: &str,
         to: Option<&str>,
     ) -> ControlResult<String> {
-        self.check_movable(inst).await?;
         let policy = self
             .effective_policy(&inst.tenant_id, &inst.tags, None)
             .await?;
+        // Its volumes move with it: they need room there too.
+        let volumes_mib = self.store().volumes_size_of(&inst.id).await?;
         self.claim_other_host(
             inst,
             &policy,
             from,
+            volumes_mib,
             |host| to.is_none_or(|t| t == host),
             |host, version, group| async move {
                 self.store()
@@ -606,17 +608,6 @@ impl ControlPlane {
         Err(ControlError::conflict(format!(
             "instance {:?} has volumes attached: {what} would be made without them",
             inst.name
-        )))
-    }
-
-    pub(crate) async fn check_movable(&self, inst: &InstanceRow) -> ControlResult<()> {
-        if self.store().volumes_of(&inst.id).await?.is_empty() {
-            return Ok(());
-        }
-        Err(ControlError::conflict(format!(
-            "instance {:?} has volumes attached: they stay on {}, and so does it",
-            inst.name,
-            inst.host.as_deref().unwrap_or("their host")
         )))
     }
 
@@ -642,6 +633,7 @@ impl ControlPlane {
                 inst,
                 &policy,
                 from,
+                0,
                 |host| !refused_by.iter().any(|r| r == host),
                 |host, version, group| async move {
                     self.store()
@@ -665,6 +657,7 @@ impl ControlPlane {
         inst: &InstanceRow,
         policy: &PlacementPolicy,
         from: &str,
+        extra_disk_mib: u64,
         usable: impl Fn(&str) -> bool,
         commit: impl Fn(String, i64, Option<GroupGuard>) -> Fut,
     ) -> ControlResult<String>
@@ -697,7 +690,7 @@ impl ControlPlane {
                 ),
                 affinity_hosts: self.affinity_hosts(&inst.tenant_id, policy).await?,
                 partition,
-                ..Demand::new(inst.vcpus, inst.memory_mib).with_disk(inst.disk_mib)
+                ..Demand::new(inst.vcpus, inst.memory_mib).with_disk(inst.disk_mib + extra_disk_mib)
             };
             let Some(chosen) = placement::choose(&views, &demand, policy) else {
                 let explanation = placement::explain(&views, &demand, policy);

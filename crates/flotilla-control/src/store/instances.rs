@@ -389,6 +389,16 @@ impl Store {
             .bind(id)
             .execute(&mut *tx)
             .await?;
+        if moved {
+            // Its volumes moved with it.
+            sqlx::query(
+                "UPDATE volumes SET host = (SELECT host FROM instances WHERE id = $1)
+                 WHERE attached_to = $1",
+            )
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         Ok(())
     }

@@ -180,6 +180,17 @@ impl Store {
         rows.iter().map(volume).collect()
     }
 
+    /// What the volumes attached to instance `id` take, in MiB.
+    pub async fn volumes_size_of(&self, instance: &str) -> StoreResult<u64> {
+        let mib: i64 = sqlx::query_scalar(
+            "SELECT CAST(COALESCE(SUM(size_mib), 0) AS BIGINT) FROM volumes WHERE attached_to = $1",
+        )
+        .bind(instance)
+        .fetch_one(self.pool())
+        .await?;
+        Ok(mib as u64)
+    }
+
     /// The volumes (ids) attached to instance `id`, in name order: the
     /// order its VM gets them as disks.
     pub async fn volumes_of(&self, instance: &str) -> StoreResult<Vec<String>> {

@@ -272,7 +272,6 @@ impl VmManager {
                     Some("wait until `flotilla migration ls` shows it completed".into()),
                 ));
             }
-            crate::manager::volumes::refuse_with_volumes(&s.record, "a migration")?;
             if s.record.disks.iter().any(|d| d.read_only) {
                 return Err(AgentError::conflict(
                     format!("VM {name:?} has a read-only disk shared with another VM: it cannot leave this host"),
@@ -364,7 +363,22 @@ impl VmManager {
                 // here until the control plane records the move, which
                 // comes after this release.
                 self.forward_moved(id).await;
+                // Its volumes are the target's now (a VM removed there
+                // instead leaves them here: removing a VM keeps its volumes).
+                let volumes: Vec<std::path::PathBuf> = entry
+                    .lock()
+                    .record
+                    .disks
+                    .iter()
+                    .filter(|d| d.volume.is_some())
+                    .map(|d| d.path.clone())
+                    .collect();
                 self.release_moved(entry).await;
+                for path in volumes {
+                    if let Err(e) = std::fs::remove_file(&path) {
+                        tracing::warn!(path = %path.display(), error = %e, "removing a volume that moved away");
+                    }
+                }
                 book.finish(id, MigrationPhase::Completed, None, total);
                 tracing::info!(vm = %name, migration = id, ms = total, "migration completed");
             }
@@ -982,6 +996,7 @@ impl VmManager {
                         }),
                         _ => None,
                     },
+                    volume: d.volume.clone(),
                 })
             })
             .collect::<AgentResult<Vec<_>>>()?;

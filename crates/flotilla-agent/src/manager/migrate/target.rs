@@ -297,6 +297,19 @@ impl VmManager {
                         d.name
                     )));
                 }
+                // A volume is synced inside the VM's directory (it goes with
+                // the directory if the migration fails) and becomes this
+                // host's volume when the sync is done.
+                if let Some(volume) = &d.volume {
+                    crate::spec::validate_name("volume", volume, 63)
+                        .map_err(AgentError::from)?;
+                    if self.volume_path(volume).exists() || self.volume_user(volume).is_some() {
+                        return Err(AgentError::conflict(
+                            format!("this host has a volume named {volume:?} already"),
+                            Some("remove it here, or migrate the VM to another host".into()),
+                        ));
+                    }
+                }
                 // The whole disk as the guest sees it until the switch-over;
                 // then, for a root disk over the same image as here, its
                 // overlay's bytes over this host's copy of the image.
@@ -317,7 +330,7 @@ impl VmManager {
                     size_mib: d.size_mib,
                     backing: None,
                     read_only: d.read_only,
-                    volume: None,
+                    volume: d.volume.clone(),
                     sync_from: Some(NbdBacking {
                         host: d.nbd_host.clone(),
                         port: d.nbd_port,
@@ -717,6 +730,7 @@ impl VmManager {
         {
             let mut s = entry.lock();
             super::remove_psk(&self.vm_dir(&s.record.name));
+            self.place_arrived_volumes(&mut s.record);
             s.record.migration = None;
             if let Err(e) = self.save(&s) {
                 tracing::error!(error = %e, "saving the record after the disk sync");
@@ -727,6 +741,40 @@ impl VmManager {
             .migrations
             .finish(id, MigrationPhase::Completed, None, ms);
         tracing::info!(migration = %id, ms, "disks synced");
+    }
+
+    /// Volumes synced in the VM's directory move to this host's volumes
+    /// (a rename: QEMU keeps its open file). One that cannot stays where
+    /// it is, attached, and is said.
+    fn place_arrived_volumes(&self, record: &mut VmRecord) {
+        let dir = self.vm_dir(&record.name);
+        for disk in record.disks.iter_mut() {
+            let Some(volume) = disk.volume.clone() else {
+                continue;
+            };
+            if !disk.path.starts_with(&dir) {
+                continue;
+            }
+            let to = self.volume_path(&volume);
+            let moved = std::fs::create_dir_all(self.inner.config.data_volumes_dir())
+                .and_then(|()| {
+                    if to.exists() {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::AlreadyExists,
+                            "a volume of that name exists",
+                        ));
+                    }
+                    std::fs::rename(&disk.path, &to)
+                })
+                .and_then(|()| sync_dir(&self.inner.config.data_volumes_dir()))
+                .and_then(|()| sync_dir(&dir));
+            match moved {
+                Ok(()) => disk.path = to,
+                Err(e) => {
+                    tracing::error!(vm = %record.name, volume, error = %e, "placing a migrated volume; it stays in the VM's directory")
+                }
+            }
+        }
     }
 
     pub(crate) async fn sync_disks(&self, entry: Arc<VmEntry>, id: String) {
@@ -810,6 +858,13 @@ impl VmManager {
             // The node a live move added is off the chain now (or was never
             // used, after an agent restart): it goes.
             live::drop_layer_node(&qmp, &node).await;
+            // On this host's disk for good before the source lets its copy
+            // go (a QEMU killed before the guest's next flush would lose
+            // what the copy wrote).
+            let copied = match copied {
+                Ok(()) => flotilla_qemu::block::flush(&qmp, &node).await,
+                failed => failed,
+            };
             match copied {
                 Ok(()) => {
                     let mut s = entry.lock();
