@@ -61,18 +61,21 @@ pub async fn device_file(qmp: &QmpClient, device: &str) -> Result<String, BlockE
         .ok_or_else(|| BlockError::NoSuchDevice(device.to_string()))
 }
 
-/// Cancels disk moves (`move-*` jobs) a dead agent left running.
 /// Writes what QEMU holds in its caches for the disk attached as device
 /// `device` (data and qcow2 metadata) to its file and syncs it. A block job
 /// that copied data into a disk leaves the qcow2 metadata naming it in
 /// QEMU's cache until the guest next flushes; a QEMU killed before then
 /// loses the copy. QMP has no flush command of its own: the monitor's
-/// `qemu-io` runs one on the device.
+/// `qemu-io` runs one on the device. It reports a device it cannot find,
+/// but not a failed write (QEMU prints nothing for that): callers sync the
+/// file themselves afterwards to learn of one. The guest waits while it
+/// runs, so callers first sync the file to empty the page cache.
 pub async fn flush(qmp: &QmpClient, device: &str) -> Result<(), BlockError> {
     let said: Value = qmp
-        .execute(
+        .execute_timeout(
             "human-monitor-command",
             Some(json!({ "command-line": format!("qemu-io -d {device} \"flush\"") })),
+            FLUSH_TIMEOUT,
         )
         .await?;
     let said = said.as_str().unwrap_or_default().trim();
@@ -85,6 +88,10 @@ pub async fn flush(qmp: &QmpClient, device: &str) -> Result<(), BlockError> {
     })
 }
 
+/// How long a flush may take (a disk just streamed may have a lot to write).
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Cancels disk moves (`move-*` jobs) a dead agent left running.
 pub async fn cancel_moves(qmp: &QmpClient) -> Result<(), BlockError> {
     let jobs: Vec<JobInfo> = qmp.execute("query-block-jobs", None).await?;
     for job in jobs.iter().filter(|j| j.device.starts_with("move-")) {

@@ -288,6 +288,17 @@ impl VmManager {
 
     /// Removes a stopped VM with its disks. `force` stops a running one first.
     pub async fn delete(&self, name: &str, force: bool) -> AgentResult<()> {
+        self.delete_vm(name, force, true).await
+    }
+
+    /// [`delete`](Self::delete); with `keep_arriving`, refused while a
+    /// volume is still arriving (a half-made incoming VM goes whole).
+    pub(crate) async fn delete_vm(
+        &self,
+        name: &str,
+        force: bool,
+        keep_arriving: bool,
+    ) -> AgentResult<()> {
         let entry = self.entry(name).map_err(|e| match e {
             // Not "no such VM" while it is being made: whoever removes VMs
             // by that answer (a control plane terminating an instance) would
@@ -300,6 +311,23 @@ impl VmManager {
             }
             e => e,
         })?;
+        // A volume still arriving holds the only copy of what the guest
+        // wrote since the switch-over: removing the VM would lose it.
+        let arriving = {
+            let s = entry.lock();
+            let dir = self.vm_dir(name);
+            s.record
+                .disks
+                .iter()
+                .find(|d| d.volume.is_some() && d.path.starts_with(&dir))
+                .and_then(|d| d.volume.clone())
+        };
+        if let Some(volume) = arriving.filter(|_| keep_arriving) {
+            return Err(AgentError::conflict(
+                format!("VM {name:?} is still receiving volume {volume:?} from its source"),
+                Some("remove it once its migration has completed (`flotilla migration ls`)".into()),
+            ));
+        }
         if entry.lock().record.state.has_process() {
             if !force {
                 return Err(AgentError::conflict(

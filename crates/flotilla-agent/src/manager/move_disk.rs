@@ -64,10 +64,6 @@ impl VmManager {
         )
         .await;
         let Err(e) = mirrored else {
-            // On the new file for good before the old one goes.
-            if let Err(e) = flotilla_qemu::block::flush(qmp, "disk-root").await {
-                tracing::warn!(vm = %name, error = %e, "flushing the moved disk");
-            }
             return self
                 .finish_move(entry, pending, true)
                 .map_err(MoveFailure::Undo);

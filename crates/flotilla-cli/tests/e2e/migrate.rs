@@ -403,13 +403,30 @@ fn a_cancelled_or_refused_migration_leaves_the_vm_where_it_was() {
         "running"
     );
     assert!(b.cli(&["volume", "rm", "home"]).status.success());
-    let out = migrate(&a, &b, "homebound", &[]);
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        b.agent_log_tail()
+    // 6 MB more on it, synced at 1 MiB/s: while the volume is arriving,
+    // the VM is not removed there (the target holds the only copy of what
+    // the guest writes from the switch-over on).
+    let (code, _, err) = exec(
+        &a,
+        "homebound",
+        &[
+            "sh",
+            "-c",
+            "head -c 6000000 /dev/urandom | dd of=/dev/vdb bs=1M seek=1 conv=fsync 2>/dev/null",
+        ],
     );
+    assert_eq!(code, 0, "{err}");
+    let id = start_migration(&a, &b, "homebound", &["--disk-bandwidth", "1"]);
+    wait_phase(&a, &id, |p| p == "disk_sync");
+    let refused = b.cli(&["vm", "rm", "--force", "homebound"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("still receiving volume"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let m = wait_phase(&a, &id, |p| p != "disk_sync");
+    assert_eq!(m["phase"], "completed", "{m:#}\n{}", b.agent_log_tail());
     let on_b: Vec<Value> = b.cli_json(&["volume", "ls"]);
     assert_eq!(on_b.len(), 1, "{on_b:?}");
     assert_eq!(on_b[0]["attached_to"], "homebound", "{on_b:?}");

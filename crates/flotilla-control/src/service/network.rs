@@ -49,6 +49,9 @@ fn table_version(routes: &[VmRoute]) -> String {
 /// has the table costs a comparison.
 const ROUTES_TTL: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// A table this old is read again for a host whose version differs.
+const RECHECK_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// The cluster's whole route table (every instance address, via its host),
 /// as last read from the store.
 #[derive(Debug, Default)]
@@ -121,7 +124,12 @@ impl ControlPlane {
     ) -> ControlResult<Option<VmRoutes>> {
         let (routes, full_version) = {
             let mut table = self.inner.routes.lock().await;
-            if table.read_at.is_none_or(|t| t.elapsed() > ROUTES_TTL) {
+            // A host whose table differs from this one may have a newer
+            // one (from another replica): read again, at most this often,
+            // so a host is never sent back an older table.
+            let differs = known.is_some_and(|k| k != host_version(&table.version, host));
+            let age = table.read_at.map(|t| t.elapsed());
+            if age.is_none_or(|a| a > ROUTES_TTL || (differs && a > RECHECK_AFTER)) {
                 let (routes, version) = full_table(self.store().instance_addresses().await?);
                 *table = RouteTable {
                     read_at: Some(std::time::Instant::now()),

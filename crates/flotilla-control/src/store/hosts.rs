@@ -292,8 +292,11 @@ impl Store {
             h.used_disk_mib += usage.try_get::<i64, _>("d")? as u64;
             h.instances += usage.try_get::<i64, _>("n")? as u64;
         }
+        // Its volumes, and those moving to it with their instance.
         let volumes: i64 = sqlx::query_scalar(
-            "SELECT CAST(COALESCE(SUM(size_mib), 0) AS BIGINT) FROM volumes WHERE host = $1",
+            "SELECT CAST(COALESCE(SUM(v.size_mib), 0) AS BIGINT) FROM volumes v
+             LEFT JOIN instances i ON i.id = v.attached_to
+             WHERE v.host = $1 OR i.migrating_to = $1",
         )
         .bind(name)
         .fetch_one(self.pool())
@@ -325,8 +328,16 @@ impl Store {
         )
         .fetch_all(self.pool())
         .await?;
+        // Volumes moving with their instance hold room on its target too.
+        let moving_volumes = sqlx::query(
+            "SELECT i.migrating_to AS host, CAST(SUM(v.size_mib) AS BIGINT) AS d
+             FROM volumes v JOIN instances i ON i.id = v.attached_to
+             WHERE i.migrating_to IS NOT NULL GROUP BY i.migrating_to",
+        )
+        .fetch_all(self.pool())
+        .await?;
         let mut usage: HashMap<String, Usage> = HashMap::new();
-        for r in &volumes {
+        for r in volumes.iter().chain(&moving_volumes) {
             let host: String = r.try_get("host")?;
             usage.entry(host).or_default().disk_mib += r.try_get::<i64, _>("d")? as u64;
         }

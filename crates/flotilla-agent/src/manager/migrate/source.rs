@@ -365,6 +365,7 @@ impl VmManager {
                 self.forward_moved(id).await;
                 // Its volumes are the target's now (a VM removed there
                 // instead leaves them here: removing a VM keeps its volumes).
+                // (First: a restart in between concludes the move again.)
                 let volumes: Vec<std::path::PathBuf> = entry
                     .lock()
                     .record
@@ -373,12 +374,16 @@ impl VmManager {
                     .filter(|d| d.volume.is_some())
                     .map(|d| d.path.clone())
                     .collect();
-                self.release_moved(entry).await;
                 for path in volumes {
-                    if let Err(e) = std::fs::remove_file(&path) {
-                        tracing::warn!(path = %path.display(), error = %e, "removing a volume that moved away");
+                    match std::fs::remove_file(&path) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => {
+                            tracing::warn!(path = %path.display(), error = %e, "removing a volume that moved away")
+                        }
                     }
                 }
+                self.release_moved(entry).await;
                 book.finish(id, MigrationPhase::Completed, None, total);
                 tracing::info!(vm = %name, migration = id, ms = total, "migration completed");
             }

@@ -726,11 +726,37 @@ impl VmManager {
     /// a cut); it pauses while the VM does not run and ends when the disks
     /// are whole or the VM is removed.
     /// The disks are whole: the source may let go.
-    fn finish_sync(&self, entry: &VmEntry, id: &str, started: Instant) {
+    /// Ends the disk sync: false (asked again later) while an arrived
+    /// volume could not be placed among this host's volumes, so the source
+    /// keeps its copy meanwhile.
+    fn finish_sync(&self, entry: &Arc<VmEntry>, id: &str, started: Instant) -> bool {
+        let still_here = {
+            let name = entry.lock().record.name.clone();
+            self.vms().get(&name).is_some_and(|e| Arc::ptr_eq(e, entry))
+        };
+        // Removed meanwhile: its removal settled the migration.
+        if !still_here
+            || self
+                .inner
+                .migrations
+                .get(id)
+                .is_ok_and(|m| m.phase.is_finished())
+        {
+            return true;
+        }
         {
             let mut s = entry.lock();
+            if let Err(e) = self.place_arrived_volumes(&mut s.record) {
+                if let Err(e) = self.save(&s) {
+                    tracing::error!(error = %e, "saving the record after placing volumes");
+                }
+                tracing::warn!(migration = %id, error = %e, "placing a migrated volume; retrying");
+                self.inner
+                    .migrations
+                    .update(id, false, |m| m.error = Some(format!("{e}; retrying")));
+                return false;
+            }
             super::remove_psk(&self.vm_dir(&s.record.name));
-            self.place_arrived_volumes(&mut s.record);
             s.record.migration = None;
             if let Err(e) = self.save(&s) {
                 tracing::error!(error = %e, "saving the record after the disk sync");
@@ -741,13 +767,49 @@ impl VmManager {
             .migrations
             .finish(id, MigrationPhase::Completed, None, ms);
         tracing::info!(migration = %id, ms, "disks synced");
+        true
+    }
+
+    /// A synced disk on this host's storage for good: its file synced
+    /// (which empties the page cache, so QEMU's flush is short), QEMU's
+    /// caches flushed (the qcow2 metadata naming what the copy wrote), and
+    /// the file synced again (QEMU does not report a failed flush).
+    async fn make_durable(
+        &self,
+        entry: &VmEntry,
+        qmp: &flotilla_qemu::QmpClient,
+        disk: &str,
+        node: &str,
+    ) -> Result<(), String> {
+        let path = entry
+            .lock()
+            .record
+            .disks
+            .iter()
+            .find(|d| d.name == disk)
+            .map(|d| d.path.clone());
+        let Some(path) = path else { return Ok(()) };
+        let sync = |path: std::path::PathBuf| async move {
+            let shown = path.display().to_string();
+            tokio::task::spawn_blocking(move || {
+                std::fs::File::open(&path).and_then(|f| f.sync_all())
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("syncing {shown}: {e}"))
+        };
+        sync(path.clone()).await?;
+        flotilla_qemu::block::flush(qmp, node)
+            .await
+            .map_err(|e| e.to_string())?;
+        sync(path).await
     }
 
     /// Volumes synced in the VM's directory move to this host's volumes
-    /// (a rename: QEMU keeps its open file). One that cannot stays where
-    /// it is, attached, and is said.
-    fn place_arrived_volumes(&self, record: &mut VmRecord) {
+    /// (a rename: QEMU keeps its open file; the record follows at once).
+    fn place_arrived_volumes(&self, record: &mut VmRecord) -> Result<(), String> {
         let dir = self.vm_dir(&record.name);
+        let volumes_dir = self.inner.config.data_volumes_dir();
         for disk in record.disks.iter_mut() {
             let Some(volume) = disk.volume.clone() else {
                 continue;
@@ -756,25 +818,23 @@ impl VmManager {
                 continue;
             }
             let to = self.volume_path(&volume);
-            let moved = std::fs::create_dir_all(self.inner.config.data_volumes_dir())
-                .and_then(|()| {
-                    if to.exists() {
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::AlreadyExists,
-                            "a volume of that name exists",
-                        ));
-                    }
-                    std::fs::rename(&disk.path, &to)
-                })
-                .and_then(|()| sync_dir(&self.inner.config.data_volumes_dir()))
-                .and_then(|()| sync_dir(&dir));
-            match moved {
-                Ok(()) => disk.path = to,
-                Err(e) => {
-                    tracing::error!(vm = %record.name, volume, error = %e, "placing a migrated volume; it stays in the VM's directory")
-                }
+            if to.exists() {
+                return Err(format!("volume {volume:?}: this host has one of that name"));
             }
+            std::fs::create_dir_all(&volumes_dir)
+                .and_then(|()| std::fs::rename(&disk.path, &to))
+                .map_err(|e| {
+                    format!(
+                        "volume {volume:?}: placing it in {}: {e}",
+                        volumes_dir.display()
+                    )
+                })?;
+            disk.path = to;
+            sync_dir(&volumes_dir)
+                .and_then(|()| sync_dir(&dir))
+                .map_err(|e| format!("volume {volume:?}: syncing its directory: {e}"))?;
         }
+        Ok(())
     }
 
     pub(crate) async fn sync_disks(&self, entry: Arc<VmEntry>, id: String) {
@@ -824,8 +884,11 @@ impl VmManager {
                     }
                 }
                 // Whole (also when it stopped right after the last copy).
-                self.finish_sync(&entry, &id, started);
-                return;
+                if self.finish_sync(&entry, &id, started) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
             };
             if !state.has_process() {
                 // Crashed or stopped: its disks are this overlay over the
@@ -862,8 +925,8 @@ impl VmManager {
             // go (a QEMU killed before the guest's next flush would lose
             // what the copy wrote).
             let copied = match copied {
-                Ok(()) => flotilla_qemu::block::flush(&qmp, &node).await,
-                failed => failed,
+                Ok(()) => self.make_durable(&entry, &qmp, &disk, &node).await,
+                Err(e) => Err(e.to_string()),
             };
             match copied {
                 Ok(()) => {
@@ -1038,7 +1101,7 @@ impl VmManager {
             }
             self.settle_exited(entry, &mut s, VmState::Stopped, None);
         }
-        if let Err(e) = self.delete(&name, true).await {
+        if let Err(e) = self.delete_vm(&name, true, false).await {
             tracing::error!(vm = %name, error = %e, "removing a half-made incoming VM");
         }
     }
