@@ -540,6 +540,12 @@ impl super::VmManager {
         };
         match self.inner.migrations.get(&id) {
             Ok(m) if m.role == MigrationRole::Target && !m.phase.is_finished() => {}
+            Ok(m) if m.role == MigrationRole::Target && m.phase == MigrationPhase::Completed => {
+                // Completed by an agent that died before the VM's record
+                // followed.
+                self.clear_migration(entry);
+                return;
+            }
             _ => return,
         }
         tracing::info!(migration = %id, "going on with a disk sync");

@@ -757,15 +757,22 @@ impl VmManager {
                 return false;
             }
             super::remove_psk(&self.vm_dir(&s.record.name));
+        }
+        // The migration's end is recorded first: an agent that dies before
+        // the VM's record follows finds it completed and clears the VM's
+        // link to it at start (the other order left it in disk sync for
+        // ever, and the source waiting).
+        let ms = started.elapsed().as_millis() as u64;
+        self.inner
+            .migrations
+            .finish(id, MigrationPhase::Completed, None, ms);
+        {
+            let mut s = entry.lock();
             s.record.migration = None;
             if let Err(e) = self.save(&s) {
                 tracing::error!(error = %e, "saving the record after the disk sync");
             }
         }
-        let ms = started.elapsed().as_millis() as u64;
-        self.inner
-            .migrations
-            .finish(id, MigrationPhase::Completed, None, ms);
         tracing::info!(migration = %id, ms, "disks synced");
         true
     }
