@@ -79,10 +79,19 @@ impl QmpClient {
         let (read, write) = stream.into_split();
         let mut reader = BufReader::new(read);
 
-        let greeting = until(deadline, "greeting", conn::read_message(&mut reader))
-            .await?
-            .ok_or(QmpError::Disconnected)?;
-        let greeting = wire::parse_greeting(greeting)?;
+        // An event can come before the greeting (one emitted while QEMU
+        // was still opening this connection, e.g. RESUME as a VM starts):
+        // it is no one's yet and is skipped.
+        let greeting = loop {
+            let message = until(deadline, "greeting", conn::read_message(&mut reader))
+                .await?
+                .ok_or(QmpError::Disconnected)?;
+            if message.get("event").is_some() && message.get("QMP").is_none() {
+                tracing::debug!(path = %path.display(), event = %message["event"], "QMP event before the greeting; skipped");
+                continue;
+            }
+            break wire::parse_greeting(message)?;
+        };
         let mut write = write;
         let oob = greeting.capabilities.iter().any(|c| c == "oob");
         let negotiate: &[u8] = match oob {

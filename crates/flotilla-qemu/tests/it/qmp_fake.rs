@@ -110,6 +110,22 @@ async fn missing_greeting_times_out() {
 }
 
 #[tokio::test]
+async fn an_event_before_the_greeting_is_skipped() {
+    // QEMU may emit an event (RESUME as a VM starts) on a connection it is
+    // still opening, before the greeting.
+    let dir = common::temp_dir();
+    let (path, _server) = serve(dir.path(), |mut peer| async move {
+        peer.send(r#"{"event": "RESUME", "timestamp": {"seconds": 1, "microseconds": 2}}"#)
+            .await;
+        peer.handshake().await;
+        tokio::time::sleep(SHORT).await;
+    });
+    QmpClient::connect(&path, SHORT)
+        .await
+        .expect("connected past the early event");
+}
+
+#[tokio::test]
 async fn failed_negotiation_is_reported() {
     let dir = common::temp_dir();
     let (path, _server) = serve(dir.path(), |mut peer| async move {
