@@ -275,7 +275,9 @@ impl ControlPlane {
         }
         if !on_host {
             tracing::info!(instance = %inst.name, "its VM is gone: terminate completed");
-            return Ok(self.store().delete_instance(&inst.id).await?);
+            self.store().delete_instance(&inst.id).await?;
+            self.routes_changed().await;
+            return Ok(());
         }
         tracing::info!(instance = %inst.name, "still on its host: terminating again");
         let op_id = new_id("op");
