@@ -382,6 +382,10 @@ pub struct Instance {
     pub created_at: String,
     /// RFC 3339.
     pub updated_at: String,
+    /// The volumes attached to it, by name (on describe; lists leave
+    /// them out).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<String>,
 }
 
 /// A page of a list; pass `next_page_token` as `page_token` for the next.

@@ -1848,6 +1848,8 @@ async fn volumes_are_tenant_resources_attached_to_one_instance() {
     assert_eq!(b["instances"][0]["host"], "h2", "{b}");
     let (_, data) = api.call("GET", "/v1/volumes/data", Some(&acme), None).await;
     assert_eq!(data["attached_to"], "db", "{data}");
+    let (_, db) = api.call("GET", "/v1/instances/db", Some(&acme), None).await;
+    assert_eq!(db["volumes"], json!(["data"]), "{db}");
     let (s, b) = api
         .call(
             "POST",

@@ -77,6 +77,7 @@ pub fn instance(i: InstanceRow) -> Instance {
         last_error: i.last_error,
         created_at: rfc3339(i.created_at),
         updated_at: rfc3339(i.updated_at),
+        volumes: Vec::new(),
     }
 }
 

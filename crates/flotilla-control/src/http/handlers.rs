@@ -422,9 +422,16 @@ pub async fn get_instance(
     q: Result<Query<TenantQuery>, QueryRejection>,
 ) -> ApiResult<Json<Instance>> {
     let q = query(q)?;
-    Ok(Json(convert::instance(
-        cp.instance(&caller, q.tenant.as_deref(), &name).await?,
-    )))
+    let row = cp.instance(&caller, q.tenant.as_deref(), &name).await?;
+    let volumes = cp
+        .store()
+        .volume_names_of(&row.id)
+        .await
+        .map_err(ControlError::from)?;
+    Ok(Json(flotilla_api::control::Instance {
+        volumes,
+        ..convert::instance(row)
+    }))
 }
 
 #[utoipa::path(patch, path = "/v1/instances/{name}", request_body = UpdateInstanceRequest,

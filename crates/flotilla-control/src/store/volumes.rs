@@ -180,6 +180,16 @@ impl Store {
         rows.iter().map(volume).collect()
     }
 
+    /// The names of the volumes attached to instance `id`, in order.
+    pub async fn volume_names_of(&self, instance: &str) -> StoreResult<Vec<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT name FROM volumes WHERE attached_to = $1 ORDER BY name, id")
+                .bind(instance)
+                .fetch_all(self.pool())
+                .await?,
+        )
+    }
+
     /// What the volumes attached to instance `id` take, in MiB.
     pub async fn volumes_size_of(&self, instance: &str) -> StoreResult<u64> {
         let mib: i64 = sqlx::query_scalar(
