@@ -540,15 +540,16 @@ pub async fn create_snapshot(
     .await
 }
 
+/// A page of a tenant's resources listed by name (snapshots, volumes).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SnapshotsQuery {
+pub struct NamedPageQuery {
     #[serde(default)]
-    tenant: Option<String>,
+    pub(super) tenant: Option<String>,
     #[serde(default)]
-    page_size: Option<u32>,
+    pub(super) page_size: Option<u32>,
     #[serde(default)]
-    page_token: Option<String>,
+    pub(super) page_token: Option<String>,
 }
 
 #[utoipa::path(get, path = "/v1/snapshots",
@@ -559,7 +560,7 @@ pub struct SnapshotsQuery {
 pub async fn list_snapshots(
     State(cp): State<ControlPlane>,
     caller: Caller,
-    q: Result<Query<SnapshotsQuery>, QueryRejection>,
+    q: Result<Query<NamedPageQuery>, QueryRejection>,
 ) -> ApiResult<Json<Page<Snapshot>>> {
     let q = query(q)?;
     let size = page_size(q.page_size)?;

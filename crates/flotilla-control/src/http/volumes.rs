@@ -6,11 +6,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::Json;
 use flotilla_api::control::{CreateVolumeRequest, Page, Volume};
-use serde::Deserialize;
 
 use super::convert;
 use super::handlers::{
-    body, idempotent, name_token, page_of, page_size, query, ApiResult, TenantQuery,
+    body, idempotent, name_token, page_of, page_size, query, ApiResult, NamedPageQuery, TenantQuery,
 };
 use crate::auth::Caller;
 use crate::service::ControlPlane;
@@ -37,17 +36,6 @@ pub async fn create_volume(
     .await
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VolumesQuery {
-    #[serde(default)]
-    tenant: Option<String>,
-    #[serde(default)]
-    page_size: Option<u32>,
-    #[serde(default)]
-    page_token: Option<String>,
-}
-
 #[utoipa::path(get, path = "/v1/volumes",
     params(("page_size" = Option<u32>, Query, description = "at most this many (default 100, at most 1000)"),
         ("page_token" = Option<String>, Query, description = "the previous page's next_page_token")),
@@ -55,7 +43,7 @@ pub struct VolumesQuery {
 pub async fn list_volumes(
     State(cp): State<ControlPlane>,
     caller: Caller,
-    q: Result<Query<VolumesQuery>, QueryRejection>,
+    q: Result<Query<NamedPageQuery>, QueryRejection>,
 ) -> ApiResult<Json<Page<Volume>>> {
     let q = query(q)?;
     let size = page_size(q.page_size)?;
