@@ -1,8 +1,12 @@
 //! Host networking for VMs: the bridge, one tap per NIC, addresses from the
 //! host's subnet and MAC addresses.
 //!
-//! Links are managed with iproute2's `ip`, which every Linux host has; the
-//! calls are idempotent so a restarted agent can run them again.
+//! Links are managed with iproute2's `ip`, which every Linux host has, and
+//! taps on the paths a user waits on through the kernel's interfaces
+//! ([`tap`]); the calls are idempotent so a restarted agent can run them
+//! again.
+
+mod tap;
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
@@ -61,7 +65,7 @@ pub(crate) fn ip(args: &[&str]) -> Result<String, NetworkError> {
 }
 
 pub fn link_exists(name: &str) -> bool {
-    ip(&["link", "show", "dev", name]).is_ok()
+    tap::exists(name)
 }
 
 /// Every host's bridge has this MAC (a locally administered one): a VM
@@ -131,11 +135,30 @@ pub fn delete_bridge(bridge: &str) -> Result<(), NetworkError> {
 
 /// Creates a persistent tap on `bridge`, up. Reuses a tap that already exists.
 pub fn ensure_tap(tap: &str, bridge: &str) -> Result<(), NetworkError> {
+    let failed = |what: &str, e: std::io::Error| NetworkError::Command {
+        args: format!("{what} {tap}"),
+        stderr: e.to_string(),
+    };
     if !link_exists(tap) {
-        ip(&["tuntap", "add", "dev", tap, "mode", "tap"])?;
+        tap::create_persistent(tap).map_err(|e| failed("tuntap add dev", e))?;
     }
-    // One command for both: every `ip` costs a fork on a resume's path.
-    ip(&["link", "set", "dev", tap, "master", bridge, "up"])?;
+    // Read through sysfs (`ip netns exec` mounts the namespace's own).
+    let master = std::fs::read_link(format!("/sys/class/net/{tap}/master")).ok();
+    let in_bridge = master.is_some_and(|m| m.file_name() == Some(std::ffi::OsStr::new(bridge)));
+    let added = match in_bridge {
+        true => Ok(()),
+        false => tap::add_to_bridge(tap, bridge),
+    };
+    match added {
+        Ok(()) => {}
+        // A port already, of this bridge or (a leftover) another: `ip`
+        // settles both.
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            ip(&["link", "set", "dev", tap, "master", bridge])?;
+        }
+        Err(e) => return Err(failed(&format!("link set master {bridge} dev"), e)),
+    }
+    tap::set_up(tap).map_err(|e| failed("link set up dev", e))?;
     // An isolated port: VMs on the bridge do not talk at layer 2, so their
     // traffic passes the host's filter (see `crate::isolation`). Through
     // sysfs: no fork on a resume's path.

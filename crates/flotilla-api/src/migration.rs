@@ -22,8 +22,7 @@ pub struct MigrateVmRequest {
     /// default, 300 ms, when not given).
     #[serde(default)]
     pub max_downtime_ms: Option<u64>,
-    /// Memory stream bandwidth limit in MiB/s (QEMU's default, 128 MiB/s,
-    /// when not given).
+    /// Memory stream bandwidth limit in MiB/s (none when not given).
     #[serde(default)]
     pub max_bandwidth_mibps: Option<u64>,
     /// Bandwidth limit of the disk copy after the switch-over, in MiB/s

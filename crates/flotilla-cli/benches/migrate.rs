@@ -151,7 +151,11 @@ fn flotilla_case(a: &TestHost, b: &TestHost, memory_mib: u64, writer: bool, tls:
     let id = m["id"].as_str().unwrap_or("-").to_string();
     for host in [a, b] {
         let log = std::fs::read_to_string(host.data_path().join("agent.log")).unwrap_or_default();
-        for line in log.lines().filter(|l| l.contains(&id)) {
+        let vm = format!("vm={name} ");
+        for line in log.lines().map(without_colours) {
+            if !line.contains(&id) && !line.contains(&vm) {
+                continue;
+            }
             eprintln!("{line}");
         }
     }
@@ -171,6 +175,24 @@ fn flotilla_case(a: &TestHost, b: &TestHost, memory_mib: u64, writer: bool, tls:
     }
 }
 
+/// A log line without its ANSI colour codes (`ESC [ ... m`).
+fn without_colours(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn in_netns(ns: &str, cmd: std::process::Command) -> std::process::Command {
     let mut wrapped = std::process::Command::new("ip");
     wrapped
@@ -185,6 +207,7 @@ fn in_netns(ns: &str, cmd: std::process::Command) -> std::process::Command {
 
 /// The baseline: the same kernel, initramfs and disk under bare QEMUs, one
 /// per host, migrated by QEMU alone (the disk on storage both see).
+#[allow(clippy::too_many_arguments)]
 fn baseline_case(
     a: &TestHost,
     b: &TestHost,
@@ -192,6 +215,7 @@ fn baseline_case(
     memory_mib: u64,
     writer: bool,
     tls: bool,
+    unlimited: bool,
     rt: &tokio::runtime::Runtime,
 ) -> Row {
     let (kernel, initrd, rootfs) = image;
@@ -292,7 +316,11 @@ fn baseline_case(
     let ra = receiver(a.netns.name.clone(), stop.clone());
     let rb = receiver(b.netns.name.clone(), stop.clone());
     std::thread::sleep(Duration::from_secs(2));
-    let creds = json!({ "tls-creds": if tls { "tls0" } else { "" } });
+    let mut creds = json!({ "tls-creds": if tls { "tls0" } else { "" } });
+    if unlimited {
+        // As Flotilla's default; QEMU's own is 128 MiB/s.
+        creds["max-bandwidth"] = json!(0);
+    }
     let info = rt.block_on(async {
         let target =
             QmpClient::connect_retry(&dir.path().join("b/qmp.sock"), Duration::from_secs(10))
@@ -372,7 +400,11 @@ fn main() {
             ));
             rows.push((
                 format!("QEMU alone, {}", label(tls)),
-                baseline_case(&a, &b, image, memory, writer, tls, &rt),
+                baseline_case(&a, &b, image, memory, writer, tls, false, &rt),
+            ));
+            rows.push((
+                format!("QEMU alone, no bandwidth limit, {}", label(tls)),
+                baseline_case(&a, &b, image, memory, writer, tls, true, &rt),
             ));
         }
         for (who, r) in &rows {

@@ -110,11 +110,21 @@ async fn guest_exec(dir: &Path, cmd: &str) {
     assert_eq!(exit.code, Some(0));
 }
 
-/// QEMU's own full save: stop, `migrate` to a plain file, quit.
-async fn bare_save(dir: &Path, file: &Path) -> f64 {
+/// QEMU's own full save: stop, `migrate` to a plain file, quit. With
+/// `unlimited`, without QEMU's default bandwidth limit (128 MiB/s), as
+/// Flotilla saves.
+async fn bare_save(dir: &Path, file: &Path, unlimited: bool) -> f64 {
     let qmp = QmpClient::connect_retry(&dir.join("qmp.sock"), Duration::from_secs(10))
         .await
         .expect("qmp");
+    if unlimited {
+        qmp.execute::<Value>(
+            "migrate-set-parameters",
+            Some(json!({ "max-bandwidth": 0 })),
+        )
+        .await
+        .expect("no limit");
+    }
     let t = Instant::now();
     qmp.stop().await.expect("stop");
     qmp.execute::<Value>(
@@ -166,15 +176,15 @@ fn main() {
         .expect("qemu-img");
     assert!(made.success());
     let (base1, base2) = (dir.path().join("full1.bin"), dir.path().join("full2.bin"));
-    let (save1, save2, restore2, restored_memory) = rt.block_on(async {
+    let (save1, save2, save2_unlimited, restore2, restored_memory) = rt.block_on(async {
         let q = spawn_bare(&kernel, &initrd, dir.path(), None);
         guest_exec(dir.path(), WORKLOAD).await;
-        let save1 = bare_save(dir.path(), &base1).await;
+        let save1 = bare_save(dir.path(), &base1, false).await;
         drop(q);
         let q = spawn_bare(&kernel, &initrd, dir.path(), Some(&base1));
         wait_running(dir.path()).await;
         guest_exec(dir.path(), SMALL_CHANGE).await;
-        let save2 = bare_save(dir.path(), &base2).await;
+        let save2 = bare_save(dir.path(), &base2, false).await;
         drop(q);
         // Each restore starts from the disk as it was at the save.
         let (root, saved_root) = (
@@ -195,7 +205,13 @@ fn main() {
             drop(q);
         }
         let restore2 = median(&mut restores);
-        (save1, save2, restore2, restored_memory)
+        // The second save again without the limit (into another file).
+        std::fs::copy(&saved_root, &root).expect("restore the saved disk");
+        let q = spawn_bare(&kernel, &initrd, dir.path(), Some(&base2));
+        wait_running(dir.path()).await;
+        let save2_unlimited = bare_save(dir.path(), &dir.path().join("full3.bin"), true).await;
+        drop(q);
+        (save1, save2, save2_unlimited, restore2, restored_memory)
     });
     let (full1, full2) = (allocated(&base1), allocated(&base2));
 
@@ -216,6 +232,10 @@ fn main() {
     println!(
         "| second snapshot: time | {suspend2:.3} s | {save2:.3} s | {:.2}x |",
         suspend2 / save2
+    );
+    println!(
+        "| second snapshot: time, QEMU without its bandwidth limit | {suspend2:.3} s | {save2_unlimited:.3} s | {:.2}x |",
+        suspend2 / save2_unlimited
     );
     println!(
         "| second snapshot: bytes stored | {:.1} MiB | {:.1} MiB | {:.1}% |",

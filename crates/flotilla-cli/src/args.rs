@@ -790,7 +790,8 @@ pub struct MigrationFlags {
     /// The longest pause to plan for at the switch-over.
     #[arg(long)]
     pub max_downtime_ms: Option<u64>,
-    /// Bandwidth limit of the memory stream in MiB/s (post-copy included).
+    /// Bandwidth limit of the memory stream in MiB/s (post-copy included);
+    /// none by default.
     #[arg(long)]
     pub bandwidth: Option<u64>,
     /// Bandwidth limit of the disk copy after the switch-over, in MiB/s.

@@ -11,12 +11,10 @@
 //! ```no_run
 //! # async fn demo(config: flotilla_qemu::QemuConfig) -> Result<(), Box<dyn std::error::Error>> {
 //! use std::path::Path;
-//! use std::time::Duration;
-//! use flotilla_qemu::{QemuProcess, QmpClient};
+//! use flotilla_qemu::QemuProcess;
 //!
 //! let qemu = Path::new("/usr/bin/qemu-system-x86_64");
-//! let process = QemuProcess::spawn(qemu, &config, Path::new("/run/vm/qemu.log")).await?;
-//! let qmp = QmpClient::connect_retry(&config.qmp_socket, Duration::from_secs(5)).await?;
+//! let (process, qmp) = QemuProcess::start(qemu, &config, Path::new("/run/vm/qemu.log")).await?;
 //! println!("{:?}", qmp.query_status().await?);
 //! qmp.quit().await?;
 //! process.wait_exit().await;

@@ -68,9 +68,15 @@ async fn set_mapped_ram(qmp: &QmpClient) -> Result<(), QmpError> {
         ] })),
     )
     .await?;
+    // A file is no link to share: QEMU's default limit (128 MiB/s) would
+    // make a save, and so a suspend's or a clone's pause, several times
+    // longer than the disk needs.
     qmp.execute::<serde_json::Value>(
         "migrate-set-parameters",
-        Some(json!({ "multifd-channels": FILE_CHANNELS })),
+        Some(json!({
+            "multifd-channels": FILE_CHANNELS,
+            "max-bandwidth": crate::live::UNLIMITED_BANDWIDTH,
+        })),
     )
     .await?;
     Ok(())

@@ -32,6 +32,11 @@ use crate::qmp::QmpClient;
 /// take many seconds to open its monitor.
 pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How often a starting QEMU is looked at (its QMP socket's existence, then
+/// a connect): often, since every VM start, resume and migration waits on
+/// it, and a look costs one syscall.
+const READY_POLL: Duration = Duration::from_millis(2);
+
 /// How much of the stderr log goes into startup errors.
 const STDERR_TAIL_BYTES: u64 = 4096;
 
@@ -123,6 +128,17 @@ impl QemuProcess {
         config: &QemuConfig,
         stderr_log: &Path,
     ) -> Result<QemuProcess, QemuError> {
+        Ok(Self::start(qemu_binary, config, stderr_log).await?.0)
+    }
+
+    /// [`spawn`](Self::spawn), keeping the QMP connection that proved QEMU
+    /// ready: a caller that drives QEMU saves connecting again (QEMU's
+    /// monitor takes one client at a time).
+    pub async fn start(
+        qemu_binary: &Path,
+        config: &QemuConfig,
+        stderr_log: &Path,
+    ) -> Result<(QemuProcess, QmpClient), QemuError> {
         config.validate()?;
         remove_stale(&config.qmp_socket)?;
         if let Some(agent) = &config.agent_socket {
@@ -130,7 +146,7 @@ impl QemuProcess {
         }
         remove_stale(&config.pidfile)?;
         let args = config.to_args();
-        Self::spawn_with_args(
+        Self::start_with_args(
             qemu_binary,
             &args,
             &config.qmp_socket,
@@ -151,6 +167,20 @@ impl QemuProcess {
         stderr_log: &Path,
         startup_timeout: Duration,
     ) -> Result<QemuProcess, QemuError> {
+        let started =
+            Self::start_with_args(qemu_binary, args, qmp_socket, stderr_log, startup_timeout);
+        Ok(started.await?.0)
+    }
+
+    /// [`spawn_with_args`](Self::spawn_with_args), keeping the QMP
+    /// connection (see [`start`](Self::start)).
+    pub async fn start_with_args(
+        qemu_binary: &Path,
+        args: &[String],
+        qmp_socket: &Path,
+        stderr_log: &Path,
+        startup_timeout: Duration,
+    ) -> Result<(QemuProcess, QmpClient), QemuError> {
         let (log, log_start) = open_log(qemu_binary, stderr_log)?;
         let log_err = log
             .try_clone()
@@ -180,17 +210,19 @@ impl QemuProcess {
         let process = Self::from_child(child, stderr_log)?;
         tracing::info!(pid = process.identity.pid, binary = %qemu_binary.display(), "started QEMU");
 
-        if let Err(err) = process
+        match process
             .wait_ready(qmp_socket, startup_timeout, log_start)
             .await
         {
-            tracing::warn!(pid = process.identity.pid, error = %err, "QEMU failed to start");
-            if let Err(kill_err) = process.kill().await {
-                tracing::warn!(pid = process.identity.pid, error = %kill_err, "cannot kill failed QEMU");
+            Ok(qmp) => Ok((process, qmp)),
+            Err(err) => {
+                tracing::warn!(pid = process.identity.pid, error = %err, "QEMU failed to start");
+                if let Err(kill_err) = process.kill().await {
+                    tracing::warn!(pid = process.identity.pid, error = %kill_err, "cannot kill failed QEMU");
+                }
+                Err(err)
             }
-            return Err(err);
         }
-        Ok(process)
     }
 
     /// Attaches to a QEMU left running by an earlier agent process. Needs a
@@ -327,7 +359,7 @@ impl QemuProcess {
         qmp_socket: &Path,
         timeout: Duration,
         log_start: u64,
-    ) -> Result<(), QemuError> {
+    ) -> Result<QmpClient, QemuError> {
         let started = Instant::now();
         let deadline = started + timeout;
         let log = self.inner.stderr_log.clone().unwrap_or_default();
@@ -348,7 +380,7 @@ impl QemuProcess {
             }
             tokio::select! {
                 _ = exit_rx.changed() => {}
-                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                _ = tokio::time::sleep(READY_POLL) => {}
             }
         }
 
@@ -365,17 +397,18 @@ impl QemuProcess {
                             && self.exit_info().is_none()
                             && Instant::now() < deadline =>
                     {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        tokio::time::sleep(READY_POLL).await;
                     }
                     Err(e) => return Err(e),
                 }
             };
-            client.query_status().await
+            let status = client.query_status().await?;
+            Ok((client, status))
         };
         let failure = match tokio::time::timeout(remaining, handshake).await {
-            Ok(Ok(status)) => {
+            Ok(Ok((client, status))) => {
                 tracing::debug!(pid = self.pid(), status = %status.status, elapsed = ?started.elapsed(), "QEMU ready");
-                return Ok(());
+                return Ok(client);
             }
             Ok(Err(err)) => err.to_string(),
             Err(_) => "QMP did not answer".to_string(),

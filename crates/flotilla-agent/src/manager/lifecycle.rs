@@ -16,7 +16,6 @@ use crate::runtime::Readiness;
 pub const CONSOLE_LOG: &str = "console.log";
 pub const QEMU_LOG: &str = "qemu.log";
 pub const PIDFILE: &str = "qemu.pid";
-const QMP_CONNECT_DEADLINE: Duration = Duration::from_secs(30);
 /// After a graceful stop times out, QEMU gets this long to quit before SIGKILL.
 const QUIT_GRACE: Duration = Duration::from_secs(3);
 
@@ -247,32 +246,58 @@ impl VmManager {
         qemu_config: QemuConfig,
     ) -> AgentResult<(Arc<QemuProcess>, QmpClient)> {
         let cfg = &self.inner.config;
+        let began = Instant::now();
         for nic in &record.nics {
             network::ensure_tap(&nic.tap, &cfg.bridge)?;
         }
-        // Its address joins its network group before the guest runs; if
-        // the filter cannot be applied, the VM does not start.
-        let manager = self.clone();
-        tokio::task::spawn_blocking(move || manager.sync_isolation())
-            .await
-            .map_err(|e| {
-                AgentError::io("applying the network groups", std::io::Error::other(e))
-            })??;
+        let taps_ms = began.elapsed().as_millis() as u64;
         std::fs::create_dir_all(cfg.sockets_dir())
             .map_err(|e| AgentError::io("creating the sockets directory", e))?;
         qemu_config.validate()?;
+        // Its address joins its network group before the guest runs; if
+        // the filter cannot be applied, the VM does not start. A QEMU that
+        // starts paused (state to load, or -S) runs nothing before it is
+        // continued, so the filter is applied while it starts.
+        let filtered = {
+            let manager = self.clone();
+            tokio::task::spawn_blocking(move || manager.sync_isolation())
+        };
+        let join_filter = |handle: tokio::task::JoinHandle<Result<(), network::NetworkError>>| async {
+            handle.await.map_err(|e| {
+                AgentError::io("applying the network groups", std::io::Error::other(e))
+            })??;
+            Ok::<u64, AgentError>(began.elapsed().as_millis() as u64)
+        };
+        let paused = qemu_config.start_paused || qemu_config.incoming.is_some();
+        let (filtered, mut filter_ms) = match paused {
+            true => (Some(filtered), 0),
+            false => (None, join_filter(filtered).await?),
+        };
         let dir = self.vm_dir(&record.name);
         self.remove_sockets(&record.id);
-        let process = Arc::new(
-            QemuProcess::spawn(&cfg.qemu_binary, &qemu_config, &dir.join(QEMU_LOG)).await?,
-        );
-        match QmpClient::connect_retry(&qemu_config.qmp_socket, QMP_CONNECT_DEADLINE).await {
-            Ok(qmp) => Ok((process, qmp)),
-            Err(e) => {
-                let _ = process.kill().await;
-                Err(e.into())
+        let started = QemuProcess::start(&cfg.qemu_binary, &qemu_config, &dir.join(QEMU_LOG)).await;
+        let qemu_ms = began.elapsed().as_millis() as u64;
+        let (process, qmp) = match (started, filtered) {
+            (Ok((process, qmp)), None) => (Arc::new(process), qmp),
+            (Ok((process, qmp)), Some(filter)) => match join_filter(filter).await {
+                Ok(ms) => {
+                    filter_ms = ms;
+                    (Arc::new(process), qmp)
+                }
+                Err(e) => {
+                    let _ = process.kill().await;
+                    return Err(e);
+                }
+            },
+            (Err(e), filter) => {
+                if let Some(filter) = filter {
+                    let _ = join_filter(filter).await;
+                }
+                return Err(e.into());
             }
-        }
+        };
+        tracing::debug!(vm = %record.name, taps_ms, filter_ms, qemu_ms, paused, "launched");
+        Ok((process, qmp))
     }
 
     pub(crate) fn qemu_config(&self, record: &VmRecord) -> QemuConfig {
