@@ -18,6 +18,7 @@ mod lifecycle;
 pub mod migrate;
 mod move_disk;
 mod snapshots;
+mod standby;
 pub mod suspend;
 mod volumes;
 
@@ -268,7 +269,9 @@ impl VmManager {
     pub(crate) fn info_of(&self, entry: &VmEntry) -> VmInfo {
         let ready = entry.readiness.get() == crate::runtime::Readiness::Ready;
         let s = entry.lock();
-        s.record.to_info(None, ready)
+        let mut info = s.record.to_info(None, ready);
+        info.warm = s.runtime.standby.is_some();
+        info
     }
 
     /// A VM's description, with QEMU's own status asked over QMP.

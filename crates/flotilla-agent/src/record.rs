@@ -213,6 +213,7 @@ impl VmRecord {
             ready_ms: self.ready_ms,
             last_error: self.last_error.clone(),
             snapshot: self.snapshot_head.clone(),
+            warm: false,
             guest: None,
         }
     }

@@ -34,6 +34,22 @@ pub struct VmRuntime {
     /// layer it was just stored as. Never persisted: after a restart the
     /// layer is verified again.
     pub memory_just_captured: bool,
+    /// A QEMU waiting for a suspended VM's resume (a warm suspend).
+    pub standby: Option<Standby>,
+}
+
+/// A QEMU started for a suspended VM with `-incoming defer` and the VM's
+/// devices, taps and disks: its resume loads the state into it instead of
+/// starting QEMU (tens of ms under TCG). It holds no guest memory until
+/// then. Never persisted: an agent that restarts kills it as an orphan.
+pub struct Standby {
+    pub process: Arc<QemuProcess>,
+    pub qmp: QmpClient,
+    /// The layer it was made for, and the files it opened (device and
+    /// inode of each disk, in the record's order): a resume from anything
+    /// else starts a QEMU of its own.
+    pub head: String,
+    pub files: Vec<(u64, u64)>,
 }
 
 /// The readiness channel of one VM: writers are the start and monitor tasks,

@@ -265,6 +265,10 @@ pub struct VmInfo {
     /// The snapshot layer the VM was last suspended to (the head of its chain).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<String>,
+    /// Suspended with a QEMU waiting for its resume (a warm suspend): the
+    /// resume only loads the state into it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub warm: bool,
     /// What the guest agent reports, asked live by `inspect` (absent in lists
     /// and while the guest is not ready).
     #[serde(default, skip_serializing_if = "Option::is_none")]

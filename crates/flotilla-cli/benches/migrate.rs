@@ -150,9 +150,8 @@ fn flotilla_case(a: &TestHost, b: &TestHost, memory_mib: u64, writer: bool, tls:
     // Where the time goes: this migration's steps in both agents' logs.
     let id = m["id"].as_str().unwrap_or("-").to_string();
     for host in [a, b] {
-        let log = std::fs::read_to_string(host.data_path().join("agent.log")).unwrap_or_default();
         let vm = format!("vm={name} ");
-        for line in log.lines().map(without_colours) {
+        for line in host.agent_log_lines() {
             if !line.contains(&id) && !line.contains(&vm) {
                 continue;
             }
@@ -173,24 +172,6 @@ fn flotilla_case(a: &TestHost, b: &TestHost, memory_mib: u64, writer: bool, tls:
         memory_mib: mib(m["memory_bytes"].as_u64().unwrap_or(0)),
         disk_sync_s: Some(total - switch_s),
     }
-}
-
-/// A log line without its ANSI colour codes (`ESC [ ... m`).
-fn without_colours(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c == 'm' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 fn in_netns(ns: &str, cmd: std::process::Command) -> std::process::Command {

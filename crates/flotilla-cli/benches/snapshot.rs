@@ -165,6 +165,7 @@ fn main() {
         bytes2,
         memory: resumed_memory,
     } = load;
+    let (warm_resume, standby_memory) = warm_cycle(&host);
 
     // Baseline: the same guest under a bare QEMU, same workload, full saves.
     let dir = tempfile::tempdir().expect("tempdir");
@@ -245,6 +246,12 @@ fn main() {
     );
     println!("| resume until exec answers (after the second; median of {REPEAT}) | {resume2:.3} s | {restore2:.3} s | {:.2}x |", resume2 / restore2);
     println!("| resume until exec answers (after the first) | {resume1:.3} s | | |");
+    println!("| resume of a warm suspend until exec answers (median of {REPEAT}) | {warm_resume:.3} s | {restore2:.3} s | {:.2}x |", warm_resume / restore2);
+    println!(
+        "| a warm suspend's waiting QEMU: resident / private memory | {:.1} / {:.1} MiB | | |",
+        mib(standby_memory.resident),
+        mib(standby_memory.anonymous),
+    );
     println!(
         "| a resumed VM's QEMU after one exec: resident / private memory | {:.1} / {:.1} MiB | {:.1} / {:.1} MiB | {:.2}x private |",
         mib(resumed_memory.resident),
@@ -438,6 +445,53 @@ struct Cycle {
     memory: MemoryUse,
 }
 
+/// A VM holding [`WORKLOAD`] suspended warm (a QEMU waits for the resume)
+/// and resumed [`REPEAT`] times: the median resume until an exec answers,
+/// and what the waiting QEMU holds.
+fn warm_cycle(host: &TestHost) -> (f64, MemoryUse) {
+    api_ok(
+        host,
+        "POST",
+        "/v1/vms",
+        Some(json!({ "name": "warm", "memory_mib": MEMORY_MIB, "wait_ready": true })),
+    );
+    flotilla_exec(host, "warm", WORKLOAD);
+    let mut resumes = Vec::new();
+    let mut standby = MemoryUse::default();
+    for i in 0..REPEAT {
+        api_ok(host, "POST", "/v1/vms/warm/suspend?warm=true", None);
+        let waiting = Instant::now();
+        while !api_ok(host, "GET", "/v1/vms/warm", None)["warm"]
+            .as_bool()
+            .unwrap_or(false)
+        {
+            assert!(waiting.elapsed() < Duration::from_secs(30), "no standby");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if i == 0 {
+            let pids = host.qemu_pids();
+            standby = memory_of(pids[0]);
+        }
+        let t = Instant::now();
+        api_ok(host, "POST", "/v1/vms/warm/resume?wait=true", None);
+        let resumed = t.elapsed();
+        flotilla_exec(host, "warm", "true");
+        resumes.push(t.elapsed().as_secs_f64());
+        eprintln!(
+            "warm resume {i}: ready at {} ms, exec answered at {} ms",
+            resumed.as_millis(),
+            t.elapsed().as_millis()
+        );
+    }
+    for line in host.agent_log_lines() {
+        if line.contains("restore phases") && line.contains("warm=true") {
+            eprintln!("{line}");
+        }
+    }
+    api_ok(host, "DELETE", "/v1/vms/warm?force=true", None);
+    (median(&mut resumes), standby)
+}
+
 /// A VM holding [`WORKLOAD`] suspended, resumed, changed a little,
 /// suspended again and resumed [`REPEAT`] times.
 fn suspend_cycle(host: &TestHost) -> Cycle {
@@ -468,8 +522,20 @@ fn suspend_cycle(host: &TestHost) -> Cycle {
         }
         let t = Instant::now();
         api_ok(host, "POST", "/v1/vms/snap/resume?wait=true", None);
+        let resumed = t.elapsed();
         flotilla_exec(host, "snap", "true");
         resumes.push(t.elapsed().as_secs_f64());
+        eprintln!(
+            "resume {i}: ready at {} ms, exec answered at {} ms",
+            resumed.as_millis(),
+            t.elapsed().as_millis()
+        );
+    }
+    // Where the time went, from the agent's log.
+    for line in host.agent_log_lines() {
+        if line.contains("restore phases") || line.contains(" resumed ") {
+            eprintln!("{line}");
+        }
     }
     let pid = api_ok(host, "GET", "/v1/vms/snap", None)["pid"]
         .as_i64()

@@ -612,7 +612,13 @@ pub enum VmCommand {
     },
     /// Suspend a running VM: its memory and root disk go into a snapshot
     /// layer (only what changed since its last one) and its QEMU ends.
-    Suspend { name: String },
+    Suspend {
+        name: String,
+        /// Then keep a QEMU waiting for the resume (a process without guest
+        /// memory): the resume skips QEMU's start.
+        #[arg(long)]
+        warm: bool,
+    },
     /// Bring a suspended VM back exactly where it was.
     Resume {
         name: String,

@@ -14,8 +14,9 @@ use serde_json::json;
 use crate::error::QmpError;
 use crate::qmp::QmpClient;
 
-/// How often a migration's progress is polled.
-const POLL: Duration = Duration::from_millis(10);
+/// How often a save's or a load's progress is polled: often, as suspends,
+/// resumes and clones wait on it (a query is a cheap round trip).
+const POLL: Duration = Duration::from_millis(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {

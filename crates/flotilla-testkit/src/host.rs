@@ -131,6 +131,16 @@ impl TestHost {
         self.data_dir.path()
     }
 
+    /// The agent's log so far, a line each, without colour codes (for
+    /// benchmarks that show where the time went).
+    pub fn agent_log_lines(&self) -> Vec<String> {
+        std::fs::read_to_string(self.data_path().join("agent.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(without_colours)
+            .collect()
+    }
+
     fn register_default_image(&self) -> anyhow::Result<()> {
         let agent = guest_agent_bin();
         if !agent.is_file() {
@@ -362,4 +372,22 @@ impl Drop for TestHost {
             self.data_dir.path().to_path_buf(),
         ));
     }
+}
+
+/// A log line without its ANSI colour codes (`ESC [ ... m`).
+fn without_colours(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

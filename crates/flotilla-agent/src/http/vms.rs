@@ -123,13 +123,25 @@ pub async fn fleet_resume(
     ))
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SuspendQuery {
+    #[serde(default)]
+    warm: bool,
+}
+
 #[utoipa::path(post, path = "/v1/vms/{name}/suspend",
-    responses((status = 200, body = VmInfo), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    params(("warm" = Option<bool>, Query, description = "keep a QEMU waiting for the resume (no guest memory): the resume skips QEMU's start")),
+    responses((status = 200, body = VmInfo), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn suspend(
     State(m): State<VmManager>,
     Path(name): Path<String>,
+    query: Result<Query<SuspendQuery>, QueryRejection>,
 ) -> Result<Json<VmInfo>, ApiError> {
-    Ok(Json(detached(async move { m.suspend(&name).await }).await?))
+    let Query(q) = query?;
+    Ok(Json(
+        detached(async move { m.suspend(&name, q.warm).await }).await?,
+    ))
 }
 
 #[utoipa::path(post, path = "/v1/vms/{name}/resume", params(("wait" = Option<bool>, Query, description = "answer once the guest agent is ready")),

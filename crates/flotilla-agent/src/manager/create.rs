@@ -340,6 +340,7 @@ impl VmManager {
             self.stop(name, true, None).await?;
         }
         let _op = entry.op_lock.lock().await;
+        self.drop_standby(&entry).await;
         let id = {
             let s = entry.lock();
             if s.record.state.has_process() {

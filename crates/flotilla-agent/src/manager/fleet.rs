@@ -59,7 +59,7 @@ impl VmManager {
             .map(|name| async move {
                 let t = Instant::now();
                 let result = match op {
-                    FleetOp::Suspend => self.suspend(&name).await,
+                    FleetOp::Suspend => self.suspend(&name, false).await,
                     FleetOp::Resume => self.resume(&name, true).await,
                 };
                 let state = self.entry(&name).ok().map(|e| e.lock().record.state);

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use flotilla_api::{VmInfo, VmState};
 use flotilla_guest_protocol::GuestClient;
 use flotilla_qemu::migration::{
-    load_at_start, map_at_start, save_to_file, set_link, wait_incoming,
+    load_at_start, load_from_file, map_at_start, save_to_file, set_link, wait_incoming,
 };
 use flotilla_qemu::{QemuProcess, QmpClient};
 use flotilla_snapshot::{LayerId, LayerManifest};
@@ -28,7 +28,7 @@ use crate::config::RestoreMemory;
 use crate::disks;
 use crate::error::{AgentError, AgentResult};
 use crate::record::VmRecord;
-use crate::runtime::Readiness;
+use crate::runtime::{Readiness, Standby};
 
 /// The head layer's memory image, kept next to the VM: what QEMU loads on
 /// resume, and the parent the next suspend is diffed against.
@@ -67,8 +67,17 @@ pub(crate) async fn blocking<T: Send + 'static>(
 
 impl VmManager {
     /// Suspends a running VM into a new snapshot layer; reports the pause.
-    pub async fn suspend(&self, name: &str) -> AgentResult<VmInfo> {
+    /// Suspends a running VM; with `warm`, a QEMU then waits for its resume
+    /// (see [`standby`](super::standby)).
+    pub async fn suspend(&self, name: &str, warm: bool) -> AgentResult<VmInfo> {
         let entry = self.entry(name)?;
+        if warm && self.inner.config.restore_memory != RestoreMemory::Load {
+            return Err(AgentError::conflict(
+                "this host maps memory images as QEMU starts (--restore-memory map), so no QEMU \
+                 can wait for a resume",
+                Some("suspend without --warm, or run the agent with --restore-memory load".into()),
+            ));
+        }
         let _op = entry.op_lock.lock().await;
         let started = Instant::now();
         let (record, qmp, process) = {
@@ -126,6 +135,9 @@ impl VmManager {
             ms = started.elapsed().as_millis() as u64,
             "suspended"
         );
+        if warm {
+            self.spawn_standby(entry.clone());
+        }
         Ok(self.info_of(&entry))
     }
 
@@ -251,7 +263,11 @@ impl VmManager {
             self.reserve_and_enter(&entry, &mut s, others, VmState::Resuming)?
         };
         let trusted = std::mem::take(&mut entry.lock().runtime.memory_just_captured);
-        match self.restore(&record, trusted).await {
+        let standby = match &record.snapshot_head {
+            Some(head) => self.take_standby(&entry, head).await,
+            None => None,
+        };
+        match self.restore(&record, trusted, standby).await {
             Ok((process, qmp, mut backings, guest)) => {
                 self.enter_running(&entry, process, qmp, generation, |r| {
                     for disk in &mut r.disks {
@@ -304,6 +320,7 @@ impl VmManager {
         &self,
         record: &VmRecord,
         memory_just_captured: bool,
+        standby: Option<Standby>,
     ) -> AgentResult<Restored> {
         let head = record.snapshot_head.clone().map(LayerId).ok_or_else(|| {
             AgentError::conflict(
@@ -321,6 +338,7 @@ impl VmManager {
         // time, so usually ready; made now otherwise. (A data disk the layer
         // has no copy of, from an older agent, stays as it is.)
         let mut backings = BTreeMap::new();
+        let mut standby_fits = standby.is_some();
         // The host's volumes are attached as they are.
         for disk in record.disks.iter().filter(|d| d.volume.is_none()) {
             let Some(copy) = layer_disk(&store, &head, &disk.name) else {
@@ -334,6 +352,8 @@ impl VmManager {
             if !(disk.path.exists() && disk.backing.as_deref() == Some(copy.as_path())) {
                 let _ = std::fs::remove_file(&disk.path);
                 disks::create_overlay(&disk.path, &copy, "qcow2")?;
+                // A standby opened the disk that was here.
+                standby_fits = false;
             }
             backings.insert(disk.name.clone(), copy);
         }
@@ -384,6 +404,15 @@ impl VmManager {
                 }
             }
         };
+        // A standby takes the kept image (loaded, never mapped) as it is.
+        let standby = match standby {
+            Some(s) if standby_fits && reuse && !mapped => Some(s),
+            Some(s) => {
+                let _ = s.process.kill().await;
+                None
+            }
+            None => None,
+        };
         if !mapped {
             load_at_start(&mut config, &memory);
         }
@@ -399,7 +428,11 @@ impl VmManager {
                 .await
                 .map_err(|e| AgentError::io("checking the snapshot", std::io::Error::other(e)))?
         };
-        let launched = self.launch_with(record, config).await;
+        let warm = standby.is_some();
+        let launched = match standby {
+            Some(standby) => self.reattach_standby(record, standby).await,
+            None => self.launch_with(record, config).await,
+        };
         let launch_time = phases.elapsed();
         let (process, qmp) = match launched {
             Ok(pq) => pq,
@@ -414,7 +447,10 @@ impl VmManager {
             }
         };
         let loaded = async {
-            let loaded = wait_incoming(&qmp, LOAD_TIMEOUT).await;
+            let loaded = match warm {
+                true => load_from_file(&qmp, &memory, LOAD_TIMEOUT).await,
+                false => wait_incoming(&qmp, LOAD_TIMEOUT).await,
+            };
             let _ = std::fs::remove_file(&state_file);
             loaded.map_err(|e| AgentError::Snapshot(format!("loading the VM's memory: {e}")))?;
             if let Some(handle) = check.take() {
@@ -446,6 +482,7 @@ impl VmManager {
                 total_ms = phases.elapsed().as_millis() as u64,
                 reused_memory = reuse,
                 mapped_memory = mapped,
+                warm,
                 "restore phases"
             );
             Ok::<_, AgentError>(guest)

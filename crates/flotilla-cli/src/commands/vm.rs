@@ -98,14 +98,26 @@ pub async fn run(client: &Client, json: bool, cmd: VmCommand) -> anyhow::Result<
             };
             return super::migration::migrate(client, json, args).await;
         }
-        VmCommand::Suspend { name } => {
+        VmCommand::Suspend { name, warm } => {
             let vm: VmInfo = client
-                .post(&format!("/v1/vms/{name}/suspend"), &serde_json::json!({}))
+                .post(
+                    &format!("/v1/vms/{name}/suspend?warm={warm}"),
+                    &serde_json::json!({}),
+                )
                 .await?;
             if json {
                 output::json(&vm)?;
             } else {
-                println!("{} suspended (snapshot {})", vm.name, opt(&vm.snapshot));
+                let waiting = if warm {
+                    "; a QEMU is started to wait for its resume"
+                } else {
+                    ""
+                };
+                println!(
+                    "{} suspended (snapshot {}){waiting}",
+                    vm.name,
+                    opt(&vm.snapshot)
+                );
             }
         }
         VmCommand::Resume { name, wait } => {
@@ -267,6 +279,9 @@ fn print_inspect(vm: &VmInfo) {
     }
     if let Some(id) = &vm.snapshot {
         println!("snapshot:    {id}");
+    }
+    if vm.warm {
+        println!("warm:        a QEMU waits for the resume");
     }
     if let Some(e) = &vm.last_error {
         println!("last error:  {e}");

@@ -389,6 +389,18 @@ fn with_mapped_memory_vms_share_the_snapshot_image_and_never_write_it() {
         exec(&host, "a", &["hostname"]).1,
         exec(&host, "b", &["hostname"]).1
     );
+    // No QEMU can wait for a VM whose memory is mapped as QEMU starts: a
+    // warm suspend is refused up front, the VM runs on.
+    let (st, body) = host.api("POST", "/v1/vms/b/suspend?warm=true", None);
+    assert_eq!(st, 409, "{body}");
+    assert!(
+        body["error"]["hint"]
+            .as_str()
+            .unwrap_or("")
+            .contains("without --warm"),
+        "{body}"
+    );
+    assert_eq!(inspect(&host, "b")["state"], "running");
 
     // A suspend and resume brings back memory written since.
     let (code, _, err) = exec(
@@ -422,5 +434,77 @@ fn with_mapped_memory_vms_share_the_snapshot_image_and_never_write_it() {
     for vm in ["a", "b"] {
         assert!(host.cli(&["vm", "rm", "--force", vm]).status.success());
     }
+    assert_clean(&host);
+}
+
+/// Waits until the VM's `warm` is `want` (its standby QEMU started or gone).
+fn wait_warm(host: &TestHost, vm: &str, want: bool) {
+    for _ in 0..200 {
+        if inspect(host, vm)["warm"].as_bool().unwrap_or(false) == want {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("VM {vm} never became warm={want}: {:#}", inspect(host, vm));
+}
+
+#[test]
+fn a_warm_suspend_keeps_a_qemu_waiting_that_the_resume_loads_into() {
+    let mut host = TestHost::start().expect("test host");
+    run_vm(&host, "warm");
+    let (code, _, err) = exec(
+        &host,
+        "warm",
+        &["sh", "-c", "head -c 8000000 /dev/urandom > /tmp/mem.bin && head -c 4000000 /dev/urandom > /root/disk.bin && sync"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let before = checksums(&host, "warm");
+    let (st, body) = host.api("POST", "/v1/vms/warm/suspend?warm=maybe", None);
+    assert_eq!(st, 400, "{body}");
+
+    // The suspend answers at once; the standby QEMU follows.
+    let s: serde_json::Value = host.cli_json(&["vm", "suspend", "warm", "--warm"]);
+    assert_eq!(s["state"], "suspended", "{s:#}");
+    wait_warm(&host, "warm", true);
+    let standby = host.qemu_pids();
+    assert_eq!(standby.len(), 1, "one QEMU waits: {standby:?}");
+    let info = inspect(&host, "warm");
+    assert_eq!(info["state"], "suspended", "{info:#}");
+    assert!(
+        info["pid"].is_null(),
+        "a suspended VM shows no process: {info:#}"
+    );
+    let out = host.cli(&["vm", "exec", "warm", "--", "true"]);
+    assert!(!out.status.success(), "a suspended VM takes no commands");
+
+    // The resume loads the state into that QEMU.
+    let r: serde_json::Value = host.cli_json(&["vm", "resume", "warm", "--wait"]);
+    assert_eq!(r["state"], "running", "{r:#}");
+    assert_eq!(r["pid"].as_i64(), Some(i64::from(standby[0])), "{r:#}");
+    assert_eq!(r["warm"], serde_json::Value::Null, "{r:#}");
+    assert_eq!(checksums(&host, "warm"), before, "memory and disk contents");
+    let gw = r["nics"][0]["gateway"].as_str().expect("gw").to_string();
+    assert_eq!(
+        exec(&host, "warm", &["ping", "-c", "1", "-W", "5", &gw]).0,
+        0
+    );
+
+    // A restarted agent kills a standby it no longer knows; the next
+    // resume starts its own QEMU.
+    host.cli_json::<serde_json::Value>(&["vm", "suspend", "warm", "--warm"]);
+    wait_warm(&host, "warm", true);
+    host.kill_agent(nix::sys::signal::Signal::SIGKILL);
+    host.start_agent().expect("agent again");
+    assert!(host.qemu_pids().is_empty(), "the orphaned standby is gone");
+    assert_eq!(inspect(&host, "warm")["warm"], serde_json::Value::Null);
+    let r: serde_json::Value = host.cli_json(&["vm", "resume", "warm", "--wait"]);
+    assert_eq!(r["state"], "running", "{r:#}");
+    assert_eq!(checksums(&host, "warm"), before, "memory and disk contents");
+
+    // Removing a warm VM takes its standby with it.
+    host.cli_json::<serde_json::Value>(&["vm", "suspend", "warm", "--warm"]);
+    wait_warm(&host, "warm", true);
+    assert_eq!(host.qemu_pids().len(), 1);
+    host.cli_json::<serde_json::Value>(&["vm", "rm", "warm"]);
     assert_clean(&host);
 }

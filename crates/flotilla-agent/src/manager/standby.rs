@@ -1,0 +1,125 @@
+//! Warm suspends: after a suspend, a QEMU for the VM is started waiting for
+//! incoming state (`-incoming defer`, the VM's devices, taps and disks),
+//! so its resume loads the state into it and continues, without starting
+//! QEMU (tens of ms under TCG, on the path a user waits on). The standby
+//! holds no guest memory until then; it goes with the VM's removal, and a
+//! restarted agent kills it as an orphan (its resume is then cold).
+
+use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
+
+use flotilla_api::VmState;
+use flotilla_qemu::{QemuProcess, QmpClient};
+
+use super::{VmEntry, VmManager};
+use crate::config::RestoreMemory;
+use crate::error::{AgentError, AgentResult};
+use crate::network;
+use crate::record::VmRecord;
+use crate::runtime::Standby;
+
+impl VmManager {
+    /// Starts a standby for a VM just suspended, in the background (the
+    /// suspend has answered). Nothing happens if the VM has moved on.
+    pub(crate) fn spawn_standby(&self, entry: Arc<VmEntry>) {
+        let manager = self.clone();
+        tokio::spawn(async move {
+            let _op = entry.op_lock.lock().await;
+            let record = {
+                let s = entry.lock();
+                if s.record.state != VmState::Suspended || s.runtime.standby.is_some() {
+                    return;
+                }
+                s.record.clone()
+            };
+            // A mapped restore maps the memory image as QEMU starts: only a
+            // loading one can take its state later (the suspend refused).
+            if manager.inner.config.restore_memory != RestoreMemory::Load {
+                return;
+            }
+            let (Some(head), Some(files)) = (record.snapshot_head.clone(), disk_files(&record))
+            else {
+                return;
+            };
+            let mut config = manager.qemu_config(&record);
+            config.incoming = Some("defer".into());
+            config.start_paused = true;
+            match manager.launch_with(&record, config).await {
+                Ok((process, qmp)) => {
+                    tracing::info!(vm = %record.name, pid = process.identity.pid, "a QEMU waits for the resume");
+                    entry.lock().runtime.standby = Some(Standby {
+                        process,
+                        qmp,
+                        head,
+                        files,
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(vm = %record.name, error = %e, "could not start a standby QEMU; the resume will start one")
+                }
+            }
+        });
+    }
+
+    /// The VM's standby if it can take a resume from `head` with the disks
+    /// the record names now; any other standby is killed.
+    pub(crate) async fn take_standby(&self, entry: &VmEntry, head: &str) -> Option<Standby> {
+        let standby = entry.lock().runtime.standby.take()?;
+        let record = entry.lock().record.clone();
+        let alive = standby.process.exit_info().is_none();
+        if alive && standby.head == head && disk_files(&record).as_ref() == Some(&standby.files) {
+            return Some(standby);
+        }
+        tracing::info!(vm = %record.name, alive, "the standby QEMU does not fit the resume; starting another");
+        let _ = standby.process.kill().await;
+        None
+    }
+
+    /// The standby as the resume's QEMU: its taps are checked on the bridge
+    /// (which may have been made again meanwhile) and the network filter
+    /// brought up to date, as a start does, before the state is loaded.
+    pub(crate) async fn reattach_standby(
+        &self,
+        record: &VmRecord,
+        standby: Standby,
+    ) -> AgentResult<(Arc<QemuProcess>, QmpClient)> {
+        let ready = async {
+            for nic in &record.nics {
+                network::ensure_tap(&nic.tap, &self.inner.config.bridge)?;
+            }
+            let manager = self.clone();
+            tokio::task::spawn_blocking(move || manager.sync_isolation())
+                .await
+                .map_err(|e| {
+                    AgentError::io("applying the network groups", std::io::Error::other(e))
+                })??;
+            Ok::<_, AgentError>(())
+        };
+        match ready.await {
+            Ok(()) => Ok((standby.process, standby.qmp)),
+            Err(e) => {
+                let _ = standby.process.kill().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Kills the VM's standby, if it has one.
+    pub(crate) async fn drop_standby(&self, entry: &VmEntry) {
+        let standby = entry.lock().runtime.standby.take();
+        if let Some(standby) = standby {
+            if let Err(e) = standby.process.kill().await {
+                tracing::warn!(error = %e, "killing a standby QEMU");
+            }
+        }
+    }
+}
+
+/// Device and inode of each of the VM's disks: what a QEMU started now opens.
+fn disk_files(record: &VmRecord) -> Option<Vec<(u64, u64)>> {
+    record
+        .disks
+        .iter()
+        .map(|d| std::fs::metadata(&d.path).ok().map(|m| (m.dev(), m.ino())))
+        .collect()
+}
