@@ -57,7 +57,7 @@ impl VmManager {
             crate::manager::suspend::remove_leftovers(&dir);
             crate::manager::remove_capture_leftovers(&dir);
         }
-        kill_orphans(&self.config().sockets_dir(), &adopted_pids);
+        kill_orphans(&self.config().sockets_dir(), &adopted_pids).await;
         // A base VM outlives its purpose when the agent died making the base.
         let base_vms: Vec<String> = self
             .vms()
@@ -395,14 +395,39 @@ impl VmManager {
 
 /// Kills QEMU processes that point into this agent's socket directory (an
 /// argument starting with `<sockets_dir>/`) but that no VM record claims:
-/// left by a crash between spawning QEMU and saving the record.
-fn kill_orphans(sockets_dir: &Path, adopted: &HashSet<i32>) {
+/// left by a crash between spawning QEMU and saving the record, or warm
+/// suspends' standbys. Returns once they have exited (within a bound): a
+/// resume right after must not find its taps or disks still held.
+async fn kill_orphans(sockets_dir: &Path, adopted: &HashSet<i32>) {
+    let killed = kill_orphans_now(sockets_dir, adopted);
+    let deadline = std::time::Instant::now() + ORPHAN_EXIT_WAIT;
+    while killed.iter().any(|pid| !has_exited(*pid)) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// How long the agent waits at start for killed orphans to exit.
+const ORPHAN_EXIT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Gone, or a zombie (its files and devices are released at exit).
+fn has_exited(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // "pid (comm) S ...": the state follows the last ')'.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+    }
+}
+
+fn kill_orphans_now(sockets_dir: &Path, adopted: &HashSet<i32>) -> Vec<i32> {
+    let mut killed = Vec::new();
     let Ok(dir) = sockets_dir.canonicalize() else {
-        return;
+        return killed;
     };
     let marker = format!("{}/", dir.display());
     let Ok(procs) = std::fs::read_dir("/proc") else {
-        return;
+        return killed;
     };
     for p in procs.flatten() {
         let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
@@ -433,6 +458,25 @@ fn kill_orphans(sockets_dir: &Path, adopted: &HashSet<i32>) {
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
             );
+            killed.push(pid);
         }
+    }
+    killed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_live_process_has_not_exited_and_a_missing_one_has() {
+        assert!(!has_exited(std::process::id() as i32));
+        assert!(has_exited(i32::MAX));
+        let mut child = std::process::Command::new("true").spawn().expect("spawn");
+        let pid = child.id() as i32;
+        // Exited but not reaped: a zombie counts as gone.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(has_exited(pid));
+        let _ = child.wait();
     }
 }

@@ -270,7 +270,11 @@ impl VmManager {
         let ready = entry.readiness.get() == crate::runtime::Readiness::Ready;
         let s = entry.lock();
         let mut info = s.record.to_info(None, ready);
-        info.warm = s.runtime.standby.is_some();
+        info.warm = s
+            .runtime
+            .standby
+            .as_ref()
+            .is_some_and(|w| w.process.exit_info().is_none());
         info
     }
 

@@ -1,5 +1,6 @@
-//! What the agent holds for a VM while it runs: its QEMU process, the QMP
-//! connection and the guest agent client. None of this is persisted; after an
+//! What the agent holds for a VM while it runs (its QEMU process, the QMP
+//! connection and the guest agent client) or waits (a warm suspend's
+//! standby QEMU). None of this is persisted; after an
 //! agent restart it is rebuilt from the record (`adopt`).
 
 use std::sync::Arc;

@@ -271,6 +271,7 @@ async fn stop_everything(manager: &VmManager) {
         }
     });
     futures::future::join_all(stops).await;
+    manager.drop_all_standbys().await;
 }
 
 /// Names and addresses for the certificate, for clients that check names

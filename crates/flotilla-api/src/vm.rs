@@ -265,7 +265,8 @@ pub struct VmInfo {
     /// The snapshot layer the VM was last suspended to (the head of its chain).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<String>,
-    /// Suspended with a QEMU waiting for its resume (a warm suspend): the
+    /// Suspended with a QEMU waiting for its resume (a warm suspend; true
+    /// once that QEMU has started, shortly after the suspend answered): the
     /// resume only loads the state into it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub warm: bool,

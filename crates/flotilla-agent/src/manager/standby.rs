@@ -32,6 +32,12 @@ impl VmManager {
                 }
                 s.record.clone()
             };
+            // Removed meanwhile (a removal queued ahead of this task): its
+            // taps must not come back.
+            let current = manager.vms().get(&record.name).cloned();
+            if !current.is_some_and(|e| Arc::ptr_eq(&e, &entry)) {
+                return;
+            }
             // A mapped restore maps the memory image as QEMU starts: only a
             // loading one can take its state later (the suspend refused).
             if manager.inner.config.restore_memory != RestoreMemory::Load {
@@ -55,7 +61,9 @@ impl VmManager {
                     });
                 }
                 Err(e) => {
-                    tracing::warn!(vm = %record.name, error = %e, "could not start a standby QEMU; the resume will start one")
+                    tracing::warn!(vm = %record.name, error = %e, "could not start a standby QEMU; the resume will start one");
+                    // As a suspended VM has them: none.
+                    manager.cleanup_taps(&record);
                 }
             }
         });
@@ -104,6 +112,18 @@ impl VmManager {
         }
     }
 
+    /// Kills every standby and its taps (an agent leaving the host as it
+    /// found it).
+    pub(crate) async fn drop_all_standbys(&self) {
+        let entries: Vec<Arc<VmEntry>> = self.vms().values().cloned().collect();
+        for entry in entries {
+            if entry.lock().runtime.standby.is_some() {
+                self.drop_standby(&entry).await;
+                self.cleanup_taps(&entry.lock().record);
+            }
+        }
+    }
+
     /// Kills the VM's standby, if it has one.
     pub(crate) async fn drop_standby(&self, entry: &VmEntry) {
         let standby = entry.lock().runtime.standby.take();
@@ -111,6 +131,36 @@ impl VmManager {
             if let Err(e) = standby.process.kill().await {
                 tracing::warn!(error = %e, "killing a standby QEMU");
             }
+        }
+    }
+}
+
+/// A standby taken for a resume: killed unless the resume uses it, so no
+/// error path leaves it running unknown to the agent.
+pub(crate) struct Taken(Option<Standby>);
+
+impl Taken {
+    pub(crate) fn new(standby: Option<Standby>) -> Taken {
+        Taken(standby)
+    }
+
+    pub(crate) fn is_some(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// The standby, for the resume to use (or kill) itself.
+    pub(crate) fn into_inner(mut self) -> Option<Standby> {
+        self.0.take()
+    }
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        if let Some(standby) = self.0.take() {
+            let _ = standby
+                .process
+                .identity
+                .signal(flotilla_qemu::Signal::SIGKILL);
         }
     }
 }

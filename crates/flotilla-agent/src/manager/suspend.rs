@@ -23,12 +23,13 @@ use flotilla_qemu::{QemuProcess, QmpClient};
 use flotilla_snapshot::{LayerId, LayerManifest};
 
 use super::layers::{layer_disk, remove_tmp_disks, store_layer, Capture};
+use super::standby::Taken;
 use super::{VmEntry, VmManager};
 use crate::config::RestoreMemory;
 use crate::disks;
 use crate::error::{AgentError, AgentResult};
 use crate::record::VmRecord;
-use crate::runtime::{Readiness, Standby};
+use crate::runtime::Readiness;
 
 /// The head layer's memory image, kept next to the VM: what QEMU loads on
 /// resume, and the parent the next suspend is diffed against.
@@ -66,9 +67,8 @@ pub(crate) async fn blocking<T: Send + 'static>(
 }
 
 impl VmManager {
-    /// Suspends a running VM into a new snapshot layer; reports the pause.
-    /// Suspends a running VM; with `warm`, a QEMU then waits for its resume
-    /// (see [`standby`](super::standby)).
+    /// Suspends a running VM into a new snapshot layer; with `warm`, a QEMU
+    /// is then started to wait for its resume (see [`standby`](super::standby)).
     pub async fn suspend(&self, name: &str, warm: bool) -> AgentResult<VmInfo> {
         let entry = self.entry(name)?;
         if warm && self.inner.config.restore_memory != RestoreMemory::Load {
@@ -264,8 +264,8 @@ impl VmManager {
         };
         let trusted = std::mem::take(&mut entry.lock().runtime.memory_just_captured);
         let standby = match &record.snapshot_head {
-            Some(head) => self.take_standby(&entry, head).await,
-            None => None,
+            Some(head) => Taken::new(self.take_standby(&entry, head).await),
+            None => Taken::new(None),
         };
         match self.restore(&record, trusted, standby).await {
             Ok((process, qmp, mut backings, guest)) => {
@@ -320,7 +320,7 @@ impl VmManager {
         &self,
         record: &VmRecord,
         memory_just_captured: bool,
-        standby: Option<Standby>,
+        standby: Taken,
     ) -> AgentResult<Restored> {
         let head = record.snapshot_head.clone().map(LayerId).ok_or_else(|| {
             AgentError::conflict(
@@ -405,7 +405,7 @@ impl VmManager {
             }
         };
         // A standby takes the kept image (loaded, never mapped) as it is.
-        let standby = match standby {
+        let standby = match standby.into_inner() {
             Some(s) if standby_fits && reuse && !mapped => Some(s),
             Some(s) => {
                 let _ = s.process.kill().await;

@@ -145,6 +145,30 @@ fn up_serves_and_ctrl_c_stops_everything() {
     );
     assert_eq!(hosts[0]["state"], "up");
 
+    // A warm suspend's waiting QEMU goes with the rest at Ctrl-C.
+    for args in [
+        &["vm", "run", "nap", "--wait"][..],
+        &["vm", "suspend", "nap", "--warm"],
+    ] {
+        let out = cli(args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = cli(&["vm", "inspect", "nap", "--json"]);
+        let nap: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if nap["warm"] == true {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no standby QEMU: {nap}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(qemu_pids_under(data.path()).len(), 3);
+
     kill(Pid::from_raw(up.id() as i32), Signal::SIGINT).expect("SIGINT");
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
