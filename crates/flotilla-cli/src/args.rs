@@ -261,7 +261,14 @@ pub enum InstanceCommand {
         wait: bool,
     },
     /// Suspend instances (by name and/or --tag), a few at a time.
-    Suspend(InstanceSelectArgs),
+    Suspend {
+        #[command(flatten)]
+        select: InstanceSelectArgs,
+        /// Then keep a QEMU waiting on the host for each resume (a process
+        /// without guest memory): the resume skips QEMU's start.
+        #[arg(long)]
+        warm: bool,
+    },
     /// Resume suspended instances (by name and/or --tag).
     Resume(InstanceSelectArgs),
     /// Run a command in the instance through its host's agent.

@@ -199,7 +199,7 @@ impl AgentClient {
         }
     }
 
-    /// `start`, `stop`, `suspend` or `resume` on the VM.
+    /// `start`, `stop`, `suspend` (`suspend?warm=true`) or `resume` on the VM.
     pub async fn vm_action(
         &self,
         agent: &AgentAddr,

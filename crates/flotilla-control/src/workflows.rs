@@ -40,6 +40,9 @@ pub enum OperationInput {
     Start,
     Stop,
     Suspend,
+    /// A suspend after which a QEMU waits on the host for the resume (a
+    /// warm suspend: the resume skips QEMU's start).
+    SuspendWarm,
     Resume,
     /// The target is the new instance, made from a snapshot of `source`
     /// (an instance id) on the source's host.
@@ -63,7 +66,7 @@ impl OperationInput {
             OperationInput::Terminate => "terminate",
             OperationInput::Start => "start",
             OperationInput::Stop => "stop",
-            OperationInput::Suspend => "suspend",
+            OperationInput::Suspend | OperationInput::SuspendWarm => "suspend",
             OperationInput::Resume => "resume",
             OperationInput::Clone { .. } => "clone",
             OperationInput::Migrate { .. } => "migrate",
@@ -504,8 +507,12 @@ async fn act(
             OperationInput::Start
             | OperationInput::Stop
             | OperationInput::Suspend
+            | OperationInput::SuspendWarm
             | OperationInput::Resume => {
-                let action = input.kind();
+                let action = match input {
+                    OperationInput::SuspendWarm => "suspend?warm=true",
+                    _ => input.kind(),
+                };
                 let vm = match agents.vm_action(&agent, &inst.id, action).await {
                     Ok(vm) => vm,
                     // Already there (an earlier attempt, or the user's

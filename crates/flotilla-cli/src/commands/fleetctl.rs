@@ -374,8 +374,11 @@ pub async fn instance(c: &Client, json: bool, cmd: InstanceCommand) -> anyhow::R
             let path = format!("/v1/instances/{}/exec", encode(&args.name));
             return super::vm::exec_at(c, json, &path, args).await;
         }
-        InstanceCommand::Suspend(sel) => return select_act(c, json, "suspend", sel).await,
-        InstanceCommand::Resume(sel) => return select_act(c, json, "resume", sel).await,
+        InstanceCommand::Suspend { select, warm } => {
+            let query = if warm { "?warm=true" } else { "" };
+            return select_act(c, json, ("suspend", query), select).await;
+        }
+        InstanceCommand::Resume(sel) => return select_act(c, json, ("resume", ""), sel).await,
         InstanceCommand::Snapshot(cmd) => return snapshot_command(c, json, cmd).await,
         InstanceCommand::Volume(cmd) => return super::instance_volume::run(c, json, cmd).await,
         InstanceCommand::Clone {
@@ -472,10 +475,11 @@ async fn report_made(
 }
 
 /// One instance by name, or a fleet by names and tags.
+/// `action` with the query its requests carry (`?...`, or empty).
 async fn select_act(
     c: &Client,
     json: bool,
-    action: &str,
+    (action, query): (&str, &str),
     sel: InstanceSelectArgs,
 ) -> anyhow::Result<ExitCode> {
     if sel.names.is_empty() && sel.tags.is_empty() {
@@ -486,14 +490,16 @@ async fn select_act(
         .into());
     }
     if sel.names.len() == 1 && sel.tags.is_empty() {
-        let path = format!("/v1/instances/{}/{action}", encode(&sel.names[0]));
+        let path = format!("/v1/instances/{}/{action}{query}", encode(&sel.names[0]));
         return act(c, json, Method::POST, &path, sel.wait).await;
     }
     let selector = FleetSelector {
         tags: sel.tags.into_iter().collect(),
         names: sel.names,
     };
-    let mut op: Operation = c.post(&format!("/v1/fleet/{action}"), &selector).await?;
+    let mut op: Operation = c
+        .post(&format!("/v1/fleet/{action}{query}"), &selector)
+        .await?;
     if sel.wait {
         op = wait_op(c, &op.id).await?;
     }

@@ -241,7 +241,8 @@ fn the_control_plane_places_and_drives_real_agents() {
     let (_, b) = cp.api("GET", "/v1/instances/batch-1", Some(&acme), None);
     assert_eq!(b["observed"], "running", "{b}");
 
-    // Suspend the fleet by tag, resume it by tag, through the control plane.
+    // Suspend the fleet by tag (warm: a QEMU waits on its host for each
+    // resume), resume it by tag, through the control plane.
     let (ok, out, err) = cli(
         &cp,
         &acme,
@@ -250,6 +251,7 @@ fn the_control_plane_places_and_drives_real_agents() {
             "suspend",
             "--tag",
             "group=web",
+            "--warm",
             "--wait",
             "--json",
         ],
@@ -257,6 +259,19 @@ fn the_control_plane_places_and_drives_real_agents() {
     assert!(ok, "{out} {err}");
     let (_, b) = cp.api("GET", "/v1/instances/web-2", Some(&acme), None);
     assert_eq!(b["observed"], "suspended", "{b}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let warm: Vec<Value> = [&h1, &h2]
+            .iter()
+            .flat_map(|h| instance_vms(h))
+            .filter(|v| v["state"] == "suspended")
+            .collect();
+        if !warm.is_empty() && warm.iter().all(|v| v["warm"] == true) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not warm: {warm:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let (ok, out, err) = cli(
         &cp,
         &acme,

@@ -496,14 +496,39 @@ pub async fn stop_instance(
     act(cp, caller, name, q, OperationInput::Stop).await
 }
 
-#[utoipa::path(post, path = "/v1/instances/{name}/suspend", responses((status = 202, body = Operation)))]
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SuspendQuery {
+    /// For admin tokens: the tenant (id) to act for.
+    #[serde(default)]
+    tenant: Option<String>,
+    #[serde(default)]
+    warm: bool,
+}
+
+impl SuspendQuery {
+    fn input(&self) -> OperationInput {
+        match self.warm {
+            true => OperationInput::SuspendWarm,
+            false => OperationInput::Suspend,
+        }
+    }
+}
+
+#[utoipa::path(post, path = "/v1/instances/{name}/suspend",
+    params(("warm" = Option<bool>, Query, description = "then keep a QEMU waiting on the host for the resume (no guest memory): the resume skips QEMU's start")),
+    responses((status = 202, body = Operation)))]
 pub async fn suspend_instance(
     State(cp): State<ControlPlane>,
     caller: Caller,
     Path(name): Path<String>,
-    q: Result<Query<TenantQuery>, QueryRejection>,
+    q: Result<Query<SuspendQuery>, QueryRejection>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
-    act(cp, caller, name, q, OperationInput::Suspend).await
+    let q = query(q)?;
+    let op = cp
+        .act_on_instance(&caller, q.tenant.as_deref(), &name, q.input())
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(convert::operation(op))))
 }
 
 #[utoipa::path(post, path = "/v1/instances/{name}/resume", responses((status = 202, body = Operation)))]
@@ -643,14 +668,19 @@ async fn fleet(
     Ok((StatusCode::ACCEPTED, Json(convert::operation(op))))
 }
 
-#[utoipa::path(post, path = "/v1/fleet/suspend", request_body = FleetSelector, responses((status = 202, body = Operation)))]
+#[utoipa::path(post, path = "/v1/fleet/suspend", request_body = FleetSelector,
+    params(("warm" = Option<bool>, Query, description = "then keep a QEMU waiting for each resume")),
+    responses((status = 202, body = Operation)))]
 pub async fn fleet_suspend(
     State(cp): State<ControlPlane>,
     caller: Caller,
-    q: Result<Query<TenantQuery>, QueryRejection>,
+    q: Result<Query<SuspendQuery>, QueryRejection>,
     req: Result<Json<FleetSelector>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<Operation>)> {
-    fleet(cp, caller, q, req, OperationInput::Suspend).await
+    let q = query(q)?;
+    let input = q.input();
+    let tenant = TenantQuery { tenant: q.tenant };
+    fleet(cp, caller, Ok(Query(tenant)), req, input).await
 }
 
 #[utoipa::path(post, path = "/v1/fleet/resume", request_body = FleetSelector, responses((status = 202, body = Operation)))]

@@ -102,7 +102,7 @@ impl ControlPlane {
             OperationInput::Terminate => DesiredState::Terminated,
             OperationInput::Start => DesiredState::Running,
             OperationInput::Stop => DesiredState::Stopped,
-            OperationInput::Suspend => DesiredState::Suspended,
+            OperationInput::Suspend | OperationInput::SuspendWarm => DesiredState::Suspended,
             OperationInput::Resume => DesiredState::Running,
             OperationInput::Run
             | OperationInput::RunWith { .. }
@@ -254,7 +254,7 @@ impl ControlPlane {
     ) -> ControlResult<OperationRow> {
         let tenant_id = self.tenant_of(caller, tenant)?;
         let desired = match input {
-            OperationInput::Suspend => DesiredState::Suspended,
+            OperationInput::Suspend | OperationInput::SuspendWarm => DesiredState::Suspended,
             OperationInput::Resume => DesiredState::Running,
             _ => return Err(ControlError::invalid("a fleet is suspended or resumed")),
         };
