@@ -42,6 +42,8 @@ pub struct AgentConfig {
     pub control: Option<crate::control_link::ControlLink>,
     /// How a resume or a start from a snapshot brings back guest memory.
     pub restore_memory: RestoreMemory,
+    /// Warm suspends' standby QEMUs kept at once (the oldest goes first).
+    pub max_standbys: usize,
     /// Disk space VMs may take in all, reported to a control plane for
     /// placement (default: the data directory's file system size).
     pub disk_capacity_mib: Option<u64>,
@@ -82,6 +84,7 @@ impl AgentConfig {
             forward_moved_for: crate::routes::DEFAULT_FORWARD_FOR,
             control: None,
             restore_memory: RestoreMemory::Load,
+            max_standbys: crate::manager::DEFAULT_MAX_STANDBYS,
             disk_capacity_mib: None,
         }
     }

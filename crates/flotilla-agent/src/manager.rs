@@ -19,6 +19,7 @@ pub mod migrate;
 mod move_disk;
 mod snapshots;
 mod standby;
+pub use standby::DEFAULT_MAX_STANDBYS;
 pub mod suspend;
 mod volumes;
 

@@ -51,6 +51,8 @@ pub struct Standby {
     /// else starts a QEMU of its own.
     pub head: String,
     pub files: Vec<(u64, u64)>,
+    /// When it started: the oldest goes first beyond the host's limit.
+    pub since: std::time::Instant,
 }
 
 /// The readiness channel of one VM: writers are the start and monitor tasks,

@@ -20,6 +20,10 @@ pub struct FleetRequest {
     /// How many VMs are worked on at once (default 4).
     #[serde(default)]
     pub parallelism: Option<u32>,
+    /// Suspends only: keep a QEMU waiting for each VM's resume (a warm
+    /// suspend).
+    #[serde(default)]
+    pub warm: bool,
 }
 
 /// What happened to one VM of a fleet operation.

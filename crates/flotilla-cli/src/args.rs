@@ -453,6 +453,11 @@ pub struct AgentArgs {
     /// suspends).
     #[arg(long, default_value = "load", value_parser = ["load", "map"])]
     pub restore_memory: String,
+    /// Warm suspends kept at once: each keeps a QEMU without guest memory
+    /// (about 17 MiB private) waiting for its VM; beyond this many, the
+    /// oldest goes and that VM's resume starts QEMU again. 0: none.
+    #[arg(long, default_value_t = 32)]
+    pub max_warm: usize,
 }
 
 #[derive(Debug, Args)]
@@ -697,7 +702,13 @@ pub enum VolumeCommand {
 #[derive(Debug, Subcommand)]
 pub enum FleetCommand {
     /// Suspend the selected VMs; one that fails keeps running.
-    Suspend(FleetArgs),
+    Suspend {
+        #[command(flatten)]
+        fleet: FleetArgs,
+        /// Then keep a QEMU waiting for each VM's resume (see `vm suspend`).
+        #[arg(long)]
+        warm: bool,
+    },
     /// Resume the selected VMs.
     Resume(FleetArgs),
 }

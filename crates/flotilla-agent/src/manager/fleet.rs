@@ -53,13 +53,24 @@ impl VmManager {
                 "parallelism {parallelism} is out of range: use 1 to {MAX_FLEET_PARALLELISM}"
             )));
         }
+        if req.warm {
+            match op {
+                FleetOp::Suspend => self.check_warm_possible()?,
+                FleetOp::Resume => {
+                    return Err(AgentError::InvalidArgument(
+                        "warm is for suspends: a resume uses a VM's waiting QEMU by itself".into(),
+                    ))
+                }
+            }
+        }
         let names = self.select(&req)?;
         let started = Instant::now();
+        let warm = req.warm;
         let items: Vec<FleetItem> = stream::iter(names)
             .map(|name| async move {
                 let t = Instant::now();
                 let result = match op {
-                    FleetOp::Suspend => self.suspend(&name, false).await,
+                    FleetOp::Suspend => self.suspend(&name, warm).await,
                     FleetOp::Resume => self.resume(&name, true).await,
                 };
                 let state = self.entry(&name).ok().map(|e| e.lock().record.state);

@@ -18,7 +18,29 @@ use crate::network;
 use crate::record::VmRecord;
 use crate::runtime::Standby;
 
+/// Warm suspends kept at once by default (`--max-warm`).
+pub const DEFAULT_MAX_STANDBYS: usize = 32;
+
 impl VmManager {
+    /// Whether this host can keep a suspended VM warm; why not otherwise.
+    pub(crate) fn check_warm_possible(&self) -> AgentResult<()> {
+        let config = &self.inner.config;
+        if config.restore_memory != RestoreMemory::Load {
+            return Err(AgentError::conflict(
+                "this host maps memory images as QEMU starts (--restore-memory map), so no QEMU \
+                 can wait for a resume",
+                Some("suspend without --warm, or run the agent with --restore-memory load".into()),
+            ));
+        }
+        if config.max_standbys == 0 {
+            return Err(AgentError::conflict(
+                "this host keeps no suspended VM warm (--max-warm 0)",
+                Some("suspend without --warm, or run the agent with --max-warm N".into()),
+            ));
+        }
+        Ok(())
+    }
+
     /// Starts a standby for a VM just suspended, in the background (the
     /// suspend has answered). Nothing happens if the VM has moved on.
     pub(crate) fn spawn_standby(&self, entry: Arc<VmEntry>) {
@@ -58,7 +80,9 @@ impl VmManager {
                         qmp,
                         head,
                         files,
+                        since: std::time::Instant::now(),
                     });
+                    manager.evict_standbys().await;
                 }
                 Err(e) => {
                     tracing::warn!(vm = %record.name, error = %e, "could not start a standby QEMU; the resume will start one");
@@ -112,26 +136,55 @@ impl VmManager {
         }
     }
 
-    /// Kills every standby and its taps (an agent leaving the host as it
-    /// found it).
-    pub(crate) async fn drop_all_standbys(&self) {
-        let entries: Vec<Arc<VmEntry>> = self.vms().values().cloned().collect();
-        for entry in entries {
-            if entry.lock().runtime.standby.is_some() {
-                self.drop_standby(&entry).await;
+    /// Kills the oldest standbys beyond `--max-warm` (their VMs' resumes
+    /// start QEMU again).
+    async fn evict_standbys(&self) {
+        let mut warm: Vec<(std::time::Instant, Arc<VmEntry>)> = self
+            .vms()
+            .values()
+            .filter_map(|e| {
+                let since = e.lock().runtime.standby.as_ref().map(|s| s.since);
+                since.map(|t| (t, e.clone()))
+            })
+            .collect();
+        let excess = warm.len().saturating_sub(self.inner.config.max_standbys);
+        warm.sort_by_key(|(since, _)| *since);
+        for (_, entry) in warm.into_iter().take(excess) {
+            // A VM busy with an operation (a resume taking its standby)
+            // is left alone: its taps are in use.
+            let Ok(_op) = entry.op_lock.try_lock() else {
+                continue;
+            };
+            let name = entry.lock().record.name.clone();
+            tracing::info!(vm = %name, "no longer warm: more suspended VMs are kept warm than --max-warm");
+            if self.drop_standby(&entry).await {
                 self.cleanup_taps(&entry.lock().record);
             }
         }
     }
 
-    /// Kills the VM's standby, if it has one.
-    pub(crate) async fn drop_standby(&self, entry: &VmEntry) {
-        let standby = entry.lock().runtime.standby.take();
-        if let Some(standby) = standby {
-            if let Err(e) = standby.process.kill().await {
-                tracing::warn!(error = %e, "killing a standby QEMU");
+    /// Kills every standby and its taps (an agent leaving the host as it
+    /// found it).
+    pub(crate) async fn drop_all_standbys(&self) {
+        let entries: Vec<Arc<VmEntry>> = self.vms().values().cloned().collect();
+        for entry in entries {
+            let _op = entry.op_lock.lock().await;
+            if self.drop_standby(&entry).await {
+                self.cleanup_taps(&entry.lock().record);
             }
         }
+    }
+
+    /// Kills the VM's standby, if it has one (then `true`).
+    pub(crate) async fn drop_standby(&self, entry: &VmEntry) -> bool {
+        let standby = entry.lock().runtime.standby.take();
+        let Some(standby) = standby else {
+            return false;
+        };
+        if let Err(e) = standby.process.kill().await {
+            tracing::warn!(error = %e, "killing a standby QEMU");
+        }
+        true
     }
 }
 

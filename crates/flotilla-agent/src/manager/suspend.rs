@@ -71,12 +71,8 @@ impl VmManager {
     /// is then started to wait for its resume (see [`standby`](super::standby)).
     pub async fn suspend(&self, name: &str, warm: bool) -> AgentResult<VmInfo> {
         let entry = self.entry(name)?;
-        if warm && self.inner.config.restore_memory != RestoreMemory::Load {
-            return Err(AgentError::conflict(
-                "this host maps memory images as QEMU starts (--restore-memory map), so no QEMU \
-                 can wait for a resume",
-                Some("suspend without --warm, or run the agent with --restore-memory load".into()),
-            ));
+        if warm {
+            self.check_warm_possible()?;
         }
         let _op = entry.op_lock.lock().await;
         let started = Instant::now();

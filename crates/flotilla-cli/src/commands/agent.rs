@@ -47,6 +47,7 @@ fn config_from(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
         "map" => RestoreMemory::Map,
         _ => RestoreMemory::Load,
     };
+    c.max_standbys = args.max_warm;
     if let Some(adv) = &args.advertise {
         let scheme = format!("{}://", c.scheme());
         if !adv.starts_with(&scheme) {

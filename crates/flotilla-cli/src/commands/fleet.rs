@@ -9,14 +9,15 @@ use crate::client::Client;
 use crate::output::{self, opt};
 
 pub async fn run(client: &Client, json: bool, cmd: FleetCommand) -> anyhow::Result<ExitCode> {
-    let (path, args) = match cmd {
-        FleetCommand::Suspend(a) => ("/v1/fleet/suspend", a),
-        FleetCommand::Resume(a) => ("/v1/fleet/resume", a),
+    let (path, args, warm) = match cmd {
+        FleetCommand::Suspend { fleet, warm } => ("/v1/fleet/suspend", fleet, warm),
+        FleetCommand::Resume(a) => ("/v1/fleet/resume", a, false),
     };
     let req = FleetRequest {
         names: args.names,
         tag: args.tag,
         parallelism: Some(args.parallel),
+        warm,
     };
     let result: FleetResult = client.post(path, &req).await?;
     if json {

@@ -508,3 +508,40 @@ fn a_warm_suspend_keeps_a_qemu_waiting_that_the_resume_loads_into() {
     host.cli_json::<serde_json::Value>(&["vm", "rm", "warm"]);
     assert_clean(&host);
 }
+
+#[test]
+fn warm_suspends_beyond_the_hosts_limit_go_oldest_first() {
+    let host = TestHost::start_with(flotilla_testkit::HostOptions {
+        agent_args: vec!["--max-warm".into(), "1".into()],
+        ..Default::default()
+    })
+    .expect("test host");
+    run_vm(&host, "old");
+    run_vm(&host, "new");
+    host.cli_json::<serde_json::Value>(&["vm", "suspend", "old", "--warm"]);
+    wait_warm(&host, "old", true);
+    // Through the fleet call this time.
+    let out: serde_json::Value = host.cli_json(&["fleet", "suspend", "new", "--warm"]);
+    assert_eq!(out["succeeded"], 1, "{out:#}");
+    wait_warm(&host, "new", true);
+    wait_warm(&host, "old", false);
+    let pids = host.qemu_pids();
+    assert_eq!(pids.len(), 1, "one standby at most: {pids:?}");
+    let (st, body) = host.api(
+        "POST",
+        "/v1/fleet/resume",
+        Some(serde_json::json!({ "names": ["new"], "warm": true })),
+    );
+    assert_eq!(st, 400, "{body}");
+
+    // Both come back: the newer into its waiting QEMU, the older cold.
+    let r: serde_json::Value = host.cli_json(&["vm", "resume", "new", "--wait"]);
+    assert_eq!(r["pid"].as_i64(), Some(i64::from(pids[0])), "{r:#}");
+    let r: serde_json::Value = host.cli_json(&["vm", "resume", "old", "--wait"]);
+    assert_eq!(r["state"], "running", "{r:#}");
+    assert_eq!(exec(&host, "old", &["hostname"]).1.trim(), "old");
+    for vm in ["old", "new"] {
+        host.cli_json::<serde_json::Value>(&["vm", "rm", "--force", vm]);
+    }
+    assert_clean(&host);
+}
