@@ -96,6 +96,9 @@ pub(crate) struct Inner {
     /// Held while the routes are brought up to date, so an older view of
     /// the VMs never undoes a newer one.
     pub network_sync: Mutex<()>,
+    /// Held while standbys beyond `--max-warm` are chosen and killed, so
+    /// two evictions never count the same standbys.
+    pub standby_eviction: tokio::sync::Mutex<()>,
     /// Some VM records could not be read at start: a volume may be
     /// attached to one of those VMs, so none is removed or attached.
     pub unreadable_records: std::sync::atomic::AtomicBool,
@@ -151,6 +154,7 @@ impl VmManager {
                 routes,
                 isolation: crate::isolation::Isolation::new(config_subnet),
                 network_sync: Mutex::new(()),
+                standby_eviction: tokio::sync::Mutex::new(()),
                 unreadable_records: std::sync::atomic::AtomicBool::new(false),
             }),
         }

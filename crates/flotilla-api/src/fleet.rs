@@ -21,8 +21,8 @@ pub struct FleetRequest {
     #[serde(default)]
     pub parallelism: Option<u32>,
     /// Suspends only: keep a QEMU waiting for each VM's resume (a warm
-    /// suspend).
-    #[serde(default)]
+    /// suspend). Sent only when set, so older agents still take the rest.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub warm: bool,
 }
 
@@ -43,4 +43,21 @@ pub struct FleetResult {
     pub failed: usize,
     pub duration_ms: u64,
     pub items: Vec<FleetItem>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cold_fleet_request_does_not_name_warm() {
+        let cold = FleetRequest {
+            names: vec!["a".into()],
+            ..FleetRequest::default()
+        };
+        let json = serde_json::to_value(&cold).expect("json");
+        assert!(json.get("warm").is_none(), "{json}");
+        let warm = FleetRequest { warm: true, ..cold };
+        assert_eq!(serde_json::to_value(&warm).expect("json")["warm"], true);
+    }
 }

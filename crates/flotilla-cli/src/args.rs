@@ -456,7 +456,7 @@ pub struct AgentArgs {
     /// Warm suspends kept at once: each keeps a QEMU without guest memory
     /// (about 17 MiB private) waiting for its VM; beyond this many, the
     /// oldest goes and that VM's resume starts QEMU again. 0: none.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = flotilla_agent::manager::DEFAULT_MAX_STANDBYS)]
     pub max_warm: usize,
 }
 

@@ -73,6 +73,22 @@ impl OperationInput {
         }
     }
 
+    /// Whether a VM in `state` is where this start, stop, suspend or resume
+    /// takes it (or on its way there).
+    fn reached_by(&self, state: flotilla_api::VmState) -> bool {
+        use flotilla_api::VmState as S;
+        match self {
+            OperationInput::Start | OperationInput::Resume => {
+                matches!(state, S::Running | S::Starting | S::Resuming)
+            }
+            OperationInput::Stop => matches!(state, S::Stopped | S::Stopping | S::Crashed),
+            OperationInput::Suspend | OperationInput::SuspendWarm => {
+                matches!(state, S::Suspended | S::Suspending)
+            }
+            _ => false,
+        }
+    }
+
     fn step_name(&self, target: &str) -> String {
         format!("{} {target}", self.kind())
     }
@@ -516,13 +532,11 @@ async fn act(
                 let vm = match agents.vm_action(&agent, &inst.id, action).await {
                     Ok(vm) => vm,
                     // Already there (an earlier attempt, or the user's
-                    // own), unless it is on the move.
+                    // own); any other refusal (on the move, or a warm
+                    // suspend the host cannot keep) is the step's failure.
                     Err(e) if e.is_conflict() => {
                         let vm = agents.vm(&agent, &inst.id).await.map_err(agent_error)?;
-                        if matches!(
-                            vm.state,
-                            flotilla_api::VmState::Migrating | flotilla_api::VmState::Incoming
-                        ) {
+                        if !input.reached_by(vm.state) {
                             return Err(agent_error(e));
                         }
                         vm
@@ -682,5 +696,33 @@ async fn migrate_step(
                 }
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_api::VmState;
+
+    #[test]
+    fn a_warm_suspend_is_stored_apart_and_named_as_a_suspend() {
+        let stored = serde_json::to_value(OperationInput::SuspendWarm).expect("json");
+        assert_eq!(stored, "suspend_warm");
+        let back: OperationInput = serde_json::from_value(stored).expect("parse");
+        assert_eq!(back, OperationInput::SuspendWarm);
+        assert_eq!(OperationInput::SuspendWarm.kind(), "suspend");
+        let old: OperationInput = serde_json::from_str("\"suspend\"").expect("parse");
+        assert_eq!(old, OperationInput::Suspend);
+    }
+
+    #[test]
+    fn a_refused_action_counts_as_done_only_where_it_leads() {
+        assert!(OperationInput::SuspendWarm.reached_by(VmState::Suspended));
+        assert!(!OperationInput::SuspendWarm.reached_by(VmState::Running));
+        assert!(!OperationInput::Suspend.reached_by(VmState::Migrating));
+        assert!(OperationInput::Resume.reached_by(VmState::Running));
+        assert!(!OperationInput::Start.reached_by(VmState::Suspended));
+        assert!(OperationInput::Stop.reached_by(VmState::Crashed));
+        assert!(!OperationInput::Stop.reached_by(VmState::Incoming));
     }
 }

@@ -82,6 +82,9 @@ impl VmManager {
                         files,
                         since: std::time::Instant::now(),
                     });
+                    // Its own lock goes first: another start evicting at
+                    // the same time may need to take this one.
+                    drop(_op);
                     manager.evict_standbys().await;
                 }
                 Err(e) => {
@@ -139,6 +142,7 @@ impl VmManager {
     /// Kills the oldest standbys beyond `--max-warm` (their VMs' resumes
     /// start QEMU again).
     async fn evict_standbys(&self) {
+        let _one_at_a_time = self.inner.standby_eviction.lock().await;
         let mut warm: Vec<(std::time::Instant, Arc<VmEntry>)> = self
             .vms()
             .values()
@@ -147,18 +151,22 @@ impl VmManager {
                 since.map(|t| (t, e.clone()))
             })
             .collect();
-        let excess = warm.len().saturating_sub(self.inner.config.max_standbys);
+        let mut excess = warm.len().saturating_sub(self.inner.config.max_standbys);
         warm.sort_by_key(|(since, _)| *since);
-        for (_, entry) in warm.into_iter().take(excess) {
+        for (_, entry) in warm {
+            if excess == 0 {
+                break;
+            }
             // A VM busy with an operation (a resume taking its standby)
-            // is left alone: its taps are in use.
+            // is left alone, its taps in use: the next oldest goes.
             let Ok(_op) = entry.op_lock.try_lock() else {
                 continue;
             };
             let name = entry.lock().record.name.clone();
-            tracing::info!(vm = %name, "no longer warm: more suspended VMs are kept warm than --max-warm");
             if self.drop_standby(&entry).await {
+                tracing::info!(vm = %name, "no longer warm: more suspended VMs are kept warm than --max-warm");
                 self.cleanup_taps(&entry.lock().record);
+                excess -= 1;
             }
         }
     }

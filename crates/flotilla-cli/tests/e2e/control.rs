@@ -11,6 +11,16 @@ use flotilla_testkit::{ControlLinkOptions, ControlPlaneProcess, HostOptions, Tes
 use serde_json::{json, Value};
 
 fn host(cp: &ControlPlaneProcess, name: &str, zone: &str) -> TestHost {
+    host_with(cp, name, zone, Vec::new())
+}
+
+/// [`host`] with extra agent arguments.
+fn host_with(
+    cp: &ControlPlaneProcess,
+    name: &str,
+    zone: &str,
+    agent_args: Vec<String>,
+) -> TestHost {
     // Agents heartbeat with a host token, good for nothing else.
     let (s, t) = cp.api("POST", "/v1/tokens", None, Some(json!({"host": name})));
     assert_eq!(s, 201, "{t}");
@@ -21,6 +31,7 @@ fn host(cp: &ControlPlaneProcess, name: &str, zone: &str) -> TestHost {
             host_name: name.into(),
             labels: vec![format!("zone={zone}")],
         }),
+        agent_args,
         ..HostOptions::default()
     })
     .expect("test host")
@@ -1412,4 +1423,47 @@ fn volumes_are_tenant_resources_that_outlive_instances() {
     assert_eq!(on_agent, json!([]));
     let (_, listed) = cp.api("GET", "/v1/volumes", Some(&acme), None);
     assert_eq!(listed["items"], json!([]));
+}
+
+#[test]
+fn a_warm_suspend_its_host_refuses_fails_and_the_instance_runs_on() {
+    let cp = ControlPlaneProcess::start().expect("control plane");
+    let h = host_with(&cp, "cold", "z1", vec!["--max-warm".into(), "0".into()]);
+    cp.wait_for(
+        "the host",
+        "/v1/hosts",
+        None,
+        Duration::from_secs(30),
+        |b| {
+            b.as_array()
+                .is_some_and(|a| a.len() == 1 && a[0]["state"] == "up")
+        },
+    );
+    let admin = cp.admin_token.clone();
+    let (ok, _, err) = cli(&cp, &admin, &["tenant", "create", "acme"]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = cli(&cp, &admin, &["token", "create", "--tenant", "acme"]);
+    assert!(ok, "{err}");
+    let acme = out.trim().to_string();
+    let (ok, out, err) = cli(&cp, &acme, &["instance", "run", "solo", "--wait"]);
+    assert!(ok, "{out} {err}");
+
+    // The agent refuses (409): the step fails with its reason, not taken
+    // for a suspend already done.
+    let (ok, out, err) = cli(
+        &cp,
+        &acme,
+        &["instance", "suspend", "solo", "--warm", "--wait", "--json"],
+    );
+    assert!(!ok, "{out} {err}");
+    let op: Value = serde_json::from_str(&out).expect("operation json");
+    assert_eq!(op["state"], "failed", "{op:#}");
+    assert!(format!("{op}").contains("--max-warm 0"), "{op:#}");
+    let vms = instance_vms(&h);
+    assert_eq!(vms.len(), 1);
+    assert_eq!(vms[0]["state"], "running", "{vms:?}");
+    // A cold suspend still works.
+    let (ok, out, err) = cli(&cp, &acme, &["instance", "suspend", "solo", "--wait"]);
+    assert!(ok, "{out} {err}");
+    assert_eq!(instance_vms(&h)[0]["state"], "suspended");
 }
