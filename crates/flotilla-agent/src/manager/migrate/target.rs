@@ -597,10 +597,17 @@ impl VmManager {
         }
         // Recorded (on disk) before the VM runs: from here on this half is
         // never removed on the source's word. Not recorded, not run.
+        let arrived_us = since.elapsed().as_micros() as u64;
         let elapsed = since.elapsed().as_millis() as u64;
         self.inner
             .migrations
             .try_update(id, |m| m.switch_over_ms = Some(elapsed))?;
+        tracing::debug!(
+            migration = id,
+            arrived_us,
+            recorded_us = since.elapsed().as_micros() as u64,
+            "switch-over: the state is in and recorded"
+        );
         self.run_switched(&entry, &qmp, id, generation, since).await;
         tracing::info!(vm = %info.vm, migration = id, "switched over: the VM runs here");
         self.inner.migrations.get(&info.id)
