@@ -30,9 +30,13 @@ pub async fn run(client: &Client, json: bool, cmd: VmCommand) -> anyhow::Result<
                 let rows = vms
                     .iter()
                     .map(|v| {
+                        let state = match v.warm {
+                            true => format!("{} (warm)", v.state),
+                            false => v.state.to_string(),
+                        };
                         vec![
                             v.name.clone(),
-                            v.state.to_string(),
+                            state,
                             v.image.clone(),
                             v.vcpus.to_string(),
                             v.memory_mib.to_string(),
