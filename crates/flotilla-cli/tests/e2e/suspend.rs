@@ -146,7 +146,9 @@ fn a_chain_of_snapshots_stores_only_changes_and_detects_corruption() {
     );
 
     // Corrupt one byte of the head layer: the resume is refused, naming it.
-    host.cli_json::<serde_json::Value>(&["vm", "suspend", "chain"]);
+    // (Suspended warm: the waiting QEMU goes with the refusal.)
+    host.cli_json::<serde_json::Value>(&["vm", "suspend", "chain", "--warm"]);
+    wait_warm(&host, "chain", true);
     let head = inspect(&host, "chain")["snapshot"]
         .as_str()
         .expect("snapshot")
@@ -172,7 +174,8 @@ fn a_chain_of_snapshots_stores_only_changes_and_detects_corruption() {
     assert_eq!(exec(&host, "chain", &["cat", "/tmp/step2"]).0, 0);
 
     // A chain whose root layer is gone: refused, naming the missing parent.
-    host.cli_json::<serde_json::Value>(&["vm", "suspend", "chain"]);
+    host.cli_json::<serde_json::Value>(&["vm", "suspend", "chain", "--warm"]);
+    wait_warm(&host, "chain", true);
     let root = layer_dir(&host, &layers[0]);
     let aside = root.with_file_name("moved-aside");
     std::fs::rename(&root, &aside).expect("move the root layer aside");
@@ -184,6 +187,15 @@ fn a_chain_of_snapshots_stores_only_changes_and_detects_corruption() {
         "{b}"
     );
     assert_eq!(inspect(&host, "chain")["state"], "suspended");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !host.qemu_pids().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the standby QEMU stays"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(host.taps().is_empty(), "{:?}", host.taps());
     std::fs::rename(&aside, &root).expect("put it back");
     // A damaged copy of the memory image kept next to the VM is not used:
     // the resume rebuilds it from the layers.
