@@ -1429,22 +1429,7 @@ fn volumes_are_tenant_resources_that_outlive_instances() {
 fn a_warm_suspend_its_host_refuses_fails_and_the_instance_runs_on() {
     let cp = ControlPlaneProcess::start().expect("control plane");
     let h = host_with(&cp, "cold", "z1", vec!["--max-warm".into(), "0".into()]);
-    cp.wait_for(
-        "the host",
-        "/v1/hosts",
-        None,
-        Duration::from_secs(30),
-        |b| {
-            b.as_array()
-                .is_some_and(|a| a.len() == 1 && a[0]["state"] == "up")
-        },
-    );
-    let admin = cp.admin_token.clone();
-    let (ok, _, err) = cli(&cp, &admin, &["tenant", "create", "acme"]);
-    assert!(ok, "{err}");
-    let (ok, out, err) = cli(&cp, &admin, &["token", "create", "--tenant", "acme"]);
-    assert!(ok, "{err}");
-    let acme = out.trim().to_string();
+    let (_, acme) = hosts_up_and_tenant(&cp, 1);
     let (ok, out, err) = cli(&cp, &acme, &["instance", "run", "solo", "--wait"]);
     assert!(ok, "{out} {err}");
 
