@@ -19,6 +19,15 @@ pub const PIDFILE: &str = "qemu.pid";
 /// After a graceful stop times out, QEMU gets this long to quit before SIGKILL.
 const QUIT_GRACE: Duration = Duration::from_secs(3);
 
+/// A filter update running on a blocking thread ([`VmManager::spawn_filter`]).
+pub(crate) type FilterTask = tokio::task::JoinHandle<AgentResult<()>>;
+
+/// Waits for a filter update: its error, or the thread's.
+pub(crate) async fn filter_applied(task: FilterTask) -> AgentResult<()> {
+    task.await
+        .map_err(|e| AgentError::io("applying the network groups", std::io::Error::other(e)))?
+}
+
 impl VmManager {
     pub async fn start(&self, name: &str, wait_ready: bool) -> AgentResult<VmInfo> {
         let entry = self.entry(name)?;
@@ -247,9 +256,7 @@ impl VmManager {
     ) -> AgentResult<(Arc<QemuProcess>, QmpClient)> {
         let cfg = &self.inner.config;
         let began = Instant::now();
-        for nic in &record.nics {
-            network::ensure_tap(&nic.tap, &cfg.bridge)?;
-        }
+        self.ensure_taps(record)?;
         let taps_ms = began.elapsed().as_millis() as u64;
         std::fs::create_dir_all(cfg.sockets_dir())
             .map_err(|e| AgentError::io("creating the sockets directory", e))?;
@@ -258,14 +265,9 @@ impl VmManager {
         // the filter cannot be applied, the VM does not start. A QEMU that
         // starts paused (state to load, or -S) runs nothing before it is
         // continued, so the filter is applied while it starts.
-        let filtered = {
-            let manager = self.clone();
-            tokio::task::spawn_blocking(move || manager.sync_isolation())
-        };
-        let join_filter = |handle: tokio::task::JoinHandle<Result<(), network::NetworkError>>| async {
-            handle.await.map_err(|e| {
-                AgentError::io("applying the network groups", std::io::Error::other(e))
-            })??;
+        let filtered = self.spawn_filter();
+        let join_filter = |handle: FilterTask| async {
+            filter_applied(handle).await?;
             Ok::<u64, AgentError>(began.elapsed().as_millis() as u64)
         };
         let paused = qemu_config.start_paused || qemu_config.incoming.is_some();
@@ -298,6 +300,21 @@ impl VmManager {
         };
         tracing::debug!(vm = %record.name, taps_ms, filter_ms, qemu_ms, paused, "launched");
         Ok((process, qmp))
+    }
+
+    /// The VM's taps, on the bridge and up (made if missing).
+    pub(crate) fn ensure_taps(&self, record: &VmRecord) -> AgentResult<()> {
+        for nic in &record.nics {
+            network::ensure_tap(&nic.tap, &self.inner.config.bridge)?;
+        }
+        Ok(())
+    }
+
+    /// Brings the network groups' filter up to date off the async threads;
+    /// wait for it with [`filter_applied`].
+    pub(crate) fn spawn_filter(&self) -> FilterTask {
+        let manager = self.clone();
+        tokio::task::spawn_blocking(move || manager.sync_isolation().map_err(AgentError::from))
     }
 
     pub(crate) fn qemu_config(&self, record: &VmRecord) -> QemuConfig {

@@ -14,7 +14,6 @@ use flotilla_qemu::{QemuProcess, QmpClient};
 use super::{VmEntry, VmManager};
 use crate::config::RestoreMemory;
 use crate::error::{AgentError, AgentResult};
-use crate::network;
 use crate::record::VmRecord;
 use crate::runtime::Standby;
 
@@ -119,16 +118,8 @@ impl VmManager {
         standby: Standby,
     ) -> AgentResult<(Arc<QemuProcess>, QmpClient)> {
         let ready = async {
-            for nic in &record.nics {
-                network::ensure_tap(&nic.tap, &self.inner.config.bridge)?;
-            }
-            let manager = self.clone();
-            tokio::task::spawn_blocking(move || manager.sync_isolation())
-                .await
-                .map_err(|e| {
-                    AgentError::io("applying the network groups", std::io::Error::other(e))
-                })??;
-            Ok::<_, AgentError>(())
+            self.ensure_taps(record)?;
+            super::lifecycle::filter_applied(self.spawn_filter()).await
         };
         match ready.await {
             Ok(()) => Ok((standby.process, standby.qmp)),
@@ -162,10 +153,9 @@ impl VmManager {
             let Ok(_op) = entry.op_lock.try_lock() else {
                 continue;
             };
-            let name = entry.lock().record.name.clone();
-            if self.drop_standby(&entry).await {
+            if self.retire_standby(&entry).await {
+                let name = entry.lock().record.name.clone();
                 tracing::info!(vm = %name, "no longer warm: more suspended VMs are kept warm than --max-warm");
-                self.cleanup_taps(&entry.lock().record);
                 excess -= 1;
             }
         }
@@ -177,10 +167,18 @@ impl VmManager {
         let entries: Vec<Arc<VmEntry>> = self.vms().values().cloned().collect();
         for entry in entries {
             let _op = entry.op_lock.lock().await;
-            if self.drop_standby(&entry).await {
-                self.cleanup_taps(&entry.lock().record);
-            }
+            self.retire_standby(&entry).await;
         }
+    }
+
+    /// Kills the VM's standby and removes the taps it held (a suspended VM
+    /// has none); `true` if it had one. Call with the VM's `op_lock` held.
+    async fn retire_standby(&self, entry: &VmEntry) -> bool {
+        let retired = self.drop_standby(entry).await;
+        if retired {
+            self.cleanup_taps(&entry.lock().record);
+        }
+        retired
     }
 
     /// Kills the VM's standby, if it has one (then `true`).

@@ -409,7 +409,8 @@ impl VmManager {
             }
             None => None,
         };
-        if !mapped {
+        // A new QEMU loads the image as it starts.
+        if !mapped && standby.is_none() {
             load_at_start(&mut config, &memory);
         }
         let mut check = (reuse && !memory_just_captured).then(|| {

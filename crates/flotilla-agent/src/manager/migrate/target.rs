@@ -598,10 +598,9 @@ impl VmManager {
         // Recorded (on disk) before the VM runs: from here on this half is
         // never removed on the source's word. Not recorded, not run.
         let arrived_us = since.elapsed().as_micros() as u64;
-        let elapsed = since.elapsed().as_millis() as u64;
         self.inner
             .migrations
-            .try_update(id, |m| m.switch_over_ms = Some(elapsed))?;
+            .try_update(id, |m| m.switch_over_ms = Some(arrived_us / 1000))?;
         tracing::debug!(
             migration = id,
             arrived_us,
