@@ -47,6 +47,32 @@ pub struct AgentConfig {
     /// Disk space VMs may take in all, reported to a control plane for
     /// placement (default: the data directory's file system size).
     pub disk_capacity_mib: Option<u64>,
+    /// Whether guest memory may take transparent huge pages.
+    pub guest_huge_pages: GuestHugePages,
+}
+
+/// Whether guest memory may take transparent huge pages (see
+/// [`flotilla_qemu::QemuConfig::huge_pages`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum GuestHugePages {
+    /// Under KVM yes, under TCG no: there a first write zeroes 2 MiB, which
+    /// made an incoming migration's loader fall behind its stream (a longer
+    /// pause) and a sparse guest hold all of its memory.
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl GuestHugePages {
+    /// Whether a VM under `accel` gets them.
+    pub fn enabled(self, accel: flotilla_qemu::Accel) -> bool {
+        match self {
+            GuestHugePages::Auto => accel == flotilla_qemu::Accel::Kvm,
+            GuestHugePages::On => true,
+            GuestHugePages::Off => false,
+        }
+    }
 }
 
 /// How guest memory comes back from a snapshot's memory image.
@@ -86,6 +112,7 @@ impl AgentConfig {
             restore_memory: RestoreMemory::Load,
             max_standbys: crate::manager::DEFAULT_MAX_STANDBYS,
             disk_capacity_mib: None,
+            guest_huge_pages: GuestHugePages::Auto,
         }
     }
 
@@ -156,4 +183,18 @@ fn host_memory_mib() -> u64 {
         })
         .map(|kib| kib / 1024)
         .unwrap_or(1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::GuestHugePages;
+    use flotilla_qemu::Accel;
+
+    #[test]
+    fn huge_pages_follow_the_accelerator_unless_set() {
+        assert!(GuestHugePages::Auto.enabled(Accel::Kvm));
+        assert!(!GuestHugePages::Auto.enabled(Accel::Tcg));
+        assert!(GuestHugePages::On.enabled(Accel::Tcg));
+        assert!(!GuestHugePages::Off.enabled(Accel::Kvm));
+    }
 }

@@ -18,8 +18,8 @@ pub struct MigrateVmRequest {
     /// `https://` target: the certificate is pinned).
     #[serde(default)]
     pub target_fingerprint: Option<String>,
-    /// The longest guest pause to plan for at the switch-over (QEMU's
-    /// default, 300 ms, when not given).
+    /// The longest guest pause to plan for at the switch-over (30 ms when
+    /// not given; QEMU's own default is 300 ms).
     #[serde(default)]
     pub max_downtime_ms: Option<u64>,
     /// Memory stream bandwidth limit in MiB/s (none when not given).

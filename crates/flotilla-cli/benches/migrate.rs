@@ -11,7 +11,11 @@
 //! each host's bridge, the same address, the same ticker.
 //!
 //! Run with `cargo bench -p flotilla-cli --bench migrate` (as root, after
-//! `./scripts/setup`). Prints a Markdown table for BENCHMARKS.md.
+//! `./scripts/setup`). Prints a Markdown table for BENCHMARKS.md: with
+//! `FLOTILLA_BENCH_RUNS=N`, each line is the median of N runs (ranges in
+//! brackets). See [`Selection`] for choosing cases; for experiments,
+//! `FLOTILLA_BENCH_BANDWIDTH_MIBPS` and `FLOTILLA_BENCH_MAX_DOWNTIME_MS`
+//! set Flotilla's limits.
 
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
@@ -133,15 +137,27 @@ fn flotilla_case(a: &TestHost, b: &TestHost, memory_mib: u64, writer: bool, tls:
     let ra = receiver(a.netns.name.clone(), stop.clone());
     let rb = receiver(b.netns.name.clone(), stop.clone());
     std::thread::sleep(Duration::from_secs(2));
+    let mut request = json!({ "target": b.endpoint, "target_token": b.agent_token(),
+                              "target_fingerprint": b.fingerprint(), "tls": tls });
+    // For experiments: a bandwidth limit for Flotilla's memory stream.
+    if let Some(mibps) = std::env::var("FLOTILLA_BENCH_BANDWIDTH_MIBPS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        request["max_bandwidth_mibps"] = json!(mibps);
+    }
+    if let Some(ms) = std::env::var("FLOTILLA_BENCH_MAX_DOWNTIME_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        request["max_downtime_ms"] = json!(ms);
+    }
     let t = Instant::now();
     let m = api_ok(
         a,
         "POST",
         &format!("/v1/vms/{name}/migrate?wait=true"),
-        Some(
-            json!({ "target": b.endpoint, "target_token": b.agent_token(),
-                     "target_fingerprint": b.fingerprint(), "tls": tls }),
-        ),
+        Some(request),
     );
     let total = t.elapsed().as_secs_f64();
     assert_eq!(m["phase"], "completed", "{m:#}");
@@ -352,6 +368,42 @@ fn baseline_case(
     }
 }
 
+/// Which cases to run and how often, from the environment (all cases
+/// once when unset): `FLOTILLA_BENCH_CASES=256,256w,1024` (`w`: with the
+/// writer), `FLOTILLA_BENCH_TRANSPORT=plain|tls`, `FLOTILLA_BENCH_RUNS=N`,
+/// `FLOTILLA_BENCH_BASELINES=0` (Flotilla's rows only).
+struct Selection {
+    cases: Option<Vec<String>>,
+    transport: Option<String>,
+    runs: usize,
+    baselines: bool,
+}
+
+impl Selection {
+    fn from_env() -> Selection {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        Selection {
+            cases: var("FLOTILLA_BENCH_CASES")
+                .map(|v| v.split(',').map(|c| c.trim().to_string()).collect()),
+            transport: var("FLOTILLA_BENCH_TRANSPORT"),
+            runs: var("FLOTILLA_BENCH_RUNS")
+                .map(|v| v.parse().expect("FLOTILLA_BENCH_RUNS: a number"))
+                .unwrap_or(1),
+            baselines: var("FLOTILLA_BENCH_BASELINES").is_none_or(|v| v != "0"),
+        }
+    }
+
+    fn wants_case(&self, memory_mib: u64, writer: bool) -> bool {
+        let id = format!("{memory_mib}{}", if writer { "w" } else { "" });
+        self.cases.as_ref().is_none_or(|c| c.contains(&id))
+    }
+
+    fn wants_transport(&self, tls: bool) -> bool {
+        let id = if tls { "tls" } else { "plain" };
+        self.transport.as_ref().is_none_or(|t| t == id)
+    }
+}
+
 fn main() {
     let fabric = Arc::new(Fabric::create().expect("fabric"));
     let options = HostOptions {
@@ -365,6 +417,7 @@ fn main() {
     let (kernel, initrd, rootfs) = (path("kernel"), path("initrd"), path("rootfs"));
     let rt = tokio::runtime::Runtime::new().expect("runtime");
 
+    let selection = Selection::from_env();
     let cases = [(256, false), (256, true), (1024, false)];
     let label = |tls: bool| if tls { "TLS" } else { "plain TCP" };
     println!(
@@ -372,38 +425,90 @@ fn main() {
     );
     println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     for (memory, writer) in cases {
+        if !selection.wants_case(memory, writer) {
+            continue;
+        }
         let mut rows = Vec::new();
         for tls in [false, true] {
+            if !selection.wants_transport(tls) {
+                continue;
+            }
             let image = (kernel.as_path(), initrd.as_path(), rootfs.as_path());
-            rows.push((
-                format!("Flotilla, {}", label(tls)),
-                flotilla_case(&a, &b, memory, writer, tls),
-            ));
-            rows.push((
-                format!("QEMU alone, {}", label(tls)),
-                baseline_case(&a, &b, image, memory, writer, tls, false, &rt),
-            ));
-            rows.push((
-                format!("QEMU alone, no bandwidth limit, {}", label(tls)),
-                baseline_case(&a, &b, image, memory, writer, tls, true, &rt),
-            ));
+            for _ in 0..selection.runs {
+                rows.push((
+                    format!("Flotilla, {}", label(tls)),
+                    flotilla_case(&a, &b, memory, writer, tls),
+                ));
+                if !selection.baselines {
+                    continue;
+                }
+                rows.push((
+                    format!("QEMU alone, {}", label(tls)),
+                    baseline_case(&a, &b, image, memory, writer, tls, false, &rt),
+                ));
+                rows.push((
+                    format!("QEMU alone, no bandwidth limit, {}", label(tls)),
+                    baseline_case(&a, &b, image, memory, writer, tls, true, &rt),
+                ));
+            }
         }
-        for (who, r) in &rows {
-            println!(
-                "| {} | {who} | {:.3} s | {:.3} s | {} ms | {} | {:.1} MiB of {:.0} MiB | {} |",
-                r.case,
-                r.total_s,
-                r.running_s,
-                r.qemu_downtime_ms,
-                r.guest_gap_ms
-                    .map(|g| format!("{g:.1} ms"))
-                    .unwrap_or_else(|| "-".into()),
-                r.sent_mib,
-                r.memory_mib,
-                r.disk_sync_s
-                    .map(|s| format!("{s:.3} s"))
-                    .unwrap_or_else(|| "- (shared disk)".into()),
-            );
+        // One line per kind of run: medians (with the range over several
+        // runs), in the order they first ran.
+        let mut kinds: Vec<&str> = Vec::new();
+        for (who, _) in &rows {
+            if !kinds.contains(&who.as_str()) {
+                kinds.push(who);
+            }
+        }
+        for who in kinds {
+            let runs: Vec<&Row> = rows
+                .iter()
+                .filter(|(w, _)| w == who)
+                .map(|(_, r)| r)
+                .collect();
+            print_summary(who, &runs);
         }
     }
+}
+
+/// A table line for `runs` of one kind: the median of each column, and
+/// for several runs the range of the total, the time until the VM runs on
+/// the target and the pause its traffic saw.
+fn print_summary(who: &str, runs: &[&Row]) {
+    let stat = |f: &dyn Fn(&Row) -> Option<f64>, unit: &str, digits: usize| {
+        let mut v: Vec<f64> = runs.iter().filter_map(|r| f(r)).collect();
+        if v.is_empty() {
+            return "-".to_string();
+        }
+        v.sort_by(f64::total_cmp);
+        let median = v[v.len() / 2];
+        match v.len() {
+            1 => format!("{median:.digits$} {unit}"),
+            _ => format!(
+                "{median:.digits$} {unit} ({:.digits$}-{:.digits$})",
+                v[0],
+                v[v.len() - 1]
+            ),
+        }
+    };
+    let first = runs[0];
+    let median_of = |f: &dyn Fn(&Row) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(|r| f(r)).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!(
+        "| {} | {who} | {} | {} | {:.0} ms | {} | {:.1} MiB of {:.0} MiB | {} |",
+        first.case,
+        stat(&|r| Some(r.total_s), "s", 3),
+        stat(&|r| Some(r.running_s), "s", 3),
+        median_of(&|r| r.qemu_downtime_ms as f64),
+        stat(&|r| r.guest_gap_ms, "ms", 1),
+        median_of(&|r| r.sent_mib),
+        first.memory_mib,
+        match first.disk_sync_s {
+            Some(_) => stat(&|r| r.disk_sync_s, "s", 3),
+            None => "- (shared disk)".into(),
+        },
+    );
 }

@@ -458,6 +458,12 @@ pub struct AgentArgs {
     /// oldest goes and that VM's resume starts QEMU again. 0: none.
     #[arg(long, default_value_t = flotilla_agent::manager::DEFAULT_MAX_STANDBYS)]
     pub max_warm: usize,
+    /// Whether guest memory may take transparent huge pages: `auto` (under
+    /// KVM yes; under TCG no: a first write there zeroes 2 MiB, which slows
+    /// resumes and incoming migrations and makes a sparse guest hold all of
+    /// its memory), `on` or `off`.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
+    pub guest_huge_pages: String,
 }
 
 #[derive(Debug, Args)]
@@ -811,7 +817,7 @@ pub struct VmExecArgs {
 /// How a live migration goes (`vm migrate`, `instance migrate`).
 #[derive(Debug, Args)]
 pub struct MigrationFlags {
-    /// The longest pause to plan for at the switch-over.
+    /// The longest pause to plan for at the switch-over (30 ms by default).
     #[arg(long)]
     pub max_downtime_ms: Option<u64>,
     /// Bandwidth limit of the memory stream in MiB/s (post-copy included);

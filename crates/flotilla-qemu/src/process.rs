@@ -146,12 +146,13 @@ impl QemuProcess {
         }
         remove_stale(&config.pidfile)?;
         let args = config.to_args();
-        Self::start_with_args(
+        Self::launch(
             qemu_binary,
             &args,
             &config.qmp_socket,
             stderr_log,
             DEFAULT_STARTUP_TIMEOUT,
+            config.huge_pages,
         )
         .await
     }
@@ -173,13 +174,35 @@ impl QemuProcess {
     }
 
     /// [`spawn_with_args`](Self::spawn_with_args), keeping the QMP
-    /// connection (see [`start`](Self::start)).
+    /// connection (see [`start`](Self::start)). Huge pages as QEMU and the
+    /// host decide.
     pub async fn start_with_args(
         qemu_binary: &Path,
         args: &[String],
         qmp_socket: &Path,
         stderr_log: &Path,
         startup_timeout: Duration,
+    ) -> Result<(QemuProcess, QmpClient), QemuError> {
+        Self::launch(
+            qemu_binary,
+            args,
+            qmp_socket,
+            stderr_log,
+            startup_timeout,
+            true,
+        )
+        .await
+    }
+
+    /// Starts QEMU (with transparent huge pages disabled for the process
+    /// unless `huge_pages`) and waits until it answers on QMP.
+    async fn launch(
+        qemu_binary: &Path,
+        args: &[String],
+        qmp_socket: &Path,
+        stderr_log: &Path,
+        startup_timeout: Duration,
+        huge_pages: bool,
     ) -> Result<(QemuProcess, QmpClient), QemuError> {
         let (log, log_start) = open_log(qemu_binary, stderr_log)?;
         let log_err = log
@@ -192,12 +215,17 @@ impl QemuProcess {
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log_err))
             .kill_on_drop(false);
-        // SAFETY: the closure runs between fork and exec and only calls
-        // setsid(2), which is async-signal-safe.
+        // SAFETY: the closure runs between fork and exec and only makes
+        // system calls (setsid(2), prctl(2)), which are async-signal-safe.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 // Own session: no terminal Ctrl-C, survives the agent's group.
                 if libc::setsid() == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+                // Kept across exec: QEMU's request for huge pages is then
+                // ignored.
+                if !huge_pages && libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) == -1 {
                     return Err(io::Error::last_os_error());
                 }
                 Ok(())

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use flotilla_agent::config::{AgentConfig, RestoreMemory};
+use flotilla_agent::config::{AgentConfig, GuestHugePages, RestoreMemory};
 use flotilla_agent::server::{run_agent, OnExit};
 use flotilla_api::Resources;
 use flotilla_image::{ImageStore, DEFAULT_IMAGE};
@@ -48,6 +48,11 @@ fn config_from(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
         _ => RestoreMemory::Load,
     };
     c.max_standbys = args.max_warm;
+    c.guest_huge_pages = match args.guest_huge_pages.as_str() {
+        "on" => GuestHugePages::On,
+        "off" => GuestHugePages::Off,
+        _ => GuestHugePages::Auto,
+    };
     if let Some(adv) = &args.advertise {
         let scheme = format!("{}://", c.scheme());
         if !adv.starts_with(&scheme) {

@@ -54,6 +54,7 @@ fn fixture() -> Fixture {
         mapped_ram: false,
         tls_psk_dir: None,
         memory_file: None,
+        huge_pages: false,
     };
     Fixture { dir, config }
 }

@@ -59,10 +59,21 @@ fn stub_config(dir: &Path) -> QemuConfig {
         mapped_ram: false,
         tls_psk_dir: None,
         memory_file: None,
+        huge_pages: false,
     }
 }
 
 /// Fields 5 (pgrp) and 6 (session) of /proc/PID/stat.
+/// Whether transparent huge pages are allowed for the process `pid`.
+fn thp_enabled(pid: i32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("THP_enabled:"))
+        .expect("THP_enabled in /proc/PID/status");
+    line.split_whitespace().nth(1) == Some("1")
+}
+
 fn group_and_session(pid: i32) -> (i32, i32) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
     let rest = &stat[stat.rfind(')').expect("comm end") + 1..];
@@ -77,12 +88,14 @@ fn group_and_session(pid: i32) -> (i32, i32) {
 async fn spawn_boots_a_config_detached_and_kill_reaps_it() {
     let dir = common::temp_dir();
     let mut guard = KillGuard::default();
-    let config = stub_config(dir.path());
+    let mut config = stub_config(dir.path());
     let log = dir.path().join("qemu.log");
     // A stale socket from an earlier run must not count as "ready".
     std::fs::write(&config.qmp_socket, b"stale").expect("stale file");
 
     for round in 1..=2 {
+        // Huge pages off in the first round, on in the second.
+        config.huge_pages = round == 2;
         let process = QemuProcess::spawn(&common::qemu_binary(), &config, &log)
             .await
             .expect("spawn");
@@ -94,6 +107,7 @@ async fn spawn_boots_a_config_detached_and_kill_reaps_it() {
             (pid, pid),
             "QEMU not in its own session"
         );
+        assert_eq!(thp_enabled(pid), config.huge_pages, "round {round}");
         let pidfile = std::fs::read_to_string(&config.pidfile).expect("pidfile");
         assert_eq!(pidfile.trim(), pid.to_string());
         assert!(config.agent_socket.as_deref().is_some_and(Path::exists));

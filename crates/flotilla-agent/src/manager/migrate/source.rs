@@ -565,7 +565,9 @@ impl VmManager {
                 .iter()
                 .map(|d| format!("disk-{}", d.name))
                 .collect();
+            let paused_us = handing.elapsed().as_micros() as u64;
             live::reactivate_for_reads(&qmp, &nodes).await?;
+            let reactivated_us = handing.elapsed().as_micros() as u64;
             // Paused, the overlays no longer grow: their own bytes can be
             // exported (a target with the same image then copies only
             // them). One that cannot be goes whole.
@@ -575,12 +577,21 @@ impl VmManager {
                         "the disk's overlay cannot be exported apart; it goes whole");
                 }
             }
+            let exported_us = handing.elapsed().as_micros() as u64;
             peer.call::<MigrationInfo>(
                 reqwest::Method::POST,
                 &format!("/v1/migrations/{id}/switch-over"),
                 None::<&()>,
             )
             .await?;
+            tracing::debug!(
+                migration = id,
+                paused_us,
+                reactivated_us,
+                exported_us,
+                called_us = handing.elapsed().as_micros() as u64,
+                "handed over"
+            );
             Ok::<_, AgentError>(())
         }
         .await;
@@ -733,8 +744,10 @@ impl VmManager {
         let mut events = qmp.events();
         live::start_outgoing(qmp, to, limits, tls).await?;
         let mut last_saved = Instant::now();
-        let mut watch =
-            super::converge::Watch::new(limits.max_downtime_ms.unwrap_or(300), Instant::now());
+        let mut watch = super::converge::Watch::new(
+            limits.max_downtime_ms.unwrap_or(live::DEFAULT_DOWNTIME_MS),
+            Instant::now(),
+        );
         let mut post_copy_started = false;
         loop {
             let p = live::progress(qmp).await?;
@@ -773,7 +786,10 @@ impl VmManager {
                     return Ok(Some((MigrationPhase::Failed, why)));
                 }
             }
-            let persist = last_saved.elapsed() > Duration::from_secs(1) || p.is_finished();
+            // Completed, the guest waits for the switch-over: the numbers
+            // are saved with its next step, not here.
+            let persist = last_saved.elapsed() > Duration::from_secs(1)
+                || (p.is_finished() && p.status != "completed");
             if persist {
                 last_saved = Instant::now();
             }
@@ -1063,6 +1079,7 @@ impl VmManager {
                 s.runtime.qmp.clone(),
             )
         };
+        let began = Instant::now();
         if let Some(qmp) = qmp {
             let _ = qmp.quit().await;
         }
@@ -1074,6 +1091,7 @@ impl VmManager {
                 let _ = p.kill().await;
             }
         }
+        tracing::debug!(vm = %name, ms = began.elapsed().as_millis() as u64, "released: QEMU gone");
         {
             let mut s = entry.lock();
             if s.record.state.has_process() {
@@ -1083,6 +1101,7 @@ impl VmManager {
         if let Err(e) = self.delete(&name, true).await {
             tracing::error!(vm = %name, error = %e, "removing the migrated VM's leftovers");
         }
+        tracing::debug!(vm = %name, ms = began.elapsed().as_millis() as u64, "released: files gone");
     }
 }
 
