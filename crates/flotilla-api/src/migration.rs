@@ -200,6 +200,10 @@ pub struct IncomingMigrationRequest {
     /// The stream may switch to post-copy (both QEMUs must allow it).
     #[serde(default)]
     pub post_copy: bool,
+    /// Connections the memory stream comes over (QEMU's multifd when more
+    /// than one; 0, from an older source, is one).
+    #[serde(default)]
+    pub stream_channels: u32,
 }
 
 /// The target's answer: where its QEMU listens for the memory stream.

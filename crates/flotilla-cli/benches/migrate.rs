@@ -15,8 +15,8 @@
 //! `FLOTILLA_BENCH_RUNS=N`, each line is the median of N runs (ranges in
 //! brackets). See [`Selection`] for choosing cases; for experiments,
 //! `FLOTILLA_BENCH_BANDWIDTH_MIBPS` and `FLOTILLA_BENCH_MAX_DOWNTIME_MS`
-//! set Flotilla's limits and `FLOTILLA_BENCH_AGENT_ARGS` its agents' flags
-//! (e.g. `--guest-huge-pages on`).
+//! set Flotilla's limits (and `FLOTILLA_TEST_AGENT_ARGS` its agents'
+//! flags, e.g. `--guest-huge-pages on`).
 
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
@@ -409,10 +409,6 @@ fn main() {
     let fabric = Arc::new(Fabric::create().expect("fabric"));
     let options = HostOptions {
         fabric: Some(fabric.clone()),
-        // For experiments: flags for both agents.
-        agent_args: std::env::var("FLOTILLA_BENCH_AGENT_ARGS")
-            .map(|v| v.split_whitespace().map(str::to_string).collect())
-            .unwrap_or_default(),
         ..HostOptions::default()
     };
     let a = TestHost::start_with(options.clone()).expect("host a");

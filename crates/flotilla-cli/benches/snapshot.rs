@@ -381,9 +381,14 @@ fn main() {
 
     // The same cycle and starts on a host that maps memory images
     // copy-on-write instead of loading them.
+    let defaults = HostOptions::default();
     let host = TestHost::start_with(HostOptions {
-        agent_args: vec!["--restore-memory".into(), "map".into()],
-        ..Default::default()
+        agent_args: [
+            &defaults.agent_args[..],
+            &["--restore-memory".into(), "map".into()],
+        ]
+        .concat(),
+        ..defaults
     })
     .expect("test host");
     let map = suspend_cycle(&host);

@@ -275,11 +275,11 @@ pub struct QemuConfig {
     #[serde(default)]
     pub memory_file: Option<MemoryFile>,
     /// Let guest memory take transparent huge pages (QEMU asks for them
-    /// where the host allows). Off, QEMU runs with THP disabled: loading
-    /// state (a resume, an incoming migration) zeroes only the 4 KiB pages
-    /// that arrive instead of 2 MiB around each, and a guest that touched
-    /// little of its memory holds little. Worth it under KVM (fewer TLB
-    /// misses through the second-level page tables), not under TCG.
+    /// where the host allows). Off, QEMU runs with THP disabled: a page
+    /// written into fresh memory (state being loaded) costs 4 KiB of
+    /// zeroing instead of 2 MiB, and a guest that touched little of its
+    /// memory holds little; but reading memory never touched (a save's or
+    /// an outgoing migration's scan for zero pages) faults 4 KiB at a time.
     #[serde(default)]
     pub huge_pages: bool,
 }

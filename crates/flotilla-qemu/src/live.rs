@@ -110,8 +110,8 @@ pub async fn progress(qmp: &QmpClient) -> Result<LiveProgress, QmpError> {
 /// Limits of a live migration; `None`: see each field.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LiveLimits {
-    /// The longest pause QEMU may plan for at the switch-over (QEMU's
-    /// default, 300 ms, when `None`).
+    /// The longest pause QEMU may plan for at the switch-over
+    /// ([`DEFAULT_DOWNTIME_MS`] when `None`).
     pub max_downtime_ms: Option<u64>,
     /// Bytes per second the stream may use (no limit when `None`).
     pub max_bandwidth_bps: Option<u64>,
@@ -120,6 +120,12 @@ pub struct LiveLimits {
     /// Allow a switch to post-copy ([`start_post_copy`]); the target must
     /// allow it too.
     pub post_copy: bool,
+    /// Connections of the memory stream: more than one is QEMU's multifd
+    /// (pages sent and loaded by that many threads, and a receiving QEMU
+    /// never touches the memory of a page that arrives as zero). Not with
+    /// `post_copy`. The target must listen with as many.
+    #[serde(default)]
+    pub channels: u32,
 }
 
 /// The pause a pre-copy plans for unless told otherwise. QEMU's own, 300
@@ -143,12 +149,21 @@ async fn stream_capabilities(
     qmp: &QmpClient,
     auto_converge: bool,
     post_copy: bool,
+    channels: u32,
 ) -> Result<(), QmpError> {
+    let multifd = channels > 1;
+    if multifd {
+        qmp.execute::<Value>(
+            "migrate-set-parameters",
+            Some(json!({ "multifd-channels": channels })),
+        )
+        .await?;
+    }
     qmp.execute::<Value>(
         "migrate-set-capabilities",
         Some(json!({ "capabilities": [
             { "capability": "mapped-ram", "state": false },
-            { "capability": "multifd", "state": false },
+            { "capability": "multifd", "state": multifd },
             // MIGRATION events: the end is seen at once, not at a poll.
             { "capability": "events", "state": true },
             { "capability": "auto-converge", "state": auto_converge },
@@ -225,7 +240,7 @@ pub async fn start_outgoing(
     limits: LiveLimits,
     tls: bool,
 ) -> Result<(), QmpError> {
-    stream_capabilities(qmp, limits.auto_converge, limits.post_copy).await?;
+    stream_capabilities(qmp, limits.auto_converge, limits.post_copy, limits.channels).await?;
     set_limits(qmp, limits).await?;
     stream_tls(qmp, tls.then_some(crate::config::TLS_CLIENT_ID)).await?;
     qmp.execute::<Value>("migrate", Some(json!({ "uri": format!("tcp:{to}") })))
@@ -240,8 +255,9 @@ pub async fn listen_incoming(
     host: std::net::IpAddr,
     tls: bool,
     post_copy: bool,
+    channels: u32,
 ) -> Result<u16, QmpError> {
-    stream_capabilities(qmp, false, post_copy).await?;
+    stream_capabilities(qmp, false, post_copy, channels).await?;
     stream_tls(qmp, tls.then_some(crate::config::TLS_SERVER_ID)).await?;
     let at = SocketAddr::new(host, 0);
     qmp.execute::<Value>(
@@ -313,14 +329,30 @@ pub async fn resume_outgoing(qmp: &QmpClient, to: SocketAddr) -> Result<(), QmpE
 pub async fn cancel(qmp: &QmpClient, timeout: Duration) -> Result<(), QmpError> {
     let _ = qmp.execute::<Value>("migrate_cancel", None).await;
     let started = Instant::now();
+    let mut yanked = false;
     loop {
         let p = progress(qmp).await?;
         if p.is_finished() || p.status == "none" || started.elapsed() > timeout {
             return Ok(());
         }
+        if !yanked && started.elapsed() > YANK_AFTER {
+            // A stream thread stuck sending to a peer that no longer
+            // answers (a cut network) holds the cancel up until TCP gives
+            // up, minutes later: its connections are shut down under it.
+            yanked = true;
+            let _ = qmp
+                .execute::<Value>(
+                    "yank",
+                    Some(json!({ "instances": [{ "type": "migration" }] })),
+                )
+                .await;
+        }
         tokio::time::sleep(POLL).await;
     }
 }
+
+/// How long a cancel waits before it shuts the stream's connections down.
+const YANK_AFTER: Duration = Duration::from_millis(500);
 
 /// Exports disks (block node, export name) read-only over NBD on `listen`,
 /// for a target to read what it has not copied yet.

@@ -28,7 +28,9 @@ pub struct HostOptions {
     /// Join this cluster network (hosts reach each other), instead of a
     /// private link to the caller.
     pub fabric: Option<std::sync::Arc<crate::netns::Fabric>>,
-    /// More arguments for `flotilla agent`.
+    /// More arguments for `flotilla agent` (by default those in
+    /// `FLOTILLA_TEST_AGENT_ARGS`, split at spaces: for experiments such as
+    /// `--guest-huge-pages on` across a benchmark).
     pub agent_args: Vec<String>,
 }
 
@@ -51,7 +53,9 @@ impl Default for HostOptions {
             data_dir_size_mib: None,
             control: None,
             fabric: None,
-            agent_args: Vec::new(),
+            agent_args: std::env::var("FLOTILLA_TEST_AGENT_ARGS")
+                .map(|v| v.split_whitespace().map(str::to_string).collect())
+                .unwrap_or_default(),
         }
     }
 }

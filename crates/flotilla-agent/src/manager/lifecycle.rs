@@ -393,7 +393,7 @@ impl VmManager {
                 .any(|d| d.sync_from.as_ref().is_some_and(|s| s.tls))
                 .then(|| dir.join(super::migrate::TLS_DIR)),
             memory_file: None,
-            huge_pages: cfg.guest_huge_pages.enabled(self.inner.accel.accel),
+            huge_pages: cfg.guest_huge_pages.enabled(self.inner.accel.accel, false),
         }
     }
 

@@ -464,6 +464,7 @@ impl VmManager {
                 disk_sync_bps: req.disk_sync_mibps.map(|m| m << 20),
                 tls_psk: key,
                 post_copy: req.on_no_convergence == ConvergencePolicy::PostCopy,
+                stream_channels: super::stream_channels(req.on_no_convergence),
             };
             // A busy target (its migration slots taken) is asked again.
             let ready: IncomingMigrationReady = loop {
@@ -525,6 +526,7 @@ impl VmManager {
             max_bandwidth_bps: req.max_bandwidth_mibps.map(|m| m << 20),
             auto_converge: req.on_no_convergence == ConvergencePolicy::AutoConverge,
             post_copy: req.on_no_convergence == ConvergencePolicy::PostCopy,
+            channels: super::stream_channels(req.on_no_convergence),
         };
         match self.precopy(&qmp, id, to, limits, req.tls).await {
             Ok(None) => {

@@ -38,6 +38,10 @@ struct LocalBase {
     format: String,
 }
 
+/// The most connections a memory stream may ask for (each is a thread in
+/// the receiving QEMU).
+const MAX_STREAM_CHANNELS: u32 = 16;
+
 /// How long a VM that has just switched over here is left alone before its
 /// guest agent is reconnected and its disks start syncing. Under TCG its
 /// first moments on a new QEMU are its slowest (all its code is translated
@@ -82,6 +86,12 @@ impl VmManager {
             )));
         }
         crate::manager::from_layer::check_not_reserved(&vm.name)?;
+        if req.stream_channels > MAX_STREAM_CHANNELS {
+            return Err(AgentError::InvalidArgument(format!(
+                "stream_channels {}: at most {MAX_STREAM_CHANNELS}",
+                req.stream_channels
+            )));
+        }
         if self.inner.migrations.get(&req.id).is_ok() {
             return Err(AgentError::conflict(
                 format!("migration {} is already known here", req.id),
@@ -192,7 +202,11 @@ impl VmManager {
             return Err(e);
         }
         step("record");
-        let port = match self.start_incoming(&entry, ip, tls, req.post_copy).await {
+        let channels = req.stream_channels.max(1);
+        let port = match self
+            .start_incoming(&entry, ip, tls, req.post_copy, channels)
+            .await
+        {
             Ok(port) => port,
             Err(e) => {
                 self.remove_incoming(&entry).await;
@@ -429,6 +443,7 @@ impl VmManager {
         ip: std::net::IpAddr,
         tls: bool,
         post_copy: bool,
+        channels: u32,
     ) -> AgentResult<u16> {
         let (record, generation) = {
             let mut s = entry.lock();
@@ -441,6 +456,11 @@ impl VmManager {
         let mut config = self.qemu_config(&record);
         config.incoming = Some("defer".into());
         config.start_paused = true;
+        config.huge_pages = self
+            .inner
+            .config
+            .guest_huge_pages
+            .enabled(self.inner.accel.accel, true);
         let launched = std::time::Instant::now();
         let (process, qmp) = self.launch_with(&record, config).await?;
         tracing::debug!(vm = %record.name, ms = launched.elapsed().as_millis() as u64, "incoming QEMU up");
@@ -457,7 +477,7 @@ impl VmManager {
             s.runtime.qmp = Some(qmp.clone());
             self.save(&s)?;
         }
-        let port = live::listen_incoming(&qmp, ip, tls, post_copy).await?;
+        let port = live::listen_incoming(&qmp, ip, tls, post_copy, channels).await?;
         // The VM's disks here are files of this host (the source's bytes
         // come over NBD), so `cont` need not reopen them during the pause.
         if let Err(e) = live::activate_own_disks(&qmp).await {
