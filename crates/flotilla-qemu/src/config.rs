@@ -280,8 +280,13 @@ pub struct QemuConfig {
     /// zeroing instead of 2 MiB, and a guest that touched little of its
     /// memory holds little; but reading memory never touched (a save's or
     /// an outgoing migration's scan for zero pages) faults 4 KiB at a time.
-    #[serde(default)]
+    /// On when not given, as QEMU has it.
+    #[serde(default = "huge_pages_by_default")]
     pub huge_pages: bool,
+}
+
+fn huge_pages_by_default() -> bool {
+    true
 }
 
 /// A file region the guest's memory starts as: mapped private and

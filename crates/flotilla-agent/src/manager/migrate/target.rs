@@ -708,11 +708,10 @@ impl VmManager {
             // The guest's first moments here are its slowest: nothing asks
             // it for anything yet.
             tokio::time::sleep(quiet).await;
-            // The guest agent's channel reconnects, and the guest clock is
-            // set right after the pause.
-            // The copy starts meanwhile (it had waited for the guest agent's
-            // answer, which made the whole migration 50-100 ms longer).
-            // (Dropping the handle leaves the task running.)
+            // Then the guest agent's channel reconnects and the guest clock
+            // is set, and the copy starts alongside (it had waited for the
+            // agent's answer, which made a migration 50-100 ms longer).
+            // Dropping the handle leaves the readiness task running.
             drop(manager.spawn_readiness_with_clock(syncing.clone(), generation, since));
             manager.move_disks_to_layers(&syncing).await;
             manager.sync_disks(syncing, id).await
