@@ -58,9 +58,10 @@ pub enum GuestHugePages {
     /// Yes, except for a QEMU that receives a live migration under TCG:
     /// there each page that arrives made the kernel zero the 2 MiB around
     /// it, the loader fell behind the stream and the guest's pause grew by
-    /// up to 60 ms. (Without them everywhere, saves and outgoing streams
-    /// were slower instead: reading memory the guest never touched then
-    /// faults 4 KiB at a time.)
+    /// up to 60 ms. That QEMU keeps running the VM without them until the
+    /// VM's next start or resume (its saves and outgoing streams are then
+    /// slower: memory the guest never touched is read 4 KiB fault by fault,
+    /// which is why they are not off everywhere).
     #[default]
     Auto,
     On,

@@ -43,6 +43,10 @@ fn encrypted_by_default() -> bool {
     true
 }
 
+fn at_most_one(n: &u32) -> bool {
+    *n <= 1
+}
+
 /// How a migration is to go, as a control plane asks for it (the same
 /// fields as in [`MigrateVmRequest`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -201,8 +205,9 @@ pub struct IncomingMigrationRequest {
     #[serde(default)]
     pub post_copy: bool,
     /// Connections the memory stream comes over (QEMU's multifd when more
-    /// than one; 0, from an older source, is one).
-    #[serde(default)]
+    /// than one, at most 16; 0, from an older source, is one). Left out
+    /// when one, so an older target takes such a request.
+    #[serde(default, skip_serializing_if = "at_most_one")]
     pub stream_channels: u32,
 }
 
@@ -304,4 +309,37 @@ pub struct MigrationInfo {
     pub total_ms: Option<u64>,
     #[serde(default)]
     pub error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(stream_channels: u32) -> serde_json::Value {
+        let vm: MigratingVm = serde_json::from_value(serde_json::json!({
+            "id": "0123456789abcdef", "name": "vm", "image": "default", "vcpus": 1,
+            "memory_mib": 256, "cmdline_extra": "", "tags": {}, "machine_id": null,
+            "created_at": "2026-11-29T00:00:00Z", "nics": [], "disks": [],
+            "kernel_sha256": "00", "initrd_sha256": null, "accel": "tcg",
+            "qemu_version": "10.0.2"
+        }))
+        .expect("a migrating VM");
+        serde_json::to_value(IncomingMigrationRequest {
+            id: "m-0123456789abcdef".into(),
+            source: "https://10.0.0.5:7777".into(),
+            vm,
+            disk_sync_bps: None,
+            tls_psk: None,
+            post_copy: false,
+            stream_channels,
+        })
+        .expect("json")
+    }
+
+    #[test]
+    fn one_stream_connection_is_left_out_for_older_targets() {
+        assert!(request(1).get("stream_channels").is_none());
+        assert!(request(0).get("stream_channels").is_none());
+        assert_eq!(request(2)["stream_channels"], 2);
+    }
 }

@@ -459,10 +459,11 @@ pub struct AgentArgs {
     #[arg(long, default_value_t = flotilla_agent::manager::DEFAULT_MAX_STANDBYS)]
     pub max_warm: usize,
     /// Whether guest memory may take transparent huge pages: `auto` (yes,
-    /// except for a QEMU receiving a live migration under TCG: there each
-    /// page that arrives made the kernel zero 2 MiB, and the loader fell
-    /// behind, lengthening the pause), `on` or `off` (sparse guests hold
-    /// less memory; saves and outgoing migrations are slower).
+    /// except for a QEMU receiving a live migration under TCG, until the
+    /// VM's next start or resume: there each page that arrives made the
+    /// kernel zero 2 MiB, and the loader fell behind, lengthening the
+    /// pause), `on` or `off` (sparse guests hold less memory; saves and
+    /// outgoing migrations are slower).
     #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
     pub guest_huge_pages: String,
 }

@@ -335,7 +335,7 @@ pub async fn cancel(qmp: &QmpClient, timeout: Duration) -> Result<(), QmpError> 
         if p.is_finished() || p.status == "none" || started.elapsed() > timeout {
             return Ok(());
         }
-        if !yanked && started.elapsed() > YANK_AFTER {
+        if !yanked && p.status == "cancelling" && started.elapsed() > YANK_AFTER {
             // A stream thread stuck sending to a peer that no longer
             // answers (a cut network) holds the cancel up until TCP gives
             // up, minutes later: its connections are shut down under it.

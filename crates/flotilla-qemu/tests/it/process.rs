@@ -63,7 +63,6 @@ fn stub_config(dir: &Path) -> QemuConfig {
     }
 }
 
-/// Fields 5 (pgrp) and 6 (session) of /proc/PID/stat.
 /// Whether transparent huge pages are allowed for the process `pid`.
 fn thp_enabled(pid: i32) -> bool {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
@@ -74,6 +73,7 @@ fn thp_enabled(pid: i32) -> bool {
     line.split_whitespace().nth(1) == Some("1")
 }
 
+/// Fields 5 (pgrp) and 6 (session) of /proc/PID/stat.
 fn group_and_session(pid: i32) -> (i32, i32) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
     let rest = &stat[stat.rfind(')').expect("comm end") + 1..];

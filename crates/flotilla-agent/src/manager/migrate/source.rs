@@ -453,7 +453,7 @@ impl VmManager {
                     .await
                     .map_err(|e| AgentError::io("describing the VM", std::io::Error::other(e)))??
             };
-            let request = IncomingMigrationRequest {
+            let mut request = IncomingMigrationRequest {
                 id: id.to_string(),
                 source: format!(
                     "{}://{}",
@@ -476,6 +476,13 @@ impl VmManager {
                     )
                     .await
                 {
+                    // A target from before streams had several connections.
+                    Err(PeerError::Refused {
+                        status: 400,
+                        message,
+                    }) if request.stream_channels > 1 && message.contains("stream_channels") => {
+                        request.stream_channels = 1;
+                    }
                     Err(PeerError::Refused {
                         status: 409,
                         message,
@@ -494,17 +501,20 @@ impl VmManager {
                     ready.host
                 ))
             })?;
-            Ok::<_, AgentError>(std::net::SocketAddr::new(host, ready.port))
+            Ok::<_, AgentError>((
+                std::net::SocketAddr::new(host, ready.port),
+                request.stream_channels.max(1),
+            ))
         }
         .await;
-        let to = match prepared {
-            Ok(to) => {
+        let (to, channels) = match prepared {
+            Ok((to, channels)) => {
                 let ms = started.elapsed().as_millis() as u64;
-                tracing::info!(migration = %id, ms, tls = req.tls, "target prepared");
+                tracing::info!(migration = %id, ms, tls = req.tls, channels, "target prepared");
                 if let std::net::IpAddr::V4(via) = to.ip() {
                     book.set_forward_via(id, via);
                 }
-                to
+                (to, channels)
             }
             Err(e) => {
                 return self
@@ -526,7 +536,7 @@ impl VmManager {
             max_bandwidth_bps: req.max_bandwidth_mibps.map(|m| m << 20),
             auto_converge: req.on_no_convergence == ConvergencePolicy::AutoConverge,
             post_copy: req.on_no_convergence == ConvergencePolicy::PostCopy,
-            channels: super::stream_channels(req.on_no_convergence),
+            channels,
         };
         match self.precopy(&qmp, id, to, limits, req.tls).await {
             Ok(None) => {

@@ -481,7 +481,7 @@ impl VmManager {
         // The VM's disks here are files of this host (the source's bytes
         // come over NBD), so `cont` need not reopen them during the pause.
         if let Err(e) = live::activate_own_disks(&qmp).await {
-            tracing::debug!(vm = %record.name, error = %e, "disks left for `cont` to activate");
+            tracing::info!(vm = %record.name, error = %e, "disks left for `cont` to activate");
         }
         Ok(port)
     }
@@ -626,6 +626,10 @@ impl VmManager {
                     return Err(AgentError::Timeout(format!(
                         "the memory stream did not complete within {ARRIVAL_TIMEOUT:?}"
                     )))
+                }
+                // In post-copy the run state's change has no event.
+                s if s.starts_with("postcopy") => {
+                    tokio::time::sleep(Duration::from_millis(2)).await
                 }
                 // The end is an event; the timer only guards against one
                 // missed.
