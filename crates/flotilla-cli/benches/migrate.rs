@@ -140,18 +140,14 @@ fn flotilla_case(a: &TestHost, b: &TestHost, memory_mib: u64, writer: bool, tls:
     std::thread::sleep(Duration::from_secs(2));
     let mut request = json!({ "target": b.endpoint, "target_token": b.agent_token(),
                               "target_fingerprint": b.fingerprint(), "tls": tls });
-    // For experiments: a bandwidth limit for Flotilla's memory stream.
-    if let Some(mibps) = std::env::var("FLOTILLA_BENCH_BANDWIDTH_MIBPS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        request["max_bandwidth_mibps"] = json!(mibps);
-    }
-    if let Some(ms) = std::env::var("FLOTILLA_BENCH_MAX_DOWNTIME_MS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        request["max_downtime_ms"] = json!(ms);
+    // For experiments: Flotilla's limits on the memory stream.
+    for (var, field) in [
+        ("FLOTILLA_BENCH_BANDWIDTH_MIBPS", "max_bandwidth_mibps"),
+        ("FLOTILLA_BENCH_MAX_DOWNTIME_MS", "max_downtime_ms"),
+    ] {
+        if let Some(n) = std::env::var(var).ok().and_then(|v| v.parse::<u64>().ok()) {
+            request[field] = json!(n);
+        }
     }
     let t = Instant::now();
     let m = api_ok(
@@ -476,12 +472,16 @@ fn main() {
 /// for several runs the range of the total, the time until the VM runs on
 /// the target and the pause its traffic saw.
 fn print_summary(who: &str, runs: &[&Row]) {
-    let stat = |f: &dyn Fn(&Row) -> Option<f64>, unit: &str, digits: usize| {
+    let sorted = |f: &dyn Fn(&Row) -> Option<f64>| {
         let mut v: Vec<f64> = runs.iter().filter_map(|r| f(r)).collect();
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    let stat = |f: &dyn Fn(&Row) -> Option<f64>, unit: &str, digits: usize| {
+        let v = sorted(f);
         if v.is_empty() {
             return "-".to_string();
         }
-        v.sort_by(f64::total_cmp);
         let median = v[v.len() / 2];
         match v.len() {
             1 => format!("{median:.digits$} {unit}"),
@@ -493,9 +493,8 @@ fn print_summary(who: &str, runs: &[&Row]) {
         }
     };
     let first = runs[0];
-    let median_of = |f: &dyn Fn(&Row) -> f64| {
-        let mut v: Vec<f64> = runs.iter().map(|r| f(r)).collect();
-        v.sort_by(f64::total_cmp);
+    let median_of = |f: &dyn Fn(&Row) -> Option<f64>| {
+        let v = sorted(f);
         v[v.len() / 2]
     };
     println!(
@@ -503,9 +502,9 @@ fn print_summary(who: &str, runs: &[&Row]) {
         first.case,
         stat(&|r| Some(r.total_s), "s", 3),
         stat(&|r| Some(r.running_s), "s", 3),
-        median_of(&|r| r.qemu_downtime_ms as f64),
+        median_of(&|r| Some(r.qemu_downtime_ms as f64)),
         stat(&|r| r.guest_gap_ms, "ms", 1),
-        median_of(&|r| r.sent_mib),
+        median_of(&|r| Some(r.sent_mib)),
         first.memory_mib,
         match first.disk_sync_s {
             Some(_) => stat(&|r| r.disk_sync_s, "s", 3),
