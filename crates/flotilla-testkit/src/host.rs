@@ -359,6 +359,14 @@ impl Drop for TestHost {
                 self.netns.name,
                 self.agent_log_tail()
             );
+            // A QEMU that died says why only in its own log.
+            for dir in self.vm_dirs() {
+                let log = std::fs::read_to_string(dir.join("qemu.log")).unwrap_or_default();
+                if !log.trim().is_empty() {
+                    let start = log.floor_char_boundary(log.len().saturating_sub(2000));
+                    eprintln!("--- QEMU log of {} ---\n{}", dir.display(), &log[start..]);
+                }
+            }
         }
         self.kill_agent(nix::sys::signal::Signal::SIGKILL);
         for pid in self.qemu_pids() {

@@ -68,8 +68,15 @@ pub const DEFAULT_MAX_MIGRATIONS: usize = 2;
 const STREAM_CHANNELS: u32 = 2;
 
 /// How many connections a migration's memory stream uses under `policy`.
-pub(crate) fn stream_channels(policy: flotilla_api::migration::ConvergencePolicy) -> u32 {
+/// An encrypted stream uses one: QEMU 10.0 aborts (a nettle assertion) when
+/// a multifd stream over TLS is cancelled while its threads are sending,
+/// which would take the VM a cancel must leave running.
+pub(crate) fn stream_channels(
+    policy: flotilla_api::migration::ConvergencePolicy,
+    tls: bool,
+) -> u32 {
     match policy {
+        _ if tls => 1,
         flotilla_api::migration::ConvergencePolicy::PostCopy => 1,
         _ => STREAM_CHANNELS,
     }
@@ -686,6 +693,17 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn only_a_plain_pre_copy_stream_has_several_connections() {
+        use flotilla_api::migration::ConvergencePolicy::*;
+        assert_eq!(stream_channels(AutoConverge, false), STREAM_CHANNELS);
+        assert_eq!(stream_channels(PostCopy, false), 1);
+        // QEMU 10.0 aborts on a cancelled multifd stream over TLS.
+        for policy in [AutoConverge, PostCopy] {
+            assert_eq!(stream_channels(policy, true), 1);
+        }
+    }
 
     #[tokio::test]
     async fn a_wait_past_a_phase_answers_at_the_change_or_at_its_timeout() {

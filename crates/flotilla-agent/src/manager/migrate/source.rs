@@ -464,7 +464,7 @@ impl VmManager {
                 disk_sync_bps: req.disk_sync_mibps.map(|m| m << 20),
                 tls_psk: key,
                 post_copy: req.on_no_convergence == ConvergencePolicy::PostCopy,
-                stream_channels: super::stream_channels(req.on_no_convergence),
+                stream_channels: super::stream_channels(req.on_no_convergence, req.tls),
             };
             // A busy target (its migration slots taken) is asked again.
             let ready: IncomingMigrationReady = loop {
@@ -721,9 +721,15 @@ impl VmManager {
                         }
                         _ => "",
                     };
+                    // A QEMU that died here took the VM with it: say so.
+                    let crashed = entry.lock().record.state == VmState::Crashed;
+                    let here = match crashed {
+                        true => "but its QEMU here exited: see the VM's last error",
+                        false => "so it continues here",
+                    };
                     return Outcome::Stayed(
                         MigrationPhase::Failed,
-                        format!("{why}; the target never ran it, so it continues here{stuck}"),
+                        format!("{why}; the target never ran it, {here}{stuck}"),
                     );
                 }
                 Err(PeerError::Refused { status: 409, .. }) => {
