@@ -79,8 +79,10 @@ async fn auto_without_a_probe_kernel_is_tcg() {
     assert_eq!(decision.accel, Accel::Tcg);
 }
 
-/// On this machine KVM is paravirtual and cannot run guests; without
-/// VMX/SVM, `auto` must settle on TCG, and on any host within the timeout.
+/// `auto` decides within the timeout on any host, and picks KVM only for a
+/// guest that ran under it. (On this machine KVM is paravirtual: this tiny
+/// probe guest may run on it, a Linux guest does not, so the agent probes
+/// with the guest kernel; the end-to-end tests boot under what it chose.)
 #[tokio::test]
 async fn auto_on_this_host_decides_within_the_timeout() {
     let dir = common::temp_dir();
@@ -99,12 +101,12 @@ async fn auto_on_this_host_decides_within_the_timeout() {
         decision.accel, decision.reason
     );
     assert!(elapsed < Duration::from_secs(4), "took {elapsed:?}");
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").expect("cpuinfo");
-    let hw_virt = cpuinfo
-        .split_whitespace()
-        .any(|flag| flag == "vmx" || flag == "svm");
-    if !hw_virt {
-        assert_eq!(decision.accel, Accel::Tcg, "{}", decision.reason);
+    if decision.accel == Accel::Kvm {
+        assert!(
+            decision.reason.contains("ran under KVM"),
+            "{}",
+            decision.reason
+        );
     }
 }
 

@@ -717,7 +717,9 @@ impl VmManager {
             // agent's answer, which made a migration 50-100 ms longer).
             // Dropping the handle leaves the readiness task running.
             drop(manager.spawn_readiness_with_clock(syncing.clone(), generation, since));
+            let moving = Instant::now();
             manager.move_disks_to_layers(&syncing).await;
+            tracing::debug!(migration = %id, ms = moving.elapsed().as_millis() as u64, "disks on their layers");
             manager.sync_disks(syncing, id).await
         });
     }
@@ -973,10 +975,12 @@ impl VmManager {
                 node: &base_node,
                 backing_file: BASE_DISK,
             });
+            let streaming = Instant::now();
             let copied = live::stream_from_backing(&qmp, &node, limit, base, |done, _| {
                 book.update(&id, false, |m| m.disk_synced_bytes = done);
             })
             .await;
+            let stream_ms = streaming.elapsed().as_millis() as u64;
             // The node a live move added is off the chain now (or was never
             // used, after an agent restart): it goes.
             live::drop_layer_node(&qmp, &node).await;
@@ -987,6 +991,8 @@ impl VmManager {
                 Ok(()) => self.make_durable(&entry, &qmp, &disk, &node).await,
                 Err(e) => Err(e.to_string()),
             };
+            tracing::debug!(migration = %id, %disk, stream_ms,
+                durable_ms = streaming.elapsed().as_millis() as u64 - stream_ms, "disk copied");
             match copied {
                 Ok(()) => {
                     let mut s = entry.lock();
