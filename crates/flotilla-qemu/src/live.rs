@@ -123,7 +123,8 @@ pub struct LiveLimits {
     /// Connections of the memory stream: more than one is QEMU's multifd
     /// (pages sent and loaded by that many threads, and a receiving QEMU
     /// never touches the memory of a page that arrives as zero). Not with
-    /// `post_copy`. The target must listen with as many.
+    /// `post_copy`, nor over TLS: QEMU 10.0 aborts when such a stream is
+    /// cancelled while its threads send. The target must listen with as many.
     #[serde(default)]
     pub channels: u32,
 }
@@ -135,9 +136,10 @@ pub struct LiveLimits {
 /// faster than that allows converges by the migration's policy
 /// (auto-converge by default).
 pub const DEFAULT_DOWNTIME_MS: u64 = 30;
-/// (These defaults are restored after a migration so its limits never stay
-/// on the VM's QEMU: a later capture would crawl at a leftover 1 MiB/s.)
-///
+
+// These defaults are restored after a migration so its limits never stay
+// on the VM's QEMU: a later capture would crawl at a leftover 1 MiB/s.
+
 /// No bandwidth limit unless asked for (as libvirt and OpenStack do):
 /// QEMU's own default, 128 MiB/s, made an idle 256 MiB guest's stream take
 /// twice as long as it needs on a fast link. QEMU reads 0 as no limit.

@@ -249,9 +249,7 @@ impl TestHost {
     }
 
     pub fn agent_log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.data_path().join("agent.log")).unwrap_or_default();
-        let start = log.len().saturating_sub(4000);
-        log[log.floor_char_boundary(start)..].to_string()
+        file_tail(&self.data_path().join("agent.log"), 4000)
     }
 
     /// The agent's API token (made at its first start).
@@ -361,10 +359,9 @@ impl Drop for TestHost {
             );
             // A QEMU that died says why only in its own log.
             for dir in self.vm_dirs() {
-                let log = std::fs::read_to_string(dir.join("qemu.log")).unwrap_or_default();
+                let log = file_tail(&dir.join("qemu.log"), 2000);
                 if !log.trim().is_empty() {
-                    let start = log.floor_char_boundary(log.len().saturating_sub(2000));
-                    eprintln!("--- QEMU log of {} ---\n{}", dir.display(), &log[start..]);
+                    eprintln!("--- QEMU log of {} ---\n{log}", dir.display());
                 }
             }
         }
@@ -402,4 +399,11 @@ fn without_colours(line: &str) -> String {
         }
     }
     out
+}
+
+/// The last `bytes` (about) of a text file; empty if it cannot be read.
+fn file_tail(path: &std::path::Path, bytes: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let start = text.floor_char_boundary(text.len().saturating_sub(bytes));
+    text[start..].to_string()
 }
