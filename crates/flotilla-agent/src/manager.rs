@@ -102,6 +102,9 @@ pub(crate) struct Inner {
     /// Some VM records could not be read at start: a volume may be
     /// attached to one of those VMs, so none is removed or attached.
     pub unreadable_records: std::sync::atomic::AtomicBool,
+    /// The agent's TLS server side (its API's certificate), for the
+    /// encrypted memory streams it receives; unset on a plain-HTTP agent.
+    pub stream_tls: std::sync::OnceLock<Arc<rustls::ServerConfig>>,
 }
 
 /// A name held for an operation in flight; released when dropped.
@@ -156,6 +159,7 @@ impl VmManager {
                 network_sync: Mutex::new(()),
                 standby_eviction: tokio::sync::Mutex::new(()),
                 unreadable_records: std::sync::atomic::AtomicBool::new(false),
+                stream_tls: std::sync::OnceLock::new(),
             }),
         }
     }

@@ -156,6 +156,10 @@ pub async fn run_agent(
         false => None,
     };
     let manager = VmManager::new(config.clone(), accel, qemu_version, images, snapshots);
+    if let Some(id) = &identity {
+        let tls = flotilla_tls::server_config(id).context("TLS setup")?;
+        let _ = manager.inner.stream_tls.set(Arc::new(tls));
+    }
     manager.adopt_all().await.context("re-adopting VMs")?;
     // Forwards an earlier agent left, and the filter, before serving.
     manager.sync_network();

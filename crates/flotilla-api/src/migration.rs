@@ -209,6 +209,13 @@ pub struct IncomingMigrationRequest {
     /// when one, so an older target takes such a request.
     #[serde(default, skip_serializing_if = "at_most_one")]
     pub stream_channels: u32,
+    /// The memory stream comes in the clear from QEMU to the source's
+    /// agent, which carries it here over TLS to this agent's certificate,
+    /// each connection opening with the first 32 bytes of `tls_psk`
+    /// (required with it). Left out when false, so an older target takes
+    /// such a request.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stream_tunnel: bool,
 }
 
 /// The target's answer: where its QEMU listens for the memory stream.
@@ -315,7 +322,7 @@ pub struct MigrationInfo {
 mod tests {
     use super::*;
 
-    fn request(stream_channels: u32) -> serde_json::Value {
+    fn request(stream_channels: u32, stream_tunnel: bool) -> serde_json::Value {
         let vm: MigratingVm = serde_json::from_value(serde_json::json!({
             "id": "0123456789abcdef", "name": "vm", "image": "default", "vcpus": 1,
             "memory_mib": 256, "cmdline_extra": "", "tags": {}, "machine_id": null,
@@ -332,14 +339,21 @@ mod tests {
             tls_psk: None,
             post_copy: false,
             stream_channels,
+            stream_tunnel,
         })
         .expect("json")
     }
 
     #[test]
     fn one_stream_connection_is_left_out_for_older_targets() {
-        assert!(request(1).get("stream_channels").is_none());
-        assert!(request(0).get("stream_channels").is_none());
-        assert_eq!(request(2)["stream_channels"], 2);
+        assert!(request(1, false).get("stream_channels").is_none());
+        assert!(request(0, false).get("stream_channels").is_none());
+        assert_eq!(request(2, false)["stream_channels"], 2);
+    }
+
+    #[test]
+    fn an_untunnelled_stream_is_left_out_for_older_targets() {
+        assert!(request(2, false).get("stream_tunnel").is_none());
+        assert_eq!(request(2, true)["stream_tunnel"], true);
     }
 }

@@ -220,6 +220,14 @@ fn nbd_json(nbd: &NbdBacking, export: &str) -> serde_json::Value {
 pub const TLS_SERVER_ID: &str = "mig-tls-server";
 pub const TLS_CLIENT_ID: &str = "mig-tls-client";
 
+/// GnuTLS cipher priorities of those credentials: its defaults without
+/// ChaCha20-Poly1305, which GnuTLS negotiated for these pre-shared-key
+/// sessions though the host's CPU has AES instructions. With AES-GCM an
+/// idle 256 MiB guest's stream (one connection, TCG) took 87-103 ms
+/// instead of 145-162 ms. Every x86-64 server CPU of the last decade has
+/// AES instructions; GnuTLS still offers the other ciphers it has.
+pub const TLS_PRIORITY: &str = "NORMAL:-CHACHA20-POLY1305";
+
 /// A network interface backed by a host tap device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -336,7 +344,7 @@ impl QemuConfig {
                 args.opt(
                     "-object",
                     format!(
-                        "tls-creds-psk,id={id},endpoint={endpoint},dir={}",
+                        "tls-creds-psk,id={id},endpoint={endpoint},dir={},priority={TLS_PRIORITY}",
                         escape_path(dir)
                     ),
                 );

@@ -142,6 +142,16 @@ fn a_running_vm_moves_with_its_memory_disk_and_processes() {
     assert!(m["transferred_bytes"].as_u64().unwrap() > 0, "{m:#}");
     assert!(m["downtime_ms"].as_u64().is_some(), "{m:#}");
     assert_eq!(m["tls"], true, "TLS by default: {m:#}");
+    // Encrypted by the agents, so QEMU streams over several connections.
+    assert!(
+        a.agent_log_lines()
+            .iter()
+            .any(|l| l.contains("target prepared")
+                && l.contains("tunnelled=true")
+                && l.contains("channels=2")),
+        "{}",
+        a.agent_log_tail()
+    );
 
     // It runs on b, the same VM: address, files, and the counting process.
     let moved: Value = b.cli_json(&["vm", "inspect", "mover"]);

@@ -347,3 +347,19 @@ fn config_round_trips_through_json() {
     let back: QemuConfig = serde_json::from_str(&json).expect("deserialize");
     assert_eq!(back, f.config);
 }
+
+#[test]
+fn migration_credentials_avoid_chacha() {
+    let mut f = fixture();
+    f.config.tls_psk_dir = Some(f.dir.path().join("psk"));
+    std::fs::create_dir(f.dir.path().join("psk")).expect("mkdir");
+    let args = f.config.to_args();
+    let creds: Vec<&str> = values_of(&args, "-object")
+        .into_iter()
+        .filter(|o| o.starts_with("tls-creds-psk"))
+        .collect();
+    assert_eq!(creds.len(), 2, "{args:?}");
+    for c in creds {
+        assert!(c.ends_with(",priority=NORMAL:-CHACHA20-POLY1305"), "{c}");
+    }
+}

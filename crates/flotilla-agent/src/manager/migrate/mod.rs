@@ -11,6 +11,7 @@
 mod converge;
 mod source;
 mod target;
+mod tunnel;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -68,15 +69,16 @@ pub const DEFAULT_MAX_MIGRATIONS: usize = 2;
 const STREAM_CHANNELS: u32 = 2;
 
 /// How many connections a migration's memory stream uses under `policy`.
-/// An encrypted stream uses one: QEMU 10.0 aborts (a nettle assertion) when
-/// a multifd stream over TLS is cancelled while its threads are sending,
-/// which would take the VM a cancel must leave running.
+/// One that QEMU encrypts itself (`qemu_tls`) uses one: QEMU 10.0 aborts
+/// (a nettle assertion) when a multifd stream over TLS is cancelled while
+/// its threads are sending, which would take the VM a cancel must leave
+/// running. A stream the agents encrypt ([`tunnel`]) is plain to QEMU.
 pub(crate) fn stream_channels(
     policy: flotilla_api::migration::ConvergencePolicy,
-    tls: bool,
+    qemu_tls: bool,
 ) -> u32 {
     match policy {
-        _ if tls => 1,
+        _ if qemu_tls => 1,
         flotilla_api::migration::ConvergencePolicy::PostCopy => 1,
         _ => STREAM_CHANNELS,
     }

@@ -437,15 +437,12 @@ impl VmManager {
                 .collect();
             // A key for this migration alone: the stream and the exports
             // only talk to the target.
-            let key = match req.tls {
-                true => {
-                    let key = hex::encode(rand::random::<[u8; 32]>());
-                    let tls_dir = super::write_psk(&self.vm_dir(&record.name), &key)?;
-                    live::add_tls(&qmp, &tls_dir).await?;
-                    Some(key)
-                }
-                false => None,
-            };
+            let raw_key = req.tls.then(rand::random::<[u8; super::tunnel::KEY_BYTES]>);
+            let key = raw_key.map(hex::encode);
+            if let Some(key) = &key {
+                let tls_dir = super::write_psk(&self.vm_dir(&record.name), key)?;
+                live::add_tls(&qmp, &tls_dir).await?;
+            }
             live::export_disks(&qmp, export_at, &disks, req.tls).await?;
             let vm = {
                 let (record, manager) = (record.clone(), self.clone());
@@ -453,6 +450,12 @@ impl VmManager {
                     .await
                     .map_err(|e| AgentError::io("describing the VM", std::io::Error::other(e)))??
             };
+            // The agents carry an encrypted pre-copy (see `tunnel`) when
+            // the target's certificate is pinned; a post-copy's stream,
+            // which may have to reconnect, stays QEMU's.
+            let tunnel = req.tls
+                && req.on_no_convergence != ConvergencePolicy::PostCopy
+                && req.target_fingerprint.is_some();
             let mut request = IncomingMigrationRequest {
                 id: id.to_string(),
                 source: format!(
@@ -464,7 +467,8 @@ impl VmManager {
                 disk_sync_bps: req.disk_sync_mibps.map(|m| m << 20),
                 tls_psk: key,
                 post_copy: req.on_no_convergence == ConvergencePolicy::PostCopy,
-                stream_channels: super::stream_channels(req.on_no_convergence, req.tls),
+                stream_channels: super::stream_channels(req.on_no_convergence, req.tls && !tunnel),
+                stream_tunnel: tunnel,
             };
             // A busy target (its migration slots taken) is asked again.
             let ready: IncomingMigrationReady = loop {
@@ -476,6 +480,16 @@ impl VmManager {
                     )
                     .await
                 {
+                    // A target from before the agents carried streams:
+                    // QEMU encrypts it, over one connection.
+                    Err(PeerError::Refused {
+                        status: 400,
+                        message,
+                    }) if request.stream_tunnel && message.contains("stream_tunnel") => {
+                        request.stream_tunnel = false;
+                        request.stream_channels =
+                            super::stream_channels(req.on_no_convergence, req.tls);
+                    }
                     // A target from before streams had several connections.
                     Err(PeerError::Refused {
                         status: 400,
@@ -501,21 +515,24 @@ impl VmManager {
                     ready.host
                 ))
             })?;
-            Ok::<_, AgentError>((
-                std::net::SocketAddr::new(host, ready.port),
-                request.stream_channels.max(1),
-            ))
+            let target = std::net::SocketAddr::new(host, ready.port);
+            let tunnel = match (request.stream_tunnel, raw_key, &req.target_fingerprint) {
+                (true, Some(key), Some(fingerprint)) => {
+                    let tls = flotilla_tls::pinned_client_config(fingerprint).map_err(|e| {
+                        AgentError::InvalidArgument(format!("target_fingerprint: {e}"))
+                    })?;
+                    let tunnel = super::tunnel::outgoing(target, tls, key)
+                        .await
+                        .map_err(|e| AgentError::io("opening the stream's tunnel", e))?;
+                    Some(tunnel)
+                }
+                _ => None,
+            };
+            Ok::<_, AgentError>((target, request.stream_channels.max(1), tunnel))
         }
         .await;
-        let (to, channels) = match prepared {
-            Ok((to, channels)) => {
-                let ms = started.elapsed().as_millis() as u64;
-                tracing::info!(migration = %id, ms, tls = req.tls, channels, "target prepared");
-                if let std::net::IpAddr::V4(via) = to.ip() {
-                    book.set_forward_via(id, via);
-                }
-                (to, channels)
-            }
+        let (target, channels, tunnel) = match prepared {
+            Ok(prepared) => prepared,
             Err(e) => {
                 return self
                     .stay(
@@ -530,6 +547,18 @@ impl VmManager {
                     .await
             }
         };
+        let ms = started.elapsed().as_millis() as u64;
+        let tunnelled = tunnel.is_some();
+        tracing::info!(migration = %id, ms, tls = req.tls, tunnelled, channels, "target prepared");
+        if let std::net::IpAddr::V4(via) = target.ip() {
+            book.set_forward_via(id, via);
+        }
+        // QEMU streams to the tunnel on loopback, in the clear, or to the
+        // target's QEMU (over its own TLS if asked).
+        let (to, qemu_tls) = match &tunnel {
+            Some(t) => (t.addr, false),
+            None => (target, req.tls),
+        };
         book.update(id, true, |m| m.phase = MigrationPhase::PreCopy);
         let limits = LiveLimits {
             max_downtime_ms: req.max_downtime_ms,
@@ -538,7 +567,7 @@ impl VmManager {
             post_copy: req.on_no_convergence == ConvergencePolicy::PostCopy,
             channels,
         };
-        match self.precopy(&qmp, id, to, limits, req.tls).await {
+        match self.precopy(&qmp, id, to, limits, qemu_tls).await {
             Ok(None) => {
                 let ms = started.elapsed().as_millis() as u64;
                 tracing::info!(migration = %id, ms, "memory sent");
@@ -613,6 +642,8 @@ impl VmManager {
                 .settle(entry, id, peer, &qmp, &exports, format!("switch-over: {e}"))
                 .await;
         }
+        // The target has the whole stream.
+        drop(tunnel);
         tracing::info!(
             migration = id,
             ms = handing.elapsed().as_millis() as u64,

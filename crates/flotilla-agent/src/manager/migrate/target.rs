@@ -14,7 +14,7 @@ use flotilla_api::{Resources, VmState};
 use flotilla_qemu::live;
 use flotilla_qemu::{LayerBacking, NbdBacking};
 
-use super::{file_sha256, new_record};
+use super::{file_sha256, new_record, tunnel};
 use crate::error::{AgentError, AgentResult};
 use crate::fsutil::sync_dir;
 use crate::manager::create::{pin, BASE_DISK, INITRD, KERNEL, ROOT_DISK};
@@ -92,6 +92,10 @@ impl VmManager {
                 req.stream_channels
             )));
         }
+        let tunnel_key = match req.stream_tunnel {
+            false => None,
+            true => Some(self.check_tunnel(&req)?),
+        };
         if self.inner.migrations.get(&req.id).is_ok() {
             return Err(AgentError::conflict(
                 format!("migration {} is already known here", req.id),
@@ -203,10 +207,24 @@ impl VmManager {
         }
         step("record");
         let channels = req.stream_channels.max(1);
-        let port = match self
-            .start_incoming(&entry, ip, tls, req.post_copy, channels)
-            .await
-        {
+        let listening = async {
+            // A tunnelled stream reaches QEMU in the clear from this agent.
+            let (listen_ip, qemu_tls) = match tunnel_key {
+                Some(_) => (std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), false),
+                None => (ip, tls),
+            };
+            let port = self
+                .start_incoming(&entry, listen_ip, qemu_tls, req.post_copy, channels)
+                .await?;
+            match tunnel_key {
+                None => Ok(port),
+                Some(key) => {
+                    let qemu = std::net::SocketAddr::new(listen_ip, port);
+                    self.tunnel_incoming(&entry, ip, key, qemu, channels).await
+                }
+            }
+        };
+        let port = match listening.await {
             Ok(port) => port,
             Err(e) => {
                 self.remove_incoming(&entry).await;
@@ -228,6 +246,62 @@ impl VmManager {
             host: ip.to_string(),
             port,
         })
+    }
+
+    /// The key a tunnelled stream's connections must show; whether this
+    /// agent can take one.
+    fn check_tunnel(&self, req: &IncomingMigrationRequest) -> AgentResult<[u8; tunnel::KEY_BYTES]> {
+        if self.inner.stream_tls.get().is_none() {
+            return Err(AgentError::conflict(
+                "this agent serves plain HTTP, so it has no certificate to receive an \
+                 encrypted stream with",
+                Some("migrate without TLS, or run the target agent with TLS".into()),
+            ));
+        }
+        req.tls_psk
+            .as_deref()
+            .and_then(tunnel::key_of)
+            .ok_or_else(|| {
+                AgentError::InvalidArgument(format!(
+                    "stream_tunnel needs tls_psk of at least {} hex digits",
+                    2 * tunnel::KEY_BYTES
+                ))
+            })
+    }
+
+    /// Carries the source agent's encrypted connections to the incoming
+    /// QEMU at `qemu`; returns the port they come to on `ip`. The tunnel
+    /// ends with its connections, or with the QEMU.
+    async fn tunnel_incoming(
+        &self,
+        entry: &VmEntry,
+        ip: std::net::IpAddr,
+        key: [u8; tunnel::KEY_BYTES],
+        qemu: std::net::SocketAddr,
+        channels: u32,
+    ) -> AgentResult<u16> {
+        let tls = self.inner.stream_tls.get().cloned().ok_or_else(|| {
+            AgentError::conflict(
+                "this agent has no certificate for an encrypted stream",
+                None,
+            )
+        })?;
+        let process = entry.lock().runtime.process.clone();
+        // QEMU's multifd opens its main connection and one per channel.
+        let connections = match channels {
+            0 | 1 => 1,
+            n => n as usize + 1,
+        };
+        let tunnel = tunnel::incoming(ip, tls, key, qemu, connections)
+            .await
+            .map_err(|e| AgentError::io(format!("listening on {ip} for the stream"), e))?;
+        let port = tunnel.addr.port();
+        tokio::spawn(tunnel.run_until(async move {
+            if let Some(p) = process {
+                p.wait_exit().await;
+            }
+        }));
+        Ok(port)
     }
 
     /// Its MACs and addresses must be free here, and in this host's VM
