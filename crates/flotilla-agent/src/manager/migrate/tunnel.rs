@@ -22,7 +22,7 @@ use tokio::task::JoinSet;
 pub(super) const KEY_BYTES: usize = 32;
 
 /// Bytes read at once on each side of a tunnel: a few TLS records each.
-const COPY_BUFFER: usize = 256 << 10;
+const COPY_BUFFER: usize = 64 << 10;
 
 /// How long a connection may take to reach the target and present its key.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
