@@ -368,6 +368,29 @@ fn a_cancelled_or_refused_migration_leaves_the_vm_where_it_was() {
     }
     assert_clean(&b);
 
+    // Encrypted, the stream goes through b's agent, which takes it along
+    // when it dies: the stream fails, and the VM runs on on a unasked.
+    let id = start_migration(&a, &b, "stay", &["--bandwidth", "1"]);
+    wait_phase(&a, &id, |p| p == "pre_copy");
+    b.kill_agent(nix::sys::signal::Signal::SIGKILL);
+    let m = wait_phase(&a, &id, |p| p != "pre_copy");
+    assert_eq!(m["phase"], "failed", "{m:#}");
+    assert!(
+        m["error"].as_str().unwrap_or("").contains("memory stream"),
+        "{m:#}"
+    );
+    assert_eq!(
+        a.cli_json::<Value>(&["vm", "inspect", "stay"])["state"],
+        "running"
+    );
+    assert_eq!(sums(&a, "stay"), before);
+    b.start_agent().expect("b's agent restarts");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(b.qemu_pids().is_empty() && b.vm_dirs().is_empty()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_clean(&b);
+
     // A target without room refuses up front, and nothing changes.
     let small = TestHost::start_with(HostOptions {
         capacity_memory_mib: 128,
