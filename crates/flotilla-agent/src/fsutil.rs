@@ -1,5 +1,5 @@
-//! Crash-safe file writes: write to a temporary file, fsync, rename, fsync the
-//! directory, so a reader never sees a half-written file.
+//! Crash-safe file writes (write to a temporary file, fsync, rename, fsync the
+//! directory, so a reader never sees a half-written file) and private directories.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -26,6 +26,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
 /// Makes a rename or create inside `dir` durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+/// Makes `dir` (and its parents) if missing, entered by its owner alone:
+/// the unix sockets in it control QEMUs and carry their state.
+pub fn private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 #[cfg(test)]

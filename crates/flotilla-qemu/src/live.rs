@@ -203,7 +203,8 @@ pub async fn add_tls(qmp: &QmpClient, dir: &std::path::Path) -> Result<(), QmpEr
             "object-add",
             Some(
                 json!({ "qom-type": "tls-creds-psk", "id": id, "endpoint": endpoint,
-                         "dir": dir.to_string_lossy() }),
+                         "dir": dir.to_string_lossy(),
+                         "priority": crate::config::TLS_PRIORITY }),
             ),
         )
         .await?;
@@ -234,39 +235,65 @@ async fn stream_tls(qmp: &QmpClient, creds: Option<&str>) -> Result<(), QmpError
     Ok(())
 }
 
+/// Where a migration stream is sent to or received at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamAddr {
+    /// TCP: between hosts (port 0 to listen: the system picks one).
+    Tcp(SocketAddr),
+    /// A unix socket: to or from this host's agent, which carries the
+    /// stream between hosts (only the socket's owner can connect).
+    Unix(std::path::PathBuf),
+}
+
+impl StreamAddr {
+    /// The TCP port, for a TCP address.
+    pub fn tcp_port(&self) -> Option<u16> {
+        match self {
+            StreamAddr::Tcp(a) => Some(a.port()),
+            StreamAddr::Unix(_) => None,
+        }
+    }
+
+    fn uri(&self) -> String {
+        match self {
+            StreamAddr::Tcp(a) => format!("tcp:{a}"),
+            StreamAddr::Unix(p) => format!("unix:{}", p.display()),
+        }
+    }
+}
+
 /// Starts sending the running VM's state to a target listening at `to`,
 /// over TLS when `tls` (credentials from [`add_tls`]).
 pub async fn start_outgoing(
     qmp: &QmpClient,
-    to: SocketAddr,
+    to: &StreamAddr,
     limits: LiveLimits,
     tls: bool,
 ) -> Result<(), QmpError> {
     stream_capabilities(qmp, limits.auto_converge, limits.post_copy, limits.channels).await?;
     set_limits(qmp, limits).await?;
     stream_tls(qmp, tls.then_some(crate::config::TLS_CLIENT_ID)).await?;
-    qmp.execute::<Value>("migrate", Some(json!({ "uri": format!("tcp:{to}") })))
+    qmp.execute::<Value>("migrate", Some(json!({ "uri": to.uri() })))
         .await?;
     Ok(())
 }
 
-/// Makes a QEMU started with `-incoming defer` listen on `host` (port
-/// chosen by the system) and returns the port.
+/// Makes a QEMU started with `-incoming defer` listen at `at`; returns
+/// where it listens (a TCP port 0 replaced by the one the system chose).
 pub async fn listen_incoming(
     qmp: &QmpClient,
-    host: std::net::IpAddr,
+    at: &StreamAddr,
     tls: bool,
     post_copy: bool,
     channels: u32,
-) -> Result<u16, QmpError> {
+) -> Result<StreamAddr, QmpError> {
     stream_capabilities(qmp, false, post_copy, channels).await?;
     stream_tls(qmp, tls.then_some(crate::config::TLS_SERVER_ID)).await?;
-    let at = SocketAddr::new(host, 0);
-    qmp.execute::<Value>(
-        "migrate-incoming",
-        Some(json!({ "uri": format!("tcp:{at}") })),
-    )
-    .await?;
+    qmp.execute::<Value>("migrate-incoming", Some(json!({ "uri": at.uri() })))
+        .await?;
+    let StreamAddr::Tcp(tcp) = at else {
+        return Ok(at.clone());
+    };
     let v: Value = qmp.execute("query-migrate", None).await?;
     let port = v["socket-address"]
         .as_array()
@@ -274,7 +301,7 @@ pub async fn listen_incoming(
         .and_then(|a| a["port"].as_str())
         .and_then(|p| p.parse().ok())
         .ok_or_else(|| QmpError::Protocol(format!("no listening port in {v}")))?;
-    Ok(port)
+    Ok(StreamAddr::Tcp(SocketAddr::new(tcp.ip(), port)))
 }
 
 /// Switches a running pre-copy to post-copy: the source stops the VM and

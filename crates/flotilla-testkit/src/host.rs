@@ -347,6 +347,13 @@ impl TestHost {
             .map(|d| d.flatten().map(|e| e.path()).collect())
             .unwrap_or_default()
     }
+
+    /// The unix sockets of VMs and their streams (`<data>/sock`).
+    pub fn vm_sockets(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.data_path().join("sock"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    }
 }
 
 impl Drop for TestHost {

@@ -402,7 +402,8 @@ impl VmManager {
 
     pub(crate) fn remove_sockets(&self, id: &str) {
         let dir = self.inner.config.sockets_dir();
-        for suffix in ["qmp", "agent"] {
+        // `mig`: an incoming stream's socket a killed QEMU left.
+        for suffix in ["qmp", "agent", "mig"] {
             let _ = fs::remove_file(dir.join(format!("{id}.{suffix}")));
         }
     }

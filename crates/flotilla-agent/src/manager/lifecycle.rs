@@ -258,7 +258,7 @@ impl VmManager {
         let began = Instant::now();
         self.ensure_taps(record)?;
         let taps_ms = began.elapsed().as_millis() as u64;
-        std::fs::create_dir_all(cfg.sockets_dir())
+        crate::fsutil::private_dir(&cfg.sockets_dir())
             .map_err(|e| AgentError::io("creating the sockets directory", e))?;
         qemu_config.validate()?;
         // Its address joins its network group before the guest runs; if

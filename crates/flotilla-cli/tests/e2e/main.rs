@@ -62,7 +62,7 @@ pub fn wait_for(
     }
 }
 
-/// Nothing of the VMs is left: no QEMU, no tap, no VM directory.
+/// Nothing of the VMs is left: no QEMU, no tap, no VM directory, no socket.
 pub fn assert_clean(host: &TestHost) {
     let deadline = Instant::now() + Duration::from_secs(5);
     while !host.qemu_pids().is_empty() && Instant::now() < deadline {
@@ -78,6 +78,11 @@ pub fn assert_clean(host: &TestHost) {
         host.vm_dirs().is_empty(),
         "stray VM dirs: {:?}",
         host.vm_dirs()
+    );
+    assert!(
+        host.vm_sockets().is_empty(),
+        "stray sockets: {:?}",
+        host.vm_sockets()
     );
 }
 

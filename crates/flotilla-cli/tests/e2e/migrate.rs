@@ -391,6 +391,29 @@ fn a_cancelled_or_refused_migration_leaves_the_vm_where_it_was() {
     }
     assert_clean(&b);
 
+    // The source's agent dies in an encrypted pre-copy, and the stream it
+    // carried with it: its next agent finds the VM running here, and b's
+    // half goes.
+    let id = start_migration(&a, &b, "stay", &["--bandwidth", "1"]);
+    wait_phase(&a, &id, |p| p == "pre_copy");
+    let mut a = a;
+    a.kill_agent(nix::sys::signal::Signal::SIGKILL);
+    a.start_agent().expect("a's agent restarts");
+    let m = wait_phase(&a, &id, |p| p != "pre_copy");
+    assert_ne!(m["phase"], "completed", "{m:#}");
+    assert_eq!(
+        a.cli_json::<Value>(&["vm", "inspect", "stay"])["state"],
+        "running",
+        "{}",
+        a.agent_log_tail()
+    );
+    assert_eq!(sums(&a, "stay"), before);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(b.qemu_pids().is_empty() && b.vm_dirs().is_empty()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_clean(&b);
+
     // A target without room refuses up front, and nothing changes.
     let small = TestHost::start_with(HostOptions {
         capacity_memory_mib: 128,

@@ -84,6 +84,12 @@ pub(crate) fn stream_channels(
     }
 }
 
+/// The unix socket a tunnelled stream passes between QEMU and this agent
+/// (VM `vm_id`'s: one migration of a VM at a time).
+pub(crate) fn stream_socket(config: &crate::config::AgentConfig, vm_id: &str) -> PathBuf {
+    config.sockets_dir().join(format!("{vm_id}.mig"))
+}
+
 /// Migration ids are `m-` and 16 hex digits (they name files).
 pub fn check_id(id: &str) -> AgentResult<()> {
     let ok =

@@ -18,7 +18,7 @@ use flotilla_api::migration::{
     MigrationRole,
 };
 use flotilla_api::{ErrorBody, VmState};
-use flotilla_qemu::live::{self, LiveLimits};
+use flotilla_qemu::live::{self, LiveLimits, StreamAddr};
 use flotilla_qemu::QmpClient;
 use serde::de::DeserializeOwned;
 
@@ -521,10 +521,11 @@ impl VmManager {
                     let tls = flotilla_tls::pinned_client_config(fingerprint).map_err(|e| {
                         AgentError::InvalidArgument(format!("target_fingerprint: {e}"))
                     })?;
-                    let tunnel = super::tunnel::outgoing(target, tls, key)
+                    let local = super::stream_socket(&self.inner.config, &record.id);
+                    let tunnel = super::tunnel::outgoing(&local, target, tls, key)
                         .await
                         .map_err(|e| AgentError::io("opening the stream's tunnel", e))?;
-                    Some(tunnel)
+                    Some((tunnel, local))
                 }
                 _ => None,
             };
@@ -553,11 +554,11 @@ impl VmManager {
         if let std::net::IpAddr::V4(via) = target.ip() {
             book.set_forward_via(id, via);
         }
-        // QEMU streams to the tunnel on loopback, in the clear, or to the
+        // QEMU streams to the tunnel's socket, in the clear, or to the
         // target's QEMU (over its own TLS if asked).
         let (to, qemu_tls) = match &tunnel {
-            Some(t) => (t.addr, false),
-            None => (target, req.tls),
+            Some((_, local)) => (StreamAddr::Unix(local.clone()), false),
+            None => (StreamAddr::Tcp(target), req.tls),
         };
         book.update(id, true, |m| m.phase = MigrationPhase::PreCopy);
         let limits = LiveLimits {
@@ -567,7 +568,7 @@ impl VmManager {
             post_copy: req.on_no_convergence == ConvergencePolicy::PostCopy,
             channels,
         };
-        match self.precopy(&qmp, id, to, limits, qemu_tls).await {
+        match self.precopy(&qmp, id, &to, limits, qemu_tls).await {
             Ok(None) => {
                 let ms = started.elapsed().as_millis() as u64;
                 tracing::info!(migration = %id, ms, "memory sent");
@@ -785,7 +786,7 @@ impl VmManager {
         &self,
         qmp: &QmpClient,
         id: &str,
-        to: std::net::SocketAddr,
+        to: &StreamAddr,
         limits: LiveLimits,
         tls: bool,
     ) -> AgentResult<Option<(MigrationPhase, String)>> {

@@ -11,10 +11,14 @@ use flotilla_api::migration::{
     MigrationRole,
 };
 use flotilla_api::{Resources, VmState};
-use flotilla_qemu::live;
+use flotilla_qemu::live::{self, StreamAddr};
 use flotilla_qemu::{LayerBacking, NbdBacking};
 
 use super::{file_sha256, new_record, tunnel};
+
+/// How long a tunnelled stream's connections may outlive the stream's end
+/// on this side (a source that vanished never closes them).
+const TUNNEL_AFTER_STREAM: Duration = Duration::from_secs(10);
 use crate::error::{AgentError, AgentResult};
 use crate::fsutil::sync_dir;
 use crate::manager::create::{pin, BASE_DISK, INITRD, KERNEL, ROOT_DISK};
@@ -208,19 +212,27 @@ impl VmManager {
         step("record");
         let channels = req.stream_channels.max(1);
         let listening = async {
-            // A tunnelled stream reaches QEMU in the clear from this agent.
-            let (listen_ip, qemu_tls) = match tunnel_key {
-                Some(_) => (std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), false),
-                None => (ip, tls),
-            };
-            let port = self
-                .start_incoming(&entry, listen_ip, qemu_tls, req.post_copy, channels)
-                .await?;
             match tunnel_key {
-                None => Ok(port),
+                None => {
+                    let at = StreamAddr::Tcp(std::net::SocketAddr::new(ip, 0));
+                    let at = self
+                        .start_incoming(&entry, &at, tls, req.post_copy, channels)
+                        .await?;
+                    at.tcp_port().ok_or_else(|| {
+                        AgentError::Qmp(flotilla_qemu::QmpError::Protocol(format!(
+                            "QEMU listens at {at:?}, not on TCP"
+                        )))
+                    })
+                }
+                // A tunnelled stream reaches QEMU in the clear from this
+                // agent, on a socket only this agent's user can reach.
                 Some(key) => {
-                    let qemu = std::net::SocketAddr::new(listen_ip, port);
-                    self.tunnel_incoming(&entry, ip, key, qemu, channels).await
+                    let path = super::stream_socket(&self.inner.config, &vm.id);
+                    let at = StreamAddr::Unix(path.clone());
+                    self.start_incoming(&entry, &at, false, req.post_copy, channels)
+                        .await?;
+                    self.tunnel_incoming(&entry, &req.id, ip, key, path, channels)
+                        .await
                 }
             }
         };
@@ -263,7 +275,7 @@ impl VmManager {
             .and_then(tunnel::key_of)
             .ok_or_else(|| {
                 AgentError::InvalidArgument(format!(
-                    "stream_tunnel needs tls_psk of at least {} hex digits",
+                    "a stream through the agents needs tls_psk of at least {} hex digits",
                     2 * tunnel::KEY_BYTES
                 ))
             })
@@ -271,13 +283,15 @@ impl VmManager {
 
     /// Carries the source agent's encrypted connections to the incoming
     /// QEMU at `qemu`; returns the port they come to on `ip`. The tunnel
-    /// ends with its connections, or with the QEMU.
+    /// ends with its connections, with the QEMU, or soon after the stream
+    /// is over (a source that vanished never closes its connections).
     async fn tunnel_incoming(
         &self,
         entry: &VmEntry,
+        migration: &str,
         ip: std::net::IpAddr,
         key: [u8; tunnel::KEY_BYTES],
-        qemu: std::net::SocketAddr,
+        qemu: std::path::PathBuf,
         channels: u32,
     ) -> AgentResult<u16> {
         let tls = self.inner.stream_tls.get().cloned().ok_or_else(|| {
@@ -286,19 +300,33 @@ impl VmManager {
                 None,
             )
         })?;
-        let process = entry.lock().runtime.process.clone();
+        let process = entry.lock().runtime.process.clone().ok_or_else(|| {
+            AgentError::conflict("the incoming QEMU is gone before the stream began", None)
+        })?;
         // QEMU's multifd opens its main connection and one per channel.
         let connections = match channels {
             0 | 1 => 1,
             n => n as usize + 1,
         };
-        let tunnel = tunnel::incoming(ip, tls, key, qemu, connections)
+        let (tunnel, at) = tunnel::incoming(ip, tls, key, qemu, connections)
             .await
             .map_err(|e| AgentError::io(format!("listening on {ip} for the stream"), e))?;
-        let port = tunnel.addr.port();
+        let port = at.port();
+        let (manager, id) = (self.clone(), migration.to_string());
+        let stream_over = async move {
+            let book = &manager.inner.migrations;
+            while let Ok(m) = book.get(&id) {
+                if !matches!(m.phase, MigrationPhase::Preparing | MigrationPhase::PreCopy) {
+                    break;
+                }
+                let _ = book.wait_past(&id, m.phase, Duration::from_secs(60)).await;
+            }
+            tokio::time::sleep(TUNNEL_AFTER_STREAM).await;
+        };
         tokio::spawn(tunnel.run_until(async move {
-            if let Some(p) = process {
-                p.wait_exit().await;
+            tokio::select! {
+                _ = process.wait_exit() => {}
+                _ = stream_over => {}
             }
         }));
         Ok(port)
@@ -510,15 +538,16 @@ impl VmManager {
         result
     }
 
-    /// QEMU started paused with `-incoming defer`, listening; returns the port.
+    /// QEMU started paused with `-incoming defer`, listening at `at`;
+    /// returns where it listens.
     async fn start_incoming(
         &self,
         entry: &Arc<VmEntry>,
-        ip: std::net::IpAddr,
+        at: &StreamAddr,
         tls: bool,
         post_copy: bool,
         channels: u32,
-    ) -> AgentResult<u16> {
+    ) -> AgentResult<StreamAddr> {
         let (record, generation) = {
             let mut s = entry.lock();
             self.transition(&mut s, VmState::Incoming)?;
@@ -551,13 +580,13 @@ impl VmManager {
             s.runtime.qmp = Some(qmp.clone());
             self.save(&s)?;
         }
-        let port = live::listen_incoming(&qmp, ip, tls, post_copy, channels).await?;
+        let listening = live::listen_incoming(&qmp, at, tls, post_copy, channels).await?;
         // The VM's disks here are files of this host (the source's bytes
         // come over NBD), so `cont` need not reopen them during the pause.
         if let Err(e) = live::activate_own_disks(&qmp).await {
             tracing::info!(vm = %record.name, error = %e, "disks left for `cont` to activate");
         }
-        Ok(port)
+        Ok(listening)
     }
 
     /// A QEMU that dies before the migration is complete (a failed or cut
