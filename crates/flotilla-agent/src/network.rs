@@ -178,11 +178,62 @@ pub fn ensure_tap(tap: &str, bridge: &str) -> Result<(), NetworkError> {
     Ok(())
 }
 
+/// Removes a VM's tap. Unregistering a link waits for the kernel's RCU
+/// grace periods (about 23 ms here), on the path of every stop, suspend and
+/// migration: the tap is taken down and renamed aside at once (its name
+/// free for a VM that comes back), and deleted in the background.
 pub fn delete_tap(tap: &str) -> Result<(), NetworkError> {
-    if link_exists(tap) {
+    if !link_exists(tap) {
+        return Ok(());
+    }
+    let aside = format!(
+        "{RETIRED_TAP_PREFIX}{:012x}",
+        rand::random::<u64>() & 0xffff_ffff_ffff
+    );
+    match tap::set_aside(tap, &aside) {
+        Ok(()) => {
+            std::thread::spawn(move || {
+                if let Err(e) = delete_link_now(&aside) {
+                    tracing::warn!(tap = %aside, error = %e, "deleting a retired tap");
+                }
+            });
+            Ok(())
+        }
+        Err(e) => {
+            tracing::debug!(tap, error = %e, "tap not set aside; deleting it now");
+            delete_link_now(tap)
+        }
+    }
+}
+
+/// Taps set aside for deletion are named so: `x` is no hex digit, so no
+/// VM's tap name ([`tap_name`]) starts like this.
+pub const RETIRED_TAP_PREFIX: &str = "flx";
+
+/// Deletes a tap by ioctl (no `ip` process), or with `ip` one a process
+/// still holds or that is no tap.
+fn delete_link_now(tap: &str) -> Result<(), NetworkError> {
+    if let Err(e) = tap::delete_persistent(tap) {
+        tracing::debug!(tap, error = %e, "tap not deleted by ioctl; using ip");
         ip(&["link", "del", "dev", tap])?;
     }
     Ok(())
+}
+
+/// Deletes the retired taps an earlier agent left (it stopped before their
+/// deletion had finished).
+pub fn delete_retired_taps() {
+    let Ok(links) = nix::net::if_::if_nameindex() else {
+        return;
+    };
+    for link in links.iter() {
+        let name = link.name().to_string_lossy();
+        if name.starts_with(RETIRED_TAP_PREFIX) {
+            if let Err(e) = delete_link_now(&name) {
+                tracing::warn!(tap = %name, error = %e, "deleting a retired tap");
+            }
+        }
+    }
 }
 
 #[cfg(test)]

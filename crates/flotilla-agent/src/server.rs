@@ -163,6 +163,7 @@ pub async fn run_agent(
     manager.adopt_all().await.context("re-adopting VMs")?;
     // Forwards an earlier agent left, and the filter, before serving.
     manager.sync_network();
+    crate::network::delete_retired_taps();
     let expiring = tokio::spawn(manager.inner.routes.clone().expire_loop());
     let isolating = tokio::spawn(isolation_loop(manager.clone()));
 

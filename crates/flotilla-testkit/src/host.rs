@@ -337,7 +337,16 @@ impl TestHost {
         self.netns
             .links()
             .into_iter()
-            .filter(|l| l.starts_with("fl") && !l.starts_with("flbr"))
+            .filter(|l| l.starts_with("fl") && !l.starts_with("flbr") && !l.starts_with("flx"))
+            .collect()
+    }
+
+    /// Taps the agent set aside and deletes in the background (`flx...`).
+    pub fn retired_taps(&self) -> Vec<String> {
+        self.netns
+            .links()
+            .into_iter()
+            .filter(|l| l.starts_with("flx"))
             .collect()
     }
 

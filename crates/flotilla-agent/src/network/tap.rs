@@ -32,6 +32,40 @@ pub(super) fn create_persistent(name: &str) -> io::Result<()> {
     check(unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETPERSIST, 1 as libc::c_ulong) })
 }
 
+/// Deletes a persistent tap no process holds (like `ip tuntap del`):
+/// attached to this call's file, no longer persistent, it goes with the
+/// file. `Err` with `EBUSY` if a process (a QEMU) still has it open.
+pub(super) fn delete_persistent(name: &str) -> io::Result<()> {
+    let tun = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")?;
+    let mut req = request(name)?;
+    req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+    // SAFETY: as in `create_persistent`.
+    check(unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut req) })?;
+    // SAFETY: TUNSETPERSIST takes an integer argument.
+    check(unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETPERSIST, 0 as libc::c_ulong) })
+}
+
+/// Takes a link down and renames it `new_name` (like `ip link set NAME
+/// down name NEW`): its name is free at once, and nothing flows through it.
+pub(super) fn set_aside(name: &str, new_name: &str) -> io::Result<()> {
+    let socket = control_socket()?;
+    let mut req = request(name)?;
+    // SAFETY: `req` is a valid ifreq; SIOCGIFFLAGS fills its flags.
+    check(unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) })?;
+    // SAFETY: the kernel just wrote the flags member of the union.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    req.ifr_ifru.ifru_flags = flags & !(libc::IFF_UP as libc::c_short);
+    // SAFETY: as above; SIOCSIFFLAGS reads the name and flags.
+    check(unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &mut req) })?;
+    let mut req = request(name)?;
+    req.ifr_ifru.ifru_newname = request(new_name)?.ifr_name;
+    // SAFETY: `req` is a valid ifreq with the old and the new name.
+    check(unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFNAME, &mut req) })
+}
+
 /// Adds `port` to `bridge`. `Err` with `EBUSY` when it is a port of a
 /// bridge already (this one or another).
 pub(super) fn add_to_bridge(port: &str, bridge: &str) -> io::Result<()> {

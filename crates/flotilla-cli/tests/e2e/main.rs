@@ -74,6 +74,16 @@ pub fn assert_clean(host: &TestHost) {
         host.qemu_pids()
     );
     assert!(host.taps().is_empty(), "stray taps: {:?}", host.taps());
+    // Taps set aside are deleted in the background, within moments.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !host.retired_taps().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        host.retired_taps().is_empty(),
+        "retired taps never deleted: {:?}",
+        host.retired_taps()
+    );
     assert!(
         host.vm_dirs().is_empty(),
         "stray VM dirs: {:?}",
