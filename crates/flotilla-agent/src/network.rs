@@ -10,6 +10,7 @@ mod tap;
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
+use std::path::Path;
 use std::process::Command;
 
 pub use flotilla_api::net::{Subnet, SubnetError};
@@ -181,7 +182,8 @@ pub fn ensure_tap(tap: &str, bridge: &str) -> Result<(), NetworkError> {
 /// Removes a VM's tap. Unregistering a link waits for the kernel's RCU
 /// grace periods (about 23 ms here), on the path of every stop, suspend and
 /// migration: the tap is taken down and renamed aside at once (its name
-/// free for a VM that comes back), and deleted in the background.
+/// free for a VM that comes back), and deleted on a thread of its own
+/// ([`finish_retired_taps`] waits for those).
 pub fn delete_tap(tap: &str) -> Result<(), NetworkError> {
     if !link_exists(tap) {
         return Ok(());
@@ -192,17 +194,43 @@ pub fn delete_tap(tap: &str) -> Result<(), NetworkError> {
     );
     match tap::set_aside(tap, &aside) {
         Ok(()) => {
-            std::thread::spawn(move || {
-                if let Err(e) = delete_link_now(&aside) {
-                    tracing::warn!(tap = %aside, error = %e, "deleting a retired tap");
+            let deleting = aside.clone();
+            let spawned = std::thread::Builder::new()
+                .name("tap-delete".into())
+                .spawn(move || {
+                    if let Err(e) = delete_link_now(&deleting) {
+                        tracing::warn!(tap = %deleting, error = %e, "deleting a retired tap");
+                    }
+                });
+            match spawned {
+                Ok(handle) => {
+                    let mut retiring = RETIRING.lock().unwrap_or_else(|p| p.into_inner());
+                    retiring.retain(|h| !h.is_finished());
+                    retiring.push(handle);
+                    Ok(())
                 }
-            });
-            Ok(())
+                Err(_) => delete_link_now(&aside),
+            }
         }
+        // Gone meanwhile (a deletion by ioctl would make it anew).
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(()),
         Err(e) => {
             tracing::debug!(tap, error = %e, "tap not set aside; deleting it now");
             delete_link_now(tap)
         }
+    }
+}
+
+/// Deletions of retired taps in flight.
+static RETIRING: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Waits for the retired taps' deletions in flight (an agent leaving the
+/// host as it found it).
+pub fn finish_retired_taps() {
+    let handles = std::mem::take(&mut *RETIRING.lock().unwrap_or_else(|p| p.into_inner()));
+    for handle in handles {
+        let _ = handle.join();
     }
 }
 
@@ -220,15 +248,32 @@ fn delete_link_now(tap: &str) -> Result<(), NetworkError> {
     Ok(())
 }
 
+/// Whether `name` is a tap [`delete_tap`] set aside: so named, and a
+/// tun/tap device.
+fn is_retired_tap(name: &str) -> bool {
+    has_retired_name(name)
+        && Path::new("/sys/class/net")
+            .join(name)
+            .join("tun_flags")
+            .exists()
+}
+
+/// The prefix and 12 hex digits.
+fn has_retired_name(name: &str) -> bool {
+    name.strip_prefix(RETIRED_TAP_PREFIX)
+        .is_some_and(|id| id.len() == 12 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 /// Deletes the retired taps an earlier agent left (it stopped before their
-/// deletion had finished).
+/// deletion had finished). Call before re-adopting VMs, whose exits set
+/// taps aside too.
 pub fn delete_retired_taps() {
     let Ok(links) = nix::net::if_::if_nameindex() else {
         return;
     };
     for link in links.iter() {
         let name = link.name().to_string_lossy();
-        if name.starts_with(RETIRED_TAP_PREFIX) {
+        if is_retired_tap(&name) {
             if let Err(e) = delete_link_now(&name) {
                 tracing::warn!(tap = %name, error = %e, "deleting a retired tap");
             }
@@ -252,6 +297,16 @@ mod tests {
             allocate_ip(&s, &used),
             Err(NetworkError::SubnetExhausted { .. })
         ));
+    }
+
+    #[test]
+    fn only_set_aside_names_are_taken_for_retired_taps() {
+        assert!(has_retired_name("flx0123456789ab"));
+        assert!(!has_retired_name("flx0"));
+        assert!(!has_retired_name("flxbridge00000"));
+        assert!(!has_retired_name(&tap_name("0123456789abcdef", 0)));
+        // Not a tap (no such link here).
+        assert!(!is_retired_tap("flx0123456789ab"));
     }
 
     #[test]

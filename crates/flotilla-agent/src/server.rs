@@ -160,10 +160,10 @@ pub async fn run_agent(
         let tls = flotilla_tls::server_config(id).context("TLS setup")?;
         let _ = manager.inner.stream_tls.set(Arc::new(tls));
     }
+    crate::network::delete_retired_taps();
     manager.adopt_all().await.context("re-adopting VMs")?;
     // Forwards an earlier agent left, and the filter, before serving.
     manager.sync_network();
-    crate::network::delete_retired_taps();
     let expiring = tokio::spawn(manager.inner.routes.clone().expire_loop());
     let isolating = tokio::spawn(isolation_loop(manager.clone()));
 
@@ -246,6 +246,7 @@ pub async fn run_agent(
     isolating.abort();
     if on_exit == OnExit::StopVms {
         stop_everything(&manager).await;
+        let _ = tokio::task::spawn_blocking(network::finish_retired_taps).await;
         manager.inner.routes.clear();
         manager.inner.isolation.clear();
         // The host is left as it was found.
@@ -258,6 +259,8 @@ pub async fn run_agent(
             tracing::warn!(error = %e, "could not remove the bridge");
         }
     }
+    // Standbys dropped and VMs stopped set taps aside: deleted before exit.
+    let _ = tokio::task::spawn_blocking(network::finish_retired_taps).await;
     tracing::info!("agent stopped");
     Ok(())
 }

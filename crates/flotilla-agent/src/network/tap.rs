@@ -36,6 +36,10 @@ pub(super) fn create_persistent(name: &str) -> io::Result<()> {
 /// attached to this call's file, no longer persistent, it goes with the
 /// file. `Err` with `EBUSY` if a process (a QEMU) still has it open.
 pub(super) fn delete_persistent(name: &str) -> io::Result<()> {
+    // TUNSETIFF would make a missing tap.
+    if !exists(name) {
+        return Ok(());
+    }
     let tun = OpenOptions::new()
         .read(true)
         .write(true)
