@@ -19,6 +19,22 @@ pub(super) fn exists(name: &str) -> bool {
 /// Creates a persistent tap (no packet-information header, as QEMU's
 /// `-netdev tap` expects); it outlives this call, like `ip tuntap add`.
 pub(super) fn create_persistent(name: &str) -> io::Result<()> {
+    set_persistent(&attach(name)?, true)
+}
+
+/// Deletes a persistent tap no process holds (like `ip tuntap del`):
+/// attached to this call's file, no longer persistent, it goes with the
+/// file. `Err` with `EBUSY` if a process (a QEMU) still has it open.
+pub(super) fn delete_persistent(name: &str) -> io::Result<()> {
+    // Attaching would make a missing tap.
+    if !exists(name) {
+        return Ok(());
+    }
+    set_persistent(&attach(name)?, false)
+}
+
+/// A file of `/dev/net/tun` attached to tap `name` (made if missing).
+fn attach(name: &str) -> io::Result<std::fs::File> {
     let tun = OpenOptions::new()
         .read(true)
         .write(true)
@@ -28,28 +44,18 @@ pub(super) fn create_persistent(name: &str) -> io::Result<()> {
     // SAFETY: `req` is a valid ifreq that outlives the call; TUNSETIFF
     // reads its name and flags.
     check(unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut req) })?;
-    // SAFETY: TUNSETPERSIST takes an integer argument.
-    check(unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETPERSIST, 1 as libc::c_ulong) })
+    Ok(tun)
 }
 
-/// Deletes a persistent tap no process holds (like `ip tuntap del`):
-/// attached to this call's file, no longer persistent, it goes with the
-/// file. `Err` with `EBUSY` if a process (a QEMU) still has it open.
-pub(super) fn delete_persistent(name: &str) -> io::Result<()> {
-    // TUNSETIFF would make a missing tap.
-    if !exists(name) {
-        return Ok(());
-    }
-    let tun = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/net/tun")?;
-    let mut req = request(name)?;
-    req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
-    // SAFETY: as in `create_persistent`.
-    check(unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut req) })?;
+fn set_persistent(tun: &std::fs::File, persistent: bool) -> io::Result<()> {
     // SAFETY: TUNSETPERSIST takes an integer argument.
-    check(unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETPERSIST, 0 as libc::c_ulong) })
+    check(unsafe {
+        libc::ioctl(
+            tun.as_raw_fd(),
+            libc::TUNSETPERSIST,
+            persistent as libc::c_ulong,
+        )
+    })
 }
 
 /// Takes a link down and renames it `new_name` (like `ip link set NAME

@@ -62,23 +62,25 @@ pub fn wait_for(
     }
 }
 
-/// Nothing of the VMs is left: no QEMU, no tap, no VM directory, no socket.
-pub fn assert_clean(host: &TestHost) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !host.qemu_pids().is_empty() && Instant::now() < deadline {
+/// Polls until `done` holds or `timeout` has passed.
+fn settle_within(timeout: Duration, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Nothing of the VMs is left: no QEMU, no tap, no VM directory, no socket.
+pub fn assert_clean(host: &TestHost) {
+    // QEMUs exit, and taps set aside are deleted, in the background.
+    settle_within(Duration::from_secs(5), || host.qemu_pids().is_empty());
     assert!(
         host.qemu_pids().is_empty(),
         "stray QEMU: {:?}",
         host.qemu_pids()
     );
     assert!(host.taps().is_empty(), "stray taps: {:?}", host.taps());
-    // Taps set aside are deleted in the background, within moments.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !host.retired_taps().is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    settle_within(Duration::from_secs(5), || host.retired_taps().is_empty());
     assert!(
         host.retired_taps().is_empty(),
         "retired taps never deleted: {:?}",

@@ -91,6 +91,16 @@ fn start_migration(from: &TestHost, to: &TestHost, vm: &str, extra: &[&str]) -> 
     m["id"].as_str().expect("migration id").to_string()
 }
 
+/// Nothing of the VMs left once `host`'s agent has cleaned up (within
+/// `limit`).
+fn assert_clean_within(host: &TestHost, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while !(host.qemu_pids().is_empty() && host.vm_dirs().is_empty()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_clean(host);
+}
+
 fn migration(host: &TestHost, id: &str) -> Value {
     host.cli_json(&["migration", "inspect", id])
 }
@@ -362,11 +372,7 @@ fn a_cancelled_or_refused_migration_leaves_the_vm_where_it_was() {
         "running"
     );
     b.start_agent().expect("b's agent restarts");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !(b.qemu_pids().is_empty() && b.vm_dirs().is_empty()) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_clean(&b);
+    assert_clean_within(&b, Duration::from_secs(10));
 
     // Encrypted, the stream goes through b's agent, which takes it along
     // when it dies: the stream fails, and the VM runs on on a unasked.
@@ -385,11 +391,7 @@ fn a_cancelled_or_refused_migration_leaves_the_vm_where_it_was() {
     );
     assert_eq!(sums(&a, "stay"), before);
     b.start_agent().expect("b's agent restarts");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !(b.qemu_pids().is_empty() && b.vm_dirs().is_empty()) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_clean(&b);
+    assert_clean_within(&b, Duration::from_secs(10));
 
     // The source's agent dies in an encrypted pre-copy, and the stream it
     // carried with it: its next agent finds the VM running here, and b's
@@ -408,11 +410,7 @@ fn a_cancelled_or_refused_migration_leaves_the_vm_where_it_was() {
         a.agent_log_tail()
     );
     assert_eq!(sums(&a, "stay"), before);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !(b.qemu_pids().is_empty() && b.vm_dirs().is_empty()) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_clean(&b);
+    assert_clean_within(&b, Duration::from_secs(30));
 
     // A target without room refuses up front, and nothing changes.
     let small = TestHost::start_with(HostOptions {
