@@ -15,10 +15,6 @@ use flotilla_qemu::live::{self, StreamAddr};
 use flotilla_qemu::{LayerBacking, NbdBacking};
 
 use super::{file_sha256, new_record, tunnel};
-
-/// How long a tunnelled stream's connections may outlive the stream's end
-/// on this side (a source that vanished never closes them).
-const TUNNEL_AFTER_STREAM: Duration = Duration::from_secs(10);
 use crate::error::{AgentError, AgentResult};
 use crate::fsutil::sync_dir;
 use crate::manager::create::{pin, BASE_DISK, INITRD, KERNEL, ROOT_DISK};
@@ -28,6 +24,10 @@ use crate::record::{
     now_rfc3339, DiskRecord, NicRecord, VmRecord, CREATING_PREFIX, RECORD_FORMAT_VERSION,
 };
 use crate::runtime::Readiness;
+
+/// How long a tunnelled stream's connections may outlive the stream's end
+/// on this side (a source that vanished never closes them).
+const TUNNEL_AFTER_STREAM: Duration = Duration::from_secs(10);
 
 /// How long the memory stream may take to arrive in full after the source
 /// saw it complete.
