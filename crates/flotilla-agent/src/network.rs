@@ -236,7 +236,7 @@ pub fn finish_retired_taps() {
 
 /// Taps set aside for deletion are named so: `x` is no hex digit, so no
 /// VM's tap name ([`tap_name`]) starts like this.
-pub const RETIRED_TAP_PREFIX: &str = "flx";
+const RETIRED_TAP_PREFIX: &str = "flx";
 
 /// Deletes a tap by ioctl (no `ip` process), or with `ip` one a process
 /// still holds or that is no tap.

@@ -246,7 +246,6 @@ pub async fn run_agent(
     isolating.abort();
     if on_exit == OnExit::StopVms {
         stop_everything(&manager).await;
-        let _ = tokio::task::spawn_blocking(network::finish_retired_taps).await;
         manager.inner.routes.clear();
         manager.inner.isolation.clear();
         // The host is left as it was found.

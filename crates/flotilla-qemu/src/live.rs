@@ -123,8 +123,8 @@ pub struct LiveLimits {
     /// Connections of the memory stream: more than one is QEMU's multifd
     /// (pages sent and loaded by that many threads, and a receiving QEMU
     /// never touches the memory of a page that arrives as zero). Not with
-    /// `post_copy`, nor over TLS: QEMU 10.0 aborts when such a stream is
-    /// cancelled while its threads send. The target must listen with as many.
+    /// `post_copy`, nor over QEMU's own TLS: QEMU 10.0 aborts when such a
+    /// stream is cancelled while its threads send. The target must listen with as many.
     #[serde(default)]
     pub channels: u32,
 }

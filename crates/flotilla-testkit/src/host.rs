@@ -352,16 +352,12 @@ impl TestHost {
 
     /// Files left in the data directory's `vms/` (one directory per VM).
     pub fn vm_dirs(&self) -> Vec<PathBuf> {
-        std::fs::read_dir(self.data_path().join("vms"))
-            .map(|d| d.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default()
+        dir_entries(&self.data_path().join("vms"))
     }
 
     /// The unix sockets of VMs and their streams (`<data>/sock`).
     pub fn vm_sockets(&self) -> Vec<PathBuf> {
-        std::fs::read_dir(self.data_path().join("sock"))
-            .map(|d| d.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default()
+        dir_entries(&self.data_path().join("sock"))
     }
 }
 
@@ -415,6 +411,13 @@ fn without_colours(line: &str) -> String {
         }
     }
     out
+}
+
+/// The entries of `dir` (none if it cannot be read).
+fn dir_entries(dir: &std::path::Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
 }
 
 /// The last `bytes` (about) of a text file; empty if it cannot be read.

@@ -525,7 +525,7 @@ impl VmManager {
                     let tunnel = super::tunnel::outgoing(&local, target, tls, key)
                         .await
                         .map_err(|e| AgentError::io("opening the stream's tunnel", e))?;
-                    Some((tunnel, local))
+                    Some(tunnel)
                 }
                 _ => None,
             };
@@ -556,8 +556,8 @@ impl VmManager {
         }
         // QEMU streams to the tunnel's socket, in the clear, or to the
         // target's QEMU (over its own TLS if asked).
-        let (to, qemu_tls) = match &tunnel {
-            Some((_, local)) => (StreamAddr::Unix(local.clone()), false),
+        let (to, qemu_tls) = match tunnel.as_ref().and_then(|t| t.socket_file()) {
+            Some(local) => (StreamAddr::Unix(local.to_path_buf()), false),
             None => (StreamAddr::Tcp(target), req.tls),
         };
         book.update(id, true, |m| m.phase = MigrationPhase::PreCopy);

@@ -29,6 +29,12 @@ use crate::runtime::Readiness;
 /// on this side (a source that vanished never closes them).
 const TUNNEL_AFTER_STREAM: Duration = Duration::from_secs(10);
 
+/// What the target needs to receive a tunnelled stream.
+struct TunnelIn {
+    key: [u8; tunnel::KEY_BYTES],
+    tls: Arc<rustls::ServerConfig>,
+}
+
 /// How long the memory stream may take to arrive in full after the source
 /// saw it complete.
 const ARRIVAL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -96,7 +102,7 @@ impl VmManager {
                 req.stream_channels
             )));
         }
-        let tunnel_key = match req.stream_tunnel {
+        let tunnel_in = match req.stream_tunnel {
             false => None,
             true => Some(self.check_tunnel(&req)?),
         };
@@ -212,7 +218,7 @@ impl VmManager {
         step("record");
         let channels = req.stream_channels.max(1);
         let listening = async {
-            match tunnel_key {
+            match tunnel_in {
                 None => {
                     let at = StreamAddr::Tcp(std::net::SocketAddr::new(ip, 0));
                     let at = self
@@ -226,12 +232,12 @@ impl VmManager {
                 }
                 // A tunnelled stream reaches QEMU in the clear from this
                 // agent, on a socket only this agent's user can reach.
-                Some(key) => {
+                Some(tunnel_in) => {
                     let path = super::stream_socket(&self.inner.config, &vm.id);
                     let at = StreamAddr::Unix(path.clone());
                     self.start_incoming(&entry, &at, false, req.post_copy, channels)
                         .await?;
-                    self.tunnel_incoming(&entry, &req.id, ip, key, path, channels)
+                    self.tunnel_incoming(&entry, &req.id, ip, tunnel_in, path, channels)
                         .await
                 }
             }
@@ -260,17 +266,18 @@ impl VmManager {
         })
     }
 
-    /// The key a tunnelled stream's connections must show; whether this
-    /// agent can take one.
-    fn check_tunnel(&self, req: &IncomingMigrationRequest) -> AgentResult<[u8; tunnel::KEY_BYTES]> {
-        if self.inner.stream_tls.get().is_none() {
-            return Err(AgentError::conflict(
+    /// What a tunnelled stream needs here: the key its connections must
+    /// show, and this agent's certificate to receive them with.
+    fn check_tunnel(&self, req: &IncomingMigrationRequest) -> AgentResult<TunnelIn> {
+        let tls = self.inner.stream_tls.get().cloned().ok_or_else(|| {
+            AgentError::conflict(
                 "this agent serves plain HTTP, so it has no certificate to receive an \
                  encrypted stream with",
                 Some("migrate without TLS, or run the target agent with TLS".into()),
-            ));
-        }
-        req.tls_psk
+            )
+        })?;
+        let key = req
+            .tls_psk
             .as_deref()
             .and_then(tunnel::key_of)
             .ok_or_else(|| {
@@ -278,7 +285,8 @@ impl VmManager {
                     "a stream through the agents needs tls_psk of at least {} hex digits",
                     2 * tunnel::KEY_BYTES
                 ))
-            })
+            })?;
+        Ok(TunnelIn { key, tls })
     }
 
     /// Carries the source agent's encrypted connections to the incoming
@@ -290,16 +298,10 @@ impl VmManager {
         entry: &VmEntry,
         migration: &str,
         ip: std::net::IpAddr,
-        key: [u8; tunnel::KEY_BYTES],
+        tunnel_in: TunnelIn,
         qemu: std::path::PathBuf,
         channels: u32,
     ) -> AgentResult<u16> {
-        let tls = self.inner.stream_tls.get().cloned().ok_or_else(|| {
-            AgentError::conflict(
-                "this agent has no certificate for an encrypted stream",
-                None,
-            )
-        })?;
         let process = entry.lock().runtime.process.clone().ok_or_else(|| {
             AgentError::conflict("the incoming QEMU is gone before the stream began", None)
         })?;
@@ -308,6 +310,7 @@ impl VmManager {
             0 | 1 => 1,
             n => n as usize + 1,
         };
+        let TunnelIn { key, tls } = tunnel_in;
         let (tunnel, at) = tunnel::incoming(ip, tls, key, qemu, connections)
             .await
             .map_err(|e| AgentError::io(format!("listening on {ip} for the stream"), e))?;

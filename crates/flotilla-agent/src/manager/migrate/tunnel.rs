@@ -57,6 +57,11 @@ impl Drop for Tunnel {
 }
 
 impl Tunnel {
+    /// The unix socket it listens on, if it does.
+    pub(super) fn socket_file(&self) -> Option<&Path> {
+        self.socket_file.as_deref()
+    }
+
     /// Closes the tunnel once every connection it carries has ended, or
     /// at once if `stop` completes first.
     pub(super) async fn run_until(mut self, stop: impl std::future::Future<Output = ()>) {
