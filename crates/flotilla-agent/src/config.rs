@@ -22,6 +22,9 @@ pub struct AgentConfig {
     pub tls_fingerprint: Option<String>,
     pub qemu_binary: PathBuf,
     pub accel: AccelChoice,
+    /// Where `auto` remembers its KVM probe's decision for the rest of the
+    /// host's boot, so later starts skip the probe; `None` probes each time.
+    pub accel_probe_cache: Option<PathBuf>,
     /// The host bridge every VM NIC joins.
     pub bridge: String,
     /// The VM subnet; the bridge takes its first host address.
@@ -104,6 +107,7 @@ impl AgentConfig {
             tls_fingerprint: None,
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
             accel: AccelChoice::Auto,
+            accel_probe_cache: Some(PathBuf::from(flotilla_qemu::DEFAULT_PROBE_CACHE)),
             bridge: "flbr0".to_string(),
             subnet: Subnet::new(Ipv4Addr::new(10, 77, 0, 0), 24),
             capacity: default_capacity(),

@@ -113,6 +113,7 @@ pub async fn run_agent(
         kernel: img.kernel.clone(),
         initrd: img.initrd.clone(),
         timeout: Duration::from_secs(2),
+        cache: config.accel_probe_cache.clone(),
     });
     let accel = match &probe {
         Some(p) => detect_accel(config.accel, p).await?,
@@ -124,6 +125,7 @@ pub async fn run_agent(
                     kernel: std::path::PathBuf::new(),
                     initrd: None,
                     timeout: Duration::from_secs(2),
+                    cache: None,
                 },
             )
             .await?

@@ -389,6 +389,11 @@ pub struct AgentArgs {
     /// Accelerator: auto (prove KVM works, else TCG), kvm or tcg.
     #[arg(long, default_value = "auto", env = "FLOTILLA_ACCEL")]
     pub accel: String,
+    /// Where `--accel auto` remembers its KVM probe's decision until the
+    /// host reboots (later starts skip the probe; delete the file to probe
+    /// again); `none` probes at every start.
+    #[arg(long, default_value = flotilla_qemu::DEFAULT_PROBE_CACHE)]
+    pub accel_probe_cache: String,
     #[arg(long, default_value = "qemu-system-x86_64")]
     pub qemu: PathBuf,
     /// Host bridge for VM NICs.

@@ -3,7 +3,10 @@
 //! `/dev/kvm` opening is not proof that guests run: a paravirtual KVM may
 //! accept the device and then abort QEMU or crawl. So `auto` boots a probe
 //! guest under KVM and picks KVM only if the guest prints
-//! [`PROBE_MARKER`] on its serial console within the probe timeout.
+//! [`PROBE_MARKER`] on its serial console within the probe timeout. The
+//! decision is remembered for the rest of the host's boot (see [`cache`]).
+
+mod cache;
 
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
@@ -17,6 +20,8 @@ use tokio::process::Command;
 
 use crate::config::{Accel, AccelChoice};
 use crate::error::QemuError;
+
+pub use cache::DEFAULT_PROBE_CACHE;
 
 /// The KVM device node.
 pub const KVM_DEVICE: &str = "/dev/kvm";
@@ -44,6 +49,9 @@ pub struct AccelProbe {
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
     pub timeout: Duration,
+    /// Where a probe's decision is remembered for this boot; `None` probes
+    /// at every start.
+    pub cache: Option<PathBuf>,
 }
 
 impl AccelProbe {
@@ -54,6 +62,7 @@ impl AccelProbe {
             kernel: kernel.into(),
             initrd: None,
             timeout: DEFAULT_PROBE_TIMEOUT,
+            cache: None,
         }
     }
 }
@@ -72,8 +81,25 @@ pub enum ProbeOutcome {
     MarkerSeen { after: Duration },
     /// QEMU exited without the marker (e.g. aborted on KVM setup).
     Exited { exit: String, stderr_tail: String },
-    /// Neither within the timeout; QEMU was killed.
-    TimedOut { after: Duration },
+    /// Neither within the timeout; QEMU was killed. `cpu` is the CPU time
+    /// it had used (if known): a guest crawling under KVM uses plenty, one
+    /// starved by a busy host does not. (A Linux guest that runs under KVM
+    /// reports in within a few hundred milliseconds of CPU.)
+    TimedOut {
+        after: Duration,
+        cpu: Option<Duration>,
+    },
+}
+
+impl ProbeOutcome {
+    /// Whether the outcome says what KVM can do on this host, rather than
+    /// how busy the host was while the probe ran.
+    pub fn is_conclusive(&self, timeout: Duration) -> bool {
+        match self {
+            ProbeOutcome::MarkerSeen { .. } | ProbeOutcome::Exited { .. } => true,
+            ProbeOutcome::TimedOut { cpu, .. } => cpu.is_some_and(|cpu| cpu >= timeout / 4),
+        }
+    }
 }
 
 /// Decides the accelerator using the real `/dev/kvm`.
@@ -119,12 +145,38 @@ pub async fn detect_accel_with_device(
                     ),
                 )
             } else {
-                let outcome = run_probe(probe, Accel::Kvm).await?;
-                decide_auto(&outcome, probe.timeout)
+                decide_auto_remembered(probe, kvm_device).await?
             }
         }
     };
     tracing::info!(%choice, accel = %decision.accel, reason = %decision.reason, "accelerator chosen");
+    Ok(decision)
+}
+
+/// The `auto` decision from the probe, or from the cache when a probe with
+/// the same inputs already ran this boot.
+async fn decide_auto_remembered(
+    probe: &AccelProbe,
+    kvm_device: &Path,
+) -> Result<AccelDecision, QemuError> {
+    let cached = probe
+        .cache
+        .as_deref()
+        .and_then(|file| Some((file, cache::ProbeKey::of(probe, kvm_device)?)));
+    if let Some((file, key)) = &cached {
+        if let Some(decision) = cache::lookup(file, key) {
+            return Ok(decision);
+        }
+    }
+    let outcome = run_probe(probe, Accel::Kvm).await?;
+    let decision = decide_auto(&outcome, probe.timeout);
+    if let Some((file, key)) = &cached {
+        if outcome.is_conclusive(probe.timeout) {
+            if let Err(e) = cache::store(file, key, &decision) {
+                tracing::warn!(file = %file.display(), error = %e, "could not remember the KVM probe's decision");
+            }
+        }
+    }
     Ok(decision)
 }
 
@@ -217,6 +269,7 @@ pub async fn run_probe(probe: &AccelProbe, accel: Accel) -> Result<ProbeOutcome,
         },
         Err(_) => ProbeOutcome::TimedOut {
             after: started.elapsed(),
+            cpu: child.id().and_then(cpu_time),
         },
         Ok(Ok(false) | Err(_)) => {
             // stdout closed: QEMU is exiting; give it a moment to finish.
@@ -253,6 +306,20 @@ pub async fn run_probe(probe: &AccelProbe, accel: Accel) -> Result<ProbeOutcome,
         },
         other => other,
     })
+}
+
+/// CPU time used so far by process `pid` (all its threads).
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which may hold spaces: state is the
+    // first, utime the 12th and stime the 13th.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let per_second = u64::try_from(per_second).ok().filter(|&t| t > 0)?;
+    Some(Duration::from_millis(ticks * 1000 / per_second))
 }
 
 /// True once the marker appears, false at end of stream.
@@ -339,9 +406,47 @@ mod tests {
             "{}",
             aborted.reason
         );
-        let slow = decide_auto(&ProbeOutcome::TimedOut { after: t }, t);
+        let slow = decide_auto(
+            &ProbeOutcome::TimedOut {
+                after: t,
+                cpu: None,
+            },
+            t,
+        );
         assert_eq!(slow.accel, Accel::Tcg);
         assert!(slow.reason.contains("2s"), "{}", slow.reason);
+    }
+
+    #[test]
+    fn only_outcomes_that_show_what_kvm_can_do_are_conclusive() {
+        let t = Duration::from_secs(2);
+        let after = t;
+        assert!(ProbeOutcome::MarkerSeen { after }.is_conclusive(t));
+        let exited = ProbeOutcome::Exited {
+            exit: "exit code 1".into(),
+            stderr_tail: String::new(),
+        };
+        assert!(exited.is_conclusive(t));
+        // A guest crawling under KVM burns CPU; one starved by a busy host
+        // (or whose CPU time is unknown) says nothing about KVM.
+        let crawling = ProbeOutcome::TimedOut {
+            after,
+            cpu: Some(Duration::from_millis(1600)),
+        };
+        assert!(crawling.is_conclusive(t));
+        let starved = ProbeOutcome::TimedOut {
+            after,
+            cpu: Some(Duration::from_millis(300)),
+        };
+        assert!(!starved.is_conclusive(t));
+        assert!(!ProbeOutcome::TimedOut { after, cpu: None }.is_conclusive(t));
+    }
+
+    #[test]
+    fn cpu_time_of_this_process_is_read() {
+        let spent = cpu_time(std::process::id()).expect("own CPU time");
+        assert!(spent < Duration::from_secs(3600));
+        assert_eq!(cpu_time(u32::MAX), None);
     }
 
     #[test]

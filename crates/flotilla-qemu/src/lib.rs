@@ -34,7 +34,7 @@ pub mod qmp;
 
 pub use accel::{
     check_kvm_device, detect_accel, detect_accel_with_device, run_probe, AccelDecision, AccelProbe,
-    ProbeOutcome, DEFAULT_PROBE_TIMEOUT, PROBE_CMDLINE, PROBE_MARKER,
+    ProbeOutcome, DEFAULT_PROBE_CACHE, DEFAULT_PROBE_TIMEOUT, PROBE_CMDLINE, PROBE_MARKER,
 };
 pub use config::{
     Accel, AccelChoice, DriveConfig, LayerBacking, MemoryFile, NbdBacking, NicConfig, QemuConfig,

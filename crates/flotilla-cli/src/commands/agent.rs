@@ -22,6 +22,13 @@ fn config_from(args: &AgentArgs) -> anyhow::Result<AgentConfig> {
         .accel
         .parse()
         .map_err(|e| anyhow::anyhow!("--accel: {e}"))?;
+    c.accel_probe_cache = match args.accel_probe_cache.as_str() {
+        "none" => None,
+        "" => {
+            anyhow::bail!("--accel-probe-cache: give a file path, or none to probe at every start")
+        }
+        path => Some(std::path::PathBuf::from(path)),
+    };
     c.bridge = args.bridge.clone();
     if c.bridge.is_empty() || c.bridge.len() > 15 {
         anyhow::bail!(

@@ -53,6 +53,7 @@ fn agent_killed_with_sigkill_readopts_running_vms() {
     run_vm(&host, "stopped-one");
     host.cli_json::<serde_json::Value>(&["vm", "stop", "stopped-one"]);
 
+    let (_, before) = host.api("GET", "/v1/host", None);
     host.kill_agent(Signal::SIGKILL);
     assert_eq!(
         host.qemu_pids(),
@@ -61,6 +62,17 @@ fn agent_killed_with_sigkill_readopts_running_vms() {
     );
 
     host.start_agent().expect("agent restarts");
+    // The next agent runs VMs on the same accelerator; the KVM probe's
+    // decision is remembered for the boot, so it did not probe again.
+    let (_, after) = host.api("GET", "/v1/host", None);
+    assert_eq!(after["accel"], before["accel"], "{before:#} {after:#}");
+    if std::path::Path::new(flotilla_qemu::DEFAULT_PROBE_CACHE).is_file() {
+        let reason = after["accel_reason"].as_str().unwrap_or("");
+        assert!(
+            reason.contains("remembered in") || reason.contains("explicitly"),
+            "{reason}"
+        );
+    }
     let v = wait_for(&host, "survivor", Duration::from_secs(30), |v| {
         v["guest_ready"] == true
     });

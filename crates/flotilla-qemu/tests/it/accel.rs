@@ -17,6 +17,7 @@ fn probe(kernel: PathBuf, timeout: Duration) -> AccelProbe {
         kernel,
         initrd: None,
         timeout,
+        cache: None,
     }
 }
 
@@ -158,6 +159,59 @@ async fn probe_times_out_on_a_silent_guest_and_kills_qemu() {
         !process_mentions(&kernel.display().to_string()),
         "the probe QEMU is still around"
     );
+}
+
+/// A silent guest that idles used little CPU: its timeout says nothing
+/// about KVM. One that keeps its CPU busy (as a Linux guest crawling under
+/// a KVM that cannot run it does) is a conclusive timeout.
+#[tokio::test]
+async fn a_timeout_is_conclusive_only_for_a_busy_guest() {
+    let dir = common::temp_dir();
+    let timeout = Duration::from_millis(1500);
+    for (end, busy) in [(StubEnd::Halt, false), (StubEnd::Spin, true)] {
+        let kernel = dir.path().join("vmlinux");
+        common::write_pvh_stub(&kernel, "no marker here\r\n", end);
+        let outcome = run_probe(&probe(kernel, timeout), Accel::Tcg)
+            .await
+            .expect("probe");
+        let ProbeOutcome::TimedOut { cpu, .. } = &outcome else {
+            panic!("expected a timeout, got {outcome:?}");
+        };
+        assert!(cpu.is_some(), "{outcome:?}");
+        assert_eq!(outcome.is_conclusive(timeout), busy, "{outcome:?}");
+    }
+}
+
+/// The second `auto` decision with the same probe comes from the cache at
+/// once and says so; without a cache every decision probes.
+#[tokio::test]
+async fn auto_remembers_a_probe_for_the_boot() {
+    let dir = common::temp_dir();
+    let kernel = dir.path().join("vmlinux");
+    common::write_pvh_stub(
+        &kernel,
+        &format!("{PROBE_MARKER}\r\n"),
+        StubEnd::TripleFault,
+    );
+    let cache = dir.path().join("run/accel-probe.json");
+    let mut p = probe(kernel, Duration::from_secs(2));
+    p.cache = Some(cache.clone());
+    let first = detect_accel(AccelChoice::Auto, &p).await.expect("auto");
+    assert!(!first.reason.contains("remembered"), "{}", first.reason);
+    assert!(cache.is_file(), "the decision was not remembered");
+    let started = Instant::now();
+    let second = detect_accel(AccelChoice::Auto, &p).await.expect("auto");
+    assert!(started.elapsed() < Duration::from_millis(200));
+    assert_eq!(second.accel, first.accel);
+    assert!(
+        second.reason.starts_with(&first.reason) && second.reason.contains("remembered in"),
+        "{}",
+        second.reason
+    );
+    // A different probe (here: its timeout) is not answered from the cache.
+    p.timeout = Duration::from_secs(3);
+    let third = detect_accel(AccelChoice::Auto, &p).await.expect("auto");
+    assert!(!third.reason.contains("remembered"), "{}", third.reason);
 }
 
 #[tokio::test]

@@ -95,6 +95,8 @@ pub enum StubEnd {
     TripleFault,
     /// `cli; hlt` forever.
     Halt,
+    /// `jmp $` forever: a guest that keeps its CPU busy.
+    Spin,
 }
 
 /// Physical load address of the stub (1 MiB).
@@ -126,6 +128,10 @@ fn pvh_stub(message: &str, end: StubEnd) -> Vec<u8> {
             Some(at)
         }
         StubEnd::Halt => None,
+        StubEnd::Spin => {
+            code.extend([0xEB, 0xFE]); // jmp $
+            None
+        }
     };
     code.extend([0xFA, 0xF4, 0xEB, 0xFD]); // cli; hlt; jmp hlt
     while !code.len().is_multiple_of(8) {
