@@ -32,6 +32,8 @@ const NEW: usize = 40_000;
 const RUNS: usize = 2_000;
 /// Runs of 100 instances each.
 const BATCHES: usize = 50;
+/// Concurrent callers of the run path.
+const CALLERS: usize = 8;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
@@ -249,6 +251,37 @@ fn api_reads(placed: &[(usize, usize)]) {
         let run_rate = RUNS as f64 / t.elapsed().as_secs_f64();
         lat.sort_by(f64::total_cmp);
         let (run_p50, run_p99) = (lat[lat.len() / 2], lat[lat.len() * 99 / 100]);
+        // The same runs from concurrent callers (an API server's load):
+        // their commits share fsyncs.
+        let syncs_before = cp.store().log_syncs().unwrap_or(0);
+        let t = Instant::now();
+        let callers: Vec<_> = (0..CALLERS)
+            .map(|c| {
+                let (cp, caller, policy) = (cp.clone(), caller.clone(), policy.clone());
+                tokio::spawn(async move {
+                    for i in (c..RUNS).step_by(CALLERS) {
+                        let req = RunInstancesRequest {
+                            disk_mib: flotilla_api::control::DEFAULT_INSTANCE_DISK_MIB,
+                            from_snapshot: None,
+                            volumes: Vec::new(),
+                            name: format!("conc-{i:05}"),
+                            count: 1,
+                            image: None,
+                            vcpus: 1,
+                            memory_mib: 1024,
+                            tags: BTreeMap::from([("group".to_string(), format!("g{}", (i * 11) % (EXISTING / GROUP_SIZE)))]),
+                            placement: Some(policy.clone()),
+                        };
+                        cp.run_instances(&caller, None, &req).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for c in callers {
+            c.await.unwrap();
+        }
+        let concurrent_rate = RUNS as f64 / t.elapsed().as_secs_f64();
+        let concurrent_syncs = cp.store().log_syncs().unwrap_or(0) - syncs_before;
         // Runs of 100 at once: one decision each, one commit for the lot.
         let t = Instant::now();
         for i in 0..BATCHES {
@@ -299,6 +332,7 @@ fn api_reads(placed: &[(usize, usize)]) {
             import.as_secs_f64()
         );
         println!("| run through the control plane (service call, SQLite, durable), {RUNS} sequential, same policy | {run_rate:.0} placements/s, p50 {:.1} ms, p99 {:.1} ms |", run_p50 * 1e3, run_p99 * 1e3);
+        println!("| run through the control plane, {RUNS} runs of 1 from {CALLERS} concurrent callers | {concurrent_rate:.0} placements/s, {concurrent_syncs} log fsyncs |");
         println!("| run through the control plane, {BATCHES} runs of `count: 100` (one commit each) | {batch_rate:.0} placements/s |");
         println!("| API: describe (GET /v1/instances/NAME), 8 clients | {describe:.0} req/s |");
         println!("| API: list, pages of 100 by name, 8 clients | {list:.0} req/s |");

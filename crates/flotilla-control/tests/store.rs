@@ -565,6 +565,35 @@ async fn operations_leases_and_idempotency_keys() {
     }
 }
 
+/// SQLite's writes are durable through a group commit: writers at once
+/// share fsyncs of the log, and every write they were told was done is
+/// there after the store is closed and opened again. (PostgreSQL makes its
+/// commits durable itself.)
+#[tokio::test]
+async fn concurrent_sqlite_writes_share_fsyncs_and_all_persist() {
+    let (stores, dir, _pg) = stores("group_commit").await;
+    assert_eq!(stores[1].log_syncs(), None);
+    let sqlite = stores[0].clone();
+    let before = sqlite.log_syncs().unwrap();
+    let writers: Vec<_> = (0..32)
+        .map(|i| {
+            let store = sqlite.clone();
+            tokio::spawn(async move { store.record_heartbeat(&format!("h{i:02}"), &beat(4)).await })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap().unwrap();
+    }
+    let syncs = sqlite.log_syncs().unwrap() - before;
+    assert!((1..32).contains(&syncs), "{syncs} fsyncs for 32 writes");
+    drop(stores);
+    drop(sqlite);
+    let again = Store::open(&format!("sqlite://{}", dir.path().join("c.db").display()))
+        .await
+        .unwrap();
+    assert_eq!(again.list_hosts().await.unwrap().len(), 32);
+}
+
 #[tokio::test]
 async fn a_bad_database_url_is_refused_clearly() {
     let e = Store::open("mysql://x").await.unwrap_err();

@@ -197,6 +197,7 @@ impl Store {
         .bind(to_json(&beat.traits))
         .execute(self.pool())
         .await?;
+        self.durable().await?;
         Ok(was_down == Some(1))
     }
 
@@ -360,6 +361,7 @@ impl Store {
                 .bind(name)
                 .execute(self.pool())
                 .await?;
+        self.durable().await?;
         Ok(done.rows_affected() > 0)
     }
 
@@ -397,7 +399,7 @@ impl Store {
             .await?;
             marked.push(name);
         }
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(marked)
     }
 
@@ -485,7 +487,7 @@ impl Store {
         if let Some((op, owner, lease_until)) = op {
             insert_operation(&mut tx, op, owner, lease_until).await?;
         }
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(())
     }
 }

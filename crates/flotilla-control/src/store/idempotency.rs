@@ -51,6 +51,7 @@ impl Store {
         .bind(now_ms())
         .execute(self.pool())
         .await;
+        self.durable().await?;
         match inserted {
             Ok(_) => Ok(true),
             Err(e) => match StoreError::unique(e, key) {
@@ -68,6 +69,7 @@ impl Store {
                     .bind(now_ms() - STALE_RESERVATION_MS)
                     .execute(self.pool())
                     .await?;
+                    self.durable().await?;
                     Ok(stale.rows_affected() > 0)
                 }
                 other => Err(other),
@@ -92,6 +94,7 @@ impl Store {
         .bind(key)
         .execute(self.pool())
         .await?;
+        self.durable().await?;
         Ok(())
     }
 
@@ -104,6 +107,7 @@ impl Store {
         .bind(key)
         .execute(self.pool())
         .await?;
+        self.durable().await?;
         Ok(())
     }
 }

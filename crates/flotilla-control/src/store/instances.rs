@@ -294,7 +294,7 @@ impl Store {
         if !claimed || moving.rows_affected() == 0 {
             return Err(StoreError::Contended);
         }
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(())
     }
 
@@ -339,7 +339,7 @@ impl Store {
         if !claimed || moved.rows_affected() == 0 {
             return Err(StoreError::Contended);
         }
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(())
     }
 
@@ -362,7 +362,7 @@ impl Store {
         .bind(host)
         .execute(&mut *tx)
         .await?;
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(released.rows_affected() > 0)
     }
 
@@ -399,7 +399,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(())
     }
 
@@ -450,7 +450,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(())
     }
 
@@ -461,7 +461,7 @@ impl Store {
         for (instance, host) in rows {
             insert_instance(&mut tx, instance, Some(host)).await?;
         }
-        tx.commit().await?;
+        self.commit(tx).await?;
         self.analyze().await
     }
 
@@ -587,7 +587,7 @@ impl Store {
             }
         }
         super::operations::insert_operation(&mut tx, op, owner, lease_until).await?;
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(())
     }
 
@@ -608,7 +608,7 @@ impl Store {
             seen_at: now_ms(),
         };
         apply_observed(&mut tx, &update).await?;
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(())
     }
 
@@ -624,7 +624,7 @@ impl Store {
             .bind(id)
             .execute(&mut *tx)
             .await?;
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(())
     }
 

@@ -2,6 +2,7 @@
 //! PostgreSQL (shared by several replicas), through one code path: sqlx's
 //! `Any` driver and SQL both understand.
 
+mod group_sync;
 mod hosts;
 mod idempotency;
 mod instances;
@@ -12,10 +13,11 @@ mod snapshots;
 mod tenants;
 mod volumes;
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use sqlx::any::{install_default_drivers, AnyPoolOptions};
-use sqlx::{AnyPool, Executor};
+use sqlx::{Any, AnyPool, Executor, Transaction};
 
 pub use hosts::{GroupGuard, HostRow, InstanceAddress, Placement};
 pub use instances::{InstanceFilter, InstanceRow, NewInstance, ObservedUpdate};
@@ -43,6 +45,9 @@ pub enum StoreError {
     Refused(String),
     #[error("unsupported database URL {0:?} (expected sqlite://PATH or postgres://...)")]
     UnsupportedUrl(String),
+    /// A commit that could not be made durable (the log's fsync failed).
+    #[error("making the write durable: {0}")]
+    Durability(std::io::Error),
 }
 
 impl StoreError {
@@ -90,6 +95,9 @@ pub enum Dialect {
 pub struct Store {
     pool: AnyPool,
     dialect: Dialect,
+    /// SQLite's group commit (see [`group_sync`]); PostgreSQL makes a
+    /// commit durable itself.
+    group_sync: Option<Arc<group_sync::GroupSync>>,
 }
 
 impl Store {
@@ -97,11 +105,16 @@ impl Store {
     /// file if needed.
     pub async fn open(url: &str) -> StoreResult<Store> {
         install_default_drivers();
+        let mut group_sync = None;
         let (dialect, url) = if let Some(path) = url.strip_prefix("sqlite://") {
             let url = match path.contains('?') {
                 true => format!("sqlite://{path}"),
                 false => format!("sqlite://{path}?mode=rwc"),
             };
+            let file = path.split('?').next().unwrap_or(path);
+            if !file.is_empty() && file != ":memory:" && !path.contains("mode=memory") {
+                group_sync = Some(Arc::new(group_sync::GroupSync::new(file.into())));
+            }
             (Dialect::Sqlite, url)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             (Dialect::Postgres, url.to_string())
@@ -111,13 +124,19 @@ impl Store {
         let pool = match dialect {
             // One writer at a time is SQLite's model anyway; one connection
             // makes every transaction serial instead of failing as busy.
+            // Commits are made durable by the group commit when there is a
+            // file (NORMAL: no fsync of their own), by SQLite otherwise.
             Dialect::Sqlite => {
+                let synchronous = match group_sync.is_some() {
+                    true => "PRAGMA synchronous = NORMAL",
+                    false => "PRAGMA synchronous = FULL",
+                };
                 AnyPoolOptions::new()
                     .max_connections(1)
-                    .after_connect(|conn, _| {
+                    .after_connect(move |conn, _| {
                         Box::pin(async move {
                             conn.execute("PRAGMA journal_mode = WAL").await?;
-                            conn.execute("PRAGMA synchronous = FULL").await?;
+                            conn.execute(synchronous).await?;
                             conn.execute("PRAGMA foreign_keys = ON").await?;
                             Ok(())
                         })
@@ -132,7 +151,11 @@ impl Store {
                     .await?
             }
         };
-        let store = Store { pool, dialect };
+        let store = Store {
+            pool,
+            dialect,
+            group_sync,
+        };
         store.migrate().await?;
         store.analyze().await?;
         Ok(store)
@@ -152,6 +175,28 @@ impl Store {
 
     pub(crate) fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    /// Returns once every write committed so far is on disk: each write
+    /// method calls it after its commit, before it answers.
+    pub(crate) async fn durable(&self) -> StoreResult<()> {
+        if let Some(sync) = &self.group_sync {
+            sync.sync().await.map_err(StoreError::Durability)?;
+        }
+        Ok(())
+    }
+
+    /// fsyncs of SQLite's log the group commit has run (`None` for a store
+    /// that makes its commits durable itself): with concurrent writers,
+    /// fewer than the writes.
+    pub fn log_syncs(&self) -> Option<u64> {
+        self.group_sync.as_ref().map(|s| s.fsyncs())
+    }
+
+    /// Commits `tx` and returns once it is durable.
+    pub(crate) async fn commit(&self, tx: Transaction<'_, Any>) -> StoreResult<()> {
+        tx.commit().await?;
+        self.durable().await
     }
 
     /// Applies the migrations not applied yet, each in its own transaction.
@@ -205,7 +250,7 @@ impl Store {
             if *version == 3 {
                 instances::backfill_tags(&mut tx).await?;
             }
-            tx.commit().await?;
+            self.commit(tx).await?;
             tracing::info!(version, "applied schema migration");
         }
         Ok(())

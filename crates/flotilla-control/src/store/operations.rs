@@ -90,7 +90,7 @@ impl Store {
     ) -> StoreResult<()> {
         let mut tx = self.pool().begin().await?;
         insert_operation(&mut tx, op, owner, lease_until).await?;
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(())
     }
 
@@ -156,7 +156,7 @@ impl Store {
         for update in seen {
             apply_observed(&mut tx, update).await?;
         }
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(true)
     }
 
@@ -179,6 +179,7 @@ impl Store {
         .bind(owner)
         .execute(self.pool())
         .await?;
+        self.durable().await?;
         Ok(done.rows_affected() > 0)
     }
 
@@ -193,6 +194,7 @@ impl Store {
         .bind(owner)
         .execute(self.pool())
         .await?;
+        self.durable().await?;
         Ok(done.rows_affected() > 0)
     }
 
@@ -224,6 +226,7 @@ impl Store {
             .bind(now)
             .execute(self.pool())
             .await?;
+            self.durable().await?;
             if done.rows_affected() > 0 {
                 // One unreadable row must not keep the others from their driver.
                 match self.operation(&id).await {

@@ -44,6 +44,7 @@ impl Store {
         .bind(now_ms())
         .execute(self.pool())
         .await?;
+        self.durable().await?;
         Ok(())
     }
 
@@ -74,6 +75,7 @@ impl Store {
             .bind(name)
             .execute(self.pool())
             .await?;
+        self.durable().await?;
         Ok(done.rows_affected() > 0)
     }
 }

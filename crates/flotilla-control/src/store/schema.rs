@@ -220,4 +220,14 @@ pub(crate) const MIGRATIONS: &[(i64, &[&str])] = &[
             "CREATE INDEX volumes_by_instance ON volumes (attached_to)",
         ],
     ),
+    (
+        14,
+        &[
+            // A host's usage counts the instances moving to it: without an
+            // index that read every instance (7.6 ms at 100,000), on the
+            // path of every run.
+            "CREATE INDEX instances_by_migration_target ON instances (migrating_to)
+             WHERE migrating_to IS NOT NULL",
+        ],
+    ),
 ];

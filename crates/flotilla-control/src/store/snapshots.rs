@@ -74,6 +74,7 @@ impl Store {
         .execute(self.pool())
         .await
         .map_err(|e| StoreError::unique(e, format!("snapshot {:?}", s.name)))?;
+        self.durable().await?;
         Ok(())
     }
 
@@ -133,6 +134,7 @@ impl Store {
             .bind(id)
             .execute(self.pool())
             .await?;
+        self.durable().await?;
         Ok(done.rows_affected() > 0)
     }
 
@@ -153,6 +155,7 @@ impl Store {
             .bind(id)
             .execute(self.pool())
             .await?;
+        self.durable().await?;
         Ok(done.rows_affected() > 0)
     }
 }

@@ -38,6 +38,7 @@ impl Store {
             .execute(self.pool())
             .await
             .map_err(|e| StoreError::unique(e, format!("tenant {name:?}")))?;
+        self.durable().await?;
         Ok(TenantRow {
             id: id.to_string(),
             name: name.to_string(),
@@ -104,6 +105,7 @@ impl Store {
         .execute(self.pool())
         .await
         .map_err(|e| StoreError::unique(e, "a token with this secret"))?;
+        self.durable().await?;
         Ok(())
     }
 

@@ -133,7 +133,7 @@ impl Store {
             return Err(StoreError::Contended);
         }
         insert_volume(&mut tx, v).await?;
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(())
     }
 
@@ -141,7 +141,7 @@ impl Store {
     pub async fn insert_volume(&self, v: &VolumeRow) -> StoreResult<()> {
         let mut tx = self.pool().begin().await?;
         insert_volume(&mut tx, v).await?;
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(())
     }
 
@@ -232,6 +232,7 @@ impl Store {
                 .bind(id)
                 .execute(self.pool())
                 .await?;
+        self.durable().await?;
         Ok(done.rows_affected() > 0)
     }
 
@@ -245,6 +246,7 @@ impl Store {
         .bind(&v.id)
         .execute(self.pool())
         .await?;
+        self.durable().await?;
         if done.rows_affected() > 0 {
             return Ok(());
         }
@@ -268,6 +270,7 @@ impl Store {
             .bind(id)
             .execute(self.pool())
             .await?;
+        self.durable().await?;
         Ok(())
     }
 
@@ -277,6 +280,7 @@ impl Store {
             .bind(id)
             .execute(self.pool())
             .await?;
+        self.durable().await?;
         Ok(())
     }
 }
