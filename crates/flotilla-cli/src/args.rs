@@ -392,7 +392,7 @@ pub struct AgentArgs {
     /// Where `--accel auto` remembers its KVM probe's decision until the
     /// host reboots (later starts skip the probe; delete the file to probe
     /// again); `none` probes at every start.
-    #[arg(long, default_value = flotilla_qemu::DEFAULT_PROBE_CACHE)]
+    #[arg(long, default_value = flotilla_qemu::DEFAULT_PROBE_CACHE, env = "FLOTILLA_ACCEL_PROBE_CACHE")]
     pub accel_probe_cache: String,
     #[arg(long, default_value = "qemu-system-x86_64")]
     pub qemu: PathBuf,

@@ -594,6 +594,18 @@ async fn concurrent_sqlite_writes_share_fsyncs_and_all_persist() {
     assert_eq!(again.list_hosts().await.unwrap().len(), 32);
 }
 
+/// The group commit syncs the log of the file SQLite opened, also when the
+/// URL spells its name with escapes.
+#[tokio::test]
+async fn the_log_synced_is_the_one_sqlite_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/my%20db.db", dir.path().display());
+    let store = Store::open(&url).await.unwrap();
+    store.create_tenant("t-1", "one").await.unwrap();
+    assert!(dir.path().join("my db.db-wal").is_file());
+    assert!(store.log_syncs().unwrap() > 0);
+}
+
 #[tokio::test]
 async fn a_bad_database_url_is_refused_clearly() {
     let e = Store::open("mysql://x").await.unwrap_err();

@@ -93,10 +93,12 @@ pub enum ProbeOutcome {
 
 impl ProbeOutcome {
     /// Whether the outcome says what KVM can do on this host, rather than
-    /// how busy the host was while the probe ran.
+    /// how busy the host was while the probe ran. An exit is not: it may be
+    /// passing (the OOM killer, another hypervisor holding KVM).
     pub fn is_conclusive(&self, timeout: Duration) -> bool {
         match self {
-            ProbeOutcome::MarkerSeen { .. } | ProbeOutcome::Exited { .. } => true,
+            ProbeOutcome::MarkerSeen { .. } => true,
+            ProbeOutcome::Exited { .. } => false,
             ProbeOutcome::TimedOut { cpu, .. } => cpu.is_some_and(|cpu| cpu >= timeout / 4),
         }
     }
@@ -423,10 +425,10 @@ mod tests {
         let after = t;
         assert!(ProbeOutcome::MarkerSeen { after }.is_conclusive(t));
         let exited = ProbeOutcome::Exited {
-            exit: "exit code 1".into(),
+            exit: "killed by SIGKILL".into(),
             stderr_tail: String::new(),
         };
-        assert!(exited.is_conclusive(t));
+        assert!(!exited.is_conclusive(t));
         // A guest crawling under KVM burns CPU; one starved by a busy host
         // (or whose CPU time is unknown) says nothing about KVM.
         let crawling = ProbeOutcome::TimedOut {

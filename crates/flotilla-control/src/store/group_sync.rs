@@ -12,10 +12,20 @@
 //! fsync flushes a file whatever descriptor it is called on, so the log is
 //! opened apart from SQLite's connection. A log that SQLite checkpointed
 //! and restarted meanwhile needs nothing: in NORMAL mode SQLite syncs the
-//! log before a checkpoint and the database after it.
+//! log before a checkpoint and the database after it. A log file that is
+//! new (first use, or made again after its connection closed) has its
+//! directory synced too, so its name survives a crash.
+//!
+//! Two differences from FULL remain. Another reader on the connection may
+//! see a commit during the fsync that makes it durable (until a power loss
+//! takes it back; a crash of the process alone loses nothing). And a
+//! failed fsync may have dropped any write since the last good one, so it
+//! fails every later write too, until the store is opened again (as
+//! PostgreSQL stops on one).
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tokio::sync::{watch, Mutex};
 
@@ -30,12 +40,17 @@ pub(crate) struct GroupSync {
     durable: watch::Sender<u64>,
     /// One fsync at a time; the writers that wait for it are the batch.
     syncing: Mutex<()>,
-    /// fsyncs run so far.
+    /// fsyncs of the log run so far.
     fsyncs: AtomicU64,
+    /// A failed fsync: nothing written since the last good one is sure.
+    failed: AtomicBool,
+    /// The log file last synced, to notice a new one (its inode).
+    synced_inode: AtomicU64,
 }
 
 impl GroupSync {
-    /// For the database file `db` (its log is `db` + `-wal`).
+    /// For the database file `db` (its log is `db` + `-wal`), as SQLite
+    /// names it (`PRAGMA database_list`).
     pub(crate) fn new(db: PathBuf) -> GroupSync {
         let mut wal = db.into_os_string();
         wal.push("-wal");
@@ -45,6 +60,8 @@ impl GroupSync {
             durable: watch::Sender::new(0),
             syncing: Mutex::new(()),
             fsyncs: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
+            synced_inode: AtomicU64::new(0),
         }
     }
 
@@ -57,10 +74,12 @@ impl GroupSync {
     pub(crate) async fn sync(&self) -> std::io::Result<()> {
         let ticket = self.issued.fetch_add(1, Ordering::SeqCst) + 1;
         loop {
+            self.check_failed()?;
             if *self.durable.borrow() >= ticket {
                 return Ok(());
             }
             let _turn = self.syncing.lock().await;
+            self.check_failed()?;
             // The fsync that ran while this writer waited may have covered it.
             if *self.durable.borrow() >= ticket {
                 return Ok(());
@@ -69,10 +88,23 @@ impl GroupSync {
             // committed before it took the ticket, so before this fsync.
             let covered = self.issued.load(Ordering::SeqCst);
             let wal = self.wal.clone();
-            tokio::task::spawn_blocking(move || fsync(&wal))
+            let known = self.synced_inode.load(Ordering::Relaxed);
+            let synced = tokio::task::spawn_blocking(move || fsync(&wal, known))
                 .await
-                .map_err(std::io::Error::other)??;
-            self.fsyncs.fetch_add(1, Ordering::Relaxed);
+                .map_err(std::io::Error::other)
+                .and_then(|r| r);
+            let inode = match synced {
+                Ok(inode) => inode,
+                Err(e) => {
+                    self.failed.store(true, Ordering::SeqCst);
+                    tracing::error!(log = %self.wal.display(), error = %e, "fsync of the store's log failed: writes fail until the store is opened again");
+                    return Err(e);
+                }
+            };
+            self.synced_inode.store(inode, Ordering::Relaxed);
+            if inode != 0 {
+                self.fsyncs.fetch_add(1, Ordering::Relaxed);
+            }
             self.durable.send_if_modified(|d| {
                 let moved = covered > *d;
                 *d = (*d).max(covered);
@@ -80,16 +112,36 @@ impl GroupSync {
             });
         }
     }
+
+    fn check_failed(&self) -> std::io::Result<()> {
+        match self.failed.load(Ordering::SeqCst) {
+            true => Err(std::io::Error::other(format!(
+                "an earlier fsync of {} failed; open the store again",
+                self.wal.display()
+            ))),
+            false => Ok(()),
+        }
+    }
 }
 
-fn fsync(wal: &std::path::Path) -> std::io::Result<()> {
-    match std::fs::File::open(wal) {
-        Ok(file) => file.sync_data(),
-        // No log (nothing written yet, or the last connection closed and
-        // checkpointed it into the database, which it synced).
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
+/// Syncs the log, and its directory when the log is not the file synced
+/// last time (`known`, an inode); returns the log's inode (0: no log).
+fn fsync(wal: &Path, known: u64) -> std::io::Result<u64> {
+    let file = match std::fs::File::open(wal) {
+        Ok(file) => file,
+        // No log (the last connection closed and checkpointed it into the
+        // database, which it synced).
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    file.sync_data()?;
+    let inode = file.metadata()?.ino();
+    if inode != known {
+        if let Some(dir) = wal.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
     }
+    Ok(inode)
 }
 
 #[cfg(test)]
@@ -130,13 +182,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_unreadable_log_is_an_error() {
+    async fn a_failed_fsync_fails_every_later_write() {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = dir.path().join("c.db");
-        // The log's directory is a file.
+        // The log's directory is a file: the log cannot be opened.
         std::fs::write(&db, b"").expect("db");
         let sync = GroupSync::new(db.join("inner.db"));
         let err = sync.sync().await.expect_err("not a directory");
         assert_eq!(err.kind(), std::io::ErrorKind::NotADirectory, "{err}");
+        let later = sync.sync().await.expect_err("poisoned");
+        assert!(later.to_string().contains("earlier fsync"), "{later}");
     }
 }

@@ -105,16 +105,14 @@ impl Store {
     /// file if needed.
     pub async fn open(url: &str) -> StoreResult<Store> {
         install_default_drivers();
-        let mut group_sync = None;
+        let mut in_memory = false;
         let (dialect, url) = if let Some(path) = url.strip_prefix("sqlite://") {
             let url = match path.contains('?') {
                 true => format!("sqlite://{path}"),
                 false => format!("sqlite://{path}?mode=rwc"),
             };
             let file = path.split('?').next().unwrap_or(path);
-            if !file.is_empty() && file != ":memory:" && !path.contains("mode=memory") {
-                group_sync = Some(Arc::new(group_sync::GroupSync::new(file.into())));
-            }
+            in_memory = file.is_empty() || file == ":memory:" || path.contains("mode=memory");
             (Dialect::Sqlite, url)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             (Dialect::Postgres, url.to_string())
@@ -127,17 +125,24 @@ impl Store {
             // Commits are made durable by the group commit when there is a
             // file (NORMAL: no fsync of their own), by SQLite otherwise.
             Dialect::Sqlite => {
-                let synchronous = match group_sync.is_some() {
-                    true => "PRAGMA synchronous = NORMAL",
-                    false => "PRAGMA synchronous = FULL",
+                let synchronous = match in_memory {
+                    false => "PRAGMA synchronous = NORMAL",
+                    true => "PRAGMA synchronous = FULL",
                 };
                 AnyPoolOptions::new()
                     .max_connections(1)
+                    // Kept open: the log stays the same file (see group_sync).
+                    .idle_timeout(None)
+                    .max_lifetime(None)
                     .after_connect(move |conn, _| {
                         Box::pin(async move {
                             conn.execute("PRAGMA journal_mode = WAL").await?;
                             conn.execute(synchronous).await?;
                             conn.execute("PRAGMA foreign_keys = ON").await?;
+                            // Up to 128 MiB of pages (taken as read): the
+                            // default 2 MiB re-read the instances from the
+                            // OS for every fleet refresh and listing.
+                            conn.execute("PRAGMA cache_size = -131072").await?;
                             Ok(())
                         })
                     })
@@ -150,6 +155,12 @@ impl Store {
                     .connect(&url)
                     .await?
             }
+        };
+        let group_sync = match (dialect, in_memory) {
+            (Dialect::Sqlite, false) => Some(Arc::new(group_sync::GroupSync::new(
+                sqlite_file(&pool).await?,
+            ))),
+            _ => None,
         };
         let store = Store {
             pool,
@@ -255,6 +266,24 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// The file SQLite opened for the main database (the URL's path, decoded as
+/// sqlx decodes it): the group commit syncs its log.
+async fn sqlite_file(pool: &AnyPool) -> StoreResult<std::path::PathBuf> {
+    let rows = sqlx::query("PRAGMA database_list").fetch_all(pool).await?;
+    for row in rows {
+        use sqlx::Row;
+        if row.try_get::<String, _>("name")? == "main" {
+            let file: String = row.try_get("file")?;
+            if !file.is_empty() {
+                return Ok(file.into());
+            }
+        }
+    }
+    Err(StoreError::Refused(
+        "SQLite names no file for the main database: its writes cannot be made durable".into(),
+    ))
 }
 
 /// Milliseconds since the Unix epoch: every timestamp in the store.

@@ -43,9 +43,16 @@ impl FileStamp {
     }
 }
 
+/// The probe's own arguments and decision rules: a change to them makes
+/// every remembered decision stale.
+const PROBE_VERSION: u32 = 1;
+
 /// Everything a probe's outcome depends on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct ProbeKey {
+    probe_version: u32,
+    /// The probe guest's command line.
+    cmdline: String,
     boot_id: String,
     qemu: FileStamp,
     kernel: FileStamp,
@@ -64,6 +71,8 @@ impl ProbeKey {
             None => None,
         };
         Some(ProbeKey {
+            probe_version: PROBE_VERSION,
+            cmdline: super::PROBE_CMDLINE.to_string(),
             boot_id: boot_id.trim().to_string(),
             qemu: FileStamp::of(&resolve_binary(&probe.qemu_binary)?)?,
             kernel: FileStamp::of(&probe.kernel)?,

@@ -161,25 +161,37 @@ async fn probe_times_out_on_a_silent_guest_and_kills_qemu() {
     );
 }
 
-/// A silent guest that idles used little CPU: its timeout says nothing
+/// A silent guest that idles uses little CPU: its timeout says nothing
 /// about KVM. One that keeps its CPU busy (as a Linux guest crawling under
-/// a KVM that cannot run it does) is a conclusive timeout.
+/// a KVM that cannot run it does) uses far more, as much as the host gives
+/// it (so only a floor is checked: the machine may be busy).
 #[tokio::test]
-async fn a_timeout_is_conclusive_only_for_a_busy_guest() {
+async fn a_timeout_counts_the_cpu_its_guest_used() {
     let dir = common::temp_dir();
     let timeout = Duration::from_millis(1500);
-    for (end, busy) in [(StubEnd::Halt, false), (StubEnd::Spin, true)] {
+    let mut used = Vec::new();
+    for end in [StubEnd::Halt, StubEnd::Spin] {
         let kernel = dir.path().join("vmlinux");
         common::write_pvh_stub(&kernel, "no marker here\r\n", end);
         let outcome = run_probe(&probe(kernel, timeout), Accel::Tcg)
             .await
             .expect("probe");
-        let ProbeOutcome::TimedOut { cpu, .. } = &outcome else {
-            panic!("expected a timeout, got {outcome:?}");
+        let ProbeOutcome::TimedOut { cpu: Some(cpu), .. } = &outcome else {
+            panic!("expected a timeout with its CPU time, got {outcome:?}");
         };
-        assert!(cpu.is_some(), "{outcome:?}");
-        assert_eq!(outcome.is_conclusive(timeout), busy, "{outcome:?}");
+        assert_eq!(
+            outcome.is_conclusive(timeout),
+            *cpu >= timeout / 4,
+            "{outcome:?}"
+        );
+        used.push(*cpu);
     }
+    let (idle, spinning) = (used[0], used[1]);
+    assert!(idle < timeout / 4, "an idle guest used {idle:?}");
+    assert!(
+        spinning > idle + Duration::from_millis(100),
+        "idle {idle:?}, spinning {spinning:?}"
+    );
 }
 
 /// The second `auto` decision with the same probe comes from the cache at
@@ -198,7 +210,17 @@ async fn auto_remembers_a_probe_for_the_boot() {
     p.cache = Some(cache.clone());
     let first = detect_accel(AccelChoice::Auto, &p).await.expect("auto");
     assert!(!first.reason.contains("remembered"), "{}", first.reason);
-    assert!(cache.is_file(), "the decision was not remembered");
+    if let Err(why) = flotilla_qemu::check_kvm_device(Path::new(flotilla_qemu::accel::KVM_DEVICE)) {
+        // No probe runs without a KVM device, and nothing is remembered.
+        assert!(!cache.exists(), "{why}");
+        return;
+    }
+    // This stub prints the marker at once: under KVM it is seen (remembered);
+    // a KVM that cannot start it exits (not remembered: it may be passing).
+    if !cache.is_file() {
+        assert!(first.reason.contains("exited"), "{}", first.reason);
+        return;
+    }
     let started = Instant::now();
     let second = detect_accel(AccelChoice::Auto, &p).await.expect("auto");
     assert!(started.elapsed() < Duration::from_millis(200));
