@@ -232,18 +232,7 @@ fn api_reads(placed: &[(usize, usize)]) {
         let mut lat = Vec::with_capacity(RUNS);
         let t = Instant::now();
         for i in 0..RUNS {
-            let req = RunInstancesRequest {
-                disk_mib: flotilla_api::control::DEFAULT_INSTANCE_DISK_MIB,
-                from_snapshot: None,
-                volumes: Vec::new(),
-                name: format!("new-{i:05}"),
-                count: 1,
-                image: None,
-                vcpus: 1,
-                memory_mib: 1024,
-                tags: BTreeMap::from([("group".to_string(), format!("g{}", (i * 7) % (EXISTING / GROUP_SIZE)))]),
-                placement: Some(policy.clone()),
-            };
+            let req = run_of_one(format!("new-{i:05}"), (i * 7) % (EXISTING / GROUP_SIZE), &policy);
             let s = Instant::now();
             cp.run_instances(&caller, None, &req).await.unwrap();
             lat.push(s.elapsed().as_secs_f64());
@@ -260,18 +249,7 @@ fn api_reads(placed: &[(usize, usize)]) {
                 let (cp, caller, policy) = (cp.clone(), caller.clone(), policy.clone());
                 tokio::spawn(async move {
                     for i in (c..RUNS).step_by(CALLERS) {
-                        let req = RunInstancesRequest {
-                            disk_mib: flotilla_api::control::DEFAULT_INSTANCE_DISK_MIB,
-                            from_snapshot: None,
-                            volumes: Vec::new(),
-                            name: format!("conc-{i:05}"),
-                            count: 1,
-                            image: None,
-                            vcpus: 1,
-                            memory_mib: 1024,
-                            tags: BTreeMap::from([("group".to_string(), format!("g{}", (i * 11) % (EXISTING / GROUP_SIZE)))]),
-                            placement: Some(policy.clone()),
-                        };
+                        let req = run_of_one(format!("conc-{i:05}"), (i * 11) % (EXISTING / GROUP_SIZE), &policy);
                         cp.run_instances(&caller, None, &req).await.unwrap();
                     }
                 })
@@ -338,6 +316,22 @@ fn api_reads(placed: &[(usize, usize)]) {
         println!("| API: list, pages of 100 by name, 8 clients | {list:.0} req/s |");
         println!("| API: list by tag (a group of 10 among {n}), 8 clients | {by_tag:.0} req/s |");
     });
+}
+
+/// A run of one 1-vCPU instance in group `g{group}` under `policy`.
+fn run_of_one(name: String, group: usize, policy: &PlacementPolicy) -> RunInstancesRequest {
+    RunInstancesRequest {
+        disk_mib: flotilla_api::control::DEFAULT_INSTANCE_DISK_MIB,
+        from_snapshot: None,
+        volumes: Vec::new(),
+        name,
+        count: 1,
+        image: None,
+        vcpus: 1,
+        memory_mib: 1024,
+        tags: BTreeMap::from([("group".to_string(), format!("g{group}"))]),
+        placement: Some(policy.clone()),
+    }
 }
 
 /// Requests per second from 8 concurrent clients over 3 seconds.

@@ -21,6 +21,17 @@ fn probe(kernel: PathBuf, timeout: Duration) -> AccelProbe {
     }
 }
 
+/// A probe kernel that prints the marker at once, then triple-faults.
+fn marker_stub(dir: &Path) -> PathBuf {
+    let kernel = dir.join("vmlinux");
+    common::write_pvh_stub(
+        &kernel,
+        &format!("{PROBE_MARKER}\r\n"),
+        StubEnd::TripleFault,
+    );
+    kernel
+}
+
 /// A path that exists but is no KVM device.
 fn fake_kvm(dir: &Path) -> PathBuf {
     let path = dir.join("kvm");
@@ -87,12 +98,7 @@ async fn auto_without_a_probe_kernel_is_tcg() {
 #[tokio::test]
 async fn auto_on_this_host_decides_within_the_timeout() {
     let dir = common::temp_dir();
-    let kernel = dir.path().join("vmlinux");
-    common::write_pvh_stub(
-        &kernel,
-        &format!("{PROBE_MARKER}\r\n"),
-        StubEnd::TripleFault,
-    );
+    let kernel = marker_stub(dir.path());
     let p = probe(kernel, Duration::from_secs(2));
     let started = Instant::now();
     let decision = detect_accel(AccelChoice::Auto, &p).await.expect("auto");
@@ -199,12 +205,7 @@ async fn a_timeout_counts_the_cpu_its_guest_used() {
 #[tokio::test]
 async fn auto_remembers_a_probe_for_the_boot() {
     let dir = common::temp_dir();
-    let kernel = dir.path().join("vmlinux");
-    common::write_pvh_stub(
-        &kernel,
-        &format!("{PROBE_MARKER}\r\n"),
-        StubEnd::TripleFault,
-    );
+    let kernel = marker_stub(dir.path());
     let cache = dir.path().join("run/accel-probe.json");
     let mut p = probe(kernel, Duration::from_secs(2));
     p.cache = Some(cache.clone());
