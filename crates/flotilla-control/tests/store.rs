@@ -594,6 +594,21 @@ async fn concurrent_sqlite_writes_share_fsyncs_and_all_persist() {
     assert_eq!(again.list_hosts().await.unwrap().len(), 32);
 }
 
+#[tokio::test]
+async fn a_hosts_subnet_is_read_alone() {
+    let (stores, _dir, _pg) = stores("host_subnet").await;
+    for store in &stores {
+        let mut b = beat(4);
+        b.vm_subnet = Some("10.77.3.0/24".into());
+        store.record_heartbeat("with-subnet", &b).await.unwrap();
+        store.record_heartbeat("without", &beat(4)).await.unwrap();
+        let subnet = store.host_subnet("with-subnet").await.unwrap();
+        assert_eq!(subnet.as_deref(), Some("10.77.3.0/24"));
+        assert_eq!(store.host_subnet("without").await.unwrap(), None);
+        assert_eq!(store.host_subnet("absent").await.unwrap(), None);
+    }
+}
+
 /// The group commit syncs the log of the file SQLite opened, also when the
 /// URL spells its name with escapes.
 #[tokio::test]

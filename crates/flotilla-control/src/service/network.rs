@@ -159,9 +159,8 @@ impl ControlPlane {
             if !subnets.contains_key(host) {
                 let subnet = self
                     .store()
-                    .host(host)
+                    .host_subnet(host)
                     .await?
-                    .and_then(|h| h.vm_subnet)
                     .and_then(|s| s.parse().ok());
                 subnets.insert(host.clone(), subnet);
             }

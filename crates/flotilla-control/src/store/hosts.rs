@@ -269,6 +269,17 @@ impl Store {
         Ok(hosts)
     }
 
+    /// The VM subnet host `name` reported, without its usage (the run
+    /// path's address assignment needs nothing else).
+    pub async fn host_subnet(&self, name: &str) -> StoreResult<Option<String>> {
+        let subnet: Option<Option<String>> =
+            sqlx::query_scalar("SELECT vm_subnet FROM hosts WHERE name = $1")
+                .bind(name)
+                .fetch_optional(self.pool())
+                .await?;
+        Ok(subnet.flatten())
+    }
+
     pub async fn host(&self, name: &str) -> StoreResult<Option<HostRow>> {
         let row = sqlx::query(&format!("SELECT {HOST_COLUMNS} FROM hosts WHERE name = $1"))
             .bind(name)
