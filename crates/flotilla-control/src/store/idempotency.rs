@@ -51,9 +51,11 @@ impl Store {
         .bind(now_ms())
         .execute(self.pool())
         .await;
-        self.durable().await?;
         match inserted {
-            Ok(_) => Ok(true),
+            Ok(_) => {
+                self.durable().await?;
+                Ok(true)
+            }
             Err(e) => match StoreError::unique(e, key) {
                 // Taken; but a reservation whose request never completed
                 // (its process died) is taken over after a while.

@@ -226,7 +226,6 @@ impl Store {
             .bind(now)
             .execute(self.pool())
             .await?;
-            self.durable().await?;
             if done.rows_affected() > 0 {
                 // One unreadable row must not keep the others from their driver.
                 match self.operation(&id).await {
@@ -242,6 +241,8 @@ impl Store {
                 }
             }
         }
+        // Every claim durable before its operation is driven: one fsync.
+        self.durable().await?;
         Ok(claimed)
     }
 }
